@@ -1,0 +1,66 @@
+# Detour's build. Every tool the build needs is installed into ./bin at a pinned version.
+BIN := $(CURDIR)/bin
+export PATH := $(BIN):$(PATH)
+GO ?= go
+
+BUF_VERSION                := v1.75.0
+PROTOC_GEN_GO_VERSION      := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+
+TOOLS := $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
+
+.PHONY: all build test test-go lint proto proto-check tools run bench fuzz clean
+
+all: build
+
+build:
+	$(GO) build ./...
+
+## test: every check that fits in CI, then every test with the race detector.
+test: lint proto-check test-go
+
+test-go:
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+lint: $(TOOLS)
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	buf lint
+
+## proto: regenerate the committed Go code from api/proto.
+proto: $(TOOLS)
+	buf generate
+
+## proto-check: fail if the committed generated code differs from a fresh generation.
+proto-check: $(TOOLS)
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	  buf generate -o $$tmp && \
+	  diff -r -x '*.proto' api/proto $$tmp/api/proto && echo "generated code is current"
+
+tools: $(TOOLS)
+
+$(BIN)/buf:
+	GOBIN=$(BIN) $(GO) install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+$(BIN)/protoc-gen-go:
+	GOBIN=$(BIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+$(BIN)/protoc-gen-go-grpc:
+	GOBIN=$(BIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
+## run: the whole system on embedded defaults.
+run:
+	$(GO) run ./cmd/devstack
+
+## bench: Go benchmarks, then the load drivers (see bench/RESULTS.md).
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./internal/...
+	$(GO) run ./bench/placeload
+
+## fuzz: run each fuzz target for FUZZTIME (default 60s).
+FUZZTIME ?= 60s
+fuzz:
+	for f in FuzzReadFrames FuzzDecodeCommandRequest FuzzRewriteRedirect; do \
+	  $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./internal/wire || exit 1; done
+
+clean:
+	rm -rf $(BIN)
