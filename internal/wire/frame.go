@@ -84,19 +84,19 @@ const (
 
 // Sentinel errors; every error this package returns for bad input wraps one of them.
 var (
-	ErrTruncated          = errors.New("truncated frame")
-	ErrPayloadTooLarge    = errors.New("frame payload exceeds limit")
-	ErrRequestTooLarge    = errors.New("request exceeds size limit")
-	ErrStreamParity       = errors.New("frame on a stream of the wrong parity")
-	ErrStreamNotBegun     = errors.New("first frame of a stream lacks begin-stream")
-	ErrUnknownFrameType   = errors.New("unknown frame type")
-	ErrUnexpectedFrame    = errors.New("unexpected frame")
-	ErrBadFlags           = errors.New("invalid frame flags")
-	ErrContinuation       = errors.New("continuation without a new request")
-	ErrBadCBOR            = errors.New("malformed CBOR")
-	ErrBadValue           = errors.New("CBOR value of the wrong shape")
+	ErrTruncated           = errors.New("truncated frame")
+	ErrPayloadTooLarge     = errors.New("frame payload exceeds limit")
+	ErrRequestTooLarge     = errors.New("request exceeds size limit")
+	ErrStreamParity        = errors.New("frame on a stream of the wrong parity")
+	ErrStreamNotBegun      = errors.New("first frame of a stream lacks begin-stream")
+	ErrUnknownFrameType    = errors.New("unknown frame type")
+	ErrUnexpectedFrame     = errors.New("unexpected frame")
+	ErrBadFlags            = errors.New("invalid frame flags")
+	ErrContinuation        = errors.New("continuation without a new request")
+	ErrBadCBOR             = errors.New("malformed CBOR")
+	ErrBadValue            = errors.New("CBOR value of the wrong shape")
 	ErrUnsupportedEncoding = errors.New("unsupported content encoding")
-	ErrIncomplete         = errors.New("stream ended before the request or response was complete")
+	ErrIncomplete          = errors.New("stream ended before the request or response was complete")
 )
 
 // Frame is one decoded frame. Payload aliases the reader's buffer only until the next call to
