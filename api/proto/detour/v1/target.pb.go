@@ -696,6 +696,91 @@ func (x *Policy) GetRevision() int64 {
 	return 0
 }
 
+// FillClaim is the record of one agent filling one key (stored in etcd under a lease).
+type FillClaim struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Target        string                 `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	AgentId       string                 `protobuf:"bytes,3,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	Token         string                 `protobuf:"bytes,4,opt,name=token,proto3" json:"token,omitempty"`
+	ObjectName    string                 `protobuf:"bytes,5,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
+	Granted       *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=granted,proto3" json:"granted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FillClaim) Reset() {
+	*x = FillClaim{}
+	mi := &file_detour_v1_target_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FillClaim) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FillClaim) ProtoMessage() {}
+
+func (x *FillClaim) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_target_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FillClaim.ProtoReflect.Descriptor instead.
+func (*FillClaim) Descriptor() ([]byte, []int) {
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *FillClaim) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *FillClaim) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *FillClaim) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
+func (x *FillClaim) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *FillClaim) GetObjectName() string {
+	if x != nil {
+		return x.ObjectName
+	}
+	return ""
+}
+
+func (x *FillClaim) GetGranted() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Granted
+	}
+	return nil
+}
+
 var File_detour_v1_target_proto protoreflect.FileDescriptor
 
 const file_detour_v1_target_proto_rawDesc = "" +
@@ -750,7 +835,15 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\x0efill_claim_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\ffillClaimTtl\x128\n" +
 	"\n" +
 	"object_ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\tobjectTtl\x12\x1a\n" +
-	"\brevision\x18\x06 \x01(\x03R\brevision*z\n" +
+	"\brevision\x18\x06 \x01(\x03R\brevision\"\xbd\x01\n" +
+	"\tFillClaim\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12\x19\n" +
+	"\bagent_id\x18\x03 \x01(\tR\aagentId\x12\x14\n" +
+	"\x05token\x18\x04 \x01(\tR\x05token\x12\x1f\n" +
+	"\vobject_name\x18\x05 \x01(\tR\n" +
+	"objectName\x124\n" +
+	"\agranted\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\agranted*z\n" +
 	"\vTargetState\x12\x1c\n" +
 	"\x18TARGET_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13TARGET_STATE_ACTIVE\x10\x01\x12\x19\n" +
@@ -774,7 +867,7 @@ func file_detour_v1_target_proto_rawDescGZIP() []byte {
 }
 
 var file_detour_v1_target_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_detour_v1_target_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_detour_v1_target_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_detour_v1_target_proto_goTypes = []any{
 	(TargetState)(0),              // 0: detour.v1.TargetState
 	(ObjectState)(0),              // 1: detour.v1.ObjectState
@@ -784,26 +877,28 @@ var file_detour_v1_target_proto_goTypes = []any{
 	(*Target)(nil),                // 5: detour.v1.Target
 	(*StoredObject)(nil),          // 6: detour.v1.StoredObject
 	(*Policy)(nil),                // 7: detour.v1.Policy
-	(*durationpb.Duration)(nil),   // 8: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
+	(*FillClaim)(nil),             // 8: detour.v1.FillClaim
+	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
 }
 var file_detour_v1_target_proto_depIdxs = []int32{
-	8,  // 0: detour.v1.SignedUrls.ttl:type_name -> google.protobuf.Duration
+	9,  // 0: detour.v1.SignedUrls.ttl:type_name -> google.protobuf.Duration
 	3,  // 1: detour.v1.UrlForm.signed:type_name -> detour.v1.SignedUrls
 	0,  // 2: detour.v1.Target.state:type_name -> detour.v1.TargetState
 	2,  // 3: detour.v1.Target.store:type_name -> detour.v1.GcsStore
 	4,  // 4: detour.v1.Target.url_form:type_name -> detour.v1.UrlForm
 	1,  // 5: detour.v1.StoredObject.state:type_name -> detour.v1.ObjectState
-	9,  // 6: detour.v1.StoredObject.created:type_name -> google.protobuf.Timestamp
-	9,  // 7: detour.v1.StoredObject.expires:type_name -> google.protobuf.Timestamp
-	8,  // 8: detour.v1.Policy.signed_url_ttl:type_name -> google.protobuf.Duration
-	8,  // 9: detour.v1.Policy.fill_claim_ttl:type_name -> google.protobuf.Duration
-	8,  // 10: detour.v1.Policy.object_ttl:type_name -> google.protobuf.Duration
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	10, // 6: detour.v1.StoredObject.created:type_name -> google.protobuf.Timestamp
+	10, // 7: detour.v1.StoredObject.expires:type_name -> google.protobuf.Timestamp
+	9,  // 8: detour.v1.Policy.signed_url_ttl:type_name -> google.protobuf.Duration
+	9,  // 9: detour.v1.Policy.fill_claim_ttl:type_name -> google.protobuf.Duration
+	9,  // 10: detour.v1.Policy.object_ttl:type_name -> google.protobuf.Duration
+	10, // 11: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
+	12, // [12:12] is the sub-list for method output_type
+	12, // [12:12] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_detour_v1_target_proto_init() }
@@ -822,7 +917,7 @@ func file_detour_v1_target_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_detour_v1_target_proto_rawDesc), len(file_detour_v1_target_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,102 @@
+// Package etcdembed runs an etcd member inside the process: the zero-config default of the control
+// plane and the real etcd of tests. It owns only the member's lifecycle.
+package etcdembed
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"time"
+
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+)
+
+// Config says where the member keeps its data and listens. Empty URLs pick free loopback ports.
+type Config struct {
+	Dir       string
+	Name      string // default "detour"
+	ClientURL string // e.g. http://127.0.0.1:2379
+	PeerURL   string
+	LogLevel  string // default "error"
+}
+
+// Server is a running member.
+type Server struct {
+	etcd *embed.Etcd
+	cfg  Config
+}
+
+// FreeURL returns an http URL on a loopback port that was free a moment ago.
+func FreeURL() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return "http://" + l.Addr().String(), nil
+}
+
+// Start starts a single-member cluster and waits until it serves.
+func Start(ctx context.Context, cfg Config) (*Server, error) {
+	if cfg.Name == "" {
+		cfg.Name = "detour"
+	}
+	if cfg.LogLevel == "" {
+		cfg.LogLevel = "error"
+	}
+	var err error
+	if cfg.ClientURL == "" {
+		if cfg.ClientURL, err = FreeURL(); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.PeerURL == "" {
+		if cfg.PeerURL, err = FreeURL(); err != nil {
+			return nil, err
+		}
+	}
+	cu, err := url.Parse(cfg.ClientURL)
+	if err != nil {
+		return nil, fmt.Errorf("client url: %w", err)
+	}
+	pu, err := url.Parse(cfg.PeerURL)
+	if err != nil {
+		return nil, fmt.Errorf("peer url: %w", err)
+	}
+	ec := embed.NewConfig()
+	ec.Name = cfg.Name
+	ec.Dir = cfg.Dir
+	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	ec.InitialCluster = cfg.Name + "=" + cfg.PeerURL
+	ec.LogLevel = cfg.LogLevel
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	e, err := embed.StartEtcd(ec)
+	if err != nil {
+		return nil, fmt.Errorf("start embedded etcd in %s: %w", cfg.Dir, err)
+	}
+	select {
+	case <-e.Server.ReadyNotify():
+	case err := <-e.Err():
+		e.Close()
+		return nil, fmt.Errorf("embedded etcd: %w", err)
+	case <-time.After(60 * time.Second):
+		e.Close()
+		return nil, fmt.Errorf("embedded etcd in %s did not become ready in 60s", cfg.Dir)
+	case <-ctx.Done():
+		e.Close()
+		return nil, ctx.Err()
+	}
+	return &Server{etcd: e, cfg: cfg}, nil
+}
+
+// Endpoint is the client URL.
+func (s *Server) Endpoint() string { return s.cfg.ClientURL }
+
+// Config is what the server was started with (ports filled in), to restart it on the same data.
+func (s *Server) Config() Config { return s.cfg }
+
+// Close stops the member.
+func (s *Server) Close() { s.etcd.Close() }

@@ -1,0 +1,204 @@
+package targets
+
+import (
+	"encoding/hex"
+	"sort"
+	"strings"
+	"time"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+)
+
+// Object is the in-memory form of one READY copy: compact, because a replica holds millions.
+type Object struct {
+	Target      string // interned: one string per target name
+	Size        uint64
+	Created     int64 // unix nanoseconds
+	Expires     int64 // unix nanoseconds; 0: never
+	ModRevision int64
+	SHA256      [32]byte
+	SHA1        [20]byte
+	MediaType   string // interned
+	ObjectName  string
+}
+
+// ExpiresAt is Expires as a time (zero: never).
+func (o *Object) ExpiresAt() time.Time {
+	if o.Expires == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, o.Expires)
+}
+
+// Proto returns the API form of the copy of key.
+func (o *Object) Proto(key string) *pb.StoredObject {
+	out := &pb.StoredObject{Key: key, Target: o.Target, State: pb.ObjectState_OBJECT_STATE_READY, Size: o.Size,
+		MediaType: o.MediaType, Sha256: append([]byte(nil), o.SHA256[:]...), Sha1: append([]byte(nil), o.SHA1[:]...),
+		ObjectName: o.ObjectName}
+	out.Created = tsOf(o.Created)
+	if o.Expires != 0 {
+		out.Expires = tsOf(o.Expires)
+	}
+	return out
+}
+
+// Key is a content key in binary (a SHA-256).
+type Key [32]byte
+
+// ParseKey parses 64 lower-case hex digits.
+func ParseKey(s string) (Key, bool) {
+	var k Key
+	if len(s) != 64 || strings.ToLower(s) != s {
+		return k, false
+	}
+	_, err := hex.Decode(k[:], []byte(s))
+	return k, err == nil
+}
+
+func (k Key) String() string { return hex.EncodeToString(k[:]) }
+
+const shardCount = 256
+
+// index maps content keys to their copies. A published index is never modified: an update copies
+// only the shards it touches, so a watch event costs a 1/256 share of the index, not all of it.
+type index struct {
+	shards [shardCount]map[Key][]Object
+	count  int
+}
+
+func (ix *index) get(k Key) []Object { return ix.shards[k[0]][k] }
+
+// indexBuilder collects changes to an index and produces a new one.
+type indexBuilder struct {
+	base   *index
+	next   *index
+	copied [shardCount]bool
+}
+
+func newIndexBuilder(base *index) *indexBuilder {
+	n := *base
+	return &indexBuilder{base: base, next: &n}
+}
+
+func (b *indexBuilder) shard(k Key) map[Key][]Object {
+	s := k[0]
+	if !b.copied[s] {
+		old := b.base.shards[s]
+		m := make(map[Key][]Object, len(old)+1)
+		for key, v := range old {
+			m[key] = v
+		}
+		b.next.shards[s] = m
+		b.copied[s] = true
+	}
+	return b.next.shards[s]
+}
+
+func (b *indexBuilder) put(k Key, o Object) {
+	m := b.shard(k)
+	old := m[k]
+	copies := make([]Object, 0, len(old)+1)
+	for _, c := range old {
+		if c.Target != o.Target {
+			copies = append(copies, c)
+		}
+	}
+	b.next.count += len(copies) + 1 - len(old)
+	m[k] = append(copies, o)
+}
+
+func (b *indexBuilder) remove(k Key, target string) {
+	m := b.shard(k)
+	old := m[k]
+	copies := make([]Object, 0, len(old))
+	for _, c := range old {
+		if c.Target != target {
+			copies = append(copies, c)
+		}
+	}
+	b.next.count -= len(old) - len(copies)
+	if len(copies) == 0 {
+		delete(m, k)
+	} else {
+		m[k] = copies
+	}
+}
+
+func (b *indexBuilder) build() *index { return b.next }
+
+// Snapshot is Detour's whole state at one etcd revision. It is immutable once published.
+type Snapshot struct {
+	Revision int64
+	// Built is when the snapshot was made current.
+	Built   time.Time
+	targets map[string]*pb.Target // Healthy and Revision filled in
+	alive   map[string]bool
+	policy  *pb.Policy
+	objects *index
+	claims  map[string]*pb.FillClaim
+	// superseded is closed when a newer snapshot replaces this one.
+	superseded chan struct{}
+}
+
+func emptySnapshot() *Snapshot {
+	return &Snapshot{targets: map[string]*pb.Target{}, alive: map[string]bool{}, objects: &index{},
+		claims: map[string]*pb.FillClaim{}, policy: &pb.Policy{}, superseded: make(chan struct{})}
+}
+
+// Superseded is closed when a newer snapshot is current.
+func (s *Snapshot) Superseded() <-chan struct{} { return s.superseded }
+
+// Target returns a registered target (do not modify it).
+func (s *Snapshot) Target(name string) (*pb.Target, bool) {
+	t, ok := s.targets[name]
+	return t, ok
+}
+
+// Targets returns all targets sorted by name (do not modify them).
+func (s *Snapshot) Targets() []*pb.Target {
+	out := make([]*pb.Target, 0, len(s.targets))
+	for _, t := range s.targets {
+		out = append(out, t)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Policy returns the stored policy (an empty one when none is stored; do not modify it).
+func (s *Snapshot) Policy() *pb.Policy { return s.policy }
+
+// Copies returns the READY copies of key (do not modify them).
+func (s *Snapshot) Copies(key Key) []Object { return s.objects.get(key) }
+
+// ObjectCount is the number of copies in the index.
+func (s *Snapshot) ObjectCount() int { return s.objects.count }
+
+// Claim returns the live fill claim on key, if any.
+func (s *Snapshot) Claim(key string) (*pb.FillClaim, bool) {
+	c, ok := s.claims[key]
+	return c, ok
+}
+
+// RangeObjects calls fn for copies in key order, from the first key > after (all if after is
+// zero-length), until fn returns false. Sorting makes it O(n log n): it serves paginated admin
+// listings, not the request path.
+func (s *Snapshot) RangeObjects(after string, fn func(key string, o *Object) bool) {
+	var keys []Key
+	for i := range s.objects.shards {
+		for k := range s.objects.shards[i] {
+			if after == "" || k.String() > after {
+				keys = append(keys, k)
+			}
+		}
+	}
+	sort.Slice(keys, func(i, j int) bool { return string(keys[i][:]) < string(keys[j][:]) })
+	for _, k := range keys {
+		copies := s.objects.get(k)
+		ks := k.String()
+		for i := range copies {
+			if !fn(ks, &copies[i]) {
+				return
+			}
+		}
+	}
+}

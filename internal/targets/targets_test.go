@@ -1,0 +1,376 @@
+package targets
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/etcdembed"
+)
+
+func startEtcd(t testing.TB) (*etcdembed.Server, *clientv3.Client) {
+	t.Helper()
+	srv, err := etcdembed.Start(context.Background(), etcdembed.Config{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.Endpoint()}, DialTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return srv, cli
+}
+
+func validTarget(name string) *pb.Target {
+	return &pb.Target{Name: name, Protocol: "https", Uris: []string{"https://cdn.example.com/"},
+		TlsVersions: []string{"1.2", "1.3"}, Region: "us-east1", Weight: 1,
+		Store:   &pb.GcsStore{Bucket: "detour-objects", Prefix: "hg/"},
+		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_CdnBaseUrl{CdnBaseUrl: "https://cdn.example.com/"}}}
+}
+
+func watch(t testing.TB, cli *clientv3.Client) *Watcher {
+	t.Helper()
+	w := NewWatcher(cli, "", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { w.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	<-w.Ready()
+	return w
+}
+
+// eventually polls cond until it holds or the deadline passes.
+func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %s", within, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestValidationNamesTheField(t *testing.T) {
+	cases := []struct {
+		field string
+		edit  func(*pb.Target)
+	}{
+		{"target.name", func(t *pb.Target) { t.Name = "Bad_Name" }},
+		{"target.name", func(t *pb.Target) { t.Name = "-x" }},
+		{"target.name", func(t *pb.Target) { t.Name = strings.Repeat("a", 64) }},
+		{"target.protocol", func(t *pb.Target) { t.Protocol = "ftp" }},
+		{"target.uris", func(t *pb.Target) { t.Uris = nil }},
+		{"target.uris[0]", func(t *pb.Target) { t.Uris = []string{"http://cdn.example.com/"} }},
+		{"target.uris[1]", func(t *pb.Target) { t.Uris = append(t.Uris, "://nope") }},
+		{"target.uris[0]", func(t *pb.Target) { t.Uris = []string{"/relative"} }},
+		{"target.sni_required", func(t *pb.Target) {
+			t.Protocol, t.Uris, t.TlsVersions, t.SniRequired = "http", []string{"http://x/"}, nil, true
+		}},
+		{"target.tls_versions[1]", func(t *pb.Target) { t.TlsVersions = []string{"1.2", "1.4"} }},
+		{"target.tls_versions[1]", func(t *pb.Target) { t.TlsVersions = []string{"1.2", "1.2"} }},
+		{"target.region", func(t *pb.Target) { t.Region = "" }},
+		{"target.weight", func(t *pb.Target) { t.Weight = 0 }},
+		{"target.state", func(t *pb.Target) { t.State = 9 }},
+		{"target.store", func(t *pb.Target) { t.Store = nil }},
+		{"target.store.bucket", func(t *pb.Target) { t.Store.Bucket = "ab" }},
+		{"target.store.bucket", func(t *pb.Target) { t.Store.Bucket = "Upper" }},
+		{"target.store.bucket", func(t *pb.Target) { t.Store.Bucket = "googbucket" }},
+		{"target.store.bucket", func(t *pb.Target) { t.Store.Bucket = "192.168.1.1" }},
+		{"target.store.prefix", func(t *pb.Target) { t.Store.Prefix = "/abs" }},
+		{"target.store.prefix", func(t *pb.Target) { t.Store.Prefix = "a/../b" }},
+		{"target.store.prefix", func(t *pb.Target) { t.Store.Prefix = "a\nb" }},
+		{"target.url_form", func(t *pb.Target) { t.UrlForm = nil }},
+		{"target.url_form.public_base_url", func(t *pb.Target) {
+			t.UrlForm = &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: "gs://bucket"}}
+		}},
+		{"target.url_form.signed.ttl", func(t *pb.Target) {
+			t.UrlForm = &pb.UrlForm{Form: &pb.UrlForm_Signed{Signed: &pb.SignedUrls{}}}
+		}},
+		{"target.url_form.signed.ttl", func(t *pb.Target) {
+			t.UrlForm = &pb.UrlForm{Form: &pb.UrlForm_Signed{Signed: &pb.SignedUrls{Ttl: durationpb.New(8 * 24 * time.Hour)}}}
+		}},
+	}
+	for _, c := range cases {
+		tg := validTarget("t1")
+		c.edit(tg)
+		err := ValidateTarget(tg)
+		var ve *ValidationError
+		if !errors.As(err, &ve) || ve.Field != c.field {
+			t.Errorf("%s: got %v, want a ValidationError on %s", c.field, err, c.field)
+		}
+	}
+	ok := validTarget("t1")
+	if err := ValidateTarget(ok); err != nil || ok.State != pb.TargetState_TARGET_STATE_ACTIVE {
+		t.Fatalf("valid target: %v, state %v", err, ok.State)
+	}
+}
+
+func TestTargetLifecycleAndCAS(t *testing.T) {
+	_, cli := startEtcd(t)
+	r := NewRegistry(cli, "")
+	ctx := context.Background()
+
+	created, err := r.CreateTarget(ctx, validTarget("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.CreateTarget(ctx, validTarget("a")); !errors.Is(err, ErrExists) {
+		t.Fatalf("second create: %v", err)
+	}
+	got, err := r.GetTarget(ctx, "a")
+	if err != nil || got.Revision != created.Revision || !proto.Equal(storedTarget(got), storedTarget(created)) {
+		t.Fatalf("round trip: %v\n got %v\nwant %v", err, got, created)
+	}
+
+	upd := proto.Clone(got).(*pb.Target)
+	upd.Weight = 5
+	after, err := r.UpdateTarget(ctx, upd)
+	if err != nil || after.Revision <= got.Revision {
+		t.Fatalf("update: %v", err)
+	}
+	stale := proto.Clone(got).(*pb.Target)
+	stale.Weight = 7
+	if _, err := r.UpdateTarget(ctx, stale); !errors.Is(err, ErrConflict) {
+		t.Fatalf("stale update: %v", err)
+	}
+	if now, _ := r.GetTarget(ctx, "a"); now.Weight != 5 {
+		t.Fatalf("stale update changed the weight to %d", now.Weight)
+	}
+	missing := validTarget("ghost")
+	missing.Revision = 3
+	if _, err := r.UpdateTarget(ctx, missing); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("update of a missing target: %v", err)
+	}
+	bad := proto.Clone(after).(*pb.Target)
+	bad.Weight = 0
+	if _, err := r.UpdateTarget(ctx, bad); err == nil {
+		t.Fatal("invalid update accepted")
+	}
+	if now, _ := r.GetTarget(ctx, "a"); now.Weight != 5 || now.Revision != after.Revision {
+		t.Fatalf("invalid update wrote something: %v", now)
+	}
+
+	dr, err := r.SetState(ctx, "a", pb.TargetState_TARGET_STATE_DRAINING)
+	if err != nil || dr.State != pb.TargetState_TARGET_STATE_DRAINING {
+		t.Fatalf("drain: %v", err)
+	}
+	if err := r.DeleteTarget(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.DeleteTarget(ctx, "a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("second delete: %v", err)
+	}
+	if _, err := r.GetTarget(ctx, "a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("get after delete: %v", err)
+	}
+}
+
+func testKey(i int) string { return fmt.Sprintf("%064x", i+1) }
+
+func TestWatcherFollowsWrites(t *testing.T) {
+	_, cli := startEtcd(t)
+	r := NewRegistry(cli, "")
+	ctx := context.Background()
+	if _, err := r.CreateTarget(ctx, validTarget("before")); err != nil {
+		t.Fatal(err)
+	}
+	w := watch(t, cli)
+	if _, ok := w.Snapshot().Target("before"); !ok {
+		t.Fatal("initial read missed a target")
+	}
+	first := w.Snapshot()
+	if _, err := r.CreateTarget(ctx, validTarget("after")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-first.Superseded():
+	case <-time.After(5 * time.Second):
+		t.Fatal("snapshot not superseded after a write")
+	}
+	eventually(t, 5*time.Second, "new target in snapshot", func() bool { _, ok := w.Snapshot().Target("after"); return ok })
+	if _, ok := first.Target("after"); ok {
+		t.Fatal("a published snapshot was modified")
+	}
+
+	key := testKey(1)
+	obj := NewObject(key, "after", "hg/x", "application/mercurial-cbor", 1234, make([]byte, 32), make([]byte, 20), time.Now(), 0)
+	if err := r.PutObject(ctx, obj); err != nil {
+		t.Fatal(err)
+	}
+	k, _ := ParseKey(key)
+	eventually(t, 5*time.Second, "object in snapshot", func() bool { return len(w.Snapshot().Copies(k)) == 1 })
+	if n, err := r.DeleteObjects(ctx, key); err != nil || n != 1 {
+		t.Fatalf("delete objects: %d, %v", n, err)
+	}
+	eventually(t, 5*time.Second, "object gone", func() bool { return w.Snapshot().ObjectCount() == 0 })
+	pol, err := r.SetPolicy(ctx, &pb.Policy{MinRedirectBytes: 10, RegionPreference: []string{"eu"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.SetPolicy(ctx, &pb.Policy{MinRedirectBytes: 11}); !errors.Is(err, ErrConflict) {
+		t.Fatalf("policy without revision: %v", err)
+	}
+	eventually(t, 5*time.Second, "policy in snapshot", func() bool { return w.Snapshot().Policy().Revision == pol.Revision })
+}
+
+func TestWatcherLoadsManyObjectsAcrossPages(t *testing.T) {
+	_, cli := startEtcd(t)
+	r := NewRegistry(cli, "")
+	ctx := context.Background()
+	const n = 1200
+	for i := range n {
+		if err := r.PutObject(ctx, NewObject(testKey(i), "t", "o", "m", uint64(i), nil, nil, time.Now(), 0)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w := NewWatcher(cli, "", nil)
+	w.pageSize = 100
+	if _, err := w.load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := w.Snapshot().ObjectCount(); got != n {
+		t.Fatalf("loaded %d objects, want %d", got, n)
+	}
+	seen := 0
+	w.Snapshot().RangeObjects("", func(key string, o *Object) bool { seen++; return true })
+	if seen != n {
+		t.Fatalf("ranged over %d", seen)
+	}
+}
+
+func TestWatcherRecoversFromCompaction(t *testing.T) {
+	_, cli := startEtcd(t)
+	r := NewRegistry(cli, "")
+	ctx := context.Background()
+	w := NewWatcher(cli, "", nil)
+	rev, err := w.load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Writes the watcher has not seen, then compaction past them.
+	if _, err := r.CreateTarget(ctx, validTarget("x")); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := r.CreateTarget(ctx, validTarget("y"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Compact(ctx, resp.Revision); err != nil {
+		t.Fatal(err)
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	err = w.watch(wctx, rev)
+	if err == nil || !strings.Contains(err.Error(), "compacted") {
+		t.Fatalf("watch from a compacted revision: %v", err)
+	}
+	// Run re-reads: both targets arrive.
+	done := make(chan struct{})
+	go func() { w.Run(wctx); close(done) }()
+	eventually(t, 5*time.Second, "targets after compaction", func() bool { return len(w.Snapshot().Targets()) == 2 })
+	cancel()
+	<-done
+}
+
+func TestHeartbeatLeaseExpiryMakesTargetUnhealthy(t *testing.T) {
+	_, cli := startEtcd(t)
+	r := NewRegistry(cli, "")
+	ctx := context.Background()
+	tg := validTarget("mirror")
+	tg.Heartbeat = true
+	if _, err := r.CreateTarget(ctx, tg); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Heartbeat(ctx, "a-missing-one", time.Second); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("heartbeat of a missing target: %v", err)
+	}
+	if _, err := r.CreateTarget(ctx, validTarget("plain")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Heartbeat(ctx, "plain", time.Second); !errors.Is(err, ErrNotHeartbeat) {
+		t.Fatalf("heartbeat of a plain target: %v", err)
+	}
+	w := watch(t, cli)
+	healthy := func() bool { m, _ := w.Snapshot().Target("mirror"); return m.Healthy }
+	if healthy() {
+		t.Fatal("heartbeat target healthy before its first heartbeat")
+	}
+	if err := r.Heartbeat(ctx, "mirror", 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 3*time.Second, "healthy after heartbeat", healthy)
+	// A second heartbeat refreshes the same lease.
+	if err := r.Heartbeat(ctx, "mirror", 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	eventually(t, 10*time.Second, "unhealthy after the lease expires", func() bool { return !healthy() })
+	if time.Since(start) < time.Second {
+		t.Fatalf("went unhealthy after %s, before its lease could expire", time.Since(start))
+	}
+}
+
+func TestClaimIsGrantedOnceThenAgainAfterExpiry(t *testing.T) {
+	_, cli := startEtcd(t)
+	r := NewRegistry(cli, "")
+	ctx := context.Background()
+	key := testKey(7)
+	var granted atomic.Int32
+	var wg sync.WaitGroup
+	tokens := make(chan string, 20)
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tok := NewToken()
+			ok, err := r.Claim(ctx, &pb.FillClaim{Key: key, Target: "t", AgentId: fmt.Sprint(i), Token: tok}, 2*time.Second)
+			if err != nil {
+				t.Error(err)
+			}
+			if ok {
+				granted.Add(1)
+				tokens <- tok
+			}
+		}()
+	}
+	wg.Wait()
+	if granted.Load() != 1 {
+		t.Fatalf("%d claims granted, want 1", granted.Load())
+	}
+	winner := <-tokens
+	if err := r.AbortFill(ctx, key, "wrong-token"); !errors.Is(err, ErrClaimNotHeld) {
+		t.Fatalf("abort with a wrong token: %v", err)
+	}
+	// Expiry frees it for another agent; the old token no longer completes.
+	eventually(t, 10*time.Second, "claim expires", func() bool {
+		ok, err := r.Claim(ctx, &pb.FillClaim{Key: key, Target: "t", Token: "second"}, 30*time.Second)
+		return err == nil && ok
+	})
+	obj := NewObject(key, "t", "o", "m", 1, nil, nil, time.Now(), 0)
+	if _, err := r.CompleteFill(ctx, obj, winner); !errors.Is(err, ErrClaimNotHeld) {
+		t.Fatalf("complete with an expired claim's token: %v", err)
+	}
+	if _, err := r.CompleteFill(ctx, NewObject(key, "other", "o", "m", 1, nil, nil, time.Now(), 0), "second"); err == nil {
+		t.Fatal("complete at a target other than the claimed one succeeded")
+	}
+	if _, err := r.CompleteFill(ctx, obj, "second"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := cli.Get(ctx, r.fillKey(key))
+	if err != nil || len(resp.Kvs) != 0 {
+		t.Fatalf("claim still there after completion: %v", err)
+	}
+}

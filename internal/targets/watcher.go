@@ -1,0 +1,304 @@
+package targets
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+)
+
+func tsOf(ns int64) *timestamppb.Timestamp { return timestamppb.New(time.Unix(0, ns)) }
+
+// Watcher keeps the current Snapshot: a consistent paginated read at revision R, then a watch from
+// R+1 whose every response becomes a new snapshot, swapped in atomically. A compacted revision, a
+// closed watch or an unreachable etcd make it re-read, with backoff, while the last snapshot keeps
+// serving.
+type Watcher struct {
+	cli      *clientv3.Client
+	prefix   string
+	log      *slog.Logger
+	pageSize int64
+	cur      atomic.Pointer[Snapshot]
+	interned sync.Map // string → string, for target names and media types
+	ready    chan struct{}
+	readyOne sync.Once
+}
+
+// NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
+func NewWatcher(cli *clientv3.Client, prefix string, log *slog.Logger) *Watcher {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	if !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	w := &Watcher{cli: cli, prefix: prefix, log: log, pageSize: 5000, ready: make(chan struct{})}
+	w.cur.Store(emptySnapshot())
+	return w
+}
+
+// Snapshot returns the current snapshot.
+func (w *Watcher) Snapshot() *Snapshot { return w.cur.Load() }
+
+// Ready is closed once the first full read has completed.
+func (w *Watcher) Ready() <-chan struct{} { return w.ready }
+
+// Run keeps the snapshot current until ctx ends.
+func (w *Watcher) Run(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		rev, err := w.load(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			w.log.Warn("etcd read failed; serving the last snapshot", "err", err,
+				"revision", w.Snapshot().Revision, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
+			backoff = min(backoff*2, 5*time.Second)
+			continue
+		}
+		backoff = 100 * time.Millisecond
+		err = w.watch(ctx, rev)
+		if ctx.Err() != nil {
+			break
+		}
+		w.log.Warn("etcd watch ended; re-reading", "err", err, "revision", w.Snapshot().Revision)
+	}
+	return nil
+}
+
+// load reads everything under the prefix at one revision and publishes it.
+func (w *Watcher) load(ctx context.Context) (int64, error) {
+	snap := emptySnapshot()
+	b := newIndexBuilder(snap.objects)
+	var rev int64
+	key, end := w.prefix, clientv3.GetPrefixRangeEnd(w.prefix)
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(w.pageSize),
+			clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		resp, err := w.cli.Get(rctx, key, opts...)
+		cancel()
+		if err != nil {
+			return 0, fmt.Errorf("read %s at revision %d: %w", w.prefix, rev, err)
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+		}
+		for _, kv := range resp.Kvs {
+			w.apply(snap, b, mvccpb.PUT, kv)
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			break
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+	snap.objects = b.build()
+	snap.Revision = rev
+	w.finish(snap)
+	w.publish(snap)
+	w.log.Info("snapshot loaded", "revision", rev, "targets", len(snap.targets), "objects", snap.objects.count,
+		"claims", len(snap.claims))
+	return rev, nil
+}
+
+func (w *Watcher) watch(ctx context.Context, rev int64) error {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	ch := w.cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1), clientv3.WithProgressNotify())
+	for resp := range ch {
+		if err := resp.Err(); err != nil {
+			if errors.Is(err, rpctypes.ErrCompacted) {
+				return fmt.Errorf("revision %d compacted (now %d): %w", rev+1, resp.CompactRevision, err)
+			}
+			return err
+		}
+		if len(resp.Events) == 0 {
+			continue
+		}
+		w.applyEvents(resp.Header.Revision, resp.Events)
+	}
+	return errors.New("watch channel closed")
+}
+
+// applyEvents turns one watch response into the next snapshot.
+func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
+	old := w.Snapshot()
+	next := &Snapshot{Revision: rev, targets: old.targets, alive: old.alive, policy: old.policy,
+		claims: old.claims, superseded: make(chan struct{})}
+	copiedTargets, copiedAlive, copiedClaims := false, false, false
+	var b *indexBuilder
+	for _, ev := range events {
+		rest := strings.TrimPrefix(string(ev.Kv.Key), w.prefix)
+		switch {
+		case strings.HasPrefix(rest, "targets/"):
+			if !copiedTargets {
+				next.targets, copiedTargets = cloneMap(old.targets), true
+			}
+		case strings.HasPrefix(rest, "alive/"):
+			if !copiedAlive {
+				next.alive, copiedAlive = cloneMap(old.alive), true
+			}
+		case strings.HasPrefix(rest, "fills/"):
+			if !copiedClaims {
+				next.claims, copiedClaims = cloneMap(old.claims), true
+			}
+		case strings.HasPrefix(rest, "objects/"):
+			if b == nil {
+				b = newIndexBuilder(old.objects)
+			}
+		}
+	}
+	if b == nil {
+		next.objects = old.objects
+	}
+	for _, ev := range events {
+		w.apply(next, b, ev.Type, ev.Kv)
+	}
+	if b != nil {
+		next.objects = b.build()
+	}
+	w.finish(next)
+	w.publish(next)
+}
+
+// apply records one key's new state in snap (whose maps the caller has already copied).
+func (w *Watcher) apply(snap *Snapshot, b *indexBuilder, typ mvccpb.Event_EventType, kv *mvccpb.KeyValue) {
+	rest := strings.TrimPrefix(string(kv.Key), w.prefix)
+	del := typ == mvccpb.DELETE
+	switch {
+	case strings.HasPrefix(rest, "targets/"):
+		name := strings.TrimPrefix(rest, "targets/")
+		if del {
+			delete(snap.targets, name)
+			return
+		}
+		t := &pb.Target{}
+		if err := proto.Unmarshal(kv.Value, t); err != nil {
+			w.log.Error("skipping undecodable target", "key", string(kv.Key), "err", err)
+			return
+		}
+		t.Revision = kv.ModRevision
+		snap.targets[name] = t
+	case strings.HasPrefix(rest, "alive/"):
+		name := strings.TrimPrefix(rest, "alive/")
+		if del {
+			delete(snap.alive, name)
+		} else {
+			snap.alive[name] = true
+		}
+	case strings.HasPrefix(rest, "fills/"):
+		key := strings.TrimPrefix(rest, "fills/")
+		if del {
+			delete(snap.claims, key)
+			return
+		}
+		c := &pb.FillClaim{}
+		if err := proto.Unmarshal(kv.Value, c); err != nil {
+			w.log.Error("skipping undecodable fill claim", "key", string(kv.Key), "err", err)
+			return
+		}
+		snap.claims[key] = c
+	case strings.HasPrefix(rest, "objects/"):
+		ks, target, ok := strings.Cut(strings.TrimPrefix(rest, "objects/"), "/")
+		k, valid := ParseKey(ks)
+		if !ok || !valid {
+			w.log.Error("skipping object with a malformed key", "key", string(kv.Key))
+			return
+		}
+		if del {
+			b.remove(k, target)
+			return
+		}
+		o := &pb.StoredObject{}
+		if err := proto.Unmarshal(kv.Value, o); err != nil {
+			w.log.Error("skipping undecodable object", "key", string(kv.Key), "err", err)
+			return
+		}
+		if o.State != pb.ObjectState_OBJECT_STATE_READY {
+			b.remove(k, target)
+			return
+		}
+		obj := Object{Target: w.intern(target), Size: o.Size, Created: o.Created.AsTime().UnixNano(),
+			ModRevision: kv.ModRevision, MediaType: w.intern(o.MediaType), ObjectName: o.ObjectName}
+		if o.Expires != nil {
+			obj.Expires = o.Expires.AsTime().UnixNano()
+		}
+		copy(obj.SHA256[:], o.Sha256)
+		copy(obj.SHA1[:], o.Sha1)
+		b.put(k, obj)
+	case rest == "policy":
+		if del {
+			snap.policy = &pb.Policy{}
+			return
+		}
+		p := &pb.Policy{}
+		if err := proto.Unmarshal(kv.Value, p); err != nil {
+			w.log.Error("skipping undecodable policy", "err", err)
+			return
+		}
+		p.Revision = kv.ModRevision
+		snap.policy = p
+	}
+}
+
+// finish computes what depends on more than one key: target health.
+func (w *Watcher) finish(snap *Snapshot) {
+	changed := false
+	for name, t := range snap.targets {
+		healthy := !t.Heartbeat || snap.alive[name]
+		if t.Healthy != healthy {
+			if !changed {
+				snap.targets, changed = cloneMap(snap.targets), true
+			}
+			c := proto.Clone(t).(*pb.Target)
+			c.Healthy = healthy
+			snap.targets[name] = c
+		}
+	}
+}
+
+func (w *Watcher) publish(snap *Snapshot) {
+	snap.Built = time.Now()
+	old := w.cur.Swap(snap)
+	close(old.superseded)
+	w.readyOne.Do(func() { close(w.ready) })
+}
+
+func (w *Watcher) intern(s string) string {
+	if v, ok := w.interned.Load(s); ok {
+		return v.(string)
+	}
+	v, _ := w.interned.LoadOrStore(s, s)
+	return v.(string)
+}
+
+func cloneMap[K comparable, V any](m map[K]V) map[K]V {
+	out := make(map[K]V, len(m)+1)
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
