@@ -5,9 +5,9 @@ package blob
 
 import (
 	"context"
-	"encoding/json"
 	"crypto/sha1"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
