@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"sync"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -24,8 +25,9 @@ type Config struct {
 
 // Server is a running member.
 type Server struct {
-	etcd *embed.Etcd
-	cfg  Config
+	etcd  *embed.Etcd
+	cfg   Config
+	close sync.Once
 }
 
 // FreeURL returns an http URL on a loopback port that was free a moment ago.
@@ -98,5 +100,5 @@ func (s *Server) Endpoint() string { return s.cfg.ClientURL }
 // Config is what the server was started with (ports filled in), to restart it on the same data.
 func (s *Server) Config() Config { return s.cfg }
 
-// Close stops the member.
-func (s *Server) Close() { s.etcd.Close() }
+// Close stops the member. It may be called more than once.
+func (s *Server) Close() { s.close.Do(s.etcd.Close) }

@@ -175,18 +175,18 @@ func (r *Registry) SetState(ctx context.Context, name string, state pb.TargetSta
 
 // DeleteTarget removes a target and its liveness key. Its objects stay in the index until they
 // expire or are purged; placement ignores copies at unknown targets.
-func (r *Registry) DeleteTarget(ctx context.Context, name string) error {
+func (r *Registry) DeleteTarget(ctx context.Context, name string) (int64, error) {
 	resp, err := r.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(r.targetKey(name)), ">", 0)).
 		Then(clientv3.OpDelete(r.targetKey(name)), clientv3.OpDelete(r.aliveKey(name))).
 		Commit()
 	if err != nil {
-		return fmt.Errorf("delete target %q: %w", name, err)
+		return 0, fmt.Errorf("delete target %q: %w", name, err)
 	}
 	if !resp.Succeeded {
-		return fmt.Errorf("delete target %q: %w", name, ErrNotFound)
+		return 0, fmt.Errorf("delete target %q: %w", name, ErrNotFound)
 	}
-	return nil
+	return resp.Header.Revision, nil
 }
 
 // Heartbeat keeps a heartbeat target alive for ttl: it refreshes the lease behind its liveness key,
@@ -328,13 +328,13 @@ func (r *Registry) revoke(ctx context.Context, lease int64) {
 	_, _ = r.cli.Revoke(rctx, clientv3.LeaseID(lease)) // it expires anyway
 }
 
-// DeleteObjects removes every copy of key from the index.
-func (r *Registry) DeleteObjects(ctx context.Context, key string) (int64, error) {
+// DeleteObjects removes every copy of key from the index. It returns how many and the revision.
+func (r *Registry) DeleteObjects(ctx context.Context, key string) (int64, int64, error) {
 	resp, err := r.cli.Delete(ctx, r.prefix+"objects/"+key+"/", clientv3.WithPrefix())
 	if err != nil {
-		return 0, fmt.Errorf("delete objects %s: %w", key, err)
+		return 0, 0, fmt.Errorf("delete objects %s: %w", key, err)
 	}
-	return resp.Deleted, nil
+	return resp.Deleted, resp.Header.Revision, nil
 }
 
 // DeleteObjectAt removes one copy if it is still at revision rev (the sweeper's delete).

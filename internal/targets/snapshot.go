@@ -179,6 +179,19 @@ func (s *Snapshot) Claim(key string) (*pb.FillClaim, bool) {
 	return c, ok
 }
 
+// EachObject calls fn for every copy, in no particular order, until fn returns false.
+func (s *Snapshot) EachObject(fn func(key Key, o *Object) bool) {
+	for i := range s.objects.shards {
+		for k, copies := range s.objects.shards[i] {
+			for j := range copies {
+				if !fn(k, &copies[j]) {
+					return
+				}
+			}
+		}
+	}
+}
+
 // RangeObjects calls fn for copies in key order, from the first key > after (all if after is
 // zero-length), until fn returns false. Sorting makes it O(n log n): it serves paginated admin
 // listings, not the request path.

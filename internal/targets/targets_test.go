@@ -167,10 +167,10 @@ func TestTargetLifecycleAndCAS(t *testing.T) {
 	if err != nil || dr.State != pb.TargetState_TARGET_STATE_DRAINING {
 		t.Fatalf("drain: %v", err)
 	}
-	if err := r.DeleteTarget(ctx, "a"); err != nil {
+	if _, err := r.DeleteTarget(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.DeleteTarget(ctx, "a"); !errors.Is(err, ErrNotFound) {
+	if _, err := r.DeleteTarget(ctx, "a"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("second delete: %v", err)
 	}
 	if _, err := r.GetTarget(ctx, "a"); !errors.Is(err, ErrNotFound) {
@@ -212,7 +212,7 @@ func TestWatcherFollowsWrites(t *testing.T) {
 	}
 	k, _ := ParseKey(key)
 	eventually(t, 5*time.Second, "object in snapshot", func() bool { return len(w.Snapshot().Copies(k)) == 1 })
-	if n, err := r.DeleteObjects(ctx, key); err != nil || n != 1 {
+	if n, _, err := r.DeleteObjects(ctx, key); err != nil || n != 1 {
 		t.Fatalf("delete objects: %d, %v", n, err)
 	}
 	eventually(t, 5*time.Second, "object gone", func() bool { return w.Snapshot().ObjectCount() == 0 })

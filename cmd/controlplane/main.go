@@ -1,0 +1,79 @@
+// Command controlplane runs Detour's control plane: the Placement and Admin gRPC services over an
+// etcd cluster, or over an embedded etcd when no endpoints are given.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/detourhq/detour/internal/blob"
+	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+func main() {
+	var (
+		o          controlplane.Options
+		endpoints  string
+		signingKey string
+		logLevel   string
+		drain      time.Duration
+	)
+	flag.StringVar(&o.Listen, "listen", "127.0.0.1:7700", "gRPC listen address")
+	flag.StringVar(&o.MetricsListen, "metrics-listen", "127.0.0.1:7701", "Prometheus /metrics listen address (empty: none)")
+	flag.StringVar(&endpoints, "etcd-endpoints", "", "comma-separated etcd client URLs; empty starts an embedded etcd in --data-dir")
+	flag.StringVar(&o.EtcdPrefix, "etcd-prefix", targets.DefaultPrefix, "etcd key prefix for Detour's state")
+	flag.StringVar(&o.DataDir, "data-dir", "detour-data", "directory of the embedded etcd")
+	flag.StringVar(&o.EmbeddedEtcdURL, "embedded-etcd-listen", "", "client URL of the embedded etcd (default: a free loopback port)")
+	flag.StringVar(&o.Region, "region", "", "this replica's region (for logs)")
+	flag.StringVar(&signingKey, "signing-key", "", "service-account JSON key that signs V4 URLs for targets that want them")
+	flag.StringVar(&o.GCSEndpoint, "gcs-endpoint", "", "GCS API endpoint to verify reported fills against (e.g. an emulator); empty: no verification")
+	flag.DurationVar(&o.SweepInterval, "sweep-interval", time.Minute, "how often expired objects are removed from the index")
+	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	flag.DurationVar(&drain, "shutdown-timeout", 10*time.Second, "how long in-flight RPCs may run after SIGTERM")
+	flag.Parse()
+
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+		fmt.Fprintf(os.Stderr, "controlplane: --log-level: %v\n", err)
+		os.Exit(2)
+	}
+	o.Log = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if endpoints != "" {
+		o.EtcdEndpoints = strings.Split(endpoints, ",")
+	}
+	if signingKey != "" {
+		s, err := blob.LoadServiceAccount(signingKey)
+		if err != nil {
+			o.Log.Error("cannot load --signing-key", "err", err)
+			os.Exit(2)
+		}
+		o.Signer = s
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	inst, err := controlplane.Start(startCtx, o)
+	cancel()
+	if err != nil {
+		o.Log.Error("control plane failed to start", "err", err)
+		os.Exit(1)
+	}
+	select {
+	case <-ctx.Done():
+		o.Log.Info("shutting down", "timeout", drain)
+	case err := <-inst.Err():
+		o.Log.Error("listener failed", "err", err)
+	}
+	sctx, scancel := context.WithTimeout(context.Background(), drain)
+	defer scancel()
+	inst.Shutdown(sctx)
+}

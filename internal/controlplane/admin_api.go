@@ -1,0 +1,177 @@
+package controlplane
+
+import (
+	"context"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+// CreateTarget registers a target.
+func (s *Service) CreateTarget(ctx context.Context, req *pb.CreateTargetRequest) (*pb.CreateTargetResponse, error) {
+	wctx, cancel := s.writeCtx(ctx)
+	defer cancel()
+	t, err := s.reg.CreateTarget(wctx, req.GetTarget())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.wrote(t.Revision)
+	s.cfg.Log.Info("target created", "target", t.Name, "region", t.Region, "state", t.State.String())
+	return &pb.CreateTargetResponse{Target: s.withHealth(t)}, nil
+}
+
+// UpdateTarget replaces a target with compare-and-swap on its revision.
+func (s *Service) UpdateTarget(ctx context.Context, req *pb.UpdateTargetRequest) (*pb.UpdateTargetResponse, error) {
+	wctx, cancel := s.writeCtx(ctx)
+	defer cancel()
+	t, err := s.reg.UpdateTarget(wctx, req.GetTarget())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.wrote(t.Revision)
+	s.cfg.Log.Info("target updated", "target", t.Name, "revision", t.Revision)
+	return &pb.UpdateTargetResponse{Target: s.withHealth(t)}, nil
+}
+
+// SetTargetState drains, disables or re-activates a target.
+func (s *Service) SetTargetState(ctx context.Context, req *pb.SetTargetStateRequest) (*pb.SetTargetStateResponse, error) {
+	if err := targets.ValidateName("name", req.Name); err != nil {
+		return nil, toStatus(err)
+	}
+	wctx, cancel := s.writeCtx(ctx)
+	defer cancel()
+	t, err := s.reg.SetState(wctx, req.Name, req.State)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.wrote(t.Revision)
+	s.cfg.Log.Info("target state changed", "target", t.Name, "state", t.State.String())
+	return &pb.SetTargetStateResponse{Target: s.withHealth(t)}, nil
+}
+
+// DeleteTarget removes a target.
+func (s *Service) DeleteTarget(ctx context.Context, req *pb.DeleteTargetRequest) (*pb.DeleteTargetResponse, error) {
+	if err := targets.ValidateName("name", req.Name); err != nil {
+		return nil, toStatus(err)
+	}
+	wctx, cancel := s.writeCtx(ctx)
+	defer cancel()
+	rev, err := s.reg.DeleteTarget(wctx, req.Name)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.wrote(rev)
+	s.cfg.Log.Info("target deleted", "target", req.Name)
+	return &pb.DeleteTargetResponse{}, nil
+}
+
+func (s *Service) withHealth(t *pb.Target) *pb.Target {
+	out := proto.Clone(t).(*pb.Target)
+	out.Healthy = !t.Heartbeat
+	if cur, ok := s.w.Snapshot().Target(t.Name); ok {
+		out.Healthy = cur.Healthy
+	}
+	return out
+}
+
+// GetTarget reads a target from the snapshot.
+func (s *Service) GetTarget(ctx context.Context, req *pb.GetTargetRequest) (*pb.GetTargetResponse, error) {
+	if err := targets.ValidateName("name", req.Name); err != nil {
+		return nil, toStatus(err)
+	}
+	t, ok := s.readSnapshot(ctx).Target(req.Name)
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "target %q: not found", req.Name)
+	}
+	return &pb.GetTargetResponse{Target: proto.Clone(t).(*pb.Target)}, nil
+}
+
+// ListTargets lists every target from the snapshot.
+func (s *Service) ListTargets(ctx context.Context, _ *pb.ListTargetsRequest) (*pb.ListTargetsResponse, error) {
+	snap := s.readSnapshot(ctx)
+	resp := &pb.ListTargetsResponse{Revision: snap.Revision}
+	for _, t := range snap.Targets() {
+		resp.Targets = append(resp.Targets, proto.Clone(t).(*pb.Target))
+	}
+	return resp, nil
+}
+
+// GetPolicy returns the stored policy (revision 0 when none is stored).
+func (s *Service) GetPolicy(ctx context.Context, _ *pb.GetPolicyRequest) (*pb.GetPolicyResponse, error) {
+	return &pb.GetPolicyResponse{Policy: proto.Clone(s.readSnapshot(ctx).Policy()).(*pb.Policy)}, nil
+}
+
+// SetPolicy replaces the policy with compare-and-swap on its revision.
+func (s *Service) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) (*pb.SetPolicyResponse, error) {
+	wctx, cancel := s.writeCtx(ctx)
+	defer cancel()
+	p, err := s.reg.SetPolicy(wctx, req.GetPolicy())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.wrote(p.Revision)
+	s.cfg.Log.Info("policy set", "revision", p.Revision, "min_redirect_bytes", p.MinRedirectBytes,
+		"region_preference", strings.Join(p.RegionPreference, ","))
+	return &pb.SetPolicyResponse{Policy: p}, nil
+}
+
+const (
+	defaultPageSize = 100
+	maxPageSize     = 1000
+)
+
+// ListObjects lists READY copies by target and/or key prefix, in key order, a page at a time. All
+// copies of one key are on the same page; the page token is the last key listed.
+func (s *Service) ListObjects(ctx context.Context, req *pb.ListObjectsRequest) (*pb.ListObjectsResponse, error) {
+	size := int(req.PageSize)
+	switch {
+	case size < 0:
+		return nil, invalidArg("page_size", "must not be negative")
+	case size == 0:
+		size = defaultPageSize
+	case size > maxPageSize:
+		size = maxPageSize
+	}
+	if req.PageToken != "" {
+		if err := targets.ValidateKey("page_token", req.PageToken); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	resp := &pb.ListObjectsResponse{}
+	last := ""
+	s.readSnapshot(ctx).RangeObjects(req.PageToken, func(key string, o *targets.Object) bool {
+		if len(resp.Objects) >= size && key != last {
+			resp.NextPageToken = last
+			return false
+		}
+		if !strings.HasPrefix(key, req.KeyPrefix) || (req.Target != "" && o.Target != req.Target) {
+			return true
+		}
+		resp.Objects = append(resp.Objects, o.Proto(key))
+		last = key
+		return true
+	})
+	return resp, nil
+}
+
+// DeleteObjects purges every copy of a key from the index (the stored bytes are left to the
+// bucket's lifecycle rules).
+func (s *Service) DeleteObjects(ctx context.Context, req *pb.DeleteObjectsRequest) (*pb.DeleteObjectsResponse, error) {
+	if err := targets.ValidateKey("key", req.Key); err != nil {
+		return nil, toStatus(err)
+	}
+	wctx, cancel := s.writeCtx(ctx)
+	defer cancel()
+	n, rev, err := s.reg.DeleteObjects(wctx, req.Key)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.wrote(rev)
+	s.cfg.Log.Info("objects purged", "key", req.Key, "copies", n)
+	return &pb.DeleteObjectsResponse{Deleted: n}, nil
+}

@@ -1,0 +1,424 @@
+package controlplane
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/etcdembed"
+)
+
+var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+type replica struct {
+	inst  *Instance
+	admin pb.AdminServiceClient
+	place pb.PlacementServiceClient
+}
+
+func startEtcd(t *testing.T) *etcdembed.Server {
+	t.Helper()
+	srv, err := etcdembed.Start(context.Background(), etcdembed.Config{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func startReplica(t *testing.T, etcdURL string) *replica {
+	t.Helper()
+	inst, err := Start(context.Background(), Options{Listen: "127.0.0.1:0", MetricsListen: "127.0.0.1:0",
+		EtcdEndpoints: []string{etcdURL}, Log: quiet, WriteTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		inst.Shutdown(ctx)
+	})
+	conn, err := grpc.NewClient(inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &replica{inst: inst, admin: pb.NewAdminServiceClient(conn), place: pb.NewPlacementServiceClient(conn)}
+}
+
+func target(name, region string) *pb.Target {
+	return &pb.Target{Name: name, Protocol: "https", Uris: []string{"https://" + name + ".example.com/"},
+		Region: region, Weight: 1, Store: &pb.GcsStore{Bucket: "bucket-" + name, Prefix: "hg/"},
+		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_CdnBaseUrl{CdnBaseUrl: "https://" + name + ".example.com/"}}}
+}
+
+func key(i int) string { return fmt.Sprintf("%064x", 0xabc000+i) }
+
+func code(err error) codes.Code { return status.Code(err) }
+
+func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %s", within, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestAdminAPIStatusCodes(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	ctx := context.Background()
+	created, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if created.Target.Revision == 0 || created.Target.State != pb.TargetState_TARGET_STATE_ACTIVE || !created.Target.Healthy {
+		t.Fatalf("created %v", created.Target)
+	}
+	_, err = r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")})
+	if code(err) != codes.AlreadyExists {
+		t.Fatalf("duplicate create: %v", err)
+	}
+	bad := target("us-b", "us")
+	bad.Uris = []string{"ftp://x/"}
+	_, err = r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: bad})
+	if code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "target.uris[0]") {
+		t.Fatalf("invalid create: %v", err)
+	}
+	if _, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-b"}); code(err) != codes.NotFound {
+		t.Fatalf("half-written registration visible: %v", err)
+	}
+	// Read-your-writes on the same replica.
+	list, err := r.admin.ListTargets(ctx, &pb.ListTargetsRequest{})
+	if err != nil || len(list.Targets) != 1 || list.Targets[0].Name != "us-a" {
+		t.Fatalf("list: %v %v", list, err)
+	}
+	upd := created.Target
+	upd.Weight = 3
+	if _, err := r.admin.UpdateTarget(ctx, &pb.UpdateTargetRequest{Target: upd}); err != nil {
+		t.Fatal(err)
+	}
+	upd.Weight = 4 // same, now stale, revision
+	if _, err := r.admin.UpdateTarget(ctx, &pb.UpdateTargetRequest{Target: upd}); code(err) != codes.FailedPrecondition {
+		t.Fatalf("stale update: %v", err)
+	}
+	got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
+	if err != nil || got.Target.Weight != 3 {
+		t.Fatalf("get after updates: %v %v", got, err)
+	}
+	st, err := r.admin.SetTargetState(ctx, &pb.SetTargetStateRequest{Name: "us-a", State: pb.TargetState_TARGET_STATE_DRAINING})
+	if err != nil || st.Target.State != pb.TargetState_TARGET_STATE_DRAINING {
+		t.Fatalf("drain: %v", err)
+	}
+	if _, err := r.admin.SetTargetState(ctx, &pb.SetTargetStateRequest{Name: "nope", State: pb.TargetState_TARGET_STATE_DRAINING}); code(err) != codes.NotFound {
+		t.Fatalf("drain missing: %v", err)
+	}
+	if _, err := r.admin.SetTargetState(ctx, &pb.SetTargetStateRequest{Name: "us-a"}); code(err) != codes.InvalidArgument {
+		t.Fatalf("state unspecified: %v", err)
+	}
+	if _, err := r.admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{FillClaimTtl: durationpb.New(time.Millisecond)}}); code(err) != codes.InvalidArgument ||
+		!strings.Contains(err.Error(), "policy.fill_claim_ttl") {
+		t.Fatalf("bad policy: %v", err)
+	}
+	pol, err := r.admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{MinRedirectBytes: 1000}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g, err := r.admin.GetPolicy(ctx, &pb.GetPolicyRequest{}); err != nil || g.Policy.MinRedirectBytes != 1000 || g.Policy.Revision != pol.Policy.Revision {
+		t.Fatalf("get policy: %v %v", g, err)
+	}
+	if _, err := r.admin.DeleteObjects(ctx, &pb.DeleteObjectsRequest{Key: "short"}); code(err) != codes.InvalidArgument {
+		t.Fatalf("bad key: %v", err)
+	}
+	if _, err := r.admin.DeleteTarget(ctx, &pb.DeleteTargetRequest{Name: "us-a"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"}); code(err) != codes.NotFound {
+		t.Fatalf("get after delete: %v", err)
+	}
+}
+
+// fill runs one Place → ReportFill cycle and returns the grant.
+func fill(t *testing.T, r *replica, k string, accepted []string, region string) *pb.FillGrant {
+	t.Helper()
+	ctx := context.Background()
+	var resp *pb.PlaceResponse
+	// The snapshot follows writes within milliseconds; Place does not wait for it.
+	eventually(t, 2*time.Second, "a fill grant", func() bool {
+		var err error
+		resp, err = r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: accepted, AgentRegion: region, AgentId: "a1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Fill != nil
+	})
+	_, err := r.place.ReportFill(ctx, &pb.ReportFillRequest{Key: k, Target: resp.Fill.Target, Token: resp.Fill.Token, Size: 5000,
+		MediaType: MediaTypeCBOR, Sha256: make([]byte, 32), Sha1: make([]byte, 20), ObjectName: resp.Fill.ObjectName})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Fill
+}
+
+func TestPlaceRedirectsOnlyReadyObjects(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	ctx := context.Background()
+	for _, tg := range []*pb.Target{target("us-a", "us"), target("eu-a", "eu")} {
+		if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: tg}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	acc := []string{"us-a", "eu-a"}
+	k := key(1)
+	var first *pb.PlaceResponse
+	eventually(t, 2*time.Second, "targets in the snapshot", func() bool {
+		var err error
+		first, err = r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us"})
+		return err == nil && first.Reason != "no_candidates"
+	})
+	if first.Result != pb.PlaceResult_PLACE_RESULT_INLINE || first.Fill == nil || first.Fill.Target != "us-a" ||
+		first.Fill.Bucket != "bucket-us-a" || first.Fill.ObjectName != "hg/"+k || first.Reason != "fill" {
+		t.Fatalf("first place: %v", first)
+	}
+	// While the claim is held (not yet READY), others get plain inline.
+	second, _ := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us"})
+	if second.Result != pb.PlaceResult_PLACE_RESULT_INLINE || second.Fill != nil || second.Reason != "fill_in_progress" {
+		t.Fatalf("place during fill: %v", second)
+	}
+	// Bad reports are refused, naming the field, and change nothing.
+	for field, req := range map[string]*pb.ReportFillRequest{
+		"sha256": {Key: k, Target: "us-a", Token: first.Fill.Token, Size: 1, MediaType: MediaTypeCBOR, Sha256: []byte{1}, Sha1: make([]byte, 20)},
+		"size":   {Key: k, Target: "us-a", Token: first.Fill.Token, MediaType: MediaTypeCBOR, Sha256: make([]byte, 32), Sha1: make([]byte, 20)},
+		"key":    {Key: "x", Target: "us-a", Token: first.Fill.Token},
+	} {
+		if _, err := r.place.ReportFill(ctx, req); code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), field) {
+			t.Fatalf("report with bad %s: %v", field, err)
+		}
+	}
+	if _, err := r.place.ReportFill(ctx, &pb.ReportFillRequest{Key: k, Target: "us-a", Token: "forged", Size: 5000, MediaType: MediaTypeCBOR,
+		Sha256: make([]byte, 32), Sha1: make([]byte, 20)}); code(err) != codes.FailedPrecondition {
+		t.Fatalf("report with a forged token: %v", err)
+	}
+	sha := make([]byte, 32)
+	sha[0] = 0xee
+	if _, err := r.place.ReportFill(ctx, &pb.ReportFillRequest{Key: k, Target: "us-a", Token: first.Fill.Token, Size: 5000, MediaType: MediaTypeCBOR,
+		Sha256: sha, Sha1: make([]byte, 20), ObjectName: first.Fill.ObjectName}); err != nil {
+		t.Fatal(err)
+	}
+	var third *pb.PlaceResponse
+	eventually(t, 2*time.Second, "redirect after the fill is reported", func() bool {
+		third, _ = r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "eu"})
+		return third.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
+	})
+	if third.Target != "us-a" || third.Location.Url != "https://us-a.example.com/hg/"+k || third.Location.Size != 5000 ||
+		third.Location.Sha256[0] != 0xee || third.Location.MediaType != MediaTypeCBOR {
+		t.Fatalf("redirect: %v", third)
+	}
+	// A client that does not accept us-a does not get sent there.
+	other, _ := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: []string{"eu-a"}, AgentRegion: "eu"})
+	if other.Result != pb.PlaceResult_PLACE_RESULT_INLINE || other.Fill.GetTarget() != "eu-a" {
+		t.Fatalf("client accepting only eu-a: %v", other)
+	}
+	objs, err := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{Target: "us-a"})
+	if err != nil || len(objs.Objects) != 1 || objs.Objects[0].Key != k || objs.Objects[0].Size != 5000 {
+		t.Fatalf("list objects: %v %v", objs, err)
+	}
+	if _, err := r.place.Place(ctx, &pb.PlaceRequest{Key: "nothex", Command: "x"}); code(err) != codes.InvalidArgument {
+		t.Fatalf("bad key: %v", err)
+	}
+	// Metrics count decisions by result and reason.
+	resp, err := http.Get("http://" + r.inst.MetricsAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`detour_place_decisions_total{reason="fill",result="inline"} 2`,
+		`detour_place_decisions_total{reason="ready",result="redirect"}`, "detour_place_duration_seconds_bucket", "detour_snapshot_revision"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s in\n%s", want, body)
+		}
+	}
+}
+
+func TestFillClaimGrantedOnceFor20ConcurrentPlaces(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	ctx := context.Background()
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{FillClaimTtl: durationpb.New(5 * time.Second)}}); err != nil {
+		t.Fatal(err)
+	}
+	k := key(2)
+	eventually(t, 2*time.Second, "policy in the snapshot", func() bool {
+		p, err := r.admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+		return err == nil && p.Policy.FillClaimTtl != nil
+	})
+	round := func() int {
+		var mu sync.Mutex
+		grants := 0
+		var wg sync.WaitGroup
+		for i := range 20 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "filedata", AcceptedTargets: []string{"us-a"},
+					AgentRegion: "us", AgentId: fmt.Sprint("agent-", i)})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if resp.Fill != nil {
+					mu.Lock()
+					grants++
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		return grants
+	}
+	if n := round(); n != 1 {
+		t.Fatalf("%d fill grants for 20 concurrent places, want 1", n)
+	}
+	// The agent "dies": after the claim's TTL another agent may fill.
+	eventually(t, 10*time.Second, "a new grant after the claim expires", func() bool {
+		resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "filedata", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
+		return err == nil && resp.Fill != nil
+	})
+}
+
+func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
+	etcd := startEtcd(t)
+	a := startReplica(t, etcd.Endpoint())
+	b := startReplica(t, etcd.Endpoint())
+	ctx := context.Background()
+	if _, err := a.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	eventually(t, time.Second, "replica b sees a's target", func() bool {
+		_, err := b.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
+		return err == nil
+	})
+	t.Logf("replica b saw a's write after %s", time.Since(start))
+	k := key(3)
+	fill(t, b, k, []string{"us-a"}, "us")
+	req := &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"}
+	var fromA *pb.PlaceResponse
+	eventually(t, time.Second, "replica a redirects after b's fill", func() bool {
+		fromA, _ = a.place.Place(ctx, req)
+		return fromA.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
+	})
+	shutdownCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	a.inst.Shutdown(shutdownCtx)
+	c := startReplica(t, etcd.Endpoint())
+	fromC, err := c.place.Place(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fromC.Result != fromA.Result || fromC.Location.Url != fromA.Location.Url || fromC.Target != fromA.Target {
+		t.Fatalf("restarted replica answers %v, before %v", fromC, fromA)
+	}
+}
+
+func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
+	etcd := startEtcd(t)
+	r := startReplica(t, etcd.Endpoint())
+	ctx := context.Background()
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
+		t.Fatal(err)
+	}
+	k := key(4)
+	fill(t, r, k, []string{"us-a"}, "us")
+	eventually(t, 2*time.Second, "object ready", func() bool {
+		resp, _ := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
+		return resp.GetResult() == pb.PlaceResult_PLACE_RESULT_REDIRECT
+	})
+	etcd.Close()
+	pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	resp, err := r.place.Place(pctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
+	if err != nil || resp.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
+		t.Fatalf("place with etcd down: %v %v", resp, err)
+	}
+	// A miss still answers (inline, no fill: the claim cannot be recorded).
+	miss, err := r.place.Place(pctx, &pb.PlaceRequest{Key: key(5), Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
+	if err != nil || miss.Result != pb.PlaceResult_PLACE_RESULT_INLINE || miss.Fill != nil {
+		t.Fatalf("miss with etcd down: %v %v", miss, err)
+	}
+	if _, err := r.admin.ListTargets(ctx, &pb.ListTargetsRequest{}); err != nil {
+		t.Fatalf("read with etcd down: %v", err)
+	}
+	start := time.Now()
+	_, err = r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("eu-a", "eu")})
+	if code(err) != codes.Unavailable {
+		t.Fatalf("write with etcd down: %v", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("write took %s to fail", d)
+	}
+}
+
+func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
+		t.Fatal(err)
+	}
+	stream, err := r.place.WatchTargets(ctx, &pb.WatchTargetsRequest{AgentRegion: "us"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := stream.Recv()
+	if err != nil || len(first.Targets) != 1 || first.Revision == 0 {
+		t.Fatalf("first message: %v %v", first, err)
+	}
+	mirror := target("mirror", "eu")
+	mirror.Heartbeat = true
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: mirror}); err != nil {
+		t.Fatal(err)
+	}
+	next, err := stream.Recv()
+	if err != nil || len(next.Targets) != 2 || next.Revision <= first.Revision {
+		t.Fatalf("after create: %v %v", next, err)
+	}
+	for _, tg := range next.Targets {
+		if tg.Name == "mirror" && tg.Healthy {
+			t.Fatal("heartbeat target healthy before any heartbeat")
+		}
+	}
+	if _, err := r.place.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "mirror", Ttl: durationpb.New(2 * time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	healthy, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tg := range healthy.Targets {
+		if tg.Name == "mirror" && !tg.Healthy {
+			t.Fatal("mirror not healthy after its heartbeat")
+		}
+	}
+	if _, err := r.place.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "us-a"}); code(err) != codes.FailedPrecondition {
+		t.Fatalf("heartbeat of a non-heartbeat target: %v", err)
+	}
+}

@@ -1,0 +1,41 @@
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/detourhq/detour/internal/targets"
+)
+
+// toStatus maps registry errors to gRPC status codes; this is the only place that does.
+func toStatus(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ve *targets.ValidationError
+	switch {
+	case errors.As(err, &ve):
+		return status.Errorf(codes.InvalidArgument, "%s: %s", ve.Field, ve.Msg)
+	case errors.Is(err, targets.ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, targets.ErrExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, targets.ErrConflict), errors.Is(err, targets.ErrClaimNotHeld), errors.Is(err, targets.ErrNotHeartbeat):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, context.Canceled):
+		return status.Error(codes.Canceled, err.Error())
+	}
+	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
+		return status.Errorf(codes.Unavailable, "etcd: %s", s.Message())
+	}
+	// Deadlines and transport failures reaching etcd: the write did not happen.
+	return status.Error(codes.Unavailable, fmt.Sprintf("etcd unreachable: %v", err))
+}
+
+func invalidArg(field, format string, args ...any) error {
+	return status.Errorf(codes.InvalidArgument, "%s: %s", field, fmt.Sprintf(format, args...))
+}

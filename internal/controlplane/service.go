@@ -1,0 +1,159 @@
+// Package controlplane serves Detour's gRPC APIs: PlacementService for agents and AdminService for
+// operators, on top of the etcd registry and its watched snapshot. Placement and every read are
+// answered from the in-memory snapshot, so they keep working while etcd is unreachable; writes go
+// to etcd and fail with Unavailable when it is.
+package controlplane
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/blob"
+	"github.com/detourhq/detour/internal/placement"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+// Config configures a Service. Zero fields take defaults.
+type Config struct {
+	Log *slog.Logger
+	// Signer signs V4 URLs for targets that want them; nil: such targets get no redirects.
+	Signer *blob.Signer
+	// Verifier, if set, checks that a reported object exists with the reported size before it is
+	// marked READY.
+	Verifier ObjectVerifier
+	// WriteTimeout bounds each etcd write an RPC makes (default 5s).
+	WriteTimeout time.Duration
+	// ClaimTimeout bounds the fill-claim write inside Place (default 1s, and never past the caller's
+	// deadline). A failed claim makes the answer INLINE without a fill.
+	ClaimTimeout time.Duration
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// ObjectVerifier reports an object's stored size.
+type ObjectVerifier interface {
+	Size(ctx context.Context, bucket, name string) (int64, error)
+}
+
+// Service implements the PlacementService and AdminService servers.
+type Service struct {
+	pb.UnimplementedPlacementServiceServer
+	pb.UnimplementedAdminServiceServer
+
+	reg     *targets.Registry
+	w       *targets.Watcher
+	cfg     Config
+	metrics *Metrics
+	view    atomic.Pointer[view]
+	// lastWrite is the etcd revision of this replica's latest write; reads wait for the snapshot to
+	// reach it, so an operator reads what they just wrote.
+	lastWrite atomic.Int64
+	logOnce   sync.Map
+	// claimsBrokenUntil (unix ns) skips fill claims after one failed, see grantFill.
+	claimsBrokenUntil atomic.Int64
+}
+
+// view is the placement form of one snapshot, built once per snapshot.
+type view struct {
+	snap    *targets.Snapshot
+	targets map[string]placement.Target
+	policy  placement.Policy
+}
+
+// NewService returns a service over a registry and a running watcher of the same prefix.
+func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.WriteTimeout <= 0 {
+		cfg.WriteTimeout = 5 * time.Second
+	}
+	if cfg.ClaimTimeout <= 0 {
+		cfg.ClaimTimeout = time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w)}
+}
+
+// Metrics returns the service's metrics.
+func (s *Service) Metrics() *Metrics { return s.metrics }
+
+func (s *Service) viewOf(snap *targets.Snapshot) *view {
+	if v := s.view.Load(); v != nil && v.snap == snap {
+		return v
+	}
+	v := &view{snap: snap, targets: make(map[string]placement.Target, len(snap.Targets()))}
+	for _, t := range snap.Targets() {
+		v.targets[t.Name] = placement.Target{Name: t.Name, Region: t.Region, Weight: t.Weight,
+			State: stateOf(t.State), Healthy: t.Healthy}
+	}
+	p := snap.Policy()
+	v.policy = placement.Policy{MinRedirectBytes: p.MinRedirectBytes, RegionPreference: p.RegionPreference}
+	s.view.Store(v)
+	return v
+}
+
+func stateOf(s pb.TargetState) placement.State {
+	switch s {
+	case pb.TargetState_TARGET_STATE_DRAINING:
+		return placement.Draining
+	case pb.TargetState_TARGET_STATE_DISABLED:
+		return placement.Disabled
+	}
+	return placement.Active
+}
+
+// writeCtx bounds an etcd write.
+func (s *Service) writeCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, s.cfg.WriteTimeout)
+}
+
+func (s *Service) wrote(rev int64) {
+	for {
+		cur := s.lastWrite.Load()
+		if rev <= cur || s.lastWrite.CompareAndSwap(cur, rev) {
+			return
+		}
+	}
+}
+
+// readSnapshot returns a snapshot that includes this replica's writes, waiting up to a second for
+// the watch to deliver them; past that (etcd down) it answers from what it has.
+func (s *Service) readSnapshot(ctx context.Context) *targets.Snapshot {
+	want := s.lastWrite.Load()
+	deadline := time.After(time.Second)
+	for {
+		snap := s.w.Snapshot()
+		if snap.Revision >= want {
+			return snap
+		}
+		select {
+		case <-snap.Superseded():
+		case <-deadline:
+			return snap
+		case <-ctx.Done():
+			return snap
+		}
+	}
+}
+
+// warnOnce logs a problem the first time it happens for a cause, so a persistent fault makes one
+// line, not one per request.
+func (s *Service) warnOnce(cause, msg string, args ...any) {
+	if _, loaded := s.logOnce.LoadOrStore(cause, true); !loaded {
+		s.cfg.Log.Warn(msg, args...)
+	}
+}
+
+func policyDuration(d interface{ AsDuration() time.Duration }, def time.Duration) time.Duration {
+	if v := d.AsDuration(); v > 0 {
+		return v
+	}
+	return def
+}
