@@ -11,12 +11,15 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"io"
+	"net/http"
 	"net/url"
 	"os"
 	"strings"
 	"time"
 
 	"cloud.google.com/go/storage"
+	"google.golang.org/api/googleapi"
 	"google.golang.org/api/option"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
@@ -105,13 +108,18 @@ func (u *Upload) Commit() (Result, error) {
 		_ = u.w.Close()
 		return Result{}, u.err
 	}
+	res := Result{Size: u.n, SHA256: u.s256.Sum(nil), SHA1: u.s1.Sum(nil)}
 	if err := u.w.Close(); err != nil {
+		var gerr *googleapi.Error
+		if errors.As(err, &gerr) && gerr.Code == http.StatusPreconditionFailed {
+			return res, fmt.Errorf("commit upload %s: %w", u.w.Name, ErrExists)
+		}
 		return Result{}, fmt.Errorf("commit upload %s: %w", u.w.Name, err)
 	}
 	if attrs := u.w.Attrs(); attrs != nil && uint64(attrs.Size) != u.n {
 		return Result{}, fmt.Errorf("commit upload %s: store reports %d bytes, %d written", u.w.Name, attrs.Size, u.n)
 	}
-	return Result{Size: u.n, SHA256: u.s256.Sum(nil), SHA1: u.s1.Sum(nil)}, nil
+	return res, nil
 }
 
 // Abort cancels the upload.
@@ -122,6 +130,28 @@ func (u *Upload) Abort() {
 
 // ErrNotFound means the object does not exist.
 var ErrNotFound = errors.New("object not found")
+
+// ErrExists means an upload found the object already there (an earlier fill committed it); the
+// Result returned with it describes the bytes this upload carried.
+var ErrExists = errors.New("object already exists")
+
+// Hash reads an existing object and returns its size and hashes.
+func (s *Store) Hash(ctx context.Context, bucket, name string) (Result, error) {
+	rd, err := s.client.Bucket(bucket).Object(name).NewReader(ctx)
+	if errors.Is(err, storage.ErrObjectNotExist) {
+		return Result{}, fmt.Errorf("%s/%s: %w", bucket, name, ErrNotFound)
+	}
+	if err != nil {
+		return Result{}, err
+	}
+	defer rd.Close()
+	s256, s1 := sha256.New(), sha1.New()
+	n, err := io.Copy(io.MultiWriter(s256, s1), rd)
+	if err != nil {
+		return Result{}, fmt.Errorf("read %s/%s: %w", bucket, name, err)
+	}
+	return Result{Size: uint64(n), SHA256: s256.Sum(nil), SHA1: s1.Sum(nil)}, nil
+}
 
 // Size returns an existing object's size.
 func (s *Store) Size(ctx context.Context, bucket, name string) (int64, error) {

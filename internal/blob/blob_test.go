@@ -66,8 +66,11 @@ func TestUploadHashesAndCommits(t *testing.T) {
 	// A second fill of the same name does not replace it.
 	u2 := st.Create(ctx, "objects", "hg/abc", "application/mercurial-cbor")
 	u2.Write([]byte("other"))
-	if _, err := u2.Commit(); err == nil {
-		t.Fatal("overwrite of an existing object succeeded")
+	if _, err := u2.Commit(); !errors.Is(err, ErrExists) {
+		t.Fatalf("overwrite of an existing object: %v", err)
+	}
+	if h, err := st.Hash(ctx, "objects", "hg/abc"); err != nil || !bytes.Equal(h.SHA256, s256[:]) || h.Size != uint64(len(data)) {
+		t.Fatalf("hash of the stored object: %v", err)
 	}
 	if n, err := st.Size(ctx, "objects", "hg/abc"); err != nil || n != int64(len(data)) {
 		t.Fatalf("size %d, %v", n, err)

@@ -219,9 +219,10 @@ func NewResponseAssembler(requestID uint16) *ResponseAssembler {
 const maxStatusBytes = 1 << 20
 
 // Add consumes one frame. It returns object bytes the frame carried (valid until the frame's
-// buffer is reused). Frames of other requests are ignored.
+// buffer is reused). Frames of other requests are ignored, except error responses: a server that
+// could not parse a request may not know its id.
 func (a *ResponseAssembler) Add(f Frame) ([]byte, error) {
-	if f.RequestID != a.RequestID && f.Type != TypeStreamSettings {
+	if f.RequestID != a.RequestID && f.Type != TypeStreamSettings && f.Type != TypeErrorResponse {
 		return nil, nil
 	}
 	if a.done {

@@ -1,0 +1,221 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/status"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/wire"
+)
+
+// serveCommand handles POST .../api/exp-http-v2-0003/ro/<name>.
+func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string) {
+	if r.Header.Get("Content-Type") != wire.MediaTypeFraming {
+		// Not a framed request: the origin answers it (415), exactly as without Detour.
+		a.metrics.requests.WithLabelValues("passthrough").Inc()
+		a.proxy.ServeHTTP(w, r)
+		return
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, a.cfg.MaxRequestBytes+1))
+	if err != nil {
+		http.Error(w, "cannot read request body", http.StatusBadRequest)
+		return
+	}
+	if int64(len(body)) > a.cfg.MaxRequestBytes {
+		a.metrics.requests.WithLabelValues("protocol_error").Inc()
+		a.protocolError(w, 0, fmt.Sprintf("request exceeds %d bytes", a.cfg.MaxRequestBytes))
+		return
+	}
+	rs, err := wire.ReadRequest(bytes.NewReader(body), wire.ReaderOptions{MaxTotal: a.cfg.MaxRequestBytes})
+	if err != nil {
+		a.metrics.requests.WithLabelValues("protocol_error").Inc()
+		a.log.Debug("malformed command request", "command", name, "remote", r.RemoteAddr, "err", err)
+		a.protocolError(w, firstRequestID(body), "malformed request: "+err.Error())
+		return
+	}
+	if len(rs.Commands) != 1 || rs.Commands[0].Name != name {
+		a.passthrough(w, r, body, "passthrough")
+		return
+	}
+	cmd := rs.Commands[0]
+	switch {
+	case name == "capabilities":
+		a.metrics.requests.WithLabelValues("capabilities").Inc()
+		a.serveCapabilitiesCommand(w, r, cmd)
+		return
+	case !a.cacheable[name], cmd.Redirect == nil, len(cmd.Redirect.Targets) == 0, a.cfg.Placement == nil:
+		a.passthrough(w, r, body, "passthrough")
+		return
+	}
+	key, err := ContentKey(a.cfg.RepoID, cmd)
+	if err != nil {
+		a.passthrough(w, r, body, "inline")
+		return
+	}
+	d := a.place(r.Context(), key, cmd)
+	switch {
+	case d == nil:
+		a.passthrough(w, r, body, "inline")
+	case d.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT && d.Location != nil:
+		a.metrics.requests.WithLabelValues("redirect").Inc()
+		a.writeRedirect(w, cmd, d.Location)
+	case d.Fill != nil && a.cfg.Store != nil:
+		a.serveInlineWithFill(w, r, cmd, key, d.Fill)
+	default:
+		if d.Fill != nil {
+			a.abortFill(key, d.Fill.Token, "agent has no store")
+		}
+		a.passthrough(w, r, body, "inline")
+	}
+}
+
+// firstRequestID reads the request id of the first frame, for answering a malformed request.
+func firstRequestID(body []byte) uint16 {
+	if h, err := wire.ParseHeader(body); err == nil {
+		return h.RequestID
+	}
+	return 0
+}
+
+func (a *Agent) protocolError(w http.ResponseWriter, requestID uint16, msg string) {
+	w.Header().Set("Content-Type", wire.MediaTypeFraming)
+	w.WriteHeader(http.StatusOK)
+	_ = wire.NewResponseWriter(w, wire.DefaultMaxPayload).WriteErrorFrame(requestID, "protocol", msg)
+}
+
+func (a *Agent) originFailed(w http.ResponseWriter, cmd *wire.CommandRequest, err error) {
+	a.warnOnce("origin", "origin unreachable", "origin", a.cfg.Origin.String(), "err", err)
+	w.Header().Set("Content-Type", wire.MediaTypeFraming)
+	w.WriteHeader(http.StatusOK)
+	_ = wire.NewResponseWriter(w, wire.DefaultMaxPayload).WriteErrorFrame(cmd.RequestID, "server", "origin unreachable")
+}
+
+// passthrough sends the client's request bytes to the origin and its answer back, unchanged.
+func (a *Agent) passthrough(w http.ResponseWriter, r *http.Request, body []byte, outcome string) {
+	a.metrics.requests.WithLabelValues(outcome).Inc()
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.ContentLength = int64(len(body))
+	a.proxy.ServeHTTP(w, r)
+}
+
+func (a *Agent) originURL(r *http.Request) string {
+	u := *a.cfg.Origin
+	u.Path = joinPath(u.Path, r.URL.Path)
+	u.RawPath = ""
+	u.RawQuery = r.URL.RawQuery
+	return u.String()
+}
+
+func joinPath(base, p string) string {
+	switch {
+	case base == "" || base == "/":
+		return p
+	case base[len(base)-1] == '/' && len(p) > 0 && p[0] == '/':
+		return base + p[1:]
+	}
+	return base + p
+}
+
+// forwardCommand sends cmd to the origin re-encoded with identity as the only content encoding, so
+// that the agent can read the response it relays.
+func (a *Agent) forwardCommand(r *http.Request, cmd *wire.CommandRequest) (*http.Response, error) {
+	var buf bytes.Buffer
+	rw := wire.NewRequestWriter(&buf)
+	if err := rw.WriteSettings(wire.EncodingIdentity); err != nil {
+		return nil, err
+	}
+	if err := rw.WriteCommand(cmd); err != nil {
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(r.Context(), http.MethodPost, a.originURL(r), &buf)
+	if err != nil {
+		return nil, err
+	}
+	req.Header = r.Header.Clone()
+	req.Header.Del("Content-Length")
+	req.ContentLength = int64(buf.Len())
+	return a.client.Do(req)
+}
+
+func (a *Agent) writeRedirect(w http.ResponseWriter, cmd *wire.CommandRequest, l *pb.Location) {
+	size := l.Size
+	loc := &wire.Location{URL: l.Url, MediaType: l.MediaType, Size: &size}
+	for _, h := range cmd.Redirect.Hashes {
+		switch h {
+		case "sha256":
+			loc.FullHashes = append(loc.FullHashes, []string{h, string(l.Sha256)})
+		case "sha1":
+			loc.FullHashes = append(loc.FullHashes, []string{h, string(l.Sha1)})
+		}
+	}
+	w.Header().Set("Content-Type", wire.MediaTypeFraming)
+	w.WriteHeader(http.StatusOK)
+	_ = wire.NewResponseWriter(w, wire.DefaultMaxPayload).WriteRedirect(cmd.RequestID, loc)
+}
+
+// place asks the control plane, within the place timeout. nil means "answer inline": the control
+// plane failed, or recently failed and is being given time (see breaker).
+func (a *Agent) place(ctx context.Context, key string, cmd *wire.CommandRequest) *pb.PlaceResponse {
+	now := time.Now()
+	if !a.breaker.allow(now) {
+		a.metrics.placeFailures.WithLabelValues("backoff").Inc()
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, a.cfg.PlaceTimeout)
+	defer cancel()
+	resp, err := a.cfg.Placement.Place(ctx, &pb.PlaceRequest{Key: key, Command: cmd.Name,
+		AcceptedTargets: cmd.Redirect.Targets, Hashes: cmd.Redirect.Hashes, AgentRegion: a.cfg.Region, AgentId: a.cfg.AgentID})
+	a.metrics.placeLatency.Observe(time.Since(now).Seconds())
+	if err != nil {
+		cause := status.Code(err).String()
+		a.metrics.placeFailures.WithLabelValues(cause).Inc()
+		a.breaker.failed(time.Now())
+		a.warnOnce("place", "control plane did not answer; serving inline and backing off", "cause", cause, "err", err)
+		return nil
+	}
+	a.breaker.succeeded()
+	a.recovered("place", "control plane answering again")
+	return resp
+}
+
+// breaker spaces out calls to a failing control plane: after a failure, requests skip Place for a
+// backoff that doubles up to a limit, then one call probes again.
+type breaker struct {
+	mu      sync.Mutex
+	until   time.Time
+	backoff time.Duration
+}
+
+func (b *breaker) allow(now time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return !now.Before(b.until)
+}
+
+func (b *breaker) failed(now time.Time) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.backoff == 0:
+		b.backoff = 100 * time.Millisecond
+	case b.backoff < 5*time.Second:
+		b.backoff *= 2
+	}
+	b.until = now.Add(b.backoff)
+}
+
+func (b *breaker) succeeded() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.backoff, b.until = 0, time.Time{}
+}
+
+var errClientGone = errors.New("client went away")

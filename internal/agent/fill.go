@@ -1,0 +1,214 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/blob"
+	"github.com/detourhq/detour/internal/wire"
+)
+
+var errFillBehind = errors.New("store fell too far behind the client")
+
+// serveInlineWithFill streams the origin's response to the client frame by frame and, beside it,
+// the response's CBOR objects into the granted target. The client never waits on the store.
+func (a *Agent) serveInlineWithFill(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, key string, grant *pb.FillGrant) {
+	a.metrics.requests.WithLabelValues("inline_fill").Inc()
+	resp, err := a.forwardCommand(r, cmd)
+	if err != nil {
+		a.abortFill(key, grant.Token, "origin unreachable")
+		a.originFailed(w, cmd, err)
+		return
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		a.abortFill(key, grant.Token, fmt.Sprintf("origin answered HTTP %d", resp.StatusCode))
+		copyResponse(w, resp)
+		return
+	}
+	for k, vs := range resp.Header {
+		if k != "Content-Length" {
+			w.Header()[k] = vs
+		}
+	}
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+
+	f := a.startFill(key, grant)
+	fr := wire.NewReader(resp.Body, wire.ReaderOptions{Side: wire.ClientSide, MaxPayload: wire.MaxPayloadLimit, MaxTotal: -1})
+	asm := wire.NewResponseAssembler(cmd.RequestID)
+	var relayErr error
+	for {
+		frame, err := fr.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			relayErr = fmt.Errorf("origin response: %w", err)
+			break
+		}
+		if _, err := w.Write(fr.Raw()); err != nil {
+			relayErr = errClientGone
+			break
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+		data, err := asm.Add(frame)
+		if err != nil {
+			f.fail(fmt.Errorf("origin response: %w", err))
+			continue
+		}
+		if len(data) > 0 {
+			f.offer(data)
+		}
+	}
+	a.metrics.inlineBytes.Add(float64(asm.ObjectBytes()))
+	switch {
+	case relayErr != nil:
+		f.fail(relayErr)
+	case !asm.Done():
+		f.fail(errors.New("origin response ended without end-of-stream"))
+	case asm.Status() == nil || asm.Status().Status != wire.StatusOK:
+		f.fail(errors.New("origin answered with a non-ok status"))
+	case asm.ObjectBytes() == 0:
+		f.fail(errors.New("response has no objects"))
+	}
+	f.finish()
+}
+
+// filler copies object bytes to an upload on its own goroutine, through a bounded queue.
+type filler struct {
+	a      *Agent
+	key    string
+	grant  *pb.FillGrant
+	up     *blob.Upload
+	ch     chan []byte
+	queued atomic.Int64
+	done   chan struct{}
+	mu     sync.Mutex
+	err    error
+}
+
+func (a *Agent) startFill(key string, grant *pb.FillGrant) *filler {
+	f := &filler{a: a, key: key, grant: grant, ch: make(chan []byte, 4096), done: make(chan struct{}),
+		up: a.cfg.Store.Create(a.fillCtx, grant.Bucket, grant.ObjectName, wire.MediaTypeCBOR)}
+	go func() {
+		defer close(f.done)
+		for b := range f.ch {
+			if f.failed() == nil {
+				if _, err := f.up.Write(b); err != nil {
+					f.fail(fmt.Errorf("upload: %w", err))
+				}
+			}
+			f.queued.Add(-int64(len(b)))
+		}
+	}()
+	return f
+}
+
+func (f *filler) failed() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.err
+}
+
+func (f *filler) fail(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err == nil {
+		f.err = err
+	}
+}
+
+// offer queues a copy of p for the upload, or fails the fill if the store is too far behind.
+func (f *filler) offer(p []byte) {
+	if f.failed() != nil {
+		return
+	}
+	if f.queued.Load()+int64(len(p)) > f.a.cfg.FillQueueBytes {
+		f.fail(errFillBehind)
+		return
+	}
+	f.queued.Add(int64(len(p)))
+	select {
+	case f.ch <- bytes.Clone(p):
+	default:
+		f.queued.Add(-int64(len(p)))
+		f.fail(errFillBehind)
+	}
+}
+
+// finish commits and reports the fill, or aborts it, in the background: the client's response is
+// already complete.
+func (f *filler) finish() {
+	close(f.ch)
+	a := f.a
+	a.fills.Add(1)
+	go func() {
+		defer a.fills.Done()
+		<-f.done
+		if err := f.failed(); err != nil {
+			f.up.Abort()
+			a.metrics.fills.WithLabelValues("aborted").Inc()
+			a.log.Info("fill aborted", "key", f.key, "target", f.grant.Target, "err", err)
+			a.abortFill(f.key, f.grant.Token, err.Error())
+			return
+		}
+		res, err := f.up.Commit()
+		if errors.Is(err, blob.ErrExists) {
+			// An earlier fill stored the object but did not report it (it died, or its report
+			// failed). Equal keys mean equal bytes; check that, then report what is there.
+			err = f.adoptExisting(res)
+		}
+		if err != nil {
+			a.metrics.fills.WithLabelValues("upload_failed").Inc()
+			a.warnOnce("upload:"+f.grant.Target, "uploads to target failing; fills aborted", "target", f.grant.Target, "err", err)
+			a.abortFill(f.key, f.grant.Token, "upload failed: "+err.Error())
+			return
+		}
+		ctx, cancel := context.WithTimeout(a.fillCtx, 10*time.Second)
+		defer cancel()
+		_, err = a.cfg.Placement.ReportFill(ctx, &pb.ReportFillRequest{Key: f.key, Target: f.grant.Target, Token: f.grant.Token,
+			Size: res.Size, MediaType: wire.MediaTypeCBOR, Sha256: res.SHA256, Sha1: res.SHA1, ObjectName: f.grant.ObjectName})
+		if err != nil {
+			a.metrics.fills.WithLabelValues("report_failed").Inc()
+			a.log.Warn("fill uploaded but not reported", "key", f.key, "target", f.grant.Target, "err", err)
+			return
+		}
+		a.metrics.fills.WithLabelValues("ready").Inc()
+		a.log.Debug("fill reported", "key", f.key, "target", f.grant.Target, "size", res.Size)
+	}()
+}
+
+func (a *Agent) abortFill(key, token, reason string) {
+	ctx, cancel := context.WithTimeout(a.fillCtx, 2*time.Second)
+	defer cancel()
+	if _, err := a.cfg.Placement.AbortFill(ctx, &pb.AbortFillRequest{Key: key, Token: token, Reason: reason}); err != nil {
+		// The claim's lease expires by itself.
+		a.log.Debug("abort fill not recorded", "key", key, "err", err)
+	}
+}
+
+// adoptExisting verifies that the object already in the store holds exactly the bytes this fill
+// carried.
+func (f *filler) adoptExisting(ours blob.Result) error {
+	ctx, cancel := context.WithTimeout(f.a.fillCtx, time.Minute)
+	defer cancel()
+	there, err := f.a.cfg.Store.Hash(ctx, f.grant.Bucket, f.grant.ObjectName)
+	if err != nil {
+		return fmt.Errorf("object exists and cannot be read back: %w", err)
+	}
+	if there.Size != ours.Size || !bytes.Equal(there.SHA256, ours.SHA256) {
+		return fmt.Errorf("object exists with different content (%d bytes, want %d)", there.Size, ours.Size)
+	}
+	return nil
+}

@@ -1,0 +1,34 @@
+package agent
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the agent's Prometheus metrics, on their own registry.
+type Metrics struct {
+	Registry        *prometheus.Registry
+	requests        *prometheus.CounterVec
+	placeFailures   *prometheus.CounterVec
+	placeLatency    prometheus.Histogram
+	fills           *prometheus.CounterVec
+	inlineBytes     prometheus.Counter
+	targetsRevision prometheus.Gauge
+}
+
+func newMetrics() *Metrics {
+	m := &Metrics{
+		Registry: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_requests_total",
+			Help: "Requests by outcome: redirect, inline, inline_fill, passthrough, capabilities, protocol_error."}, []string{"outcome"}),
+		placeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_place_failures_total",
+			Help: "Place calls that failed (by gRPC code) or were skipped while backing off."}, []string{"cause"}),
+		placeLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "detour_agent_place_duration_seconds",
+			Help: "Place round trips.", Buckets: prometheus.ExponentialBuckets(50e-6, 2, 12)}),
+		fills: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_fills_total",
+			Help: "Fills by outcome: ready, aborted, upload_failed, report_failed."}, []string{"outcome"}),
+		inlineBytes: prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_agent_filled_inline_bytes_total",
+			Help: "Object bytes relayed inline while filling."}),
+		targetsRevision: prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_agent_targets_revision",
+			Help: "Revision of the target set the agent advertises."}),
+	}
+	m.Registry.MustRegister(m.requests, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision)
+	return m
+}

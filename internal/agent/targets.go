@@ -1,0 +1,88 @@
+package agent
+
+import (
+	"context"
+	"sort"
+	"time"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/wire"
+)
+
+// Run follows the control plane's target set until ctx ends, reconnecting with backoff, and keeps
+// the redirect section the agent advertises. Without a control plane it returns at once.
+func (a *Agent) Run(ctx context.Context) {
+	if a.cfg.Placement == nil {
+		return
+	}
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		stream, err := a.cfg.Placement.WatchTargets(ctx, &pb.WatchTargetsRequest{AgentRegion: a.cfg.Region})
+		if err == nil {
+			for {
+				msg, rerr := stream.Recv()
+				if rerr != nil {
+					err = rerr
+					break
+				}
+				a.section.Store(advertised(msg, a.cfg.Region))
+				a.metrics.targetsRevision.Set(float64(msg.Revision))
+				a.recovered("watch", "target watch restored")
+				backoff = 100 * time.Millisecond
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		// The last known target set stays advertised: stale targets are safer than none, since
+		// clients with no targets simply fetch inline and Place refuses unknown targets anyway.
+		a.warnOnce("watch", "target watch failed; retrying", "err", err, "retry_in", backoff)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return
+		}
+		backoff = min(backoff*2, 10*time.Second)
+	}
+}
+
+// advertised builds the redirect section: active, healthy targets in the order placement prefers
+// for region (own region, then the policy's preference, then the rest; heavier first).
+func advertised(msg *pb.WatchTargetsResponse, region string) *wire.RedirectSection {
+	pref := map[string]int{region: -1}
+	for i, r := range msg.RegionPreference {
+		if _, ok := pref[r]; !ok {
+			pref[r] = i
+		}
+	}
+	rank := func(t *pb.Target) int {
+		if p, ok := pref[t.Region]; ok {
+			return p
+		}
+		return len(msg.RegionPreference)
+	}
+	var live []*pb.Target
+	for _, t := range msg.Targets {
+		if t.State == pb.TargetState_TARGET_STATE_ACTIVE && t.Healthy {
+			live = append(live, t)
+		}
+	}
+	sort.SliceStable(live, func(i, j int) bool {
+		if ri, rj := rank(live[i]), rank(live[j]); ri != rj {
+			return ri < rj
+		}
+		if live[i].Weight != live[j].Weight {
+			return live[i].Weight > live[j].Weight
+		}
+		return live[i].Name < live[j].Name
+	})
+	s := &wire.RedirectSection{Hashes: wire.DefaultHashes}
+	for _, t := range live {
+		s.Targets = append(s.Targets, wire.RedirectTarget{Name: t.Name, Protocol: t.Protocol, URIs: t.Uris,
+			SNIRequired: t.SniRequired, TLSVersions: t.TlsVersions})
+	}
+	return s
+}
+
+// Section is the redirect section currently advertised (nil before the first target set).
+func (a *Agent) Section() *wire.RedirectSection { return a.section.Load() }

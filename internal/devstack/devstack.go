@@ -1,0 +1,212 @@
+// Package devstack starts the whole of Detour in one process on embedded defaults: a control plane
+// on an embedded etcd, an in-process GCS-compatible store, the demo origin and an agent, with one
+// target registered. `make run` and the end-to-end tests use it.
+package devstack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"time"
+
+	"google.golang.org/grpc"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/agent"
+	"github.com/detourhq/detour/internal/blob"
+	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/demoorigin"
+	"github.com/detourhq/detour/internal/gcsemu"
+)
+
+// Options say where things listen. Empty addresses pick free loopback ports.
+type Options struct {
+	DataDir      string
+	ControlPlane string // gRPC address
+	CPMetrics    string
+	Agent        string // HTTP address
+	Origin       string
+	GCSPort      int
+	Region       string // default "local"
+	Bucket       string // default "detour-demo"
+	TargetName   string // default "local-gcs"
+	ObjectSize   int    // demo origin's default response size (default 1 MiB)
+	MinRedirect  uint64 // policy min_redirect_bytes
+	PlaceTimeout time.Duration
+	Log          *slog.Logger
+}
+
+// Stack is a running system.
+type Stack struct {
+	CP        *controlplane.Instance
+	GCS       *gcsemu.Server
+	Origin    *demoorigin.Origin
+	Agent     *agent.Agent
+	Store     *blob.Store
+	OriginURL string
+	AgentURL  string
+	Conn      *grpc.ClientConn
+	Admin     pb.AdminServiceClient
+	opts      Options
+
+	originSrv, agentSrv *http.Server
+	cancel              context.CancelFunc
+	done                chan struct{}
+}
+
+func listen(addr string) (net.Listener, error) {
+	if addr == "" {
+		addr = "127.0.0.1:0"
+	}
+	return net.Listen("tcp", addr)
+}
+
+// Start brings the system up and registers the target.
+func Start(ctx context.Context, o Options) (s *Stack, err error) {
+	if o.Region == "" {
+		o.Region = "local"
+	}
+	if o.Bucket == "" {
+		o.Bucket = "detour-demo"
+	}
+	if o.TargetName == "" {
+		o.TargetName = "local-gcs"
+	}
+	if o.ObjectSize == 0 {
+		o.ObjectSize = 1 << 20
+	}
+	if o.ControlPlane == "" {
+		o.ControlPlane = "127.0.0.1:0"
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	s = &Stack{opts: o, done: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			s.Close(context.Background())
+		}
+	}()
+	if s.GCS, err = gcsemu.Start(o.GCSPort); err != nil {
+		return nil, err
+	}
+	s.GCS.CreateBucket(o.Bucket)
+	if s.CP, err = controlplane.Start(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
+		DataDir: o.DataDir, Region: o.Region, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane")}); err != nil {
+		return nil, err
+	}
+	if s.Conn, err = agent.DialControlPlane([]string{s.CP.Addr()}); err != nil {
+		return nil, err
+	}
+	s.Admin = pb.NewAdminServiceClient(s.Conn)
+	if err := s.register(ctx); err != nil {
+		return nil, err
+	}
+
+	s.Origin = demoorigin.New(o.ObjectSize)
+	ol, err := listen(o.Origin)
+	if err != nil {
+		return nil, fmt.Errorf("origin listener: %w", err)
+	}
+	s.OriginURL = "http://" + ol.Addr().String() + "/"
+	s.originSrv = &http.Server{Handler: s.Origin, ReadHeaderTimeout: 10 * time.Second}
+	go s.originSrv.Serve(ol)
+
+	if s.Store, err = blob.NewStore(ctx, blob.Options{Endpoint: s.GCS.Endpoint()}); err != nil {
+		return nil, err
+	}
+	originURL, _ := url.Parse(s.OriginURL)
+	if s.Agent, err = agent.New(agent.Config{Origin: originURL, Region: o.Region, AgentID: "devstack-agent",
+		PlaceTimeout: o.PlaceTimeout, Placement: pb.NewPlacementServiceClient(s.Conn), Store: s.Store,
+		Log: o.Log.With("component", "agent")}); err != nil {
+		return nil, err
+	}
+	al, err := listen(o.Agent)
+	if err != nil {
+		return nil, fmt.Errorf("agent listener: %w", err)
+	}
+	s.AgentURL = "http://" + al.Addr().String() + "/"
+	s.agentSrv = &http.Server{Handler: s.Agent, ReadHeaderTimeout: 10 * time.Second}
+	go s.agentSrv.Serve(al)
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s.cancel = cancel
+	go func() { s.Agent.Run(runCtx); close(s.done) }()
+	// Ready when the agent advertises the target.
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Agent.Section() == nil || len(s.Agent.Section().Targets) == 0 {
+		if time.Now().After(deadline) {
+			return nil, errors.New("agent did not receive the target set within 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return s, nil
+}
+
+// Target is the registration the stack makes.
+func (s *Stack) Target() *pb.Target {
+	return &pb.Target{Name: s.opts.TargetName, Protocol: "http", Uris: []string{s.GCS.PublicURL(s.opts.Bucket)},
+		Region: s.opts.Region, Weight: 1, Store: &pb.GcsStore{Bucket: s.opts.Bucket, Prefix: "objects/"},
+		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: s.GCS.PublicURL(s.opts.Bucket)}}}
+}
+
+func (s *Stack) register(ctx context.Context) error {
+	t := s.Target()
+	_, err := s.Admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: t})
+	if err != nil {
+		// A persistent data dir keeps the registration of the last run; bring its URLs up to date.
+		got, gerr := s.Admin.GetTarget(ctx, &pb.GetTargetRequest{Name: t.Name})
+		if gerr != nil {
+			return fmt.Errorf("register target: %w", err)
+		}
+		t.Revision = got.Target.Revision
+		if _, err := s.Admin.UpdateTarget(ctx, &pb.UpdateTargetRequest{Target: t}); err != nil {
+			return fmt.Errorf("update target: %w", err)
+		}
+	}
+	if s.opts.MinRedirect > 0 {
+		cur, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+		if err != nil {
+			return err
+		}
+		p := cur.Policy
+		p.MinRedirectBytes = s.opts.MinRedirect
+		if _, err := s.Admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: p}); err != nil {
+			return fmt.Errorf("set policy: %w", err)
+		}
+	}
+	return nil
+}
+
+// Close stops everything: the agent's server (letting responses finish), its fills, the origin,
+// the control plane and the store.
+func (s *Stack) Close(ctx context.Context) {
+	if s.agentSrv != nil {
+		s.agentSrv.Shutdown(ctx)
+	}
+	if s.Agent != nil {
+		s.Agent.Shutdown(ctx)
+	}
+	if s.cancel != nil {
+		s.cancel()
+		<-s.done
+	}
+	if s.originSrv != nil {
+		s.originSrv.Shutdown(ctx)
+	}
+	if s.Conn != nil {
+		s.Conn.Close()
+	}
+	if s.CP != nil {
+		s.CP.Shutdown(ctx)
+	}
+	if s.Store != nil {
+		s.Store.Close()
+	}
+	if s.GCS != nil {
+		s.GCS.Stop()
+	}
+}

@@ -1,0 +1,218 @@
+// Package hgclient is a small wire-protocol-v2 client over HTTP that behaves like a
+// redirect-capable Mercurial client: it reads the capabilities handshake, sends commands with the
+// targets it accepts, follows redirects and checks what it fetched against the location's size and
+// hashes. Tests and `detourctl probe` use it.
+package hgclient
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha1"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/detourhq/detour/internal/wire"
+)
+
+// Client talks to one repository URL.
+type Client struct {
+	Base string // repository URL, e.g. http://127.0.0.1:8080/
+	HTTP *http.Client
+}
+
+// Handshake is the decoded v1 capabilities handshake.
+type Handshake struct {
+	APIBase  string
+	Redirect *wire.RedirectSection // nil when the server advertises none
+	Raw      []byte
+}
+
+func (c *Client) http() *http.Client {
+	if c.HTTP != nil {
+		return c.HTTP
+	}
+	return http.DefaultClient
+}
+
+func (c *Client) url(p string) string { return strings.TrimSuffix(c.Base, "/") + "/" + p }
+
+// Capabilities performs the v2 upgrade handshake.
+func (c *Client) Capabilities(ctx context.Context) (*Handshake, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("?cmd=capabilities"), nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("X-HgUpgrade-1", wire.APIVersion)
+	req.Header.Set("X-HgProto-1", "cbor")
+	resp, err := c.http().Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != wire.MediaTypeCBOR {
+		return nil, fmt.Errorf("capabilities: HTTP %d %s: the server does not speak protocol v2", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	var hs struct {
+		APIBase string                     `cbor:"apibase"`
+		APIs    map[string]wire.RawMessage `cbor:"apis"`
+	}
+	if err := wire.Unmarshal(body, &hs); err != nil {
+		return nil, fmt.Errorf("capabilities: %w", err)
+	}
+	v2, ok := hs.APIs[wire.APIVersion]
+	if !ok {
+		return nil, fmt.Errorf("capabilities: no %s API", wire.APIVersion)
+	}
+	section, err := wire.ReadRedirect(v2)
+	if err != nil {
+		return nil, err
+	}
+	return &Handshake{APIBase: hs.APIBase, Redirect: section, Raw: body}, nil
+}
+
+// Accepted returns the targets a client with support for the given protocols accepts, in the
+// server's order (as Mercurial's client filters them).
+func Accepted(s *wire.RedirectSection, protocols ...string) []string {
+	if s == nil {
+		return nil
+	}
+	var out []string
+	for _, t := range s.Targets {
+		for _, p := range protocols {
+			if t.Protocol == p {
+				out = append(out, t.Name)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// Result is what one command produced.
+type Result struct {
+	Status     *wire.Status
+	Redirected bool
+	Objects    []byte        // the command's CBOR objects (inline, or fetched from the location)
+	Elapsed    time.Duration // the whole exchange, including any fetch
+	Fetch      time.Duration // the location fetch alone
+	Verified   []string      // hash algorithms checked against the fetched bytes
+}
+
+// ErrVerify means fetched bytes did not match the location's size or hashes.
+var ErrVerify = errors.New("fetched object does not match the location")
+
+// Command sends one command. redirect nil means the client does not support redirects.
+func (c *Client) Command(ctx context.Context, name string, args map[string]any, redirect *wire.RedirectRequest) (*Result, error) {
+	start := time.Now()
+	var buf bytes.Buffer
+	rw := wire.NewRequestWriter(&buf)
+	if err := rw.WriteSettings(wire.EncodingIdentity); err != nil {
+		return nil, err
+	}
+	if err := rw.WriteCommand(&wire.CommandRequest{RequestID: 1, Name: name, Args: args, Redirect: redirect}); err != nil {
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url("api/"+wire.APIVersion+"/ro/"+name), &buf)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", wire.MediaTypeFraming)
+	req.Header.Set("Accept", wire.MediaTypeFraming)
+	resp, err := c.http().Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return nil, fmt.Errorf("%s: HTTP %d: %s", name, resp.StatusCode, bytes.TrimSpace(b))
+	}
+	r, err := wire.ReadResponse(resp.Body, 1, wire.ReaderOptions{MaxPayload: wire.MaxPayloadLimit})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	res := &Result{Status: r.Status()}
+	switch r.Status().Status {
+	case wire.StatusOK:
+		if res.Objects, err = io.ReadAll(r); err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+	case wire.StatusRedirect:
+		if redirect == nil {
+			return nil, fmt.Errorf("%s: server redirected a client that sent no redirect map", name)
+		}
+		res.Redirected = true
+		fetchStart := time.Now()
+		if res.Objects, res.Verified, err = c.fetch(ctx, r.Status().Location); err != nil {
+			return res, fmt.Errorf("%s: %w", name, err)
+		}
+		res.Fetch = time.Since(fetchStart)
+	case wire.StatusError:
+		return res, fmt.Errorf("%s: command error: %s", name, r.Status().Error.Message)
+	default:
+		return nil, fmt.Errorf("%s: unknown status %q", name, r.Status().Status)
+	}
+	res.Elapsed = time.Since(start)
+	return res, nil
+}
+
+// fetch GETs a location as Mercurial's client does and verifies size and every full hash.
+func (c *Client) fetch(ctx context.Context, loc *wire.Location) ([]byte, []string, error) {
+	if loc == nil || loc.URL == "" {
+		return nil, nil, errors.New("redirect without a location url")
+	}
+	if loc.MediaType != wire.MediaTypeCBOR {
+		return nil, nil, fmt.Errorf("location media type %q is not %s", loc.MediaType, wire.MediaTypeCBOR)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, loc.URL, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	req.Header.Set("Accept", loc.MediaType)
+	resp, err := c.http().Do(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, nil, fmt.Errorf("GET %s: HTTP %d", loc.URL, resp.StatusCode)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, nil, err
+	}
+	if loc.Size != nil && uint64(len(body)) != *loc.Size {
+		return body, nil, fmt.Errorf("%w: %d bytes, location says %d", ErrVerify, len(body), *loc.Size)
+	}
+	var verified []string
+	for _, h := range loc.FullHashes {
+		if len(h) != 2 {
+			continue
+		}
+		var sum []byte
+		switch h[0] {
+		case "sha256":
+			s := sha256.Sum256(append([]byte(loc.FullHashSeed), body...))
+			sum = s[:]
+		case "sha1":
+			s := sha1.Sum(append([]byte(loc.FullHashSeed), body...))
+			sum = s[:]
+		default:
+			continue
+		}
+		if !bytes.Equal(sum, []byte(h[1])) {
+			return body, verified, fmt.Errorf("%w: %s differs", ErrVerify, h[0])
+		}
+		verified = append(verified, h[0])
+	}
+	return body, verified, nil
+}
