@@ -295,10 +295,10 @@ func TestMalformedFramesGetProtocolErrorAndServingContinues(t *testing.T) {
 	ctx := context.Background()
 	url := s.AgentURL + "api/" + wire.APIVersion + "/ro/manifestdata"
 	for _, body := range [][]byte{
-		{0x01, 0x02},                                 // short header
-		{0xff, 0xff, 0xff, 1, 0, 1, 1, 0x11},         // length past the limit
+		{0x01, 0x02},                                  // short header
+		{0xff, 0xff, 0xff, 1, 0, 1, 1, 0x11},          // length past the limit
 		{0x03, 0, 0, 1, 0, 2, 1, 0x11, 0xa1, 0x41, 1}, // server stream parity
-		{0x02, 0, 0, 1, 0, 1, 1, 0x11, 0xa1, 0xff},   // bad CBOR
+		{0x02, 0, 0, 1, 0, 1, 1, 0x11, 0xa1, 0xff},    // bad CBOR
 	} {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 		req.Header.Set("Content-Type", wire.MediaTypeFraming)
