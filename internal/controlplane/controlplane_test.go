@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -420,5 +422,41 @@ func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
 	}
 	if _, err := r.place.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "us-a"}); code(err) != codes.FailedPrecondition {
 		t.Fatalf("heartbeat of a non-heartbeat target: %v", err)
+	}
+}
+
+func TestReflectionAndHealthAreServed(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	conn, err := grpc.NewClient(r.inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	stream, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range resp.GetListServicesResponse().GetService() {
+		names = append(names, s.Name)
+	}
+	got := strings.Join(names, " ")
+	for _, want := range []string{"detour.v1.PlacementService", "detour.v1.AdminService", "grpc.health.v1.Health"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("reflection lists %q, missing %s", got, want)
+		}
+	}
+	h, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || h.Status != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", h, err)
 	}
 }

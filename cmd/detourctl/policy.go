@@ -1,0 +1,135 @@
+package main
+
+import (
+	"encoding/hex"
+	"flag"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+)
+
+func (c *cli) policy(sub string, args []string) error {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	admin := c.admin()
+	switch sub {
+	case "get":
+		resp, err := admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+		if err != nil {
+			return err
+		}
+		return c.showPolicy(resp.Policy)
+	case "set":
+		fs := flag.NewFlagSet("policy set", flag.ContinueOnError)
+		minBytes := fs.Uint64("min-redirect-bytes", 0, "responses smaller than this stay inline")
+		prefs := fs.String("region-preference", "", "regions in preference order after the agent's own, comma-separated")
+		signed := fs.Duration("signed-url-ttl", 0, "validity of V4-signed URLs")
+		claim := fs.Duration("fill-claim-ttl", 0, "lifetime of a fill claim")
+		objTTL := fs.Duration("object-ttl", 0, "how long stored objects are redirected to (0: forever)")
+		if _, err := splitArgs(fs, args); err != nil {
+			return err
+		}
+		cur, err := admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+		if err != nil {
+			return err
+		}
+		p := cur.Policy
+		dur := func(d time.Duration) *durationpb.Duration { return durationpb.New(d) }
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "min-redirect-bytes":
+				p.MinRedirectBytes = *minBytes
+			case "region-preference":
+				p.RegionPreference = csv(*prefs)
+			case "signed-url-ttl":
+				p.SignedUrlTtl = dur(*signed)
+			case "fill-claim-ttl":
+				p.FillClaimTtl = dur(*claim)
+			case "object-ttl":
+				p.ObjectTtl = dur(*objTTL)
+			}
+		})
+		resp, err := admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: p})
+		if err != nil {
+			return err
+		}
+		return c.showPolicy(resp.Policy)
+	}
+	return usagef("unknown policy subcommand %q", sub)
+}
+
+func (c *cli) showPolicy(p *pb.Policy) error {
+	if c.json {
+		return c.printJSON(p)
+	}
+	w := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(w, "min_redirect_bytes\t%d\n", p.MinRedirectBytes)
+	fmt.Fprintf(w, "region_preference\t%s\n", strings.Join(p.RegionPreference, ","))
+	fmt.Fprintf(w, "signed_url_ttl\t%s\n", orDefault(p.SignedUrlTtl))
+	fmt.Fprintf(w, "fill_claim_ttl\t%s\n", orDefault(p.FillClaimTtl))
+	fmt.Fprintf(w, "object_ttl\t%s\n", orDefault(p.ObjectTtl))
+	fmt.Fprintf(w, "revision\t%d\n", p.Revision)
+	return w.Flush()
+}
+
+func orDefault(d *durationpb.Duration) string {
+	if d == nil {
+		return "(default)"
+	}
+	return d.AsDuration().String()
+}
+
+func (c *cli) objects(sub string, args []string) error {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	admin := c.admin()
+	switch sub {
+	case "ls", "list":
+		fs := flag.NewFlagSet("objects ls", flag.ContinueOnError)
+		target := fs.String("target", "", "only objects at this target")
+		prefix := fs.String("prefix", "", "only keys with this prefix")
+		limit := fs.Int("limit", 100, "page size")
+		token := fs.String("page-token", "", "continue after this key")
+		if _, err := splitArgs(fs, args); err != nil {
+			return err
+		}
+		resp, err := admin.ListObjects(ctx, &pb.ListObjectsRequest{Target: *target, KeyPrefix: *prefix,
+			PageSize: int32(*limit), PageToken: *token})
+		if err != nil {
+			return err
+		}
+		if c.json {
+			return c.printJSON(resp)
+		}
+		w := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "KEY\tTARGET\tSIZE\tSHA256\tCREATED\tEXPIRES")
+		for _, o := range resp.Objects {
+			exp := "never"
+			if o.Expires != nil {
+				exp = o.Expires.AsTime().Format(time.RFC3339)
+			}
+			fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\t%s\n", o.Key, o.Target, o.Size, hex.EncodeToString(o.Sha256)[:16]+"…",
+				o.Created.AsTime().Format(time.RFC3339), exp)
+		}
+		if resp.NextPageToken != "" {
+			fmt.Fprintf(w, "(more: --page-token %s)\n", resp.NextPageToken)
+		}
+		return w.Flush()
+	case "rm", "delete":
+		if len(args) != 1 {
+			return usagef("objects rm needs exactly one KEY")
+		}
+		resp, err := admin.DeleteObjects(ctx, &pb.DeleteObjectsRequest{Key: args[0]})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(c.out, "deleted %d copies of %s\n", resp.Deleted, args[0])
+		return nil
+	}
+	return usagef("unknown objects subcommand %q", sub)
+}
