@@ -110,8 +110,18 @@ type Result struct {
 // ErrVerify means fetched bytes did not match the location's size or hashes.
 var ErrVerify = errors.New("fetched object does not match the location")
 
-// Command sends one command. redirect nil means the client does not support redirects.
+// Command sends one command and follows a redirect. redirect nil means the client does not
+// support redirects.
 func (c *Client) Command(ctx context.Context, name string, args map[string]any, redirect *wire.RedirectRequest) (*Result, error) {
+	return c.command(ctx, name, args, redirect, true)
+}
+
+// CommandNoFollow sends one command and returns a redirect's location without fetching it.
+func (c *Client) CommandNoFollow(ctx context.Context, name string, args map[string]any, redirect *wire.RedirectRequest) (*Result, error) {
+	return c.command(ctx, name, args, redirect, false)
+}
+
+func (c *Client) command(ctx context.Context, name string, args map[string]any, redirect *wire.RedirectRequest, follow bool) (*Result, error) {
 	start := time.Now()
 	var buf bytes.Buffer
 	rw := wire.NewRequestWriter(&buf)
@@ -151,6 +161,9 @@ func (c *Client) Command(ctx context.Context, name string, args map[string]any, 
 			return nil, fmt.Errorf("%s: server redirected a client that sent no redirect map", name)
 		}
 		res.Redirected = true
+		if !follow {
+			break
+		}
 		fetchStart := time.Now()
 		if res.Objects, res.Verified, err = c.fetch(ctx, r.Status().Location); err != nil {
 			return res, fmt.Errorf("%s: %w", name, err)

@@ -66,7 +66,17 @@ type index struct {
 	count  int
 }
 
-func (ix *index) get(k Key) []Object { return ix.shards[k[0]][k] }
+// shardOf folds every byte of the key, so that keys that share a prefix (they should not, being
+// hashes, but an agent sends them) still spread over all shards.
+func shardOf(k Key) byte {
+	var x byte
+	for _, b := range k {
+		x ^= b
+	}
+	return x
+}
+
+func (ix *index) get(k Key) []Object { return ix.shards[shardOf(k)][k] }
 
 // indexBuilder collects changes to an index and produces a new one.
 type indexBuilder struct {
@@ -81,7 +91,7 @@ func newIndexBuilder(base *index) *indexBuilder {
 }
 
 func (b *indexBuilder) shard(k Key) map[Key][]Object {
-	s := k[0]
+	s := shardOf(k)
 	if !b.copied[s] {
 		old := b.base.shards[s]
 		m := make(map[Key][]Object, len(old)+1)

@@ -1,0 +1,99 @@
+// Command placeload measures Place over gRPC on loopback against a real control plane on an
+// embedded etcd, at several concurrencies, and in the same run an empty unary RPC (the health
+// check) on the same server, so the result is a ratio that survives a noisy machine.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/bench/loadstat"
+	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+func main() {
+	dur := flag.Duration("duration", 5*time.Second, "time per measurement")
+	levels := flag.String("concurrency", "1,16,64", "comma-separated concurrency levels")
+	nTargets := flag.Int("targets", 10, "registered targets")
+	nObjects := flag.Int("objects", 10000, "READY objects in the index")
+	flag.Parse()
+	ctx := context.Background()
+	dir, err := os.MkdirTemp("", "placeload")
+	check(err)
+	defer os.RemoveAll(dir)
+	cp, err := controlplane.Start(ctx, controlplane.Options{Listen: "127.0.0.1:0", DataDir: dir,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	check(err)
+	defer cp.Shutdown(ctx)
+
+	conn, err := grpc.NewClient(cp.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	check(err)
+	admin, place, health := pb.NewAdminServiceClient(conn), pb.NewPlacementServiceClient(conn), healthpb.NewHealthClient(conn)
+	var names []string
+	for i := range *nTargets {
+		name := fmt.Sprintf("t%d", i)
+		names = append(names, name)
+		_, err := admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: &pb.Target{Name: name, Protocol: "https",
+			Uris: []string{"https://" + name + ".example.com/"}, Region: []string{"us", "eu"}[i%2], Weight: 1,
+			Store:   &pb.GcsStore{Bucket: "bucket-" + name, Prefix: "p/"},
+			UrlForm: &pb.UrlForm{Form: &pb.UrlForm_CdnBaseUrl{CdnBaseUrl: "https://" + name + ".example.com/"}}}})
+		check(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{cp.EtcdEndpoint()}})
+	check(err)
+	reg := targets.NewRegistry(cli, "")
+	keys := make([]string, *nObjects)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("%064x", i+1)
+		check(reg.PutObject(ctx, targets.NewObject(keys[i], names[i%len(names)], "p/"+keys[i], controlplane.MediaTypeCBOR,
+			1<<20, make([]byte, 32), make([]byte, 20), time.Now(), 0)))
+	}
+	for {
+		resp, err := place.Place(ctx, &pb.PlaceRequest{Key: keys[len(keys)-1], Command: "manifestdata", AcceptedTargets: names, AgentRegion: "us"})
+		check(err)
+		if resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	host, _ := os.Hostname()
+	fmt.Printf("placeload: %d targets, %d READY objects, %s per measurement, host %s, GOMAXPROCS from %d CPUs\n",
+		*nTargets, *nObjects, *dur, host, runtime.NumCPU())
+	fmt.Printf("%-5s  %-50s  %-50s  %s\n", "conc", "Place (redirect answers)", "empty unary (health check)", "ratio")
+	for _, l := range strings.Split(*levels, ",") {
+		c, err := strconv.Atoi(l)
+		check(err)
+		pr := loadstat.Run(c, *dur, 0, func(w, i int) (int64, error) {
+			_, err := place.Place(ctx, &pb.PlaceRequest{Key: keys[(w*7919+i)%len(keys)], Command: "manifestdata",
+				AcceptedTargets: names, Hashes: []string{"sha256"}, AgentRegion: "us", AgentId: "bench"})
+			return 0, err
+		})
+		er := loadstat.Run(c, *dur, 0, func(w, i int) (int64, error) {
+			_, err := health.Check(ctx, &healthpb.HealthCheckRequest{})
+			return 0, err
+		})
+		fmt.Printf("%-5d  %-50s  %-50s  %.2f\n", c, pr, er, pr.PerSecond()/er.PerSecond())
+	}
+}
+
+func check(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "placeload:", err)
+		os.Exit(1)
+	}
+}
