@@ -317,3 +317,60 @@ func TestMalformedFramesGetProtocolErrorAndServingContinues(t *testing.T) {
 		t.Fatalf("agent stopped serving after malformed requests: %v", err)
 	}
 }
+
+func TestStoreDownStillAnswersInlineAndRedirectsNothing(t *testing.T) {
+	s, c := startStack(t)
+	ctx := context.Background()
+	rr := redirectReq(t, c)
+	// A store that stops answering holds a fill until its claim ends; make that 5s.
+	pol, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pol.Policy.FillClaimTtl = durationpb.New(5 * time.Second)
+	if _, err := s.Admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: pol.Policy}); err != nil {
+		t.Fatal(err)
+	}
+	// Reads wait for the replica's own writes: once this answers, Place sees the policy too.
+	if p, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{}); err != nil || p.Policy.FillClaimTtl.AsDuration() != 5*time.Second {
+		t.Fatalf("policy not applied: %v %v", p, err)
+	}
+	s.GCS.Stop()
+	for i := range 3 {
+		res, err := c.Command(ctx, "manifestdata", args("h", 150000), rr)
+		if err != nil {
+			t.Fatalf("request %d with the store down: %v", i, err)
+		}
+		if res.Redirected || len(res.Objects) < 150000 {
+			t.Fatalf("request %d: redirected=%v, %d bytes", i, res.Redirected, len(res.Objects))
+		}
+	}
+	// The failed fills end as failed uploads, never as reports: nothing becomes READY.
+	eventually(t, 20*time.Second, "failed fills counted", func() bool { return failedFills(t, s) > 0 })
+	list, err := s.Admin.ListObjects(ctx, &pb.ListObjectsRequest{})
+	if err != nil || len(list.Objects) != 0 {
+		t.Fatalf("objects READY although the store is down: %v %v", list, err)
+	}
+}
+
+func failedFills(t *testing.T, s *devstack.Stack) float64 {
+	t.Helper()
+	families, err := s.Agent.Metrics().Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, f := range families {
+		if f.GetName() != "detour_agent_fills_total" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "outcome" && l.GetValue() != "ready" {
+					n += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return n
+}

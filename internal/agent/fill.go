@@ -94,13 +94,20 @@ type filler struct {
 	ch     chan []byte
 	queued atomic.Int64
 	done   chan struct{}
+	cancel context.CancelFunc
 	mu     sync.Mutex
 	err    error
 }
 
 func (a *Agent) startFill(key string, grant *pb.FillGrant) *filler {
-	f := &filler{a: a, key: key, grant: grant, ch: make(chan []byte, 4096), done: make(chan struct{}),
-		up: a.cfg.Store.Create(a.fillCtx, grant.Bucket, grant.ObjectName, wire.MediaTypeCBOR)}
+	// The claim ends at its TTL and a report after that is refused, so the upload gets no longer.
+	ttl := grant.Ttl.AsDuration()
+	if ttl <= 0 {
+		ttl = time.Minute
+	}
+	ctx, cancel := context.WithTimeout(a.fillCtx, ttl)
+	f := &filler{a: a, key: key, grant: grant, ch: make(chan []byte, 4096), done: make(chan struct{}), cancel: cancel,
+		up: a.cfg.Store.Create(ctx, grant.Bucket, grant.ObjectName, wire.MediaTypeCBOR)}
 	go func() {
 		defer close(f.done)
 		for b := range f.ch {
@@ -155,6 +162,7 @@ func (f *filler) finish() {
 	a.fills.Add(1)
 	go func() {
 		defer a.fills.Done()
+		defer f.cancel()
 		<-f.done
 		if err := f.failed(); err != nil {
 			f.up.Abort()

@@ -79,7 +79,11 @@ type Upload struct {
 // retried fill never replaces bytes a redirect may already point at.
 func (s *Store) Create(ctx context.Context, bucket, name, mediaType string) *Upload {
 	ctx, cancel := context.WithCancel(ctx)
-	w := s.client.Bucket(bucket).Object(name).If(storage.Conditions{DoesNotExist: true}).NewWriter(ctx)
+	// A few quick retries for a transient fault; a store that stays down must fail the fill
+	// rather than hold it (and its buffers) until the claim runs out.
+	obj := s.client.Bucket(bucket).Object(name).If(storage.Conditions{DoesNotExist: true}).
+		Retryer(storage.WithMaxAttempts(3), storage.WithMaxRetryDuration(10*time.Second))
+	w := obj.NewWriter(ctx)
 	w.ContentType = mediaType
 	w.ChunkSize = 4 << 20
 	return &Upload{w: w, cancel: cancel, s256: sha256.New(), s1: sha1.New()}
