@@ -35,6 +35,12 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		return
 	}
 	rs, err := wire.ReadRequest(bytes.NewReader(body), wire.ReaderOptions{MaxTotal: a.cfg.MaxRequestBytes})
+	if errors.Is(err, wire.ErrUnsupportedEncoding) {
+		// A request stream encoded in a way the agent cannot read may still be one the origin
+		// reads: let it answer, inline.
+		a.passthrough(w, r, body, "passthrough")
+		return
+	}
 	if err != nil {
 		a.metrics.requests.WithLabelValues("protocol_error").Inc()
 		a.log.Debug("malformed command request", "command", name, "remote", r.RemoteAddr, "err", err)
