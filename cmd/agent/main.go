@@ -105,7 +105,7 @@ func main() {
 		"region", region, "agent_id", agentID, "place_timeout", placeTimeout)
 	select {
 	case <-ctx.Done():
-		log.Info("shutting down", "timeout", drain)
+		log.Info("shutting down", "timeout", drain.String())
 	case err := <-errc:
 		if !errors.Is(err, http.ErrServerClosed) {
 			log.Error("listener failed", "err", err)

@@ -69,7 +69,7 @@ func main() {
 	}
 	select {
 	case <-ctx.Done():
-		o.Log.Info("shutting down", "timeout", drain)
+		o.Log.Info("shutting down", "timeout", drain.String())
 	case err := <-inst.Err():
 		o.Log.Error("listener failed", "err", err)
 	}

@@ -460,3 +460,70 @@ func TestReflectionAndHealthAreServed(t *testing.T) {
 		t.Fatalf("health: %v %v", h, err)
 	}
 }
+
+// Three etcd members: losing one keeps everything working; losing quorum keeps Place and reads
+// answering from the snapshot while writes fail with Unavailable; quorum back, writes work again.
+func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
+	members, err := etcdembed.StartCluster(context.Background(), []string{t.TempDir(), t.TempDir(), t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var endpoints []string
+	for _, m := range members {
+		endpoints = append(endpoints, m.Endpoint())
+		t.Cleanup(m.Close)
+	}
+	inst, err := Start(context.Background(), Options{Listen: "127.0.0.1:0", EtcdEndpoints: endpoints, Log: quiet, WriteTimeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		inst.Shutdown(ctx)
+	})
+	conn, err := grpc.NewClient(inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := &replica{inst: inst, admin: pb.NewAdminServiceClient(conn), place: pb.NewPlacementServiceClient(conn)}
+	ctx := context.Background()
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
+		t.Fatal(err)
+	}
+	k := key(9)
+	fill(t, r, k, []string{"us-a"}, "us")
+
+	members[0].Close()
+	// Quorum holds: writes go on (the client fails over to the remaining members).
+	eventually(t, 10*time.Second, "a write with one member down", func() bool {
+		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("eu-a", "eu")})
+		return err == nil || code(err) == codes.AlreadyExists
+	})
+	members[1].Close()
+	resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
+	if err != nil || resp.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
+		t.Fatalf("place without quorum: %v %v", resp, err)
+	}
+	if list, err := r.admin.ListTargets(ctx, &pb.ListTargetsRequest{}); err != nil || len(list.Targets) != 2 {
+		t.Fatalf("read without quorum: %v %v", list, err)
+	}
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("ap-a", "ap")}); code(err) != codes.Unavailable {
+		t.Fatalf("write without quorum: %v", err)
+	}
+	// A member comes back on its data: quorum again, writes succeed, the snapshot follows.
+	back, err := etcdembed.Start(ctx, members[1].Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(back.Close)
+	eventually(t, 20*time.Second, "a write after quorum returns", func() bool {
+		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("ap-a", "ap")})
+		return err == nil || code(err) == codes.AlreadyExists
+	})
+	eventually(t, 10*time.Second, "the snapshot follows again", func() bool {
+		list, err := r.admin.ListTargets(ctx, &pb.ListTargetsRequest{})
+		return err == nil && len(list.Targets) == 3
+	})
+}

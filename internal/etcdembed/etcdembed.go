@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -21,6 +22,8 @@ type Config struct {
 	ClientURL string // e.g. http://127.0.0.1:2379
 	PeerURL   string
 	LogLevel  string // default "error"
+	// InitialCluster lists every member as name=peerURL,...; empty: this member alone.
+	InitialCluster string
 }
 
 // Server is a running member.
@@ -73,6 +76,10 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
 	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
 	ec.InitialCluster = cfg.Name + "=" + cfg.PeerURL
+	if cfg.InitialCluster != "" {
+		ec.InitialCluster = cfg.InitialCluster
+		ec.InitialClusterToken = "detour-test-cluster"
+	}
 	ec.LogLevel = cfg.LogLevel
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	e, err := embed.StartEtcd(ec)
@@ -102,3 +109,46 @@ func (s *Server) Config() Config { return s.cfg }
 
 // Close stops the member. It may be called more than once.
 func (s *Server) Close() { s.close.Do(s.etcd.Close) }
+
+// StartCluster starts one member per directory on loopback ports and waits until all serve.
+func StartCluster(ctx context.Context, dirs []string) ([]*Server, error) {
+	cfgs := make([]Config, len(dirs))
+	var members []string
+	for i, d := range dirs {
+		c, err := FreeURL()
+		if err != nil {
+			return nil, err
+		}
+		p, err := FreeURL()
+		if err != nil {
+			return nil, err
+		}
+		cfgs[i] = Config{Dir: d, Name: fmt.Sprintf("m%d", i), ClientURL: c, PeerURL: p}
+		members = append(members, cfgs[i].Name+"="+p)
+	}
+	servers := make([]*Server, len(dirs))
+	errs := make(chan error, len(dirs))
+	for i := range cfgs {
+		cfgs[i].InitialCluster = strings.Join(members, ",")
+		go func() {
+			var err error
+			servers[i], err = Start(ctx, cfgs[i])
+			errs <- err
+		}()
+	}
+	var first error
+	for range dirs {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	if first != nil {
+		for _, s := range servers {
+			if s != nil {
+				s.Close()
+			}
+		}
+		return nil, first
+	}
+	return servers, nil
+}

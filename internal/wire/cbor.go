@@ -1,7 +1,6 @@
 package wire
 
 import (
-	"bytes"
 	"fmt"
 	"reflect"
 	"sort"
@@ -103,36 +102,26 @@ func classify(err error) error {
 // short keys first; Mercurial's byte-identical output needs plain lexical order.)
 type Map map[string]any
 
-// MarshalCBOR implements cbor.Marshaler. The values are encoded by the library; only the map's
-// head is written here.
+// MarshalCBOR implements cbor.Marshaler: the values are encoded by the library, the map around
+// them by RawMap.
 func (m Map) MarshalCBOR() ([]byte, error) {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	var b bytes.Buffer
-	b.Write(appendHead(nil, 5, uint64(len(m))))
-	for _, k := range keys {
-		kb, err := encMode.Marshal(k)
-		if err != nil {
-			return nil, err
-		}
-		vb, err := encMode.Marshal(normalize(m[k]))
+	raw := make(RawMap, len(m))
+	for k, v := range m {
+		b, err := encMode.Marshal(normalize(v))
 		if err != nil {
 			return nil, fmt.Errorf("map key %q: %w", k, err)
 		}
-		b.Write(kb)
-		b.Write(vb)
+		raw[k] = b
 	}
-	return b.Bytes(), nil
+	return raw.MarshalCBOR()
 }
 
 // RawMap is a map whose values are already-encoded CBOR; it encodes with lexical key order and the
 // values' bytes untouched.
 type RawMap map[string]cbor.RawMessage
 
-// MarshalCBOR implements cbor.Marshaler.
+// MarshalCBOR implements cbor.Marshaler. Only the map's head is written here (RFC 8949 section
+// 3); keys and values are the library's encoding.
 func (m RawMap) MarshalCBOR() ([]byte, error) {
 	keys := make([]string, 0, len(m))
 	for k := range m {
