@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"sync/atomic"
 	"time"
 
@@ -37,7 +38,14 @@ func main() {
 	keys := flag.Int("keys", 10000, "distinct keys in the Zipf run")
 	requests := flag.Int("requests", 100000, "requests in the Zipf run")
 	zipfSize := flag.Int("zipf-size", 16<<10, "response size in the Zipf run")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run here")
 	flag.Parse()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		check(err)
+		check(pprof.StartCPUProfile(f))
+		defer pprof.StopCPUProfile()
+	}
 	ctx := context.Background()
 	dir, err := os.MkdirTemp("", "agentload")
 	check(err)
@@ -98,6 +106,27 @@ func main() {
 	fmt.Printf("inline through the agent  %s  %.0f MB/s\n", inl, inl.MBps())
 	fmt.Printf("inline from the origin    %s  %.0f MB/s\n", org2, org2.MBps())
 	fmt.Printf("ratio agent / origin inline throughput: %.2f\n\n", inl.MBps()/org2.MBps())
+
+	// Inline with a fill: every request a new key, so every one streams to the client and the store.
+	var fresh atomic.Int64
+	fresh.Store(10_000_000)
+	fil := loadstat.Run(*conc, *dur, 0, func(w, i int) (int64, error) {
+		res, err := viaAgent.Command(ctx, "manifestdata", args(int(fresh.Add(1)), *size), rr)
+		if err != nil {
+			return 0, err
+		}
+		return int64(len(res.Objects)), nil
+	})
+	org3 := loadstat.Run(*conc, *dur, 0, func(w, i int) (int64, error) {
+		res, err := direct.Command(ctx, "manifestdata", args(int(fresh.Add(1)), *size), nil)
+		if err != nil {
+			return 0, err
+		}
+		return int64(len(res.Objects)), nil
+	})
+	fmt.Printf("inline+fill through the agent  %s  %.0f MB/s\n", fil, fil.MBps())
+	fmt.Printf("new keys from the origin       %s  %.0f MB/s\n", org3, org3.MBps())
+	fmt.Printf("ratio agent inline+fill / origin throughput: %.2f\n\n", fil.MBps()/org3.MBps())
 
 	// Zipf: origin bytes with Detour against every request served by the origin.
 	before := s.Origin.ObjectBytes()

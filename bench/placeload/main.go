@@ -31,6 +31,7 @@ func main() {
 	levels := flag.String("concurrency", "1,16,64", "comma-separated concurrency levels")
 	nTargets := flag.Int("targets", 10, "registered targets")
 	nObjects := flag.Int("objects", 10000, "READY objects in the index")
+	misses := flag.Bool("misses", false, "every Place is a miss for a new key (records a fill claim in etcd)")
 	flag.Parse()
 	ctx := context.Background()
 	dir, err := os.MkdirTemp("", "placeload")
@@ -79,7 +80,11 @@ func main() {
 		c, err := strconv.Atoi(l)
 		check(err)
 		pr := loadstat.Run(c, *dur, 0, func(w, i int) (int64, error) {
-			_, err := place.Place(ctx, &pb.PlaceRequest{Key: keys[(w*7919+i)%len(keys)], Command: "manifestdata",
+			key := keys[(w*7919+i)%len(keys)]
+			if *misses {
+				key = fmt.Sprintf("%032x%032x", c*1000+w+1, i+1)
+			}
+			_, err := place.Place(ctx, &pb.PlaceRequest{Key: key, Command: "manifestdata",
 				AcceptedTargets: names, Hashes: []string{"sha256"}, AgentRegion: "us", AgentId: "bench"})
 			return 0, err
 		})

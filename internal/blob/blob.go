@@ -85,7 +85,9 @@ func (s *Store) Create(ctx context.Context, bucket, name, mediaType string) *Upl
 		Retryer(storage.WithMaxAttempts(3), storage.WithMaxRetryDuration(10*time.Second))
 	w := obj.NewWriter(ctx)
 	w.ContentType = mediaType
-	w.ChunkSize = 4 << 20
+	// No chunk buffer: the object streams out in one request as bytes arrive, instead of each
+	// fill holding a multi-MiB buffer. A failed upload is not resumed; the fill is aborted.
+	w.ChunkSize = 0
 	return &Upload{w: w, cancel: cancel, s256: sha256.New(), s1: sha1.New()}
 }
 

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -43,6 +44,16 @@ const (
 type Registry struct {
 	cli    *clientv3.Client
 	prefix string
+
+	// Fill claims share leases: granting one lease per claim would double the etcd writes on the
+	// Place path. A claim made at t with TTL T lives until between t+T and t+T·5/4.
+	leaseMu sync.Mutex
+	leases  map[time.Duration]sharedLease
+}
+
+type sharedLease struct {
+	id      clientv3.LeaseID
+	granted time.Time
 }
 
 // NewRegistry returns a registry that keeps its keys under prefix (DefaultPrefix if empty).
@@ -53,7 +64,7 @@ func NewRegistry(cli *clientv3.Client, prefix string) *Registry {
 	if !strings.HasSuffix(prefix, "/") {
 		prefix += "/"
 	}
-	return &Registry{cli: cli, prefix: prefix}
+	return &Registry{cli: cli, prefix: prefix, leases: map[time.Duration]sharedLease{}}
 }
 
 // Prefix is the registry's etcd prefix.
@@ -228,54 +239,75 @@ func NewToken() string {
 	return hex.EncodeToString(b[:])
 }
 
-// Claim records c as the one fill of c.Key fleet-wide, for ttl. It reports false when another
-// claim is live.
+// claimLease returns a lease that outlives now+ttl by at most ttl/4, granting one when the
+// current lease for ttl is too old to give a claim its full ttl.
+func (r *Registry) claimLease(ctx context.Context, ttl time.Duration) (clientv3.LeaseID, error) {
+	r.leaseMu.Lock()
+	defer r.leaseMu.Unlock()
+	now := time.Now()
+	if l, ok := r.leases[ttl]; ok && now.Sub(l.granted) < ttl/4 {
+		return l.id, nil
+	}
+	secs := int64((ttl + ttl/4 + time.Second - 1) / time.Second)
+	resp, err := r.cli.Grant(ctx, secs)
+	if err != nil {
+		return 0, err
+	}
+	r.leases[ttl] = sharedLease{id: resp.ID, granted: now}
+	return resp.ID, nil
+}
+
+// Claim records c as the one fill of c.Key fleet-wide, for at least ttl (at most ttl·5/4). It
+// reports false when another claim is live.
 func (r *Registry) Claim(ctx context.Context, c *pb.FillClaim, ttl time.Duration) (bool, error) {
-	secs := int64((ttl + time.Second - 1) / time.Second)
-	lease, err := r.cli.Grant(ctx, secs)
+	lease, err := r.claimLease(ctx, ttl)
 	if err != nil {
 		return false, fmt.Errorf("claim %s: grant lease: %w", c.Key, err)
 	}
 	fk := r.fillKey(c.Key)
 	resp, err := r.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(fk), "=", 0)).
-		Then(clientv3.OpPut(fk, marshal(c), clientv3.WithLease(lease.ID))).
+		Then(clientv3.OpPut(fk, marshal(c), clientv3.WithLease(lease))).
 		Commit()
-	if err != nil || !resp.Succeeded {
-		// Best effort: an unused lease expires by itself anyway.
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-		_, _ = r.cli.Revoke(rctx, lease.ID)
-		cancel()
-	}
 	if err != nil {
+		// The lease may be gone (etcd restored from a backup, say); the next claim grants anew.
+		r.forgetLease(ttl, lease)
 		return false, fmt.Errorf("claim %s: %w", c.Key, err)
 	}
 	return resp.Succeeded, nil
 }
 
+func (r *Registry) forgetLease(ttl time.Duration, id clientv3.LeaseID) {
+	r.leaseMu.Lock()
+	defer r.leaseMu.Unlock()
+	if r.leases[ttl].id == id {
+		delete(r.leases, ttl)
+	}
+}
+
 // heldClaim reads the claim on key and checks its token.
-func (r *Registry) heldClaim(ctx context.Context, key, token string) (*pb.FillClaim, int64, int64, error) {
+func (r *Registry) heldClaim(ctx context.Context, key, token string) (*pb.FillClaim, int64, error) {
 	resp, err := r.cli.Get(ctx, r.fillKey(key))
 	if err != nil {
-		return nil, 0, 0, fmt.Errorf("read claim %s: %w", key, err)
+		return nil, 0, fmt.Errorf("read claim %s: %w", key, err)
 	}
 	if len(resp.Kvs) == 0 {
-		return nil, 0, 0, fmt.Errorf("key %s: %w", key, ErrClaimNotHeld)
+		return nil, 0, fmt.Errorf("key %s: %w", key, ErrClaimNotHeld)
 	}
 	c := &pb.FillClaim{}
 	if err := proto.Unmarshal(resp.Kvs[0].Value, c); err != nil {
-		return nil, 0, 0, fmt.Errorf("claim %s: stored value: %w", key, err)
+		return nil, 0, fmt.Errorf("claim %s: stored value: %w", key, err)
 	}
 	if c.Token != token {
-		return nil, 0, 0, fmt.Errorf("key %s: %w", key, ErrClaimNotHeld)
+		return nil, 0, fmt.Errorf("key %s: %w", key, ErrClaimNotHeld)
 	}
-	return c, resp.Kvs[0].ModRevision, resp.Kvs[0].Lease, nil
+	return c, resp.Kvs[0].ModRevision, nil
 }
 
 // CompleteFill records obj as READY and releases the claim, in one transaction that compares the
 // claim's revision: a claim that expired or was taken over makes the report fail.
 func (r *Registry) CompleteFill(ctx context.Context, obj *pb.StoredObject, token string) (*pb.StoredObject, error) {
-	c, rev, lease, err := r.heldClaim(ctx, obj.Key, token)
+	c, rev, err := r.heldClaim(ctx, obj.Key, token)
 	if err != nil {
 		return nil, err
 	}
@@ -297,13 +329,12 @@ func (r *Registry) CompleteFill(ctx context.Context, obj *pb.StoredObject, token
 	if !resp.Succeeded {
 		return nil, fmt.Errorf("report fill %s: %w", obj.Key, ErrClaimNotHeld)
 	}
-	r.revoke(ctx, lease)
 	return obj, nil
 }
 
 // AbortFill releases a claim held with token.
 func (r *Registry) AbortFill(ctx context.Context, key, token string) error {
-	_, rev, lease, err := r.heldClaim(ctx, key, token)
+	_, rev, err := r.heldClaim(ctx, key, token)
 	if err != nil {
 		return err
 	}
@@ -315,17 +346,7 @@ func (r *Registry) AbortFill(ctx context.Context, key, token string) error {
 	if !resp.Succeeded {
 		return fmt.Errorf("abort fill %s: %w", key, ErrClaimNotHeld)
 	}
-	r.revoke(ctx, lease)
 	return nil
-}
-
-func (r *Registry) revoke(ctx context.Context, lease int64) {
-	if lease == 0 {
-		return
-	}
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-	defer cancel()
-	_, _ = r.cli.Revoke(rctx, clientv3.LeaseID(lease)) // it expires anyway
 }
 
 // DeleteObjects removes every copy of key from the index. It returns how many and the revision.
