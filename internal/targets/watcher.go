@@ -61,13 +61,20 @@ func (w *Watcher) Ready() <-chan struct{} { return w.ready }
 // Run keeps the snapshot current until ctx ends.
 func (w *Watcher) Run(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
+	failing := false
 	for ctx.Err() == nil {
 		rev, err := w.load(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				break
 			}
-			w.log.Warn("etcd read failed; serving the last snapshot", "err", err,
+			// One warning per outage; the retries after it are debug lines.
+			level := slog.LevelWarn
+			if failing {
+				level = slog.LevelDebug
+			}
+			failing = true
+			w.log.Log(ctx, level, "etcd read failed; serving the last snapshot", "err", err,
 				"revision", w.Snapshot().Revision, "retry_in", backoff)
 			select {
 			case <-time.After(backoff):
@@ -75,6 +82,10 @@ func (w *Watcher) Run(ctx context.Context) error {
 			}
 			backoff = min(backoff*2, 5*time.Second)
 			continue
+		}
+		if failing {
+			w.log.Info("etcd reachable again; snapshot current", "revision", rev)
+			failing = false
 		}
 		backoff = 100 * time.Millisecond
 		err = w.watch(ctx, rev)
