@@ -55,6 +55,8 @@ run:
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./internal/...
 	$(GO) run ./bench/placeload
+	$(GO) run ./bench/placeload -misses -objects 1000
+	$(GO) run ./bench/agentload
 
 ## fuzz: run each fuzz target for FUZZTIME (default 60s).
 FUZZTIME ?= 60s

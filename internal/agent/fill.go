@@ -198,7 +198,8 @@ func (f *filler) finish() {
 }
 
 func (a *Agent) abortFill(key, token, reason string) {
-	ctx, cancel := context.WithTimeout(a.fillCtx, 2*time.Second)
+	// Not fillCtx: at shutdown that is cancelled, and this is how the claim is released promptly.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if _, err := a.cfg.Placement.AbortFill(ctx, &pb.AbortFillRequest{Key: key, Token: token, Reason: reason}); err != nil {
 		// The claim's lease expires by itself.
