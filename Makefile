@@ -61,7 +61,7 @@ bench:
 ## fuzz: run each fuzz target for FUZZTIME (default 60s).
 FUZZTIME ?= 60s
 fuzz:
-	for f in FuzzReadFrames FuzzDecodeCommandRequest FuzzRewriteRedirect; do \
+	for f in FuzzReadFrames FuzzDecodeCommandRequest FuzzRewriteRedirect FuzzReadResponse; do \
 	  $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./internal/wire || exit 1; done
 
 clean:

@@ -527,3 +527,79 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 		return err == nil && len(list.Targets) == 3
 	})
 }
+
+func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
+	etcd := startEtcd(t)
+	inst, err := Start(context.Background(), Options{Listen: "127.0.0.1:0", EtcdEndpoints: []string{etcd.Endpoint()},
+		Log: quiet, SweepInterval: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		inst.Shutdown(ctx)
+	})
+	conn, err := grpc.NewClient(inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := &replica{inst: inst, admin: pb.NewAdminServiceClient(conn), place: pb.NewPlacementServiceClient(conn)}
+	ctx := context.Background()
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		fill(t, r, key(100+i), []string{"us-a"}, "us")
+	}
+	// Pages of 2 over 5 keys: 2, 2, 1, in key order, no repeats.
+	var seen []string
+	token := ""
+	for page := 0; ; page++ {
+		resp, err := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{PageSize: 2, PageToken: token})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, o := range resp.Objects {
+			seen = append(seen, o.Key)
+		}
+		if resp.NextPageToken == "" {
+			break
+		}
+		token = resp.NextPageToken
+		if page > 5 {
+			t.Fatal("pagination does not end")
+		}
+	}
+	if len(seen) != 5 || seen[0] != key(100) || seen[4] != key(104) {
+		t.Fatalf("paged keys %v", seen)
+	}
+	// Objects filled under a 1s object TTL expire: Place stops redirecting at once (time is an
+	// input to placement) and the sweeper removes them from the index.
+	pol, _ := r.admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+	pol.Policy.ObjectTtl = durationpb.New(time.Second)
+	if _, err := r.admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: pol.Policy}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.admin.GetPolicy(ctx, &pb.GetPolicyRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	short := key(200)
+	fill(t, r, short, []string{"us-a"}, "us")
+	eventually(t, 2*time.Second, "the short-lived object listed", func() bool {
+		resp, err := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{KeyPrefix: short})
+		return err == nil && len(resp.Objects) == 1 && resp.Objects[0].Expires != nil
+	})
+	eventually(t, 5*time.Second, "expired object swept", func() bool {
+		resp, err := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{KeyPrefix: short})
+		return err == nil && len(resp.Objects) == 0
+	})
+	resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: short, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
+	if err != nil || resp.Result != pb.PlaceResult_PLACE_RESULT_INLINE {
+		t.Fatalf("place after expiry: %v %v", resp, err)
+	}
+	if list, _ := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{}); len(list.Objects) != 5 {
+		t.Fatalf("the sweep removed objects without expiry: %d left", len(list.Objects))
+	}
+}

@@ -103,3 +103,29 @@ func isPackageError(err error) bool {
 	}
 	return errors.Is(err, io.ErrUnexpectedEOF)
 }
+
+// FuzzReadResponse reads arbitrary server output as a client (and the agent, reading its origin)
+// does: a status, then object bytes, or an error wrapping a sentinel.
+func FuzzReadResponse(f *testing.F) {
+	var ok, redirect bytes.Buffer
+	NewResponseWriter(&ok, 100).WriteOK(1, Map{"totalitems": 1}, Map{"node": "n"})
+	size := uint64(3)
+	NewResponseWriter(&redirect, DefaultMaxPayload).WriteRedirect(1, &Location{URL: "u", MediaType: MediaTypeCBOR, Size: &size})
+	f.Add(ok.Bytes())
+	f.Add(redirect.Bytes())
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r, err := ReadResponse(bytes.NewReader(data), 1, ReaderOptions{})
+		if err != nil {
+			if !isPackageError(err) && !errors.Is(err, ErrServerError) {
+				t.Fatalf("untyped error: %v", err)
+			}
+			return
+		}
+		if r.Status() == nil || r.Status().Status == "" {
+			t.Fatal("response without a status")
+		}
+		if _, err := io.ReadAll(r); err != nil && !isPackageError(err) && !errors.Is(err, ErrServerError) {
+			t.Fatalf("untyped error reading objects: %v", err)
+		}
+	})
+}
