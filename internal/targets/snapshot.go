@@ -57,10 +57,12 @@ func ParseKey(s string) (Key, bool) {
 
 func (k Key) String() string { return hex.EncodeToString(k[:]) }
 
-const shardCount = 256
+// shardCount trades the cost of one watch event (a copy of one shard, 1/shardCount of the index)
+// against per-snapshot overhead (an array of shardCount map pointers).
+const shardCount = 4096
 
 // index maps content keys to their copies. A published index is never modified: an update copies
-// only the shards it touches, so a watch event costs a 1/256 share of the index, not all of it.
+// only the shards it touches, so a watch event costs a 1/shardCount share of the index.
 type index struct {
 	shards [shardCount]map[Key][]Object
 	count  int
@@ -68,12 +70,12 @@ type index struct {
 
 // shardOf folds every byte of the key, so that keys that share a prefix (they should not, being
 // hashes, but an agent sends them) still spread over all shards.
-func shardOf(k Key) byte {
-	var x byte
-	for _, b := range k {
-		x ^= b
+func shardOf(k Key) int {
+	var x uint16
+	for i := 0; i < len(k); i += 2 {
+		x ^= uint16(k[i])<<8 | uint16(k[i+1])
 	}
-	return x
+	return int(x % shardCount)
 }
 
 func (ix *index) get(k Key) []Object { return ix.shards[shardOf(k)][k] }
