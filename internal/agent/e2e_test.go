@@ -177,7 +177,7 @@ func TestControlPlaneDownAnswersInlineWithinPlaceTimeout(t *testing.T) {
 		if res.Redirected {
 			t.Fatal("redirected with the control plane down")
 		}
-		if limit := base.Elapsed + placeTimeout + 250*time.Millisecond; res.Elapsed > limit {
+		if limit := base.Elapsed + placeTimeout + 400*time.Millisecond; res.Elapsed > limit {
 			t.Fatalf("request %d took %s with the control plane down, limit %s", i, res.Elapsed, limit)
 		}
 	}
