@@ -43,8 +43,14 @@ func startEtcd(t *testing.T) *etcdembed.Server {
 
 func startReplica(t *testing.T, etcdURL string) *replica {
 	t.Helper()
-	inst, err := Start(context.Background(), Options{Listen: "127.0.0.1:0", MetricsListen: "127.0.0.1:0",
-		EtcdEndpoints: []string{etcdURL}, Log: quiet, WriteTimeout: time.Second})
+	return startReplicaWith(t, Options{EtcdEndpoints: []string{etcdURL}, WriteTimeout: time.Second})
+}
+
+// startReplicaWith starts a control plane on loopback ports with o and connects to it.
+func startReplicaWith(t *testing.T, o Options) *replica {
+	t.Helper()
+	o.Listen, o.MetricsListen, o.Log = "127.0.0.1:0", "127.0.0.1:0", quiet
+	inst, err := Start(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -473,21 +479,7 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 		endpoints = append(endpoints, m.Endpoint())
 		t.Cleanup(m.Close)
 	}
-	inst, err := Start(context.Background(), Options{Listen: "127.0.0.1:0", EtcdEndpoints: endpoints, Log: quiet, WriteTimeout: 2 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		inst.Shutdown(ctx)
-	})
-	conn, err := grpc.NewClient(inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	r := &replica{inst: inst, admin: pb.NewAdminServiceClient(conn), place: pb.NewPlacementServiceClient(conn)}
+	r := startReplicaWith(t, Options{EtcdEndpoints: endpoints, WriteTimeout: 2 * time.Second})
 	ctx := context.Background()
 	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
 		t.Fatal(err)
@@ -529,23 +521,7 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 }
 
 func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
-	etcd := startEtcd(t)
-	inst, err := Start(context.Background(), Options{Listen: "127.0.0.1:0", EtcdEndpoints: []string{etcd.Endpoint()},
-		Log: quiet, SweepInterval: 200 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		inst.Shutdown(ctx)
-	})
-	conn, err := grpc.NewClient(inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	r := &replica{inst: inst, admin: pb.NewAdminServiceClient(conn), place: pb.NewPlacementServiceClient(conn)}
+	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, SweepInterval: 200 * time.Millisecond})
 	ctx := context.Background()
 	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
 		t.Fatal(err)
