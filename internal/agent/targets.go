@@ -78,8 +78,11 @@ func advertised(msg *pb.WatchTargetsResponse, region string) *wire.RedirectSecti
 	})
 	s := &wire.RedirectSection{Hashes: wire.DefaultHashes}
 	for _, t := range live {
-		s.Targets = append(s.Targets, wire.RedirectTarget{Name: t.Name, Protocol: t.Protocol, URIs: t.Uris,
-			SNIRequired: t.SniRequired, TLSVersions: t.TlsVersions})
+		rt := wire.RedirectTarget{Name: t.Name, Protocol: t.Protocol, URIs: t.Uris, TLSVersions: t.TlsVersions}
+		if t.SniRequired {
+			rt.SNIRequired = &t.SniRequired
+		}
+		s.Targets = append(s.Targets, rt)
 	}
 	return s
 }

@@ -4,11 +4,12 @@ import (
 	"fmt"
 )
 
-// RedirectTarget is one advertised redirect target. Fields are in Mercurial's key order.
+// RedirectTarget is one advertised redirect target. Fields are in Mercurial's key order. Like
+// Mercurial, optional keys appear only when set: SNIRequired nil omits `snirequired`.
 type RedirectTarget struct {
 	Name        string   `cbor:"name"`
 	Protocol    string   `cbor:"protocol"`
-	SNIRequired bool     `cbor:"snirequired"`
+	SNIRequired *bool    `cbor:"snirequired,omitempty"`
 	TLSVersions []string `cbor:"tlsversions,omitempty"`
 	URIs        []string `cbor:"uris"`
 }

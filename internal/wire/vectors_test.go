@@ -47,8 +47,8 @@ const vecRedirectEntry = `
   a5 44 "name" 48 "target-a" 48 "protocol" 44 "http" 4b "snirequired" f4
      4b "tlsversions" 82 43 "1.2" 43 "1.3" 44 "uris" 81 53 "http://example.com/"`
 
-var vecTargetA = RedirectTarget{Name: "target-a", Protocol: "http", TLSVersions: []string{"1.2", "1.3"},
-	URIs: []string{"http://example.com/"}}
+var vecTargetA = RedirectTarget{Name: "target-a", Protocol: "http", SNIRequired: new(bool),
+	TLSVersions: []string{"1.2", "1.3"}, URIs: []string{"http://example.com/"}}
 
 func TestSpecVectorClientRequestEncodes(t *testing.T) {
 	var buf bytes.Buffer
@@ -124,7 +124,7 @@ func TestSpecVectorRedirectSectionDecodes(t *testing.T) {
 		t.Fatalf("section = %+v", s)
 	}
 	got := s.Targets[0]
-	if got.Name != "target-a" || got.Protocol != "http" || got.SNIRequired ||
+	if got.Name != "target-a" || got.Protocol != "http" || got.SNIRequired == nil || *got.SNIRequired ||
 		strings.Join(got.TLSVersions, ",") != "1.2,1.3" || strings.Join(got.URIs, ",") != "http://example.com/" {
 		t.Errorf("target = %+v", got)
 	}
@@ -172,5 +172,15 @@ func TestSpecVectorManifestObject(t *testing.T) {
 	m := objs[1].(map[string]any)
 	if m["node"] != node || len(m["parents"].([]any)) != 2 {
 		t.Errorf("decoded %#v", m)
+	}
+}
+
+// Mercurial writes only the keys a target sets: a target without SNI or TLS settings is
+// {name, protocol, uris} (from test-wireproto-content-redirects.t).
+func TestRedirectTargetOmitsUnsetKeys(t *testing.T) {
+	b := mustMarshal(t, RedirectTarget{Name: "target-a", Protocol: "http", URIs: []string{"http://example.com/"}})
+	want := spec(t, `a3 44 "name" 48 "target-a" 48 "protocol" 44 "http" 44 "uris" 81 53 "http://example.com/"`)
+	if !bytes.Equal(b, want) {
+		t.Fatalf("got %x\nwant %x", b, want)
 	}
 }

@@ -1,0 +1,40 @@
+package agent
+
+import (
+	"strings"
+	"testing"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+)
+
+func TestAdvertisedOrderAndFilter(t *testing.T) {
+	tg := func(name, region string, weight uint32, state pb.TargetState, healthy, sni bool) *pb.Target {
+		return &pb.Target{Name: name, Region: region, Weight: weight, State: state, Healthy: healthy, SniRequired: sni,
+			Protocol: "https", Uris: []string{"https://" + name + "/"}}
+	}
+	active := pb.TargetState_TARGET_STATE_ACTIVE
+	msg := &pb.WatchTargetsResponse{RegionPreference: []string{"eu", "ap"}, Targets: []*pb.Target{
+		tg("ap-1", "ap", 1, active, true, false),
+		tg("eu-1", "eu", 1, active, true, false),
+		tg("us-light", "us", 1, active, true, false),
+		tg("us-heavy", "us", 5, active, true, true),
+		tg("sa-1", "sa", 9, active, true, false),
+		tg("us-sick", "us", 9, active, false, false),
+		tg("us-drain", "us", 9, pb.TargetState_TARGET_STATE_DRAINING, true, false),
+		tg("us-off", "us", 9, pb.TargetState_TARGET_STATE_DISABLED, true, false),
+	}}
+	s := advertised(msg, "us")
+	var names []string
+	for _, t := range s.Targets {
+		names = append(names, t.Name)
+	}
+	if got := strings.Join(names, ","); got != "us-heavy,us-light,eu-1,ap-1,sa-1" {
+		t.Fatalf("advertised %s", got)
+	}
+	if s.Targets[0].SNIRequired == nil || !*s.Targets[0].SNIRequired || s.Targets[1].SNIRequired != nil {
+		t.Fatal("snirequired must be advertised exactly for targets that require SNI")
+	}
+	if strings.Join(s.Hashes, ",") != "sha256,sha1" {
+		t.Fatalf("hashes %v", s.Hashes)
+	}
+}
