@@ -124,8 +124,8 @@ func (c *cli) targets(sub string, args []string) error {
 		return pos[0], nil
 	}
 	switch sub {
-	case "add":
-		f := newTargetFlags("targets add")
+	case "add", "update":
+		f := newTargetFlags("targets " + sub)
 		pos, err := f.parse(args)
 		if err != nil {
 			return err
@@ -134,25 +134,19 @@ func (c *cli) targets(sub string, args []string) error {
 		if err != nil {
 			return err
 		}
-		t := &pb.Target{Name: name}
-		if err := f.apply(t, true); err != nil {
-			return err
+		if sub == "add" {
+			t := &pb.Target{Name: name}
+			if err := f.apply(t, true); err != nil {
+				return err
+			}
+			resp, err := admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: t})
+			if err != nil {
+				return err
+			}
+			return c.showTargets(resp.Target)
 		}
-		resp, err := admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: t})
-		if err != nil {
-			return err
-		}
-		return c.showTargets(resp.Target)
-	case "update":
-		f := newTargetFlags("targets update")
-		pos, err := f.parse(args)
-		if err != nil {
-			return err
-		}
-		name, err := one(pos)
-		if err != nil {
-			return err
-		}
+		// An update changes only the flags given, on the revision read: a concurrent change makes
+		// it fail rather than be overwritten.
 		got, err := admin.GetTarget(ctx, &pb.GetTargetRequest{Name: name})
 		if err != nil {
 			return err

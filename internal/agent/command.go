@@ -223,5 +223,3 @@ func (b *breaker) succeeded() {
 	defer b.mu.Unlock()
 	b.backoff, b.until = 0, time.Time{}
 }
-
-var errClientGone = errors.New("client went away")

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -147,6 +148,9 @@ func TestClientsWithoutRedirectAlwaysGetInline(t *testing.T) {
 			t.Fatalf("request %d: %v", i, err)
 		}
 	}
+	if n := outcomes(t, s, "inline_fill", "inline", "redirect"); n != 0 {
+		t.Fatalf("%v requests of a client that cannot be redirected went to placement", n)
+	}
 	if n := objectCount(t, s); n != 0 {
 		t.Fatalf("%d objects stored for a client that cannot be redirected", n)
 	}
@@ -210,7 +214,9 @@ func TestConcurrentFirstRequestsUploadOnce(t *testing.T) {
 		}
 	}
 	eventually(t, 5*time.Second, "the one upload", func() bool { return objectCount(t, s) == 1 })
-	time.Sleep(300 * time.Millisecond) // any second upload would have landed by now
+	if n := outcomes(t, s, "inline_fill"); n != 1 {
+		t.Fatalf("%v of 20 concurrent first requests started a fill, want 1", n)
+	}
 	if n := objectCount(t, s); n != 1 {
 		t.Fatalf("%d uploads for one key", n)
 	}
@@ -234,7 +240,9 @@ func TestDrainedTargetGetsNoNewFills(t *testing.T) {
 			t.Fatalf("request %d: %v", i, err)
 		}
 	}
-	time.Sleep(300 * time.Millisecond)
+	if n := outcomes(t, s, "inline_fill"); n != 0 {
+		t.Fatalf("%v fills started at a draining target", n)
+	}
 	if n := objectCount(t, s); n != 0 {
 		t.Fatalf("%d objects uploaded to a draining target", n)
 	}
@@ -346,14 +354,17 @@ func TestStoreDownStillAnswersInlineAndRedirectsNothing(t *testing.T) {
 		}
 	}
 	// The failed fills end as failed uploads, never as reports: nothing becomes READY.
-	eventually(t, 20*time.Second, "failed fills counted", func() bool { return failedFills(t, s) > 0 })
+	eventually(t, 20*time.Second, "failed fills counted", func() bool {
+		return agentCount(t, s, "detour_agent_fills_total", "outcome", "aborted", "upload_failed", "report_failed") > 0
+	})
 	list, err := s.Admin.ListObjects(ctx, &pb.ListObjectsRequest{})
 	if err != nil || len(list.Objects) != 0 {
 		t.Fatalf("objects READY although the store is down: %v %v", list, err)
 	}
 }
 
-func failedFills(t *testing.T, s *devstack.Stack) float64 {
+// agentCount sums the agent's counter metric over the series whose label has one of values.
+func agentCount(t *testing.T, s *devstack.Stack, metric, label string, values ...string) float64 {
 	t.Helper()
 	families, err := s.Agent.Metrics().Registry.Gather()
 	if err != nil {
@@ -361,16 +372,22 @@ func failedFills(t *testing.T, s *devstack.Stack) float64 {
 	}
 	var n float64
 	for _, f := range families {
-		if f.GetName() != "detour_agent_fills_total" {
+		if f.GetName() != metric {
 			continue
 		}
 		for _, m := range f.GetMetric() {
 			for _, l := range m.GetLabel() {
-				if l.GetName() == "outcome" && l.GetValue() != "ready" {
+				if l.GetName() == label && slices.Contains(values, l.GetValue()) {
 					n += m.GetCounter().GetValue()
 				}
 			}
 		}
 	}
 	return n
+}
+
+// outcomes counts the agent's requests that ended in one of the given outcomes. Unlike the
+// store's object count, it is final when the response is: a fill starts only on inline_fill.
+func outcomes(t *testing.T, s *devstack.Stack, values ...string) float64 {
+	return agentCount(t, s, "detour_agent_requests_total", "outcome", values...)
 }

@@ -16,7 +16,10 @@ import (
 	"github.com/detourhq/detour/internal/wire"
 )
 
-var errFillBehind = errors.New("store fell too far behind the client")
+var (
+	errFillBehind = errors.New("store fell too far behind the client")
+	errClientGone = errors.New("client went away")
+)
 
 // serveInlineWithFill streams the origin's response to the client frame by frame and, beside it,
 // the response's CBOR objects into the granted target. The client never waits on the store.

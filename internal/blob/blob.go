@@ -54,9 +54,6 @@ func NewStore(ctx context.Context, o Options) (*Store, error) {
 // Close releases the client.
 func (s *Store) Close() error { return s.client.Close() }
 
-// Client is the underlying storage client.
-func (s *Store) Client() *storage.Client { return s.client }
-
 // Result describes a committed upload.
 type Result struct {
 	Size   uint64

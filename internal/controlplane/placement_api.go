@@ -193,12 +193,13 @@ func (s *Service) AbortFill(ctx context.Context, req *pb.AbortFillRequest) (*pb.
 	return &pb.AbortFillResponse{}, nil
 }
 
-// WatchTargets sends the full target set, then again at every change of a target or the policy.
+// WatchTargets sends the full target set, then again at every change of a target, its liveness
+// or the policy.
 func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementService_WatchTargetsServer) error {
 	snap := s.readSnapshot(stream.Context())
-	var last string
+	last := int64(-1)
 	for {
-		if fp := fingerprint(snap); fp != last {
+		if snap.TargetsRevision != last {
 			msg := &pb.WatchTargetsResponse{Revision: snap.Revision, RegionPreference: snap.Policy().RegionPreference}
 			for _, t := range snap.Targets() {
 				msg.Targets = append(msg.Targets, proto.Clone(t).(*pb.Target))
@@ -206,7 +207,7 @@ func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementS
 			if err := stream.Send(msg); err != nil {
 				return err
 			}
-			last = fp
+			last = snap.TargetsRevision
 		}
 		select {
 		case <-snap.Superseded():
@@ -215,16 +216,6 @@ func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementS
 			return nil
 		}
 	}
-}
-
-// fingerprint changes whenever what WatchTargets sends would.
-func fingerprint(snap *targets.Snapshot) string {
-	b := make([]byte, 0, 64)
-	b = fmt.Appendf(b, "p%d", snap.Policy().Revision)
-	for _, t := range snap.Targets() {
-		b = fmt.Appendf(b, "|%s@%d/%t", t.Name, t.Revision, t.Healthy)
-	}
-	return string(b)
 }
 
 // Heartbeat keeps a heartbeat target healthy.

@@ -57,11 +57,12 @@ type Service struct {
 	claimsBrokenUntil atomic.Int64
 }
 
-// view is the placement form of one snapshot, built once per snapshot.
+// view is the placement form of a snapshot's targets and policy, rebuilt only when they change
+// (not at every fill the index records).
 type view struct {
-	snap    *targets.Snapshot
-	targets map[string]placement.Target
-	policy  placement.Policy
+	targetsRevision int64
+	targets         map[string]placement.Target
+	policy          placement.Policy
 }
 
 // NewService returns a service over a registry and a running watcher of the same prefix.
@@ -85,10 +86,10 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 func (s *Service) Metrics() *Metrics { return s.metrics }
 
 func (s *Service) viewOf(snap *targets.Snapshot) *view {
-	if v := s.view.Load(); v != nil && v.snap == snap {
+	if v := s.view.Load(); v != nil && v.targetsRevision == snap.TargetsRevision {
 		return v
 	}
-	v := &view{snap: snap, targets: make(map[string]placement.Target, len(snap.Targets()))}
+	v := &view{targetsRevision: snap.TargetsRevision, targets: make(map[string]placement.Target, len(snap.Targets()))}
 	for _, t := range snap.Targets() {
 		v.targets[t.Name] = placement.Target{Name: t.Name, Region: t.Region, Weight: t.Weight,
 			State: stateOf(t.State), Healthy: t.Healthy}

@@ -11,6 +11,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"net/http"
 	"strings"
@@ -29,7 +30,6 @@ type Client struct {
 type Handshake struct {
 	APIBase  string
 	Redirect *wire.RedirectSection // nil when the server advertises none
-	Raw      []byte
 }
 
 func (c *Client) http() *http.Client {
@@ -76,7 +76,7 @@ func (c *Client) Capabilities(ctx context.Context) (*Handshake, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Handshake{APIBase: hs.APIBase, Redirect: section, Raw: body}, nil
+	return &Handshake{APIBase: hs.APIBase, Redirect: section}, nil
 }
 
 // Accepted returns the targets a client with support for the given protocols accepts, in the
@@ -211,18 +211,18 @@ func (c *Client) fetch(ctx context.Context, loc *wire.Location) ([]byte, []strin
 		if len(h) != 2 {
 			continue
 		}
-		var sum []byte
+		var hh hash.Hash
 		switch h[0] {
 		case "sha256":
-			s := sha256.Sum256(append([]byte(loc.FullHashSeed), body...))
-			sum = s[:]
+			hh = sha256.New()
 		case "sha1":
-			s := sha1.Sum(append([]byte(loc.FullHashSeed), body...))
-			sum = s[:]
+			hh = sha1.New()
 		default:
 			continue
 		}
-		if !bytes.Equal(sum, []byte(h[1])) {
+		hh.Write([]byte(loc.FullHashSeed))
+		hh.Write(body)
+		if !bytes.Equal(hh.Sum(nil), []byte(h[1])) {
 			return body, verified, fmt.Errorf("%w: %s differs", ErrVerify, h[0])
 		}
 		verified = append(verified, h[0])

@@ -23,12 +23,11 @@ import (
 
 // Errors callers branch on.
 var (
-	ErrNotFound      = errors.New("not found")
-	ErrExists        = errors.New("already exists")
-	ErrConflict      = errors.New("revision conflict: the stored value changed since it was read")
-	ErrClaimNotHeld  = errors.New("fill claim is not held with this token (expired, aborted or taken over)")
-	ErrNotHeartbeat  = errors.New("target does not heartbeat")
-	ErrTargetInvalid = errors.New("target is invalid")
+	ErrNotFound     = errors.New("not found")
+	ErrExists       = errors.New("already exists")
+	ErrConflict     = errors.New("revision conflict: the stored value changed since it was read")
+	ErrClaimNotHeld = errors.New("fill claim is not held with this token (expired, aborted or taken over)")
+	ErrNotHeartbeat = errors.New("target does not heartbeat")
 )
 
 // DefaultPrefix is where Detour keeps its state in etcd.

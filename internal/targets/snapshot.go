@@ -141,6 +141,10 @@ func (b *indexBuilder) build() *index { return b.next }
 // Snapshot is Detour's whole state at one etcd revision. It is immutable once published.
 type Snapshot struct {
 	Revision int64
+	// TargetsRevision is the revision at which the targets, their liveness or the policy last
+	// changed. Object and claim events leave it alone, so consumers of the target set (the
+	// placement view, WatchTargets) can skip the snapshots that only indexed a fill.
+	TargetsRevision int64
 	// Built is when the snapshot was made current.
 	Built   time.Time
 	targets map[string]*pb.Target // Healthy and Revision filled in

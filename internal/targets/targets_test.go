@@ -211,7 +211,11 @@ func TestWatcherFollowsWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	k, _ := ParseKey(key)
+	targetsRev := w.Snapshot().TargetsRevision
 	eventually(t, 5*time.Second, "object in snapshot", func() bool { return len(w.Snapshot().Copies(k)) == 1 })
+	if got := w.Snapshot(); got.TargetsRevision != targetsRev || got.Revision <= targetsRev {
+		t.Fatalf("an object event moved TargetsRevision %d → %d (revision %d)", targetsRev, got.TargetsRevision, got.Revision)
+	}
 	if n, _, err := r.DeleteObjects(ctx, key); err != nil || n != 1 {
 		t.Fatalf("delete objects: %d, %v", n, err)
 	}
@@ -224,6 +228,9 @@ func TestWatcherFollowsWrites(t *testing.T) {
 		t.Fatalf("policy without revision: %v", err)
 	}
 	eventually(t, 5*time.Second, "policy in snapshot", func() bool { return w.Snapshot().Policy().Revision == pol.Revision })
+	if got := w.Snapshot().TargetsRevision; got != pol.Revision {
+		t.Fatalf("TargetsRevision %d after a policy write at %d", got, pol.Revision)
+	}
 }
 
 func TestWatcherLoadsManyObjectsAcrossPages(t *testing.T) {

@@ -127,7 +127,7 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
 	snap.objects = b.build()
-	snap.Revision = rev
+	snap.Revision, snap.TargetsRevision = rev, rev
 	w.finish(snap)
 	w.publish(snap)
 	w.log.Info("snapshot loaded", "revision", rev, "targets", len(snap.targets), "objects", snap.objects.count,
@@ -157,21 +157,25 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 // applyEvents turns one watch response into the next snapshot.
 func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 	old := w.Snapshot()
-	next := &Snapshot{Revision: rev, targets: old.targets, alive: old.alive, policy: old.policy,
-		claims: old.claims, superseded: make(chan struct{})}
+	next := &Snapshot{Revision: rev, TargetsRevision: old.TargetsRevision, targets: old.targets, alive: old.alive,
+		policy: old.policy, claims: old.claims, superseded: make(chan struct{})}
 	copiedTargets, copiedAlive, copiedClaims := false, false, false
 	var b *indexBuilder
 	for _, ev := range events {
 		rest := strings.TrimPrefix(string(ev.Kv.Key), w.prefix)
 		switch {
 		case strings.HasPrefix(rest, "targets/"):
+			next.TargetsRevision = rev
 			if !copiedTargets {
 				next.targets, copiedTargets = cloneMap(old.targets), true
 			}
 		case strings.HasPrefix(rest, "alive/"):
+			next.TargetsRevision = rev
 			if !copiedAlive {
 				next.alive, copiedAlive = cloneMap(old.alive), true
 			}
+		case rest == "policy":
+			next.TargetsRevision = rev
 		case strings.HasPrefix(rest, "fills/"):
 			if !copiedClaims {
 				next.claims, copiedClaims = cloneMap(old.claims), true

@@ -43,7 +43,9 @@ func (t FrameType) String() string {
 	return fmt.Sprintf("frame-type-0x%x", uint8(t))
 }
 
-func (t FrameType) known() bool { return t.String()[0] != 'f' }
+func (t FrameType) known() bool {
+	return t >= TypeCommandRequest && t <= TypeStreamSettings && t != 0x4
+}
 
 // Stream flags (header byte 6).
 const (
@@ -175,6 +177,7 @@ type Reader struct {
 	hdr   [HeaderSize]byte
 	buf   []byte
 	begun [256]bool
+	hdrOK bool
 	raw   []byte
 }
 
@@ -194,6 +197,7 @@ func NewReader(r io.Reader, opts ReaderOptions) *Reader {
 
 // Next returns the next frame. At a clean end of input (between frames) it returns io.EOF.
 func (r *Reader) Next() (Frame, error) {
+	r.hdrOK = false
 	n, err := io.ReadFull(r.r, r.hdr[:])
 	if err == io.EOF {
 		return Frame{}, io.EOF
@@ -235,8 +239,7 @@ func (r *Reader) Next() (Frame, error) {
 		}
 		return Frame{}, err
 	}
-	r.raw = AppendFrame(r.raw[:0], Frame{RequestID: h.RequestID, StreamID: h.StreamID,
-		StreamFlags: h.StreamFlags, Type: h.Type, Flags: h.Flags, Payload: r.buf})
+	r.hdrOK = true
 	return Frame{
 		RequestID:   h.RequestID,
 		StreamID:    h.StreamID,
@@ -248,8 +251,14 @@ func (r *Reader) Next() (Frame, error) {
 }
 
 // Raw returns the encoded bytes of the frame the last Next returned, valid until the next call.
-// Proxies use it to relay a frame without re-encoding.
-func (r *Reader) Raw() []byte { return r.raw }
+// Proxies use it to relay a frame as it came; only they pay for the copy.
+func (r *Reader) Raw() []byte {
+	if !r.hdrOK {
+		return nil
+	}
+	r.raw = append(append(r.raw[:0], r.hdr[:]...), r.buf...)
+	return r.raw
+}
 
 // Writer writes frames, splitting payloads larger than its maximum.
 type Writer struct {

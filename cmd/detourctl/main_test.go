@@ -1,0 +1,87 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/detourhq/detour/internal/controlplane"
+)
+
+// The CLI against a real control plane on an embedded etcd.
+func TestTargetsAndPolicyCommands(t *testing.T) {
+	inst, err := controlplane.Start(context.Background(), controlplane.Options{Listen: "127.0.0.1:0", DataDir: t.TempDir(),
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		inst.Shutdown(ctx)
+	})
+	run := func(args ...string) (string, error) {
+		var out bytes.Buffer
+		c := &cli{addr: inst.Addr(), timeout: 5 * time.Second, out: &out}
+		if len(args) > 0 && args[0] == "--json" {
+			c.json, args = true, args[1:]
+		}
+		err := c.run(args)
+		return out.String(), err
+	}
+	out, err := run("targets", "add", "us-cdn", "--region", "us-east1", "--uri", "https://cdn.example.com/",
+		"--tls", "1.2,1.3", "--bucket", "detour-us", "--prefix", "hg/", "--cdn-base-url", "https://cdn.example.com/")
+	if err != nil || !strings.Contains(out, "us-cdn") || !strings.Contains(out, "gs://detour-us/hg/") {
+		t.Fatalf("add: %v\n%s", err, out)
+	}
+	// The server's validation error comes through as it is.
+	_, err = run("targets", "add", "bad", "--region", "us", "--uri", "ftp://x/", "--bucket", "detour-us", "--public-base-url", "https://x/")
+	if s, _ := status.FromError(err); s.Code() != codes.InvalidArgument || !strings.Contains(s.Message(), "target.uris[0]") {
+		t.Fatalf("invalid add: %v", err)
+	}
+	if _, err := run("targets", "add", "x", "--public-base-url", "https://a/", "--cdn-base-url", "https://b/"); !errors.As(err, new(usageError)) {
+		t.Fatalf("two url forms: %v", err)
+	}
+	// update changes only the flags given.
+	if _, err := run("targets", "update", "us-cdn", "--weight", "7"); err != nil {
+		t.Fatal(err)
+	}
+	out, err = run("--json", "targets", "get", "us-cdn")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Weight      int      `json:"weight"`
+		TLSVersions []string `json:"tlsVersions"`
+		State       string   `json:"state"`
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil || got.Weight != 7 || strings.Join(got.TLSVersions, ",") != "1.2,1.3" {
+		t.Fatalf("after update: %v\n%s", err, out)
+	}
+	if out, err = run("targets", "drain", "us-cdn"); err != nil || !strings.Contains(out, "DRAINING") {
+		t.Fatalf("drain: %v\n%s", err, out)
+	}
+	out, err = run("policy", "set", "--min-redirect-bytes", "65536", "--region-preference", "us-east1,europe-west1")
+	if err != nil || !strings.Contains(out, "65536") || !strings.Contains(out, "us-east1,europe-west1") {
+		t.Fatalf("policy set: %v\n%s", err, out)
+	}
+	if out, err = run("objects", "ls"); err != nil || !strings.HasPrefix(out, "KEY") {
+		t.Fatalf("objects ls: %v\n%s", err, out)
+	}
+	if _, err = run("targets", "rm", "us-cdn"); err != nil {
+		t.Fatal(err)
+	}
+	_, err = run("targets", "get", "us-cdn")
+	if s, _ := status.FromError(err); s.Code() != codes.NotFound {
+		t.Fatalf("get after rm: %v", err)
+	}
+}
