@@ -28,6 +28,7 @@ func invalid(field, format string, args ...any) error {
 var (
 	labelRE  = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 	bucketRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$`)
+	dottedRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*[a-z0-9]$`)
 	ipRE     = regexp.MustCompile(`^\d+\.\d+\.\d+\.\d+$`)
 	keyRE    = regexp.MustCompile(`^[0-9a-f]{64}$`)
 )
@@ -136,7 +137,11 @@ func ValidateBucket(field, b string) error {
 			return invalid(field, "%q has a dot-separated part longer than 63 characters", b)
 		}
 	}
-	if !strings.Contains(b, ".") && !bucketRE.MatchString(b) || strings.Contains(b, ".") && !regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*[a-z0-9]$`).MatchString(b) {
+	re := bucketRE
+	if strings.Contains(b, ".") {
+		re = dottedRE // up to 222 characters, checked per dot-separated part above
+	}
+	if !re.MatchString(b) {
 		return invalid(field, "%q is not a bucket name (3-63 of a-z, 0-9, '-', '_', '.', starting and ending with a letter or digit)", b)
 	}
 	if ipRE.MatchString(b) {
