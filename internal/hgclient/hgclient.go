@@ -161,6 +161,9 @@ func (c *Client) command(ctx context.Context, name string, args map[string]any, 
 			return nil, fmt.Errorf("%s: server redirected a client that sent no redirect map", name)
 		}
 		res.Redirected = true
+		if err := r.CheckRedirectEnds(); err != nil {
+			return nil, fmt.Errorf("%s: protocol error: %w", name, err)
+		}
 		if !follow {
 			break
 		}
@@ -199,7 +202,7 @@ func (c *Client) fetch(ctx context.Context, loc *wire.Location) ([]byte, []strin
 	if resp.StatusCode != http.StatusOK {
 		return nil, nil, fmt.Errorf("GET %s: HTTP %d", loc.URL, resp.StatusCode)
 	}
-	body, err := io.ReadAll(resp.Body)
+	body, err := readChunked(resp.Body)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -228,4 +231,23 @@ func (c *Client) fetch(ctx context.Context, loc *wire.Location) ([]byte, []strin
 		verified = append(verified, h[0])
 	}
 	return body, verified, nil
+}
+
+// locationChunk is how much of a location's body Mercurial's client reads at a time.
+const locationChunk = 32 << 10
+
+// readChunked reads a location's body as Mercurial's client does, 32 KiB per read.
+func readChunked(r io.Reader) ([]byte, error) {
+	var out bytes.Buffer
+	buf := make([]byte, locationChunk)
+	for {
+		n, err := r.Read(buf)
+		out.Write(buf[:n])
+		if err == io.EOF {
+			return out.Bytes(), nil
+		}
+		if err != nil {
+			return out.Bytes(), err
+		}
+	}
 }

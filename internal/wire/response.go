@@ -146,15 +146,27 @@ func (rw *ResponseWriter) WriteEOS(requestID uint16) error {
 		Type: TypeCommandResponse, Flags: FlagResponseEOS})
 }
 
-// WriteRedirect writes a complete redirect response: stream settings, the redirect status, end.
+// ErrRedirectTooLarge means a redirect status map does not fit in one frame.
+var ErrRedirectTooLarge = errors.New("redirect status does not fit in one frame")
+
+// WriteRedirect writes a complete redirect response: stream settings, then the redirect status in
+// a single command-response frame that also carries end-of-stream. Nothing may follow it: a real
+// Mercurial client swaps the request's response for the location's body as soon as it decodes the
+// status, and applies any later frame of this request (a separate end-of-stream frame included)
+// to the fetched body, cutting it short (spec section 6).
 func (rw *ResponseWriter) WriteRedirect(requestID uint16, loc *Location) error {
+	b, err := Marshal(Status{Status: StatusRedirect, Location: loc})
+	if err != nil {
+		return err
+	}
+	if len(b) > rw.w.maxPayload {
+		return fmt.Errorf("%w: %d bytes, frames carry at most %d", ErrRedirectTooLarge, len(b), rw.w.maxPayload)
+	}
 	if err := rw.WriteStreamSettings(requestID, EncodingIdentity); err != nil {
 		return err
 	}
-	if err := rw.WriteValue(requestID, Status{Status: StatusRedirect, Location: loc}); err != nil {
-		return err
-	}
-	return rw.WriteEOS(requestID)
+	return rw.w.WriteFrame(Frame{RequestID: requestID, StreamID: rw.streamID, StreamFlags: rw.flags(true),
+		Type: TypeCommandResponse, Flags: FlagResponseEOS, Payload: b})
 }
 
 // WriteOK writes a complete ok response with the given objects.
@@ -340,6 +352,30 @@ func (r *Response) step() error {
 
 // Status is the response's status value.
 func (r *Response) Status() *Status { return r.a.Status() }
+
+// ErrFrameAfterRedirect means a server sent more frames for a request after its redirect status.
+// A real Mercurial client applies them to the fetched location body and corrupts it (spec section 6).
+var ErrFrameAfterRedirect = errors.New("frame after the redirect status")
+
+// CheckRedirectEnds verifies what Mercurial's client needs of a redirect: the frame that completed
+// the status carried end-of-stream, and no frame for the request follows in the rest of the body.
+func (r *Response) CheckRedirectEnds() error {
+	if !r.a.Done() || len(r.pending) > 0 {
+		return fmt.Errorf("%w: the status frame did not end the stream", ErrFrameAfterRedirect)
+	}
+	for {
+		f, err := r.fr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if f.RequestID == r.a.RequestID {
+			return fmt.Errorf("%w: %s", ErrFrameAfterRedirect, f.Type)
+		}
+	}
+}
 
 // Read reads the object bytes that follow the status (the concatenated CBOR objects).
 func (r *Response) Read(p []byte) (int, error) {

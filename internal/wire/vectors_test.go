@@ -3,6 +3,7 @@ package wire
 import (
 	"bytes"
 	"encoding/hex"
+	"errors"
 	"strings"
 	"testing"
 )
@@ -182,5 +183,32 @@ func TestRedirectTargetOmitsUnsetKeys(t *testing.T) {
 	want := spec(t, `a3 44 "name" 48 "target-a" 48 "protocol" 44 "http" 44 "uris" 81 53 "http://example.com/"`)
 	if !bytes.Equal(b, want) {
 		t.Fatalf("got %x\nwant %x", b, want)
+	}
+}
+
+// A redirect response as the real client needs it (spec sections 2 and 6): stream settings, then
+// the whole status map in one command-response frame whose flags are EOS (0x32: type 3, flag 2),
+// with the encoded stream flag, and nothing after it.
+const vecRedirectResponse = `
+09 00 00 01 00 02 01 92  48 "identity"
+47 00 00 01 00 02 04 32  a2 48 "location" a2 49 "mediatype" 58 1a "application/mercurial-cbor"
+                            43 "url" 41 "u" 46 "status" 48 "redirect"`
+
+func TestRedirectIsOneFrameCarryingEOS(t *testing.T) {
+	var buf bytes.Buffer
+	if err := NewResponseWriter(&buf, DefaultMaxPayload).WriteRedirect(1, &Location{URL: "u", MediaType: MediaTypeCBOR}); err != nil {
+		t.Fatal(err)
+	}
+	want := spec(t, vecRedirectResponse)
+	if !bytes.Equal(buf.Bytes(), want) {
+		t.Fatalf("redirect response\n got %x\nwant %x", buf.Bytes(), want)
+	}
+}
+
+func TestRedirectTooLargeForOneFrameIsRefused(t *testing.T) {
+	var buf bytes.Buffer
+	err := NewResponseWriter(&buf, 100).WriteRedirect(1, &Location{URL: strings.Repeat("u", 200), MediaType: MediaTypeCBOR})
+	if !errors.Is(err, ErrRedirectTooLarge) || buf.Len() != 0 {
+		t.Fatalf("err = %v, wrote %d bytes", err, buf.Len())
 	}
 }
