@@ -8,6 +8,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
@@ -37,9 +38,6 @@ type Store interface {
 	Create(ctx context.Context, bucket, name, mediaType string) *blob.Upload
 	Hash(ctx context.Context, bucket, name string) (blob.Result, error)
 }
-
-// DefaultCacheable are the commands whose responses are content-addressed by their arguments.
-var DefaultCacheable = []string{"manifestdata", "filedata", "filesdata", "changesetdata"}
 
 // Config configures an Agent. Zero fields take defaults.
 type Config struct {
@@ -106,7 +104,11 @@ func New(cfg Config) (*Agent, error) {
 	a := &Agent{cfg: cfg, cacheable: map[string]bool{}, log: cfg.Log, metrics: newMetrics(),
 		client: &http.Client{Transport: cfg.Transport}}
 	for _, c := range cfg.Cacheable {
-		a.cacheable[strings.TrimSpace(c)] = true
+		c = strings.TrimSpace(c)
+		if _, ok := contentAddressed[c]; !ok {
+			return nil, fmt.Errorf("agent: command %q cannot be cached: its response is not addressed by its arguments (cacheable: manifestdata, filedata, filesdata, changesetdata)", c)
+		}
+		a.cacheable[c] = true
 	}
 	a.proxy = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {

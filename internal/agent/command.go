@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -61,6 +62,11 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		a.passthrough(w, r, body, "passthrough")
 		return
 	}
+	if ok, why := Cacheability(cmd); !ok {
+		a.metrics.uncacheable.WithLabelValues(name, why).Inc()
+		a.passthrough(w, r, body, "passthrough")
+		return
+	}
 	key, err := ContentKey(a.cfg.RepoID, cmd)
 	if err != nil {
 		a.passthrough(w, r, body, "inline")
@@ -71,8 +77,12 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 	case d == nil:
 		a.passthrough(w, r, body, "inline")
 	case d.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT && d.Location != nil:
+		if err := a.writeRedirect(w, cmd, d.Location); err != nil {
+			a.warnOnce("redirect", "cannot encode a redirect; answering inline", "err", err)
+			a.passthrough(w, r, body, "inline")
+			return
+		}
 		a.metrics.requests.WithLabelValues("redirect").Inc()
-		a.writeRedirect(w, cmd, d.Location)
 	case d.Fill != nil && a.cfg.Store != nil:
 		a.serveInlineWithFill(w, r, cmd, key, d.Fill)
 	default:
@@ -151,7 +161,9 @@ func (a *Agent) forwardCommand(r *http.Request, cmd *wire.CommandRequest) (*http
 	return a.client.Do(req)
 }
 
-func (a *Agent) writeRedirect(w http.ResponseWriter, cmd *wire.CommandRequest, l *pb.Location) {
+// writeRedirect answers with the location. It writes nothing when the redirect cannot be encoded,
+// so the caller can still answer inline.
+func (a *Agent) writeRedirect(w http.ResponseWriter, cmd *wire.CommandRequest, l *pb.Location) error {
 	size := l.Size
 	loc := &wire.Location{URL: l.Url, MediaType: l.MediaType, Size: &size}
 	for _, h := range cmd.Redirect.Hashes {
@@ -162,9 +174,15 @@ func (a *Agent) writeRedirect(w http.ResponseWriter, cmd *wire.CommandRequest, l
 			loc.FullHashes = append(loc.FullHashes, []string{h, string(l.Sha1)})
 		}
 	}
+	var buf bytes.Buffer
+	if err := wire.NewResponseWriter(&buf, wire.DefaultMaxPayload).WriteRedirect(cmd.RequestID, loc); err != nil {
+		return err
+	}
 	w.Header().Set("Content-Type", wire.MediaTypeFraming)
+	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
 	w.WriteHeader(http.StatusOK)
-	_ = wire.NewResponseWriter(w, wire.DefaultMaxPayload).WriteRedirect(cmd.RequestID, loc)
+	_, _ = w.Write(buf.Bytes())
+	return nil
 }
 
 // place asks the control plane, within the place timeout. nil means "answer inline": the control

@@ -1,19 +1,115 @@
 package agent
 
+// Content keys, and which responses may be stored under one.
+//
+// A content key promises that equal keys mean byte-identical responses (DESIGN invariant 8). A
+// real Mercurial client checks no hashes, so a key that covers less than what shapes the bytes
+// serves someone else's answer: a corrupted clone. The key hashes the command, all of its
+// arguments as the client sent them, the repository's identity, the media types and the protocol
+// version. That is enough only for commands whose arguments name their content by hash:
+//
+//   - manifestdata (nodes, tree, fields, haveparents): manifest revisions are addressed by node;
+//     parents and revision data are part of what the node hashes. Cacheable.
+//   - filesdata (revisions, fields, pathfilter, haveparents): the changesets named by `revisions`
+//     (explicit nodes or a DAG range between nodes) are fixed by their hashes, because the set of
+//     visible changesets is closed under ancestry and the origin refuses hidden ones rather than
+//     answering differently. `pathfilter` and `haveparents` change which files and which deltas
+//     are sent, so they are arguments, and arguments are in the key. The `linknode` of each file
+//     revision is the first requested changeset that introduces it, which the same arguments fix.
+//     Cacheable.
+//   - filedata (path, nodes, fields, haveparents): file revisions are addressed by node, except
+//     the `linknode` field: the origin derives it from the file log's link revision against the
+//     repository's current changelog view, which hidden (obsolete) changesets change while the
+//     arguments stay equal (Mercurial's own server notes the same defect). Cacheable unless
+//     `fields` asks for linknodes; then it stays inline.
+//   - changesetdata (revisions, fields): `parents` and `revision` are content-addressed, but
+//     `bookmarks` and `phase` describe the repository's state now, which moves while the arguments
+//     stay equal: a bookmark set on the origin after a cached clone would never reach later clones.
+//     Cached only when `fields` names neither (a real client's clone and pull ask for both, so
+//     those stay inline); it is not in the default set, and operators add it knowingly.
+//
+// Everything else (capabilities, heads, known, lookup, listkeys, branchmap, and every command
+// that writes) describes current state and is never cached, whatever the configuration says.
+// What a key cannot see: an origin whose history is rewritten in place (hg strip, then new
+// commits) or whose Mercurial version changes its output. Operators then purge the repository's
+// objects or change --repo-id; keyVersion moves when Detour's own inputs change.
+
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
+
+	"github.com/fxamacker/cbor/v2"
 
 	"github.com/detourhq/detour/internal/wire"
 )
 
 // keyVersion changes when the content key's inputs or the stored format change, so that old
 // objects are never mistaken for new ones.
-const keyVersion = 1
+const keyVersion = 2
+
+// DefaultCacheable are the commands whose responses are content-addressed by their arguments.
+var DefaultCacheable = []string{"manifestdata", "filedata", "filesdata"}
+
+// contentAddressed lists every command the agent can ever cache, with the fields that keep one
+// request inline because they describe repository state rather than content.
+var contentAddressed = map[string][]string{
+	"manifestdata":  nil,
+	"filesdata":     nil,
+	"filedata":      {"linknode"},
+	"changesetdata": {"bookmarks", "phase"},
+}
+
+// Cacheability says whether cmd's response may be stored under its content key, and if not, why
+// (a reason for metrics and logs).
+func Cacheability(cmd *wire.CommandRequest) (bool, string) {
+	stateFields, ok := contentAddressed[cmd.Name]
+	if !ok {
+		return false, "not_content_addressed"
+	}
+	if len(stateFields) == 0 {
+		return true, ""
+	}
+	fields, ok := stringSet(cmd.Args["fields"])
+	if !ok {
+		return false, "unreadable_fields"
+	}
+	for _, f := range stateFields {
+		if fields[f] {
+			return false, "state_field_" + f
+		}
+	}
+	return true, ""
+}
+
+// stringSet reads a `fields` argument: absent, or a set (tag 258) or list of byte strings.
+func stringSet(v any) (map[string]bool, bool) {
+	if t, ok := v.(cbor.Tag); ok {
+		if t.Number != 258 {
+			return nil, false
+		}
+		v = t.Content
+	}
+	out := map[string]bool{}
+	switch items := v.(type) {
+	case nil:
+		return out, true
+	case []any:
+		for _, it := range items {
+			s, ok := it.(string)
+			if !ok {
+				return nil, false
+			}
+			out[s] = true
+		}
+		return out, true
+	}
+	return nil, false
+}
 
 // ContentKey names one response: SHA-256 over the canonical CBOR of the command, its arguments,
-// the origin repository's identity, the media types and the protocol version. Equal keys mean
-// byte-identical responses, because the cacheable commands' arguments name content by hash.
+// the origin repository's identity, the media types and the protocol version. Call it only for a
+// command Cacheability accepts.
 func ContentKey(repoID string, cmd *wire.CommandRequest) (string, error) {
 	args := cmd.Args
 	if args == nil {
@@ -29,7 +125,7 @@ func ContentKey(repoID string, cmd *wire.CommandRequest) (string, error) {
 		"version":       wire.APIVersion,
 	})
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("content key of %s: %w", cmd.Name, err)
 	}
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:]), nil

@@ -6,6 +6,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type Metrics struct {
 	Registry        *prometheus.Registry
 	requests        *prometheus.CounterVec
+	uncacheable     *prometheus.CounterVec
 	placeFailures   *prometheus.CounterVec
 	placeLatency    prometheus.Histogram
 	fills           *prometheus.CounterVec
@@ -18,6 +19,8 @@ func newMetrics() *Metrics {
 		Registry: prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_requests_total",
 			Help: "Requests by outcome: redirect, inline, inline_fill, passthrough, capabilities, protocol_error."}, []string{"outcome"}),
+		uncacheable: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_uncacheable_total",
+			Help: "Requests for a cacheable command kept inline because they ask for repository state (e.g. changesetdata with bookmarks)."}, []string{"command", "reason"}),
 		placeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_place_failures_total",
 			Help: "Place calls that failed (by gRPC code) or were skipped while backing off."}, []string{"cause"}),
 		placeLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "detour_agent_place_duration_seconds",
@@ -29,6 +32,6 @@ func newMetrics() *Metrics {
 		targetsRevision: prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_agent_targets_revision",
 			Help: "Revision of the target set the agent advertises."}),
 	}
-	m.Registry.MustRegister(m.requests, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision)
+	m.Registry.MustRegister(m.requests, m.uncacheable, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision)
 	return m
 }
