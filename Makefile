@@ -9,15 +9,16 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 
 TOOLS := $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
 
-.PHONY: all build test test-go lint proto proto-check tools run bench fuzz clean
+.PHONY: all build test test-go lint proto proto-check tools hg run bench fuzz clean
 
 all: build
 
 build:
 	$(GO) build ./...
 
-## test: every check that fits in CI, then every test with the race detector.
-test: lint proto-check test-go
+## test: every check that fits in CI, then every test with the race detector. The end-to-end
+## tests need the real Mercurial that `make hg` installs (with CI=true its absence fails them).
+test: hg lint proto-check test-go
 
 test-go:
 	$(GO) test -race -count=1 -timeout 20m ./...
@@ -40,6 +41,11 @@ proto-check: $(TOOLS)
 
 tools: $(TOOLS)
 
+## hg: Mercurial 5.6.1 (the last Debian release with wire protocol v2) into ./bin/hg, from Debian
+## 11's packages, without touching the system's Python or packages.
+hg:
+	./hack/install-hg.sh
+
 $(BIN)/buf:
 	GOBIN=$(BIN) $(GO) install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
 $(BIN)/protoc-gen-go:
@@ -47,9 +53,10 @@ $(BIN)/protoc-gen-go:
 $(BIN)/protoc-gen-go-grpc:
 	GOBIN=$(BIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 
-## run: the whole system on embedded defaults.
+## run: the whole system on embedded defaults. HG_REPO=path serves that repository with a real
+## hg serve (installed by `make hg`) instead of the demo origin.
 run:
-	$(GO) run ./cmd/devstack
+	$(if $(HG_REPO),./hack/install-hg.sh && )$(GO) run ./cmd/devstack $(if $(HG_REPO),--hg-repo "$(HG_REPO)")
 
 ## bench: Go benchmarks, then the load drivers (see bench/RESULTS.md).
 bench:

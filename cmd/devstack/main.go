@@ -10,25 +10,30 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
 	"github.com/detourhq/detour/internal/devstack"
+	"github.com/detourhq/detour/internal/hgserve"
 )
 
 func main() {
 	var o devstack.Options
-	var logLevel string
+	var logLevel, hgRepo, hgPath string
 	flag.StringVar(&o.DataDir, "data-dir", "detour-data/devstack", "embedded etcd data directory")
 	flag.StringVar(&o.ControlPlane, "controlplane-listen", "127.0.0.1:7700", "control-plane gRPC address")
 	flag.StringVar(&o.CPMetrics, "metrics-listen", "127.0.0.1:7701", "control-plane /metrics address")
 	flag.StringVar(&o.Agent, "agent-listen", "127.0.0.1:8080", "agent HTTP address (what clients use)")
+	flag.StringVar(&o.AgentMetrics, "agent-metrics-listen", "127.0.0.1:8081", "agent /metrics address")
 	flag.StringVar(&o.Origin, "origin-listen", "127.0.0.1:8000", "demo origin HTTP address")
 	flag.IntVar(&o.GCSPort, "gcs-port", 4443, "port of the in-process GCS emulator")
 	flag.IntVar(&o.ObjectSize, "object-size", 1<<20, "default response size of the demo origin")
 	flag.Uint64Var(&o.MinRedirect, "min-redirect-bytes", 0, "policy: smaller responses stay inline")
 	flag.DurationVar(&o.PlaceTimeout, "place-timeout", 50*time.Millisecond, "agent's Place deadline")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	flag.StringVar(&hgRepo, "hg-repo", "", "a Mercurial repository to serve as the origin with a real `hg serve` (protocol v2 on) instead of the demo origin; needs `make hg`")
+	flag.StringVar(&hgPath, "hg", "", "the hg to serve --hg-repo with (default: $DETOUR_HG, else ./bin/hg from `make hg`)")
 	flag.Parse()
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
@@ -39,6 +44,15 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	var hg *hgserve.Server
+	if hgRepo != "" {
+		var err error
+		if hg, err = serveRepo(ctx, hgPath, hgRepo, &o); err != nil {
+			fmt.Fprintf(os.Stderr, "devstack: --hg-repo: %v\n", err)
+			os.Exit(1)
+		}
+		defer hg.Close()
+	}
 	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	s, err := devstack.Start(startCtx, o)
 	cancel()
@@ -46,6 +60,71 @@ func main() {
 		fmt.Fprintf(os.Stderr, "devstack: %v\n", err)
 		os.Exit(1)
 	}
+	if hg != nil {
+		printHgBanner(s, o, hgRepo)
+	} else {
+		printBanner(s, o)
+	}
+	select {
+	case <-ctx.Done():
+	case err := <-s.CP.Err():
+		fmt.Fprintf(os.Stderr, "devstack: control plane listener: %v\n", err)
+	}
+	fmt.Println("stopping…")
+	sctx, scancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer scancel()
+	s.Close(sctx)
+}
+
+// serveRepo starts `hg serve` on repo with protocol v2 on and points the stack at it.
+func serveRepo(ctx context.Context, hg, repo string, o *devstack.Options) (*hgserve.Server, error) {
+	abs, err := filepath.Abs(repo)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(filepath.Join(abs, ".hg")); err != nil {
+		return nil, fmt.Errorf("%s is not a Mercurial repository", abs)
+	}
+	if hg == "" {
+		if hg, err = hgserve.Find("."); err != nil {
+			return nil, err
+		}
+	}
+	logDir := filepath.Join(o.DataDir, "hg-serve")
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return nil, err
+	}
+	srv, err := hgserve.Serve(ctx, hg, abs, hgserve.Options{Listen: o.Origin, V2: true, Dir: logDir})
+	if err != nil {
+		return nil, err
+	}
+	o.OriginURL = srv.URL
+	// The repository, not the port it is served on this time, names its content.
+	o.RepoID = "hg:" + abs
+	return srv, nil
+}
+
+func printHgBanner(s *devstack.Stack, o devstack.Options, repo string) {
+	fmt.Printf(`
+Detour is running in front of a real hg serve (Ctrl-C stops it):
+  agent (clients connect here)  %s
+  origin: hg serve of %s   %s   access log %s/hg-serve/access.log
+  control plane (gRPC)          %s   metrics http://%s/metrics
+  GCS emulator                  http://%s   bucket %s, target %q
+
+Clone through the agent with a Mercurial that speaks protocol v2 (make hg installs 5.6.1 as ./bin/hg):
+  ./bin/hg clone --config experimental.httppeer.advertise-v2=true %s /tmp/detour-clone-1
+  ./bin/hg clone --debug --config experimental.httppeer.advertise-v2=true %s /tmp/detour-clone-2 | grep 'following redirect'
+The first clone is answered inline while the agent fills the store; later clones follow redirects for
+manifestdata and filesdata. Then:
+  go run ./cmd/detourctl objects ls
+  curl -s http://%s/metrics | grep detour_agent_requests_total
+
+`, s.AgentURL, repo, s.OriginURL, o.DataDir, s.CP.Addr(), s.CP.MetricsAddr(), s.GCS.Host(), s.Target().Store.Bucket, s.Target().Name,
+		s.AgentURL, s.AgentURL, o.AgentMetrics)
+}
+
+func printBanner(s *devstack.Stack, o devstack.Options) {
 	fmt.Printf(`
 Detour is running (Ctrl-C stops it):
   agent (clients connect here)  %s
@@ -65,13 +144,4 @@ Try, in another terminal:
 
 `, s.AgentURL, s.OriginURL, s.CP.Addr(), s.CP.MetricsAddr(), s.CP.EtcdEndpoint(), o.DataDir, s.GCS.Host(), "detour-demo",
 		s.Target().Name, s.AgentURL, s.AgentURL, s.AgentURL, s.CP.Addr())
-	select {
-	case <-ctx.Done():
-	case err := <-s.CP.Err():
-		fmt.Fprintf(os.Stderr, "devstack: control plane listener: %v\n", err)
-	}
-	fmt.Println("stopping…")
-	sctx, scancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer scancel()
-	s.Close(sctx)
 }

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
@@ -29,7 +30,13 @@ type Options struct {
 	ControlPlane string // gRPC address
 	CPMetrics    string
 	Agent        string // HTTP address
-	Origin       string
+	AgentMetrics string // agent's /metrics address; empty: none
+	Origin       string // demo origin's HTTP address
+	// OriginURL, if set, is an origin that is already running (an `hg serve`); no demo origin is
+	// started.
+	OriginURL string
+	// RepoID names the origin's repository in content keys (default: the origin URL).
+	RepoID       string
 	GCSPort      int
 	Region       string // default "local"
 	Bucket       string // default "detour-demo"
@@ -53,9 +60,9 @@ type Stack struct {
 	Admin     pb.AdminServiceClient
 	opts      Options
 
-	originSrv, agentSrv *http.Server
-	cancel              context.CancelFunc
-	done                chan struct{}
+	originSrv, agentSrv, metricsSrv *http.Server
+	cancel                          context.CancelFunc
+	done                            chan struct{}
 }
 
 func listen(addr string) (net.Listener, error) {
@@ -107,20 +114,27 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 		return nil, err
 	}
 
-	s.Origin = demoorigin.New(o.ObjectSize)
-	ol, err := listen(o.Origin)
-	if err != nil {
-		return nil, fmt.Errorf("origin listener: %w", err)
+	if o.OriginURL != "" {
+		s.OriginURL = o.OriginURL
+	} else {
+		s.Origin = demoorigin.New(o.ObjectSize)
+		ol, err := listen(o.Origin)
+		if err != nil {
+			return nil, fmt.Errorf("origin listener: %w", err)
+		}
+		s.OriginURL = "http://" + ol.Addr().String() + "/"
+		s.originSrv = &http.Server{Handler: s.Origin, ReadHeaderTimeout: 10 * time.Second}
+		go s.originSrv.Serve(ol)
 	}
-	s.OriginURL = "http://" + ol.Addr().String() + "/"
-	s.originSrv = &http.Server{Handler: s.Origin, ReadHeaderTimeout: 10 * time.Second}
-	go s.originSrv.Serve(ol)
 
 	if s.Store, err = blob.NewStore(ctx, blob.Options{Endpoint: s.GCS.Endpoint()}); err != nil {
 		return nil, err
 	}
-	originURL, _ := url.Parse(s.OriginURL)
-	if s.Agent, err = agent.New(agent.Config{Origin: originURL, Region: o.Region, AgentID: "devstack-agent",
+	originURL, err := url.Parse(s.OriginURL)
+	if err != nil {
+		return nil, fmt.Errorf("origin URL: %w", err)
+	}
+	if s.Agent, err = agent.New(agent.Config{Origin: originURL, RepoID: o.RepoID, Region: o.Region, AgentID: "devstack-agent",
 		PlaceTimeout: o.PlaceTimeout, Placement: pb.NewPlacementServiceClient(s.Conn), Store: s.Store,
 		Log: o.Log.With("component", "agent")}); err != nil {
 		return nil, err
@@ -132,6 +146,16 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	s.AgentURL = "http://" + al.Addr().String() + "/"
 	s.agentSrv = &http.Server{Handler: s.Agent, ReadHeaderTimeout: 10 * time.Second}
 	go s.agentSrv.Serve(al)
+	if o.AgentMetrics != "" {
+		ml, err := listen(o.AgentMetrics)
+		if err != nil {
+			return nil, fmt.Errorf("agent metrics listener: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(s.Agent.Metrics().Registry, promhttp.HandlerOpts{}))
+		s.metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go s.metricsSrv.Serve(ml)
+	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.cancel = cancel
 	go func() { s.Agent.Run(runCtx); close(s.done) }()
@@ -193,6 +217,9 @@ func (s *Stack) Close(ctx context.Context) {
 	if s.cancel != nil {
 		s.cancel()
 		<-s.done
+	}
+	if s.metricsSrv != nil {
+		s.metricsSrv.Shutdown(ctx)
 	}
 	if s.originSrv != nil {
 		s.originSrv.Shutdown(ctx)

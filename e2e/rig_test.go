@@ -1,0 +1,324 @@
+// Package e2e tests Detour end to end with real parts in real processes: a real Mercurial (client
+// and `hg serve`), the control plane and agent binaries, an embedded etcd, and a GCS-API server
+// reached through the real storage client.
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"io/fs"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/gcsemu"
+	"github.com/detourhq/detour/internal/hgclient"
+	"github.com/detourhq/detour/internal/hgserve"
+	"github.com/detourhq/detour/internal/testbed"
+)
+
+const (
+	bucket = "detour-e2e"
+	target = "e2e-gcs"
+	repoID = "e2e-repo"
+)
+
+// findHG returns the real Mercurial, skipping the test when it is absent outside CI and failing it
+// in CI, where `make hg` must have installed it.
+func findHG(t testing.TB) string {
+	t.Helper()
+	hg, err := hgserve.Find(".")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("CI=true and no real Mercurial: %v", err)
+		}
+		t.Skipf("no real Mercurial (run `make hg`): %v", err)
+	}
+	return hg
+}
+
+// rig is a whole deployment: origin `hg serve` behind a byte-counting tap, GCS emulator, control
+// plane and agent processes, and a recording tap in front of the agent.
+type rig struct {
+	t         testing.TB
+	hg        string
+	repo      *hgserve.Repo
+	origin    *hgserve.Server
+	originTap *tap // between the agent (and direct clients) and hg serve
+	gcs       *gcsemu.Server
+	cp        *testbed.ControlPlane
+	agent     *testbed.Agent
+	agentTap  *tap // between clients and the agent
+	admin     pb.AdminServiceClient
+	work      string
+	clones    atomic.Int32
+}
+
+// repoShape sizes the test repository: several changesets, a few hundred files, and files over
+// 1 MiB so that one filesdata response is over 10 MB.
+type repoShape struct {
+	files, bigFiles, bigSize int
+}
+
+var fullRepo = repoShape{files: 300, bigFiles: 6, bigSize: 2 << 20}
+
+func newRig(t testing.TB, shape repoShape) *rig {
+	t.Helper()
+	ctx := context.Background()
+	r := &rig{t: t, hg: findHG(t), work: t.TempDir()}
+	var err error
+	if r.repo, err = hgserve.Init(ctx, r.hg, filepath.Join(r.work, "origin")); err != nil {
+		t.Fatal(err)
+	}
+	// History: two public changesets, two drafts, a bookmark on a draft.
+	if err := r.repo.Populate(1, shape.files, shape.bigFiles, shape.bigSize); err != nil {
+		t.Fatal(err)
+	}
+	r.commit("initial import")
+	for i := 1; i <= 3; i++ {
+		r.must(r.repo.WriteFile("src/dir01/file001.txt", []byte(strings.Repeat("change ", i*10))))
+		r.must(r.repo.Populate(uint64(100+i), 20, 1, 1536<<10))
+		r.commit("change " + string(rune('0'+i)))
+	}
+	r.hgOrigin("bookmark", "--rev", "2", "feature")
+	r.hgOrigin("phase", "--public", "--rev", "1")
+
+	if r.origin, err = hgserve.Serve(ctx, r.hg, r.repo.Dir, hgserve.Options{V2: true, Dir: r.work}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.origin.Close)
+	r.originTap = newTap(t, r.origin.URL)
+
+	if r.gcs, err = gcsemu.Start(0); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.gcs.Stop)
+	r.gcs.CreateBucket(bucket)
+
+	r.cp = testbed.StartControlPlane(t, "--gcs-endpoint", r.gcs.Endpoint(), "--region", "test")
+	conn, err := grpc.NewClient(r.cp.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	r.admin = pb.NewAdminServiceClient(conn)
+	public := r.gcs.PublicURL(bucket)
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: &pb.Target{Name: target, Protocol: "http",
+		Uris: []string{public}, Region: "test", Weight: 1, Store: &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
+		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}}); err != nil {
+		t.Fatal(err)
+	}
+
+	r.agent = testbed.StartAgent(t, r.originTap.URL, "--controlplane", r.cp.Addr, "--region", "test",
+		"--gcs-endpoint", r.gcs.Endpoint(), "--repo-id", repoID)
+	r.agentTap = newTap(t, r.agent.URL)
+	testbed.Eventually(t, 20*time.Second, "the agent advertises the target", func() bool {
+		hs, err := (&hgclient.Client{Base: r.agent.URL}).Capabilities(ctx)
+		return err == nil && hs.Redirect != nil && slices.Contains(hgclient.Accepted(hs.Redirect, "http"), target)
+	})
+	return r
+}
+
+func (r *rig) must(err error) {
+	r.t.Helper()
+	if err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+func (r *rig) commit(msg string) {
+	r.t.Helper()
+	r.must(r.repo.Commit(context.Background(), msg))
+}
+
+func (r *rig) hgOrigin(args ...string) string {
+	r.t.Helper()
+	out, err := r.repo.Hg(context.Background(), args...)
+	r.must(err)
+	return string(out)
+}
+
+// hgIn runs hg in dir with the v2 client configuration.
+func (r *rig) hgIn(dir string, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	out, err := hgserve.Run(ctx, r.hg, dir, hgserve.WithConfig(hgserve.ClientConfig, args...)...)
+	return string(out), err
+}
+
+// clone clones url into a new directory with the v2 client and --debug, returning the directory
+// and hg's output. extra are further hg arguments (e.g. --config for an extension).
+func (r *rig) clone(url string, extra ...string) (string, string) {
+	r.t.Helper()
+	dir := filepath.Join(r.work, "clone-"+string(rune('a'+r.clones.Add(1)-1)))
+	out, err := r.hgIn(r.work, append(append([]string{"clone", "--debug"}, extra...), url, dir)...)
+	if err != nil {
+		r.t.Fatalf("clone %s: %v\n%s", url, err, tailLines(out, 40))
+	}
+	return dir, out
+}
+
+// redirectsFollowed counts the content redirects hg --debug says it followed.
+func redirectsFollowed(out string) int { return strings.Count(out, "(following redirect to ") }
+
+var commandSent = regexp.MustCompile(`sending command (\w+):`)
+
+// commandsSent lists the v2 commands hg --debug says it sent.
+func commandsSent(out string) []string {
+	var cmds []string
+	for _, m := range commandSent.FindAllStringSubmatch(out, -1) {
+		cmds = append(cmds, m[1])
+	}
+	return cmds
+}
+
+// state describes a clone as a user sees it: every changeset with its phase, parents, bookmarks and
+// files; the bookmarks; and the working tree's bytes.
+func (r *rig) state(dir string) string {
+	r.t.Helper()
+	log, err := r.hgIn(dir, "log", "--rev", "all()", "--template",
+		"{node} {phase} p1={p1.node} p2={p2.node} [{join(bookmarks, ',')}] {files}\n")
+	r.must(err)
+	marks, err := r.hgIn(dir, "bookmarks", "--template", "{bookmark} {node}\n")
+	r.must(err)
+	parent, err := r.hgIn(dir, "log", "--rev", ".", "--template", "{node}\n")
+	r.must(err)
+	var tree strings.Builder
+	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && d.Name() == ".hg" {
+			return filepath.SkipDir
+		}
+		if d.Type().IsRegular() {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			rel, _ := filepath.Rel(dir, p)
+			tree.WriteString(rel + " " + hashHex(b) + "\n")
+		}
+		return nil
+	})
+	r.must(err)
+	return "log:\n" + log + "bookmarks:\n" + marks + "parent: " + parent + "tree:\n" + tree.String()
+}
+
+// verify runs hg verify in a clone.
+func (r *rig) verify(dir string) {
+	r.t.Helper()
+	if out, err := r.hgIn(dir, "verify"); err != nil {
+		r.t.Fatalf("hg verify in %s: %v\n%s", dir, err, out)
+	}
+}
+
+// assertSame fails with a diff-like message when two clones differ.
+func assertSame(t testing.TB, what, want, got string) {
+	t.Helper()
+	if want == got {
+		return
+	}
+	wl, gl := strings.Split(want, "\n"), strings.Split(got, "\n")
+	for i := 0; i < len(wl) || i < len(gl); i++ {
+		var w, g string
+		if i < len(wl) {
+			w = wl[i]
+		}
+		if i < len(gl) {
+			g = gl[i]
+		}
+		if w != g {
+			t.Fatalf("%s differs from the origin's clone at line %d:\n origin: %.300s\n  agent: %.300s", what, i+1, w, g)
+		}
+	}
+}
+
+func tailLines(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// tap is a reverse proxy that counts response bytes and keeps the bodies of v2 command requests.
+type tap struct {
+	URL           string
+	responseBytes atomic.Int64
+	mu            sync.Mutex
+	requests      map[string][][]byte // command → request bodies
+}
+
+func newTap(t testing.TB, upstream string) *tap {
+	u, err := url.Parse(upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp := &tap{requests: map[string][][]byte{}}
+	proxy := httputil.NewSingleHostReverseProxy(u)
+	proxy.FlushInterval = -1
+	proxy.ModifyResponse = func(resp *http.Response) error {
+		resp.Body = &countingBody{ReadCloser: resp.Body, n: &tp.responseBytes}
+		return nil
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		if i := strings.Index(req.URL.Path, "/ro/"); i >= 0 && req.Method == http.MethodPost {
+			body, err := io.ReadAll(req.Body)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			tp.mu.Lock()
+			cmd := req.URL.Path[i+len("/ro/"):]
+			tp.requests[cmd] = append(tp.requests[cmd], body)
+			tp.mu.Unlock()
+			req.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		proxy.ServeHTTP(w, req)
+	}))
+	t.Cleanup(srv.Close)
+	tp.URL = srv.URL + "/"
+	return tp
+}
+
+// Requests returns the bodies of the command requests seen for cmd.
+func (tp *tap) Requests(cmd string) [][]byte {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	return slices.Clone(tp.requests[cmd])
+}
+
+type countingBody struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (c *countingBody) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+func writeFile(name, content string) error { return os.WriteFile(name, []byte(content), 0o644) }
+
+// runHG runs hg without the v2 client configuration (a protocol v1 client).
+func runHG(ctx context.Context, hg, dir string, args ...string) (string, error) {
+	out, err := hgserve.Run(ctx, hg, dir, args...)
+	return string(out), err
+}
