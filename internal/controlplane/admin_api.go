@@ -120,22 +120,20 @@ func (s *Service) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) (*pb.
 	return &pb.SetPolicyResponse{Policy: p}, nil
 }
 
-const (
-	defaultPageSize = 100
-	maxPageSize     = 1000
-)
-
 // ListObjects lists READY copies by target and/or key prefix, in key order, a page at a time. All
 // copies of one key are on the same page; the page token is the last key listed.
 func (s *Service) ListObjects(ctx context.Context, req *pb.ListObjectsRequest) (*pb.ListObjectsResponse, error) {
-	size := int(req.PageSize)
-	switch {
-	case size < 0:
-		return nil, invalidArg("page_size", "must not be negative")
-	case size == 0:
-		size = defaultPageSize
-	case size > maxPageSize:
-		size = maxPageSize
+	size, err := targets.ValidatePageSize("page_size", req.PageSize)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := targets.ValidateKeyPrefix("key_prefix", req.KeyPrefix); err != nil {
+		return nil, toStatus(err)
+	}
+	if req.Target != "" {
+		if err := targets.ValidateName("target", req.Target); err != nil {
+			return nil, toStatus(err)
+		}
 	}
 	if req.PageToken != "" {
 		if err := targets.ValidateKey("page_token", req.PageToken); err != nil {

@@ -1,16 +1,52 @@
 package targets
 
 import (
+	"errors"
 	"fmt"
 	"net/url"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+)
+
+// Limits on what the Admin API accepts. Each is checked before the value is parsed, matched or
+// written, so an oversized request costs no more than reading it; an error names the field and the
+// limit.
+const (
+	// MaxNameLength is the longest target name or region: a DNS label.
+	MaxNameLength = 63
+	// MaxURIs is the most URIs a target advertises; clients try them in turn.
+	MaxURIs = 16
+	// MaxURILength is the longest advertised URI, in bytes.
+	MaxURILength = 2048
+	// MaxTLSVersions is the most TLS versions a target lists: there are four.
+	MaxTLSVersions = 4
+	// MinWeight and MaxWeight bound a target's share of its region's fills.
+	MinWeight, MaxWeight = 1, 10000
+	// MaxBucketLength is GCS's limit on a dotted bucket name.
+	MaxBucketLength = 222
+	// MaxPrefixLength is the longest object-name prefix in a bucket, in bytes.
+	MaxPrefixLength = 512
+	// MaxBaseURLLength is the longest public or CDN base URL, in bytes.
+	MaxBaseURLLength = 2048
+	// MaxGoogleAccessIDLength is the longest service-account name that signs URLs, in bytes.
+	MaxGoogleAccessIDLength = 256
+	// MaxRegionPreference is the most regions a policy ranks.
+	MaxRegionPreference = 64
+	// MaxKeyPrefixLength is the longest key prefix ListObjects accepts: a whole content key.
+	MaxKeyPrefixLength = 64
+	// DefaultPageSize is the page size of ListObjects when the request names none.
+	DefaultPageSize = 100
+	// MaxPageSize is the largest page ListObjects returns; a larger request is an error, not
+	// silently cut, so a caller never mistakes a short page for the whole.
+	MaxPageSize = 1000
 )
 
 // ValidationError names the field that is wrong and why.
@@ -25,12 +61,60 @@ func invalid(field, format string, args ...any) error {
 	return &ValidationError{Field: field, Msg: fmt.Sprintf(format, args...)}
 }
 
+// maxEcho bounds how much of an offending value a message quotes: enough to recognise it, never
+// enough to reflect a large input back to its sender or into the logs.
+const maxEcho = 64
+
+// quote returns s quoted as %q would, cut to at most maxEcho bytes of quoted text (at a rune
+// boundary), followed by the full length when it was cut. Every value a message echoes goes
+// through it.
+func quote(s string) string {
+	var b strings.Builder
+	b.WriteByte('"')
+	n := 0
+	for n < len(s) {
+		_, size := utf8.DecodeRuneInString(s[n:])
+		q := strconv.Quote(s[n : n+size])
+		q = q[1 : len(q)-1]
+		if b.Len()-1+len(q) > maxEcho {
+			break
+		}
+		b.WriteString(q)
+		n += size
+	}
+	b.WriteByte('"')
+	if n < len(s) {
+		fmt.Fprintf(&b, "…(%d bytes)", len(s))
+	}
+	return b.String()
+}
+
+// checkText checks what every string field must satisfy before anything else looks at it: at most
+// max bytes, valid UTF-8, and no control characters.
+func checkText(field, s string, max int) error {
+	if len(s) > max {
+		return invalid(field, "%s is longer than the limit of %d bytes", quote(s), max)
+	}
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			return invalid(field, "is not valid UTF-8 (byte %d)", i)
+		}
+		if unicode.IsControl(r) {
+			return invalid(field, "contains the control character %U (byte %d)", r, i)
+		}
+		i += size
+	}
+	return nil
+}
+
 var (
 	labelRE  = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 	bucketRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$`)
 	dottedRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*[a-z0-9]$`)
 	ipRE     = regexp.MustCompile(`^\d+\.\d+\.\d+\.\d+$`)
 	keyRE    = regexp.MustCompile(`^[0-9a-f]{64}$`)
+	hexRE    = regexp.MustCompile(`^[0-9a-f]*$`)
 )
 
 var tlsVersions = map[string]bool{"1.0": true, "1.1": true, "1.2": true, "1.3": true}
@@ -40,18 +124,57 @@ const MaxSignedURLTTL = 7 * 24 * time.Hour
 
 // ValidateName checks a target name.
 func ValidateName(field, name string) error {
+	if err := checkText(field, name, MaxNameLength); err != nil {
+		return err
+	}
 	if !labelRE.MatchString(name) {
-		return invalid(field, "%q is not a DNS label (1-63 of a-z, 0-9 and '-', not starting or ending with '-')", name)
+		return invalid(field, "%s is not a DNS label (1-63 of a-z, 0-9 and '-', not starting or ending with '-')", quote(name))
+	}
+	return nil
+}
+
+func validateRegion(field, region string) error {
+	if err := checkText(field, region, MaxNameLength); err != nil {
+		return err
+	}
+	if !labelRE.MatchString(region) {
+		return invalid(field, "%s is not a region name (a DNS label of 1-63 characters)", quote(region))
 	}
 	return nil
 }
 
 // ValidateKey checks a content key: 64 lower-case hex digits (a SHA-256).
 func ValidateKey(field, key string) error {
-	if !keyRE.MatchString(key) {
-		return invalid(field, "%q is not a content key (64 lower-case hex digits)", key)
+	if len(key) != 64 || !keyRE.MatchString(key) {
+		return invalid(field, "%s is not a content key (64 lower-case hex digits)", quote(key))
 	}
 	return nil
+}
+
+// ValidateKeyPrefix checks the key prefix of a listing: the start of a content key, at most
+// MaxKeyPrefixLength lower-case hex digits (empty lists every key).
+func ValidateKeyPrefix(field, prefix string) error {
+	if err := checkText(field, prefix, MaxKeyPrefixLength); err != nil {
+		return err
+	}
+	if !hexRE.MatchString(prefix) {
+		return invalid(field, "%s is not the start of a content key (lower-case hex digits)", quote(prefix))
+	}
+	return nil
+}
+
+// ValidatePageSize checks a requested page size and returns the one to use: DefaultPageSize for
+// 0, an error for a negative size or one above MaxPageSize.
+func ValidatePageSize(field string, size int32) (int, error) {
+	switch {
+	case size < 0:
+		return 0, invalid(field, "%d is negative", size)
+	case size == 0:
+		return DefaultPageSize, nil
+	case size > MaxPageSize:
+		return 0, invalid(field, "%d is above the limit %d", size, MaxPageSize)
+	}
+	return int(size), nil
 }
 
 // ValidateTarget checks every field of a registration and fills defaults (state ACTIVE). It
@@ -64,37 +187,43 @@ func ValidateTarget(t *pb.Target) error {
 		return err
 	}
 	if t.Protocol != "http" && t.Protocol != "https" {
-		return invalid("target.protocol", "%q is not http or https", t.Protocol)
+		return invalid("target.protocol", "%s is not http or https", quote(t.Protocol))
 	}
-	if len(t.Uris) == 0 {
+	switch n := len(t.Uris); {
+	case n == 0:
 		return invalid("target.uris", "at least one URI is required")
+	case n > MaxURIs:
+		return invalid("target.uris", "has %d URIs, more than the limit of %d", n, MaxURIs)
 	}
 	for i, u := range t.Uris {
-		if err := checkURL(fmt.Sprintf("target.uris[%d]", i), u, t.Protocol); err != nil {
+		if err := checkURL(fmt.Sprintf("target.uris[%d]", i), u, t.Protocol, MaxURILength); err != nil {
 			return err
 		}
 	}
 	if t.SniRequired && t.Protocol != "https" {
 		return invalid("target.sni_required", "SNI needs protocol https")
 	}
+	if n := len(t.TlsVersions); n > MaxTLSVersions {
+		return invalid("target.tls_versions", "has %d versions, more than the limit of %d", n, MaxTLSVersions)
+	}
 	seen := map[string]bool{}
 	for i, v := range t.TlsVersions {
 		if !tlsVersions[v] {
-			return invalid(fmt.Sprintf("target.tls_versions[%d]", i), "%q is not one of 1.0, 1.1, 1.2, 1.3", v)
+			return invalid(fmt.Sprintf("target.tls_versions[%d]", i), "%s is not one of 1.0, 1.1, 1.2, 1.3", quote(v))
 		}
 		if seen[v] {
-			return invalid(fmt.Sprintf("target.tls_versions[%d]", i), "%q is listed twice", v)
+			return invalid(fmt.Sprintf("target.tls_versions[%d]", i), "%s is listed twice", quote(v))
 		}
 		seen[v] = true
 	}
 	if len(t.TlsVersions) > 0 && t.Protocol != "https" {
 		return invalid("target.tls_versions", "TLS versions need protocol https")
 	}
-	if !labelRE.MatchString(t.Region) {
-		return invalid("target.region", "%q is not a region name (a DNS label)", t.Region)
+	if err := validateRegion("target.region", t.Region); err != nil {
+		return err
 	}
-	if t.Weight == 0 {
-		return invalid("target.weight", "must be greater than 0")
+	if t.Weight < MinWeight || t.Weight > MaxWeight {
+		return invalid("target.weight", "%d is not between %d and %d", t.Weight, MinWeight, MaxWeight)
 	}
 	switch t.State {
 	case pb.TargetState_TARGET_STATE_UNSPECIFIED:
@@ -109,19 +238,30 @@ func ValidateTarget(t *pb.Target) error {
 	return validateURLForm(t.UrlForm)
 }
 
-func checkURL(field, raw, scheme string) error {
+// checkURL checks an absolute http or https URL of at most max bytes, with the given scheme when
+// scheme is not empty.
+func checkURL(field, raw, scheme string, max int) error {
+	if err := checkText(field, raw, max); err != nil {
+		return err
+	}
 	u, err := url.Parse(raw)
 	if err != nil {
-		return invalid(field, "%q does not parse: %v", raw, err)
+		// url.Error repeats the whole input; its cause alone is enough, when it is short.
+		reason := "does not parse"
+		var ue *url.Error
+		if errors.As(err, &ue) && len(ue.Err.Error()) <= maxEcho {
+			reason = ue.Err.Error()
+		}
+		return invalid(field, "%s is not a URL: %s", quote(raw), reason)
 	}
 	if !u.IsAbs() || u.Host == "" {
-		return invalid(field, "%q is not an absolute URL with a host", raw)
+		return invalid(field, "%s is not an absolute URL with a host", quote(raw))
 	}
 	if scheme != "" && u.Scheme != scheme {
-		return invalid(field, "%q has scheme %q, the target's protocol is %q", raw, u.Scheme, scheme)
+		return invalid(field, "%s has scheme %s, the target's protocol is %s", quote(raw), quote(u.Scheme), quote(scheme))
 	}
 	if scheme == "" && u.Scheme != "http" && u.Scheme != "https" {
-		return invalid(field, "%q is not an http or https URL", raw)
+		return invalid(field, "%s is not an http or https URL", quote(raw))
 	}
 	return nil
 }
@@ -129,12 +269,12 @@ func checkURL(field, raw, scheme string) error {
 // ValidateBucket checks a GCS bucket name (the rules for names without dots, and dotted names'
 // components).
 func ValidateBucket(field, b string) error {
-	if len(b) > 222 {
-		return invalid(field, "%q is longer than 222 characters", b)
+	if len(b) > MaxBucketLength {
+		return invalid(field, "%s is longer than the limit of %d bytes", quote(b), MaxBucketLength)
 	}
 	for _, part := range strings.Split(b, ".") {
 		if len(part) > 63 {
-			return invalid(field, "%q has a dot-separated part longer than 63 characters", b)
+			return invalid(field, "%s has a dot-separated part longer than 63 characters", quote(b))
 		}
 	}
 	re := bucketRE
@@ -142,13 +282,13 @@ func ValidateBucket(field, b string) error {
 		re = dottedRE // up to 222 characters, checked per dot-separated part above
 	}
 	if !re.MatchString(b) {
-		return invalid(field, "%q is not a bucket name (3-63 of a-z, 0-9, '-', '_', '.', starting and ending with a letter or digit)", b)
+		return invalid(field, "%s is not a bucket name (3-63 of a-z, 0-9, '-', '_', '.', starting and ending with a letter or digit)", quote(b))
 	}
 	if ipRE.MatchString(b) {
-		return invalid(field, "%q looks like an IP address", b)
+		return invalid(field, "%s looks like an IP address", quote(b))
 	}
 	if strings.HasPrefix(b, "goog") || strings.Contains(b, "google") || strings.Contains(b, "g00gle") {
-		return invalid(field, "%q may not begin with goog or contain google", b)
+		return invalid(field, "%s may not begin with goog or contain google", quote(b))
 	}
 	return nil
 }
@@ -161,21 +301,20 @@ func validateStore(s *pb.GcsStore) error {
 		return err
 	}
 	p := s.Prefix
+	if err := checkText("target.store.prefix", p, MaxPrefixLength); err != nil {
+		return err
+	}
 	switch {
-	case len(p) > 512:
-		return invalid("target.store.prefix", "is longer than 512 bytes")
-	case !utf8.ValidString(p):
-		return invalid("target.store.prefix", "is not valid UTF-8")
 	case strings.HasPrefix(p, "/"):
-		return invalid("target.store.prefix", "%q may not start with '/'", p)
-	case strings.ContainsAny(p, "\r\n#[]*?"):
-		return invalid("target.store.prefix", "%q contains a character GCS object names should not", p)
+		return invalid("target.store.prefix", "%s may not start with '/'", quote(p))
+	case strings.ContainsAny(p, "#[]*?"):
+		return invalid("target.store.prefix", "%s contains a character GCS object names should not", quote(p))
 	case strings.HasPrefix(p, ".well-known/acme-challenge/"):
-		return invalid("target.store.prefix", "%q is reserved by GCS", p)
+		return invalid("target.store.prefix", "%s is reserved by GCS", quote(p))
 	}
 	for _, seg := range strings.Split(p, "/") {
 		if seg == "." || seg == ".." {
-			return invalid("target.store.prefix", "%q has a '.' or '..' segment", p)
+			return invalid("target.store.prefix", "%s has a '.' or '..' segment", quote(p))
 		}
 	}
 	return nil
@@ -187,9 +326,9 @@ func validateURLForm(f *pb.UrlForm) error {
 	}
 	switch form := f.Form.(type) {
 	case *pb.UrlForm_PublicBaseUrl:
-		return checkURL("target.url_form.public_base_url", form.PublicBaseUrl, "")
+		return checkURL("target.url_form.public_base_url", form.PublicBaseUrl, "", MaxBaseURLLength)
 	case *pb.UrlForm_CdnBaseUrl:
-		return checkURL("target.url_form.cdn_base_url", form.CdnBaseUrl, "")
+		return checkURL("target.url_form.cdn_base_url", form.CdnBaseUrl, "", MaxBaseURLLength)
 	case *pb.UrlForm_Signed:
 		if form.Signed == nil || form.Signed.Ttl == nil {
 			return invalid("target.url_form.signed.ttl", "is required")
@@ -201,6 +340,7 @@ func validateURLForm(f *pb.UrlForm) error {
 		if ttl < time.Second || ttl > MaxSignedURLTTL {
 			return invalid("target.url_form.signed.ttl", "%s is not between 1s and 7 days", ttl)
 		}
+		return checkText("target.url_form.signed.google_access_id", form.Signed.GoogleAccessId, MaxGoogleAccessIDLength)
 	}
 	return nil
 }
@@ -210,10 +350,19 @@ func ValidatePolicy(p *pb.Policy) error {
 	if p == nil {
 		return invalid("policy", "is required")
 	}
+	if n := len(p.RegionPreference); n > MaxRegionPreference {
+		return invalid("policy.region_preference", "has %d regions, more than the limit of %d", n, MaxRegionPreference)
+	}
+	first := map[string]int{}
 	for i, r := range p.RegionPreference {
-		if !labelRE.MatchString(r) {
-			return invalid(fmt.Sprintf("policy.region_preference[%d]", i), "%q is not a region name", r)
+		field := fmt.Sprintf("policy.region_preference[%d]", i)
+		if err := validateRegion(field, r); err != nil {
+			return err
 		}
+		if j, ok := first[r]; ok {
+			return invalid(field, "%s is listed twice (first at [%d])", quote(r), j)
+		}
+		first[r] = i
 	}
 	for _, d := range []struct {
 		field    string
