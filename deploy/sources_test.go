@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -13,16 +14,20 @@ import (
 // rootDir is the root module, whose sources say which metrics and flags exist.
 const rootDir = ".."
 
-// pendingMetrics are series the artefacts use before the code exports them: another change is
-// adding them to the control plane. Each names its kind, so histograms get their suffixes.
-// Remove an entry once the code has it (the test logs when it does).
-var pendingMetrics = map[string]string{
-	"detour_target_healthy":                  "Gauge",   // label target: 1 healthy, 0 not
-	"detour_reconcile_missing_objects_total": "Counter", // label target: READY objects the store lacks
+// pendingMetrics are metrics the artefacts use before the code exports them: another change is
+// adding them to the control plane. Remove an entry once the code has it (the test logs when it
+// does).
+var pendingMetrics = map[string]metric{
+	"detour_target_healthy":                  {kind: "Gauge", labels: []string{"target"}},   // 1 healthy, 0 not
+	"detour_reconcile_missing_objects_total": {kind: "Counter", labels: []string{"target"}}, // READY objects the store lacks
 }
 
 // prometheusSeries are made by Prometheus itself for every scrape target, not by Detour.
 var prometheusSeries = []string{"up"}
+
+// targetLabels are the labels Prometheus attaches to every series it scrapes (job and instance)
+// and those the Prometheus Operator adds from Kubernetes.
+var targetLabels = []string{"job", "instance", "namespace", "pod", "service", "endpoint", "container"}
 
 // pendingFlags are flags the artefacts pass before the binaries define them: the TLS and
 // authorization flags are being added to both binaries by another change. Remove an entry once
@@ -35,7 +40,11 @@ var pendingFlags = map[string][]string{
 // goSources calls f with the contents of every non-test Go file under dir.
 func goSources(t *testing.T, dir string, f func(path, src string)) {
 	t.Helper()
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+	dir, err := filepath.EvalSymlinks(dir) // WalkDir does not enter a symlinked root
+	if err != nil {
+		t.Fatalf("read Go sources under %s: %v", dir, err)
+	}
+	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
@@ -57,60 +66,90 @@ func goSources(t *testing.T, dir string, f func(path, src string)) {
 	}
 }
 
-var (
-	// prometheus.CounterOpts{Name: "detour_x", ...}, HistogramOpts, GaugeOpts, SummaryOpts; the
-	// kind is the word before Opts. [^{}] keeps the match inside one literal.
-	optsName = regexp.MustCompile(`(\w+)Opts\{[^{}]*?\bName:\s*"(detour_[A-Za-z0-9_:]+)"`)
-	// prometheus.NewDesc("detour_x", ...) for collectors written by hand.
-	descName = regexp.MustCompile(`NewDesc\(\s*"(detour_[A-Za-z0-9_:]+)"`)
-)
-
-// seriesNames returns the series names a metric of this kind exports.
-func seriesNames(kind, name string) []string {
-	switch kind {
-	case "Histogram":
-		return []string{name + "_bucket", name + "_sum", name + "_count"}
-	case "Summary":
-		return []string{name, name + "_sum", name + "_count"}
-	}
-	return []string{name}
+// metric is one metric as the code declares it.
+type metric struct {
+	kind   string   // Counter, Gauge, Histogram, Summary (the word before Opts), or "" if unknown
+	labels []string // its variable labels
 }
 
-// exportedMetrics returns every series name Detour's code exports under internal/, the pending
-// ones, and Prometheus's own.
-func exportedMetrics(t *testing.T) map[string]bool {
+var (
+	// prometheus.CounterOpts{Name: "detour_x", ...} and its kin, and the label names of a *Vec
+	// that follow it: prometheus.NewCounterVec(prometheus.CounterOpts{...}, []string{"a", "b"}).
+	// [^{}] keeps a match inside one literal.
+	optsLiteral = regexp.MustCompile(`(\w+)Opts\{([^{}]*)\}(?:\s*,\s*\[\]string\{([^{}]*)\})?`)
+	optsName    = regexp.MustCompile(`\bName:\s*"(detour_[A-Za-z0-9_:]+)"`)
+	// prometheus.NewDesc("detour_x", "help", []string{"a"}, ...) for collectors written by hand.
+	descLiteral = regexp.MustCompile(`NewDesc\(\s*"(detour_[A-Za-z0-9_:]+)",\s*"(?:[^"\\]|\\.)*",\s*(?:\[\]string\{([^{}]*)\})?`)
+	quoted      = regexp.MustCompile(`"([^"]+)"`)
+)
+
+// series returns the series a metric exports, each with its label names.
+func (m metric) series(name string) map[string][]string {
+	switch m.kind {
+	case "Histogram":
+		return map[string][]string{name + "_bucket": append(slices.Clone(m.labels), "le"),
+			name + "_sum": m.labels, name + "_count": m.labels}
+	case "Summary":
+		return map[string][]string{name: append(slices.Clone(m.labels), "quantile"),
+			name + "_sum": m.labels, name + "_count": m.labels}
+	}
+	return map[string][]string{name: m.labels}
+}
+
+func quotedStrings(s string) []string {
+	var out []string
+	for _, m := range quoted.FindAllStringSubmatch(s, -1) {
+		out = append(out, m[1])
+	}
+	return out
+}
+
+// knownSeries maps every series name Detour's code exports under internal/ (and the pending
+// ones, and Prometheus's own) to the label names it may carry.
+type knownSeries map[string]map[string]bool
+
+func exportedMetrics(t *testing.T) knownSeries {
 	t.Helper()
-	fromCode := map[string]bool{}
+	fromCode := map[string]metric{}
 	goSources(t, filepath.Join(rootDir, "internal"), func(_, src string) {
-		for _, m := range optsName.FindAllStringSubmatch(src, -1) {
-			for _, s := range seriesNames(m[1], m[2]) {
-				fromCode[s] = true
+		for _, m := range optsLiteral.FindAllStringSubmatch(src, -1) {
+			if n := optsName.FindStringSubmatch(m[2]); n != nil {
+				fromCode[n[1]] = metric{kind: m[1], labels: quotedStrings(m[3])}
 			}
 		}
-		for _, m := range descName.FindAllStringSubmatch(src, -1) {
-			fromCode[m[1]] = true
+		for _, m := range descLiteral.FindAllStringSubmatch(src, -1) {
+			fromCode[m[1]] = metric{labels: quotedStrings(m[2])}
 		}
 	})
 	// Guard against a scan that silently finds nothing (moved files, a changed idiom).
-	for _, want := range []string{"detour_agent_requests_total", "detour_snapshot_age_seconds", "detour_place_duration_seconds_bucket"} {
-		if !fromCode[want] {
-			t.Fatalf("the scan of %s/internal found no %s: has the way metrics are declared changed?", rootDir, want)
+	for name, kind := range map[string]string{"detour_agent_requests_total": "Counter",
+		"detour_snapshot_age_seconds": "Gauge", "detour_place_duration_seconds": "Histogram"} {
+		if fromCode[name].kind != kind {
+			t.Fatalf("the scan of %s/internal found no %s %s: has the way metrics are declared changed?", rootDir, kind, name)
 		}
 	}
-	known := map[string]bool{}
-	for name := range fromCode {
-		known[name] = true
+	if l := fromCode["detour_agent_requests_total"].labels; !slices.Equal(l, []string{"outcome"}) {
+		t.Fatalf("the scan found labels %q on detour_agent_requests_total, want [outcome]", l)
 	}
-	for name, kind := range pendingMetrics {
-		if fromCode[name] {
+	all := maps.Clone(fromCode)
+	for name, m := range pendingMetrics {
+		if _, ok := fromCode[name]; ok {
 			t.Logf("pending metric %s is now exported by the code: remove it from pendingMetrics", name)
+			continue
 		}
-		for _, s := range seriesNames(kind, name) {
-			known[s] = true
-		}
+		all[name] = m
 	}
 	for _, name := range prometheusSeries {
-		known[name] = true
+		all[name] = metric{}
+	}
+	known := knownSeries{}
+	for name, m := range all {
+		for s, lbls := range m.series(name) {
+			known[s] = map[string]bool{}
+			for _, l := range slices.Concat(lbls, targetLabels) {
+				known[s][l] = true
+			}
+		}
 	}
 	return known
 }

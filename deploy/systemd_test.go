@@ -73,7 +73,7 @@ var hardening = map[string]string{
 // envRef matches ${VAR} in ExecStart (a whole word, as each flag value must be).
 var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
 
-func TestSystemdUnits(t *testing.T) {
+func TestSystemdUnitsAreHardenedAndMatchTheBinaries(t *testing.T) {
 	units, err := filepath.Glob("systemd/*.service")
 	if err != nil || len(units) != 2 {
 		t.Fatalf("want the control plane's and the agent's units in systemd/, found %q (%v)", units, err)
