@@ -9,7 +9,7 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 
 TOOLS := $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
 
-.PHONY: all build test test-go lint proto proto-check tools hg run bench fuzz clean
+.PHONY: all build test test-go deploy-check lint proto proto-check tools hg run bench fuzz clean
 
 all: build
 
@@ -18,10 +18,14 @@ build:
 
 ## test: every check that fits in CI, then every test with the race detector. The end-to-end
 ## tests need the real Mercurial that `make hg` installs (with CI=true its absence fails them).
-test: hg lint proto-check test-go
+test: hg lint proto-check test-go deploy-check
 
 test-go:
 	$(GO) test -race -count=1 -timeout 20m ./...
+
+## deploy-check: render and check the deployment artefacts in deploy/ (a module of its own).
+deploy-check:
+	cd deploy && $(GO) test ./...
 
 lint: $(TOOLS)
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
