@@ -307,6 +307,7 @@ type index struct {
 	workloads    []workload
 	services     []*corev1.Service
 	configMaps   map[string]*corev1.ConfigMap
+	claims       []*corev1.PersistentVolumeClaim
 	pdbs         []*policyv1.PodDisruptionBudget
 	monitors     []*serviceMonitor
 	certificates []*certificate
@@ -337,6 +338,8 @@ func newIndex(objs []object) *index {
 			x.services = append(x.services, v)
 		case *corev1.ConfigMap:
 			x.configMaps[v.Name] = v
+		case *corev1.PersistentVolumeClaim:
+			x.claims = append(x.claims, v)
 		case *policyv1.PodDisruptionBudget:
 			x.pdbs = append(x.pdbs, v)
 		case *serviceMonitor:
@@ -403,6 +406,9 @@ func checkManifests(t *testing.T, x *index, region string, l layout) {
 	}
 	for _, w := range x.workloads {
 		checkWorkload(t, x, w, l, certSecrets)
+	}
+	for _, c := range x.claims {
+		checkClaim(t, "PersistentVolumeClaim "+c.Name, c.Spec)
 	}
 	checkServices(t, x)
 	checkControlPlane(t, x)
@@ -647,6 +653,9 @@ func checkEtcd(t *testing.T, x *index, l layout) {
 	if len(s.Spec.VolumeClaimTemplates) == 0 {
 		t.Error("etcd: no volumeClaimTemplates")
 	}
+	for _, c := range s.Spec.VolumeClaimTemplates {
+		checkClaim(t, "etcd: volumeClaimTemplate "+c.Name, c.Spec)
+	}
 	headless := slices.ContainsFunc(x.services, func(svc *corev1.Service) bool {
 		return svc.Name == s.Spec.ServiceName && svc.Spec.ClusterIP == corev1.ClusterIPNone
 	})
@@ -662,5 +671,17 @@ func checkEtcd(t *testing.T, x *index, l layout) {
 		if !strings.Contains(flags["initial-cluster"], fmt.Sprintf("%s-%d=https://%s:2380", s.Name, i, member)) {
 			t.Errorf("etcd: --initial-cluster %q lacks member %s", flags["initial-cluster"], member)
 		}
+	}
+}
+
+// checkClaim catches a claim a patch has emptied (a strategic merge replaces a list it has no merge
+// key for, such as volumeClaimTemplates).
+func checkClaim(t *testing.T, where string, spec corev1.PersistentVolumeClaimSpec) {
+	t.Helper()
+	if len(spec.AccessModes) == 0 {
+		t.Errorf("%s: no accessModes", where)
+	}
+	if q, ok := spec.Resources.Requests[corev1.ResourceStorage]; !ok || q.IsZero() {
+		t.Errorf("%s: no storage request", where)
 	}
 }
