@@ -19,10 +19,12 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/bench/loadstat"
 	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/gcsemu"
 	"github.com/detourhq/detour/internal/targets"
 )
 
@@ -37,7 +39,10 @@ func main() {
 	dir, err := os.MkdirTemp("", "placeload")
 	check(err)
 	defer os.RemoveAll(dir)
-	cp, err := controlplane.Start(ctx, controlplane.Options{Listen: "127.0.0.1:0", DataDir: dir,
+	gcs, err := gcsemu.Start(0)
+	check(err)
+	defer gcs.Stop()
+	cp, err := controlplane.Start(ctx, controlplane.Options{Listen: "127.0.0.1:0", DataDir: dir, GCSEndpoint: gcs.Endpoint(),
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	check(err)
 	defer cp.Shutdown(ctx)
@@ -46,14 +51,18 @@ func main() {
 	check(err)
 	admin, place, health := pb.NewAdminServiceClient(conn), pb.NewPlacementServiceClient(conn), healthpb.NewHealthClient(conn)
 	var names []string
+	created := map[string]*pb.Target{}
 	for i := range *nTargets {
 		name := fmt.Sprintf("t%d", i)
 		names = append(names, name)
-		_, err := admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: &pb.Target{Name: name, Protocol: "https",
-			Uris: []string{"https://" + name + ".example.com/"}, Region: []string{"us", "eu"}[i%2], Weight: 1,
-			Store:   &pb.GcsStore{Bucket: "bucket-" + name, Prefix: "p/"},
-			UrlForm: &pb.UrlForm{Form: &pb.UrlForm_CdnBaseUrl{CdnBaseUrl: "https://" + name + ".example.com/"}}}})
+		bucket := "bucket-" + name
+		gcs.CreateBucket(bucket)
+		resp, err := admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: &pb.Target{Name: name, Protocol: "http",
+			Uris: []string{gcs.PublicURL(bucket)}, Region: []string{"us", "eu"}[i%2], Weight: 1,
+			Store:   &pb.GcsStore{Bucket: bucket, Prefix: "p/"},
+			UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: gcs.PublicURL(bucket)}}}})
 		check(err)
+		created[name] = resp.Target
 	}
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{cp.EtcdEndpoint()}})
 	check(err)
@@ -61,8 +70,11 @@ func main() {
 	keys := make([]string, *nObjects)
 	for i := range keys {
 		keys[i] = fmt.Sprintf("%064x", i+1)
-		check(reg.PutObject(ctx, targets.NewObject(keys[i], names[i%len(names)], "p/"+keys[i], controlplane.MediaTypeCBOR,
-			1<<20, make([]byte, 32), make([]byte, 20), time.Now(), 0)))
+		// Records as verified fills write them (the benchmark measures Place, not fills).
+		t := created[names[i%len(names)]]
+		check(reg.PutObject(ctx, &pb.StoredObject{Key: keys[i], Target: t.Name, State: pb.ObjectState_OBJECT_STATE_READY,
+			Size: 1 << 20, MediaType: controlplane.MediaTypeCBOR, Sha256: make([]byte, 32), Sha1: make([]byte, 20),
+			Created: timestamppb.Now(), ObjectName: "p/" + keys[i], Bucket: t.Store.Bucket, TargetUid: t.Uid, Generation: 1}))
 	}
 	for {
 		resp, err := place.Place(ctx, &pb.PlaceRequest{Key: keys[len(keys)-1], Command: "manifestdata", AcceptedTargets: names, AgentRegion: "us"})

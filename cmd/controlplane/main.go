@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -20,11 +21,12 @@ import (
 
 func main() {
 	var (
-		o          controlplane.Options
-		endpoints  string
-		signingKey string
-		logLevel   string
-		drain      time.Duration
+		o           controlplane.Options
+		endpoints   string
+		signingKey  string
+		logLevel    string
+		verifyFills string
+		drain       time.Duration
 	)
 	flag.StringVar(&o.Listen, "listen", "127.0.0.1:7700", "gRPC listen address")
 	flag.StringVar(&o.MetricsListen, "metrics-listen", "127.0.0.1:7701", "Prometheus /metrics listen address (empty: none)")
@@ -34,8 +36,14 @@ func main() {
 	flag.StringVar(&o.EmbeddedEtcdURL, "embedded-etcd-listen", "", "client URL of the embedded etcd (default: a free loopback port)")
 	flag.StringVar(&o.Region, "region", "", "this replica's region (for logs)")
 	flag.StringVar(&signingKey, "signing-key", "", "service-account JSON key that signs V4 URLs for targets that want them")
-	flag.StringVar(&o.GCSEndpoint, "gcs-endpoint", "", "GCS API endpoint to verify reported fills against (e.g. an emulator); empty: no verification")
-	flag.DurationVar(&o.SweepInterval, "sweep-interval", time.Minute, "how often expired objects are removed from the index")
+	flag.StringVar(&o.GCSEndpoint, "gcs-endpoint", "", "GCS API endpoint (an emulator); empty: Google Cloud Storage with the standard Google credentials. Fills are verified, targets probed and retired objects deleted through it")
+	flag.StringVar(&verifyFills, "verify-fills", "attrs", "how reported fills are verified before READY: attrs (size, CRC32C, generation and recorded hashes from the store), full (also re-read and re-hash the bytes), or a fraction 0..1 of fills to verify in full")
+	flag.DurationVar(&o.Janitor.SweepInterval, "sweep-interval", 30*time.Second, "how often expired and stale records are retired and their stored bytes deleted")
+	flag.DurationVar(&o.Janitor.ReconcileInterval, "reconcile-interval", 10*time.Minute, "how often each target's bucket is listed against the index (missing objects, orphans)")
+	flag.DurationVar(&o.Janitor.ProbeInterval, "probe-interval", 2*time.Second, "how often each target's client-facing URL is probed")
+	flag.IntVar(&o.Janitor.ProbeFailures, "probe-failures", 3, "consecutive probe failures that make a target unhealthy")
+	flag.IntVar(&o.Janitor.ProbeRecoveries, "probe-recoveries", 2, "consecutive probe successes that make an unhealthy target healthy again")
+	flag.IntVar(&o.Janitor.GarbageBatch, "garbage-batch", 500, "stored objects deleted per sweep at most")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 10*time.Second, "how long in-flight RPCs may run after SIGTERM")
 	flag.Parse()
@@ -48,6 +56,18 @@ func main() {
 	o.Log = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	if endpoints != "" {
 		o.EtcdEndpoints = strings.Split(endpoints, ",")
+	}
+	switch verifyFills {
+	case "attrs":
+	case "full":
+		o.VerifyFullFraction = 1
+	default:
+		f, err := strconv.ParseFloat(verifyFills, 64)
+		if err != nil || f < 0 || f > 1 {
+			fmt.Fprintf(os.Stderr, "controlplane: --verify-fills: %q is not attrs, full or a fraction between 0 and 1\n", verifyFills)
+			os.Exit(2)
+		}
+		o.VerifyFullFraction = f
 	}
 	if signingKey != "" {
 		s, err := blob.LoadServiceAccount(signingKey)

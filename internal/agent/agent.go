@@ -29,13 +29,14 @@ import (
 type Placement interface {
 	Place(ctx context.Context, in *pb.PlaceRequest, opts ...grpc.CallOption) (*pb.PlaceResponse, error)
 	ReportFill(ctx context.Context, in *pb.ReportFillRequest, opts ...grpc.CallOption) (*pb.ReportFillResponse, error)
+	ReportBrokenLocation(ctx context.Context, in *pb.ReportBrokenLocationRequest, opts ...grpc.CallOption) (*pb.ReportBrokenLocationResponse, error)
 	AbortFill(ctx context.Context, in *pb.AbortFillRequest, opts ...grpc.CallOption) (*pb.AbortFillResponse, error)
 	WatchTargets(ctx context.Context, in *pb.WatchTargetsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[pb.WatchTargetsResponse], error)
 }
 
 // Store is what the agent needs of a blob store.
 type Store interface {
-	Create(ctx context.Context, bucket, name, mediaType string) *blob.Upload
+	Create(ctx context.Context, bucket, name, mediaType, key string) *blob.Upload
 	Hash(ctx context.Context, bucket, name string) (blob.Result, error)
 }
 
@@ -54,8 +55,12 @@ type Config struct {
 	FillQueueBytes int64
 	// MaxRequestBytes bounds a command request body (default wire.DefaultMaxRequest).
 	MaxRequestBytes int64
-	Transport       http.RoundTripper // to the origin (default http.DefaultTransport)
-	Log             *slog.Logger
+	// CheckLocations is the share of redirects whose location the agent fetches (HEAD) in the
+	// background to check that it serves the object; a broken one is reported to the control
+	// plane, which verifies and removes it (0: none).
+	CheckLocations float64
+	Transport      http.RoundTripper // to the origin (default http.DefaultTransport)
+	Log            *slog.Logger
 }
 
 // Agent serves HTTP. Create it with New, start Run, serve it with an http.Server, and call
@@ -73,6 +78,7 @@ type Agent struct {
 	stopFills context.CancelFunc
 	breaker   breaker
 	logOnce   sync.Map
+	checks    chan struct{} // bounds concurrent location checks
 }
 
 // New builds an agent.
@@ -102,7 +108,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg.Log = slog.Default()
 	}
 	a := &Agent{cfg: cfg, cacheable: map[string]bool{}, log: cfg.Log, metrics: newMetrics(),
-		client: &http.Client{Transport: cfg.Transport}}
+		client: &http.Client{Transport: cfg.Transport}, checks: make(chan struct{}, 4)}
 	for _, c := range cfg.Cacheable {
 		c = strings.TrimSpace(c)
 		if _, ok := contentAddressed[c]; !ok {

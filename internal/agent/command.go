@@ -83,6 +83,7 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 			return
 		}
 		a.metrics.requests.WithLabelValues("redirect").Inc()
+		a.maybeCheckLocation(key, d.Target, d.Location)
 	case d.Fill != nil && a.cfg.Store != nil:
 		a.serveInlineWithFill(w, r, cmd, key, d.Fill)
 	default:

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/controlplane"
 	"github.com/detourhq/detour/internal/devstack"
 	"github.com/detourhq/detour/internal/hgclient"
 	"github.com/detourhq/detour/internal/wire"
@@ -74,11 +75,18 @@ func eventually(t *testing.T, within time.Duration, what string, cond func() boo
 	}
 }
 
+// objectCount counts the stored responses in the stack's bucket (not the prober's canary).
 func objectCount(t *testing.T, s *devstack.Stack) int {
 	t.Helper()
-	n, err := s.GCS.ObjectCount("detour-demo")
+	names, err := s.GCS.ObjectNames("detour-demo")
 	if err != nil {
 		t.Fatal(err)
+	}
+	n := 0
+	for _, name := range names {
+		if !strings.HasSuffix(name, controlplane.CanaryName) {
+			n++
+		}
 	}
 	return n
 }

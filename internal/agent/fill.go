@@ -90,16 +90,17 @@ func (a *Agent) serveInlineWithFill(w http.ResponseWriter, r *http.Request, cmd 
 
 // filler copies object bytes to an upload on its own goroutine, through a bounded queue.
 type filler struct {
-	a      *Agent
-	key    string
-	grant  *pb.FillGrant
-	up     *blob.Upload
-	ch     chan []byte
-	queued atomic.Int64
-	done   chan struct{}
-	cancel context.CancelFunc
-	mu     sync.Mutex
-	err    error
+	a         *Agent
+	key       string
+	mediaType string
+	grant     *pb.FillGrant
+	up        *blob.Upload
+	ch        chan []byte
+	queued    atomic.Int64
+	done      chan struct{}
+	cancel    context.CancelFunc
+	mu        sync.Mutex
+	err       error
 }
 
 func (a *Agent) startFill(key string, grant *pb.FillGrant) *filler {
@@ -109,8 +110,12 @@ func (a *Agent) startFill(key string, grant *pb.FillGrant) *filler {
 		ttl = time.Minute
 	}
 	ctx, cancel := context.WithTimeout(a.fillCtx, ttl)
-	f := &filler{a: a, key: key, grant: grant, ch: make(chan []byte, 4096), done: make(chan struct{}), cancel: cancel,
-		up: a.cfg.Store.Create(ctx, grant.Bucket, grant.ObjectName, wire.MediaTypeCBOR)}
+	mediaType := grant.MediaType
+	if mediaType == "" {
+		mediaType = wire.MediaTypeCBOR
+	}
+	f := &filler{a: a, key: key, grant: grant, mediaType: mediaType, ch: make(chan []byte, 4096), done: make(chan struct{}), cancel: cancel,
+		up: a.cfg.Store.Create(ctx, grant.Bucket, grant.ObjectName, mediaType, key)}
 	go func() {
 		defer close(f.done)
 		for b := range f.ch {
@@ -178,7 +183,7 @@ func (f *filler) finish() {
 		if errors.Is(err, blob.ErrExists) {
 			// An earlier fill stored the object but did not report it (it died, or its report
 			// failed). Equal keys mean equal bytes; check that, then report what is there.
-			err = f.adoptExisting(res)
+			res, err = f.adoptExisting(res)
 		}
 		if err != nil {
 			a.metrics.fills.WithLabelValues("upload_failed").Inc()
@@ -189,7 +194,8 @@ func (f *filler) finish() {
 		ctx, cancel := context.WithTimeout(a.fillCtx, 10*time.Second)
 		defer cancel()
 		_, err = a.cfg.Placement.ReportFill(ctx, &pb.ReportFillRequest{Key: f.key, Target: f.grant.Target, Token: f.grant.Token,
-			Size: res.Size, MediaType: wire.MediaTypeCBOR, Sha256: res.SHA256, Sha1: res.SHA1, ObjectName: f.grant.ObjectName})
+			Size: res.Size, MediaType: f.mediaType, Sha256: res.SHA256, Sha1: res.SHA1, ObjectName: f.grant.ObjectName,
+			Crc32C: res.CRC32C, Generation: res.Generation})
 		if err != nil {
 			a.metrics.fills.WithLabelValues("report_failed").Inc()
 			a.log.Warn("fill uploaded but not reported", "key", f.key, "target", f.grant.Target, "err", err)
@@ -200,27 +206,33 @@ func (f *filler) finish() {
 	}()
 }
 
+// abortFill releases a claim in the background: the client's answer never waits on Detour's
+// bookkeeping. Shutdown waits for it.
 func (a *Agent) abortFill(key, token, reason string) {
-	// Not fillCtx: at shutdown that is cancelled, and this is how the claim is released promptly.
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	if _, err := a.cfg.Placement.AbortFill(ctx, &pb.AbortFillRequest{Key: key, Token: token, Reason: reason}); err != nil {
-		// The claim's lease expires by itself.
-		a.log.Debug("abort fill not recorded", "key", key, "err", err)
-	}
+	a.fills.Add(1)
+	go func() {
+		defer a.fills.Done()
+		// Not fillCtx: at shutdown that is cancelled, and this is how the claim is released promptly.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if _, err := a.cfg.Placement.AbortFill(ctx, &pb.AbortFillRequest{Key: key, Token: token, Reason: reason}); err != nil {
+			// The claim's lease expires by itself.
+			a.log.Debug("abort fill not recorded", "key", key, "err", err)
+		}
+	}()
 }
 
 // adoptExisting verifies that the object already in the store holds exactly the bytes this fill
-// carried.
-func (f *filler) adoptExisting(ours blob.Result) error {
+// carried, and returns what is there (with its generation) to report.
+func (f *filler) adoptExisting(ours blob.Result) (blob.Result, error) {
 	ctx, cancel := context.WithTimeout(f.a.fillCtx, time.Minute)
 	defer cancel()
 	there, err := f.a.cfg.Store.Hash(ctx, f.grant.Bucket, f.grant.ObjectName)
 	if err != nil {
-		return fmt.Errorf("object exists and cannot be read back: %w", err)
+		return blob.Result{}, fmt.Errorf("object exists and cannot be read back: %w", err)
 	}
-	if there.Size != ours.Size || !bytes.Equal(there.SHA256, ours.SHA256) {
-		return fmt.Errorf("object exists with different content (%d bytes, want %d)", there.Size, ours.Size)
+	if there.Size != ours.Size || !bytes.Equal(there.SHA256, ours.SHA256) || there.CRC32C != ours.CRC32C {
+		return blob.Result{}, fmt.Errorf("object exists with different content (%d bytes, want %d)", there.Size, ours.Size)
 	}
-	return nil
+	return there, nil
 }

@@ -12,6 +12,7 @@ type Metrics struct {
 	fills           *prometheus.CounterVec
 	inlineBytes     prometheus.Counter
 	targetsRevision prometheus.Gauge
+	locationChecks  *prometheus.CounterVec
 }
 
 func newMetrics() *Metrics {
@@ -32,6 +33,8 @@ func newMetrics() *Metrics {
 		targetsRevision: prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_agent_targets_revision",
 			Help: "Revision of the target set the agent advertises."}),
 	}
-	m.Registry.MustRegister(m.requests, m.uncacheable, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision)
+	m.locationChecks = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_location_checks_total",
+		Help: "Sampled checks of handed-out locations, by result (ok, broken, skipped)."}, []string{"result"})
+	m.Registry.MustRegister(m.locationChecks, m.requests, m.uncacheable, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision)
 	return m
 }

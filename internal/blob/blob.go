@@ -4,13 +4,17 @@
 package blob
 
 import (
+	"bytes"
 	"context"
+	"crypto/md5"
 	"crypto/sha1"
 	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
+	"hash/crc32"
 	"io"
 	"net/http"
 	"net/url"
@@ -20,6 +24,7 @@ import (
 
 	"cloud.google.com/go/storage"
 	"google.golang.org/api/googleapi"
+	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
@@ -54,27 +59,67 @@ func NewStore(ctx context.Context, o Options) (*Store, error) {
 // Close releases the client.
 func (s *Store) Close() error { return s.client.Close() }
 
-// Result describes a committed upload.
+// CanaryMediaType is the media type of the prober's canary objects.
+const CanaryMediaType = "text/plain"
+
+// Metadata keys the agent writes on each stored object: the control plane reads them back before
+// it marks a fill READY.
+const (
+	MetaSHA256 = "detour-sha256"
+	MetaSHA1   = "detour-sha1"
+	MetaKey    = "detour-key"
+)
+
+// Result describes bytes that passed through an upload or a read.
 type Result struct {
-	Size   uint64
-	SHA256 []byte
-	SHA1   []byte
+	Size       uint64
+	SHA256     []byte
+	SHA1       []byte
+	CRC32C     uint32
+	MD5        []byte
+	Generation int64 // the committed object's generation (uploads only)
 }
 
-// Upload streams one object into a bucket, hashing as bytes pass. Commit makes it visible; Abort
-// (or a failed Commit) leaves nothing behind.
+// hashes computes every digest Detour keeps, as bytes pass.
+type hashes struct {
+	s256, s1, md hash.Hash
+	crc          hash.Hash32
+	n            uint64
+}
+
+func newHashes() *hashes {
+	return &hashes{s256: sha256.New(), s1: sha1.New(), md: md5.New(), crc: crc32.New(castagnoli)}
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func (h *hashes) Write(p []byte) (int, error) {
+	h.s256.Write(p)
+	h.s1.Write(p)
+	h.md.Write(p)
+	h.crc.Write(p)
+	h.n += uint64(len(p))
+	return len(p), nil
+}
+
+func (h *hashes) result() Result {
+	return Result{Size: h.n, SHA256: h.s256.Sum(nil), SHA1: h.s1.Sum(nil), MD5: h.md.Sum(nil), CRC32C: h.crc.Sum32()}
+}
+
+// Upload streams one object into a bucket, hashing as bytes pass. Commit makes it visible and
+// checks that the store holds what was sent; Abort (or a failed Commit) leaves nothing behind.
 type Upload struct {
+	store  *Store
 	w      *storage.Writer
+	ctx    context.Context
 	cancel context.CancelFunc
-	s256   hash.Hash
-	s1     hash.Hash
-	n      uint64
+	h      *hashes
 	err    error
 }
 
 // Create starts an upload of bucket/name. The object is only created if absent, so a racing or
-// retried fill never replaces bytes a redirect may already point at.
-func (s *Store) Create(ctx context.Context, bucket, name, mediaType string) *Upload {
+// retried fill never replaces bytes a redirect may already point at. key is recorded as metadata.
+func (s *Store) Create(ctx context.Context, bucket, name, mediaType, key string) *Upload {
 	ctx, cancel := context.WithCancel(ctx)
 	// A few quick retries for a transient fault; a store that stays down must fail the fill
 	// rather than hold it (and its buffers) until the claim runs out.
@@ -82,10 +127,11 @@ func (s *Store) Create(ctx context.Context, bucket, name, mediaType string) *Upl
 		Retryer(storage.WithMaxAttempts(3), storage.WithMaxRetryDuration(10*time.Second))
 	w := obj.NewWriter(ctx)
 	w.ContentType = mediaType
+	w.Metadata = map[string]string{MetaKey: key}
 	// No chunk buffer: the object streams out in one request as bytes arrive, instead of each
 	// fill holding a multi-MiB buffer. A failed upload is not resumed; the fill is aborted.
 	w.ChunkSize = 0
-	return &Upload{w: w, cancel: cancel, s256: sha256.New(), s1: sha1.New()}
+	return &Upload{store: s, w: w, ctx: ctx, cancel: cancel, h: newHashes()}
 }
 
 // Write adds bytes to the object.
@@ -93,9 +139,7 @@ func (u *Upload) Write(p []byte) (int, error) {
 	if u.err != nil {
 		return 0, u.err
 	}
-	u.s256.Write(p)
-	u.s1.Write(p)
-	u.n += uint64(len(p))
+	u.h.Write(p)
 	n, err := u.w.Write(p)
 	if err != nil {
 		u.err = err
@@ -103,15 +147,19 @@ func (u *Upload) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// Commit finishes the upload and returns what was stored.
+// ErrMismatch means the store holds other bytes than were sent or reported.
+var ErrMismatch = errors.New("stored object does not match")
+
+// Commit finishes the upload, checks the store's size, CRC32C and MD5 of the committed object
+// against what was sent (deleting the object on a mismatch), and records the SHA-256 and SHA-1 as
+// the object's metadata, where the control plane reads them back.
 func (u *Upload) Commit() (Result, error) {
 	defer u.cancel()
 	if u.err != nil {
-		u.cancel()
-		_ = u.w.Close()
+		u.Abort()
 		return Result{}, u.err
 	}
-	res := Result{Size: u.n, SHA256: u.s256.Sum(nil), SHA1: u.s1.Sum(nil)}
+	res := u.h.result()
 	if err := u.w.Close(); err != nil {
 		var gerr *googleapi.Error
 		if errors.As(err, &gerr) && gerr.Code == http.StatusPreconditionFailed {
@@ -119,16 +167,50 @@ func (u *Upload) Commit() (Result, error) {
 		}
 		return Result{}, fmt.Errorf("commit upload %s: %w", u.w.Name, err)
 	}
-	if attrs := u.w.Attrs(); attrs != nil && uint64(attrs.Size) != u.n {
-		return Result{}, fmt.Errorf("commit upload %s: store reports %d bytes, %d written", u.w.Name, attrs.Size, u.n)
+	attrs := u.w.Attrs()
+	if attrs == nil {
+		return Result{}, fmt.Errorf("commit upload %s: the store returned no attributes", u.w.Name)
+	}
+	res.Generation = attrs.Generation
+	if err := matchStored(attrs, res); err != nil {
+		// Not the bytes that were sent: remove exactly this generation and fail the fill.
+		_ = u.store.Delete(context.WithoutCancel(u.ctx), attrs.Bucket, attrs.Name, attrs.Generation)
+		return Result{}, fmt.Errorf("commit upload %s: %w", u.w.Name, err)
+	}
+	_, err := u.store.client.Bucket(attrs.Bucket).Object(attrs.Name).
+		If(storage.Conditions{GenerationMatch: attrs.Generation, MetagenerationMatch: attrs.Metageneration}).
+		Update(context.WithoutCancel(u.ctx), storage.ObjectAttrsToUpdate{Metadata: map[string]string{
+			MetaKey: attrs.Metadata[MetaKey], MetaSHA256: hex.EncodeToString(res.SHA256), MetaSHA1: hex.EncodeToString(res.SHA1)}})
+	if err != nil {
+		_ = u.store.Delete(context.WithoutCancel(u.ctx), attrs.Bucket, attrs.Name, attrs.Generation)
+		return Result{}, fmt.Errorf("commit upload %s: record hashes: %w", u.w.Name, err)
 	}
 	return res, nil
 }
 
-// Abort cancels the upload.
+// matchStored compares what a store reports of an object with bytes that were hashed.
+func matchStored(attrs *storage.ObjectAttrs, want Result) error {
+	switch {
+	case uint64(attrs.Size) != want.Size:
+		return fmt.Errorf("%w: size %d, expected %d", ErrMismatch, attrs.Size, want.Size)
+	case attrs.CRC32C != want.CRC32C:
+		return fmt.Errorf("%w: crc32c %08x, expected %08x", ErrMismatch, attrs.CRC32C, want.CRC32C)
+	case len(attrs.MD5) > 0 && len(want.MD5) > 0 && !bytes.Equal(attrs.MD5, want.MD5):
+		return fmt.Errorf("%w: md5 %x, expected %x", ErrMismatch, attrs.MD5, want.MD5)
+	}
+	return nil
+}
+
+// errAborted fails an upload's request body, so that the store never commits a partial object.
+var errAborted = errors.New("upload aborted")
+
+// Abort cancels the upload. It fails the request body rather than closing it: a Close after
+// cancelling the context races the cancellation, and could still send a complete (truncated)
+// object. (The storage client deprecates CloseWithError in favour of cancellation; the two are
+// needed together here.)
 func (u *Upload) Abort() {
 	u.cancel()
-	_ = u.w.Close()
+	_ = u.w.CloseWithError(errAborted) //nolint:staticcheck // see above
 }
 
 // ErrNotFound means the object does not exist.
@@ -138,9 +220,17 @@ var ErrNotFound = errors.New("object not found")
 // Result returned with it describes the bytes this upload carried.
 var ErrExists = errors.New("object already exists")
 
-// Hash reads an existing object and returns its size and hashes.
+// Hash reads an existing object and returns its size, hashes and generation.
 func (s *Store) Hash(ctx context.Context, bucket, name string) (Result, error) {
-	rd, err := s.client.Bucket(bucket).Object(name).NewReader(ctx)
+	return s.hashGeneration(ctx, bucket, name, 0)
+}
+
+func (s *Store) hashGeneration(ctx context.Context, bucket, name string, generation int64) (Result, error) {
+	obj := s.client.Bucket(bucket).Object(name)
+	if generation != 0 {
+		obj = obj.Generation(generation)
+	}
+	rd, err := obj.NewReader(ctx)
 	if errors.Is(err, storage.ErrObjectNotExist) {
 		return Result{}, fmt.Errorf("%s/%s: %w", bucket, name, ErrNotFound)
 	}
@@ -148,24 +238,148 @@ func (s *Store) Hash(ctx context.Context, bucket, name string) (Result, error) {
 		return Result{}, err
 	}
 	defer rd.Close()
-	s256, s1 := sha256.New(), sha1.New()
-	n, err := io.Copy(io.MultiWriter(s256, s1), rd)
-	if err != nil {
+	h := newHashes()
+	if _, err := io.Copy(h, rd); err != nil {
 		return Result{}, fmt.Errorf("read %s/%s: %w", bucket, name, err)
 	}
-	return Result{Size: uint64(n), SHA256: s256.Sum(nil), SHA1: s1.Sum(nil)}, nil
+	res := h.result()
+	res.Generation = rd.Attrs.Generation
+	return res, nil
 }
 
-// Size returns an existing object's size.
-func (s *Store) Size(ctx context.Context, bucket, name string) (int64, error) {
-	attrs, err := s.client.Bucket(bucket).Object(name).Attrs(ctx)
+// Attrs is what the store says of an object.
+type Attrs struct {
+	Size        uint64
+	CRC32C      uint32
+	MD5         []byte
+	Generation  int64
+	ContentType string
+	Created     time.Time
+	Metadata    map[string]string
+}
+
+// Stat reads an object's attributes.
+func (s *Store) Stat(ctx context.Context, bucket, name string) (Attrs, error) {
+	a, err := s.client.Bucket(bucket).Object(name).Attrs(ctx)
 	if errors.Is(err, storage.ErrObjectNotExist) {
-		return 0, fmt.Errorf("%s/%s: %w", bucket, name, ErrNotFound)
+		return Attrs{}, fmt.Errorf("%s/%s: %w", bucket, name, ErrNotFound)
 	}
 	if err != nil {
-		return 0, err
+		return Attrs{}, fmt.Errorf("%s/%s: %w", bucket, name, err)
 	}
-	return attrs.Size, nil
+	return attrsOf(a), nil
+}
+
+func attrsOf(a *storage.ObjectAttrs) Attrs {
+	return Attrs{Size: uint64(a.Size), CRC32C: a.CRC32C, MD5: a.MD5, Generation: a.Generation,
+		ContentType: a.ContentType, Created: a.Created, Metadata: a.Metadata}
+}
+
+// Claim is what a fill report says of an object, to verify against the store.
+type Claim struct {
+	Bucket, Name, MediaType, Key string
+	Size                         uint64
+	SHA256, SHA1                 []byte
+	CRC32C                       uint32
+	Generation                   int64
+}
+
+// Verify checks that the store holds the object a fill reported: the generation, size, CRC32C and
+// media type the store reports, and the SHA-256, SHA-1 and key recorded as its metadata. With full
+// set it also reads the bytes back and hashes them. The error names what differs.
+func (s *Store) Verify(ctx context.Context, c Claim, full bool) error {
+	a, err := s.Stat(ctx, c.Bucket, c.Name)
+	if err != nil {
+		return err
+	}
+	switch {
+	case a.Generation != c.Generation:
+		return fmt.Errorf("%w: generation %d, the report says %d", ErrMismatch, a.Generation, c.Generation)
+	case a.Size != c.Size:
+		return fmt.Errorf("%w: size %d, the report says %d", ErrMismatch, a.Size, c.Size)
+	case a.CRC32C != c.CRC32C:
+		return fmt.Errorf("%w: crc32c %08x, the report says %08x", ErrMismatch, a.CRC32C, c.CRC32C)
+	case a.ContentType != c.MediaType:
+		return fmt.Errorf("%w: content type %q, granted %q", ErrMismatch, a.ContentType, c.MediaType)
+	case a.Metadata[MetaKey] != c.Key:
+		return fmt.Errorf("%w: stored for key %.16q, the report is for %.16s", ErrMismatch, a.Metadata[MetaKey], c.Key)
+	case a.Metadata[MetaSHA256] != hex.EncodeToString(c.SHA256):
+		return fmt.Errorf("%w: recorded sha256 %.16q differs from the report", ErrMismatch, a.Metadata[MetaSHA256])
+	case a.Metadata[MetaSHA1] != hex.EncodeToString(c.SHA1):
+		return fmt.Errorf("%w: recorded sha1 %.16q differs from the report", ErrMismatch, a.Metadata[MetaSHA1])
+	}
+	if !full {
+		return nil
+	}
+	got, err := s.hashGeneration(ctx, c.Bucket, c.Name, c.Generation)
+	if err != nil {
+		return err
+	}
+	switch {
+	case got.Size != c.Size:
+		return fmt.Errorf("%w: read %d bytes, the report says %d", ErrMismatch, got.Size, c.Size)
+	case !bytes.Equal(got.SHA256, c.SHA256):
+		return fmt.Errorf("%w: sha256 of the stored bytes differs from the report", ErrMismatch)
+	case !bytes.Equal(got.SHA1, c.SHA1):
+		return fmt.Errorf("%w: sha1 of the stored bytes differs from the report", ErrMismatch)
+	}
+	return nil
+}
+
+// Delete removes one generation of an object (any generation when 0). A missing object is not an
+// error: deletion is idempotent.
+func (s *Store) Delete(ctx context.Context, bucket, name string, generation int64) error {
+	obj := s.client.Bucket(bucket).Object(name)
+	if generation != 0 {
+		// Only that generation: if another one is there now, it is not ours to delete (the store
+		// answers 404 for the generation we named).
+		obj = obj.Generation(generation)
+	}
+	err := obj.Delete(ctx)
+	if err == nil || errors.Is(err, storage.ErrObjectNotExist) {
+		return nil
+	}
+	return fmt.Errorf("delete %s/%s: %w", bucket, name, err)
+}
+
+// Listed is one object of a listing.
+type Listed struct {
+	Name       string
+	Size       uint64
+	Generation int64
+	Created    time.Time
+}
+
+// List calls fn for every object under prefix in bucket, a page at a time, until fn returns false
+// or the listing ends.
+func (s *Store) List(ctx context.Context, bucket, prefix string, fn func(Listed) bool) error {
+	it := s.client.Bucket(bucket).Objects(ctx, &storage.Query{Prefix: prefix, Projection: storage.ProjectionNoACL})
+	for {
+		a, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("list %s/%s: %w", bucket, prefix, err)
+		}
+		if !fn(Listed{Name: a.Name, Size: uint64(a.Size), Generation: a.Generation, Created: a.Created}) {
+			return nil
+		}
+	}
+}
+
+// Put writes a small object whole, replacing what is there (the prober's canary).
+func (s *Store) Put(ctx context.Context, bucket, name, mediaType string, data []byte) error {
+	w := s.client.Bucket(bucket).Object(name).NewWriter(ctx)
+	w.ContentType = mediaType
+	if _, err := w.Write(data); err != nil {
+		w.Close()
+		return fmt.Errorf("put %s/%s: %w", bucket, name, err)
+	}
+	if err := w.Close(); err != nil {
+		return fmt.Errorf("put %s/%s: %w", bucket, name, err)
+	}
+	return nil
 }
 
 // ObjectName is where the response with content key key lives under a target's prefix.
@@ -202,8 +416,9 @@ func LoadServiceAccount(path string) (*Signer, error) {
 // ErrNoSigner means a target wants signed URLs and no signing key is configured.
 var ErrNoSigner = errors.New("target wants V4-signed URLs and no signing key is configured")
 
-// LocationURL is the URL a client GETs for the object at a target.
-func LocationURL(t *pb.Target, objectName string, signer *Signer, now time.Time, defaultTTL time.Duration) (string, error) {
+// LocationURL is the URL a client GETs for bucket/objectName through target t's URL form. Public
+// and CDN base URLs serve t's current bucket: callers pass only objects stored there.
+func LocationURL(t *pb.Target, bucket, objectName string, signer *Signer, now time.Time, defaultTTL time.Duration) (string, error) {
 	switch f := t.GetUrlForm().GetForm().(type) {
 	case *pb.UrlForm_PublicBaseUrl:
 		return joinURL(f.PublicBaseUrl, objectName)
@@ -224,7 +439,7 @@ func LocationURL(t *pb.Target, objectName string, signer *Signer, now time.Time,
 		opts := &storage.SignedURLOptions{GoogleAccessID: id, PrivateKey: signer.PrivateKey, Method: "GET",
 			Expires: now.Add(ttl), Scheme: storage.SigningSchemeV4, Hostname: signer.Hostname,
 			Insecure: signer.Insecure, Style: storage.PathStyle()}
-		return storage.SignedURL(t.GetStore().GetBucket(), objectName, opts)
+		return storage.SignedURL(bucket, objectName, opts)
 	}
 	return "", fmt.Errorf("target %q has no url form", t.GetName())
 }

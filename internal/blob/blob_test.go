@@ -8,6 +8,7 @@ import (
 	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"io"
@@ -43,7 +44,7 @@ func TestUploadHashesAndCommits(t *testing.T) {
 	emu, st := startGCS(t)
 	ctx := context.Background()
 	data := bytes.Repeat([]byte("detour!"), 1<<20) // 7 MiB: more than one chunk
-	u := st.Create(ctx, "objects", "hg/abc", "application/mercurial-cbor")
+	u := st.Create(ctx, "objects", "hg/abc", "application/mercurial-cbor", "k")
 	for p := data; len(p) > 0; {
 		n := min(len(p), 32768)
 		if _, err := u.Write(p[:n]); err != nil {
@@ -64,7 +65,7 @@ func TestUploadHashesAndCommits(t *testing.T) {
 		t.Fatalf("stored object differs: %v", err)
 	}
 	// A second fill of the same name does not replace it.
-	u2 := st.Create(ctx, "objects", "hg/abc", "application/mercurial-cbor")
+	u2 := st.Create(ctx, "objects", "hg/abc", "application/mercurial-cbor", "k")
 	u2.Write([]byte("other"))
 	if _, err := u2.Commit(); !errors.Is(err, ErrExists) {
 		t.Fatalf("overwrite of an existing object: %v", err)
@@ -72,17 +73,19 @@ func TestUploadHashesAndCommits(t *testing.T) {
 	if h, err := st.Hash(ctx, "objects", "hg/abc"); err != nil || !bytes.Equal(h.SHA256, s256[:]) || h.Size != uint64(len(data)) {
 		t.Fatalf("hash of the stored object: %v", err)
 	}
-	if n, err := st.Size(ctx, "objects", "hg/abc"); err != nil || n != int64(len(data)) {
-		t.Fatalf("size %d, %v", n, err)
+	a, err := st.Stat(ctx, "objects", "hg/abc")
+	if err != nil || a.Size != uint64(len(data)) || a.CRC32C != res.CRC32C || a.Generation != res.Generation ||
+		a.Metadata[MetaSHA256] != hex.EncodeToString(s256[:]) || a.Metadata[MetaSHA1] != hex.EncodeToString(s1[:]) {
+		t.Fatalf("stat %+v, %v (upload %+v)", a, err, res)
 	}
-	if _, err := st.Size(ctx, "objects", "nope"); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("size of missing: %v", err)
+	if _, err := st.Stat(ctx, "objects", "nope"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("stat of missing: %v", err)
 	}
 }
 
 func TestAbortLeavesNothing(t *testing.T) {
 	emu, st := startGCS(t)
-	u := st.Create(context.Background(), "objects", "gone", "application/mercurial-cbor")
+	u := st.Create(context.Background(), "objects", "gone", "application/mercurial-cbor", "k")
 	u.Write([]byte("partial"))
 	u.Abort()
 	if n, _ := emu.ObjectCount("objects"); n != 0 {
@@ -93,7 +96,7 @@ func TestAbortLeavesNothing(t *testing.T) {
 func TestLocationURLs(t *testing.T) {
 	emu, st := startGCS(t)
 	ctx := context.Background()
-	u := st.Create(ctx, "objects", "p/k1", "application/mercurial-cbor")
+	u := st.Create(ctx, "objects", "p/k1", "application/mercurial-cbor", "k")
 	u.Write([]byte("payload"))
 	if _, err := u.Commit(); err != nil {
 		t.Fatal(err)
@@ -109,11 +112,11 @@ func TestLocationURLs(t *testing.T) {
 	public := &pb.Target{Name: "pub", Store: store, UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: emu.PublicURL("objects")}}}
 	signed := &pb.Target{Name: "sig", Store: store, UrlForm: &pb.UrlForm{Form: &pb.UrlForm_Signed{Signed: &pb.SignedUrls{Ttl: durationpb.New(time.Hour)}}}}
 
-	pu, err := LocationURL(public, "p/k1", nil, now, time.Minute)
+	pu, err := LocationURL(public, "objects", "p/k1", nil, now, time.Minute)
 	if err != nil || pu != emu.PublicURL("objects")+"p/k1" {
 		t.Fatalf("public url %q, %v", pu, err)
 	}
-	su, err := LocationURL(signed, "p/k1", signer, now, time.Minute)
+	su, err := LocationURL(signed, "objects", "p/k1", signer, now, time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +126,7 @@ func TestLocationURLs(t *testing.T) {
 		!strings.HasPrefix(q.Get("X-Goog-Credential"), "detour@example.iam.gserviceaccount.com/") {
 		t.Fatalf("signed url lacks V4 parameters: %s", su)
 	}
-	if _, err := LocationURL(signed, "p/k1", nil, now, time.Minute); !errors.Is(err, ErrNoSigner) {
+	if _, err := LocationURL(signed, "objects", "p/k1", nil, now, time.Minute); !errors.Is(err, ErrNoSigner) {
 		t.Fatalf("signed without a signer: %v", err)
 	}
 	for _, loc := range []string{pu, su} {
@@ -136,5 +139,81 @@ func TestLocationURLs(t *testing.T) {
 		if resp.StatusCode != 200 || string(body) != "payload" {
 			t.Fatalf("GET %s: %d %q", loc, resp.StatusCode, body)
 		}
+	}
+}
+
+func TestVerifyNamesWhatDiffers(t *testing.T) {
+	_, st := startGCS(t)
+	ctx := context.Background()
+	data := []byte("the response's CBOR objects")
+	u := st.Create(ctx, "objects", "p/key1", "application/mercurial-cbor", "key1")
+	u.Write(data)
+	res, err := u.Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := Claim{Bucket: "objects", Name: "p/key1", MediaType: "application/mercurial-cbor", Key: "key1",
+		Size: res.Size, SHA256: res.SHA256, SHA1: res.SHA1, CRC32C: res.CRC32C, Generation: res.Generation}
+	for _, full := range []bool{false, true} {
+		if err := st.Verify(ctx, good, full); err != nil {
+			t.Fatalf("verify (full=%v) of a true report: %v", full, err)
+		}
+	}
+	other := sha256.Sum256([]byte("other"))
+	cases := map[string]func(c *Claim){
+		"generation":   func(c *Claim) { c.Generation++ },
+		"size":         func(c *Claim) { c.Size++ },
+		"crc32c":       func(c *Claim) { c.CRC32C ^= 1 },
+		"content type": func(c *Claim) { c.MediaType = "text/plain" },
+		"key":          func(c *Claim) { c.Key = "key2" },
+		"sha256":       func(c *Claim) { c.SHA256 = other[:] },
+		"sha1":         func(c *Claim) { c.SHA1 = other[:20] },
+	}
+	for name, mutate := range cases {
+		c := good
+		mutate(&c)
+		if err := st.Verify(ctx, c, false); !errors.Is(err, ErrMismatch) || !strings.Contains(err.Error(), name) {
+			t.Errorf("forged %s: err = %v", name, err)
+		}
+	}
+	missing := good
+	missing.Name = "p/never-uploaded"
+	if err := st.Verify(ctx, missing, false); !errors.Is(err, ErrNotFound) {
+		t.Errorf("never uploaded: err = %v", err)
+	}
+}
+
+func TestDeleteIsIdempotentAndGenerationBound(t *testing.T) {
+	emu, st := startGCS(t)
+	ctx := context.Background()
+	if err := st.Put(ctx, "objects", "p/a", "application/octet-stream", []byte("one")); err != nil {
+		t.Fatal(err)
+	}
+	a, err := st.Stat(ctx, "objects", "p/a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Delete(ctx, "objects", "p/a", a.Generation+12345); err != nil {
+		t.Fatalf("delete of another generation: %v", err)
+	}
+	if n, _ := emu.ObjectCount("objects"); n != 1 {
+		t.Fatalf("a delete for another generation removed the object")
+	}
+	for i := 0; i < 2; i++ {
+		if err := st.Delete(ctx, "objects", "p/a", a.Generation); err != nil {
+			t.Fatalf("delete #%d: %v", i, err)
+		}
+	}
+	if n, _ := emu.ObjectCount("objects"); n != 0 {
+		t.Fatalf("%d objects after delete", n)
+	}
+	var names []string
+	st.Put(ctx, "objects", "p/b", "x", []byte("b"))
+	st.Put(ctx, "objects", "q/c", "x", []byte("c"))
+	if err := st.List(ctx, "objects", "p/", func(l Listed) bool { names = append(names, l.Name); return true }); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(names, ",") != "p/b" {
+		t.Fatalf("listing p/: %v", names)
 	}
 }

@@ -142,30 +142,31 @@ func (s *Service) ListObjects(ctx context.Context, req *pb.ListObjectsRequest) (
 	}
 	resp := &pb.ListObjectsResponse{}
 	last := ""
-	s.readSnapshot(ctx).RangeObjects(req.PageToken, func(key string, o *targets.Object) bool {
+	s.readSnapshot(ctx).RangeObjects(req.PageToken, func(k targets.Key, o *targets.Object) bool {
+		key := k.String()
 		if len(resp.Objects) >= size && key != last {
 			resp.NextPageToken = last
 			return false
 		}
-		if !strings.HasPrefix(key, req.KeyPrefix) || (req.Target != "" && o.Target != req.Target) {
+		if !strings.HasPrefix(key, req.KeyPrefix) || (req.Target != "" && o.Target() != req.Target) {
 			return true
 		}
-		resp.Objects = append(resp.Objects, o.Proto(key))
+		resp.Objects = append(resp.Objects, o.Proto(k))
 		last = key
 		return true
 	})
 	return resp, nil
 }
 
-// DeleteObjects purges every copy of a key from the index (the stored bytes are left to the
-// bucket's lifecycle rules).
+// DeleteObjects purges every copy of a key: the records go at once (no redirect names them after
+// the snapshot moves), and the stored bytes are queued for deletion by the janitor.
 func (s *Service) DeleteObjects(ctx context.Context, req *pb.DeleteObjectsRequest) (*pb.DeleteObjectsResponse, error) {
 	if err := targets.ValidateKey("key", req.Key); err != nil {
 		return nil, toStatus(err)
 	}
 	wctx, cancel := s.writeCtx(ctx)
 	defer cancel()
-	n, rev, err := s.reg.DeleteObjects(wctx, req.Key)
+	n, rev, err := s.reg.DeleteObjects(wctx, req.Key, "purged", s.cfg.Now())
 	if err != nil {
 		return nil, toStatus(err)
 	}

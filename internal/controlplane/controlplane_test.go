@@ -6,8 +6,12 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,7 +24,10 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/etcdembed"
+	"github.com/detourhq/detour/internal/gcsemu"
+	"github.com/detourhq/detour/internal/testbed"
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -41,14 +48,72 @@ func startEtcd(t *testing.T) *etcdembed.Server {
 	return srv
 }
 
+// env is what replicas run against: a GCS emulator reached through the real storage client, and a
+// front that serves the emulator's objects at the targets' client-facing URLs and can be made to
+// fail the way a CDN or a bucket's permissions fail.
+type env struct {
+	gcs   *gcsemu.Server
+	store *blob.Store
+	front *front
+}
+
+func startEnv(t *testing.T) *env {
+	t.Helper()
+	gcs, err := gcsemu.Start(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(gcs.Stop)
+	st, err := blob.NewStore(context.Background(), blob.Options{Endpoint: gcs.Endpoint()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return &env{gcs: gcs, store: st, front: startFront(t, gcs)}
+}
+
+// front proxies GETs to the emulator's public URLs unless told to answer with a status instead.
+type front struct {
+	URL    string
+	status atomic.Int32 // 0: pass through
+}
+
+func startFront(t *testing.T, gcs *gcsemu.Server) *front {
+	f := &front{}
+	up, _ := url.Parse("http://" + gcs.Host())
+	proxy := httputil.NewSingleHostReverseProxy(up)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if st := f.status.Load(); st != 0 {
+			http.Error(w, "injected", int(st))
+			return
+		}
+		r.Host = up.Host // the emulator serves public URLs by host
+		proxy.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	f.URL = srv.URL + "/"
+	return f
+}
+
+// fastJanitor probes every 100ms and sweeps every 200ms, so tests see the janitor's effects fast.
+var fastJanitor = JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
+	ReconcileInterval: time.Hour}
+
 func startReplica(t *testing.T, etcdURL string) *replica {
 	t.Helper()
 	return startReplicaWith(t, Options{EtcdEndpoints: []string{etcdURL}, WriteTimeout: time.Second})
 }
 
-// startReplicaWith starts a control plane on loopback ports with o and connects to it.
+// startReplicaWith starts a control plane on loopback ports with o and connects to it. Without a
+// GCS endpoint in o it gets a store of its own.
 func startReplicaWith(t *testing.T, o Options) *replica {
 	t.Helper()
+	if o.GCSEndpoint == "" {
+		o.GCSEndpoint = sharedEnv(t).gcs.Endpoint()
+	}
+	if o.Janitor == (JanitorConfig{}) {
+		o.Janitor = fastJanitor
+	}
 	o.Listen, o.MetricsListen, o.Log = "127.0.0.1:0", "127.0.0.1:0", quiet
 	inst, err := Start(context.Background(), o)
 	if err != nil {
@@ -67,42 +132,122 @@ func startReplicaWith(t *testing.T, o Options) *replica {
 	return &replica{inst: inst, admin: pb.NewAdminServiceClient(conn), place: pb.NewPlacementServiceClient(conn)}
 }
 
-func target(name, region string) *pb.Target {
-	return &pb.Target{Name: name, Protocol: "https", Uris: []string{"https://" + name + ".example.com/"},
-		Region: region, Weight: 1, Store: &pb.GcsStore{Bucket: "bucket-" + name, Prefix: "hg/"},
-		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_CdnBaseUrl{CdnBaseUrl: "https://" + name + ".example.com/"}}}
+var envs sync.Map // *testing.T → *env
+
+// sharedEnv is the test's env, started on first use.
+func sharedEnv(t *testing.T) *env {
+	t.Helper()
+	if e, ok := envs.Load(t); ok {
+		return e.(*env)
+	}
+	e := startEnv(t)
+	envs.Store(t, e)
+	t.Cleanup(func() { envs.Delete(t) })
+	return e
+}
+
+// target is a registration whose bucket exists in the test's emulator and whose objects are
+// served at the front.
+func target(t *testing.T, name, region string) *pb.Target {
+	e := sharedEnv(t)
+	bucket := "bucket-" + name
+	e.gcs.CreateBucket(bucket)
+	base := e.front.URL + bucket + "/"
+	return &pb.Target{Name: name, Protocol: "http", Uris: []string{base}, Region: region, Weight: 1,
+		Store:   &pb.GcsStore{Bucket: bucket, Prefix: "hg/"},
+		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: base}}}
+}
+
+// createTargets registers targets and waits until the prober has found each healthy.
+func createTargets(t *testing.T, r *replica, ts ...*pb.Target) {
+	t.Helper()
+	ctx := context.Background()
+	for _, tg := range ts {
+		if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: tg}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tg := range ts {
+		waitHealth(t, r, tg.Name, true)
+	}
+}
+
+func waitHealth(t *testing.T, r *replica, name string, healthy bool) {
+	t.Helper()
+	eventually(t, 10*time.Second, fmt.Sprintf("target %s healthy=%v", name, healthy), func() bool {
+		got, err := r.admin.GetTarget(context.Background(), &pb.GetTargetRequest{Name: name})
+		return err == nil && got.Target.Healthy == healthy
+	})
 }
 
 func key(i int) string { return fmt.Sprintf("%064x", 0xabc000+i) }
 
 func code(err error) codes.Code { return status.Code(err) }
 
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
+var eventually = testbed.Eventually
+
+// upload stores data where a grant says, as an agent does, and returns what to report.
+func upload(t *testing.T, g *pb.FillGrant, k string, data []byte) blob.Result {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %s: %s", within, what)
-		}
-		time.Sleep(10 * time.Millisecond)
+	u := sharedEnv(t).store.Create(context.Background(), g.Bucket, g.ObjectName, g.MediaType, k)
+	if _, err := u.Write(data); err != nil {
+		t.Fatal(err)
 	}
+	res, err := u.Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+func report(k string, g *pb.FillGrant, res blob.Result) *pb.ReportFillRequest {
+	return &pb.ReportFillRequest{Key: k, Target: g.Target, Token: g.Token, Size: res.Size, MediaType: g.MediaType,
+		Sha256: res.SHA256, Sha1: res.SHA1, ObjectName: g.ObjectName, Crc32C: res.CRC32C, Generation: res.Generation}
+}
+
+// grant asks until Place grants a fill of k.
+func grant(t *testing.T, r *replica, k string, accepted []string, region string) *pb.FillGrant {
+	t.Helper()
+	var resp *pb.PlaceResponse
+	eventually(t, 5*time.Second, "a fill grant", func() bool {
+		var err error
+		resp, err = r.place.Place(context.Background(), &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: accepted, AgentRegion: region, AgentId: "a1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Fill != nil
+	})
+	return resp.Fill
+}
+
+// fill runs one Place → upload → ReportFill cycle with content derived from k and returns the grant
+// and the stored bytes.
+func fill(t *testing.T, r *replica, k string, accepted []string, region string) (*pb.FillGrant, []byte) {
+	t.Helper()
+	g := grant(t, r, k, accepted, region)
+	data := []byte(strings.Repeat("content of "+k+"\n", 60))
+	if _, err := r.place.ReportFill(context.Background(), report(k, g, upload(t, g, k, data))); err != nil {
+		t.Fatal(err)
+	}
+	return g, data
 }
 
 func TestAdminAPIStatusCodes(t *testing.T) {
 	r := startReplica(t, startEtcd(t).Endpoint())
 	ctx := context.Background()
-	created, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")})
+	created, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "us-a", "us")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if created.Target.Revision == 0 || created.Target.State != pb.TargetState_TARGET_STATE_ACTIVE || !created.Target.Healthy {
+	if created.Target.Revision == 0 || created.Target.State != pb.TargetState_TARGET_STATE_ACTIVE || created.Target.Uid == "" {
 		t.Fatalf("created %v", created.Target)
 	}
-	_, err = r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")})
+	waitHealth(t, r, "us-a", true)
+	_, err = r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "us-a", "us")})
 	if code(err) != codes.AlreadyExists {
 		t.Fatalf("duplicate create: %v", err)
 	}
-	bad := target("us-b", "us")
+	bad := target(t, "us-b", "us")
 	bad.Uris = []string{"ftp://x/"}
 	_, err = r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: bad})
 	if code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "target.uris[0]") {
@@ -116,8 +261,10 @@ func TestAdminAPIStatusCodes(t *testing.T) {
 	if err != nil || len(list.Targets) != 1 || list.Targets[0].Name != "us-a" {
 		t.Fatalf("list: %v %v", list, err)
 	}
+	uid := created.Target.Uid
 	upd := created.Target
 	upd.Weight = 3
+	upd.Uid = "forged"
 	if _, err := r.admin.UpdateTarget(ctx, &pb.UpdateTargetRequest{Target: upd}); err != nil {
 		t.Fatal(err)
 	}
@@ -126,8 +273,8 @@ func TestAdminAPIStatusCodes(t *testing.T) {
 		t.Fatalf("stale update: %v", err)
 	}
 	got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
-	if err != nil || got.Target.Weight != 3 {
-		t.Fatalf("get after updates: %v %v", got, err)
+	if err != nil || got.Target.Weight != 3 || got.Target.Uid != uid {
+		t.Fatalf("get after updates (the uid is the server's): %v %v", got, err)
 	}
 	st, err := r.admin.SetTargetState(ctx, &pb.SetTargetStateRequest{Name: "us-a", State: pb.TargetState_TARGET_STATE_DRAINING})
 	if err != nil || st.Target.State != pb.TargetState_TARGET_STATE_DRAINING {
@@ -161,46 +308,18 @@ func TestAdminAPIStatusCodes(t *testing.T) {
 	}
 }
 
-// fill runs one Place → ReportFill cycle and returns the grant.
-func fill(t *testing.T, r *replica, k string, accepted []string, region string) *pb.FillGrant {
-	t.Helper()
+func TestPlaceRedirectsOnlyVerifiedObjects(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
 	ctx := context.Background()
-	var resp *pb.PlaceResponse
-	// The snapshot follows writes within milliseconds; Place does not wait for it.
-	eventually(t, 2*time.Second, "a fill grant", func() bool {
-		var err error
-		resp, err = r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: accepted, AgentRegion: region, AgentId: "a1"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp.Fill != nil
-	})
-	_, err := r.place.ReportFill(ctx, &pb.ReportFillRequest{Key: k, Target: resp.Fill.Target, Token: resp.Fill.Token, Size: 5000,
-		MediaType: MediaTypeCBOR, Sha256: make([]byte, 32), Sha1: make([]byte, 20), ObjectName: resp.Fill.ObjectName})
+	createTargets(t, r, target(t, "us-a", "us"), target(t, "eu-a", "eu"))
+	acc := []string{"us-a", "eu-a"}
+	k := key(1)
+	first, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us", AgentId: "a1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return resp.Fill
-}
-
-func TestPlaceRedirectsOnlyReadyObjects(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
-	ctx := context.Background()
-	for _, tg := range []*pb.Target{target("us-a", "us"), target("eu-a", "eu")} {
-		if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: tg}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	acc := []string{"us-a", "eu-a"}
-	k := key(1)
-	var first *pb.PlaceResponse
-	eventually(t, 2*time.Second, "targets in the snapshot", func() bool {
-		var err error
-		first, err = r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us"})
-		return err == nil && first.Reason != "no_candidates"
-	})
 	if first.Result != pb.PlaceResult_PLACE_RESULT_INLINE || first.Fill == nil || first.Fill.Target != "us-a" ||
-		first.Fill.Bucket != "bucket-us-a" || first.Fill.ObjectName != "hg/"+k || first.Reason != "fill" {
+		first.Fill.Bucket != "bucket-us-a" || first.Fill.ObjectName != "hg/"+k || first.Fill.MediaType != MediaTypeCBOR || first.Reason != "fill" {
 		t.Fatalf("first place: %v", first)
 	}
 	// While the claim is held (not yet READY), others get plain inline.
@@ -208,34 +327,39 @@ func TestPlaceRedirectsOnlyReadyObjects(t *testing.T) {
 	if second.Result != pb.PlaceResult_PLACE_RESULT_INLINE || second.Fill != nil || second.Reason != "fill_in_progress" {
 		t.Fatalf("place during fill: %v", second)
 	}
-	// Bad reports are refused, naming the field, and change nothing.
+	// Malformed reports are refused, naming the field, and change nothing (the claim stays).
 	for field, req := range map[string]*pb.ReportFillRequest{
-		"sha256": {Key: k, Target: "us-a", Token: first.Fill.Token, Size: 1, MediaType: MediaTypeCBOR, Sha256: []byte{1}, Sha1: make([]byte, 20)},
-		"size":   {Key: k, Target: "us-a", Token: first.Fill.Token, MediaType: MediaTypeCBOR, Sha256: make([]byte, 32), Sha1: make([]byte, 20)},
-		"key":    {Key: "x", Target: "us-a", Token: first.Fill.Token},
+		"sha256":     {Key: k, Target: "us-a", Token: first.Fill.Token, Size: 1, MediaType: MediaTypeCBOR, Sha256: []byte{1}, Sha1: make([]byte, 20), Generation: 1},
+		"size":       {Key: k, Target: "us-a", Token: first.Fill.Token, MediaType: MediaTypeCBOR, Sha256: make([]byte, 32), Sha1: make([]byte, 20), Generation: 1},
+		"generation": {Key: k, Target: "us-a", Token: first.Fill.Token, Size: 1, MediaType: MediaTypeCBOR, Sha256: make([]byte, 32), Sha1: make([]byte, 20)},
+		"key":        {Key: "x", Target: "us-a", Token: first.Fill.Token},
 	} {
 		if _, err := r.place.ReportFill(ctx, req); code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), field) {
 			t.Fatalf("report with bad %s: %v", field, err)
 		}
 	}
-	if _, err := r.place.ReportFill(ctx, &pb.ReportFillRequest{Key: k, Target: "us-a", Token: "forged", Size: 5000, MediaType: MediaTypeCBOR,
-		Sha256: make([]byte, 32), Sha1: make([]byte, 20)}); code(err) != codes.FailedPrecondition {
+	data := []byte(strings.Repeat("manifest revision bytes\n", 200))
+	res := upload(t, first.Fill, k, data)
+	forged := report(k, first.Fill, res)
+	forged.Token = "forged"
+	if _, err := r.place.ReportFill(ctx, forged); code(err) != codes.FailedPrecondition {
 		t.Fatalf("report with a forged token: %v", err)
 	}
-	sha := make([]byte, 32)
-	sha[0] = 0xee
-	if _, err := r.place.ReportFill(ctx, &pb.ReportFillRequest{Key: k, Target: "us-a", Token: first.Fill.Token, Size: 5000, MediaType: MediaTypeCBOR,
-		Sha256: sha, Sha1: make([]byte, 20), ObjectName: first.Fill.ObjectName}); err != nil {
+	if _, err := r.place.ReportFill(ctx, report(k, first.Fill, res)); err != nil {
 		t.Fatal(err)
 	}
 	var third *pb.PlaceResponse
-	eventually(t, 2*time.Second, "redirect after the fill is reported", func() bool {
+	eventually(t, 2*time.Second, "redirect after the fill is verified", func() bool {
 		third, _ = r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "eu"})
 		return third.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
-	if third.Target != "us-a" || third.Location.Url != "https://us-a.example.com/hg/"+k || third.Location.Size != 5000 ||
-		third.Location.Sha256[0] != 0xee || third.Location.MediaType != MediaTypeCBOR {
+	if third.Target != "us-a" || third.Location.Size != uint64(len(data)) || string(third.Location.Sha256) != string(res.SHA256) ||
+		third.Location.MediaType != MediaTypeCBOR {
 		t.Fatalf("redirect: %v", third)
+	}
+	// The location serves exactly the stored bytes.
+	if got := httpGet(t, third.Location.Url); got != string(data) {
+		t.Fatalf("the location serves %d bytes, not the %d stored", len(got), len(data))
 	}
 	// A client that does not accept us-a does not get sent there.
 	other, _ := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: []string{"eu-a"}, AgentRegion: "eu"})
@@ -243,33 +367,46 @@ func TestPlaceRedirectsOnlyReadyObjects(t *testing.T) {
 		t.Fatalf("client accepting only eu-a: %v", other)
 	}
 	objs, err := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{Target: "us-a"})
-	if err != nil || len(objs.Objects) != 1 || objs.Objects[0].Key != k || objs.Objects[0].Size != 5000 {
+	if err != nil || len(objs.Objects) != 1 || objs.Objects[0].Key != k || objs.Objects[0].Size != uint64(len(data)) ||
+		objs.Objects[0].Bucket != "bucket-us-a" || objs.Objects[0].Generation != res.Generation || objs.Objects[0].Crc32C != res.CRC32C ||
+		objs.Objects[0].Expires == nil {
 		t.Fatalf("list objects: %v %v", objs, err)
 	}
 	if _, err := r.place.Place(ctx, &pb.PlaceRequest{Key: "nothex", Command: "x"}); code(err) != codes.InvalidArgument {
 		t.Fatalf("bad key: %v", err)
 	}
 	// Metrics count decisions by result and reason.
-	resp, err := http.Get("http://" + r.inst.MetricsAddr() + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	body := httpGet(t, "http://"+r.inst.MetricsAddr()+"/metrics")
 	for _, want := range []string{`detour_place_decisions_total{reason="fill",result="inline"} 2`,
-		`detour_place_decisions_total{reason="ready",result="redirect"}`, "detour_place_duration_seconds_bucket", "detour_snapshot_revision"} {
-		if !strings.Contains(string(body), want) {
+		`detour_place_decisions_total{reason="ready",result="redirect"}`, "detour_place_duration_seconds_bucket", "detour_snapshot_revision",
+		`detour_target_healthy{target="us-a"} 1`, `detour_fill_verify_duration_seconds_count{full="false"}`} {
+		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %s in\n%s", want, body)
 		}
 	}
 }
 
+func httpGet(t *testing.T, u string) string {
+	t.Helper()
+	resp, err := http.Get(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: HTTP %d", u, resp.StatusCode)
+	}
+	return string(b)
+}
+
 func TestFillClaimGrantedOnceFor20ConcurrentPlaces(t *testing.T) {
 	r := startReplica(t, startEtcd(t).Endpoint())
 	ctx := context.Background()
-	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
-		t.Fatal(err)
-	}
+	createTargets(t, r, target(t, "us-a", "us"))
 	if _, err := r.admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{FillClaimTtl: durationpb.New(5 * time.Second)}}); err != nil {
 		t.Fatal(err)
 	}
@@ -317,9 +454,7 @@ func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
 	a := startReplica(t, etcd.Endpoint())
 	b := startReplica(t, etcd.Endpoint())
 	ctx := context.Background()
-	if _, err := a.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
-		t.Fatal(err)
-	}
+	createTargets(t, a, target(t, "us-a", "us"))
 	start := time.Now()
 	eventually(t, time.Second, "replica b sees a's target", func() bool {
 		_, err := b.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
@@ -351,9 +486,7 @@ func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
 	etcd := startEtcd(t)
 	r := startReplica(t, etcd.Endpoint())
 	ctx := context.Background()
-	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
-		t.Fatal(err)
-	}
+	createTargets(t, r, target(t, "us-a", "us"))
 	k := key(4)
 	fill(t, r, k, []string{"us-a"}, "us")
 	eventually(t, 2*time.Second, "object ready", func() bool {
@@ -376,7 +509,7 @@ func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
 		t.Fatalf("read with etcd down: %v", err)
 	}
 	start := time.Now()
-	_, err = r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("eu-a", "eu")})
+	_, err = r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "eu-a", "eu")})
 	if code(err) != codes.Unavailable {
 		t.Fatalf("write with etcd down: %v", err)
 	}
@@ -387,45 +520,57 @@ func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
 
 func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
 	r := startReplica(t, startEtcd(t).Endpoint())
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
-		t.Fatal(err)
-	}
+	createTargets(t, r, target(t, "us-a", "us"))
 	stream, err := r.place.WatchTargets(ctx, &pb.WatchTargetsRequest{AgentRegion: "us"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	first, err := stream.Recv()
-	if err != nil || len(first.Targets) != 1 || first.Revision == 0 {
+	if err != nil || len(first.Targets) != 1 || first.Revision == 0 || !first.Targets[0].Healthy {
 		t.Fatalf("first message: %v %v", first, err)
 	}
-	mirror := target("mirror", "eu")
+	// recvUntil reads the stream until cond holds for a message.
+	recvUntil := func(what string, cond func(*pb.WatchTargetsResponse) bool) *pb.WatchTargetsResponse {
+		t.Helper()
+		for {
+			msg, err := stream.Recv()
+			if err != nil {
+				t.Fatalf("waiting for %s: %v", what, err)
+			}
+			if cond(msg) {
+				return msg
+			}
+		}
+	}
+	mirrorHealthy := func(m *pb.WatchTargetsResponse) (bool, bool) {
+		for _, tg := range m.Targets {
+			if tg.Name == "mirror" {
+				return true, tg.Healthy
+			}
+		}
+		return false, false
+	}
+	mirror := target(t, "mirror", "eu")
 	mirror.Heartbeat = true
 	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: mirror}); err != nil {
 		t.Fatal(err)
 	}
-	next, err := stream.Recv()
-	if err != nil || len(next.Targets) != 2 || next.Revision <= first.Revision {
-		t.Fatalf("after create: %v %v", next, err)
+	next := recvUntil("the new target", func(m *pb.WatchTargetsResponse) bool { seen, _ := mirrorHealthy(m); return seen })
+	if next.Revision <= first.Revision {
+		t.Fatalf("revision did not move: %d → %d", first.Revision, next.Revision)
 	}
-	for _, tg := range next.Targets {
-		if tg.Name == "mirror" && tg.Healthy {
-			t.Fatal("heartbeat target healthy before any heartbeat")
-		}
+	// Its probe passes, but without a heartbeat a heartbeat target stays unhealthy.
+	time.Sleep(500 * time.Millisecond)
+	got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "mirror"})
+	if err != nil || got.Target.Healthy || got.Target.UnhealthyReason != "heartbeat expired" {
+		t.Fatalf("heartbeat target before any heartbeat: %v %v", got, err)
 	}
 	if _, err := r.place.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "mirror", Ttl: durationpb.New(2 * time.Second)}); err != nil {
 		t.Fatal(err)
 	}
-	healthy, err := stream.Recv()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tg := range healthy.Targets {
-		if tg.Name == "mirror" && !tg.Healthy {
-			t.Fatal("mirror not healthy after its heartbeat")
-		}
-	}
+	recvUntil("the mirror healthy after its heartbeat", func(m *pb.WatchTargetsResponse) bool { _, h := mirrorHealthy(m); return h })
 	if _, err := r.place.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "us-a"}); code(err) != codes.FailedPrecondition {
 		t.Fatalf("heartbeat of a non-heartbeat target: %v", err)
 	}
@@ -481,16 +626,14 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 	}
 	r := startReplicaWith(t, Options{EtcdEndpoints: endpoints, WriteTimeout: 2 * time.Second})
 	ctx := context.Background()
-	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
-		t.Fatal(err)
-	}
+	createTargets(t, r, target(t, "us-a", "us"))
 	k := key(9)
 	fill(t, r, k, []string{"us-a"}, "us")
 
 	members[0].Close()
 	// Quorum holds: writes go on (the client fails over to the remaining members).
 	eventually(t, 10*time.Second, "a write with one member down", func() bool {
-		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("eu-a", "eu")})
+		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "eu-a", "eu")})
 		return err == nil || code(err) == codes.AlreadyExists
 	})
 	members[1].Close()
@@ -501,7 +644,7 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 	if list, err := r.admin.ListTargets(ctx, &pb.ListTargetsRequest{}); err != nil || len(list.Targets) != 2 {
 		t.Fatalf("read without quorum: %v %v", list, err)
 	}
-	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("ap-a", "ap")}); code(err) != codes.Unavailable {
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "ap-a", "ap")}); code(err) != codes.Unavailable {
 		t.Fatalf("write without quorum: %v", err)
 	}
 	// A member comes back on its data: quorum again, writes succeed, the snapshot follows.
@@ -511,7 +654,7 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 	}
 	t.Cleanup(back.Close)
 	eventually(t, 20*time.Second, "a write after quorum returns", func() bool {
-		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("ap-a", "ap")})
+		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "ap-a", "ap")})
 		return err == nil || code(err) == codes.AlreadyExists
 	})
 	eventually(t, 10*time.Second, "the snapshot follows again", func() bool {
@@ -521,11 +664,9 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 }
 
 func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, SweepInterval: 200 * time.Millisecond})
+	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}})
 	ctx := context.Background()
-	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target("us-a", "us")}); err != nil {
-		t.Fatal(err)
-	}
+	createTargets(t, r, target(t, "us-a", "us"))
 	for i := range 5 {
 		fill(t, r, key(100+i), []string{"us-a"}, "us")
 	}
@@ -562,7 +703,7 @@ func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
 		t.Fatal(err)
 	}
 	short := key(200)
-	fill(t, r, short, []string{"us-a"}, "us")
+	g, _ := fill(t, r, short, []string{"us-a"}, "us")
 	eventually(t, 2*time.Second, "the short-lived object listed", func() bool {
 		resp, err := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{KeyPrefix: short})
 		return err == nil && len(resp.Objects) == 1 && resp.Objects[0].Expires != nil
@@ -576,6 +717,11 @@ func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
 		t.Fatalf("place after expiry: %v %v", resp, err)
 	}
 	if list, _ := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{}); len(list.Objects) != 5 {
-		t.Fatalf("the sweep removed objects without expiry: %d left", len(list.Objects))
+		t.Fatalf("the sweep removed objects before their expiry: %d left", len(list.Objects))
 	}
+	// The expired object's bytes are deleted from the bucket too.
+	eventually(t, 5*time.Second, "expired bytes deleted", func() bool {
+		_, err := sharedEnv(t).gcs.Object(g.Bucket, g.ObjectName)
+		return err != nil
+	})
 }

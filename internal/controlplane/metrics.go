@@ -19,6 +19,15 @@ type Metrics struct {
 	latency   prometheus.Histogram
 	fills     *prometheus.CounterVec
 	rpcs      *prometheus.CounterVec
+	verify    *prometheus.HistogramVec
+	extended  prometheus.Counter
+	retired   *prometheus.CounterVec
+	garbage   *prometheus.CounterVec
+	probes    *prometheus.CounterVec
+	reconcile *prometheus.CounterVec
+	missing   *prometheus.CounterVec
+	broken    *prometheus.CounterVec
+	janitor   prometheus.Gauge
 }
 
 func newMetrics(w *targets.Watcher) *Metrics {
@@ -37,6 +46,27 @@ func newMetrics(w *targets.Watcher) *Metrics {
 			Name: "detour_grpc_requests_total", Help: "gRPC requests by method and status code."},
 			[]string{"method", "code"}),
 	}
+	m.verify = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "detour_fill_verify_duration_seconds",
+		Help:    "Time to verify a reported fill against the store, by whether the bytes were re-read (full).",
+		Buckets: prometheus.ExponentialBuckets(1e-3, 2, 14)}, []string{"full"})
+	m.extended = prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_objects_extended_total",
+		Help: "Object expiries extended because the objects were redirected to."})
+	m.retired = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_objects_retired_total",
+		Help: "Object records removed by the janitor, by reason (expired, target_deleted, store_moved, missing, broken)."}, []string{"reason"})
+	m.garbage = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_garbage_deletions_total",
+		Help: "Deletions of stored bytes whose records are gone, by outcome (deleted, failed)."}, []string{"outcome"})
+	m.probes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_target_probes_total",
+		Help: "Probes of targets' client-facing URLs, by target and result (ok, failed)."}, []string{"target", "result"})
+	m.reconcile = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reconcile_objects_total",
+		Help: "Objects the reconciler looked at, by target and outcome (checked, orphan_deleted)."}, []string{"target", "outcome"})
+	m.missing = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reconcile_missing_objects_total",
+		Help: "Index records whose stored object the reconciler found missing or replaced (removed)."}, []string{"target"})
+	m.broken = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_broken_location_reports_total",
+		Help: "Agents' reports of locations that did not serve their object, by outcome (removed, intact)."}, []string{"outcome"})
+	m.janitor = prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_janitor_elected",
+		Help: "1 while this replica is the elected janitor (prober, sweeper, reconciler)."})
+	m.Registry.MustRegister(m.janitor, m.verify, m.extended, m.retired, m.garbage, m.probes, m.reconcile, m.missing, m.broken,
+		targetHealthCollector{w})
 	m.Registry.MustRegister(m.decisions, m.latency, m.fills, m.rpcs,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_revision", Help: "etcd revision of the current snapshot."},
 			func() float64 { return float64(w.Snapshot().Revision) }),
@@ -61,4 +91,22 @@ func (m *Metrics) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerI
 	err := h(srv, ss)
 	m.rpcs.WithLabelValues(info.FullMethod, status.Code(err).String()).Inc()
 	return err
+}
+
+var targetHealthyDesc = prometheus.NewDesc("detour_target_healthy",
+	"1 if the target is healthy (heartbeat alive and its client-facing URL passes the probe), else 0.", []string{"target"}, nil)
+
+// targetHealthCollector reports every target's health from the current snapshot.
+type targetHealthCollector struct{ w *targets.Watcher }
+
+func (c targetHealthCollector) Describe(ch chan<- *prometheus.Desc) { ch <- targetHealthyDesc }
+
+func (c targetHealthCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, t := range c.w.Snapshot().Targets() {
+		v := 0.0
+		if t.Healthy {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(targetHealthyDesc, prometheus.GaugeValue, v, t.Name)
+	}
 }

@@ -2,13 +2,17 @@ package controlplane
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"math/rand/v2"
+	"strconv"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/blob"
@@ -32,10 +36,10 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	key, _ := targets.ParseKey(req.Key)
 	snap := s.w.Snapshot()
 	v := s.viewOf(snap)
-	objs := snap.Copies(key)
+	objs := servable(snap, snap.Copies(key))
 	copies := make([]placement.Copy, len(objs))
-	for i := range objs {
-		copies[i] = placement.Copy{Target: objs[i].Target, Size: objs[i].Size, Expires: objs[i].ExpiresAt()}
+	for i, o := range objs {
+		copies[i] = placement.Copy{Target: o.Target(), Size: o.Size, Expires: o.ExpiresAt()}
 	}
 	now := s.cfg.Now()
 	d := placement.Decide(v.targets, copies, v.policy, placement.Request{Key: req.Key, Accepted: req.AcceptedTargets,
@@ -43,13 +47,24 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	resp := &pb.PlaceResponse{Result: pb.PlaceResult_PLACE_RESULT_INLINE, Reason: string(d.Reason), SnapshotRevision: snap.Revision}
 	switch {
 	case d.Result == placement.Redirect:
-		s.redirect(resp, snap, objs, d, now)
+		s.redirect(resp, snap, key, objs, d, now)
 	case d.Fill != "":
 		s.grantFill(ctx, resp, snap, req, d.Fill, now)
 	}
 	s.metrics.decisions.WithLabelValues(resultLabel(resp.Result), resp.Reason).Inc()
 	s.metrics.latency.Observe(time.Since(start).Seconds())
 	return resp, nil
+}
+
+// servable keeps the copies that are where their target keeps objects now (Object.Servable).
+func servable(snap *targets.Snapshot, objs []targets.Object) []*targets.Object {
+	out := make([]*targets.Object, 0, len(objs))
+	for i := range objs {
+		if t, ok := snap.Target(objs[i].Target()); ok && objs[i].Servable(t) {
+			out = append(out, &objs[i])
+		}
+	}
+	return out
 }
 
 func resultLabel(r pb.PlaceResult) string {
@@ -59,11 +74,11 @@ func resultLabel(r pb.PlaceResult) string {
 	return "inline"
 }
 
-func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, objs []targets.Object, d placement.Decision, now time.Time) {
+func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key targets.Key, objs []*targets.Object, d placement.Decision, now time.Time) {
 	var obj *targets.Object
-	for i := range objs {
-		if objs[i].Target == d.Copy.Target {
-			obj = &objs[i]
+	for _, o := range objs {
+		if o.Target() == d.Copy.Target {
+			obj = o
 		}
 	}
 	t, ok := snap.Target(d.Copy.Target)
@@ -71,7 +86,8 @@ func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, objs 
 		resp.Reason = "internal_inconsistency"
 		return
 	}
-	url, err := blob.LocationURL(t, obj.ObjectName, s.cfg.Signer, now,
+	// Built from where the record says the bytes are, not from the target's current settings.
+	url, err := blob.LocationURL(t, obj.Home.Bucket, obj.ObjectName(key), s.cfg.Signer, now,
 		policyDuration(snap.Policy().SignedUrlTtl, targets.DefaultSignedURLTTL))
 	if err != nil {
 		s.warnOnce("location:"+t.Name, "cannot build location URLs for target; answering inline",
@@ -81,11 +97,17 @@ func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, objs 
 	}
 	resp.Result = pb.PlaceResult_PLACE_RESULT_REDIRECT
 	resp.Target = t.Name
-	resp.Location = &pb.Location{Url: url, MediaType: obj.MediaType, Size: obj.Size,
+	resp.Location = &pb.Location{Url: url, MediaType: obj.Home.MediaType, Size: obj.Size,
 		Sha256: append([]byte(nil), obj.SHA256[:]...), Sha1: append([]byte(nil), obj.SHA1[:]...)}
+	s.extender.used(key, obj, now, objectTTL(snap.Policy()))
 }
 
 func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *targets.Snapshot, req *pb.PlaceRequest, target string, now time.Time) {
+	if s.cfg.Store == nil {
+		// A fill this replica cannot verify would never become READY.
+		resp.Reason = "no_store_access"
+		return
+	}
 	if _, held := snap.Claim(req.Key); held {
 		resp.Reason = string(placement.ReasonFillInProgress)
 		return
@@ -93,7 +115,8 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	t, _ := snap.Target(target)
 	ttl := policyDuration(snap.Policy().FillClaimTtl, targets.DefaultFillClaimTTL)
 	claim := &pb.FillClaim{Key: req.Key, Target: target, AgentId: req.AgentId, Token: targets.NewToken(),
-		ObjectName: blob.ObjectName(t.GetStore().GetPrefix(), req.Key)}
+		ObjectName: blob.ObjectName(t.GetStore().GetPrefix(), req.Key), Bucket: t.GetStore().GetBucket(),
+		MediaType: MediaTypeCBOR, TargetUid: t.GetUid(), Granted: timestamppb.New(now)}
 	// With etcd unreachable a claim can only time out: after a failure, skip claims for a while
 	// so that Place keeps answering at snapshot speed.
 	if until := s.claimsBrokenUntil.Load(); until != 0 && now.UnixNano() < until {
@@ -118,61 +141,112 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	default:
 		s.logOnce.Delete("claim")
 		resp.Target = target
-		resp.Fill = &pb.FillGrant{Target: target, Bucket: t.GetStore().GetBucket(), ObjectName: claim.ObjectName,
-			Token: claim.Token, Ttl: durationpb.New(ttl)}
+		resp.Fill = &pb.FillGrant{Target: target, Bucket: claim.Bucket, ObjectName: claim.ObjectName,
+			Token: claim.Token, Ttl: durationpb.New(ttl), MediaType: claim.MediaType}
 	}
 }
 
-// ReportFill marks a filled object READY, if the reporter still holds the claim.
+// ReportFill marks a filled object READY once it is verified: the reporter holds the claim, the
+// report names what the claim granted (target, object, media type), the target is still the one
+// the claim was granted for, and the store holds exactly the reported object (generation, size,
+// CRC32C, and the SHA-256, SHA-1 and key recorded with it; with --verify-fills, the bytes
+// themselves). A report that fails any check releases the claim and queues the object for deletion.
 func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*pb.ReportFillResponse, error) {
-	if err := targets.ValidateKey("key", req.Key); err != nil {
-		return nil, toStatus(err)
+	if err := validateReport(req); err != nil {
+		return nil, err
 	}
-	switch {
-	case req.Target == "":
-		return nil, invalidArg("target", "is required")
-	case req.Token == "":
-		return nil, invalidArg("token", "is required")
-	case req.Size == 0:
-		return nil, invalidArg("size", "must be greater than 0")
-	case len(req.Sha256) != 32:
-		return nil, invalidArg("sha256", "must be 32 bytes, got %d", len(req.Sha256))
-	case len(req.Sha1) != 20:
-		return nil, invalidArg("sha1", "must be 20 bytes, got %d", len(req.Sha1))
-	case req.MediaType == "":
-		return nil, invalidArg("media_type", "is required")
-	}
-	snap := s.w.Snapshot()
-	t, ok := snap.Target(req.Target)
-	if !ok {
-		return nil, status.Errorf(codes.NotFound, "target %q is not registered", req.Target)
-	}
-	objectName := req.ObjectName
-	if objectName == "" {
-		objectName = blob.ObjectName(t.GetStore().GetPrefix(), req.Key)
-	}
-	if s.cfg.Verifier != nil {
-		n, err := s.cfg.Verifier.Size(ctx, t.GetStore().GetBucket(), objectName)
-		if err == nil && uint64(n) != req.Size {
-			err = fmt.Errorf("stored object has %d bytes, the report says %d", n, req.Size)
-		}
-		if err != nil {
-			s.metrics.fills.WithLabelValues("unverified").Inc()
-			return nil, status.Errorf(codes.FailedPrecondition, "object %s/%s: %v", t.GetStore().GetBucket(), objectName, err)
-		}
-	}
-	ttl := snap.Policy().ObjectTtl.AsDuration()
-	obj := targets.NewObject(req.Key, req.Target, objectName, req.MediaType, req.Size, req.Sha256, req.Sha1, s.cfg.Now(), ttl)
-	wctx, cancel := s.writeCtx(ctx)
-	defer cancel()
-	stored, err := s.reg.CompleteFill(wctx, obj, req.Token)
+	claim, claimRev, err := s.reg.HeldClaim(ctx, req.Key, req.Token)
 	if err != nil {
 		s.metrics.fills.WithLabelValues("rejected").Inc()
 		return nil, toStatus(err)
 	}
+	// What the claim granted is the only thing a report may name.
+	switch {
+	case req.Target != claim.Target:
+		return nil, s.rejectFill(ctx, claim, claimRev, invalidArg("target", "%q is not the granted target %q", req.Target, claim.Target))
+	case req.ObjectName != "" && req.ObjectName != claim.ObjectName:
+		return nil, s.rejectFill(ctx, claim, claimRev, invalidArg("object_name", "%.80q is not the granted object %q", req.ObjectName, claim.ObjectName))
+	case req.MediaType != claim.MediaType:
+		return nil, s.rejectFill(ctx, claim, claimRev, invalidArg("media_type", "%.80q is not the granted %q", req.MediaType, claim.MediaType))
+	}
+	snap := s.w.Snapshot()
+	if t, ok := snap.Target(claim.Target); !ok || t.Uid != claim.TargetUid || t.GetStore().GetBucket() != claim.Bucket {
+		return nil, s.rejectFill(ctx, claim, claimRev, status.Errorf(codes.FailedPrecondition,
+			"target %q was deleted or its store changed since the fill was granted", claim.Target))
+	}
+	if s.cfg.Store == nil {
+		return nil, s.rejectFill(ctx, claim, claimRev, status.Error(codes.FailedPrecondition, "this control plane has no store access to verify fills"))
+	}
+	full := s.cfg.VerifyFullFraction >= 1 || (s.cfg.VerifyFullFraction > 0 && rand.Float64() < s.cfg.VerifyFullFraction)
+	start := time.Now()
+	verr := s.cfg.Store.Verify(ctx, blob.Claim{Bucket: claim.Bucket, Name: claim.ObjectName, MediaType: claim.MediaType, Key: req.Key,
+		Size: req.Size, SHA256: req.Sha256, SHA1: req.Sha1, CRC32C: req.Crc32C, Generation: req.Generation}, full)
+	s.metrics.verify.WithLabelValues(strconv.FormatBool(full)).Observe(time.Since(start).Seconds())
+	switch {
+	case errors.Is(verr, blob.ErrMismatch), errors.Is(verr, blob.ErrNotFound):
+		return nil, s.rejectFill(ctx, claim, claimRev, status.Errorf(codes.FailedPrecondition, "fill verification failed: %v", verr))
+	case verr != nil:
+		// The store could not be asked: the claim stays, the agent may report again.
+		s.metrics.fills.WithLabelValues("unverified").Inc()
+		return nil, status.Errorf(codes.Unavailable, "cannot verify the fill against the store: %v", verr)
+	}
+	now := s.cfg.Now()
+	obj := &pb.StoredObject{Key: req.Key, Target: claim.Target, State: pb.ObjectState_OBJECT_STATE_READY, Size: req.Size,
+		MediaType: claim.MediaType, Sha256: req.Sha256, Sha1: req.Sha1, Created: timestamppb.New(now),
+		Expires: timestamppb.New(now.Add(objectTTL(snap.Policy()))), ObjectName: claim.ObjectName, Bucket: claim.Bucket,
+		Generation: req.Generation, Crc32C: req.Crc32C, TargetUid: claim.TargetUid}
+	wctx, cancel := s.writeCtx(ctx)
+	defer cancel()
+	rev, err := s.reg.CompleteFill(wctx, obj, claimRev)
+	if err != nil {
+		s.metrics.fills.WithLabelValues("rejected").Inc()
+		return nil, toStatus(err)
+	}
+	s.wrote(rev)
 	s.metrics.fills.WithLabelValues("ready").Inc()
-	s.cfg.Log.Info("object ready", "key", req.Key, "target", req.Target, "size", req.Size)
-	return &pb.ReportFillResponse{Object: stored}, nil
+	s.cfg.Log.Info("object ready", "key", req.Key, "target", claim.Target, "size", req.Size, "generation", req.Generation, "full_verify", full)
+	return &pb.ReportFillResponse{Object: obj}, nil
+}
+
+func validateReport(req *pb.ReportFillRequest) error {
+	if err := targets.ValidateKey("key", req.Key); err != nil {
+		return toStatus(err)
+	}
+	switch {
+	case req.Target == "":
+		return invalidArg("target", "is required")
+	case req.Token == "":
+		return invalidArg("token", "is required")
+	case len(req.Token) > 64:
+		return invalidArg("token", "is longer than 64 bytes")
+	case req.Size == 0:
+		return invalidArg("size", "must be greater than 0")
+	case len(req.Sha256) != 32:
+		return invalidArg("sha256", "must be 32 bytes, got %d", len(req.Sha256))
+	case len(req.Sha1) != 20:
+		return invalidArg("sha1", "must be 20 bytes, got %d", len(req.Sha1))
+	case req.MediaType == "":
+		return invalidArg("media_type", "is required")
+	case req.Generation <= 0:
+		return invalidArg("generation", "must be the generation the store committed")
+	}
+	return nil
+}
+
+// rejectFill releases a claim whose report failed verification and queues whatever the fill
+// stored for deletion, so the key can be filled again at once; it returns err.
+func (s *Service) rejectFill(ctx context.Context, claim *pb.FillClaim, claimRev int64, err error) error {
+	s.metrics.fills.WithLabelValues("rejected").Inc()
+	s.cfg.Log.Warn("fill report rejected", "key", claim.Key, "target", claim.Target, "agent", claim.AgentId, "err", err)
+	wctx, cancel := s.writeCtx(context.WithoutCancel(ctx))
+	defer cancel()
+	// Generation 0: any bytes at the granted name are the failed fill's (the name is the key's).
+	g := &pb.GarbageObject{Bucket: claim.Bucket, ObjectName: claim.ObjectName, Target: claim.Target,
+		Reason: "rejected fill", Queued: timestamppb.New(s.cfg.Now())}
+	if rerr := s.reg.ReleaseClaim(wctx, claim.Key, claimRev, g); rerr != nil {
+		s.cfg.Log.Warn("cannot release a rejected claim; it expires with its lease", "key", claim.Key, "err", rerr)
+	}
+	return err
 }
 
 // AbortFill releases a claim.
@@ -236,4 +310,59 @@ func (s *Service) Heartbeat(ctx context.Context, req *pb.HeartbeatRequest) (*pb.
 		return nil, toStatus(err)
 	}
 	return &pb.HeartbeatResponse{Ttl: durationpb.New(ttl)}, nil
+}
+
+// ReportBrokenLocation checks a location an agent found broken against the store: if the object
+// is missing, or is not the generation, size and CRC32C the record says, the record is retired at
+// once and no redirect names it again. A healthy object is left alone (the agent may have seen a
+// passing fault), so an agent cannot remove objects that are fine.
+func (s *Service) ReportBrokenLocation(ctx context.Context, req *pb.ReportBrokenLocationRequest) (*pb.ReportBrokenLocationResponse, error) {
+	if err := targets.ValidateKey("key", req.Key); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := targets.ValidateName("target", req.Target); err != nil {
+		return nil, toStatus(err)
+	}
+	if len(req.Reason) > 512 {
+		return nil, invalidArg("reason", "is longer than 512 bytes")
+	}
+	if s.cfg.Store == nil {
+		return nil, status.Error(codes.FailedPrecondition, "this control plane has no store access to check objects")
+	}
+	key, _ := targets.ParseKey(req.Key)
+	snap := s.w.Snapshot()
+	t, ok := snap.Target(req.Target)
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "target %q: not found", req.Target)
+	}
+	obj := copyAt(snap, key, t)
+	if obj == nil {
+		return &pb.ReportBrokenLocationResponse{}, nil
+	}
+	a, err := s.cfg.Store.Stat(ctx, obj.Home.Bucket, obj.ObjectName(key))
+	problem := ""
+	switch {
+	case errors.Is(err, blob.ErrNotFound):
+		problem = "missing"
+	case err != nil:
+		return nil, status.Errorf(codes.Unavailable, "cannot check the object in the store: %v", err)
+	case a.Generation != obj.Generation || a.Size != obj.Size || a.CRC32C != obj.CRC32C:
+		problem = fmt.Sprintf("replaced (generation %d, %d bytes)", a.Generation, a.Size)
+	}
+	if problem == "" {
+		s.metrics.broken.WithLabelValues("intact").Inc()
+		return &pb.ReportBrokenLocationResponse{}, nil
+	}
+	wctx, cancel := s.writeCtx(ctx)
+	defer cancel()
+	n, err := s.reg.Retire(wctx, []targets.Retirement{{Key: req.Key, Target: req.Target, ModRevision: obj.ModRevision,
+		Garbage: targets.GarbageOf(obj.Proto(key), "broken", s.cfg.Now())}})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s.metrics.broken.WithLabelValues("removed").Inc()
+	s.metrics.retired.WithLabelValues("broken").Add(float64(n))
+	s.cfg.Log.Warn("broken location reported and confirmed; record removed", "key", req.Key, "target", req.Target,
+		"problem", problem, "agent_saw", req.Reason)
+	return &pb.ReportBrokenLocationResponse{Removed: n > 0}, nil
 }

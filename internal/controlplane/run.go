@@ -2,11 +2,11 @@ package controlplane
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -36,10 +36,17 @@ type Options struct {
 	EmbeddedEtcdURL string   // embedded etcd client URL (default: a free loopback port)
 	Region          string
 	Signer          *blob.Signer
-	GCSEndpoint     string        // if set, reported fills are verified against this store
-	SweepInterval   time.Duration // expired-object sweep (default 1m)
-	WriteTimeout    time.Duration // bound on each etcd write an RPC makes (default 5s)
-	Log             *slog.Logger
+	// GCSEndpoint is a GCS-API endpoint (an emulator); empty: Google Cloud Storage with the
+	// standard Google credentials. The control plane verifies fills, probes targets and deletes
+	// retired objects through it; without store access it grants no fills and redirects nothing.
+	GCSEndpoint string
+	// VerifyFullFraction is the share of fills re-read and re-hashed before READY (0..1).
+	VerifyFullFraction float64
+	Janitor            JanitorConfig
+	// ID names this replica in the janitor election (default host:pid:listen address).
+	ID           string
+	WriteTimeout time.Duration // bound on each etcd write an RPC makes (default 5s)
+	Log          *slog.Logger
 }
 
 // Instance is a running control plane.
@@ -71,9 +78,6 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 	if o.DataDir == "" {
 		o.DataDir = "detour-data"
 	}
-	if o.SweepInterval <= 0 {
-		o.SweepInterval = time.Minute
-	}
 	in := &Instance{log: o.Log, serveErr: make(chan error, 2)}
 	defer func() {
 		if err != nil {
@@ -97,12 +101,15 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", endpoints, err)
 	}
-	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout}
-	if o.GCSEndpoint != "" {
-		if in.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
-			return nil, err
-		}
-		cfg.Verifier = in.store
+	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
+	if in.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
+		o.Log.Error("no access to the stores: no fills will be granted and no target becomes healthy (nothing is redirected)", "err", err)
+	} else {
+		cfg.Store = in.store
+	}
+	if o.ID == "" {
+		host, _ := os.Hostname()
+		o.ID = fmt.Sprintf("%s:%d:%s", host, os.Getpid(), o.Listen)
 	}
 	reg := targets.NewRegistry(in.cli, o.EtcdPrefix)
 	w := targets.NewWatcher(in.cli, reg.Prefix(), o.Log)
@@ -110,9 +117,10 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	in.cancel = cancel
-	in.wg.Add(2)
+	in.wg.Add(3)
 	go func() { defer in.wg.Done(); w.Run(runCtx) }()
-	go func() { defer in.wg.Done(); in.Service.Sweep(runCtx, o.SweepInterval) }()
+	go func() { defer in.wg.Done(); in.Service.RunJanitor(runCtx, in.cli, o.ID) }()
+	go func() { defer in.wg.Done(); in.Service.runExtensions(runCtx, 5*time.Second) }()
 	select {
 	case <-w.Ready():
 	case <-ctx.Done():
@@ -215,50 +223,5 @@ func (in *Instance) closeBackends() {
 	}
 	if in.etcd != nil {
 		in.etcd.Close()
-	}
-}
-
-// Sweep deletes expired objects from the index every interval until ctx ends. Every replica may
-// sweep: deletes compare the object's revision, so they are idempotent and never remove a newer
-// fill.
-func (s *Service) Sweep(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		now := s.cfg.Now().UnixNano()
-		type victim struct {
-			key, target string
-			rev         int64
-		}
-		var victims []victim
-		s.w.Snapshot().EachObject(func(key targets.Key, o *targets.Object) bool {
-			if o.Expires != 0 && o.Expires <= now {
-				victims = append(victims, victim{key.String(), o.Target, o.ModRevision})
-			}
-			return true
-		})
-		deleted := 0
-		for _, v := range victims {
-			wctx, cancel := s.writeCtx(ctx)
-			ok, err := s.reg.DeleteObjectAt(wctx, v.key, v.target, v.rev)
-			cancel()
-			if err != nil {
-				if !errors.Is(err, context.Canceled) {
-					s.cfg.Log.Warn("sweep stopped: etcd write failed", "err", err)
-				}
-				break
-			}
-			if ok {
-				deleted++
-			}
-		}
-		if deleted > 0 {
-			s.cfg.Log.Info("expired objects swept", "deleted", deleted)
-		}
 	}
 }

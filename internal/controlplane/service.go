@@ -7,6 +7,7 @@ package controlplane
 import (
 	"context"
 	"log/slog"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,9 +23,19 @@ type Config struct {
 	Log *slog.Logger
 	// Signer signs V4 URLs for targets that want them; nil: such targets get no redirects.
 	Signer *blob.Signer
-	// Verifier, if set, checks that a reported object exists with the reported size before it is
-	// marked READY.
-	Verifier ObjectVerifier
+	// Store is the control plane's own access to the targets' buckets: it verifies every reported
+	// fill before the object becomes READY, probes targets, reconciles the index with the buckets
+	// and deletes the bytes of retired objects. nil: no fills are granted and no target is ever
+	// healthy (nothing that cannot be verified is redirected to).
+	Store Store
+	// VerifyFullFraction is the share of fills whose bytes are read back and re-hashed before they
+	// become READY (0: attributes and recorded hashes only; 1: every fill).
+	VerifyFullFraction float64
+	// Janitor sets the intervals of probing, sweeping and reconciling.
+	Janitor JanitorConfig
+	// ProbeTransport fetches canaries through targets' client-facing URLs (default: a clone of
+	// http.DefaultTransport).
+	ProbeTransport http.RoundTripper
 	// WriteTimeout bounds each etcd write an RPC makes (default 5s).
 	WriteTimeout time.Duration
 	// ClaimTimeout bounds the fill-claim write inside Place (default 1s, and never past the caller's
@@ -34,9 +45,13 @@ type Config struct {
 	Now func() time.Time
 }
 
-// ObjectVerifier reports an object's stored size.
-type ObjectVerifier interface {
-	Size(ctx context.Context, bucket, name string) (int64, error)
+// Store is what the control plane needs of the blob store (blob.Store implements it).
+type Store interface {
+	Verify(ctx context.Context, c blob.Claim, full bool) error
+	Stat(ctx context.Context, bucket, name string) (blob.Attrs, error)
+	Delete(ctx context.Context, bucket, name string, generation int64) error
+	List(ctx context.Context, bucket, prefix string, fn func(blob.Listed) bool) error
+	Put(ctx context.Context, bucket, name, mediaType string, data []byte) error
 }
 
 // Service implements the PlacementService and AdminService servers.
@@ -55,6 +70,8 @@ type Service struct {
 	logOnce   sync.Map
 	// claimsBrokenUntil (unix ns) skips fill claims after one failed, see grantFill.
 	claimsBrokenUntil atomic.Int64
+	extender          extender
+	probeClient       *http.Client
 }
 
 // view is the placement form of a snapshot's targets and policy, rebuilt only when they change
@@ -79,7 +96,11 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w)}
+	cfg.Janitor.defaults()
+	if cfg.ProbeTransport == nil {
+		cfg.ProbeTransport = http.DefaultTransport.(*http.Transport).Clone()
+	}
+	return &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), probeClient: &http.Client{Transport: cfg.ProbeTransport}}
 }
 
 // Metrics returns the service's metrics.

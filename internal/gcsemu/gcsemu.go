@@ -58,6 +58,16 @@ func (s *Server) ObjectCount(bucket string) (int, error) {
 	return len(objs), err
 }
 
+// ObjectNames lists the names of bucket's objects.
+func (s *Server) ObjectNames(bucket string) ([]string, error) {
+	objs, _, err := s.srv.ListObjectsWithOptions(bucket, fakestorage.ListOptions{})
+	names := make([]string, len(objs))
+	for i, o := range objs {
+		names[i] = o.Name
+	}
+	return names, err
+}
+
 // Object returns an object's bytes.
 func (s *Server) Object(bucket, name string) ([]byte, error) {
 	o, err := s.srv.GetObject(bucket, name)

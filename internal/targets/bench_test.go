@@ -17,8 +17,7 @@ import (
 func objectKV(w *Watcher, i int, target string) *mvccpb.KeyValue {
 	sum := sha256.Sum256([]byte(fmt.Sprint(i)))
 	key := hex.EncodeToString(sum[:])
-	o := NewObject(key, target, "objects/"+key, "application/mercurial-cbor", uint64(1<<20+i),
-		make([]byte, 32), make([]byte, 20), time.Unix(1_800_000_000, 0), 24*time.Hour)
+	o := testRecord(key, target, "uid-"+target, "bucket-"+target, uint64(1<<20+i), time.Unix(1_800_000_000, 0), 24*time.Hour)
 	v, _ := proto.Marshal(o)
 	return &mvccpb.KeyValue{Key: []byte(w.prefix + "objects/" + key + "/" + target), Value: v, ModRevision: int64(i + 2)}
 }

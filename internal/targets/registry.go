@@ -71,8 +71,10 @@ func (r *Registry) Prefix() string { return r.prefix }
 
 func (r *Registry) targetKey(name string) string { return r.prefix + "targets/" + name }
 func (r *Registry) aliveKey(name string) string  { return r.prefix + "alive/" + name }
+func (r *Registry) healthKey(name string) string { return r.prefix + "health/" + name }
 func (r *Registry) fillKey(key string) string    { return r.prefix + "fills/" + key }
 func (r *Registry) policyKey() string            { return r.prefix + "policy" }
+func (r *Registry) garbageKey(id string) string  { return r.prefix + "garbage/" + id }
 func (r *Registry) objectKey(key, target string) string {
 	return r.prefix + "objects/" + key + "/" + target
 }
@@ -89,7 +91,7 @@ func marshal(m proto.Message) string {
 // storedTarget strips the fields the server computes.
 func storedTarget(t *pb.Target) *pb.Target {
 	c := proto.Clone(t).(*pb.Target)
-	c.Revision, c.Healthy = 0, false
+	c.Revision, c.Healthy, c.UnhealthyReason = 0, false, ""
 	return c
 }
 
@@ -99,6 +101,9 @@ func (r *Registry) CreateTarget(ctx context.Context, t *pb.Target) (*pb.Target, 
 		return nil, err
 	}
 	k := r.targetKey(t.Name)
+	// A new uid every time: records of a deleted target of the same name never apply to this one.
+	t = proto.Clone(t).(*pb.Target)
+	t.Uid = NewToken()
 	resp, err := r.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
 		Then(clientv3.OpPut(k, marshal(storedTarget(t)))).
@@ -122,6 +127,16 @@ func (r *Registry) UpdateTarget(ctx context.Context, t *pb.Target) (*pb.Target, 
 	if t.Revision <= 0 {
 		return nil, invalid("target.revision", "is required for an update (the revision that was read)")
 	}
+	cur, err := r.GetTarget(ctx, t.Name)
+	if err != nil {
+		return nil, err
+	}
+	if cur.Revision != t.Revision {
+		return nil, fmt.Errorf("update target %q at revision %d: %w", t.Name, t.Revision, ErrConflict)
+	}
+	// The uid is the server's: an update keeps the target's identity, whatever the caller sent.
+	t = proto.Clone(t).(*pb.Target)
+	t.Uid = cur.Uid
 	return r.casTarget(ctx, t, t.Revision)
 }
 
@@ -284,8 +299,9 @@ func (r *Registry) forgetLease(ttl time.Duration, id clientv3.LeaseID) {
 	}
 }
 
-// heldClaim reads the claim on key and checks its token.
-func (r *Registry) heldClaim(ctx context.Context, key, token string) (*pb.FillClaim, int64, error) {
+// HeldClaim reads the claim on key (linearizably) and checks its token. It returns the claim and its
+// mod revision, which CompleteFill and ReleaseClaim compare on.
+func (r *Registry) HeldClaim(ctx context.Context, key, token string) (*pb.FillClaim, int64, error) {
 	resp, err := r.cli.Get(ctx, r.fillKey(key))
 	if err != nil {
 		return nil, 0, fmt.Errorf("read claim %s: %w", key, err)
@@ -304,76 +320,272 @@ func (r *Registry) heldClaim(ctx context.Context, key, token string) (*pb.FillCl
 }
 
 // CompleteFill records obj as READY and releases the claim, in one transaction that compares the
-// claim's revision: a claim that expired or was taken over makes the report fail.
-func (r *Registry) CompleteFill(ctx context.Context, obj *pb.StoredObject, token string) (*pb.StoredObject, error) {
-	c, rev, err := r.heldClaim(ctx, obj.Key, token)
-	if err != nil {
-		return nil, err
-	}
-	if c.Target != obj.Target {
-		return nil, invalid("target", "%q is not the claimed target %q", obj.Target, c.Target)
-	}
-	if obj.ObjectName == "" {
-		obj.ObjectName = c.ObjectName
-	}
+// claim's revision (from HeldClaim): a claim that expired or was taken over makes the report fail.
+// The caller has checked obj against the claim and the store.
+func (r *Registry) CompleteFill(ctx context.Context, obj *pb.StoredObject, claimRev int64) (int64, error) {
 	obj.State = pb.ObjectState_OBJECT_STATE_READY
 	fk := r.fillKey(obj.Key)
 	resp, err := r.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(fk), "=", rev)).
+		If(clientv3.Compare(clientv3.ModRevision(fk), "=", claimRev)).
 		Then(clientv3.OpPut(r.objectKey(obj.Key, obj.Target), marshal(obj)), clientv3.OpDelete(fk)).
 		Commit()
 	if err != nil {
-		return nil, fmt.Errorf("report fill %s: %w", obj.Key, err)
+		return 0, fmt.Errorf("report fill %s: %w", obj.Key, outcomeUnknown(err))
 	}
 	if !resp.Succeeded {
-		return nil, fmt.Errorf("report fill %s: %w", obj.Key, ErrClaimNotHeld)
+		return 0, fmt.Errorf("report fill %s: %w", obj.Key, ErrClaimNotHeld)
 	}
-	return obj, nil
+	return resp.Header.Revision, nil
 }
 
-// AbortFill releases a claim held with token.
-func (r *Registry) AbortFill(ctx context.Context, key, token string) error {
-	_, rev, err := r.heldClaim(ctx, key, token)
-	if err != nil {
-		return err
-	}
+// ReleaseClaim deletes the claim at claimRev and, when garbage is given, queues the bytes the fill
+// may have left for deletion, in one transaction. A rejected report uses it, so the key can be
+// filled again at once.
+func (r *Registry) ReleaseClaim(ctx context.Context, key string, claimRev int64, garbage *pb.GarbageObject) error {
 	fk := r.fillKey(key)
-	resp, err := r.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(fk), "=", rev)).Then(clientv3.OpDelete(fk)).Commit()
+	ops := []clientv3.Op{clientv3.OpDelete(fk)}
+	if garbage != nil {
+		ops = append(ops, r.garbageOp(garbage))
+	}
+	resp, err := r.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(fk), "=", claimRev)).Then(ops...).Commit()
 	if err != nil {
-		return fmt.Errorf("abort fill %s: %w", key, err)
+		return fmt.Errorf("release claim %s: %w", key, outcomeUnknown(err))
 	}
 	if !resp.Succeeded {
-		return fmt.Errorf("abort fill %s: %w", key, ErrClaimNotHeld)
+		return fmt.Errorf("release claim %s: %w", key, ErrClaimNotHeld)
 	}
 	return nil
 }
 
-// DeleteObjects removes every copy of key from the index. It returns how many and the revision.
-func (r *Registry) DeleteObjects(ctx context.Context, key string) (int64, int64, error) {
-	resp, err := r.cli.Delete(ctx, r.prefix+"objects/"+key+"/", clientv3.WithPrefix())
+// AbortFill releases a claim held with token.
+func (r *Registry) AbortFill(ctx context.Context, key, token string) error {
+	_, rev, err := r.HeldClaim(ctx, key, token)
 	if err != nil {
-		return 0, 0, fmt.Errorf("delete objects %s: %w", key, err)
+		return err
 	}
-	return resp.Deleted, resp.Header.Revision, nil
+	return r.ReleaseClaim(ctx, key, rev, nil)
 }
 
-// DeleteObjectAt removes one copy if it is still at revision rev (the sweeper's delete).
-func (r *Registry) DeleteObjectAt(ctx context.Context, key, target string, rev int64) (bool, error) {
-	k := r.objectKey(key, target)
-	resp, err := r.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).Then(clientv3.OpDelete(k)).Commit()
-	if err != nil {
-		return false, fmt.Errorf("delete object %s at %s: %w", key, target, err)
-	}
-	return resp.Succeeded, nil
+// Retirement is one object record to remove, at the mod revision it was read at, with the stored
+// bytes to delete once it is gone.
+type Retirement struct {
+	Key, Target string
+	ModRevision int64
+	Garbage     *pb.GarbageObject
 }
 
-// PutObject writes an object record directly (tests, imports). Fills go through CompleteFill.
+// maxCASPerTxn keeps a transaction under etcd's default limit of 128 operations.
+const maxCASPerTxn = 60
+
+// guarded is one write that happens only if key is still at rev.
+type guarded struct {
+	key string
+	rev int64
+	ops []clientv3.Op
+}
+
+// writeEach applies guarded writes in batches of one transaction each; a batch in which some key
+// moved is retried one write at a time, so writes whose key moved are skipped and the rest
+// happen. It returns how many happened and the last revision written.
+func (r *Registry) writeEach(ctx context.Context, what string, ws []guarded) (int, int64, error) {
+	done, rev := 0, int64(0)
+	for len(ws) > 0 {
+		batch := ws[:min(len(ws), maxCASPerTxn)]
+		ws = ws[len(batch):]
+		ok, brev, err := r.writeBatch(ctx, what, batch)
+		if err != nil {
+			return done, rev, err
+		}
+		if ok {
+			done, rev = done+len(batch), brev
+			continue
+		}
+		for _, one := range batch {
+			ok, brev, err := r.writeBatch(ctx, what, []guarded{one})
+			if err != nil {
+				return done, rev, err
+			}
+			if ok {
+				done, rev = done+1, brev
+			}
+		}
+	}
+	return done, rev, nil
+}
+
+func (r *Registry) writeBatch(ctx context.Context, what string, batch []guarded) (bool, int64, error) {
+	var cmps []clientv3.Cmp
+	var ops []clientv3.Op
+	for _, w := range batch {
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(w.key), "=", w.rev))
+		ops = append(ops, w.ops...)
+	}
+	resp, err := r.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		return false, 0, fmt.Errorf("%s (%d records): %w", what, len(batch), outcomeUnknown(err))
+	}
+	return resp.Succeeded, resp.Header.Revision, nil
+}
+
+// Retire removes object records and queues their bytes for deletion, each record only if it is
+// still at the revision it was read at (so a newer fill is never removed). It returns how many
+// were removed.
+func (r *Registry) Retire(ctx context.Context, rs []Retirement) (int, error) {
+	n, _, err := r.writeEach(ctx, "retire objects", r.retirements(rs))
+	return n, err
+}
+
+func (r *Registry) retirements(rs []Retirement) []guarded {
+	ws := make([]guarded, len(rs))
+	for i, x := range rs {
+		k := r.objectKey(x.Key, x.Target)
+		ws[i] = guarded{key: k, rev: x.ModRevision, ops: []clientv3.Op{clientv3.OpDelete(k)}}
+		if x.Garbage != nil {
+			ws[i].ops = append(ws[i].ops, r.garbageOp(x.Garbage))
+		}
+	}
+	return ws
+}
+
+// ReadObjects reads every stored copy of key (linearizably).
+func (r *Registry) ReadObjects(ctx context.Context, key string) ([]*pb.StoredObject, []int64, error) {
+	resp, err := r.cli.Get(ctx, r.prefix+"objects/"+key+"/", clientv3.WithPrefix())
+	if err != nil {
+		return nil, nil, fmt.Errorf("read objects %s: %w", key, err)
+	}
+	var objs []*pb.StoredObject
+	var revs []int64
+	for _, kv := range resp.Kvs {
+		o := &pb.StoredObject{}
+		if err := proto.Unmarshal(kv.Value, o); err != nil {
+			return nil, nil, fmt.Errorf("object %s: stored value: %w", kv.Key, err)
+		}
+		objs, revs = append(objs, o), append(revs, kv.ModRevision)
+	}
+	return objs, revs, nil
+}
+
+// DeleteObjects removes every copy of key from the index and queues the stored bytes for deletion.
+// It returns how many copies were removed.
+func (r *Registry) DeleteObjects(ctx context.Context, key, reason string, now time.Time) (int64, int64, error) {
+	for attempt := 0; ; attempt++ {
+		objs, revs, err := r.ReadObjects(ctx, key)
+		if err != nil {
+			return 0, 0, err
+		}
+		if len(objs) == 0 {
+			return 0, 0, nil
+		}
+		rs := make([]Retirement, len(objs))
+		for i, o := range objs {
+			rs[i] = Retirement{Key: key, Target: o.Target, ModRevision: revs[i], Garbage: GarbageOf(o, reason, now)}
+		}
+		// All copies in one transaction: a purge removes every copy or, if one moved, retries.
+		ok, rev, err := r.writeBatch(ctx, "delete objects", r.retirements(rs))
+		if err != nil {
+			return 0, 0, err
+		}
+		if ok {
+			return int64(len(rs)), rev, nil
+		}
+		if attempt >= 5 {
+			return 0, 0, fmt.Errorf("delete objects %s: %w", key, ErrConflict)
+		}
+	}
+}
+
+// PutObject writes an object record directly, unverified: tests and benchmarks only. Fills go
+// through HeldClaim, a verification against the store, and CompleteFill.
 func (r *Registry) PutObject(ctx context.Context, obj *pb.StoredObject) error {
 	if err := ValidateKey("key", obj.Key); err != nil {
 		return err
 	}
 	if _, err := r.cli.Put(ctx, r.objectKey(obj.Key, obj.Target), marshal(obj)); err != nil {
 		return fmt.Errorf("put object %s: %w", obj.Key, err)
+	}
+	return nil
+}
+
+// GarbageOf is the garbage entry for a stored object's bytes.
+func GarbageOf(o *pb.StoredObject, reason string, now time.Time) *pb.GarbageObject {
+	return &pb.GarbageObject{Bucket: o.Bucket, ObjectName: o.ObjectName, Generation: o.Generation, Target: o.Target,
+		Reason: reason, Queued: timestamppb.New(now)}
+}
+
+func (r *Registry) garbageOp(g *pb.GarbageObject) clientv3.Op {
+	return clientv3.OpPut(r.garbageKey(NewToken()), marshal(g))
+}
+
+// QueueGarbage queues stored bytes for deletion.
+func (r *Registry) QueueGarbage(ctx context.Context, g *pb.GarbageObject) error {
+	if _, err := r.cli.Txn(ctx).Then(r.garbageOp(g)).Commit(); err != nil {
+		return fmt.Errorf("queue garbage %s/%s: %w", g.Bucket, g.ObjectName, outcomeUnknown(err))
+	}
+	return nil
+}
+
+// GarbageEntry is one queued deletion.
+type GarbageEntry struct {
+	ID          string
+	ModRevision int64
+	Object      *pb.GarbageObject
+}
+
+// ListGarbage returns up to limit queued deletions.
+func (r *Registry) ListGarbage(ctx context.Context, limit int64) ([]GarbageEntry, error) {
+	resp, err := r.cli.Get(ctx, r.prefix+"garbage/", clientv3.WithPrefix(), clientv3.WithLimit(limit))
+	if err != nil {
+		return nil, fmt.Errorf("list garbage: %w", err)
+	}
+	out := make([]GarbageEntry, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		g := &pb.GarbageObject{}
+		if err := proto.Unmarshal(kv.Value, g); err != nil {
+			return nil, fmt.Errorf("garbage %s: stored value: %w", kv.Key, err)
+		}
+		out = append(out, GarbageEntry{ID: strings.TrimPrefix(string(kv.Key), r.prefix+"garbage/"), ModRevision: kv.ModRevision, Object: g})
+	}
+	return out, nil
+}
+
+// GarbageDone removes queued deletions whose bytes are gone.
+func (r *Registry) GarbageDone(ctx context.Context, ids []string) error {
+	for len(ids) > 0 {
+		batch := ids[:min(len(ids), 100)]
+		ids = ids[len(batch):]
+		ops := make([]clientv3.Op, len(batch))
+		for i, id := range batch {
+			ops[i] = clientv3.OpDelete(r.garbageKey(id))
+		}
+		if _, err := r.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+			return fmt.Errorf("garbage done: %w", outcomeUnknown(err))
+		}
+	}
+	return nil
+}
+
+// Extension moves one object's expiry, if the record is still at ModRevision.
+type Extension struct {
+	Object      *pb.StoredObject
+	ModRevision int64
+}
+
+// Extend writes new expiries, in batches; records that moved since they were read are skipped.
+// It returns how many were extended.
+func (r *Registry) Extend(ctx context.Context, xs []Extension) (int, error) {
+	ws := make([]guarded, len(xs))
+	for i, x := range xs {
+		k := r.objectKey(x.Object.Key, x.Object.Target)
+		ws[i] = guarded{key: k, rev: x.ModRevision, ops: []clientv3.Op{clientv3.OpPut(k, marshal(x.Object))}}
+	}
+	n, _, err := r.writeEach(ctx, "extend objects", ws)
+	return n, err
+}
+
+// SetHealth records the prober's verdict on a target. Only the elected prober writes it.
+func (r *Registry) SetHealth(ctx context.Context, h *pb.TargetHealth) error {
+	if _, err := r.cli.Put(ctx, r.healthKey(h.Target), marshal(h)); err != nil {
+		return fmt.Errorf("set health of %q: %w", h.Target, outcomeUnknown(err))
 	}
 	return nil
 }
@@ -400,12 +612,15 @@ func (r *Registry) SetPolicy(ctx context.Context, p *pb.Policy) (*pb.Policy, err
 	return stored, nil
 }
 
-// NewObject builds the record of a completed fill.
-func NewObject(key, target, objectName, mediaType string, size uint64, sha256, sha1 []byte, now time.Time, ttl time.Duration) *pb.StoredObject {
-	o := &pb.StoredObject{Key: key, Target: target, State: pb.ObjectState_OBJECT_STATE_READY, Size: size,
-		MediaType: mediaType, Sha256: sha256, Sha1: sha1, Created: timestamppb.New(now), ObjectName: objectName}
-	if ttl > 0 {
-		o.Expires = timestamppb.New(now.Add(ttl))
+// ErrOutcomeUnknown marks a write whose outcome is unknown: etcd did not answer in time, and the
+// transaction may or may not have committed. Every Detour write compares a revision, so retrying
+// one is safe.
+var ErrOutcomeUnknown = errors.New("outcome unknown (the write may have committed)")
+
+// outcomeUnknown marks deadline and transport errors of a write.
+func outcomeUnknown(err error) error {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return fmt.Errorf("%w: %w", ErrOutcomeUnknown, err)
 	}
-	return o
+	return err
 }

@@ -9,18 +9,36 @@ import (
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 )
 
-// Object is the in-memory form of one READY copy: compact, because a replica holds millions.
+// Home is where a set of stored objects live and what they are: the target (by name and uid), the
+// bucket and prefix they were stored under, and their media type. Copies share one interned Home,
+// so an object pays one pointer for all of it.
+type Home struct {
+	Target    string
+	TargetUID string
+	Bucket    string
+	Prefix    string
+	MediaType string
+}
+
+// Object is the in-memory form of one READY copy: compact, because a replica holds millions. Its
+// object name is the home's prefix followed by the key.
 type Object struct {
-	Target      string // interned: one string per target name
+	Home        *Home
 	Size        uint64
 	Created     int64 // unix nanoseconds
 	Expires     int64 // unix nanoseconds; 0: never
 	ModRevision int64
+	Generation  int64
 	SHA256      [32]byte
 	SHA1        [20]byte
-	MediaType   string // interned
-	ObjectName  string
+	CRC32C      uint32
 }
+
+// Target is the name of the target the copy is at.
+func (o *Object) Target() string { return o.Home.Target }
+
+// ObjectName is the copy's name in its bucket.
+func (o *Object) ObjectName(key Key) string { return o.Home.Prefix + key.String() }
 
 // ExpiresAt is Expires as a time (zero: never).
 func (o *Object) ExpiresAt() time.Time {
@@ -30,16 +48,24 @@ func (o *Object) ExpiresAt() time.Time {
 	return time.Unix(0, o.Expires)
 }
 
-// Proto returns the API form of the copy of key.
-func (o *Object) Proto(key string) *pb.StoredObject {
-	out := &pb.StoredObject{Key: key, Target: o.Target, State: pb.ObjectState_OBJECT_STATE_READY, Size: o.Size,
-		MediaType: o.MediaType, Sha256: append([]byte(nil), o.SHA256[:]...), Sha1: append([]byte(nil), o.SHA1[:]...),
-		ObjectName: o.ObjectName}
+// Proto returns the API (and stored) form of the copy of key.
+func (o *Object) Proto(key Key) *pb.StoredObject {
+	h := o.Home
+	out := &pb.StoredObject{Key: key.String(), Target: h.Target, State: pb.ObjectState_OBJECT_STATE_READY, Size: o.Size,
+		MediaType: h.MediaType, Sha256: append([]byte(nil), o.SHA256[:]...), Sha1: append([]byte(nil), o.SHA1[:]...),
+		ObjectName: o.ObjectName(key), Bucket: h.Bucket, Generation: o.Generation, Crc32C: o.CRC32C, TargetUid: h.TargetUID}
 	out.Created = tsOf(o.Created)
 	if o.Expires != 0 {
 		out.Expires = tsOf(o.Expires)
 	}
 	return out
+}
+
+// Servable reports whether the copy is where target t keeps its objects now: same target uid (not a
+// deleted target's namesake) and same bucket (the store has not moved). Copies that are not are
+// never redirected to, and the janitor removes them.
+func (o *Object) Servable(t *pb.Target) bool {
+	return o.Home.TargetUID == t.GetUid() && o.Home.Bucket == t.GetStore().GetBucket()
 }
 
 // Key is a content key in binary (a SHA-256).
@@ -111,7 +137,7 @@ func (b *indexBuilder) put(k Key, o Object) {
 	old := m[k]
 	copies := make([]Object, 0, len(old)+1)
 	for _, c := range old {
-		if c.Target != o.Target {
+		if c.Home.Target != o.Home.Target {
 			copies = append(copies, c)
 		}
 	}
@@ -124,7 +150,7 @@ func (b *indexBuilder) remove(k Key, target string) {
 	old := m[k]
 	copies := make([]Object, 0, len(old))
 	for _, c := range old {
-		if c.Target != target {
+		if c.Home.Target != target {
 			copies = append(copies, c)
 		}
 	}
@@ -147,8 +173,9 @@ type Snapshot struct {
 	TargetsRevision int64
 	// Built is when the snapshot was made current.
 	Built   time.Time
-	targets map[string]*pb.Target // Healthy and Revision filled in
+	targets map[string]*pb.Target // Healthy, UnhealthyReason and Revision filled in
 	alive   map[string]bool
+	health  map[string]*pb.TargetHealth
 	policy  *pb.Policy
 	objects *index
 	claims  map[string]*pb.FillClaim
@@ -157,7 +184,7 @@ type Snapshot struct {
 }
 
 func emptySnapshot() *Snapshot {
-	return &Snapshot{targets: map[string]*pb.Target{}, alive: map[string]bool{}, objects: &index{},
+	return &Snapshot{targets: map[string]*pb.Target{}, alive: map[string]bool{}, health: map[string]*pb.TargetHealth{}, objects: &index{},
 		claims: map[string]*pb.FillClaim{}, policy: &pb.Policy{}, superseded: make(chan struct{})}
 }
 
@@ -208,10 +235,16 @@ func (s *Snapshot) EachObject(fn func(key Key, o *Object) bool) {
 	}
 }
 
+// Health returns the prober's last verdict on a target, if any.
+func (s *Snapshot) Health(name string) (*pb.TargetHealth, bool) {
+	h, ok := s.health[name]
+	return h, ok
+}
+
 // RangeObjects calls fn for copies in key order, from the first key > after (all if after is
 // zero-length), until fn returns false. Sorting makes it O(n log n): it serves paginated admin
 // listings, not the request path.
-func (s *Snapshot) RangeObjects(after string, fn func(key string, o *Object) bool) {
+func (s *Snapshot) RangeObjects(after string, fn func(key Key, o *Object) bool) {
 	var keys []Key
 	for i := range s.objects.shards {
 		for k := range s.objects.shards[i] {
@@ -223,9 +256,8 @@ func (s *Snapshot) RangeObjects(after string, fn func(key string, o *Object) boo
 	sort.Slice(keys, func(i, j int) bool { return string(keys[i][:]) < string(keys[j][:]) })
 	for _, k := range keys {
 		copies := s.objects.get(k)
-		ks := k.String()
 		for i := range copies {
-			if !fn(ks, &copies[i]) {
+			if !fn(k, &copies[i]) {
 				return
 			}
 		}

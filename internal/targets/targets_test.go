@@ -206,7 +206,7 @@ func TestWatcherFollowsWrites(t *testing.T) {
 	}
 
 	key := testKey(1)
-	obj := NewObject(key, "after", "hg/x", "application/mercurial-cbor", 1234, make([]byte, 32), make([]byte, 20), time.Now(), 0)
+	obj := testRecord(key, "after", "u", "b", 1234, time.Now(), 0)
 	if err := r.PutObject(ctx, obj); err != nil {
 		t.Fatal(err)
 	}
@@ -216,7 +216,7 @@ func TestWatcherFollowsWrites(t *testing.T) {
 	if got := w.Snapshot(); got.TargetsRevision != targetsRev || got.Revision <= targetsRev {
 		t.Fatalf("an object event moved TargetsRevision %d → %d (revision %d)", targetsRev, got.TargetsRevision, got.Revision)
 	}
-	if n, _, err := r.DeleteObjects(ctx, key); err != nil || n != 1 {
+	if n, _, err := r.DeleteObjects(ctx, key, "test", time.Now()); err != nil || n != 1 {
 		t.Fatalf("delete objects: %d, %v", n, err)
 	}
 	eventually(t, 5*time.Second, "object gone", func() bool { return w.Snapshot().ObjectCount() == 0 })
@@ -239,7 +239,7 @@ func TestWatcherLoadsManyObjectsAcrossPages(t *testing.T) {
 	ctx := context.Background()
 	const n = 1200
 	for i := range n {
-		if err := r.PutObject(ctx, NewObject(testKey(i), "t", "o", "m", uint64(i), nil, nil, time.Now(), 0)); err != nil {
+		if err := r.PutObject(ctx, testRecord(testKey(i), "t", "u", "b", uint64(i), time.Now(), 0)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -252,7 +252,7 @@ func TestWatcherLoadsManyObjectsAcrossPages(t *testing.T) {
 		t.Fatalf("loaded %d objects, want %d", got, n)
 	}
 	seen := 0
-	w.Snapshot().RangeObjects("", func(key string, o *Object) bool { seen++; return true })
+	w.Snapshot().RangeObjects("", func(key Key, o *Object) bool { seen++; return true })
 	if seen != n {
 		t.Fatalf("ranged over %d", seen)
 	}
@@ -298,7 +298,12 @@ func TestHeartbeatLeaseExpiryMakesTargetUnhealthy(t *testing.T) {
 	ctx := context.Background()
 	tg := validTarget("mirror")
 	tg.Heartbeat = true
-	if _, err := r.CreateTarget(ctx, tg); err != nil {
+	created, err := r.CreateTarget(ctx, tg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The prober has found its URL serving: only the heartbeat decides now.
+	if err := r.SetHealth(ctx, &pb.TargetHealth{Target: "mirror", TargetUid: created.Uid, Healthy: true}); err != nil {
 		t.Fatal(err)
 	}
 	if err := r.Heartbeat(ctx, "a-missing-one", time.Second); !errors.Is(err, ErrNotFound) {
@@ -366,14 +371,18 @@ func TestClaimIsGrantedOnceThenAgainAfterExpiry(t *testing.T) {
 		ok, err := r.Claim(ctx, &pb.FillClaim{Key: key, Target: "t", Token: "second"}, 30*time.Second)
 		return err == nil && ok
 	})
-	obj := NewObject(key, "t", "o", "m", 1, nil, nil, time.Now(), 0)
-	if _, err := r.CompleteFill(ctx, obj, winner); !errors.Is(err, ErrClaimNotHeld) {
-		t.Fatalf("complete with an expired claim's token: %v", err)
+	if _, _, err := r.HeldClaim(ctx, key, winner); !errors.Is(err, ErrClaimNotHeld) {
+		t.Fatalf("an expired claim's token is still held: %v", err)
 	}
-	if _, err := r.CompleteFill(ctx, NewObject(key, "other", "o", "m", 1, nil, nil, time.Now(), 0), "second"); err == nil {
-		t.Fatal("complete at a target other than the claimed one succeeded")
+	_, rev, err := r.HeldClaim(ctx, key, "second")
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := r.CompleteFill(ctx, obj, "second"); err != nil {
+	obj := testRecord(key, "t", "u", "b", 1, time.Now(), 0)
+	if _, err := r.CompleteFill(ctx, obj, rev-1); !errors.Is(err, ErrClaimNotHeld) {
+		t.Fatalf("complete at another claim revision: %v", err)
+	}
+	if _, err := r.CompleteFill(ctx, obj, rev); err != nil {
 		t.Fatal(err)
 	}
 	resp, err := cli.Get(ctx, r.fillKey(key))

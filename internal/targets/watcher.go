@@ -31,7 +31,7 @@ type Watcher struct {
 	log      *slog.Logger
 	pageSize int64
 	cur      atomic.Pointer[Snapshot]
-	interned sync.Map // string → string, for target names and media types
+	homes    sync.Map // Home → *Home: every copy of a target's objects shares one
 	ready    chan struct{}
 	readyOne sync.Once
 }
@@ -158,8 +158,8 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 	old := w.Snapshot()
 	next := &Snapshot{Revision: rev, TargetsRevision: old.TargetsRevision, targets: old.targets, alive: old.alive,
-		policy: old.policy, claims: old.claims, superseded: make(chan struct{})}
-	copiedTargets, copiedAlive, copiedClaims := false, false, false
+		health: old.health, policy: old.policy, claims: old.claims, superseded: make(chan struct{})}
+	copiedTargets, copiedAlive, copiedHealth, copiedClaims := false, false, false, false
 	var b *indexBuilder
 	for _, ev := range events {
 		rest := strings.TrimPrefix(string(ev.Kv.Key), w.prefix)
@@ -173,6 +173,11 @@ func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 			next.TargetsRevision = rev
 			if !copiedAlive {
 				next.alive, copiedAlive = cloneMap(old.alive), true
+			}
+		case strings.HasPrefix(rest, "health/"):
+			next.TargetsRevision = rev
+			if !copiedHealth {
+				next.health, copiedHealth = cloneMap(old.health), true
 			}
 		case rest == "policy":
 			next.TargetsRevision = rev
@@ -224,6 +229,18 @@ func (w *Watcher) apply(snap *Snapshot, b *indexBuilder, typ mvccpb.Event_EventT
 		} else {
 			snap.alive[name] = true
 		}
+	case strings.HasPrefix(rest, "health/"):
+		name := strings.TrimPrefix(rest, "health/")
+		if del {
+			delete(snap.health, name)
+			return
+		}
+		h := &pb.TargetHealth{}
+		if err := proto.Unmarshal(kv.Value, h); err != nil {
+			w.log.Error("skipping undecodable target health", "key", string(kv.Key), "err", err)
+			return
+		}
+		snap.health[name] = h
 	case strings.HasPrefix(rest, "fills/"):
 		key := strings.TrimPrefix(rest, "fills/")
 		if del {
@@ -256,8 +273,16 @@ func (w *Watcher) apply(snap *Snapshot, b *indexBuilder, typ mvccpb.Event_EventT
 			b.remove(k, target)
 			return
 		}
-		obj := Object{Target: w.intern(target), Size: o.Size, Created: o.Created.AsTime().UnixNano(),
-			ModRevision: kv.ModRevision, MediaType: w.intern(o.MediaType), ObjectName: o.ObjectName}
+		prefix, named := strings.CutSuffix(o.ObjectName, ks)
+		if !named || o.Target != target || len(o.Sha256) != 32 || len(o.Sha1) != 20 {
+			// Every fill stores its object as prefix+key with both digests; anything else was not
+			// written by a verified fill and is never served.
+			w.log.Error("skipping object record that no verified fill wrote", "key", string(kv.Key), "object_name", o.ObjectName)
+			b.remove(k, target)
+			return
+		}
+		obj := Object{Home: w.home(Home{Target: target, TargetUID: o.TargetUid, Bucket: o.Bucket, Prefix: prefix, MediaType: o.MediaType}),
+			Size: o.Size, Created: o.Created.AsTime().UnixNano(), ModRevision: kv.ModRevision, Generation: o.Generation, CRC32C: o.Crc32C}
 		if o.Expires != nil {
 			obj.Expires = o.Expires.AsTime().UnixNano()
 		}
@@ -279,17 +304,29 @@ func (w *Watcher) apply(snap *Snapshot, b *indexBuilder, typ mvccpb.Event_EventT
 	}
 }
 
-// finish computes what depends on more than one key: target health.
+// finish computes what depends on more than one key: target health. A target is healthy when its
+// heartbeat (if it has one) is alive and the prober's latest verdict on this target (same uid)
+// passed. A target the prober has not yet judged is not healthy: nothing is redirected to a URL
+// nobody has fetched.
 func (w *Watcher) finish(snap *Snapshot) {
 	changed := false
 	for name, t := range snap.targets {
-		healthy := !t.Heartbeat || snap.alive[name]
-		if t.Healthy != healthy {
+		reason := ""
+		h := snap.health[name]
+		switch {
+		case t.Heartbeat && !snap.alive[name]:
+			reason = "heartbeat expired"
+		case h == nil || h.TargetUid != t.Uid:
+			reason = "not yet probed"
+		case !h.Healthy:
+			reason = "probe failing: " + h.Reason
+		}
+		if t.Healthy != (reason == "") || t.UnhealthyReason != reason {
 			if !changed {
 				snap.targets, changed = cloneMap(snap.targets), true
 			}
 			c := proto.Clone(t).(*pb.Target)
-			c.Healthy = healthy
+			c.Healthy, c.UnhealthyReason = reason == "", reason
 			snap.targets[name] = c
 		}
 	}
@@ -302,12 +339,13 @@ func (w *Watcher) publish(snap *Snapshot) {
 	w.readyOne.Do(func() { close(w.ready) })
 }
 
-func (w *Watcher) intern(s string) string {
-	if v, ok := w.interned.Load(s); ok {
-		return v.(string)
+// home returns the shared copy of h.
+func (w *Watcher) home(h Home) *Home {
+	if v, ok := w.homes.Load(h); ok {
+		return v.(*Home)
 	}
-	v, _ := w.interned.LoadOrStore(s, s)
-	return v.(string)
+	v, _ := w.homes.LoadOrStore(h, &h)
+	return v.(*Home)
 }
 
 func cloneMap[K comparable, V any](m map[K]V) map[K]V {

@@ -245,12 +245,14 @@ func (x *Location) GetSha1() []byte {
 
 // FillGrant lets one agent store the response at a target.
 type FillGrant struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Target        string                 `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
-	Bucket        string                 `protobuf:"bytes,2,opt,name=bucket,proto3" json:"bucket,omitempty"`
-	ObjectName    string                 `protobuf:"bytes,3,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
-	Token         string                 `protobuf:"bytes,4,opt,name=token,proto3" json:"token,omitempty"`
-	Ttl           *durationpb.Duration   `protobuf:"bytes,5,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Target     string                 `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	Bucket     string                 `protobuf:"bytes,2,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	ObjectName string                 `protobuf:"bytes,3,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
+	Token      string                 `protobuf:"bytes,4,opt,name=token,proto3" json:"token,omitempty"`
+	Ttl        *durationpb.Duration   `protobuf:"bytes,5,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Media type to store the object as.
+	MediaType     string `protobuf:"bytes,6,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -318,6 +320,13 @@ func (x *FillGrant) GetTtl() *durationpb.Duration {
 		return x.Ttl
 	}
 	return nil
+}
+
+func (x *FillGrant) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
 }
 
 type PlaceResponse struct {
@@ -407,15 +416,19 @@ func (x *PlaceResponse) GetSnapshotRevision() int64 {
 }
 
 type ReportFillRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	Target        string                 `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
-	Token         string                 `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
-	Size          uint64                 `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
-	MediaType     string                 `protobuf:"bytes,5,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
-	Sha256        []byte                 `protobuf:"bytes,6,opt,name=sha256,proto3" json:"sha256,omitempty"`
-	Sha1          []byte                 `protobuf:"bytes,7,opt,name=sha1,proto3" json:"sha1,omitempty"`
-	ObjectName    string                 `protobuf:"bytes,8,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Key       string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Target    string                 `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	Token     string                 `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
+	Size      uint64                 `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
+	MediaType string                 `protobuf:"bytes,5,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	Sha256    []byte                 `protobuf:"bytes,6,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	Sha1      []byte                 `protobuf:"bytes,7,opt,name=sha1,proto3" json:"sha1,omitempty"`
+	// Must equal the granted object name (or be empty).
+	ObjectName string `protobuf:"bytes,8,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
+	// CRC32C of the bytes the agent sent, and the generation the store committed.
+	Crc32C        uint32 `protobuf:"varint,9,opt,name=crc32c,proto3" json:"crc32c,omitempty"`
+	Generation    int64  `protobuf:"varint,10,opt,name=generation,proto3" json:"generation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -504,6 +517,20 @@ func (x *ReportFillRequest) GetObjectName() string {
 		return x.ObjectName
 	}
 	return ""
+}
+
+func (x *ReportFillRequest) GetCrc32C() uint32 {
+	if x != nil {
+		return x.Crc32C
+	}
+	return 0
+}
+
+func (x *ReportFillRequest) GetGeneration() int64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
 }
 
 type ReportFillResponse struct {
@@ -848,6 +875,112 @@ func (x *HeartbeatResponse) GetTtl() *durationpb.Duration {
 	return nil
 }
 
+type ReportBrokenLocationRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Key    string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Target string                 `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	// What the agent saw, e.g. "HTTP 404" or "size 10 != 20".
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportBrokenLocationRequest) Reset() {
+	*x = ReportBrokenLocationRequest{}
+	mi := &file_detour_v1_placement_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportBrokenLocationRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportBrokenLocationRequest) ProtoMessage() {}
+
+func (x *ReportBrokenLocationRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_placement_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportBrokenLocationRequest.ProtoReflect.Descriptor instead.
+func (*ReportBrokenLocationRequest) Descriptor() ([]byte, []int) {
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ReportBrokenLocationRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ReportBrokenLocationRequest) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *ReportBrokenLocationRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type ReportBrokenLocationResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Whether the control plane found the object broken and removed its record.
+	Removed       bool `protobuf:"varint,1,opt,name=removed,proto3" json:"removed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportBrokenLocationResponse) Reset() {
+	*x = ReportBrokenLocationResponse{}
+	mi := &file_detour_v1_placement_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportBrokenLocationResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportBrokenLocationResponse) ProtoMessage() {}
+
+func (x *ReportBrokenLocationResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_placement_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportBrokenLocationResponse.ProtoReflect.Descriptor instead.
+func (*ReportBrokenLocationResponse) Descriptor() ([]byte, []int) {
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ReportBrokenLocationResponse) GetRemoved() bool {
+	if x != nil {
+		return x.Removed
+	}
+	return false
+}
+
 var File_detour_v1_placement_proto protoreflect.FileDescriptor
 
 const file_detour_v1_placement_proto_rawDesc = "" +
@@ -867,21 +1000,23 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"media_type\x18\x02 \x01(\tR\tmediaType\x12\x12\n" +
 	"\x04size\x18\x03 \x01(\x04R\x04size\x12\x16\n" +
 	"\x06sha256\x18\x04 \x01(\fR\x06sha256\x12\x12\n" +
-	"\x04sha1\x18\x05 \x01(\fR\x04sha1\"\x9f\x01\n" +
+	"\x04sha1\x18\x05 \x01(\fR\x04sha1\"\xbe\x01\n" +
 	"\tFillGrant\x12\x16\n" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
 	"\x06bucket\x18\x02 \x01(\tR\x06bucket\x12\x1f\n" +
 	"\vobject_name\x18\x03 \x01(\tR\n" +
 	"objectName\x12\x14\n" +
 	"\x05token\x18\x04 \x01(\tR\x05token\x12+\n" +
-	"\x03ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\xf7\x01\n" +
+	"\x03ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\x06 \x01(\tR\tmediaType\"\xf7\x01\n" +
 	"\rPlaceResponse\x12.\n" +
 	"\x06result\x18\x01 \x01(\x0e2\x16.detour.v1.PlaceResultR\x06result\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x16\n" +
 	"\x06target\x18\x03 \x01(\tR\x06target\x12/\n" +
 	"\blocation\x18\x04 \x01(\v2\x13.detour.v1.LocationR\blocation\x12(\n" +
 	"\x04fill\x18\x05 \x01(\v2\x14.detour.v1.FillGrantR\x04fill\x12+\n" +
-	"\x11snapshot_revision\x18\x06 \x01(\x03R\x10snapshotRevision\"\xd3\x01\n" +
+	"\x11snapshot_revision\x18\x06 \x01(\x03R\x10snapshotRevision\"\x8b\x02\n" +
 	"\x11ReportFillRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x14\n" +
@@ -892,7 +1027,12 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x06sha256\x18\x06 \x01(\fR\x06sha256\x12\x12\n" +
 	"\x04sha1\x18\a \x01(\fR\x04sha1\x12\x1f\n" +
 	"\vobject_name\x18\b \x01(\tR\n" +
-	"objectName\"E\n" +
+	"objectName\x12\x16\n" +
+	"\x06crc32c\x18\t \x01(\rR\x06crc32c\x12\x1e\n" +
+	"\n" +
+	"generation\x18\n" +
+	" \x01(\x03R\n" +
+	"generation\"E\n" +
 	"\x12ReportFillResponse\x12/\n" +
 	"\x06object\x18\x01 \x01(\v2\x17.detour.v1.StoredObjectR\x06object\"R\n" +
 	"\x10AbortFillRequest\x12\x10\n" +
@@ -910,18 +1050,25 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12+\n" +
 	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"@\n" +
 	"\x11HeartbeatResponse\x12+\n" +
-	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl*_\n" +
+	"\x03ttl\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"_\n" +
+	"\x1bReportBrokenLocationRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"8\n" +
+	"\x1cReportBrokenLocationResponse\x12\x18\n" +
+	"\aremoved\x18\x01 \x01(\bR\aremoved*_\n" +
 	"\vPlaceResult\x12\x1c\n" +
 	"\x18PLACE_RESULT_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13PLACE_RESULT_INLINE\x10\x01\x12\x19\n" +
-	"\x15PLACE_RESULT_REDIRECT\x10\x022\xfc\x02\n" +
+	"\x15PLACE_RESULT_REDIRECT\x10\x022\xe5\x03\n" +
 	"\x10PlacementService\x12:\n" +
 	"\x05Place\x12\x17.detour.v1.PlaceRequest\x1a\x18.detour.v1.PlaceResponse\x12I\n" +
 	"\n" +
 	"ReportFill\x12\x1c.detour.v1.ReportFillRequest\x1a\x1d.detour.v1.ReportFillResponse\x12F\n" +
 	"\tAbortFill\x12\x1b.detour.v1.AbortFillRequest\x1a\x1c.detour.v1.AbortFillResponse\x12Q\n" +
 	"\fWatchTargets\x12\x1e.detour.v1.WatchTargetsRequest\x1a\x1f.detour.v1.WatchTargetsResponse0\x01\x12F\n" +
-	"\tHeartbeat\x12\x1b.detour.v1.HeartbeatRequest\x1a\x1c.detour.v1.HeartbeatResponseB9Z7github.com/detourhq/detour/api/proto/detour/v1;detourv1b\x06proto3"
+	"\tHeartbeat\x12\x1b.detour.v1.HeartbeatRequest\x1a\x1c.detour.v1.HeartbeatResponse\x12g\n" +
+	"\x14ReportBrokenLocation\x12&.detour.v1.ReportBrokenLocationRequest\x1a'.detour.v1.ReportBrokenLocationResponseB9Z7github.com/detourhq/detour/api/proto/detour/v1;detourv1b\x06proto3"
 
 var (
 	file_detour_v1_placement_proto_rawDescOnce sync.Once
@@ -936,46 +1083,50 @@ func file_detour_v1_placement_proto_rawDescGZIP() []byte {
 }
 
 var file_detour_v1_placement_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_detour_v1_placement_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_detour_v1_placement_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_detour_v1_placement_proto_goTypes = []any{
-	(PlaceResult)(0),             // 0: detour.v1.PlaceResult
-	(*PlaceRequest)(nil),         // 1: detour.v1.PlaceRequest
-	(*Location)(nil),             // 2: detour.v1.Location
-	(*FillGrant)(nil),            // 3: detour.v1.FillGrant
-	(*PlaceResponse)(nil),        // 4: detour.v1.PlaceResponse
-	(*ReportFillRequest)(nil),    // 5: detour.v1.ReportFillRequest
-	(*ReportFillResponse)(nil),   // 6: detour.v1.ReportFillResponse
-	(*AbortFillRequest)(nil),     // 7: detour.v1.AbortFillRequest
-	(*AbortFillResponse)(nil),    // 8: detour.v1.AbortFillResponse
-	(*WatchTargetsRequest)(nil),  // 9: detour.v1.WatchTargetsRequest
-	(*WatchTargetsResponse)(nil), // 10: detour.v1.WatchTargetsResponse
-	(*HeartbeatRequest)(nil),     // 11: detour.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),    // 12: detour.v1.HeartbeatResponse
-	(*durationpb.Duration)(nil),  // 13: google.protobuf.Duration
-	(*StoredObject)(nil),         // 14: detour.v1.StoredObject
-	(*Target)(nil),               // 15: detour.v1.Target
+	(PlaceResult)(0),                     // 0: detour.v1.PlaceResult
+	(*PlaceRequest)(nil),                 // 1: detour.v1.PlaceRequest
+	(*Location)(nil),                     // 2: detour.v1.Location
+	(*FillGrant)(nil),                    // 3: detour.v1.FillGrant
+	(*PlaceResponse)(nil),                // 4: detour.v1.PlaceResponse
+	(*ReportFillRequest)(nil),            // 5: detour.v1.ReportFillRequest
+	(*ReportFillResponse)(nil),           // 6: detour.v1.ReportFillResponse
+	(*AbortFillRequest)(nil),             // 7: detour.v1.AbortFillRequest
+	(*AbortFillResponse)(nil),            // 8: detour.v1.AbortFillResponse
+	(*WatchTargetsRequest)(nil),          // 9: detour.v1.WatchTargetsRequest
+	(*WatchTargetsResponse)(nil),         // 10: detour.v1.WatchTargetsResponse
+	(*HeartbeatRequest)(nil),             // 11: detour.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),            // 12: detour.v1.HeartbeatResponse
+	(*ReportBrokenLocationRequest)(nil),  // 13: detour.v1.ReportBrokenLocationRequest
+	(*ReportBrokenLocationResponse)(nil), // 14: detour.v1.ReportBrokenLocationResponse
+	(*durationpb.Duration)(nil),          // 15: google.protobuf.Duration
+	(*StoredObject)(nil),                 // 16: detour.v1.StoredObject
+	(*Target)(nil),                       // 17: detour.v1.Target
 }
 var file_detour_v1_placement_proto_depIdxs = []int32{
-	13, // 0: detour.v1.FillGrant.ttl:type_name -> google.protobuf.Duration
+	15, // 0: detour.v1.FillGrant.ttl:type_name -> google.protobuf.Duration
 	0,  // 1: detour.v1.PlaceResponse.result:type_name -> detour.v1.PlaceResult
 	2,  // 2: detour.v1.PlaceResponse.location:type_name -> detour.v1.Location
 	3,  // 3: detour.v1.PlaceResponse.fill:type_name -> detour.v1.FillGrant
-	14, // 4: detour.v1.ReportFillResponse.object:type_name -> detour.v1.StoredObject
-	15, // 5: detour.v1.WatchTargetsResponse.targets:type_name -> detour.v1.Target
-	13, // 6: detour.v1.HeartbeatRequest.ttl:type_name -> google.protobuf.Duration
-	13, // 7: detour.v1.HeartbeatResponse.ttl:type_name -> google.protobuf.Duration
+	16, // 4: detour.v1.ReportFillResponse.object:type_name -> detour.v1.StoredObject
+	17, // 5: detour.v1.WatchTargetsResponse.targets:type_name -> detour.v1.Target
+	15, // 6: detour.v1.HeartbeatRequest.ttl:type_name -> google.protobuf.Duration
+	15, // 7: detour.v1.HeartbeatResponse.ttl:type_name -> google.protobuf.Duration
 	1,  // 8: detour.v1.PlacementService.Place:input_type -> detour.v1.PlaceRequest
 	5,  // 9: detour.v1.PlacementService.ReportFill:input_type -> detour.v1.ReportFillRequest
 	7,  // 10: detour.v1.PlacementService.AbortFill:input_type -> detour.v1.AbortFillRequest
 	9,  // 11: detour.v1.PlacementService.WatchTargets:input_type -> detour.v1.WatchTargetsRequest
 	11, // 12: detour.v1.PlacementService.Heartbeat:input_type -> detour.v1.HeartbeatRequest
-	4,  // 13: detour.v1.PlacementService.Place:output_type -> detour.v1.PlaceResponse
-	6,  // 14: detour.v1.PlacementService.ReportFill:output_type -> detour.v1.ReportFillResponse
-	8,  // 15: detour.v1.PlacementService.AbortFill:output_type -> detour.v1.AbortFillResponse
-	10, // 16: detour.v1.PlacementService.WatchTargets:output_type -> detour.v1.WatchTargetsResponse
-	12, // 17: detour.v1.PlacementService.Heartbeat:output_type -> detour.v1.HeartbeatResponse
-	13, // [13:18] is the sub-list for method output_type
-	8,  // [8:13] is the sub-list for method input_type
+	13, // 13: detour.v1.PlacementService.ReportBrokenLocation:input_type -> detour.v1.ReportBrokenLocationRequest
+	4,  // 14: detour.v1.PlacementService.Place:output_type -> detour.v1.PlaceResponse
+	6,  // 15: detour.v1.PlacementService.ReportFill:output_type -> detour.v1.ReportFillResponse
+	8,  // 16: detour.v1.PlacementService.AbortFill:output_type -> detour.v1.AbortFillResponse
+	10, // 17: detour.v1.PlacementService.WatchTargets:output_type -> detour.v1.WatchTargetsResponse
+	12, // 18: detour.v1.PlacementService.Heartbeat:output_type -> detour.v1.HeartbeatResponse
+	14, // 19: detour.v1.PlacementService.ReportBrokenLocation:output_type -> detour.v1.ReportBrokenLocationResponse
+	14, // [14:20] is the sub-list for method output_type
+	8,  // [8:14] is the sub-list for method input_type
 	8,  // [8:8] is the sub-list for extension type_name
 	8,  // [8:8] is the sub-list for extension extendee
 	0,  // [0:8] is the sub-list for field type_name
@@ -993,7 +1144,7 @@ func file_detour_v1_placement_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_detour_v1_placement_proto_rawDesc), len(file_detour_v1_placement_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,11 +19,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	PlacementService_Place_FullMethodName        = "/detour.v1.PlacementService/Place"
-	PlacementService_ReportFill_FullMethodName   = "/detour.v1.PlacementService/ReportFill"
-	PlacementService_AbortFill_FullMethodName    = "/detour.v1.PlacementService/AbortFill"
-	PlacementService_WatchTargets_FullMethodName = "/detour.v1.PlacementService/WatchTargets"
-	PlacementService_Heartbeat_FullMethodName    = "/detour.v1.PlacementService/Heartbeat"
+	PlacementService_Place_FullMethodName                = "/detour.v1.PlacementService/Place"
+	PlacementService_ReportFill_FullMethodName           = "/detour.v1.PlacementService/ReportFill"
+	PlacementService_AbortFill_FullMethodName            = "/detour.v1.PlacementService/AbortFill"
+	PlacementService_WatchTargets_FullMethodName         = "/detour.v1.PlacementService/WatchTargets"
+	PlacementService_Heartbeat_FullMethodName            = "/detour.v1.PlacementService/Heartbeat"
+	PlacementService_ReportBrokenLocation_FullMethodName = "/detour.v1.PlacementService/ReportBrokenLocation"
 )
 
 // PlacementServiceClient is the client API for PlacementService service.
@@ -42,6 +43,10 @@ type PlacementServiceClient interface {
 	WatchTargets(ctx context.Context, in *WatchTargetsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchTargetsResponse], error)
 	// Heartbeat keeps a heartbeat target healthy for ttl.
 	Heartbeat(ctx context.Context, in *HeartbeatRequest, opts ...grpc.CallOption) (*HeartbeatResponse, error)
+	// ReportBrokenLocation tells the control plane that a location it handed out did not serve the
+	// object (sampled checks by agents). The control plane verifies against the store and removes
+	// the record if the object is missing or different.
+	ReportBrokenLocation(ctx context.Context, in *ReportBrokenLocationRequest, opts ...grpc.CallOption) (*ReportBrokenLocationResponse, error)
 }
 
 type placementServiceClient struct {
@@ -111,6 +116,16 @@ func (c *placementServiceClient) Heartbeat(ctx context.Context, in *HeartbeatReq
 	return out, nil
 }
 
+func (c *placementServiceClient) ReportBrokenLocation(ctx context.Context, in *ReportBrokenLocationRequest, opts ...grpc.CallOption) (*ReportBrokenLocationResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportBrokenLocationResponse)
+	err := c.cc.Invoke(ctx, PlacementService_ReportBrokenLocation_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PlacementServiceServer is the server API for PlacementService service.
 // All implementations must embed UnimplementedPlacementServiceServer
 // for forward compatibility.
@@ -127,6 +142,10 @@ type PlacementServiceServer interface {
 	WatchTargets(*WatchTargetsRequest, grpc.ServerStreamingServer[WatchTargetsResponse]) error
 	// Heartbeat keeps a heartbeat target healthy for ttl.
 	Heartbeat(context.Context, *HeartbeatRequest) (*HeartbeatResponse, error)
+	// ReportBrokenLocation tells the control plane that a location it handed out did not serve the
+	// object (sampled checks by agents). The control plane verifies against the store and removes
+	// the record if the object is missing or different.
+	ReportBrokenLocation(context.Context, *ReportBrokenLocationRequest) (*ReportBrokenLocationResponse, error)
 	mustEmbedUnimplementedPlacementServiceServer()
 }
 
@@ -151,6 +170,9 @@ func (UnimplementedPlacementServiceServer) WatchTargets(*WatchTargetsRequest, gr
 }
 func (UnimplementedPlacementServiceServer) Heartbeat(context.Context, *HeartbeatRequest) (*HeartbeatResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Heartbeat not implemented")
+}
+func (UnimplementedPlacementServiceServer) ReportBrokenLocation(context.Context, *ReportBrokenLocationRequest) (*ReportBrokenLocationResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportBrokenLocation not implemented")
 }
 func (UnimplementedPlacementServiceServer) mustEmbedUnimplementedPlacementServiceServer() {}
 func (UnimplementedPlacementServiceServer) testEmbeddedByValue()                          {}
@@ -256,6 +278,24 @@ func _PlacementService_Heartbeat_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PlacementService_ReportBrokenLocation_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportBrokenLocationRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PlacementServiceServer).ReportBrokenLocation(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PlacementService_ReportBrokenLocation_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PlacementServiceServer).ReportBrokenLocation(ctx, req.(*ReportBrokenLocationRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PlacementService_ServiceDesc is the grpc.ServiceDesc for PlacementService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -278,6 +318,10 @@ var PlacementService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Heartbeat",
 			Handler:    _PlacementService_Heartbeat_Handler,
+		},
+		{
+			MethodName: "ReportBrokenLocation",
+			Handler:    _PlacementService_ReportBrokenLocation_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -359,10 +359,17 @@ type Target struct {
 	Heartbeat bool `protobuf:"varint,11,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
 	// Set by the server: etcd mod revision of the stored registration, for compare-and-swap.
 	Revision int64 `protobuf:"varint,12,opt,name=revision,proto3" json:"revision,omitempty"`
-	// Set by the server: whether the target is healthy now.
-	Healthy       bool `protobuf:"varint,13,opt,name=healthy,proto3" json:"healthy,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Set by the server: whether the target is healthy now (heartbeat alive, and its client-facing
+	// URL passed the control plane's probe).
+	Healthy bool `protobuf:"varint,13,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	// Set by the server when the target is created and kept across updates: a target deleted and
+	// created again under the same name is another target, and records of the old one never apply
+	// to it.
+	Uid string `protobuf:"bytes,14,opt,name=uid,proto3" json:"uid,omitempty"`
+	// Set by the server: why the target is unhealthy, empty when healthy.
+	UnhealthyReason string `protobuf:"bytes,15,opt,name=unhealthy_reason,json=unhealthyReason,proto3" json:"unhealthy_reason,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Target) Reset() {
@@ -486,6 +493,98 @@ func (x *Target) GetHealthy() bool {
 	return false
 }
 
+func (x *Target) GetUid() string {
+	if x != nil {
+		return x.Uid
+	}
+	return ""
+}
+
+func (x *Target) GetUnhealthyReason() string {
+	if x != nil {
+		return x.UnhealthyReason
+	}
+	return ""
+}
+
+// TargetHealth is the prober's verdict on a target, written on every change of verdict.
+type TargetHealth struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Target string                 `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	// uid of the target that was probed.
+	TargetUid     string                 `protobuf:"bytes,2,opt,name=target_uid,json=targetUid,proto3" json:"target_uid,omitempty"`
+	Healthy       bool                   `protobuf:"varint,3,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	Since         *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=since,proto3" json:"since,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TargetHealth) Reset() {
+	*x = TargetHealth{}
+	mi := &file_detour_v1_target_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TargetHealth) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TargetHealth) ProtoMessage() {}
+
+func (x *TargetHealth) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_target_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TargetHealth.ProtoReflect.Descriptor instead.
+func (*TargetHealth) Descriptor() ([]byte, []int) {
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *TargetHealth) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *TargetHealth) GetTargetUid() string {
+	if x != nil {
+		return x.TargetUid
+	}
+	return ""
+}
+
+func (x *TargetHealth) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *TargetHealth) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *TargetHealth) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
 // StoredObject is one response stored at one target.
 type StoredObject struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -500,14 +599,22 @@ type StoredObject struct {
 	// Zero means no expiry.
 	Expires *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=expires,proto3" json:"expires,omitempty"`
 	// Object name within the target's bucket.
-	ObjectName    string `protobuf:"bytes,10,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
+	ObjectName string `protobuf:"bytes,10,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
+	// Where the bytes are: the bucket and the object's generation when it was verified. A redirect is
+	// built from these, never from the target's current store.
+	Bucket     string `protobuf:"bytes,11,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	Generation int64  `protobuf:"varint,12,opt,name=generation,proto3" json:"generation,omitempty"`
+	// CRC32C (Castagnoli) of the bytes, as the store reported it.
+	Crc32C uint32 `protobuf:"varint,13,opt,name=crc32c,proto3" json:"crc32c,omitempty"`
+	// uid of the target the object was stored at.
+	TargetUid     string `protobuf:"bytes,14,opt,name=target_uid,json=targetUid,proto3" json:"target_uid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StoredObject) Reset() {
 	*x = StoredObject{}
-	mi := &file_detour_v1_target_proto_msgTypes[4]
+	mi := &file_detour_v1_target_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -519,7 +626,7 @@ func (x *StoredObject) String() string {
 func (*StoredObject) ProtoMessage() {}
 
 func (x *StoredObject) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_target_proto_msgTypes[4]
+	mi := &file_detour_v1_target_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -532,7 +639,7 @@ func (x *StoredObject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredObject.ProtoReflect.Descriptor instead.
 func (*StoredObject) Descriptor() ([]byte, []int) {
-	return file_detour_v1_target_proto_rawDescGZIP(), []int{4}
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *StoredObject) GetKey() string {
@@ -605,6 +712,121 @@ func (x *StoredObject) GetObjectName() string {
 	return ""
 }
 
+func (x *StoredObject) GetBucket() string {
+	if x != nil {
+		return x.Bucket
+	}
+	return ""
+}
+
+func (x *StoredObject) GetGeneration() int64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *StoredObject) GetCrc32C() uint32 {
+	if x != nil {
+		return x.Crc32C
+	}
+	return 0
+}
+
+func (x *StoredObject) GetTargetUid() string {
+	if x != nil {
+		return x.TargetUid
+	}
+	return ""
+}
+
+// GarbageObject is stored bytes whose record is gone (expired, purged, target deleted, store
+// moved, orphaned fill), queued for deletion from the store.
+type GarbageObject struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Bucket     string                 `protobuf:"bytes,1,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	ObjectName string                 `protobuf:"bytes,2,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
+	// 0: any generation.
+	Generation    int64                  `protobuf:"varint,3,opt,name=generation,proto3" json:"generation,omitempty"`
+	Target        string                 `protobuf:"bytes,4,opt,name=target,proto3" json:"target,omitempty"`
+	Reason        string                 `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	Queued        *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=queued,proto3" json:"queued,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GarbageObject) Reset() {
+	*x = GarbageObject{}
+	mi := &file_detour_v1_target_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GarbageObject) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GarbageObject) ProtoMessage() {}
+
+func (x *GarbageObject) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_target_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GarbageObject.ProtoReflect.Descriptor instead.
+func (*GarbageObject) Descriptor() ([]byte, []int) {
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *GarbageObject) GetBucket() string {
+	if x != nil {
+		return x.Bucket
+	}
+	return ""
+}
+
+func (x *GarbageObject) GetObjectName() string {
+	if x != nil {
+		return x.ObjectName
+	}
+	return ""
+}
+
+func (x *GarbageObject) GetGeneration() int64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *GarbageObject) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *GarbageObject) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *GarbageObject) GetQueued() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Queued
+	}
+	return nil
+}
+
 // Policy holds fleet-wide placement settings.
 type Policy struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -616,7 +838,8 @@ type Policy struct {
 	SignedUrlTtl *durationpb.Duration `protobuf:"bytes,3,opt,name=signed_url_ttl,json=signedUrlTtl,proto3" json:"signed_url_ttl,omitempty"`
 	// How long a fill claim lives.
 	FillClaimTtl *durationpb.Duration `protobuf:"bytes,4,opt,name=fill_claim_ttl,json=fillClaimTtl,proto3" json:"fill_claim_ttl,omitempty"`
-	// How long a READY object is redirected to; zero means forever.
+	// How long a READY object is kept after its last use (extended as it is redirected to); zero
+	// means the default, 30 days.
 	ObjectTtl *durationpb.Duration `protobuf:"bytes,5,opt,name=object_ttl,json=objectTtl,proto3" json:"object_ttl,omitempty"`
 	// Set by the server: etcd mod revision, for compare-and-swap.
 	Revision      int64 `protobuf:"varint,6,opt,name=revision,proto3" json:"revision,omitempty"`
@@ -626,7 +849,7 @@ type Policy struct {
 
 func (x *Policy) Reset() {
 	*x = Policy{}
-	mi := &file_detour_v1_target_proto_msgTypes[5]
+	mi := &file_detour_v1_target_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +861,7 @@ func (x *Policy) String() string {
 func (*Policy) ProtoMessage() {}
 
 func (x *Policy) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_target_proto_msgTypes[5]
+	mi := &file_detour_v1_target_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +874,7 @@ func (x *Policy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Policy.ProtoReflect.Descriptor instead.
 func (*Policy) Descriptor() ([]byte, []int) {
-	return file_detour_v1_target_proto_rawDescGZIP(), []int{5}
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Policy) GetMinRedirectBytes() uint64 {
@@ -698,20 +921,24 @@ func (x *Policy) GetRevision() int64 {
 
 // FillClaim is the record of one agent filling one key (stored in etcd under a lease).
 type FillClaim struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	Target        string                 `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
-	AgentId       string                 `protobuf:"bytes,3,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
-	Token         string                 `protobuf:"bytes,4,opt,name=token,proto3" json:"token,omitempty"`
-	ObjectName    string                 `protobuf:"bytes,5,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
-	Granted       *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=granted,proto3" json:"granted,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Key        string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Target     string                 `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	AgentId    string                 `protobuf:"bytes,3,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	Token      string                 `protobuf:"bytes,4,opt,name=token,proto3" json:"token,omitempty"`
+	ObjectName string                 `protobuf:"bytes,5,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
+	Granted    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=granted,proto3" json:"granted,omitempty"`
+	// Where the control plane told the agent to put the bytes, and as what.
+	Bucket        string `protobuf:"bytes,7,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	MediaType     string `protobuf:"bytes,8,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	TargetUid     string `protobuf:"bytes,9,opt,name=target_uid,json=targetUid,proto3" json:"target_uid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FillClaim) Reset() {
 	*x = FillClaim{}
-	mi := &file_detour_v1_target_proto_msgTypes[6]
+	mi := &file_detour_v1_target_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -723,7 +950,7 @@ func (x *FillClaim) String() string {
 func (*FillClaim) ProtoMessage() {}
 
 func (x *FillClaim) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_target_proto_msgTypes[6]
+	mi := &file_detour_v1_target_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -736,7 +963,7 @@ func (x *FillClaim) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FillClaim.ProtoReflect.Descriptor instead.
 func (*FillClaim) Descriptor() ([]byte, []int) {
-	return file_detour_v1_target_proto_rawDescGZIP(), []int{6}
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *FillClaim) GetKey() string {
@@ -781,6 +1008,27 @@ func (x *FillClaim) GetGranted() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *FillClaim) GetBucket() string {
+	if x != nil {
+		return x.Bucket
+	}
+	return ""
+}
+
+func (x *FillClaim) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+func (x *FillClaim) GetTargetUid() string {
+	if x != nil {
+		return x.TargetUid
+	}
+	return ""
+}
+
 var File_detour_v1_target_proto protoreflect.FileDescriptor
 
 const file_detour_v1_target_proto_rawDesc = "" +
@@ -798,7 +1046,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\fcdn_base_url\x18\x02 \x01(\tH\x00R\n" +
 	"cdnBaseUrl\x12/\n" +
 	"\x06signed\x18\x03 \x01(\v2\x15.detour.v1.SignedUrlsH\x00R\x06signedB\x06\n" +
-	"\x04form\"\x9e\x03\n" +
+	"\x04form\"\xdb\x03\n" +
 	"\x06Target\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x12\n" +
@@ -813,7 +1061,16 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	" \x01(\v2\x12.detour.v1.UrlFormR\aurlForm\x12\x1c\n" +
 	"\theartbeat\x18\v \x01(\bR\theartbeat\x12\x1a\n" +
 	"\brevision\x18\f \x01(\x03R\brevision\x12\x18\n" +
-	"\ahealthy\x18\r \x01(\bR\ahealthy\"\xd2\x02\n" +
+	"\ahealthy\x18\r \x01(\bR\ahealthy\x12\x10\n" +
+	"\x03uid\x18\x0e \x01(\tR\x03uid\x12)\n" +
+	"\x10unhealthy_reason\x18\x0f \x01(\tR\x0funhealthyReason\"\xa9\x01\n" +
+	"\fTargetHealth\x12\x16\n" +
+	"\x06target\x18\x01 \x01(\tR\x06target\x12\x1d\n" +
+	"\n" +
+	"target_uid\x18\x02 \x01(\tR\ttargetUid\x12\x18\n" +
+	"\ahealthy\x18\x03 \x01(\bR\ahealthy\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\x120\n" +
+	"\x05since\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\xc1\x03\n" +
 	"\fStoredObject\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12,\n" +
@@ -827,7 +1084,24 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\aexpires\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\aexpires\x12\x1f\n" +
 	"\vobject_name\x18\n" +
 	" \x01(\tR\n" +
-	"objectName\"\xbb\x02\n" +
+	"objectName\x12\x16\n" +
+	"\x06bucket\x18\v \x01(\tR\x06bucket\x12\x1e\n" +
+	"\n" +
+	"generation\x18\f \x01(\x03R\n" +
+	"generation\x12\x16\n" +
+	"\x06crc32c\x18\r \x01(\rR\x06crc32c\x12\x1d\n" +
+	"\n" +
+	"target_uid\x18\x0e \x01(\tR\ttargetUid\"\xcc\x01\n" +
+	"\rGarbageObject\x12\x16\n" +
+	"\x06bucket\x18\x01 \x01(\tR\x06bucket\x12\x1f\n" +
+	"\vobject_name\x18\x02 \x01(\tR\n" +
+	"objectName\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x03 \x01(\x03R\n" +
+	"generation\x12\x16\n" +
+	"\x06target\x18\x04 \x01(\tR\x06target\x12\x16\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\x122\n" +
+	"\x06queued\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x06queued\"\xbb\x02\n" +
 	"\x06Policy\x12,\n" +
 	"\x12min_redirect_bytes\x18\x01 \x01(\x04R\x10minRedirectBytes\x12+\n" +
 	"\x11region_preference\x18\x02 \x03(\tR\x10regionPreference\x12?\n" +
@@ -835,7 +1109,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\x0efill_claim_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\ffillClaimTtl\x128\n" +
 	"\n" +
 	"object_ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\tobjectTtl\x12\x1a\n" +
-	"\brevision\x18\x06 \x01(\x03R\brevision\"\xbd\x01\n" +
+	"\brevision\x18\x06 \x01(\x03R\brevision\"\x93\x02\n" +
 	"\tFillClaim\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x19\n" +
@@ -843,7 +1117,12 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\x05token\x18\x04 \x01(\tR\x05token\x12\x1f\n" +
 	"\vobject_name\x18\x05 \x01(\tR\n" +
 	"objectName\x124\n" +
-	"\agranted\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\agranted*z\n" +
+	"\agranted\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\agranted\x12\x16\n" +
+	"\x06bucket\x18\a \x01(\tR\x06bucket\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\b \x01(\tR\tmediaType\x12\x1d\n" +
+	"\n" +
+	"target_uid\x18\t \x01(\tR\ttargetUid*z\n" +
 	"\vTargetState\x12\x1c\n" +
 	"\x18TARGET_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13TARGET_STATE_ACTIVE\x10\x01\x12\x19\n" +
@@ -867,7 +1146,7 @@ func file_detour_v1_target_proto_rawDescGZIP() []byte {
 }
 
 var file_detour_v1_target_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_detour_v1_target_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_detour_v1_target_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_detour_v1_target_proto_goTypes = []any{
 	(TargetState)(0),              // 0: detour.v1.TargetState
 	(ObjectState)(0),              // 1: detour.v1.ObjectState
@@ -875,30 +1154,34 @@ var file_detour_v1_target_proto_goTypes = []any{
 	(*SignedUrls)(nil),            // 3: detour.v1.SignedUrls
 	(*UrlForm)(nil),               // 4: detour.v1.UrlForm
 	(*Target)(nil),                // 5: detour.v1.Target
-	(*StoredObject)(nil),          // 6: detour.v1.StoredObject
-	(*Policy)(nil),                // 7: detour.v1.Policy
-	(*FillClaim)(nil),             // 8: detour.v1.FillClaim
-	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
+	(*TargetHealth)(nil),          // 6: detour.v1.TargetHealth
+	(*StoredObject)(nil),          // 7: detour.v1.StoredObject
+	(*GarbageObject)(nil),         // 8: detour.v1.GarbageObject
+	(*Policy)(nil),                // 9: detour.v1.Policy
+	(*FillClaim)(nil),             // 10: detour.v1.FillClaim
+	(*durationpb.Duration)(nil),   // 11: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
 }
 var file_detour_v1_target_proto_depIdxs = []int32{
-	9,  // 0: detour.v1.SignedUrls.ttl:type_name -> google.protobuf.Duration
+	11, // 0: detour.v1.SignedUrls.ttl:type_name -> google.protobuf.Duration
 	3,  // 1: detour.v1.UrlForm.signed:type_name -> detour.v1.SignedUrls
 	0,  // 2: detour.v1.Target.state:type_name -> detour.v1.TargetState
 	2,  // 3: detour.v1.Target.store:type_name -> detour.v1.GcsStore
 	4,  // 4: detour.v1.Target.url_form:type_name -> detour.v1.UrlForm
-	1,  // 5: detour.v1.StoredObject.state:type_name -> detour.v1.ObjectState
-	10, // 6: detour.v1.StoredObject.created:type_name -> google.protobuf.Timestamp
-	10, // 7: detour.v1.StoredObject.expires:type_name -> google.protobuf.Timestamp
-	9,  // 8: detour.v1.Policy.signed_url_ttl:type_name -> google.protobuf.Duration
-	9,  // 9: detour.v1.Policy.fill_claim_ttl:type_name -> google.protobuf.Duration
-	9,  // 10: detour.v1.Policy.object_ttl:type_name -> google.protobuf.Duration
-	10, // 11: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
-	12, // [12:12] is the sub-list for method output_type
-	12, // [12:12] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	12, // 5: detour.v1.TargetHealth.since:type_name -> google.protobuf.Timestamp
+	1,  // 6: detour.v1.StoredObject.state:type_name -> detour.v1.ObjectState
+	12, // 7: detour.v1.StoredObject.created:type_name -> google.protobuf.Timestamp
+	12, // 8: detour.v1.StoredObject.expires:type_name -> google.protobuf.Timestamp
+	12, // 9: detour.v1.GarbageObject.queued:type_name -> google.protobuf.Timestamp
+	11, // 10: detour.v1.Policy.signed_url_ttl:type_name -> google.protobuf.Duration
+	11, // 11: detour.v1.Policy.fill_claim_ttl:type_name -> google.protobuf.Duration
+	11, // 12: detour.v1.Policy.object_ttl:type_name -> google.protobuf.Duration
+	12, // 13: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_detour_v1_target_proto_init() }
@@ -917,7 +1200,7 @@ func file_detour_v1_target_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_detour_v1_target_proto_rawDesc), len(file_detour_v1_target_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   7,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,102 @@
+package controlplane
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+// DefaultObjectTTL is how long a READY object is kept after it was stored or last extended, when
+// the policy sets no object_ttl.
+const DefaultObjectTTL = 30 * 24 * time.Hour
+
+func objectTTL(p *pb.Policy) time.Duration { return policyDuration(p.GetObjectTtl(), DefaultObjectTTL) }
+
+// maxPendingExtensions bounds the extensions a replica keeps between flushes; past it, objects
+// wait for the next flush (they are still far from expiry: see extender.used).
+const maxPendingExtensions = 100000
+
+// extender moves the expiry of objects that are being redirected to, without a write per
+// redirect: an object is queued only once less than three quarters of its TTL remain, and the
+// queue is written in batches. So an object is extended at most about once per quarter of its TTL
+// however hot it is, and an object nobody asks for expires.
+type extender struct {
+	mu      sync.Mutex
+	pending map[extension]struct{}
+}
+
+type extension struct {
+	key    targets.Key
+	target string
+	obj    targets.Object
+}
+
+func (e *extender) used(key targets.Key, obj *targets.Object, now time.Time, ttl time.Duration) {
+	if obj.Expires == 0 || time.Unix(0, obj.Expires).Sub(now) > ttl*3/4 {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.pending == nil {
+		e.pending = map[extension]struct{}{}
+	}
+	if len(e.pending) < maxPendingExtensions {
+		e.pending[extension{key: key, target: obj.Target(), obj: *obj}] = struct{}{}
+	}
+}
+
+func (e *extender) take() []extension {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]extension, 0, len(e.pending))
+	for x := range e.pending {
+		out = append(out, x)
+	}
+	e.pending = nil
+	return out
+}
+
+// runExtensions writes queued extensions every interval until ctx ends. Every replica runs it for
+// the redirects it answered; writes compare the record's revision, so replicas never undo each
+// other or a newer fill.
+func (s *Service) runExtensions(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		s.flushExtensions(ctx)
+	}
+}
+
+func (s *Service) flushExtensions(ctx context.Context) {
+	pending := s.extender.take()
+	if len(pending) == 0 {
+		return
+	}
+	now := s.cfg.Now()
+	expires := timestamppb.New(now.Add(objectTTL(s.w.Snapshot().Policy())))
+	xs := make([]targets.Extension, len(pending))
+	for i, p := range pending {
+		o := p.obj.Proto(p.key)
+		o.Expires = expires
+		xs[i] = targets.Extension{Object: o, ModRevision: p.obj.ModRevision}
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout*4)
+	defer cancel()
+	n, err := s.reg.Extend(wctx, xs)
+	s.metrics.extended.Add(float64(n))
+	if err != nil {
+		s.warnOnce("extend", "cannot extend the expiry of used objects; retrying at the next use", "err", err)
+		return
+	}
+	s.logOnce.Delete("extend")
+}

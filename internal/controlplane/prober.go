@@ -1,0 +1,178 @@
+package controlplane
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/blob"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+// CanaryName is the object the prober keeps in each target, under the target's prefix. It is not a
+// content key, so the reconciler leaves it alone.
+const CanaryName = ".detour-canary"
+
+// probeState is the prober's memory of one target within one janitor term.
+type probeState struct {
+	uid        string
+	canary     string // "bucket/name" the canary was written to, for this uid
+	fails, oks int
+}
+
+// runProber probes every target each ProbeInterval until ctx ends: it keeps a small canary object
+// in the target's bucket and fetches it through the target's client-facing URL (public, CDN or
+// signed) the way a client follows a redirect, checking the status and the bytes. Verdicts are
+// written to etcd when they change, with hysteresis (ProbeFailures to fall, ProbeRecoveries to
+// rise); a target nobody has judged yet gets the first verdict at once.
+func (s *Service) runProber(ctx context.Context) {
+	if s.cfg.Store == nil {
+		s.warnOnce("prober", "no store access: targets cannot be probed and stay unhealthy")
+		return
+	}
+	states := map[string]*probeState{}
+	t := time.NewTicker(s.cfg.Janitor.ProbeInterval)
+	defer t.Stop()
+	for {
+		s.probeRound(ctx, states)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// ProbeNow runs one probe round with fresh state (tests).
+func (s *Service) ProbeNow(ctx context.Context) { s.probeRound(ctx, map[string]*probeState{}) }
+
+func (s *Service) probeRound(ctx context.Context, states map[string]*probeState) {
+	snap := s.w.Snapshot()
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	live := map[string]bool{}
+	for _, t := range snap.Targets() {
+		live[t.Name] = true
+		st := states[t.Name]
+		if st == nil || st.uid != t.Uid {
+			st = &probeState{uid: t.Uid}
+			states[t.Name] = st
+		}
+		wg.Add(1)
+		go func(t *pb.Target, st *probeState) {
+			defer wg.Done()
+			err := s.probe(ctx, snap, t, st)
+			mu.Lock()
+			defer mu.Unlock()
+			s.judge(ctx, snap, t, st, err)
+		}(t, st)
+	}
+	wg.Wait()
+	for name := range states {
+		if !live[name] {
+			delete(states, name)
+		}
+	}
+}
+
+func canaryBytes(t *pb.Target) []byte {
+	return []byte(fmt.Sprintf("detour canary for target %s (uid %s)\n", t.Name, t.Uid))
+}
+
+// probe writes the canary if this term has not, then fetches it as a client would.
+func (s *Service) probe(ctx context.Context, snap *targets.Snapshot, t *pb.Target, st *probeState) error {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.Janitor.ProbeTimeout)
+	defer cancel()
+	bucket, name := t.GetStore().GetBucket(), t.GetStore().GetPrefix()+CanaryName
+	want := canaryBytes(t)
+	if st.canary != bucket+"/"+name {
+		if err := s.cfg.Store.Put(ctx, bucket, name, blob.CanaryMediaType, want); err != nil {
+			return fmt.Errorf("cannot write the canary: %w", err)
+		}
+		st.canary = bucket + "/" + name
+	}
+	url, err := blob.LocationURL(t, bucket, name, s.cfg.Signer, s.cfg.Now(),
+		policyDuration(snap.Policy().GetSignedUrlTtl(), targets.DefaultSignedURLTTL))
+	if err != nil {
+		return fmt.Errorf("cannot build a location URL: %w", err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Accept", blob.CanaryMediaType)
+	resp, err := s.probeClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("GET %s: %w", redactURL(url), err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, int64(len(want))+1))
+	switch {
+	case resp.StatusCode != http.StatusOK:
+		return fmt.Errorf("GET %s: HTTP %d", redactURL(url), resp.StatusCode)
+	case err != nil:
+		return fmt.Errorf("GET %s: %w", redactURL(url), err)
+	case !bytes.Equal(body, want):
+		return fmt.Errorf("GET %s: the canary's bytes differ (%d bytes)", redactURL(url), len(body))
+	}
+	return nil
+}
+
+// redactURL drops the query (a signed URL's signature) from a URL for logs and verdicts.
+func redactURL(u string) string {
+	if i := bytes.IndexByte([]byte(u), '?'); i >= 0 {
+		return u[:i] + "?…"
+	}
+	return u
+}
+
+// judge updates a target's verdict from one probe result.
+func (s *Service) judge(ctx context.Context, snap *targets.Snapshot, t *pb.Target, st *probeState, err error) {
+	result := "ok"
+	if err != nil {
+		result = "failed"
+		st.fails, st.oks = st.fails+1, 0
+	} else {
+		st.fails, st.oks = 0, st.oks+1
+	}
+	s.metrics.probes.WithLabelValues(t.Name, result).Inc()
+	prev, judged := snap.Health(t.Name)
+	judged = judged && prev.TargetUid == t.Uid
+	var verdict *bool
+	switch {
+	case !judged:
+		v := err == nil
+		verdict = &v
+	case prev.Healthy && st.fails >= s.cfg.Janitor.ProbeFailures:
+		v := false
+		verdict = &v
+	case !prev.Healthy && st.oks >= s.cfg.Janitor.ProbeRecoveries:
+		v := true
+		verdict = &v
+	}
+	if verdict == nil {
+		return
+	}
+	h := &pb.TargetHealth{Target: t.Name, TargetUid: t.Uid, Healthy: *verdict, Since: timestamppb.New(s.cfg.Now())}
+	if err != nil {
+		h.Reason = err.Error()
+	}
+	wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
+	defer cancel()
+	if werr := s.reg.SetHealth(wctx, h); werr != nil {
+		s.warnOnce("health", "cannot record target health", "err", werr)
+		return
+	}
+	if h.Healthy {
+		s.cfg.Log.Info("target healthy", "target", t.Name)
+	} else {
+		s.cfg.Log.Warn("target unhealthy: no redirects or fills until it passes again", "target", t.Name, "reason", h.Reason)
+	}
+}
