@@ -132,17 +132,18 @@ func startReplicaWith(t *testing.T, o Options) *replica {
 	return &replica{inst: inst, admin: pb.NewAdminServiceClient(conn), place: pb.NewPlacementServiceClient(conn)}
 }
 
-var envs sync.Map // *testing.T → *env
+var envs sync.Map // top-level test name → *env
 
-// sharedEnv is the test's env, started on first use.
+// sharedEnv is the test's env (shared by its subtests), started on first use.
 func sharedEnv(t *testing.T) *env {
 	t.Helper()
-	if e, ok := envs.Load(t); ok {
+	name, _, _ := strings.Cut(t.Name(), "/")
+	if e, ok := envs.Load(name); ok {
 		return e.(*env)
 	}
 	e := startEnv(t)
-	envs.Store(t, e)
-	t.Cleanup(func() { envs.Delete(t) })
+	envs.Store(name, e)
+	t.Cleanup(func() { envs.Delete(name) })
 	return e
 }
 

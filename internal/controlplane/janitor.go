@@ -32,6 +32,12 @@ type JanitorConfig struct {
 	ReconcileInterval time.Duration
 	// GarbageBatch is how many queued deletions one sweep takes (default 500).
 	GarbageBatch int
+	// OrphanAge is how old a stored object that no record or claim accounts for must be before the
+	// reconciler deletes it (default: twice the policy's fill claim TTL).
+	OrphanAge time.Duration
+	// ExtendInterval is how often each replica writes the expiry extensions of the objects it
+	// redirected to (default 5s).
+	ExtendInterval time.Duration
 }
 
 func (c *JanitorConfig) defaults() {
@@ -55,6 +61,9 @@ func (c *JanitorConfig) defaults() {
 	}
 	if c.GarbageBatch <= 0 {
 		c.GarbageBatch = 500
+	}
+	if c.ExtendInterval <= 0 {
+		c.ExtendInterval = 5 * time.Second
 	}
 }
 
@@ -237,7 +246,10 @@ func (s *Service) reconcile(ctx context.Context, t *pb.Target) error {
 	snap := s.w.Snapshot()
 	prefix, bucket := t.GetStore().GetPrefix(), t.GetStore().GetBucket()
 	started := s.cfg.Now()
-	orphanAge := 2 * policyDuration(snap.Policy().GetFillClaimTtl(), targets.DefaultFillClaimTTL)
+	orphanAge := s.cfg.Janitor.OrphanAge
+	if orphanAge <= 0 {
+		orphanAge = 2 * policyDuration(snap.Policy().GetFillClaimTtl(), targets.DefaultFillClaimTTL)
+	}
 	listed := map[targets.Key]int64{} // key → generation
 	var orphans []string
 	err := s.cfg.Store.List(ctx, bucket, prefix, func(l blob.Listed) bool {

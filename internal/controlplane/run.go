@@ -120,7 +120,7 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 	in.wg.Add(3)
 	go func() { defer in.wg.Done(); w.Run(runCtx) }()
 	go func() { defer in.wg.Done(); in.Service.RunJanitor(runCtx, in.cli, o.ID) }()
-	go func() { defer in.wg.Done(); in.Service.runExtensions(runCtx, 5*time.Second) }()
+	go func() { defer in.wg.Done(); in.Service.runExtensions(runCtx, in.Service.cfg.Janitor.ExtendInterval) }()
 	select {
 	case <-w.Ready():
 	case <-ctx.Done():
