@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net/http"
 	"path/filepath"
 	"testing"
 	"time"
@@ -184,6 +185,62 @@ func TestRealMercurialClonesThroughAgent(t *testing.T) {
 		r.verify(dir)
 		assertSame(t, "v1 clone", ref, r.state(dir))
 	})
+}
+
+// TestRealMercurialClonesWhileTheStoreFails: when the target's client-facing URL stops serving
+// (a bucket made private answers 403, the store is unreachable), the control plane's prober takes
+// the target out within its detection time, and real clones keep succeeding inline, identical to
+// the origin's; when the URL serves again, redirects come back.
+func TestRealMercurialClonesWhileTheStoreFails(t *testing.T) {
+	r := newRig(t, repoShape{files: 60, bigFiles: 2, bigSize: 1200 << 10})
+	refDir, _ := r.clone(r.origin.URL)
+	ref := r.state(refDir)
+	r.clone(r.agentTap.URL)
+	r.waitFills()
+	if _, out := r.clone(r.agentTap.URL); redirectsFollowed(out) < 2 {
+		t.Fatalf("warm clone before the fault followed %d redirects", redirectsFollowed(out))
+	}
+	// The control plane's default probing: 3 failures 2s apart, plus a probe timeout.
+	const detection = 10 * time.Second
+	for _, fault := range []struct {
+		name   string
+		inject func()
+	}{
+		{"bucket not public (HTTP 403)", func() { r.front.Fail(http.StatusForbidden) }},
+		{"store unreachable", r.front.Unreachable},
+	} {
+		t.Run(fault.name, func(t *testing.T) {
+			fault.inject()
+			start := time.Now()
+			testbed.Eventually(t, detection+5*time.Second, "the agent stops advertising the failing target", func() bool {
+				return !r.advertises(target)
+			})
+			t.Logf("%s: target withdrawn after %s", fault.name, time.Since(start).Round(100*time.Millisecond))
+			if took := time.Since(start); took > detection {
+				t.Fatalf("the failing target was withdrawn after %s, the documented detection time is %s", took, detection)
+			}
+			before := r.originCounts()
+			dir, out := r.clone(r.agentTap.URL)
+			if n := redirectsFollowed(out); n != 0 {
+				t.Fatalf("a clone followed %d redirects to a failing store", n)
+			}
+			if r.originCounts()["filesdata"] == before["filesdata"] {
+				t.Fatal("filesdata did not come from the origin while the store failed")
+			}
+			r.verify(dir)
+			assertSame(t, "clone while the store fails", ref, r.state(dir))
+
+			r.front.Heal()
+			testbed.Eventually(t, detection+5*time.Second, "the healed target advertised again", func() bool {
+				return r.advertises(target)
+			})
+			dir, out = r.clone(r.agentTap.URL)
+			if n := redirectsFollowed(out); n < 2 {
+				t.Fatalf("after the store healed a clone followed %d redirects", n)
+			}
+			assertSame(t, "clone after the store healed", ref, r.state(dir))
+		})
+	}
 }
 
 // checkStoredObjects replays every manifestdata and filesdata request a client sent through the

@@ -61,6 +61,7 @@ type rig struct {
 	origin    *hgserve.Server
 	originTap *tap // between the agent (and direct clients) and hg serve
 	gcs       *gcsemu.Server
+	front     *gcsemu.Front // the target's client-facing URL, where faults are injected
 	cp        *testbed.ControlPlane
 	agent     *testbed.Agent
 	agentTap  *tap // between clients and the agent
@@ -109,6 +110,10 @@ func newRig(t testing.TB, shape repoShape) *rig {
 	}
 	t.Cleanup(r.gcs.Stop)
 	r.gcs.CreateBucket(bucket)
+	if r.front, err = r.gcs.StartFront(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(r.front.Close)
 
 	r.cp = testbed.StartControlPlane(t, "--gcs-endpoint", r.gcs.Endpoint(), "--region", "test")
 	conn, err := grpc.NewClient(r.cp.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -117,7 +122,7 @@ func newRig(t testing.TB, shape repoShape) *rig {
 	}
 	t.Cleanup(func() { conn.Close() })
 	r.admin = pb.NewAdminServiceClient(conn)
-	public := r.gcs.PublicURL(bucket)
+	public := r.front.PublicURL(bucket)
 	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: &pb.Target{Name: target, Protocol: "http",
 		Uris: []string{public}, Region: "test", Weight: 1, Store: &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
 		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}}); err != nil {
@@ -127,11 +132,14 @@ func newRig(t testing.TB, shape repoShape) *rig {
 	r.agent = testbed.StartAgent(t, r.originTap.URL, "--controlplane", r.cp.Addr, "--region", "test",
 		"--gcs-endpoint", r.gcs.Endpoint(), "--repo-id", repoID)
 	r.agentTap = newTap(t, r.agent.URL)
-	testbed.Eventually(t, 20*time.Second, "the agent advertises the target", func() bool {
-		hs, err := (&hgclient.Client{Base: r.agent.URL}).Capabilities(ctx)
-		return err == nil && hs.Redirect != nil && slices.Contains(hgclient.Accepted(hs.Redirect, "http"), target)
-	})
+	testbed.Eventually(t, 20*time.Second, "the agent advertises the target", func() bool { return r.advertises(target) })
 	return r
+}
+
+// advertises reports whether the agent's capabilities offer name to an http client.
+func (r *rig) advertises(name string) bool {
+	hs, err := (&hgclient.Client{Base: r.agent.URL}).Capabilities(context.Background())
+	return err == nil && hs.Redirect != nil && slices.Contains(hgclient.Accepted(hs.Redirect, "http"), name)
 }
 
 func (r *rig) must(err error) {

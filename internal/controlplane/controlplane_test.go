@@ -6,12 +6,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -54,7 +50,7 @@ func startEtcd(t *testing.T) *etcdembed.Server {
 type env struct {
 	gcs   *gcsemu.Server
 	store *blob.Store
-	front *front
+	front *gcsemu.Front
 }
 
 func startEnv(t *testing.T) *env {
@@ -69,30 +65,12 @@ func startEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	return &env{gcs: gcs, store: st, front: startFront(t, gcs)}
-}
-
-// front proxies GETs to the emulator's public URLs unless told to answer with a status instead.
-type front struct {
-	URL    string
-	status atomic.Int32 // 0: pass through
-}
-
-func startFront(t *testing.T, gcs *gcsemu.Server) *front {
-	f := &front{}
-	up, _ := url.Parse("http://" + gcs.Host())
-	proxy := httputil.NewSingleHostReverseProxy(up)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if st := f.status.Load(); st != 0 {
-			http.Error(w, "injected", int(st))
-			return
-		}
-		r.Host = up.Host // the emulator serves public URLs by host
-		proxy.ServeHTTP(w, r)
-	}))
-	t.Cleanup(srv.Close)
-	f.URL = srv.URL + "/"
-	return f
+	f, err := gcs.StartFront()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	return &env{gcs: gcs, store: st, front: f}
 }
 
 // fastJanitor probes every 100ms and sweeps every 200ms, so tests see the janitor's effects fast.
@@ -153,7 +131,7 @@ func target(t *testing.T, name, region string) *pb.Target {
 	e := sharedEnv(t)
 	bucket := "bucket-" + name
 	e.gcs.CreateBucket(bucket)
-	base := e.front.URL + bucket + "/"
+	base := e.front.PublicURL(bucket)
 	return &pb.Target{Name: name, Protocol: "http", Uris: []string{base}, Region: region, Weight: 1,
 		Store:   &pb.GcsStore{Bucket: bucket, Prefix: "hg/"},
 		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: base}}}

@@ -197,22 +197,26 @@ func TestFailingTargetStopsRedirectsWithinDetectionTime(t *testing.T) {
 	fill(t, r, k, []string{"us-a"}, "us")
 	waitRedirect(t, r, k, "us-a")
 	front := sharedEnv(t).front
-	for _, fault := range []int32{http.StatusForbidden, http.StatusNotFound, http.StatusServiceUnavailable} {
-		front.status.Store(fault)
+	for _, fault := range []int{http.StatusForbidden, http.StatusNotFound, http.StatusServiceUnavailable, -1} {
+		if fault < 0 {
+			front.Unreachable()
+		} else {
+			front.Fail(fault)
+		}
 		took := waitNoRedirect(t, r, detection+2*time.Second, k, "us-a")
 		if took > detection {
-			t.Fatalf("HTTP %d: redirects stopped after %s, the documented detection time is %s", fault, took, detection)
+			t.Fatalf("fault %d: redirects stopped after %s, the documented detection time is %s", fault, took, detection)
 		}
-		t.Logf("HTTP %d from the target: redirects stopped after %s", fault, took.Round(100*time.Millisecond))
+		t.Logf("fault %d at the target (-1: unreachable): redirects stopped after %s", fault, took.Round(100*time.Millisecond))
 		// No fills either while it is unhealthy.
 		if miss := placeKey(t, r, key(99), "us-a"); miss.Fill != nil || miss.Reason != "no_candidates" {
 			t.Fatalf("an unhealthy target is granted fills: %v", miss)
 		}
 		got, _ := r.admin.GetTarget(context.Background(), &pb.GetTargetRequest{Name: "us-a"})
-		if !strings.Contains(got.GetTarget().GetUnhealthyReason(), "HTTP") {
+		if !strings.Contains(got.GetTarget().GetUnhealthyReason(), "GET") {
 			t.Fatalf("the target does not say why it is unhealthy: %v", got)
 		}
-		front.status.Store(0)
+		front.Heal()
 		waitRedirect(t, r, k, "us-a")
 	}
 }

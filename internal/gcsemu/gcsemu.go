@@ -5,7 +5,12 @@ package gcsemu
 import (
 	"fmt"
 	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"strconv"
+	"sync/atomic"
+	"time"
 
 	"github.com/fsouza/fake-gcs-server/fakestorage"
 )
@@ -79,3 +84,58 @@ func (s *Server) Object(bucket, name string) ([]byte, error) {
 
 // Stop shuts the emulator down.
 func (s *Server) Stop() { s.srv.Stop() }
+
+// Front serves the emulator's public URLs through a switch that injects the faults a client-facing
+// URL can have: an HTTP status (a bucket that is not public answers 403, a CDN misconfiguration
+// 404) or no answer at all (the store unreachable). Tests and benchmarks point targets at it.
+type Front struct {
+	URL    string // base URL, with a trailing slash
+	srv    *http.Server
+	lis    net.Listener
+	status atomic.Int32 // 0: pass through; -1: close the connection unanswered
+}
+
+// StartFront starts a front of s on a free loopback port.
+func (s *Server) StartFront() (*Front, error) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	up := &url.URL{Scheme: "http", Host: s.host}
+	proxy := httputil.NewSingleHostReverseProxy(up)
+	f := &Front{URL: "http://" + lis.Addr().String() + "/", lis: lis}
+	f.srv = &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch st := f.status.Load(); {
+		case st < 0:
+			if hj, ok := w.(http.Hijacker); ok {
+				if c, _, err := hj.Hijack(); err == nil {
+					c.Close()
+					return
+				}
+			}
+			panic(http.ErrAbortHandler)
+		case st > 0:
+			http.Error(w, "injected fault", int(st))
+			return
+		}
+		r.Host = up.Host // the emulator serves public URLs by host
+		proxy.ServeHTTP(w, r)
+	})}
+	go func() { _ = f.srv.Serve(lis) }()
+	return f, nil
+}
+
+// PublicURL is the base URL under which bucket's objects are served through the front.
+func (f *Front) PublicURL(bucket string) string { return f.URL + bucket + "/" }
+
+// Fail makes every request answer with HTTP status code.
+func (f *Front) Fail(code int) { f.status.Store(int32(code)) }
+
+// Unreachable makes every request end with its connection closed and no answer.
+func (f *Front) Unreachable() { f.status.Store(-1) }
+
+// Heal passes requests through again.
+func (f *Front) Heal() { f.status.Store(0) }
+
+// Close stops the front.
+func (f *Front) Close() { _ = f.srv.Close() }
