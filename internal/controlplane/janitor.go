@@ -323,3 +323,6 @@ func copyAt(snap *targets.Snapshot, key targets.Key, t *pb.Target) *targets.Obje
 	}
 	return nil
 }
+
+// IndexedObjects is the number of object records in this replica's snapshot.
+func (s *Service) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }
