@@ -78,7 +78,7 @@ func (s *Service) RunJanitor(ctx context.Context, cli *clientv3.Client, id strin
 		if ctx.Err() != nil {
 			return
 		}
-		s.warnOnce("janitor", "janitor election failed; retrying", "err", err)
+		s.once.Warn("janitor", "janitor election failed; retrying", "err", err)
 		select {
 		case <-time.After(time.Second):
 		case <-ctx.Done():
@@ -96,7 +96,7 @@ func (s *Service) janitorTerm(ctx context.Context, cli *clientv3.Client, id stri
 	if err := e.Campaign(ctx, id); err != nil {
 		return fmt.Errorf("campaign: %w", err)
 	}
-	s.logOnce.Delete("janitor")
+	s.once.Forget("janitor")
 	s.cfg.Log.Info("elected janitor: probing targets, sweeping and reconciling", "id", id)
 	s.metrics.janitor.Set(1)
 	defer s.metrics.janitor.Set(0)
@@ -173,7 +173,7 @@ func (s *Service) sweep(ctx context.Context) {
 		cancel()
 		s.metrics.retired.WithLabelValues(reason).Add(float64(n))
 		if err != nil {
-			s.warnOnce("sweep", "sweep stopped: etcd write failed", "err", err)
+			s.once.Warn("sweep", "sweep stopped: etcd write failed", "err", err)
 			return
 		}
 		s.cfg.Log.Info("objects retired", "reason", reason, "count", n)
@@ -190,7 +190,7 @@ func (s *Service) collectGarbage(ctx context.Context) {
 	entries, err := s.reg.ListGarbage(rctx, int64(s.cfg.Janitor.GarbageBatch))
 	cancel()
 	if err != nil {
-		s.warnOnce("garbage", "cannot read the deletion queue", "err", err)
+		s.once.Warn("garbage", "cannot read the deletion queue", "err", err)
 		return
 	}
 	var done []string
@@ -200,11 +200,11 @@ func (s *Service) collectGarbage(ctx context.Context) {
 		cancel()
 		if err != nil {
 			s.metrics.garbage.WithLabelValues("failed").Inc()
-			s.warnOnce("garbage:"+g.Object.Bucket, "cannot delete retired objects from a bucket; will retry",
+			s.once.Warn("garbage:"+g.Object.Bucket, "cannot delete retired objects from a bucket; will retry",
 				"bucket", g.Object.Bucket, "err", err)
 			continue
 		}
-		s.logOnce.Delete("garbage:" + g.Object.Bucket)
+		s.once.Forget("garbage:" + g.Object.Bucket)
 		s.metrics.garbage.WithLabelValues("deleted").Inc()
 		done = append(done, g.ID)
 	}
@@ -215,7 +215,7 @@ func (s *Service) collectGarbage(ctx context.Context) {
 	defer cancel()
 	if err := s.reg.GarbageDone(wctx, done); err != nil {
 		// The deletions are idempotent: the next sweep deletes them again.
-		s.warnOnce("garbage", "cannot dequeue deleted objects", "err", err)
+		s.once.Warn("garbage", "cannot dequeue deleted objects", "err", err)
 	}
 }
 
@@ -232,10 +232,10 @@ func (s *Service) reconcileAll(ctx context.Context) {
 			return
 		}
 		if err := s.reconcile(ctx, t); err != nil {
-			s.warnOnce("reconcile:"+t.Name, "cannot reconcile target with its bucket", "target", t.Name, "err", err)
+			s.once.Warn("reconcile:"+t.Name, "cannot reconcile target with its bucket", "target", t.Name, "err", err)
 			continue
 		}
-		s.logOnce.Delete("reconcile:" + t.Name)
+		s.once.Forget("reconcile:" + t.Name)
 	}
 }
 

@@ -95,8 +95,8 @@ func (s *Service) flushExtensions(ctx context.Context) {
 	n, err := s.reg.Extend(wctx, xs)
 	s.metrics.extended.Add(float64(n))
 	if err != nil {
-		s.warnOnce("extend", "cannot extend the expiry of used objects; retrying at the next use", "err", err)
+		s.once.Warn("extend", "cannot extend the expiry of used objects; retrying at the next use", "err", err)
 		return
 	}
-	s.logOnce.Delete("extend")
+	s.once.Forget("extend")
 }

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
 
@@ -65,13 +66,15 @@ func newMetrics(w *targets.Watcher) *Metrics {
 		Help: "Agents' reports of locations that did not serve their object, by outcome (removed, intact)."}, []string{"outcome"})
 	m.janitor = prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_janitor_elected",
 		Help: "1 while this replica is the elected janitor (prober, sweeper, reconciler)."})
+	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Registry.MustRegister(m.janitor, m.verify, m.extended, m.retired, m.garbage, m.probes, m.reconcile, m.missing, m.broken,
 		targetHealthCollector{w})
 	m.Registry.MustRegister(m.decisions, m.latency, m.fills, m.rpcs,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_revision", Help: "etcd revision of the current snapshot."},
 			func() float64 { return float64(w.Snapshot().Revision) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_age_seconds", Help: "Time since the current snapshot was made current."},
-			func() float64 { return time.Since(w.Snapshot().Built).Seconds() }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_age_seconds",
+			Help: "Time since etcd last confirmed the snapshot current (a change or a progress notification, asked for every 5s): staleness."},
+			func() float64 { return time.Since(w.Confirmed()).Seconds() }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_objects", Help: "READY copies in the index."},
 			func() float64 { return float64(w.Snapshot().ObjectCount()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_targets", Help: "Registered targets."},

@@ -90,7 +90,7 @@ func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key t
 	url, err := blob.LocationURL(t, obj.Home.Bucket, obj.ObjectName(key), s.cfg.Signer, now,
 		policyDuration(snap.Policy().SignedUrlTtl, targets.DefaultSignedURLTTL))
 	if err != nil {
-		s.warnOnce("location:"+t.Name, "cannot build location URLs for target; answering inline",
+		s.once.Warn("location:"+t.Name, "cannot build location URLs for target; answering inline",
 			"target", t.Name, "err", err)
 		resp.Reason = "location_failed"
 		return
@@ -134,12 +134,12 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	switch {
 	case err != nil:
 		s.claimsBrokenUntil.Store(now.Add(time.Second).UnixNano())
-		s.warnOnce("claim", "cannot record fill claims; answering inline without fills", "err", err)
+		s.once.Warn("claim", "cannot record fill claims; answering inline without fills", "err", err)
 		resp.Reason = string(placement.ReasonClaimFailed)
 	case !granted:
 		resp.Reason = string(placement.ReasonFillInProgress)
 	default:
-		s.logOnce.Delete("claim")
+		s.once.Recovered("claim", "fill claims recorded again")
 		resp.Target = target
 		resp.Fill = &pb.FillGrant{Target: target, Bucket: claim.Bucket, ObjectName: claim.ObjectName,
 			Token: claim.Token, Ttl: durationpb.New(ttl), MediaType: claim.MediaType}

@@ -34,7 +34,7 @@ type probeState struct {
 // rise); a target nobody has judged yet gets the first verdict at once.
 func (s *Service) runProber(ctx context.Context) {
 	if s.cfg.Store == nil {
-		s.warnOnce("prober", "no store access: targets cannot be probed and stay unhealthy")
+		s.once.Warn("prober", "no store access: targets cannot be probed and stay unhealthy")
 		return
 	}
 	states := map[string]*probeState{}
@@ -167,7 +167,7 @@ func (s *Service) judge(ctx context.Context, snap *targets.Snapshot, t *pb.Targe
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
 	defer cancel()
 	if werr := s.reg.SetHealth(wctx, h); werr != nil {
-		s.warnOnce("health", "cannot record target health", "err", werr)
+		s.once.Warn("health", "cannot record target health", "err", werr)
 		return
 	}
 	if h.Healthy {

@@ -8,12 +8,12 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/blob"
+	"github.com/detourhq/detour/internal/logonce"
 	"github.com/detourhq/detour/internal/placement"
 	"github.com/detourhq/detour/internal/targets"
 )
@@ -67,7 +67,7 @@ type Service struct {
 	// lastWrite is the etcd revision of this replica's latest write; reads wait for the snapshot to
 	// reach it, so an operator reads what they just wrote.
 	lastWrite atomic.Int64
-	logOnce   sync.Map
+	once      *logonce.Set // one warning per lasting fault
 	// claimsBrokenUntil (unix ns) skips fill claims after one failed, see grantFill.
 	claimsBrokenUntil atomic.Int64
 	extender          extender
@@ -100,7 +100,8 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 	if cfg.ProbeTransport == nil {
 		cfg.ProbeTransport = http.DefaultTransport.(*http.Transport).Clone()
 	}
-	return &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), probeClient: &http.Client{Transport: cfg.ProbeTransport}}
+	return &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log),
+		probeClient: &http.Client{Transport: cfg.ProbeTransport}}
 }
 
 // Metrics returns the service's metrics.
@@ -162,14 +163,6 @@ func (s *Service) readSnapshot(ctx context.Context) *targets.Snapshot {
 		case <-ctx.Done():
 			return snap
 		}
-	}
-}
-
-// warnOnce logs a problem the first time it happens for a cause, so a persistent fault makes one
-// line, not one per request.
-func (s *Service) warnOnce(cause, msg string, args ...any) {
-	if _, loaded := s.logOnce.LoadOrStore(cause, true); !loaded {
-		s.cfg.Log.Warn(msg, args...)
 	}
 }
 

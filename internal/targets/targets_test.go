@@ -16,6 +16,7 @@ import (
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/etcdembed"
+	"github.com/detourhq/detour/internal/testbed"
 )
 
 func startEtcd(t testing.TB) (*etcdembed.Server, *clientv3.Client) {
@@ -51,15 +52,31 @@ func watch(t testing.TB, cli *clientv3.Client) *Watcher {
 	return w
 }
 
-// eventually polls cond until it holds or the deadline passes.
-func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %s: %s", within, what)
-		}
-		time.Sleep(10 * time.Millisecond)
+var eventually = testbed.Eventually
+
+// While nothing changes, etcd's progress notifications keep the snapshot confirmed current; when
+// etcd goes away, the confirmation ages, so the age means staleness, not time since the last write.
+func TestSnapshotConfirmationMeansStaleness(t *testing.T) {
+	srv, cli := startEtcd(t)
+	w := NewWatcher(cli, "", nil)
+	w.progressInterval = 100 * time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { w.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	<-w.Ready()
+	built := w.Snapshot().Built
+	time.Sleep(time.Second)
+	if age := time.Since(w.Confirmed()); age > 500*time.Millisecond {
+		t.Fatalf("with etcd healthy and idle the snapshot is %s unconfirmed", age)
+	}
+	if w.Snapshot().Built != built {
+		t.Fatal("progress notifications rebuilt the snapshot")
+	}
+	srv.Close()
+	time.Sleep(time.Second)
+	if age := time.Since(w.Confirmed()); age < 700*time.Millisecond {
+		t.Fatalf("with etcd gone the snapshot is still confirmed %s ago", age)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/cenkalti/backoff/v5"
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 )
 
@@ -34,6 +35,10 @@ type Watcher struct {
 	homes    sync.Map // Home → *Home: every copy of a target's objects shares one
 	ready    chan struct{}
 	readyOne sync.Once
+	// confirmed (unix ns) is when etcd last confirmed the snapshot current: a watch response with
+	// events, or a progress notification the watcher asks for every progressInterval.
+	confirmed        atomic.Int64
+	progressInterval time.Duration
 }
 
 // NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
@@ -47,7 +52,7 @@ func NewWatcher(cli *clientv3.Client, prefix string, log *slog.Logger) *Watcher 
 	if log == nil {
 		log = slog.Default()
 	}
-	w := &Watcher{cli: cli, prefix: prefix, log: log, pageSize: 5000, ready: make(chan struct{})}
+	w := &Watcher{cli: cli, prefix: prefix, log: log, pageSize: 5000, ready: make(chan struct{}), progressInterval: 5 * time.Second}
 	w.cur.Store(emptySnapshot())
 	return w
 }
@@ -55,12 +60,23 @@ func NewWatcher(cli *clientv3.Client, prefix string, log *slog.Logger) *Watcher 
 // Snapshot returns the current snapshot.
 func (w *Watcher) Snapshot() *Snapshot { return w.cur.Load() }
 
+// Confirmed is when etcd last confirmed that the snapshot is current (zero before the first load).
+// While the watch is healthy it is at most a few seconds old even when nothing changes, so the time
+// since it measures staleness.
+func (w *Watcher) Confirmed() time.Time {
+	if ns := w.confirmed.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
+}
+
 // Ready is closed once the first full read has completed.
 func (w *Watcher) Ready() <-chan struct{} { return w.ready }
 
 // Run keeps the snapshot current until ctx ends.
 func (w *Watcher) Run(ctx context.Context) error {
-	backoff := 100 * time.Millisecond
+	retry := backoff.NewExponentialBackOff()
+	retry.InitialInterval, retry.MaxInterval = 100*time.Millisecond, 5*time.Second
 	failing := false
 	for ctx.Err() == nil {
 		rev, err := w.load(ctx)
@@ -74,20 +90,20 @@ func (w *Watcher) Run(ctx context.Context) error {
 				level = slog.LevelDebug
 			}
 			failing = true
+			wait := retry.NextBackOff()
 			w.log.Log(ctx, level, "etcd read failed; serving the last snapshot", "err", err,
-				"revision", w.Snapshot().Revision, "retry_in", backoff)
+				"revision", w.Snapshot().Revision, "retry_in", wait)
 			select {
-			case <-time.After(backoff):
+			case <-time.After(wait):
 			case <-ctx.Done():
 			}
-			backoff = min(backoff*2, 5*time.Second)
 			continue
 		}
 		if failing {
 			w.log.Info("etcd reachable again; snapshot current", "revision", rev)
 			failing = false
 		}
-		backoff = 100 * time.Millisecond
+		retry.Reset()
 		err = w.watch(ctx, rev)
 		if ctx.Err() != nil {
 			break
@@ -138,7 +154,24 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 func (w *Watcher) watch(ctx context.Context, rev int64) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	ch := w.cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1), clientv3.WithProgressNotify())
+	// The watch starts at rev, not rev+1, and skips what the load already holds: etcd sends no
+	// progress notifications to a watch that starts past its current revision, so on a quiet
+	// cluster a watch from rev+1 would never be confirmed.
+	ch := w.cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev), clientv3.WithProgressNotify())
+	// etcd sends progress notifications on its own only every 10 minutes by default; asking for
+	// them keeps Confirmed fresh while nothing changes, and lets a stalled watch show as staleness.
+	go func() {
+		t := time.NewTicker(w.progressInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-wctx.Done():
+				return
+			case <-t.C:
+				_ = w.cli.RequestProgress(wctx)
+			}
+		}
+	}()
 	for resp := range ch {
 		if err := resp.Err(); err != nil {
 			if errors.Is(err, rpctypes.ErrCompacted) {
@@ -146,10 +179,17 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 			}
 			return err
 		}
-		if len(resp.Events) == 0 {
+		events := resp.Events
+		for len(events) > 0 && events[0].Kv.ModRevision <= rev {
+			events = events[1:]
+		}
+		if len(events) == 0 {
+			if resp.IsProgressNotify() {
+				w.confirmed.Store(time.Now().UnixNano())
+			}
 			continue
 		}
-		w.applyEvents(resp.Header.Revision, resp.Events)
+		w.applyEvents(resp.Header.Revision, events)
 	}
 	return errors.New("watch channel closed")
 }
@@ -334,6 +374,7 @@ func (w *Watcher) finish(snap *Snapshot) {
 
 func (w *Watcher) publish(snap *Snapshot) {
 	snap.Built = time.Now()
+	w.confirmed.Store(snap.Built.UnixNano())
 	old := w.cur.Swap(snap)
 	close(old.superseded)
 	w.readyOne.Do(func() { close(w.ready) })
