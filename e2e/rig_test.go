@@ -129,8 +129,11 @@ func newRig(t testing.TB, shape repoShape) *rig {
 		t.Fatal(err)
 	}
 
-	r.agent = testbed.StartAgent(t, r.originTap.URL, "--controlplane", r.cp.Addr, "--region", "test",
-		"--gcs-endpoint", r.gcs.Endpoint(), "--repo-id", repoID)
+	// A generous place timeout: these tests are about what a real client gets, and on a loaded
+	// machine 50ms can pass before a claim is written, which leaves a key unfilled (inline, still
+	// correct) and a later "warm" request cold. Latency under load is the chaos tests' subject.
+	r.agent = testbed.StartAgent(t, r.originTap.URL, "--controlplane", r.cp.Addr, "--insecure", "--region", "test",
+		"--gcs-endpoint", r.gcs.Endpoint(), "--repo-id", repoID, "--place-timeout", "2s")
 	r.agentTap = newTap(t, r.agent.URL)
 	testbed.Eventually(t, 20*time.Second, "the agent advertises the target", func() bool { return r.advertises(target) })
 	return r

@@ -1,4 +1,5 @@
-// Command agent runs Detour's wire-protocol front in front of one origin server.
+// Command agent runs Detour's wire-protocol front in front of one origin server. It only maps
+// flags onto agent.Config; everything else is internal/agent.
 package main
 
 import (
@@ -9,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"os"
 	"os/signal"
@@ -16,33 +18,47 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc/credentials/insecure"
 
-	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/agent"
-	"github.com/detourhq/detour/internal/blob"
 )
 
 func main() {
 	hostname, _ := os.Hostname()
 	var (
-		listen, metricsListen, origin, controlPlane string
-		region, agentID, repoID, cacheable          string
-		gcsEndpoint, logLevel                       string
-		placeTimeout, drain                         time.Duration
-		fillQueue                                   int64
+		cfg                                         agent.Config
+		listen, opsListen, pprofListen, origin, cps string
+		cacheable, logLevel                         string
+		insecureCP                                  bool
+		drain                                       time.Duration
 	)
 	flag.StringVar(&listen, "listen", "127.0.0.1:8080", "HTTP listen address for clients")
-	flag.StringVar(&metricsListen, "metrics-listen", "127.0.0.1:8081", "Prometheus /metrics listen address (empty: none)")
+	flag.StringVar(&opsListen, "metrics-listen", "127.0.0.1:8081", "listen address of /metrics, /healthz and /readyz (empty: none)")
+	flag.StringVar(&pprofListen, "pprof-listen", "", "listen address of /debug/pprof/ (empty: none)")
 	flag.StringVar(&origin, "origin", "", "base URL of the origin server (required), e.g. http://127.0.0.1:8000/")
-	flag.StringVar(&controlPlane, "controlplane", "127.0.0.1:7700", "comma-separated control-plane addresses (round-robin); empty: no redirects")
-	flag.StringVar(&region, "region", "", "this agent's region")
-	flag.StringVar(&agentID, "agent-id", hostname, "this agent's id in fill claims")
-	flag.StringVar(&repoID, "repo-id", "", "identity of the origin's repository in content keys (default: the origin URL)")
-	flag.DurationVar(&placeTimeout, "place-timeout", 50*time.Millisecond, "deadline of each Place call; past it the answer is inline")
+	flag.StringVar(&cps, "controlplane", "127.0.0.1:7700", "comma-separated control-plane addresses (round-robin over those up); empty: no redirects")
+	flag.BoolVar(&insecureCP, "insecure", false, "talk to the control plane in plaintext (development only)")
+	flag.StringVar(&cfg.Region, "region", "", `this agent's region (required; "" explicitly: never fill, only redirect)`)
+	flag.StringVar(&cfg.AgentID, "agent-id", hostname, "this agent's id in fill claims")
+	flag.StringVar(&cfg.RepoID, "repo-id", "", "identity of the origin's repository in content keys (default: the origin URL)")
+	flag.DurationVar(&cfg.PlaceTimeout, "place-timeout", 50*time.Millisecond, "deadline of each Place call; past it the answer is inline")
 	flag.StringVar(&cacheable, "cacheable-commands", strings.Join(agent.DefaultCacheable, ","), "commands whose responses may be redirected")
-	flag.StringVar(&gcsEndpoint, "gcs-endpoint", "", "GCS API endpoint (an emulator); empty: STORAGE_EMULATOR_HOST or Google Cloud Storage with default credentials")
-	flag.Int64Var(&fillQueue, "fill-queue-bytes", 64<<20, "bytes a fill may fall behind the client before it is aborted")
+	flag.StringVar(&cfg.StoreEndpoint, "gcs-endpoint", "", "GCS API endpoint (an emulator); empty: STORAGE_EMULATOR_HOST or Google Cloud Storage with default credentials")
+	flag.BoolVar(&cfg.NoFills, "no-fills", false, "never fill; only redirect to what other agents stored")
+	flag.Int64Var(&cfg.FillQueueBytes, "fill-queue-bytes", 64<<20, "bytes one fill may fall behind the client before it is aborted")
+	flag.Int64Var(&cfg.FillBytesTotal, "fill-bytes-total", 256<<20, "bytes all fills together may hold; past it new fills are declined")
+	flag.IntVar(&cfg.MaxFills, "max-fills", 32, "fills running at once; past it new fills are declined")
+	flag.Int64Var(&cfg.MaxRequestBytes, "max-request-bytes", 0, "largest v2 command request body (default: the wire package's limit)")
+	flag.DurationVar(&cfg.CommandBodyTimeout, "command-body-timeout", 30*time.Second, "time a client has to send a command request body")
+	flag.Int64Var(&cfg.MaxBodyBytes, "max-body-bytes", 4<<30, "largest other request body relayed to the origin (a push)")
+	flag.IntVar(&cfg.MaxConcurrentRequests, "max-concurrent-requests", 1024, "requests answered at once; past it HTTP 503")
+	flag.IntVar(&cfg.MaxConnections, "max-connections", 4096, "open client connections; past it new ones wait")
+	flag.DurationVar(&cfg.ReadHeaderTimeout, "read-header-timeout", 10*time.Second, "time a client has to send request headers")
+	flag.DurationVar(&cfg.ReadTimeout, "read-timeout", 10*time.Minute, "time a client has to send a whole request")
+	flag.DurationVar(&cfg.WriteTimeout, "write-timeout", 2*time.Hour, "time a response may take (10 GB at 1.5 MB/s fits the default)")
+	flag.DurationVar(&cfg.IdleTimeout, "idle-timeout", 2*time.Minute, "how long an idle keep-alive connection stays open")
+	flag.IntVar(&cfg.MaxHeaderBytes, "max-header-bytes", 64<<10, "largest request header")
+	flag.Float64Var(&cfg.CheckLocations, "check-locations", 0, "share (0..1) of redirects whose location is fetched in the background and reported if broken")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 30*time.Second, "how long in-flight responses and fills may run after SIGTERM")
 	flag.Parse()
@@ -52,57 +68,60 @@ func main() {
 		fail("--log-level: %v", err)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	cfg.Log = log
+	regionSet := false
+	flag.Visit(func(f *flag.Flag) { regionSet = regionSet || f.Name == "region" })
+	if !regionSet {
+		fail(`--region is required (--region "" for an agent that never fills)`)
+	}
 	if origin == "" {
 		fail("--origin is required")
 	}
-	originURL, err := url.Parse(origin)
-	if err != nil || originURL.Scheme == "" || originURL.Host == "" {
+	u, err := url.Parse(origin)
+	if err != nil || u.Scheme == "" || u.Host == "" {
 		fail("--origin %q is not an absolute URL", origin)
+	}
+	cfg.Origin = u
+	cfg.Cacheable = strings.Split(cacheable, ",")
+	if cfg.CheckLocations < 0 || cfg.CheckLocations > 1 {
+		fail("--check-locations %v is not between 0 and 1", cfg.CheckLocations)
+	}
+	if cps != "" {
+		cfg.ControlPlanes = strings.Split(cps, ",")
+		if !insecureCP {
+			fail("--controlplane needs --insecure for now") // replaced by TLS flags below
+		}
+		log.Warn("talking to the control plane in plaintext (--insecure): anyone on the network can read and forge placements")
+		cfg.Credentials = insecure.NewCredentials()
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	cfg := agent.Config{Origin: originURL, RepoID: repoID, Region: region, AgentID: agentID, PlaceTimeout: placeTimeout,
-		Cacheable: strings.Split(cacheable, ","), FillQueueBytes: fillQueue, Log: log}
-	if controlPlane != "" {
-		conn, err := agent.DialControlPlane(strings.Split(controlPlane, ","))
-		if err != nil {
-			fail("--controlplane: %v", err)
-		}
-		defer conn.Close()
-		cfg.Placement = pb.NewPlacementServiceClient(conn)
-		store, err := blob.NewStore(ctx, blob.Options{Endpoint: gcsEndpoint})
-		if err != nil {
-			log.Warn("no storage client; fills disabled", "err", err)
-		} else {
-			defer store.Close()
-			cfg.Store = store
-		}
-	}
-	a, err := agent.New(cfg)
+	a, err := agent.New(ctx, cfg)
 	if err != nil {
 		fail("%v", err)
 	}
-	runCtx, cancelRun := context.WithCancel(context.Background())
-	watchDone := make(chan struct{})
-	go func() { a.Run(runCtx); close(watchDone) }()
-
-	lis, err := net.Listen("tcp", listen)
-	if err != nil {
-		fail("--listen: %v", err)
+	errc := make(chan error, 3)
+	serve := func(name, addr string, fn func(net.Listener) error) {
+		lis, err := net.Listen("tcp", addr)
+		if err != nil {
+			fail("--%s: %v", name, err)
+		}
+		go func() { errc <- fn(lis) }()
 	}
-	srv := &http.Server{Handler: a, ReadHeaderTimeout: 10 * time.Second}
-	errc := make(chan error, 2)
-	go func() { errc <- srv.Serve(lis) }()
-	var msrv *http.Server
-	if metricsListen != "" {
+	serve("listen", listen, a.Serve)
+	if opsListen != "" {
+		serve("metrics-listen", opsListen, a.ServeOps)
+	}
+	if pprofListen != "" {
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(a.Metrics().Registry, promhttp.HandlerOpts{}))
-		msrv = &http.Server{Addr: metricsListen, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go func() { errc <- msrv.ListenAndServe() }()
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		serve("pprof-listen", pprofListen, func(l net.Listener) error { return a.ServeHandler(l, mux) })
 	}
-	log.Info("agent serving", "listen", lis.Addr().String(), "origin", originURL.String(), "controlplane", controlPlane,
-		"region", region, "agent_id", agentID, "place_timeout", placeTimeout)
+	log.Info("agent serving", "listen", listen, "origin", u.String(), "controlplane", cps, "region", cfg.Region,
+		"agent_id", cfg.AgentID, "place_timeout", cfg.PlaceTimeout.String())
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down", "timeout", drain.String())
@@ -113,14 +132,8 @@ func main() {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
-	_ = srv.Shutdown(sctx) // in-flight responses finish
 	if err := a.Shutdown(sctx); err != nil {
-		log.Warn("fills still running at shutdown were aborted", "err", err)
-	}
-	cancelRun()
-	<-watchDone
-	if msrv != nil {
-		_ = msrv.Shutdown(sctx)
+		log.Warn("shutdown cut short", "err", err)
 	}
 	log.Info("agent stopped")
 }

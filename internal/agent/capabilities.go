@@ -24,7 +24,7 @@ func (a *Agent) serveHandshake(w http.ResponseWriter, r *http.Request) {
 	req.Header = r.Header.Clone()
 	resp, err := a.client.Do(req)
 	if err != nil {
-		a.warnOnce("origin", "origin unreachable", "origin", a.cfg.Origin.String(), "err", err)
+		a.once.Warn("origin", "origin unreachable", "origin", a.cfg.Origin.String(), "err", err)
 		http.Error(w, "origin unreachable", http.StatusBadGateway)
 		return
 	}
@@ -41,7 +41,7 @@ func (a *Agent) serveHandshake(w http.ResponseWriter, r *http.Request) {
 	out, err := wire.RewriteHandshake(body, a.section.Load())
 	if err != nil {
 		// The origin's map is not what we understand: pass it on untouched.
-		a.warnOnce("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
+		a.once.Warn("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
 		out = body
 	}
 	resp.Body = io.NopCloser(bytes.NewReader(out))
@@ -74,7 +74,7 @@ func (a *Agent) serveCapabilitiesCommand(w http.ResponseWriter, r *http.Request,
 	}
 	out, err := wire.RewriteRedirect(caps, a.section.Load())
 	if err != nil {
-		a.warnOnce("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
+		a.once.Warn("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
 		out = caps
 	}
 	w.Header().Set("Content-Type", wire.MediaTypeFraming)

@@ -37,7 +37,7 @@ func (a *Agent) maybeCheckLocation(key, target string, loc *pb.Location) {
 		a.log.Warn("a location did not serve its object; reporting it", "key", key, "target", target, "problem", problem)
 		ctx, cancel := context.WithTimeout(a.fillCtx, 10*time.Second)
 		defer cancel()
-		if _, err := a.cfg.Placement.ReportBrokenLocation(ctx, &pb.ReportBrokenLocationRequest{Key: key, Target: target, Reason: problem}); err != nil {
+		if _, err := a.placement.ReportBrokenLocation(ctx, &pb.ReportBrokenLocationRequest{Key: key, Target: target, Reason: problem}); err != nil {
 			a.log.Debug("broken location not reported", "key", key, "err", err)
 		}
 	}()

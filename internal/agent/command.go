@@ -8,7 +8,6 @@ import (
 	"io"
 	"net/http"
 	"strconv"
-	"sync"
 	"time"
 
 	"google.golang.org/grpc/status"
@@ -22,14 +21,18 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 	if r.Header.Get("Content-Type") != wire.MediaTypeFraming {
 		// Not a framed request: the origin answers it (415), exactly as without Detour.
 		a.metrics.requests.WithLabelValues("passthrough").Inc()
-		a.proxy.ServeHTTP(w, r)
+		a.proxy.ServeHTTP(w, recordBodyErr(r))
 		return
 	}
+	// A command body is small: a client that trickles it is cut off, not waited for.
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(a.cfg.CommandBodyTimeout))
 	body, err := io.ReadAll(io.LimitReader(r.Body, a.cfg.MaxRequestBytes+1))
 	if err != nil {
-		http.Error(w, "cannot read request body", http.StatusBadRequest)
+		a.metrics.requests.WithLabelValues("rejected").Inc()
+		http.Error(w, "detour agent: cannot read the command request body: "+err.Error(), http.StatusBadRequest)
 		return
 	}
+	_ = http.NewResponseController(w).SetReadDeadline(time.Time{})
 	if int64(len(body)) > a.cfg.MaxRequestBytes {
 		a.metrics.requests.WithLabelValues("protocol_error").Inc()
 		a.protocolError(w, 0, fmt.Sprintf("request exceeds %d bytes", a.cfg.MaxRequestBytes))
@@ -58,7 +61,7 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		a.metrics.requests.WithLabelValues("capabilities").Inc()
 		a.serveCapabilitiesCommand(w, r, cmd)
 		return
-	case !a.cacheable[name], cmd.Redirect == nil, len(cmd.Redirect.Targets) == 0, a.cfg.Placement == nil:
+	case !a.cacheable[name], cmd.Redirect == nil, len(cmd.Redirect.Targets) == 0, a.placement == nil:
 		a.passthrough(w, r, body, "passthrough")
 		return
 	}
@@ -78,17 +81,19 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		a.passthrough(w, r, body, "inline")
 	case d.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT && d.Location != nil:
 		if err := a.writeRedirect(w, cmd, d.Location); err != nil {
-			a.warnOnce("redirect", "cannot encode a redirect; answering inline", "err", err)
+			a.once.Warn("redirect", "cannot encode a redirect; answering inline", "err", err)
 			a.passthrough(w, r, body, "inline")
 			return
 		}
 		a.metrics.requests.WithLabelValues("redirect").Inc()
 		a.maybeCheckLocation(key, d.Target, d.Location)
-	case d.Fill != nil && a.cfg.Store != nil:
+	case d.Fill != nil && a.admitFill(d.Fill.Target):
 		a.serveInlineWithFill(w, r, cmd, key, d.Fill)
 	default:
 		if d.Fill != nil {
-			a.abortFill(key, d.Fill.Token, "agent has no store")
+			// Granted although the agent said it cannot fill (an older control plane), or the
+			// budget filled up since it asked: release the claim, answer inline.
+			a.abortFill(key, d.Fill.Token, "agent cannot fill now")
 		}
 		a.passthrough(w, r, body, "inline")
 	}
@@ -109,7 +114,7 @@ func (a *Agent) protocolError(w http.ResponseWriter, requestID uint16, msg strin
 }
 
 func (a *Agent) originFailed(w http.ResponseWriter, cmd *wire.CommandRequest, err error) {
-	a.warnOnce("origin", "origin unreachable", "origin", a.cfg.Origin.String(), "err", err)
+	a.once.Warn("origin", "origin unreachable", "origin", a.cfg.Origin.String(), "err", err)
 	w.Header().Set("Content-Type", wire.MediaTypeFraming)
 	w.WriteHeader(http.StatusOK)
 	_ = wire.NewResponseWriter(w, wire.DefaultMaxPayload).WriteErrorFrame(cmd.RequestID, "server", "origin unreachable")
@@ -187,58 +192,24 @@ func (a *Agent) writeRedirect(w http.ResponseWriter, cmd *wire.CommandRequest, l
 }
 
 // place asks the control plane, within the place timeout. nil means "answer inline": the control
-// plane failed, or recently failed and is being given time (see breaker).
+// plane failed, or is known to be down and is being probed (see cpGate).
 func (a *Agent) place(ctx context.Context, key string, cmd *wire.CommandRequest) *pb.PlaceResponse {
-	now := time.Now()
-	if !a.breaker.allow(now) {
-		a.metrics.placeFailures.WithLabelValues("backoff").Inc()
+	if a.cp.down.Load() {
+		a.metrics.placeFailures.WithLabelValues("control_plane_down").Inc()
 		return nil
 	}
+	now := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.PlaceTimeout)
 	defer cancel()
-	resp, err := a.cfg.Placement.Place(ctx, &pb.PlaceRequest{Key: key, Command: cmd.Name,
-		AcceptedTargets: cmd.Redirect.Targets, Hashes: cmd.Redirect.Hashes, AgentRegion: a.cfg.Region, AgentId: a.cfg.AgentID})
+	canFill := a.canFill()
+	resp, err := a.placement.Place(ctx, &pb.PlaceRequest{Key: key, Command: cmd.Name,
+		AcceptedTargets: cmd.Redirect.Targets, Hashes: cmd.Redirect.Hashes, AgentRegion: a.cfg.Region, AgentId: a.cfg.AgentID,
+		CanFill: &canFill, UnfillableTargets: a.breakers.unfillable(now)})
 	a.metrics.placeLatency.Observe(time.Since(now).Seconds())
 	if err != nil {
-		cause := status.Code(err).String()
-		a.metrics.placeFailures.WithLabelValues(cause).Inc()
-		a.breaker.failed(time.Now())
-		a.warnOnce("place", "control plane did not answer; serving inline and backing off", "cause", cause, "err", err)
+		a.metrics.placeFailures.WithLabelValues(status.Code(err).String()).Inc()
+		a.placeFailed(err)
 		return nil
 	}
-	a.breaker.succeeded()
-	a.recovered("place", "control plane answering again")
 	return resp
-}
-
-// breaker spaces out calls to a failing control plane: after a failure, requests skip Place for a
-// backoff that doubles up to a limit, then one call probes again.
-type breaker struct {
-	mu      sync.Mutex
-	until   time.Time
-	backoff time.Duration
-}
-
-func (b *breaker) allow(now time.Time) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return !now.Before(b.until)
-}
-
-func (b *breaker) failed(now time.Time) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	switch {
-	case b.backoff == 0:
-		b.backoff = 100 * time.Millisecond
-	case b.backoff < 5*time.Second:
-		b.backoff *= 2
-	}
-	b.until = now.Add(b.backoff)
-}
-
-func (b *breaker) succeeded() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.backoff, b.until = 0, time.Time{}
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/detourhq/detour/internal/controlplane"
 	"github.com/detourhq/detour/internal/devstack"
 	"github.com/detourhq/detour/internal/hgclient"
+	"github.com/detourhq/detour/internal/testbed"
 	"github.com/detourhq/detour/internal/wire"
 )
 
@@ -64,16 +65,7 @@ func args(node string, size int) map[string]any {
 	return map[string]any{"nodes": []any{strings.Repeat(node, 20)[:20]}, "tree": "", "size": size}
 }
 
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %s: %s", within, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
+var eventually = testbed.Eventually
 
 // objectCount counts the stored responses in the stack's bucket (not the prober's canary).
 func objectCount(t *testing.T, s *devstack.Stack) int {

@@ -18,8 +18,16 @@ import (
 
 var (
 	errFillBehind = errors.New("store fell too far behind the client")
+	errOverBudget = errors.New("all fills together hold as many bytes as the agent allows")
 	errClientGone = errors.New("client went away")
 )
+
+// storeError marks a fill's failure as the store's (an upload that failed), which the target's
+// breaker counts; other failures (client, origin, budget) say nothing about the store.
+type storeError struct{ err error }
+
+func (e *storeError) Error() string { return e.err.Error() }
+func (e *storeError) Unwrap() error { return e.err }
 
 // serveInlineWithFill streams the origin's response to the client frame by frame and, beside it,
 // the response's CBOR objects into the granted target. The client never waits on the store.
@@ -27,14 +35,16 @@ func (a *Agent) serveInlineWithFill(w http.ResponseWriter, r *http.Request, cmd 
 	a.metrics.requests.WithLabelValues("inline_fill").Inc()
 	resp, err := a.forwardCommand(r, cmd)
 	if err != nil {
-		a.abortFill(key, grant.Token, "origin unreachable")
+		a.endFill(grant.Target, nil)
 		a.originFailed(w, cmd, err)
+		a.abortFill(key, grant.Token, "origin unreachable")
 		return
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		a.abortFill(key, grant.Token, fmt.Sprintf("origin answered HTTP %d", resp.StatusCode))
+		a.endFill(grant.Target, nil)
 		copyResponse(w, resp)
+		a.abortFill(key, grant.Token, fmt.Sprintf("origin answered HTTP %d", resp.StatusCode))
 		return
 	}
 	for k, vs := range resp.Header {
@@ -115,16 +125,17 @@ func (a *Agent) startFill(key string, grant *pb.FillGrant) *filler {
 		mediaType = wire.MediaTypeCBOR
 	}
 	f := &filler{a: a, key: key, grant: grant, mediaType: mediaType, ch: make(chan []byte, 4096), done: make(chan struct{}), cancel: cancel,
-		up: a.cfg.Store.Create(ctx, grant.Bucket, grant.ObjectName, mediaType, key)}
+		up: a.store.Create(ctx, grant.Bucket, grant.ObjectName, mediaType, key)}
 	go func() {
 		defer close(f.done)
 		for b := range f.ch {
 			if f.failed() == nil {
 				if _, err := f.up.Write(b); err != nil {
-					f.fail(fmt.Errorf("upload: %w", err))
+					f.fail(&storeError{fmt.Errorf("upload: %w", err)})
 				}
 			}
 			f.queued.Add(-int64(len(b)))
+			a.budget.release(int64(len(b)))
 		}
 	}()
 	return f
@@ -149,15 +160,21 @@ func (f *filler) offer(p []byte) {
 	if f.failed() != nil {
 		return
 	}
-	if f.queued.Load()+int64(len(p)) > f.a.cfg.FillQueueBytes {
+	n := int64(len(p))
+	if f.queued.Load()+n > f.a.cfg.FillQueueBytes {
 		f.fail(errFillBehind)
 		return
 	}
-	f.queued.Add(int64(len(p)))
+	if !f.a.budget.reserve(n) {
+		f.fail(errOverBudget)
+		return
+	}
+	f.queued.Add(n)
 	select {
 	case f.ch <- bytes.Clone(p):
 	default:
-		f.queued.Add(-int64(len(p)))
+		f.queued.Add(-n)
+		f.a.budget.release(n)
 		f.fail(errFillBehind)
 	}
 }
@@ -174,8 +191,15 @@ func (f *filler) finish() {
 		<-f.done
 		if err := f.failed(); err != nil {
 			f.up.Abort()
-			a.metrics.fills.WithLabelValues("aborted").Inc()
-			a.log.Info("fill aborted", "key", f.key, "target", f.grant.Target, "err", err)
+			var se *storeError
+			if errors.As(err, &se) {
+				a.endFill(f.grant.Target, err)
+				a.metrics.fills.WithLabelValues("upload_failed").Inc()
+			} else {
+				a.endFill(f.grant.Target, nil)
+				a.metrics.fills.WithLabelValues("aborted").Inc()
+			}
+			a.log.Debug("fill aborted", "key", f.key, "target", f.grant.Target, "err", err)
 			a.abortFill(f.key, f.grant.Token, err.Error())
 			return
 		}
@@ -184,26 +208,45 @@ func (f *filler) finish() {
 			// An earlier fill stored the object but did not report it (it died, or its report
 			// failed). Equal keys mean equal bytes; check that, then report what is there.
 			res, err = f.adoptExisting(res)
+		} else if err != nil {
+			err = &storeError{err}
 		}
+		a.endFill(f.grant.Target, err)
 		if err != nil {
 			a.metrics.fills.WithLabelValues("upload_failed").Inc()
-			a.warnOnce("upload:"+f.grant.Target, "uploads to target failing; fills aborted", "target", f.grant.Target, "err", err)
+			a.log.Debug("fill upload failed", "key", f.key, "target", f.grant.Target, "err", err)
 			a.abortFill(f.key, f.grant.Token, "upload failed: "+err.Error())
 			return
 		}
 		ctx, cancel := context.WithTimeout(a.fillCtx, 10*time.Second)
 		defer cancel()
-		_, err = a.cfg.Placement.ReportFill(ctx, &pb.ReportFillRequest{Key: f.key, Target: f.grant.Target, Token: f.grant.Token,
+		_, err = a.placement.ReportFill(ctx, &pb.ReportFillRequest{Key: f.key, Target: f.grant.Target, Token: f.grant.Token,
 			Size: res.Size, MediaType: f.mediaType, Sha256: res.SHA256, Sha1: res.SHA1, ObjectName: f.grant.ObjectName,
 			Crc32C: res.CRC32C, Generation: res.Generation})
 		if err != nil {
 			a.metrics.fills.WithLabelValues("report_failed").Inc()
-			a.log.Warn("fill uploaded but not reported", "key", f.key, "target", f.grant.Target, "err", err)
+			a.log.Warn("fill uploaded but its report failed; the control plane collects the bytes", "key", f.key,
+				"target", f.grant.Target, "err", err)
 			return
 		}
 		a.metrics.fills.WithLabelValues("ready").Inc()
 		a.log.Debug("fill reported", "key", f.key, "target", f.grant.Target, "size", res.Size)
 	}()
+}
+
+// endFill gives back a fill's slot and tells the target's breaker how the store did (err: the
+// store's failure, else nil; a failure that is not the store's only ends a trial).
+func (a *Agent) endFill(target string, err error) {
+	a.budget.done()
+	var se *storeError
+	switch {
+	case err == nil:
+		a.breakers.result(target, nil)
+	case errors.As(err, &se):
+		a.breakers.result(target, err)
+	default:
+		a.breakers.trialEnded(target)
+	}
 }
 
 // abortFill releases a claim in the background: the client's answer never waits on Detour's
@@ -215,7 +258,7 @@ func (a *Agent) abortFill(key, token, reason string) {
 		// Not fillCtx: at shutdown that is cancelled, and this is how the claim is released promptly.
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
-		if _, err := a.cfg.Placement.AbortFill(ctx, &pb.AbortFillRequest{Key: key, Token: token, Reason: reason}); err != nil {
+		if _, err := a.placement.AbortFill(ctx, &pb.AbortFillRequest{Key: key, Token: token, Reason: reason}); err != nil {
 			// The claim's lease expires by itself.
 			a.log.Debug("abort fill not recorded", "key", key, "err", err)
 		}
@@ -227,7 +270,7 @@ func (a *Agent) abortFill(key, token, reason string) {
 func (f *filler) adoptExisting(ours blob.Result) (blob.Result, error) {
 	ctx, cancel := context.WithTimeout(f.a.fillCtx, time.Minute)
 	defer cancel()
-	there, err := f.a.cfg.Store.Hash(ctx, f.grant.Bucket, f.grant.ObjectName)
+	there, err := f.a.store.Hash(ctx, f.grant.Bucket, f.grant.ObjectName)
 	if err != nil {
 		return blob.Result{}, fmt.Errorf("object exists and cannot be read back: %w", err)
 	}

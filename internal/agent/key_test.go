@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"net/url"
 	"testing"
 
@@ -45,11 +46,11 @@ func TestCacheabilityKeepsRepositoryStateInline(t *testing.T) {
 
 func TestNewRefusesToCacheStateCommands(t *testing.T) {
 	for _, cmd := range []string{"heads", "listkeys", "capabilities", "pushkey"} {
-		if _, err := New(Config{Origin: mustURL(t, "http://127.0.0.1:1/"), Cacheable: []string{"filesdata", cmd}}); err == nil {
+		if _, err := New(context.Background(), Config{Origin: mustURL(t, "http://127.0.0.1:1/"), Cacheable: []string{"filesdata", cmd}}); err == nil {
 			t.Errorf("New accepted %q as cacheable", cmd)
 		}
 	}
-	if _, err := New(Config{Origin: mustURL(t, "http://127.0.0.1:1/"), Cacheable: []string{"changesetdata"}}); err != nil {
+	if _, err := New(context.Background(), Config{Origin: mustURL(t, "http://127.0.0.1:1/"), Cacheable: []string{"changesetdata"}}); err != nil {
 		t.Errorf("changesetdata refused: %v", err)
 	}
 }

@@ -1,6 +1,9 @@
 package agent
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
 
 // Metrics are the agent's Prometheus metrics, on their own registry.
 type Metrics struct {
@@ -13,6 +16,7 @@ type Metrics struct {
 	inlineBytes     prometheus.Counter
 	targetsRevision prometheus.Gauge
 	locationChecks  *prometheus.CounterVec
+	cpUp            prometheus.Gauge
 }
 
 func newMetrics() *Metrics {
@@ -35,6 +39,10 @@ func newMetrics() *Metrics {
 	}
 	m.locationChecks = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_location_checks_total",
 		Help: "Sampled checks of handed-out locations, by result (ok, broken, skipped)."}, []string{"result"})
+	m.cpUp = prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_agent_controlplane_up",
+		Help: "1 while the control plane answers Place; 0 while requests skip it (answered inline) until a probe succeeds."})
+	m.cpUp.Set(1)
+	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), m.cpUp)
 	m.Registry.MustRegister(m.locationChecks, m.requests, m.uncacheable, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision)
 	return m
 }

@@ -5,19 +5,20 @@ import (
 	"sort"
 	"time"
 
+	"github.com/cenkalti/backoff/v5"
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/wire"
+	"google.golang.org/grpc"
 )
 
-// Run follows the control plane's target set until ctx ends, reconnecting with backoff, and keeps
-// the redirect section the agent advertises. Without a control plane it returns at once.
-func (a *Agent) Run(ctx context.Context) {
-	if a.cfg.Placement == nil {
-		return
-	}
-	backoff := 100 * time.Millisecond
+// watchTargets follows the control plane's target set until ctx ends and keeps the redirect
+// section the agent advertises. A broken stream is reopened as soon as a connection is ready
+// (the call waits for one), with a short backoff between attempts that fail at once.
+func (a *Agent) watchTargets(ctx context.Context) {
+	retry := backoff.NewExponentialBackOff()
+	retry.InitialInterval, retry.MaxInterval = 50*time.Millisecond, time.Second
 	for ctx.Err() == nil {
-		stream, err := a.cfg.Placement.WatchTargets(ctx, &pb.WatchTargetsRequest{AgentRegion: a.cfg.Region})
+		stream, err := a.placement.WatchTargets(ctx, &pb.WatchTargetsRequest{AgentRegion: a.cfg.Region}, grpc.WaitForReady(true))
 		if err == nil {
 			for {
 				msg, rerr := stream.Recv()
@@ -26,9 +27,10 @@ func (a *Agent) Run(ctx context.Context) {
 					break
 				}
 				a.section.Store(advertised(msg, a.cfg.Region))
+				a.targetsKnown.Store(true)
 				a.metrics.targetsRevision.Set(float64(msg.Revision))
-				a.recovered("watch", "target watch restored")
-				backoff = 100 * time.Millisecond
+				a.once.Recovered("watch", "target watch restored", "revision", msg.Revision)
+				retry.Reset()
 			}
 		}
 		if ctx.Err() != nil {
@@ -36,13 +38,13 @@ func (a *Agent) Run(ctx context.Context) {
 		}
 		// The last known target set stays advertised: stale targets are safer than none, since
 		// clients with no targets simply fetch inline and Place refuses unknown targets anyway.
-		a.warnOnce("watch", "target watch failed; retrying", "err", err, "retry_in", backoff)
+		wait := retry.NextBackOff()
+		a.once.Warn("watch", "target watch failed; reopening as soon as a control plane is ready", "err", err)
 		select {
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		case <-ctx.Done():
 			return
 		}
-		backoff = min(backoff*2, 10*time.Second)
 	}
 }
 
@@ -86,6 +88,3 @@ func advertised(msg *pb.WatchTargetsResponse, region string) *wire.RedirectSecti
 	}
 	return s
 }
-
-// Section is the redirect section currently advertised (nil before the first target set).
-func (a *Agent) Section() *wire.RedirectSection { return a.section.Load() }

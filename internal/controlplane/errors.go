@@ -26,13 +26,15 @@ func toStatus(err error) error {
 		return status.Error(codes.AlreadyExists, err.Error())
 	case errors.Is(err, targets.ErrConflict), errors.Is(err, targets.ErrClaimNotHeld), errors.Is(err, targets.ErrNotHeartbeat):
 		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, targets.ErrOutcomeUnknown):
+		// etcd may have applied the write; every write compares revisions, so a retry is safe.
+		return status.Errorf(codes.Unavailable, "etcd did not answer in time; the write may have committed, and retrying is safe: %v", err)
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, err.Error())
 	}
 	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
 		return status.Errorf(codes.Unavailable, "etcd: %s", s.Message())
 	}
-	// Deadlines and transport failures reaching etcd: the write did not happen.
 	return status.Error(codes.Unavailable, fmt.Sprintf("etcd unreachable: %v", err))
 }
 

@@ -3,8 +3,11 @@ package controlplane
 import (
 	"context"
 	"crypto/sha256"
+	"io"
+	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,6 +15,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/testbed"
 )
 
 // placeKey asks where k comes from for a client accepting accepted.
@@ -350,4 +354,81 @@ func TestUsedObjectsAreExtendedUnusedExpire(t *testing.T) {
 	if !strings.Contains(body, "detour_objects_extended_total") || strings.Contains(body, "detour_objects_extended_total 0\n") {
 		t.Fatalf("no extensions counted:\n%s", body)
 	}
+}
+
+// A claim whose write outcome is unknown (etcd committed it but answered after the claim's
+// deadline) is released at once: nobody would fill it, and it would block the key's fills for the
+// claim TTL. etcd is reached through a proxy that delays its answers past the claim timeout.
+func TestClaimsCommittedPastTheirDeadlineAreReleased(t *testing.T) {
+	etcd := startEtcd(t)
+	var delay atomic.Int64
+	slow := delayAnswers(t, strings.TrimPrefix(etcd.Endpoint(), "http://"), &delay)
+	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"http://" + slow}, WriteTimeout: 5 * time.Second,
+		ClaimTimeout: 30 * time.Millisecond, Janitor: fastJanitor})
+	createTargets(t, r, target(t, "us-a", "us"))
+	waitHealth(t, r, "us-a", true)
+	grant(t, r, key(199), []string{"us-a"}, "us") // the claims' shared lease is granted now
+	delay.Store(int64(100 * time.Millisecond))
+	for i := range 5 {
+		resp, err := r.place.Place(context.Background(), &pb.PlaceRequest{Key: key(200 + i), Command: "manifestdata",
+			AcceptedTargets: []string{"us-a"}, AgentRegion: "us", AgentId: "a1"})
+		if err != nil || resp.Fill != nil {
+			t.Fatalf("Place with a claim that cannot be confirmed in time: %v %v", resp, err)
+		}
+		time.Sleep(1100 * time.Millisecond) // claims are skipped for a second after a failure
+	}
+	eventually(t, 5*time.Second, "no claim left behind", func() bool {
+		snap := r.inst.Service.w.Snapshot()
+		held := 0
+		for i := range 5 {
+			if _, ok := snap.Claim(key(200 + i)); ok {
+				held++
+			}
+		}
+		return held == 0
+	})
+	if got := testbed.Metric(t, "http://"+r.inst.MetricsAddr()+"/metrics", "detour_fill_reports_total", `outcome="orphan_released"`); got < 1 {
+		t.Fatalf("%v orphaned claims released", got)
+	}
+}
+
+// delayAnswers is a TCP proxy to addr that forwards requests at once and answers after *d.
+func delayAnswers(t *testing.T, addr string, d *atomic.Int64) string {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lis.Close() })
+	go func() {
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() { _, _ = io.Copy(up, c); up.Close() }()
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 64<<10)
+				for {
+					n, err := up.Read(buf)
+					if n > 0 {
+						chunk := append([]byte(nil), buf[:n]...)
+						time.Sleep(time.Duration(d.Load()))
+						if _, werr := c.Write(chunk); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return lis.Addr().String()
 }

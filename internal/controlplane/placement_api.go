@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"time"
 
@@ -44,10 +45,19 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	now := s.cfg.Now()
 	d := placement.Decide(v.targets, copies, v.policy, placement.Request{Key: req.Key, Accepted: req.AcceptedTargets,
 		Region: req.AgentRegion, SizeHint: req.SizeHint, Now: now})
+	if d.Fill != "" && slices.Contains(req.UnfillableTargets, d.Fill) {
+		// The agent's uploads to that target are failing: choose among the others. There is no
+		// copy to redirect to (a fill was chosen), so only the accepted list matters.
+		accepted := slices.DeleteFunc(slices.Clone(req.AcceptedTargets), func(n string) bool { return slices.Contains(req.UnfillableTargets, n) })
+		d = placement.Decide(v.targets, nil, v.policy, placement.Request{Key: req.Key, Accepted: accepted,
+			Region: req.AgentRegion, SizeHint: req.SizeHint, Now: now})
+	}
 	resp := &pb.PlaceResponse{Result: pb.PlaceResult_PLACE_RESULT_INLINE, Reason: string(d.Reason), SnapshotRevision: snap.Revision}
 	switch {
 	case d.Result == placement.Redirect:
 		s.redirect(resp, snap, key, objs, d, now)
+	case d.Fill != "" && req.CanFill != nil && !*req.CanFill:
+		resp.Reason = "agent_cannot_fill"
 	case d.Fill != "":
 		s.grantFill(ctx, resp, snap, req, d.Fill, now)
 	}
@@ -136,14 +146,35 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 		s.claimsBrokenUntil.Store(now.Add(time.Second).UnixNano())
 		s.once.Warn("claim", "cannot record fill claims; answering inline without fills", "err", err)
 		resp.Reason = string(placement.ReasonClaimFailed)
+		if errors.Is(err, targets.ErrOutcomeUnknown) {
+			// The claim may have been written although the call failed: nobody would fill it.
+			s.releaseOrphan(claim)
+		}
 	case !granted:
 		resp.Reason = string(placement.ReasonFillInProgress)
+	case ctx.Err() != nil:
+		// The agent stopped waiting before the grant reached it: release the claim at once
+		// instead of blocking the key's fills for the claim's TTL.
+		resp.Reason = string(placement.ReasonClaimFailed)
+		s.releaseOrphan(claim)
 	default:
 		s.once.Recovered("claim", "fill claims recorded again")
 		resp.Target = target
 		resp.Fill = &pb.FillGrant{Target: target, Bucket: claim.Bucket, ObjectName: claim.ObjectName,
 			Token: claim.Token, Ttl: durationpb.New(ttl), MediaType: claim.MediaType}
 	}
+}
+
+// releaseOrphan releases, in the background, a claim that no agent knows it holds.
+func (s *Service) releaseOrphan(c *pb.FillClaim) {
+	s.metrics.fills.WithLabelValues("orphan_released").Inc()
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.WriteTimeout)
+		defer cancel()
+		if err := s.reg.AbortFill(ctx, c.Key, c.Token); err != nil && !errors.Is(err, targets.ErrClaimNotHeld) {
+			s.cfg.Log.Debug("orphaned claim not released; it expires with its lease", "key", c.Key, "err", err)
+		}
+	}()
 }
 
 // ReportFill marks a filled object READY once it is verified: the reporter holds the claim, the

@@ -46,6 +46,7 @@ type Options struct {
 	// ID names this replica in the janitor election (default host:pid:listen address).
 	ID           string
 	WriteTimeout time.Duration // bound on each etcd write an RPC makes (default 5s)
+	ClaimTimeout time.Duration // bound on the fill-claim write inside Place (default 1s)
 	Log          *slog.Logger
 }
 
@@ -66,9 +67,7 @@ type Instance struct {
 	serveErr chan error
 }
 
-// Start brings up etcd (embedded if no endpoints), the snapshot watcher, the gRPC server and the
-// metrics listener, and returns once the first snapshot is loaded and the listeners are bound.
-func Start(ctx context.Context, o Options) (inst *Instance, err error) {
+func (o *Options) setDefaults() {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
@@ -78,22 +77,56 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 	if o.DataDir == "" {
 		o.DataDir = "detour-data"
 	}
+	if o.ID == "" {
+		host, _ := os.Hostname()
+		o.ID = fmt.Sprintf("%s:%d:%s", host, os.Getpid(), o.Listen)
+	}
+}
+
+// Start brings up etcd (embedded if no endpoints), the snapshot watcher and the janitor, the gRPC
+// server and the metrics listener, and returns once the first snapshot is loaded and the
+// listeners are bound.
+func Start(ctx context.Context, o Options) (inst *Instance, err error) {
+	o.setDefaults()
 	in := &Instance{log: o.Log, serveErr: make(chan error, 2)}
 	defer func() {
 		if err != nil {
+			in.stopLoops()
 			in.closeBackends()
 		}
 	}()
+	endpoints, err := in.startEtcd(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	if err := in.startService(ctx, o, endpoints); err != nil {
+		return nil, err
+	}
+	if err := in.serveGRPC(o); err != nil {
+		return nil, err
+	}
+	if err := in.serveMetrics(o); err != nil {
+		in.grpc.Stop()
+		return nil, err
+	}
+	o.Log.Info("control plane serving", "grpc", in.lis.Addr().String(), "metrics", o.MetricsListen,
+		"region", o.Region, "etcd", endpoints, "prefix", in.Service.reg.Prefix(), "revision", in.Service.w.Snapshot().Revision)
+	return in, nil
+}
+
+// startEtcd connects to etcd, starting an embedded one when no endpoints are given.
+func (in *Instance) startEtcd(ctx context.Context, o Options) ([]string, error) {
 	endpoints := o.EtcdEndpoints
 	if len(endpoints) == 0 {
 		dir := filepath.Join(o.DataDir, "etcd")
-		in.etcd, err = etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL})
-		if err != nil {
+		var err error
+		if in.etcd, err = etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL}); err != nil {
 			return nil, err
 		}
 		endpoints = []string{in.etcd.Endpoint()}
 		o.Log.Info("embedded etcd started", "dir", dir, "endpoint", in.etcd.Endpoint())
 	}
+	var err error
 	in.cli, err = clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
 		DialKeepAliveTime: 10 * time.Second, DialKeepAliveTimeout: 5 * time.Second, AutoSyncInterval: time.Minute,
 		// etcd client retries log at warn on every attempt; Detour logs each cause once itself.
@@ -101,20 +134,23 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", endpoints, err)
 	}
-	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
+	return endpoints, nil
+}
+
+// startService builds the service over the registry, starts the watcher, the janitor's campaign
+// and the expiry extensions, and waits for the first snapshot.
+func (in *Instance) startService(ctx context.Context, o Options, endpoints []string) error {
+	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
+		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
+	var err error
 	if in.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
 		o.Log.Error("no access to the stores: no fills will be granted and no target becomes healthy (nothing is redirected)", "err", err)
 	} else {
 		cfg.Store = in.store
 	}
-	if o.ID == "" {
-		host, _ := os.Hostname()
-		o.ID = fmt.Sprintf("%s:%d:%s", host, os.Getpid(), o.Listen)
-	}
 	reg := targets.NewRegistry(in.cli, o.EtcdPrefix)
 	w := targets.NewWatcher(in.cli, reg.Prefix(), o.Log)
 	in.Service = NewService(reg, w, cfg)
-
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	in.cancel = cancel
 	in.wg.Add(3)
@@ -123,15 +159,17 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 	go func() { defer in.wg.Done(); in.Service.runExtensions(runCtx, in.Service.cfg.Janitor.ExtendInterval) }()
 	select {
 	case <-w.Ready():
+		return nil
 	case <-ctx.Done():
-		in.stopLoops()
-		return nil, fmt.Errorf("waiting for the first snapshot from etcd %v: %w", endpoints, ctx.Err())
+		return fmt.Errorf("waiting for the first snapshot from etcd %v: %w", endpoints, ctx.Err())
 	}
+}
 
-	in.lis, err = net.Listen("tcp", o.Listen)
-	if err != nil {
-		in.stopLoops()
-		return nil, fmt.Errorf("listen %s: %w", o.Listen, err)
+// serveGRPC binds the gRPC listener and serves Placement, Admin, health and reflection on it.
+func (in *Instance) serveGRPC(o Options) error {
+	var err error
+	if in.lis, err = net.Listen("tcp", o.Listen); err != nil {
+		return fmt.Errorf("listen %s: %w", o.Listen, err)
 	}
 	m := in.Service.Metrics()
 	in.grpc = grpc.NewServer(
@@ -146,22 +184,23 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 	reflection.Register(in.grpc)
 	in.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	go func() { in.serveErr <- in.grpc.Serve(in.lis) }()
+	return nil
+}
 
-	if o.MetricsListen != "" {
-		in.mlis, err = net.Listen("tcp", o.MetricsListen)
-		if err != nil {
-			in.grpc.Stop()
-			in.stopLoops()
-			return nil, fmt.Errorf("listen %s: %w", o.MetricsListen, err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
-		in.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go func() { in.serveErr <- in.metrics.Serve(in.mlis) }()
+// serveMetrics serves /metrics when a metrics address is configured.
+func (in *Instance) serveMetrics(o Options) error {
+	if o.MetricsListen == "" {
+		return nil
 	}
-	o.Log.Info("control plane serving", "grpc", in.lis.Addr().String(), "metrics", o.MetricsListen,
-		"region", o.Region, "etcd", endpoints, "prefix", reg.Prefix(), "revision", w.Snapshot().Revision)
-	return in, nil
+	var err error
+	if in.mlis, err = net.Listen("tcp", o.MetricsListen); err != nil {
+		return fmt.Errorf("listen %s: %w", o.MetricsListen, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(in.Service.Metrics().Registry, promhttp.HandlerOpts{}))
+	in.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { in.serveErr <- in.metrics.Serve(in.mlis) }()
+	return nil
 }
 
 // Addr is the gRPC listener's address.

@@ -13,8 +13,8 @@ import (
 	"net/url"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/agent"
@@ -44,7 +44,9 @@ type Options struct {
 	ObjectSize   int    // demo origin's default response size (default 1 MiB)
 	MinRedirect  uint64 // policy min_redirect_bytes
 	PlaceTimeout time.Duration
-	Log          *slog.Logger
+	// Agent, if set, adjusts the agent's configuration before it is built (tests).
+	AgentConfig func(*agent.Config)
+	Log         *slog.Logger
 }
 
 // Stack is a running system.
@@ -60,9 +62,8 @@ type Stack struct {
 	Admin     pb.AdminServiceClient
 	opts      Options
 
-	originSrv, agentSrv, metricsSrv *http.Server
-	cancel                          context.CancelFunc
-	done                            chan struct{}
+	originSrv *http.Server
+	agentOps  string
 }
 
 func listen(addr string) (net.Listener, error) {
@@ -92,7 +93,7 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	s = &Stack{opts: o, done: make(chan struct{})}
+	s = &Stack{opts: o}
 	defer func() {
 		if err != nil {
 			s.Close(context.Background())
@@ -106,7 +107,7 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 		DataDir: o.DataDir, Region: o.Region, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane")}); err != nil {
 		return nil, err
 	}
-	if s.Conn, err = agent.DialControlPlane([]string{s.CP.Addr()}); err != nil {
+	if s.Conn, err = grpc.NewClient(s.CP.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
 		return nil, err
 	}
 	s.Admin = pb.NewAdminServiceClient(s.Conn)
@@ -134,9 +135,13 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("origin URL: %w", err)
 	}
-	if s.Agent, err = agent.New(agent.Config{Origin: originURL, RepoID: o.RepoID, Region: o.Region, AgentID: "devstack-agent",
-		PlaceTimeout: o.PlaceTimeout, Placement: pb.NewPlacementServiceClient(s.Conn), Store: s.Store,
-		Log: o.Log.With("component", "agent")}); err != nil {
+	acfg := agent.Config{Origin: originURL, RepoID: o.RepoID, Region: o.Region, AgentID: "devstack-agent",
+		PlaceTimeout: o.PlaceTimeout, ControlPlanes: []string{s.CP.Addr()}, Credentials: insecure.NewCredentials(),
+		Store: s.Store, Log: o.Log.With("component", "agent")}
+	if o.AgentConfig != nil {
+		o.AgentConfig(&acfg)
+	}
+	if s.Agent, err = agent.New(ctx, acfg); err != nil {
 		return nil, err
 	}
 	al, err := listen(o.Agent)
@@ -144,21 +149,15 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 		return nil, fmt.Errorf("agent listener: %w", err)
 	}
 	s.AgentURL = "http://" + al.Addr().String() + "/"
-	s.agentSrv = &http.Server{Handler: s.Agent, ReadHeaderTimeout: 10 * time.Second}
-	go s.agentSrv.Serve(al)
+	go s.Agent.Serve(al)
 	if o.AgentMetrics != "" {
 		ml, err := listen(o.AgentMetrics)
 		if err != nil {
 			return nil, fmt.Errorf("agent metrics listener: %w", err)
 		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(s.Agent.Metrics().Registry, promhttp.HandlerOpts{}))
-		s.metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go s.metricsSrv.Serve(ml)
+		s.agentOps = ml.Addr().String()
+		go s.Agent.ServeOps(ml)
 	}
-	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	s.cancel = cancel
-	go func() { s.Agent.Run(runCtx); close(s.done) }()
 	// Ready when the agent advertises the target.
 	deadline := time.Now().Add(10 * time.Second)
 	for s.Agent.Section() == nil || len(s.Agent.Section().Targets) == 0 {
@@ -169,6 +168,9 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	}
 	return s, nil
 }
+
+// AgentMetricsAddr is the address of the agent's /metrics, /healthz and /readyz ("" if none).
+func (s *Stack) AgentMetricsAddr() string { return s.agentOps }
 
 // Target is the registration the stack makes.
 func (s *Stack) Target() *pb.Target {
@@ -208,18 +210,8 @@ func (s *Stack) register(ctx context.Context) error {
 // Close stops everything: the agent's server (letting responses finish), its fills, the origin,
 // the control plane and the store.
 func (s *Stack) Close(ctx context.Context) {
-	if s.agentSrv != nil {
-		s.agentSrv.Shutdown(ctx)
-	}
 	if s.Agent != nil {
 		s.Agent.Shutdown(ctx)
-	}
-	if s.cancel != nil {
-		s.cancel()
-		<-s.done
-	}
-	if s.metricsSrv != nil {
-		s.metricsSrv.Shutdown(ctx)
 	}
 	if s.originSrv != nil {
 		s.originSrv.Shutdown(ctx)

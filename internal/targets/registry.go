@@ -286,7 +286,7 @@ func (r *Registry) Claim(ctx context.Context, c *pb.FillClaim, ttl time.Duration
 	if err != nil {
 		// The lease may be gone (etcd restored from a backup, say); the next claim grants anew.
 		r.forgetLease(ttl, lease)
-		return false, fmt.Errorf("claim %s: %w", c.Key, err)
+		return false, fmt.Errorf("claim %s: %w", c.Key, outcomeUnknown(err))
 	}
 	return resp.Succeeded, nil
 }

@@ -82,9 +82,15 @@ type PlaceRequest struct {
 	AgentRegion string   `protobuf:"bytes,5,opt,name=agent_region,json=agentRegion,proto3" json:"agent_region,omitempty"`
 	AgentId     string   `protobuf:"bytes,6,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
 	// Expected response size, 0 if unknown.
-	SizeHint      uint64 `protobuf:"varint,7,opt,name=size_hint,json=sizeHint,proto3" json:"size_hint,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	SizeHint uint64 `protobuf:"varint,7,opt,name=size_hint,json=sizeHint,proto3" json:"size_hint,omitempty"`
+	// Whether the agent will take a fill grant now. Absent means yes (agents before this field). An
+	// agent says no when it has no store or no region, or its fill budget is spent, so that no claim
+	// is written for a fill that would not happen.
+	CanFill *bool `protobuf:"varint,8,opt,name=can_fill,json=canFill,proto3,oneof" json:"can_fill,omitempty"`
+	// Targets the agent will not fill now (its store breaker for them is open after failures).
+	UnfillableTargets []string `protobuf:"bytes,9,rep,name=unfillable_targets,json=unfillableTargets,proto3" json:"unfillable_targets,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *PlaceRequest) Reset() {
@@ -164,6 +170,20 @@ func (x *PlaceRequest) GetSizeHint() uint64 {
 		return x.SizeHint
 	}
 	return 0
+}
+
+func (x *PlaceRequest) GetCanFill() bool {
+	if x != nil && x.CanFill != nil {
+		return *x.CanFill
+	}
+	return false
+}
+
+func (x *PlaceRequest) GetUnfillableTargets() []string {
+	if x != nil {
+		return x.UnfillableTargets
+	}
+	return nil
 }
 
 // Location is where a redirected client fetches the object.
@@ -985,7 +1005,7 @@ var File_detour_v1_placement_proto protoreflect.FileDescriptor
 
 const file_detour_v1_placement_proto_rawDesc = "" +
 	"\n" +
-	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\"\xd8\x01\n" +
+	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\"\xb4\x02\n" +
 	"\fPlaceRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\tR\acommand\x12)\n" +
@@ -993,7 +1013,10 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x06hashes\x18\x04 \x03(\tR\x06hashes\x12!\n" +
 	"\fagent_region\x18\x05 \x01(\tR\vagentRegion\x12\x19\n" +
 	"\bagent_id\x18\x06 \x01(\tR\aagentId\x12\x1b\n" +
-	"\tsize_hint\x18\a \x01(\x04R\bsizeHint\"{\n" +
+	"\tsize_hint\x18\a \x01(\x04R\bsizeHint\x12\x1e\n" +
+	"\bcan_fill\x18\b \x01(\bH\x00R\acanFill\x88\x01\x01\x12-\n" +
+	"\x12unfillable_targets\x18\t \x03(\tR\x11unfillableTargetsB\v\n" +
+	"\t_can_fill\"{\n" +
 	"\bLocation\x12\x10\n" +
 	"\x03url\x18\x01 \x01(\tR\x03url\x12\x1d\n" +
 	"\n" +
@@ -1138,6 +1161,7 @@ func file_detour_v1_placement_proto_init() {
 		return
 	}
 	file_detour_v1_target_proto_init()
+	file_detour_v1_placement_proto_msgTypes[0].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
