@@ -22,9 +22,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/gcsemu"
 	"github.com/detourhq/detour/internal/hgclient"
@@ -116,12 +113,7 @@ func newRig(t testing.TB, shape repoShape) *rig {
 	t.Cleanup(r.front.Close)
 
 	r.cp = testbed.StartControlPlane(t, "--gcs-endpoint", r.gcs.Endpoint(), "--region", "test")
-	conn, err := grpc.NewClient(r.cp.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	r.admin = pb.NewAdminServiceClient(conn)
+	r.admin = pb.NewAdminServiceClient(testbed.Dial(t, r.cp.Addr, testbed.PKI(t).Operator))
 	public := r.front.PublicURL(bucket)
 	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: &pb.Target{Name: target, Protocol: "http",
 		Uris: []string{public}, Region: "test", Weight: 1, Store: &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
@@ -132,7 +124,7 @@ func newRig(t testing.TB, shape repoShape) *rig {
 	// A generous place timeout: these tests are about what a real client gets, and on a loaded
 	// machine 50ms can pass before a claim is written, which leaves a key unfilled (inline, still
 	// correct) and a later "warm" request cold. Latency under load is the chaos tests' subject.
-	r.agent = testbed.StartAgent(t, r.originTap.URL, "--controlplane", r.cp.Addr, "--insecure", "--region", "test",
+	r.agent = testbed.StartAgent(t, r.originTap.URL, "--controlplane", r.cp.Addr, "--region", "test",
 		"--gcs-endpoint", r.gcs.Endpoint(), "--repo-id", repoID, "--place-timeout", "2s")
 	r.agentTap = newTap(t, r.agent.URL)
 	testbed.Eventually(t, 20*time.Second, "the agent advertises the target", func() bool { return r.advertises(target) })

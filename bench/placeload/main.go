@@ -42,7 +42,7 @@ func main() {
 	gcs, err := gcsemu.Start(0)
 	check(err)
 	defer gcs.Stop()
-	cp, err := controlplane.Start(ctx, controlplane.Options{Listen: "127.0.0.1:0", DataDir: dir, GCSEndpoint: gcs.Endpoint(),
+	cp, err := controlplane.Start(ctx, controlplane.Options{Listen: "127.0.0.1:0", DataDir: dir, GCSEndpoint: gcs.Endpoint(), Insecure: true,
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	check(err)
 	defer cp.Shutdown(ctx)

@@ -21,6 +21,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/detourhq/detour/internal/agent"
+	"github.com/detourhq/detour/internal/envflag"
+	"github.com/detourhq/detour/internal/pki"
 )
 
 func main() {
@@ -30,6 +32,8 @@ func main() {
 		listen, opsListen, pprofListen, origin, cps string
 		cacheable, logLevel                         string
 		insecureCP                                  bool
+		tlsFiles                                    pki.Files
+		devPKI                                      string
 		drain                                       time.Duration
 	)
 	flag.StringVar(&listen, "listen", "127.0.0.1:8080", "HTTP listen address for clients")
@@ -38,6 +42,10 @@ func main() {
 	flag.StringVar(&origin, "origin", "", "base URL of the origin server (required), e.g. http://127.0.0.1:8000/")
 	flag.StringVar(&cps, "controlplane", "127.0.0.1:7700", "comma-separated control-plane addresses (round-robin over those up); empty: no redirects")
 	flag.BoolVar(&insecureCP, "insecure", false, "talk to the control plane in plaintext (development only)")
+	flag.StringVar(&tlsFiles.CA, "tls-ca", "", "CA certificates the control plane's certificate must chain to")
+	flag.StringVar(&tlsFiles.Cert, "tls-cert", "", "this agent's client certificate (mutual TLS); re-read when the file changes")
+	flag.StringVar(&tlsFiles.Key, "tls-key", "", "the client certificate's key")
+	flag.StringVar(&devPKI, "dev-pki", "detour-data/pki", "without --tls-*: use the agent certificate of the development PKI in this directory (made by the control plane)")
 	flag.StringVar(&cfg.Region, "region", "", `this agent's region (required; "" explicitly: never fill, only redirect)`)
 	flag.StringVar(&cfg.AgentID, "agent-id", hostname, "this agent's id in fill claims")
 	flag.StringVar(&cfg.RepoID, "repo-id", "", "identity of the origin's repository in content keys (default: the origin URL)")
@@ -62,6 +70,9 @@ func main() {
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 30*time.Second, "how long in-flight responses and fills may run after SIGTERM")
 	flag.Parse()
+	if err := envflag.Apply(flag.CommandLine, "DETOUR_"); err != nil {
+		fail("%v", err)
+	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
@@ -69,9 +80,7 @@ func main() {
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Log = log
-	regionSet := false
-	flag.Visit(func(f *flag.Flag) { regionSet = regionSet || f.Name == "region" })
-	if !regionSet {
+	if !envflag.Given(flag.CommandLine, "region") {
 		fail(`--region is required (--region "" for an agent that never fills)`)
 	}
 	if origin == "" {
@@ -88,11 +97,26 @@ func main() {
 	}
 	if cps != "" {
 		cfg.ControlPlanes = strings.Split(cps, ",")
-		if !insecureCP {
-			fail("--controlplane needs --insecure for now") // replaced by TLS flags below
+		switch {
+		case insecureCP:
+			log.Warn("talking to the control plane in plaintext (--insecure): anyone on the network can read and forge placements")
+			cfg.Credentials = insecure.NewCredentials()
+		case tlsFiles == (pki.Files{}):
+			dev := pki.DevFiles(devPKI).Agent
+			if _, err := os.Stat(dev.Key); err != nil {
+				fail("--controlplane needs --tls-ca (and --tls-cert, --tls-key for mutual TLS), a development PKI in --dev-pki %s, or --insecure", devPKI)
+			}
+			log.Warn("no --tls-ca: using the development PKI's agent certificate", "dir", devPKI)
+			tlsFiles = dev
+			fallthrough
+		default:
+			creds, err := pki.ClientCredentials(tlsFiles)
+			if err != nil {
+				fail("control-plane TLS: %v", err)
+			}
+			defer creds.Close()
+			cfg.Credentials = creds
 		}
-		log.Warn("talking to the control plane in plaintext (--insecure): anyone on the network can read and forge placements")
-		cfg.Credentials = insecure.NewCredentials()
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)

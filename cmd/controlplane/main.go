@@ -7,8 +7,11 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -16,6 +19,8 @@ import (
 
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/envflag"
+	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/targets"
 )
 
@@ -27,6 +32,9 @@ func main() {
 		logLevel    string
 		verifyFills string
 		drain       time.Duration
+		pkiDir      string
+		etcdPwFile  string
+		pprofListen string
 	)
 	flag.StringVar(&o.Listen, "listen", "127.0.0.1:7700", "gRPC listen address")
 	flag.StringVar(&o.MetricsListen, "metrics-listen", "127.0.0.1:7701", "Prometheus /metrics listen address (empty: none)")
@@ -44,9 +52,28 @@ func main() {
 	flag.IntVar(&o.Janitor.ProbeFailures, "probe-failures", 3, "consecutive probe failures that make a target unhealthy")
 	flag.IntVar(&o.Janitor.ProbeRecoveries, "probe-recoveries", 2, "consecutive probe successes that make an unhealthy target healthy again")
 	flag.IntVar(&o.Janitor.GarbageBatch, "garbage-batch", 500, "stored objects deleted per sweep at most")
+	flag.StringVar(&o.TLS.Cert, "tls-cert", "", "server certificate (PEM); re-read when the file changes")
+	flag.StringVar(&o.TLS.Key, "tls-key", "", "server certificate's key (PEM)")
+	flag.StringVar(&o.TLS.CA, "client-ca", "", "CA certificates that client certificates must chain to (mutual TLS)")
+	flag.StringVar(&pkiDir, "dev-pki", "", "without --tls-*: a development CA and certificates in this directory, made if absent (default: <data-dir>/pki)")
+	flag.BoolVar(&o.Insecure, "insecure", false, "serve gRPC in plaintext with no authentication or authorization (development only)")
+	flag.StringVar(&o.AuthzPolicyFile, "authz-policy", "", "gRPC authorization policy (JSON), re-read when it changes; empty: the built-in policy (agents Placement, operators Admin, readers Get/List)")
+	flag.StringVar(&o.AdminListen, "admin-listen", "", "serve AdminService on its own address (empty: on --listen)")
+	flag.Float64Var(&o.ClaimRate, "claim-rate", 100, "fill claims each agent may take per second (negative: unbounded)")
+	flag.IntVar(&o.ClaimBurst, "claim-burst", 200, "fill claims an agent may take at once above --claim-rate")
+	flag.StringVar(&o.EtcdTLS.CA, "etcd-cacert", "", "CA that etcd's server certificate chains to")
+	flag.StringVar(&o.EtcdTLS.Cert, "etcd-cert", "", "client certificate for etcd")
+	flag.StringVar(&o.EtcdTLS.Key, "etcd-key", "", "client certificate's key for etcd")
+	flag.StringVar(&o.EtcdUsername, "etcd-username", "", "etcd user (with --etcd-password-file)")
+	flag.StringVar(&etcdPwFile, "etcd-password-file", "", "file holding the etcd user's password")
+	flag.StringVar(&pprofListen, "pprof-listen", "", "listen address of /debug/pprof/ (empty: none)")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 10*time.Second, "how long in-flight RPCs may run after SIGTERM")
 	flag.Parse()
+	if err := envflag.Apply(flag.CommandLine, "DETOUR_"); err != nil {
+		fmt.Fprintf(os.Stderr, "controlplane: %v\n", err)
+		os.Exit(2)
+	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
@@ -69,6 +96,27 @@ func main() {
 		}
 		o.VerifyFullFraction = f
 	}
+	if etcdPwFile != "" {
+		pw, err := os.ReadFile(etcdPwFile)
+		if err != nil {
+			o.Log.Error("cannot read --etcd-password-file", "err", err)
+			os.Exit(2)
+		}
+		o.EtcdPassword = strings.TrimRight(string(pw), "\r\n")
+	}
+	if !o.Insecure && o.TLS == (pki.Files{}) {
+		if pkiDir == "" {
+			pkiDir = filepath.Join(o.DataDir, "pki")
+		}
+		dev, made, err := pki.EnsureDev(pkiDir)
+		if err != nil {
+			o.Log.Error("cannot make a development PKI; give --tls-cert, --tls-key and --client-ca", "dir", pkiDir, "err", err)
+			os.Exit(2)
+		}
+		o.TLS = pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}
+		o.Log.Warn("no --tls-cert: serving with a development CA; give your own certificates in production",
+			"dir", pkiDir, "generated", made, "operator_cert", dev.Operator.Cert, "agent_cert", dev.Agent.Cert)
+	}
 	if signingKey != "" {
 		s, err := blob.LoadServiceAccount(signingKey)
 		if err != nil {
@@ -87,6 +135,9 @@ func main() {
 		o.Log.Error("control plane failed to start", "err", err)
 		os.Exit(1)
 	}
+	if pprofListen != "" {
+		go servePprof(pprofListen, o.Log)
+	}
 	select {
 	case <-ctx.Done():
 		o.Log.Info("shutting down", "timeout", drain.String())
@@ -96,4 +147,16 @@ func main() {
 	sctx, scancel := context.WithTimeout(context.Background(), drain)
 	defer scancel()
 	inst.Shutdown(sctx)
+}
+
+// servePprof serves the runtime's profiles; it lives as long as the process.
+func servePprof(addr string, log *slog.Logger) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	srv := &http.Server{Addr: addr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	if err := srv.ListenAndServe(); err != nil {
+		log.Error("--pprof-listen failed", "err", err)
+	}
 }

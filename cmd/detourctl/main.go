@@ -13,18 +13,26 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
+	insecureCreds "google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/envflag"
+	"github.com/detourhq/detour/internal/pki"
 )
 
 const usage = `detourctl: operate a Detour control plane.
 
 Usage:
-  detourctl [--controlplane ADDR] [--json] [--timeout D] COMMAND ...
+  detourctl [--controlplane ADDR] [--tls-ca F --tls-cert F --tls-key F | --dev-pki DIR | --insecure]
+            [--json] [--timeout D] COMMAND ...
+
+Every flag may also come from the environment: --tls-ca from DETOUR_TLS_CA, and so on. Without
+--tls-*, detourctl uses the operator certificate of the development PKI in --dev-pki
+(detour-data/pki, which the control plane and make run create).
 
 Commands:
   targets add NAME --region R --uri URL --bucket B [--prefix P] (--public-base-url U | --cdn-base-url U | --signed-ttl D)
@@ -47,17 +55,46 @@ type cli struct {
 	timeout time.Duration
 	out     io.Writer
 	conn    *grpc.ClientConn
+	// dial makes the credentials of the connection to the control plane.
+	dial func() (credentials.TransportCredentials, func(), error)
 }
 
 func main() {
 	c := &cli{out: os.Stdout}
 	fs := flag.NewFlagSet("detourctl", flag.ContinueOnError)
-	fs.StringVar(&c.addr, "controlplane", envOr("DETOUR_CONTROLPLANE", "127.0.0.1:7700"), "control-plane gRPC address ($DETOUR_CONTROLPLANE)")
+	var (
+		files    pki.Files
+		devPKI   string
+		insecure bool
+	)
+	fs.StringVar(&c.addr, "controlplane", "127.0.0.1:7700", "control-plane gRPC address (AdminService)")
+	fs.StringVar(&files.CA, "tls-ca", "", "CA certificates the control plane's certificate must chain to")
+	fs.StringVar(&files.Cert, "tls-cert", "", "operator client certificate")
+	fs.StringVar(&files.Key, "tls-key", "", "operator client certificate's key")
+	fs.StringVar(&devPKI, "dev-pki", "detour-data/pki", "without --tls-*: the development PKI whose operator certificate to use")
+	fs.BoolVar(&insecure, "insecure", false, "plaintext (a control plane started with --insecure)")
 	fs.BoolVar(&c.json, "json", false, "print JSON instead of tables")
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Second, "deadline of each call")
 	fs.Usage = func() { fmt.Fprint(os.Stderr, usage) }
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		os.Exit(2)
+	}
+	if err := envflag.Apply(fs, "DETOUR_"); err != nil {
+		fmt.Fprintf(os.Stderr, "detourctl: %v\n", err)
+		os.Exit(2)
+	}
+	c.dial = func() (credentials.TransportCredentials, func(), error) {
+		if insecure {
+			return insecureCreds.NewCredentials(), func() {}, nil
+		}
+		if files == (pki.Files{}) {
+			files = pki.DevFiles(devPKI).Operator
+		}
+		creds, err := pki.ClientCredentials(files)
+		if err != nil {
+			return nil, nil, fmt.Errorf("TLS: %w (give --tls-ca, --tls-cert and --tls-key, or --insecure)", err)
+		}
+		return creds, creds.Close, nil
 	}
 	if err := c.run(fs.Args()); err != nil {
 		var ue usageError
@@ -80,13 +117,6 @@ func (e usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Sprintf(format, args...)} }
 
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
-}
-
 func (c *cli) run(args []string) error {
 	if len(args) == 0 {
 		return usagef("no command")
@@ -97,7 +127,12 @@ func (c *cli) run(args []string) error {
 	if len(args) < 2 {
 		return usagef("%s needs a subcommand", args[0])
 	}
-	conn, err := grpc.NewClient(c.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	creds, closeCreds, err := c.dial()
+	if err != nil {
+		return err
+	}
+	defer closeCreds()
+	conn, err := grpc.NewClient(c.addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return err
 	}

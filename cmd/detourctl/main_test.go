@@ -12,15 +12,19 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/pki"
+	"github.com/detourhq/detour/internal/testbed"
 )
 
 // The CLI against a real control plane on an embedded etcd.
 func TestTargetsAndPolicyCommands(t *testing.T) {
+	dev := testbed.PKI(t)
 	inst, err := controlplane.Start(context.Background(), controlplane.Options{Listen: "127.0.0.1:0", DataDir: t.TempDir(),
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), TLS: pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +35,13 @@ func TestTargetsAndPolicyCommands(t *testing.T) {
 	})
 	run := func(args ...string) (string, error) {
 		var out bytes.Buffer
-		c := &cli{addr: inst.Addr(), timeout: 5 * time.Second, out: &out}
+		c := &cli{addr: inst.Addr(), timeout: 5 * time.Second, out: &out, dial: func() (credentials.TransportCredentials, func(), error) {
+			creds, err := pki.ClientCredentials(dev.Operator)
+			if err != nil {
+				return nil, nil, err
+			}
+			return creds, creds.Close, nil
+		}}
 		if len(args) > 0 && args[0] == "--json" {
 			c.json, args = true, args[1:]
 		}

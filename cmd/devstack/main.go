@@ -22,6 +22,7 @@ func main() {
 	var o devstack.Options
 	var logLevel, hgRepo, hgPath string
 	flag.StringVar(&o.DataDir, "data-dir", "detour-data/devstack", "embedded etcd data directory")
+	flag.StringVar(&o.PKIDir, "pki-dir", "detour-data/pki", "development CA and certificates (mutual TLS everywhere), made if absent; detourctl finds them here")
 	flag.StringVar(&o.ControlPlane, "controlplane-listen", "127.0.0.1:7700", "control-plane gRPC address")
 	flag.StringVar(&o.CPMetrics, "metrics-listen", "127.0.0.1:7701", "control-plane /metrics address")
 	flag.StringVar(&o.Agent, "agent-listen", "127.0.0.1:8080", "agent HTTP address (what clients use)")
@@ -129,8 +130,9 @@ func printBanner(s *devstack.Stack, o devstack.Options) {
 Detour is running (Ctrl-C stops it):
   agent (clients connect here)  %s
   demo origin                   %s
-  control plane (gRPC)          %s   metrics http://%s/metrics
+  control plane (gRPC, mTLS)    %s   metrics http://%s/metrics
   embedded etcd                 %s   data in %s
+  certificates (throwaway CA)   %s   (detourctl uses operator.pem from here)
   GCS emulator                  http://%s   bucket %s, target %q
 
 Try, in another terminal:
@@ -140,8 +142,8 @@ Try, in another terminal:
   go run ./cmd/detourctl targets list
   go run ./cmd/detourctl objects ls
   go run ./cmd/detourctl targets drain local-gcs
-  grpcurl -plaintext %s list                   # if you have grpcurl
+  grpcurl -cacert %s/ca.pem -cert %s/operator.pem -key %s/operator-key.pem %s list
 
-`, s.AgentURL, s.OriginURL, s.CP.Addr(), s.CP.MetricsAddr(), s.CP.EtcdEndpoint(), o.DataDir, s.GCS.Host(), "detour-demo",
-		s.Target().Name, s.AgentURL, s.AgentURL, s.AgentURL, s.CP.Addr())
+`, s.AgentURL, s.OriginURL, s.CP.Addr(), s.CP.MetricsAddr(), s.CP.EtcdEndpoint(), o.DataDir, s.PKI.Dir, s.GCS.Host(), "detour-demo",
+		s.Target().Name, s.AgentURL, s.AgentURL, s.AgentURL, s.PKI.Dir, s.PKI.Dir, s.PKI.Dir, s.CP.Addr())
 }

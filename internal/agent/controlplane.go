@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,7 +30,12 @@ func dialControlPlane(addrs []string, creds credentials.TransportCredentials) (*
 	r := manual.NewBuilderWithScheme("detour-cp")
 	state := resolver.State{}
 	for _, a := range addrs {
-		state.Addresses = append(state.Addresses, resolver.Address{Addr: a})
+		// Each replica's certificate is checked against its own host name, not the target's.
+		host, _, err := net.SplitHostPort(a)
+		if err != nil {
+			return nil, fmt.Errorf("control-plane address %q: %w", a, err)
+		}
+		state.Addresses = append(state.Addresses, resolver.Address{Addr: a, ServerName: host})
 	}
 	r.InitialState(state)
 	return grpc.NewClient(r.Scheme()+":///controlplane",

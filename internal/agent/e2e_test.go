@@ -273,7 +273,12 @@ func TestCapabilitiesAdvertiseExactlyTheLiveTargets(t *testing.T) {
 	}
 	// The mirror has not heartbeated: not live. Same-region targets first, heavier first.
 	eventually(t, 5*time.Second, "second advertised", func() bool { return names() == "second,local-gcs" })
-	place := pb.NewPlacementServiceClient(s.Conn)
+	mirrorConn, err := s.Dial(s.PKI.Mirror)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mirrorConn.Close()
+	place := pb.NewPlacementServiceClient(mirrorConn)
 	if _, err := place.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "mirror", Ttl: durationpb.New(30 * time.Second)}); err != nil {
 		t.Fatal(err)
 	}

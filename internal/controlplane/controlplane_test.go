@@ -13,7 +13,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
@@ -23,15 +22,20 @@ import (
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/etcdembed"
 	"github.com/detourhq/detour/internal/gcsemu"
+	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/testbed"
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
+// replica is a running control plane and clients of it in each role (mutual TLS with the test
+// PKI's operator, agent and mirror certificates).
 type replica struct {
-	inst  *Instance
-	admin pb.AdminServiceClient
-	place pb.PlacementServiceClient
+	inst   *Instance
+	admin  pb.AdminServiceClient
+	place  pb.PlacementServiceClient
+	mirror pb.PlacementServiceClient
+	op     *grpc.ClientConn // the operator's connection
 }
 
 func startEtcd(t *testing.T) *etcdembed.Server {
@@ -93,6 +97,10 @@ func startReplicaWith(t *testing.T, o Options) *replica {
 		o.Janitor = fastJanitor
 	}
 	o.Listen, o.MetricsListen, o.Log = "127.0.0.1:0", "127.0.0.1:0", quiet
+	dev := testbed.PKI(t)
+	if o.TLS == (pki.Files{}) && !o.Insecure {
+		o.TLS = pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}
+	}
 	inst, err := Start(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
@@ -102,12 +110,10 @@ func startReplicaWith(t *testing.T, o Options) *replica {
 		defer cancel()
 		inst.Shutdown(ctx)
 	})
-	conn, err := grpc.NewClient(inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return &replica{inst: inst, admin: pb.NewAdminServiceClient(conn), place: pb.NewPlacementServiceClient(conn)}
+	op := testbed.Dial(t, inst.AdminAddr(), dev.Operator)
+	return &replica{inst: inst, admin: pb.NewAdminServiceClient(op), op: op,
+		place:  pb.NewPlacementServiceClient(testbed.Dial(t, inst.Addr(), dev.Agent)),
+		mirror: pb.NewPlacementServiceClient(testbed.Dial(t, inst.Addr(), dev.Mirror))}
 }
 
 var envs sync.Map // top-level test name → *env
@@ -546,22 +552,18 @@ func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
 	if err != nil || got.Target.Healthy || got.Target.UnhealthyReason != "heartbeat expired" {
 		t.Fatalf("heartbeat target before any heartbeat: %v %v", got, err)
 	}
-	if _, err := r.place.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "mirror", Ttl: durationpb.New(2 * time.Second)}); err != nil {
+	if _, err := r.mirror.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "mirror", Ttl: durationpb.New(2 * time.Second)}); err != nil {
 		t.Fatal(err)
 	}
 	recvUntil("the mirror healthy after its heartbeat", func(m *pb.WatchTargetsResponse) bool { _, h := mirrorHealthy(m); return h })
-	if _, err := r.place.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "us-a"}); code(err) != codes.FailedPrecondition {
+	if _, err := r.mirror.Heartbeat(ctx, &pb.HeartbeatRequest{Target: "us-a"}); code(err) != codes.FailedPrecondition {
 		t.Fatalf("heartbeat of a non-heartbeat target: %v", err)
 	}
 }
 
 func TestReflectionAndHealthAreServed(t *testing.T) {
 	r := startReplica(t, startEtcd(t).Endpoint())
-	conn, err := grpc.NewClient(r.inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := r.op
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	stream, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)

@@ -15,20 +15,21 @@ import (
 // Metrics are the control plane's Prometheus metrics, on a registry of their own so that several
 // replicas can live in one process (tests, the dev stack).
 type Metrics struct {
-	Registry  *prometheus.Registry
-	decisions *prometheus.CounterVec
-	latency   prometheus.Histogram
-	fills     *prometheus.CounterVec
-	rpcs      *prometheus.CounterVec
-	verify    *prometheus.HistogramVec
-	extended  prometheus.Counter
-	retired   *prometheus.CounterVec
-	garbage   *prometheus.CounterVec
-	probes    *prometheus.CounterVec
-	reconcile *prometheus.CounterVec
-	missing   *prometheus.CounterVec
-	broken    *prometheus.CounterVec
-	janitor   prometheus.Gauge
+	Registry   *prometheus.Registry
+	decisions  *prometheus.CounterVec
+	latency    prometheus.Histogram
+	fills      *prometheus.CounterVec
+	rpcs       *prometheus.CounterVec
+	verify     *prometheus.HistogramVec
+	extended   prometheus.Counter
+	retired    *prometheus.CounterVec
+	garbage    *prometheus.CounterVec
+	probes     *prometheus.CounterVec
+	reconcile  *prometheus.CounterVec
+	missing    *prometheus.CounterVec
+	broken     *prometheus.CounterVec
+	janitor    prometheus.Gauge
+	rejections *prometheus.CounterVec
 }
 
 func newMetrics(w *targets.Watcher) *Metrics {
@@ -67,6 +68,9 @@ func newMetrics(w *targets.Watcher) *Metrics {
 	m.janitor = prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_janitor_elected",
 		Help: "1 while this replica is the elected janitor (prober, sweeper, reconciler)."})
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.rejections = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_auth_rejections_total",
+		Help: "RPCs refused for who sent them, by reason: no_client_certificate (Unauthenticated), policy and not_claim_holder (PermissionDenied), tls_handshake (a certificate the client CA did not issue)."}, []string{"reason"})
+	m.Registry.MustRegister(m.rejections)
 	m.Registry.MustRegister(m.janitor, m.verify, m.extended, m.retired, m.garbage, m.probes, m.reconcile, m.missing, m.broken,
 		targetHealthCollector{w})
 	m.Registry.MustRegister(m.decisions, m.latency, m.fills, m.rpcs,

@@ -122,9 +122,23 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 		resp.Reason = string(placement.ReasonFillInProgress)
 		return
 	}
+	holder := callerID(ctx)
+	if s.claims != nil {
+		who := holder
+		if who == "" {
+			who = req.AgentId
+		}
+		if !s.claims.allow(who, now) {
+			s.metrics.fills.WithLabelValues("rate_limited").Inc()
+			s.once.Warn("claim-rate:"+who, "an agent takes fill claims faster than --claim-rate allows; its misses go inline without fills",
+				"agent", who)
+			resp.Reason = "claim_rate_limited"
+			return
+		}
+	}
 	t, _ := snap.Target(target)
 	ttl := policyDuration(snap.Policy().FillClaimTtl, targets.DefaultFillClaimTTL)
-	claim := &pb.FillClaim{Key: req.Key, Target: target, AgentId: req.AgentId, Token: targets.NewToken(),
+	claim := &pb.FillClaim{Key: req.Key, Target: target, AgentId: req.AgentId, Holder: holder, Token: targets.NewToken(),
 		ObjectName: blob.ObjectName(t.GetStore().GetPrefix(), req.Key), Bucket: t.GetStore().GetBucket(),
 		MediaType: MediaTypeCBOR, TargetUid: t.GetUid(), Granted: timestamppb.New(now)}
 	// With etcd unreachable a claim can only time out: after a failure, skip claims for a while
@@ -190,6 +204,9 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 	if err != nil {
 		s.metrics.fills.WithLabelValues("rejected").Inc()
 		return nil, toStatus(err)
+	}
+	if err := s.checkHolder(ctx, claim); err != nil {
+		return nil, err
 	}
 	// What the claim granted is the only thing a report may name.
 	switch {
@@ -280,6 +297,21 @@ func (s *Service) rejectFill(ctx context.Context, claim *pb.FillClaim, claimRev 
 	return err
 }
 
+// checkHolder refuses a report or abort from anyone but the agent the claim was granted to: a
+// token is a secret, but a certificate is proof.
+func (s *Service) checkHolder(ctx context.Context, claim *pb.FillClaim) error {
+	if claim.Holder == "" {
+		return nil
+	}
+	if who := callerID(ctx); who != claim.Holder {
+		s.metrics.rejections.WithLabelValues("not_claim_holder").Inc()
+		s.cfg.Log.Warn("fill report or abort from an agent that does not hold the claim", "key", claim.Key,
+			"holder", claim.Holder, "caller", who)
+		return status.Errorf(codes.PermissionDenied, "the fill claim on %s is held by another agent", claim.Key)
+	}
+	return nil
+}
+
 // AbortFill releases a claim.
 func (s *Service) AbortFill(ctx context.Context, req *pb.AbortFillRequest) (*pb.AbortFillResponse, error) {
 	if err := targets.ValidateKey("key", req.Key); err != nil {
@@ -290,7 +322,14 @@ func (s *Service) AbortFill(ctx context.Context, req *pb.AbortFillRequest) (*pb.
 	}
 	wctx, cancel := s.writeCtx(ctx)
 	defer cancel()
-	if err := s.reg.AbortFill(wctx, req.Key, req.Token); err != nil {
+	claim, rev, err := s.reg.HeldClaim(wctx, req.Key, req.Token)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if err := s.checkHolder(ctx, claim); err != nil {
+		return nil, err
+	}
+	if err := s.reg.ReleaseClaim(wctx, req.Key, rev, nil); err != nil {
 		return nil, toStatus(err)
 	}
 	s.metrics.fills.WithLabelValues("aborted").Inc()

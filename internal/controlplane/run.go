@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -12,9 +13,12 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -23,6 +27,7 @@ import (
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/etcdembed"
+	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/targets"
 )
 
@@ -47,24 +52,59 @@ type Options struct {
 	ID           string
 	WriteTimeout time.Duration // bound on each etcd write an RPC makes (default 5s)
 	ClaimTimeout time.Duration // bound on the fill-claim write inside Place (default 1s)
+
+	// TLS is the server's certificate and key and the CA that client certificates must chain to
+	// (mutual TLS: every RPC but health checks needs a client certificate). Required unless
+	// Insecure; the files are re-read when they change.
+	TLS      pki.Files
+	Insecure bool // plaintext, no authentication or authorization (development only)
+	// AuthzPolicyFile is a gRPC authorization policy (JSON), re-read every AuthzRefresh (default
+	// 10s); empty: DefaultAuthzPolicy.
+	AuthzPolicyFile string
+	AuthzRefresh    time.Duration
+	// AdminListen, if set, serves AdminService (and reflection) on its own address, so operators
+	// can firewall it apart from the agents' PlacementService on Listen.
+	AdminListen string
+	// ClaimRate and ClaimBurst bound the fill claims each agent identity may take per second
+	// (defaults 100 and 200; a negative rate: unbounded).
+	ClaimRate  float64
+	ClaimBurst int
+
+	// Etcd is the TLS of the etcd client (CA, and a client certificate and key when etcd requires
+	// them), with EtcdUsername/EtcdPassword for etcd's own authentication.
+	EtcdTLS      pki.Files
+	EtcdUsername string
+	EtcdPassword string
 	Log          *slog.Logger
 }
 
 // Instance is a running control plane.
 type Instance struct {
-	Service  *Service
-	grpc     *grpc.Server
-	health   *health.Server
-	lis      net.Listener
-	metrics  *http.Server
-	mlis     net.Listener
-	cli      *clientv3.Client
-	etcd     *etcdembed.Server
-	store    *blob.Store
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
-	log      *slog.Logger
-	serveErr chan error
+	Service *Service
+	grpc    *grpc.Server
+	health  *health.Server
+	lis     net.Listener
+	// adminGRPC serves AdminService on alis when it has its own address.
+	adminGRPC *grpc.Server
+	alis      net.Listener
+	closers   []func() // certificate and policy watchers
+	metrics   *http.Server
+	mlis      net.Listener
+	cli       *clientv3.Client
+	etcd      *etcdembed.Server
+	store     *blob.Store
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	log       *slog.Logger
+	serveErr  chan error
+}
+
+// AdminAddr is the address AdminService is served on (Addr unless it has its own listener).
+func (in *Instance) AdminAddr() string {
+	if in.alis != nil {
+		return in.alis.Addr().String()
+	}
+	return in.Addr()
 }
 
 func (o *Options) setDefaults() {
@@ -80,6 +120,15 @@ func (o *Options) setDefaults() {
 	if o.ID == "" {
 		host, _ := os.Hostname()
 		o.ID = fmt.Sprintf("%s:%d:%s", host, os.Getpid(), o.Listen)
+	}
+	if o.AuthzRefresh <= 0 {
+		o.AuthzRefresh = 10 * time.Second
+	}
+	if o.ClaimRate == 0 {
+		o.ClaimRate = 100
+	}
+	if o.ClaimBurst <= 0 {
+		o.ClaimBurst = 200
 	}
 }
 
@@ -126,12 +175,22 @@ func (in *Instance) startEtcd(ctx context.Context, o Options) ([]string, error) 
 		endpoints = []string{in.etcd.Endpoint()}
 		o.Log.Info("embedded etcd started", "dir", dir, "endpoint", in.etcd.Endpoint())
 	}
-	var err error
-	in.cli, err = clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
+	cfg := clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
 		DialKeepAliveTime: 10 * time.Second, DialKeepAliveTimeout: 5 * time.Second, AutoSyncInterval: time.Minute,
+		Username: o.EtcdUsername, Password: o.EtcdPassword,
 		// etcd client retries log at warn on every attempt; Detour logs each cause once itself.
-		Logger: zap.NewNop()})
-	if err != nil {
+		Logger: zap.NewNop()}
+	if o.EtcdTLS.CA != "" || o.EtcdTLS.Cert != "" {
+		// etcd's own TLS helper re-reads the client certificate at every handshake.
+		info := transport.TLSInfo{CertFile: o.EtcdTLS.Cert, KeyFile: o.EtcdTLS.Key, TrustedCAFile: o.EtcdTLS.CA}
+		tc, err := info.ClientConfig()
+		if err != nil {
+			return nil, fmt.Errorf("etcd TLS: %w", err)
+		}
+		cfg.TLS = tc
+	}
+	var err error
+	if in.cli, err = clientv3.New(cfg); err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", endpoints, err)
 	}
 	return endpoints, nil
@@ -165,25 +224,66 @@ func (in *Instance) startService(ctx context.Context, o Options, endpoints []str
 	}
 }
 
-// serveGRPC binds the gRPC listener and serves Placement, Admin, health and reflection on it.
+// serveGRPC binds the gRPC listeners and serves Placement, Admin, health and reflection on them,
+// with mutual TLS and the authorization policy unless Insecure.
 func (in *Instance) serveGRPC(o Options) error {
+	m := in.Service.Metrics()
+	unary := []grpc.UnaryServerInterceptor{m.unary}
+	stream := []grpc.StreamServerInterceptor{m.stream}
+	opts := []grpc.ServerOption{grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true})}
+	if o.Insecure {
+		o.Log.Warn("serving gRPC in plaintext with no authentication or authorization (--insecure): anyone who reaches the port can administer Detour")
+		opts = append(opts, grpc.Creds(insecure.NewCredentials()))
+	} else {
+		if o.TLS.Cert == "" || o.TLS.Key == "" || o.TLS.CA == "" {
+			return errors.New("mutual TLS needs a server certificate, its key and the client CA (--tls-cert, --tls-key, --client-ca), or --insecure")
+		}
+		creds, err := pki.ServerCredentials(o.TLS)
+		if err != nil {
+			return fmt.Errorf("TLS: %w", err)
+		}
+		creds.OnHandshakeError = func(err error) {
+			m.rejections.WithLabelValues("tls_handshake").Inc()
+			o.Log.Debug("TLS handshake failed", "err", err)
+		}
+		in.closers = append(in.closers, creds.Close)
+		policy, closePolicy, err := newAuthorizer(o.AuthzPolicyFile, o.AuthzRefresh)
+		if err != nil {
+			return err
+		}
+		in.closers = append(in.closers, closePolicy)
+		a := &authn{policy: policy, metrics: m, log: o.Log}
+		unary, stream = append(unary, a.unary), append(stream, a.stream)
+		opts = append(opts, grpc.Creds(creds))
+	}
+	opts = append(opts, grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...))
+	in.Service.claims = &claimLimiter{rate: rate.Limit(o.ClaimRate), burst: o.ClaimBurst}
+	in.health = health.NewServer()
+	in.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+
 	var err error
 	if in.lis, err = net.Listen("tcp", o.Listen); err != nil {
 		return fmt.Errorf("listen %s: %w", o.Listen, err)
 	}
-	m := in.Service.Metrics()
-	in.grpc = grpc.NewServer(
-		grpc.ChainUnaryInterceptor(m.unary),
-		grpc.ChainStreamInterceptor(m.stream),
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
-	)
+	in.grpc = grpc.NewServer(opts...)
 	pb.RegisterPlacementServiceServer(in.grpc, in.Service)
-	pb.RegisterAdminServiceServer(in.grpc, in.Service)
-	in.health = health.NewServer()
 	healthpb.RegisterHealthServer(in.grpc, in.health)
-	reflection.Register(in.grpc)
-	in.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	admin := in.grpc
+	if o.AdminListen != "" {
+		if in.alis, err = net.Listen("tcp", o.AdminListen); err != nil {
+			in.lis.Close()
+			return fmt.Errorf("listen %s: %w", o.AdminListen, err)
+		}
+		in.adminGRPC = grpc.NewServer(opts...)
+		healthpb.RegisterHealthServer(in.adminGRPC, in.health)
+		admin = in.adminGRPC
+	}
+	pb.RegisterAdminServiceServer(admin, in.Service)
+	reflection.Register(admin)
 	go func() { in.serveErr <- in.grpc.Serve(in.lis) }()
+	if in.adminGRPC != nil {
+		go func() { in.serveErr <- in.adminGRPC.Serve(in.alis) }()
+	}
 	return nil
 }
 
@@ -229,13 +329,18 @@ func (in *Instance) Err() <-chan error { return in.serveErr }
 // open WatchTargets streams), and stops the watcher, the etcd client and any embedded etcd.
 func (in *Instance) Shutdown(ctx context.Context) error {
 	in.health.Shutdown()
-	done := make(chan struct{})
-	go func() { in.grpc.GracefulStop(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-		in.grpc.Stop()
-		<-done
+	for _, srv := range []*grpc.Server{in.grpc, in.adminGRPC} {
+		if srv == nil {
+			continue
+		}
+		done := make(chan struct{})
+		go func() { srv.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			srv.Stop()
+			<-done
+		}
 	}
 	if in.metrics != nil {
 		_ = in.metrics.Shutdown(ctx)
@@ -254,6 +359,10 @@ func (in *Instance) stopLoops() {
 }
 
 func (in *Instance) closeBackends() {
+	for _, c := range in.closers {
+		c()
+	}
+	in.closers = nil
 	if in.store != nil {
 		in.store.Close()
 	}

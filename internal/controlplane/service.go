@@ -70,8 +70,10 @@ type Service struct {
 	once      *logonce.Set // one warning per lasting fault
 	// claimsBrokenUntil (unix ns) skips fill claims after one failed, see grantFill.
 	claimsBrokenUntil atomic.Int64
-	extender          extender
-	probeClient       *http.Client
+	// claims bounds each agent's rate of fill claims (nil: unbounded).
+	claims      *claimLimiter
+	extender    extender
+	probeClient *http.Client
 }
 
 // view is the placement form of a snapshot's targets and policy, rebuilt only when they change

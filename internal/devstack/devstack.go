@@ -11,10 +11,10 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"path/filepath"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/agent"
@@ -22,11 +22,15 @@ import (
 	"github.com/detourhq/detour/internal/controlplane"
 	"github.com/detourhq/detour/internal/demoorigin"
 	"github.com/detourhq/detour/internal/gcsemu"
+	"github.com/detourhq/detour/internal/pki"
 )
 
 // Options say where things listen. Empty addresses pick free loopback ports.
 type Options struct {
-	DataDir      string
+	DataDir string
+	// PKIDir holds the development CA and certificates everything uses for mutual TLS, made if
+	// absent (default DataDir/pki).
+	PKIDir       string
 	ControlPlane string // gRPC address
 	CPMetrics    string
 	Agent        string // HTTP address
@@ -59,11 +63,13 @@ type Stack struct {
 	OriginURL string
 	AgentURL  string
 	Conn      *grpc.ClientConn
-	Admin     pb.AdminServiceClient
+	Admin     pb.AdminServiceClient // as the development operator
+	PKI       pki.DevPKI
 	opts      Options
 
 	originSrv *http.Server
 	agentOps  string
+	closers   []func()
 }
 
 func listen(addr string) (net.Listener, error) {
@@ -94,6 +100,12 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 		o.Log = slog.Default()
 	}
 	s = &Stack{opts: o}
+	if o.PKIDir == "" {
+		o.PKIDir = filepath.Join(o.DataDir, "pki")
+	}
+	if s.PKI, _, err = pki.EnsureDev(o.PKIDir); err != nil {
+		return nil, fmt.Errorf("development PKI: %w", err)
+	}
 	defer func() {
 		if err != nil {
 			s.Close(context.Background())
@@ -104,10 +116,11 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	}
 	s.GCS.CreateBucket(o.Bucket)
 	if s.CP, err = controlplane.Start(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
-		DataDir: o.DataDir, Region: o.Region, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane")}); err != nil {
+		DataDir: o.DataDir, Region: o.Region, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane"),
+		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}}); err != nil {
 		return nil, err
 	}
-	if s.Conn, err = grpc.NewClient(s.CP.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
+	if s.Conn, err = s.Dial(s.PKI.Operator); err != nil {
 		return nil, err
 	}
 	s.Admin = pb.NewAdminServiceClient(s.Conn)
@@ -136,8 +149,13 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 		return nil, fmt.Errorf("origin URL: %w", err)
 	}
 	acfg := agent.Config{Origin: originURL, RepoID: o.RepoID, Region: o.Region, AgentID: "devstack-agent",
-		PlaceTimeout: o.PlaceTimeout, ControlPlanes: []string{s.CP.Addr()}, Credentials: insecure.NewCredentials(),
-		Store: s.Store, Log: o.Log.With("component", "agent")}
+		PlaceTimeout: o.PlaceTimeout, ControlPlanes: []string{s.CP.Addr()}, Store: s.Store, Log: o.Log.With("component", "agent")}
+	agentCreds, err := pki.ClientCredentials(s.PKI.Agent)
+	if err != nil {
+		return nil, err
+	}
+	s.closers = append(s.closers, agentCreds.Close)
+	acfg.Credentials = agentCreds
 	if o.AgentConfig != nil {
 		o.AgentConfig(&acfg)
 	}
@@ -167,6 +185,17 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	return s, nil
+}
+
+// Dial connects to the control plane with the identity in files (one of s.PKI's), over mutual
+// TLS; Close closes the credentials' file watchers.
+func (s *Stack) Dial(files pki.Files) (*grpc.ClientConn, error) {
+	creds, err := pki.ClientCredentials(files)
+	if err != nil {
+		return nil, err
+	}
+	s.closers = append(s.closers, creds.Close)
+	return grpc.NewClient(s.CP.Addr(), grpc.WithTransportCredentials(creds))
 }
 
 // AgentMetricsAddr is the address of the agent's /metrics, /healthz and /readyz ("" if none).
@@ -227,5 +256,8 @@ func (s *Stack) Close(ctx context.Context) {
 	}
 	if s.GCS != nil {
 		s.GCS.Stop()
+	}
+	for _, c := range s.closers {
+		c()
 	}
 }

@@ -238,8 +238,17 @@ func (r *Registry) Heartbeat(ctx context.Context, name string, ttl time.Duration
 	if err != nil {
 		return fmt.Errorf("heartbeat %q: grant lease: %w", name, err)
 	}
-	if _, err := r.cli.Put(ctx, ak, time.Now().UTC().Format(time.RFC3339), clientv3.WithLease(lease.ID)); err != nil {
-		return fmt.Errorf("heartbeat %q: %w", name, err)
+	// Like every write: only if the target is still the one read (not deleted, not changed to
+	// stop heartbeating in between).
+	tk := r.targetKey(name)
+	resp2, err := r.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(tk), "=", t.Revision)).
+		Then(clientv3.OpPut(ak, time.Now().UTC().Format(time.RFC3339), clientv3.WithLease(lease.ID))).Commit()
+	if err != nil {
+		return fmt.Errorf("heartbeat %q: %w", name, outcomeUnknown(err))
+	}
+	if !resp2.Succeeded {
+		_, _ = r.cli.Revoke(ctx, lease.ID)
+		return fmt.Errorf("heartbeat %q: %w", name, ErrConflict)
 	}
 	return nil
 }

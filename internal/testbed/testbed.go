@@ -20,8 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/detourhq/detour/internal/pki"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
@@ -29,7 +29,46 @@ var (
 	buildOnce sync.Once
 	buildDir  string
 	buildErr  error
+
+	pkiOnce sync.Once
+	pkiDev  pki.DevPKI
+	pkiErr  error
 )
+
+// PKI is a development PKI shared by the test binary's tests (made once, in a directory that
+// lives as long as the binary): the control plane serves with its certificate, agents and
+// operators connect with theirs, so tests run with mutual TLS on.
+func PKI(t testing.TB) pki.DevPKI {
+	t.Helper()
+	pkiOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "detour-testpki-")
+		if err != nil {
+			pkiErr = err
+			return
+		}
+		pkiDev, _, pkiErr = pki.EnsureDev(dir)
+	})
+	if pkiErr != nil {
+		t.Fatal(pkiErr)
+	}
+	return pkiDev
+}
+
+// Dial connects to a control plane at addr with the identity in files (mutual TLS), closing the
+// connection when the test ends.
+func Dial(t testing.TB, addr string, files pki.Files) *grpc.ClientConn {
+	t.Helper()
+	creds, err := pki.ClientCredentials(files)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(); creds.Close() })
+	return conn
+}
 
 // Binaries builds the control plane, agent and detourctl into a directory that lives as long as
 // the test binary, once, and returns it.
@@ -187,7 +226,7 @@ func StartControlPlane(t testing.TB, extra ...string) *ControlPlane {
 	bin := filepath.Join(Binaries(t), "controlplane")
 	cp := &ControlPlane{Addr: FreeAddr(t), MetricsAddr: FreeAddr(t), DataDir: t.TempDir()}
 	args := append([]string{"--listen", cp.Addr, "--metrics-listen", cp.MetricsAddr, "--data-dir", cp.DataDir,
-		"--log-level", "debug"}, extra...)
+		"--dev-pki", PKI(t).Dir, "--log-level", "debug"}, extra...)
 	cp.Proc = Start(t, "controlplane", bin, args...)
 	cp.WaitServing(t, 60*time.Second)
 	return cp
@@ -196,7 +235,12 @@ func StartControlPlane(t testing.TB, extra ...string) *ControlPlane {
 // WaitServing waits until the gRPC health service answers SERVING.
 func (cp *ControlPlane) WaitServing(t testing.TB, within time.Duration) {
 	t.Helper()
-	conn, err := grpc.NewClient(cp.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	creds, err := pki.ClientCredentials(PKI(t).CA) // health checks need no client certificate
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer creds.Close()
+	conn, err := grpc.NewClient(cp.Addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,14 +271,17 @@ type Agent struct {
 	MetricsURL string // .../metrics
 }
 
-// StartAgent starts an agent in front of origin and waits until it answers HTTP. extra flags are
-// appended (--controlplane, --region, --gcs-endpoint …).
+// StartAgent starts an agent in front of origin and waits until it answers HTTP. It connects
+// with the test PKI's agent certificate; extra flags are appended (--controlplane, --region,
+// --gcs-endpoint …).
 func StartAgent(t testing.TB, origin string, extra ...string) *Agent {
 	t.Helper()
 	bin := filepath.Join(Binaries(t), "agent")
 	addr, maddr := FreeAddr(t), FreeAddr(t)
 	a := &Agent{URL: "http://" + addr + "/", MetricsURL: "http://" + maddr + "/metrics"}
-	args := append([]string{"--listen", addr, "--metrics-listen", maddr, "--origin", origin, "--log-level", "debug"}, extra...)
+	ag := PKI(t).Agent
+	args := append([]string{"--listen", addr, "--metrics-listen", maddr, "--origin", origin, "--log-level", "debug",
+		"--tls-ca", ag.CA, "--tls-cert", ag.Cert, "--tls-key", ag.Key}, extra...)
 	a.Proc = Start(t, "agent", bin, args...)
 	deadline := time.Now().Add(30 * time.Second)
 	for {

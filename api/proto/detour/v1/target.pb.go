@@ -929,9 +929,12 @@ type FillClaim struct {
 	ObjectName string                 `protobuf:"bytes,5,opt,name=object_name,json=objectName,proto3" json:"object_name,omitempty"`
 	Granted    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=granted,proto3" json:"granted,omitempty"`
 	// Where the control plane told the agent to put the bytes, and as what.
-	Bucket        string `protobuf:"bytes,7,opt,name=bucket,proto3" json:"bucket,omitempty"`
-	MediaType     string `protobuf:"bytes,8,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
-	TargetUid     string `protobuf:"bytes,9,opt,name=target_uid,json=targetUid,proto3" json:"target_uid,omitempty"`
+	Bucket    string `protobuf:"bytes,7,opt,name=bucket,proto3" json:"bucket,omitempty"`
+	MediaType string `protobuf:"bytes,8,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	TargetUid string `protobuf:"bytes,9,opt,name=target_uid,json=targetUid,proto3" json:"target_uid,omitempty"`
+	// The authenticated identity (certificate) of the agent the claim was granted to: only it may
+	// report or abort the fill. Empty when the control plane runs without TLS.
+	Holder        string `protobuf:"bytes,10,opt,name=holder,proto3" json:"holder,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1029,6 +1032,13 @@ func (x *FillClaim) GetTargetUid() string {
 	return ""
 }
 
+func (x *FillClaim) GetHolder() string {
+	if x != nil {
+		return x.Holder
+	}
+	return ""
+}
+
 var File_detour_v1_target_proto protoreflect.FileDescriptor
 
 const file_detour_v1_target_proto_rawDesc = "" +
@@ -1109,7 +1119,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\x0efill_claim_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\ffillClaimTtl\x128\n" +
 	"\n" +
 	"object_ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\tobjectTtl\x12\x1a\n" +
-	"\brevision\x18\x06 \x01(\x03R\brevision\"\x93\x02\n" +
+	"\brevision\x18\x06 \x01(\x03R\brevision\"\xab\x02\n" +
 	"\tFillClaim\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x19\n" +
@@ -1122,7 +1132,9 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\n" +
 	"media_type\x18\b \x01(\tR\tmediaType\x12\x1d\n" +
 	"\n" +
-	"target_uid\x18\t \x01(\tR\ttargetUid*z\n" +
+	"target_uid\x18\t \x01(\tR\ttargetUid\x12\x16\n" +
+	"\x06holder\x18\n" +
+	" \x01(\tR\x06holder*z\n" +
 	"\vTargetState\x12\x1c\n" +
 	"\x18TARGET_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13TARGET_STATE_ACTIVE\x10\x01\x12\x19\n" +
