@@ -44,6 +44,9 @@ func main() {
 	flag.IntVar(&o.Janitor.ProbeFailures, "probe-failures", 3, "consecutive probe failures that make a target unhealthy")
 	flag.IntVar(&o.Janitor.ProbeRecoveries, "probe-recoveries", 2, "consecutive probe successes that make an unhealthy target healthy again")
 	flag.IntVar(&o.Janitor.GarbageBatch, "garbage-batch", 500, "stored objects deleted per sweep at most")
+	flag.Float64Var(&o.Janitor.CopyRate, "copy-rate", 5, "server-side copies the elected janitor starts per second at most: draining targets' sole copies and cross-region copies together")
+	flag.DurationVar(&o.Janitor.CopyInterval, "copy-interval", 2*time.Second, "how often each replica queues the cross-region copies its redirect counts call for, and the janitor works through copies")
+	flag.IntVar(&o.Janitor.HotKeys, "hot-keys", 100000, "(key, region) pairs each replica counts cross-region redirects for (about 120 bytes each)")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 10*time.Second, "how long in-flight RPCs may run after SIGTERM")
 	flag.Parse()
@@ -68,6 +71,10 @@ func main() {
 			os.Exit(2)
 		}
 		o.VerifyFullFraction = f
+	}
+	if o.Janitor.CopyRate <= 0 {
+		fmt.Fprintf(os.Stderr, "controlplane: --copy-rate: %v is not a positive rate\n", o.Janitor.CopyRate)
+		os.Exit(2)
 	}
 	if signingKey != "" {
 		s, err := blob.LoadServiceAccount(signingKey)

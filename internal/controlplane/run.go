@@ -117,10 +117,11 @@ func Start(ctx context.Context, o Options) (inst *Instance, err error) {
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	in.cancel = cancel
-	in.wg.Add(3)
+	in.wg.Add(4)
 	go func() { defer in.wg.Done(); w.Run(runCtx) }()
 	go func() { defer in.wg.Done(); in.Service.RunJanitor(runCtx, in.cli, o.ID) }()
 	go func() { defer in.wg.Done(); in.Service.runExtensions(runCtx, in.Service.cfg.Janitor.ExtendInterval) }()
+	go func() { defer in.wg.Done(); in.Service.runCopyRequests(runCtx, in.Service.cfg.Janitor.CopyInterval) }()
 	select {
 	case <-w.Ready():
 	case <-ctx.Done():
