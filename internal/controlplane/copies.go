@@ -257,12 +257,8 @@ func (s *Service) runCopier(ctx context.Context, id string) {
 	p := &pacer{gap: time.Duration(float64(time.Second) / s.cfg.Janitor.CopyRate)}
 	stuck := map[string]bool{} // draining targets whose drain cannot progress, logged once
 	s.every(ctx, s.cfg.Janitor.CopyInterval, func(ctx context.Context) { s.copyRound(ctx, id, p, stuck) })
-}
-
-// CopyRound runs one round of the copier now (tests, benchmarks; the elected janitor runs them on
-// its own every CopyInterval).
-func (s *Service) CopyRound(ctx context.Context) {
-	s.copyRound(ctx, "manual", &pacer{gap: time.Duration(float64(time.Second) / s.cfg.Janitor.CopyRate)}, map[string]bool{})
+	// Only the janitor exports drain progress; a deposed one would export stale figures.
+	s.metrics.soleCopies.Reset()
 }
 
 // copyRound makes at most CopyRate·CopyInterval copies, alternating between queued cross-region
