@@ -447,7 +447,7 @@ func (s *Service) copyObject(ctx context.Context, id string, job copyJob) error 
 		s.releaseCopy(ctx, claim, claimRev, 0, false)
 		return s.copied(job, "failed", start, err)
 	}
-	verr := s.verifyStored(cctx, blob.Claim{Bucket: claim.Bucket, Name: claim.ObjectName, MediaType: claim.MediaType, Key: k,
+	_, verr := s.verifyStored(cctx, blob.Claim{Bucket: claim.Bucket, Name: claim.ObjectName, MediaType: claim.MediaType, Key: k,
 		Size: job.src.Size, SHA256: job.src.SHA256[:], SHA1: job.src.SHA1[:], CRC32C: job.src.CRC32C, Generation: attrs.Generation})
 	if verr != nil {
 		// Bytes that do not match the record are deleted; an unanswered check leaves them for

@@ -183,7 +183,7 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 	if s.cfg.Store == nil {
 		return nil, s.rejectFill(ctx, claim, claimRev, status.Error(codes.FailedPrecondition, "this control plane has no store access to verify fills"))
 	}
-	verr := s.verifyStored(ctx, blob.Claim{Bucket: claim.Bucket, Name: claim.ObjectName, MediaType: claim.MediaType, Key: req.Key,
+	full, verr := s.verifyStored(ctx, blob.Claim{Bucket: claim.Bucket, Name: claim.ObjectName, MediaType: claim.MediaType, Key: req.Key,
 		Size: req.Size, SHA256: req.Sha256, SHA1: req.Sha1, CRC32C: req.Crc32C, Generation: req.Generation})
 	switch {
 	case errors.Is(verr, blob.ErrMismatch), errors.Is(verr, blob.ErrNotFound):
@@ -207,18 +207,18 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 	}
 	s.wrote(rev)
 	s.metrics.fills.WithLabelValues("ready").Inc()
-	s.cfg.Log.Info("object ready", "key", req.Key, "target", claim.Target, "size", req.Size, "generation", req.Generation)
+	s.cfg.Log.Info("object ready", "key", req.Key, "target", claim.Target, "size", req.Size, "generation", req.Generation, "full_verify", full)
 	return &pb.ReportFillResponse{Object: obj}, nil
 }
 
 // verifyStored checks that the store holds the object c describes (see blob.Store.Verify); a
-// VerifyFullFraction share of objects is also read back and hashed. Fills and copies alike.
-func (s *Service) verifyStored(ctx context.Context, c blob.Claim) error {
-	full := s.cfg.VerifyFullFraction >= 1 || (s.cfg.VerifyFullFraction > 0 && rand.Float64() < s.cfg.VerifyFullFraction)
+// VerifyFullFraction share of objects is also read back and hashed (full). Fills and copies alike.
+func (s *Service) verifyStored(ctx context.Context, c blob.Claim) (full bool, err error) {
+	full = s.cfg.VerifyFullFraction >= 1 || (s.cfg.VerifyFullFraction > 0 && rand.Float64() < s.cfg.VerifyFullFraction)
 	start := time.Now()
-	err := s.cfg.Store.Verify(ctx, c, full)
+	err = s.cfg.Store.Verify(ctx, c, full)
 	s.metrics.verify.WithLabelValues(strconv.FormatBool(full)).Observe(time.Since(start).Seconds())
-	return err
+	return full, err
 }
 
 func validateReport(req *pb.ReportFillRequest) error {
