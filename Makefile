@@ -69,6 +69,7 @@ bench:
 	$(GO) run ./bench/placeload -misses -objects 1000
 	$(GO) run ./bench/agentload
 	$(GO) run ./bench/integrityload
+	$(GO) run ./bench/regionload -requests 100000
 
 ## fuzz: run each fuzz target for FUZZTIME (default 60s).
 FUZZTIME ?= 60s

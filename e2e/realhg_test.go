@@ -35,13 +35,17 @@ func (r *rig) agentMetric(name string, labels ...string) float64 {
 	return testbed.Metric(r.t, r.agent.MetricsURL, name, labels...)
 }
 
-// waitFills waits until every fill the agent started has been reported READY.
-func (r *rig) waitFills() {
+// waitFills waits until every fill the rig's agent started has been reported READY.
+func (r *rig) waitFills() { r.waitFillsOf(r.agent) }
+
+// waitFillsOf waits until every fill agent a started has been reported READY.
+func (r *rig) waitFillsOf(a *testbed.Agent) {
 	r.t.Helper()
+	metric := func(name string, labels ...string) float64 { return testbed.Metric(r.t, a.MetricsURL, name, labels...) }
 	testbed.Eventually(r.t, 60*time.Second, "every fill reported", func() bool {
-		started := r.agentMetric("detour_agent_requests_total", `outcome="inline_fill"`)
-		done := r.agentMetric("detour_agent_fills_total")
-		if ready := r.agentMetric("detour_agent_fills_total", `outcome="ready"`); done > ready {
+		started := metric("detour_agent_requests_total", `outcome="inline_fill"`)
+		done := metric("detour_agent_fills_total")
+		if ready := metric("detour_agent_fills_total", `outcome="ready"`); done > ready {
 			r.t.Fatalf("%v of %v fills did not become ready", done-ready, done)
 		}
 		return started > 0 && done >= started

@@ -65,6 +65,8 @@ type rig struct {
 	admin     pb.AdminServiceClient
 	work      string
 	clones    atomic.Int32
+	// agentFlags are added to every agent startAgent starts.
+	agentFlags []string
 }
 
 // repoShape sizes the test repository: several changesets, a few hundred files, and files over
@@ -76,6 +78,16 @@ type repoShape struct {
 var fullRepo = repoShape{files: 300, bigFiles: 6, bigSize: 2 << 20}
 
 func newRig(t testing.TB, shape repoShape) *rig {
+	t.Helper()
+	r := newBareRig(t, shape, "--region", "test")
+	r.addTarget(target, bucket, "test")
+	r.agent, r.agentTap = r.startAgent("test", target)
+	return r
+}
+
+// newBareRig starts the origin (a repository of shape, with history) behind its tap, the GCS
+// emulator and a control plane started with cpFlags; no targets and no agent yet.
+func newBareRig(t testing.TB, shape repoShape, cpFlags ...string) *rig {
 	t.Helper()
 	ctx := context.Background()
 	r := &rig{t: t, hg: findHG(t), work: t.TempDir()}
@@ -106,32 +118,64 @@ func newRig(t testing.TB, shape repoShape) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(r.gcs.Stop)
-	r.gcs.CreateBucket(bucket)
+
 	if r.front, err = r.gcs.StartFront(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(r.front.Close)
-
-	r.cp = testbed.StartControlPlane(t, "--gcs-endpoint", r.gcs.Endpoint(), "--region", "test")
+	r.cp = testbed.StartControlPlane(t, append([]string{"--gcs-endpoint", r.gcs.Endpoint()}, cpFlags...)...)
 	r.admin = pb.NewAdminServiceClient(testbed.Dial(t, r.cp.Addr, testbed.PKI(t).Operator))
-	public := r.front.PublicURL(bucket)
-	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: &pb.Target{Name: target, Protocol: "http",
-		Uris: []string{public}, Region: "test", Weight: 1, Store: &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
-		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}}); err != nil {
-		t.Fatal(err)
-	}
-
-	// A generous place timeout: these tests are about what a real client gets, and on a loaded
-	// machine 50ms can pass before a claim is written, which leaves a key unfilled (inline, still
-	// correct) and a later "warm" request cold. Latency under load is the chaos tests' subject.
-	r.agent = testbed.StartAgent(t, r.originTap.URL, "--controlplane", r.cp.Addr, "--region", "test",
-		"--gcs-endpoint", r.gcs.Endpoint(), "--repo-id", repoID, "--place-timeout", "2s")
-	r.agentTap = newTap(t, r.agent.URL)
-	testbed.Eventually(t, 20*time.Second, "the agent advertises the target", func() bool { return r.advertises(target) })
 	return r
 }
 
-// advertises reports whether the agent's capabilities offer name to an http client.
+// addTarget makes bucket in the emulator and registers target name on it, in region, with the
+// emulator's public URLs (through the fault-injecting front) as its client-facing form.
+func (r *rig) addTarget(name, bucket, region string) {
+	r.t.Helper()
+	r.gcs.CreateBucket(bucket)
+	public := r.front.PublicURL(bucket)
+	if _, err := r.admin.CreateTarget(context.Background(), &pb.CreateTargetRequest{Target: &pb.Target{Name: name, Protocol: "http",
+		Uris: []string{public}, Region: region, Weight: 1, Store: &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
+		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}}); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// startAgent starts an agent process in region in front of the origin's tap, with a recording tap
+// in front of it, and waits until it advertises every one of want.
+func (r *rig) startAgent(region string, want ...string) (*testbed.Agent, *tap) {
+	r.t.Helper()
+	// A generous place timeout: these tests are about what a real client gets, and on a loaded
+	// machine 50ms can pass before a claim is written, which leaves a key unfilled (inline, still
+	// correct) and a later "warm" request cold. Latency under load is the chaos tests' subject.
+	a := testbed.StartAgent(r.t, r.originTap.URL, append([]string{"--controlplane", r.cp.Addr, "--region", region,
+		"--agent-id", "agent-" + region, "--gcs-endpoint", r.gcs.Endpoint(), "--repo-id", repoID, "--place-timeout", "2s"},
+		r.agentFlags...)...)
+	r.waitAdvertised(a, func(names []string) bool {
+		for _, w := range want {
+			if !slices.Contains(names, w) {
+				return false
+			}
+		}
+		return true
+	})
+	return a, newTap(r.t, a.URL)
+}
+
+// waitAdvertised waits until the targets agent a advertises (in its order) satisfy ok.
+func (r *rig) waitAdvertised(a *testbed.Agent, ok func(names []string) bool) {
+	r.t.Helper()
+	testbed.Eventually(r.t, 20*time.Second, "the agent's advertisement", func() bool {
+		hs, err := (&hgclient.Client{Base: a.URL}).Capabilities(context.Background())
+		var names []string
+		if err == nil && hs.Redirect != nil {
+			names = hgclient.Accepted(hs.Redirect, "http")
+		}
+		return err == nil && ok(names)
+	})
+}
+
+// advertises reports whether the rig's agent's capabilities offer name to an http client.
 func (r *rig) advertises(name string) bool {
 	hs, err := (&hgclient.Client{Base: r.agent.URL}).Capabilities(context.Background())
 	return err == nil && hs.Redirect != nil && slices.Contains(hgclient.Accepted(hs.Redirect, "http"), name)

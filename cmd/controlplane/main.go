@@ -67,6 +67,9 @@ func main() {
 	flag.StringVar(&o.EtcdUsername, "etcd-username", "", "etcd user (with --etcd-password-file)")
 	flag.StringVar(&etcdPwFile, "etcd-password-file", "", "file holding the etcd user's password")
 	flag.StringVar(&pprofListen, "pprof-listen", "", "listen address of /debug/pprof/ (empty: none)")
+	flag.Float64Var(&o.Janitor.CopyRate, "copy-rate", 5, "server-side copies the elected janitor starts per second at most: draining targets' sole copies and cross-region copies together")
+	flag.DurationVar(&o.Janitor.CopyInterval, "copy-interval", 2*time.Second, "how often each replica queues the cross-region copies its redirect counts call for, and the janitor works through copies")
+	flag.IntVar(&o.Janitor.HotKeys, "hot-keys", 100000, "(key, region) pairs each replica counts cross-region redirects for (about 120 bytes each)")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 10*time.Second, "how long in-flight RPCs may run after SIGTERM")
 	flag.Parse()
@@ -116,6 +119,10 @@ func main() {
 		o.TLS = pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}
 		o.Log.Warn("no --tls-cert: serving with a development CA; give your own certificates in production",
 			"dir", pkiDir, "generated", made, "operator_cert", dev.Operator.Cert, "agent_cert", dev.Agent.Cert)
+	}
+	if o.Janitor.CopyRate <= 0 {
+		fmt.Fprintf(os.Stderr, "controlplane: --copy-rate: %v is not a positive rate\n", o.Janitor.CopyRate)
+		os.Exit(2)
 	}
 	if signingKey != "" {
 		s, err := blob.LoadServiceAccount(signingKey)

@@ -41,9 +41,13 @@ Commands:
   targets get NAME
   targets update NAME [any flag of add]      (compare-and-swap on the revision read)
   targets drain NAME | disable NAME | activate NAME
+                   (a draining target serves the copies no active target has, gets no fills, and the
+                   janitor copies them away; targets get NAME shows how many are left)
   targets rm NAME
   policy get
   policy set [--min-redirect-bytes N] [--region-preference a,b] [--signed-url-ttl D] [--fill-claim-ttl D] [--object-ttl D]
+             [--forbid-cross-region-fills[=false]] [--cross-region-copies=false] [--cross-region-copy-threshold N]
+             [--cross-region-copy-window D]
   objects ls [--target T] [--prefix KEYPREFIX] [--limit N] [--page-token KEY]
   objects rm KEY
   probe --agent URL [--command manifestdata] [--node NODE] [--size BYTES] [--no-redirect]

@@ -80,6 +80,22 @@ func TestTargetsAndPolicyCommands(t *testing.T) {
 	if out, err = run("targets", "drain", "us-cdn"); err != nil || !strings.Contains(out, "DRAINING") {
 		t.Fatalf("drain: %v\n%s", err, out)
 	}
+	// A draining target shows its drain's progress (nothing stored here, so it is complete).
+	if out, err = run("targets", "get", "us-cdn"); err != nil || !strings.Contains(out, "complete (0 sole of 0 copies)") {
+		t.Fatalf("get of a draining target: %v\n%s", err, out)
+	}
+	out, err = run("policy", "set", "--forbid-cross-region-fills", "--cross-region-copy-threshold", "3",
+		"--cross-region-copy-window", "30s", "--cross-region-copies=false")
+	for _, want := range []string{"forbid_cross_region_fills    true", "cross_region_copies          false",
+		"cross_region_copy_threshold  3", "cross_region_copy_window     30s"} {
+		if err != nil || !strings.Contains(out, want) {
+			t.Fatalf("policy set of the region switches: %v, want %q in\n%s", err, want, out)
+		}
+	}
+	_, err = run("policy", "set", "--cross-region-copy-threshold", "2000000")
+	if s, _ := status.FromError(err); s.Code() != codes.InvalidArgument || !strings.Contains(s.Message(), "policy.cross_region_copy_threshold") {
+		t.Fatalf("threshold out of bounds: %v", err)
+	}
 	out, err = run("policy", "set", "--min-redirect-bytes", "65536", "--region-preference", "us-east1,europe-west1")
 	if err != nil || !strings.Contains(out, "65536") || !strings.Contains(out, "us-east1,europe-west1") {
 		t.Fatalf("policy set: %v\n%s", err, out)

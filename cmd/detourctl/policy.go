@@ -4,6 +4,7 @@ import (
 	"encoding/hex"
 	"flag"
 	"fmt"
+	"math"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -31,6 +32,10 @@ func (c *cli) policy(sub string, args []string) error {
 		signed := fs.Duration("signed-url-ttl", 0, "validity of V4-signed URLs")
 		claim := fs.Duration("fill-claim-ttl", 0, "lifetime of a fill claim")
 		objTTL := fs.Duration("object-ttl", 0, "how long stored objects are redirected to (0: forever)")
+		forbid := fs.Bool("forbid-cross-region-fills", false, "keep every fill in the region of the agent that asked (data residency); also keeps drain migration within a region")
+		copyAfter := fs.Uint("cross-region-copy-threshold", 0, "copy a key into a region once it was redirected there from another region more than this many times within the window (0: default 10)")
+		copyWindow := fs.Duration("cross-region-copy-window", 0, "the window of --cross-region-copy-threshold (0: default 10m)")
+		copies := fs.Bool("cross-region-copies", true, "make cross-region copies of hot keys (false turns them off)")
 		if _, err := splitArgs(fs, args); err != nil {
 			return err
 		}
@@ -52,6 +57,14 @@ func (c *cli) policy(sub string, args []string) error {
 				p.FillClaimTtl = dur(*claim)
 			case "object-ttl":
 				p.ObjectTtl = dur(*objTTL)
+			case "forbid-cross-region-fills":
+				p.ForbidCrossRegionFills = *forbid
+			case "cross-region-copy-threshold":
+				p.CrossRegionCopyThreshold = uint32(min(*copyAfter, math.MaxUint32))
+			case "cross-region-copy-window":
+				p.CrossRegionCopyWindow = dur(*copyWindow)
+			case "cross-region-copies":
+				p.DisableCrossRegionCopies = !*copies
 			}
 		})
 		resp, err := admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: p})
@@ -73,6 +86,14 @@ func (c *cli) showPolicy(p *pb.Policy) error {
 	fmt.Fprintf(w, "signed_url_ttl\t%s\n", orDefault(p.SignedUrlTtl))
 	fmt.Fprintf(w, "fill_claim_ttl\t%s\n", orDefault(p.FillClaimTtl))
 	fmt.Fprintf(w, "object_ttl\t%s\n", orDefault(p.ObjectTtl))
+	fmt.Fprintf(w, "forbid_cross_region_fills\t%t\n", p.ForbidCrossRegionFills)
+	fmt.Fprintf(w, "cross_region_copies\t%t\n", !p.DisableCrossRegionCopies)
+	threshold := "(default)"
+	if p.CrossRegionCopyThreshold != 0 {
+		threshold = fmt.Sprint(p.CrossRegionCopyThreshold)
+	}
+	fmt.Fprintf(w, "cross_region_copy_threshold\t%s\n", threshold)
+	fmt.Fprintf(w, "cross_region_copy_window\t%s\n", orDefault(p.CrossRegionCopyWindow))
 	fmt.Fprintf(w, "revision\t%d\n", p.Revision)
 	return w.Flush()
 }

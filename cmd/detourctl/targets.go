@@ -216,13 +216,25 @@ func (c *cli) showTargets(ts ...*pb.Target) error {
 		return c.printJSON(&pb.ListTargetsResponse{Targets: ts})
 	}
 	w := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "NAME\tSTATE\tHEALTHY\tREGION\tWEIGHT\tPROTOCOL\tSTORE\tURL FORM\tREVISION")
+	fmt.Fprintln(w, "NAME\tSTATE\tHEALTHY\tREGION\tWEIGHT\tPROTOCOL\tSTORE\tURL FORM\tREVISION\tDRAIN")
 	for _, t := range ts {
-		fmt.Fprintf(w, "%s\t%s\t%t\t%s\t%d\t%s\tgs://%s/%s\t%s\t%d\n", t.Name,
+		fmt.Fprintf(w, "%s\t%s\t%t\t%s\t%d\t%s\tgs://%s/%s\t%s\t%d\t%s\n", t.Name,
 			strings.TrimPrefix(t.State.String(), "TARGET_STATE_"), t.Healthy, t.Region, t.Weight, t.Protocol,
-			t.GetStore().GetBucket(), t.GetStore().GetPrefix(), urlForm(t), t.Revision)
+			t.GetStore().GetBucket(), t.GetStore().GetPrefix(), urlForm(t), t.Revision, drain(t))
 	}
 	return w.Flush()
+}
+
+// drain says how far a draining target's drain has come: the copies it still serves because no
+// active target has the key, of all it holds.
+func drain(t *pb.Target) string {
+	if t.Drain == nil {
+		return "-"
+	}
+	if t.Drain.SoleCopies == 0 {
+		return fmt.Sprintf("complete (0 sole of %d copies)", t.Drain.Copies)
+	}
+	return fmt.Sprintf("%d sole of %d copies", t.Drain.SoleCopies, t.Drain.Copies)
 }
 
 func urlForm(t *pb.Target) string {

@@ -222,29 +222,58 @@ func TestConcurrentFirstRequestsUploadOnce(t *testing.T) {
 	}
 }
 
-func TestDrainedTargetGetsNoNewFills(t *testing.T) {
+// A draining target stays advertised and keeps serving the copies it has (there is no other
+// target here to hold them), but gets no new fills; a disabled one is withdrawn at once.
+func TestDrainingTargetServesWhatItHasAndGetsNoFills(t *testing.T) {
 	s, c := startStack(t)
 	ctx := context.Background()
 	rr := redirectReq(t, c)
+	stored, err := c.Command(ctx, "manifestdata", args("k", 100000), rr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the key READY before the drain", func() bool {
+		list, err := s.Admin.ListObjects(ctx, &pb.ListObjectsRequest{})
+		return err == nil && len(list.Objects) == 1
+	})
 	if _, err := s.Admin.SetTargetState(ctx, &pb.SetTargetStateRequest{Name: "local-gcs", State: pb.TargetState_TARGET_STATE_DRAINING}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "the drained target leaves the advertisement", func() bool {
-		hs, err := c.Capabilities(ctx)
-		return err == nil && hs.Redirect == nil
-	})
-	// Even a client that still names the target (it read capabilities before the drain) gets no fill.
+	// An admin read waits for the replica's own write, so placement sees the drain from here on.
+	got, err := s.Admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "local-gcs"})
+	if err != nil || got.Target.State != pb.TargetState_TARGET_STATE_DRAINING || got.Target.Drain.GetSoleCopies() != 1 || got.Target.Drain.GetCopies() != 1 {
+		t.Fatalf("draining target with one copy and nowhere else to hold it: %v %v", got, err)
+	}
+	hs, err := c.Capabilities(ctx)
+	if err != nil || strings.Join(hgclient.Accepted(hs.Redirect, "http", "https"), ",") != "local-gcs" {
+		t.Fatalf("a draining target must stay advertised: %+v %v", hs.Redirect, err)
+	}
 	for i := range 3 {
 		res, err := c.Command(ctx, "manifestdata", args(fmt.Sprint("f", i), 100000), rr)
 		if err != nil || res.Redirected {
 			t.Fatalf("request %d: %v", i, err)
 		}
 	}
-	if n := outcomes(t, s, "inline_fill"); n != 0 {
-		t.Fatalf("%v fills started at a draining target", n)
+	// Its sole copy is still served, byte for byte.
+	res, err := c.Command(ctx, "manifestdata", args("k", 100000), rr)
+	if err != nil || !res.Redirected || !bytes.Equal(res.Objects, stored.Objects) {
+		t.Fatalf("the draining target's only copy is not served: redirected=%v %v", res != nil && res.Redirected, err)
 	}
-	if n := objectCount(t, s); n != 0 {
-		t.Fatalf("%d objects uploaded to a draining target", n)
+	if n := outcomes(t, s, "inline_fill"); n != 1 {
+		t.Fatalf("%v fills started, want only the one before the drain", n)
+	}
+	if n := objectCount(t, s); n != 1 {
+		t.Fatalf("%d objects stored, want only the one before the drain", n)
+	}
+	if _, err := s.Admin.SetTargetState(ctx, &pb.SetTargetStateRequest{Name: "local-gcs", State: pb.TargetState_TARGET_STATE_DISABLED}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the disabled target leaves the advertisement", func() bool {
+		hs, err := c.Capabilities(ctx)
+		return err == nil && hs.Redirect == nil
+	})
+	if res, err := c.Command(ctx, "manifestdata", args("k", 100000), rr); err != nil || res.Redirected || !bytes.Equal(res.Objects, stored.Objects) {
+		t.Fatalf("a disabled target still serves: %v", err)
 	}
 }
 

@@ -48,8 +48,18 @@ func (a *Agent) watchTargets(ctx context.Context) {
 	}
 }
 
-// advertised builds the redirect section: active, healthy targets in the order placement prefers
-// for region (own region, then the policy's preference, then the rest; heavier first).
+// advertised builds the redirect section: the healthy targets that may serve (ACTIVE, and
+// DRAINING ones, which keep serving the copies no other target has yet), in the order placement
+// prefers for an agent in region:
+//
+//  1. active targets, then draining ones (placement redirects to a draining target only when no
+//     other copy exists, so it goes last);
+//  2. the agent's own region, then the regions of the policy's preference in its order, then the
+//     rest;
+//  3. heavier first, then by name.
+//
+// Disabled and unhealthy targets are not advertised. Mercurial keeps the advertised order for the
+// targets it accepts, so a client lists its nearest targets first.
 func advertised(msg *pb.WatchTargetsResponse, region string) *wire.RedirectSection {
 	pref := map[string]int{region: -1}
 	for i, r := range msg.RegionPreference {
@@ -57,26 +67,31 @@ func advertised(msg *pb.WatchTargetsResponse, region string) *wire.RedirectSecti
 			pref[r] = i
 		}
 	}
-	rank := func(t *pb.Target) int {
+	regionRank := func(t *pb.Target) int {
 		if p, ok := pref[t.Region]; ok {
 			return p
 		}
 		return len(msg.RegionPreference)
 	}
+	draining := func(t *pb.Target) bool { return t.State == pb.TargetState_TARGET_STATE_DRAINING }
 	var live []*pb.Target
 	for _, t := range msg.Targets {
-		if t.State == pb.TargetState_TARGET_STATE_ACTIVE && t.Healthy {
+		if t.Healthy && (t.State == pb.TargetState_TARGET_STATE_ACTIVE || draining(t)) {
 			live = append(live, t)
 		}
 	}
 	sort.SliceStable(live, func(i, j int) bool {
-		if ri, rj := rank(live[i]), rank(live[j]); ri != rj {
-			return ri < rj
+		a, b := live[i], live[j]
+		if da, db := draining(a), draining(b); da != db {
+			return !da
 		}
-		if live[i].Weight != live[j].Weight {
-			return live[i].Weight > live[j].Weight
+		if ra, rb := regionRank(a), regionRank(b); ra != rb {
+			return ra < rb
 		}
-		return live[i].Name < live[j].Name
+		if a.Weight != b.Weight {
+			return a.Weight > b.Weight
+		}
+		return a.Name < b.Name
 	})
 	s := &wire.RedirectSection{Hashes: wire.DefaultHashes}
 	for _, t := range live {

@@ -7,7 +7,7 @@ import (
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 )
 
-func TestAdvertisedOrderAndFilter(t *testing.T) {
+func TestAdvertisedOrderIsOwnRegionPreferenceRestThenDraining(t *testing.T) {
 	tg := func(name, region string, weight uint32, state pb.TargetState, healthy, sni bool) *pb.Target {
 		return &pb.Target{Name: name, Region: region, Weight: weight, State: state, Healthy: healthy, SniRequired: sni,
 			Protocol: "https", Uris: []string{"https://" + name + "/"}}
@@ -21,16 +21,30 @@ func TestAdvertisedOrderAndFilter(t *testing.T) {
 		tg("sa-1", "sa", 9, active, true, false),
 		tg("us-sick", "us", 9, active, false, false),
 		tg("us-drain", "us", 9, pb.TargetState_TARGET_STATE_DRAINING, true, false),
+		tg("ap-drain", "ap", 1, pb.TargetState_TARGET_STATE_DRAINING, true, false),
+		tg("eu-drain", "eu", 1, pb.TargetState_TARGET_STATE_DRAINING, true, false),
+		tg("eu-drain-sick", "eu", 1, pb.TargetState_TARGET_STATE_DRAINING, false, false),
 		tg("us-off", "us", 9, pb.TargetState_TARGET_STATE_DISABLED, true, false),
 	}}
+	order := func(region string) string {
+		var names []string
+		for _, t := range advertised(msg, region).Targets {
+			names = append(names, t.Name)
+		}
+		return strings.Join(names, ",")
+	}
+	// Own region, then the preference (eu, ap), then the rest; draining targets last, in the
+	// same order; disabled and unhealthy ones not at all.
+	for region, want := range map[string]string{
+		"us": "us-heavy,us-light,eu-1,ap-1,sa-1,us-drain,eu-drain,ap-drain",
+		"ap": "ap-1,eu-1,sa-1,us-heavy,us-light,ap-drain,eu-drain,us-drain",
+		"sa": "sa-1,eu-1,ap-1,us-heavy,us-light,eu-drain,ap-drain,us-drain",
+	} {
+		if got := order(region); got != want {
+			t.Errorf("agent in %s advertises %s, want %s", region, got, want)
+		}
+	}
 	s := advertised(msg, "us")
-	var names []string
-	for _, t := range s.Targets {
-		names = append(names, t.Name)
-	}
-	if got := strings.Join(names, ","); got != "us-heavy,us-light,eu-1,ap-1,sa-1" {
-		t.Fatalf("advertised %s", got)
-	}
 	if s.Targets[0].SNIRequired == nil || !*s.Targets[0].SNIRequired || s.Targets[1].SNIRequired != nil {
 		t.Fatal("snirequired must be advertised exactly for targets that require SNI")
 	}

@@ -326,6 +326,28 @@ func (s *Store) Verify(ctx context.Context, c Claim, full bool) error {
 	return nil
 }
 
+// Copy makes dstBucket/dstName a server-side copy of generation srcGeneration of
+// srcBucket/srcName: the store moves the bytes (a rewrite, repeated until done), none pass through
+// Detour. The copy keeps the source's content type and metadata (key and recorded hashes), and is
+// made only if dstName does not exist (ErrExists otherwise). A source that is gone, or no longer at
+// that generation, is ErrNotFound. It returns the new object's attributes; the caller verifies them
+// like a fill's.
+func (s *Store) Copy(ctx context.Context, srcBucket, srcName string, srcGeneration int64, dstBucket, dstName string) (Attrs, error) {
+	src := s.client.Bucket(srcBucket).Object(srcName).Generation(srcGeneration)
+	dst := s.client.Bucket(dstBucket).Object(dstName).If(storage.Conditions{DoesNotExist: true})
+	a, err := dst.CopierFrom(src).Run(ctx)
+	var gerr *googleapi.Error
+	switch {
+	case errors.Is(err, storage.ErrObjectNotExist), errors.As(err, &gerr) && gerr.Code == http.StatusNotFound:
+		return Attrs{}, fmt.Errorf("copy %s/%s#%d: %w", srcBucket, srcName, srcGeneration, ErrNotFound)
+	case errors.As(err, &gerr) && gerr.Code == http.StatusPreconditionFailed:
+		return Attrs{}, fmt.Errorf("copy to %s/%s: %w", dstBucket, dstName, ErrExists)
+	case err != nil:
+		return Attrs{}, fmt.Errorf("copy %s/%s#%d to %s/%s: %w", srcBucket, srcName, srcGeneration, dstBucket, dstName, err)
+	}
+	return attrsOf(a), nil
+}
+
 // Delete removes one generation of an object (any generation when 0). A missing object is not an
 // error: deletion is idempotent.
 func (s *Store) Delete(ctx context.Context, bucket, name string, generation int64) error {

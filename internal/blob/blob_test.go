@@ -217,3 +217,43 @@ func TestDeleteIsIdempotentAndGenerationBound(t *testing.T) {
 		t.Fatalf("listing p/: %v", names)
 	}
 }
+
+// A server-side copy keeps the bytes, content type and recorded hashes of the generation it names,
+// and a copy of a generation that is no longer there fails.
+func TestCopyIsServerSideAndGenerationBound(t *testing.T) {
+	emu, st := startGCS(t)
+	emu.CreateBucket("other")
+	ctx := context.Background()
+	data := bytes.Repeat([]byte("copy me "), 100000)
+	u := st.Create(ctx, "objects", "hg/src", "application/mercurial-cbor", "the-key")
+	u.Write(data)
+	res, err := u.Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := st.Copy(ctx, "objects", "hg/src", res.Generation, "other", "eu/src")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Size != res.Size || a.CRC32C != res.CRC32C || a.ContentType != "application/mercurial-cbor" || a.Generation == 0 ||
+		a.Metadata[MetaKey] != "the-key" || a.Metadata[MetaSHA256] != hex.EncodeToString(res.SHA256) || a.Metadata[MetaSHA1] != hex.EncodeToString(res.SHA1) {
+		t.Fatalf("copy attrs %+v, source %+v", a, res)
+	}
+	if got, err := emu.Object("other", "eu/src"); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("copied bytes differ: %v", err)
+	}
+	stat, err := st.Stat(ctx, "other", "eu/src")
+	if err != nil || stat.Generation != a.Generation || stat.CRC32C != a.CRC32C {
+		t.Fatalf("stat of the copy %+v %v, copy said %+v", stat, err, a)
+	}
+	// The source replaced by other bytes: its old generation is gone, and so is the copy's source.
+	if err := st.Put(ctx, "objects", "hg/src", "application/mercurial-cbor", []byte("other bytes")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Copy(ctx, "objects", "hg/src", res.Generation, "other", "eu/again"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("copy of a replaced generation: %v", err)
+	}
+	if _, err := st.Copy(ctx, "objects", "hg/missing", 1, "other", "eu/missing"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("copy of a missing object: %v", err)
+	}
+}

@@ -79,24 +79,34 @@ func (s *Service) withHealth(t *pb.Target) *pb.Target {
 	return out
 }
 
-// GetTarget reads a target from the snapshot.
+// GetTarget reads a target from the snapshot; a draining one comes with its drain's progress.
 func (s *Service) GetTarget(ctx context.Context, req *pb.GetTargetRequest) (*pb.GetTargetResponse, error) {
 	if err := targets.ValidateName("name", req.Name); err != nil {
 		return nil, toStatus(err)
 	}
-	t, ok := s.readSnapshot(ctx).Target(req.Name)
+	snap := s.readSnapshot(ctx)
+	t, ok := snap.Target(req.Name)
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "target %q: not found", req.Name)
 	}
-	return &pb.GetTargetResponse{Target: proto.Clone(t).(*pb.Target)}, nil
+	out := proto.Clone(t).(*pb.Target)
+	if t.State == pb.TargetState_TARGET_STATE_DRAINING {
+		progress, _ := drainScan(snap, s.cfg.Now(), 0)
+		out.Drain = progress[t.Name]
+	}
+	return &pb.GetTargetResponse{Target: out}, nil
 }
 
-// ListTargets lists every target from the snapshot.
+// ListTargets lists every target from the snapshot, draining ones with their drain's progress.
+// (Counting walks the index once, only when some target is draining.)
 func (s *Service) ListTargets(ctx context.Context, _ *pb.ListTargetsRequest) (*pb.ListTargetsResponse, error) {
 	snap := s.readSnapshot(ctx)
+	progress, _ := drainScan(snap, s.cfg.Now(), 0)
 	resp := &pb.ListTargetsResponse{Revision: snap.Revision}
 	for _, t := range snap.Targets() {
-		resp.Targets = append(resp.Targets, proto.Clone(t).(*pb.Target))
+		out := proto.Clone(t).(*pb.Target)
+		out.Drain = progress[t.Name]
+		resp.Targets = append(resp.Targets, out)
 	}
 	return resp, nil
 }
@@ -116,7 +126,8 @@ func (s *Service) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) (*pb.
 	}
 	s.wrote(p.Revision)
 	s.cfg.Log.Info("policy set", "revision", p.Revision, "min_redirect_bytes", p.MinRedirectBytes,
-		"region_preference", strings.Join(p.RegionPreference, ","))
+		"region_preference", strings.Join(p.RegionPreference, ","), "forbid_cross_region_fills", p.ForbidCrossRegionFills,
+		"cross_region_copies", !p.DisableCrossRegionCopies)
 	return &pb.SetPolicyResponse{Policy: p}, nil
 }
 

@@ -77,9 +77,10 @@ func startEnv(t *testing.T) *env {
 	return &env{gcs: gcs, store: st, front: f}
 }
 
-// fastJanitor probes every 100ms and sweeps every 200ms, so tests see the janitor's effects fast.
+// fastJanitor probes every 100ms, sweeps every 200ms and copies every 100ms, so tests see the
+// janitor's effects fast.
 var fastJanitor = JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
-	ReconcileInterval: time.Hour}
+	ReconcileInterval: time.Hour, CopyInterval: 100 * time.Millisecond, CopyRate: 100}
 
 func startReplica(t *testing.T, etcdURL string) *replica {
 	t.Helper()

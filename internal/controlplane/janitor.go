@@ -38,6 +38,16 @@ type JanitorConfig struct {
 	// ExtendInterval is how often each replica writes the expiry extensions of the objects it
 	// redirected to (default 5s).
 	ExtendInterval time.Duration
+	// CopyInterval is how often each replica queues the cross-region copies its redirect counts
+	// call for, and how often the elected janitor works through that queue and through the sole
+	// copies of draining targets (default 2s).
+	CopyInterval time.Duration
+	// CopyRate bounds the server-side copies the janitor starts per second, cross-region copies
+	// and drain migration together (default 5).
+	CopyRate float64
+	// HotKeys bounds the (key, region) pairs each replica counts cross-region redirects for
+	// (default 100000, about 12 MB).
+	HotKeys int
 }
 
 func (c *JanitorConfig) defaults() {
@@ -65,11 +75,21 @@ func (c *JanitorConfig) defaults() {
 	if c.ExtendInterval <= 0 {
 		c.ExtendInterval = 5 * time.Second
 	}
+	if c.CopyInterval <= 0 {
+		c.CopyInterval = 2 * time.Second
+	}
+	if c.CopyRate <= 0 {
+		c.CopyRate = 5
+	}
+	if c.HotKeys <= 0 {
+		c.HotKeys = 100000
+	}
 }
 
 // RunJanitor campaigns for the janitor role (an etcd election under the registry's prefix) and,
 // while elected, probes targets, sweeps expired and stale records, deletes the stored bytes of
-// retired objects and reconciles each target's bucket with the index. It returns when ctx ends.
+// retired objects, reconciles each target's bucket with the index, and makes the copies the fleet
+// needs (queued cross-region copies, draining targets' sole copies; see copies.go). It returns when ctx ends.
 // Every write the janitor makes compares revisions, so a deposed janitor that has not noticed yet
 // cannot undo newer state.
 func (s *Service) RunJanitor(ctx context.Context, cli *clientv3.Client, id string) {
@@ -97,7 +117,7 @@ func (s *Service) janitorTerm(ctx context.Context, cli *clientv3.Client, id stri
 		return fmt.Errorf("campaign: %w", err)
 	}
 	s.once.Forget("janitor")
-	s.cfg.Log.Info("elected janitor: probing targets, sweeping and reconciling", "id", id)
+	s.cfg.Log.Info("elected janitor: probing targets, sweeping, reconciling and copying", "id", id)
 	s.metrics.janitor.Set(1)
 	defer s.metrics.janitor.Set(0)
 	termCtx, cancel := context.WithCancel(ctx)
@@ -110,11 +130,17 @@ func (s *Service) janitorTerm(ctx context.Context, cli *clientv3.Client, id stri
 		case <-termCtx.Done():
 		}
 	}()
-	done := make(chan struct{}, 3)
-	go func() { s.runProber(termCtx); done <- struct{}{} }()
-	go func() { s.every(termCtx, s.cfg.Janitor.SweepInterval, s.sweep); done <- struct{}{} }()
-	go func() { s.every(termCtx, s.cfg.Janitor.ReconcileInterval, s.reconcileAll); done <- struct{}{} }()
-	for i := 0; i < 3; i++ {
+	loops := []func(context.Context){
+		s.runProber,
+		func(ctx context.Context) { s.every(ctx, s.cfg.Janitor.SweepInterval, s.sweep) },
+		func(ctx context.Context) { s.every(ctx, s.cfg.Janitor.ReconcileInterval, s.reconcileAll) },
+		func(ctx context.Context) { s.runCopier(ctx, id) },
+	}
+	done := make(chan struct{}, len(loops))
+	for _, loop := range loops {
+		go func() { loop(termCtx); done <- struct{}{} }()
+	}
+	for range loops {
 		<-done
 	}
 	rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)

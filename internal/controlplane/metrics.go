@@ -30,6 +30,13 @@ type Metrics struct {
 	broken     *prometheus.CounterVec
 	janitor    prometheus.Gauge
 	rejections *prometheus.CounterVec
+	// Regions: redirects by locality, cross-region fills, copies made by the store.
+	redirects        *prometheus.CounterVec
+	crossRegionFills *prometheus.CounterVec
+	copyRequests     *prometheus.CounterVec
+	copies           *prometheus.CounterVec
+	copyDuration     *prometheus.HistogramVec
+	soleCopies       *prometheus.GaugeVec
 }
 
 func newMetrics(w *targets.Watcher) *Metrics {
@@ -71,6 +78,25 @@ func newMetrics(w *targets.Watcher) *Metrics {
 	m.rejections = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_auth_rejections_total",
 		Help: "RPCs refused for who sent them, by reason: no_client_certificate (Unauthenticated), policy and not_claim_holder (PermissionDenied), tls_handshake (a certificate the client CA did not issue)."}, []string{"reason"})
 	m.Registry.MustRegister(m.rejections)
+	m.redirects = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_redirects_total",
+		Help: "Redirects answered, by whether the target is in the agent's region (in_region, cross_region, unknown_region: the agent named none)."},
+		[]string{"locality"})
+	m.crossRegionFills = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_cross_region_fills_total",
+		Help: "Fills granted at a target outside the agent's region because the agent's region had no fillable target, by the target's region."},
+		[]string{"target_region"})
+	m.copyRequests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_copy_requests_total",
+		Help: "Keys this replica found redirected across regions past the policy's threshold, by outcome (pending, dropped, queued, already_queued, failed)."},
+		[]string{"outcome"})
+	m.copies = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_store_copies_total",
+		Help: "Server-side copies the janitor attempted, by reason (cross_region, drain) and outcome (ready, busy, failed, unverified)."},
+		[]string{"reason", "outcome"})
+	m.copyDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "detour_store_copy_duration_seconds",
+		Help: "Time from claim to READY record of a server-side copy, by reason.", Buckets: prometheus.ExponentialBuckets(1e-3, 2, 16)},
+		[]string{"reason"})
+	m.soleCopies = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "detour_drain_sole_copies",
+		Help: "Copies at a draining target whose key has no copy at an active target (0: the drain is complete); set by the elected janitor."},
+		[]string{"target"})
+	m.Registry.MustRegister(m.redirects, m.crossRegionFills, m.copyRequests, m.copies, m.copyDuration, m.soleCopies)
 	m.Registry.MustRegister(m.janitor, m.verify, m.extended, m.retired, m.garbage, m.probes, m.reconcile, m.missing, m.broken,
 		targetHealthCollector{w})
 	m.Registry.MustRegister(m.decisions, m.latency, m.fills, m.rpcs,

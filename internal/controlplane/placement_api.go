@@ -56,10 +56,16 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	switch {
 	case d.Result == placement.Redirect:
 		s.redirect(resp, snap, key, objs, d, now)
+		if resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
+			s.countRedirect(v, key, req.AgentRegion, resp.Target, now)
+		}
 	case d.Fill != "" && req.CanFill != nil && !*req.CanFill:
 		resp.Reason = "agent_cannot_fill"
 	case d.Fill != "":
 		s.grantFill(ctx, resp, snap, req, d.Fill, now)
+		if resp.Fill != nil && d.Reason == placement.ReasonFillRemote {
+			s.metrics.crossRegionFills.WithLabelValues(v.targets[d.Fill].Region).Inc()
+		}
 	}
 	s.metrics.decisions.WithLabelValues(resultLabel(resp.Result), resp.Reason).Inc()
 	s.metrics.latency.Observe(time.Since(start).Seconds())
@@ -225,11 +231,8 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 	if s.cfg.Store == nil {
 		return nil, s.rejectFill(ctx, claim, claimRev, status.Error(codes.FailedPrecondition, "this control plane has no store access to verify fills"))
 	}
-	full := s.cfg.VerifyFullFraction >= 1 || (s.cfg.VerifyFullFraction > 0 && rand.Float64() < s.cfg.VerifyFullFraction)
-	start := time.Now()
-	verr := s.cfg.Store.Verify(ctx, blob.Claim{Bucket: claim.Bucket, Name: claim.ObjectName, MediaType: claim.MediaType, Key: req.Key,
-		Size: req.Size, SHA256: req.Sha256, SHA1: req.Sha1, CRC32C: req.Crc32C, Generation: req.Generation}, full)
-	s.metrics.verify.WithLabelValues(strconv.FormatBool(full)).Observe(time.Since(start).Seconds())
+	full, verr := s.verifyStored(ctx, blob.Claim{Bucket: claim.Bucket, Name: claim.ObjectName, MediaType: claim.MediaType, Key: req.Key,
+		Size: req.Size, SHA256: req.Sha256, SHA1: req.Sha1, CRC32C: req.Crc32C, Generation: req.Generation})
 	switch {
 	case errors.Is(verr, blob.ErrMismatch), errors.Is(verr, blob.ErrNotFound):
 		return nil, s.rejectFill(ctx, claim, claimRev, status.Errorf(codes.FailedPrecondition, "fill verification failed: %v", verr))
@@ -254,6 +257,16 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 	s.metrics.fills.WithLabelValues("ready").Inc()
 	s.cfg.Log.Info("object ready", "key", req.Key, "target", claim.Target, "size", req.Size, "generation", req.Generation, "full_verify", full)
 	return &pb.ReportFillResponse{Object: obj}, nil
+}
+
+// verifyStored checks that the store holds the object c describes (see blob.Store.Verify); a
+// VerifyFullFraction share of objects is also read back and hashed (full). Fills and copies alike.
+func (s *Service) verifyStored(ctx context.Context, c blob.Claim) (full bool, err error) {
+	full = s.cfg.VerifyFullFraction >= 1 || (s.cfg.VerifyFullFraction > 0 && rand.Float64() < s.cfg.VerifyFullFraction)
+	start := time.Now()
+	err = s.cfg.Store.Verify(ctx, c, full)
+	s.metrics.verify.WithLabelValues(strconv.FormatBool(full)).Observe(time.Since(start).Seconds())
+	return full, err
 }
 
 func validateReport(req *pb.ReportFillRequest) error {

@@ -212,10 +212,11 @@ func (in *Instance) startService(ctx context.Context, o Options, endpoints []str
 	in.Service = NewService(reg, w, cfg)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	in.cancel = cancel
-	in.wg.Add(3)
+	in.wg.Add(4)
 	go func() { defer in.wg.Done(); w.Run(runCtx) }()
 	go func() { defer in.wg.Done(); in.Service.RunJanitor(runCtx, in.cli, o.ID) }()
 	go func() { defer in.wg.Done(); in.Service.runExtensions(runCtx, in.Service.cfg.Janitor.ExtendInterval) }()
+	go func() { defer in.wg.Done(); in.Service.runCopyRequests(runCtx, in.Service.cfg.Janitor.CopyInterval) }()
 	select {
 	case <-w.Ready():
 		return nil

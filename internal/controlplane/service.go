@@ -52,6 +52,7 @@ type Store interface {
 	Delete(ctx context.Context, bucket, name string, generation int64) error
 	List(ctx context.Context, bucket, prefix string, fn func(blob.Listed) bool) error
 	Put(ctx context.Context, bucket, name, mediaType string, data []byte) error
+	Copy(ctx context.Context, srcBucket, srcName string, srcGeneration int64, dstBucket, dstName string) (blob.Attrs, error)
 }
 
 // Service implements the PlacementService and AdminService servers.
@@ -74,6 +75,10 @@ type Service struct {
 	claims      *claimLimiter
 	extender    extender
 	probeClient *http.Client
+	// hot counts cross-region redirects; copyRequests holds the copies its counts call for until
+	// runCopyRequests queues them in etcd.
+	hot          *hotKeys
+	copyRequests pendingCopies
 }
 
 // view is the placement form of a snapshot's targets and policy, rebuilt only when they change
@@ -82,6 +87,17 @@ type view struct {
 	targetsRevision int64
 	targets         map[string]placement.Target
 	policy          placement.Policy
+	// stored is the regions that have an active, healthy target: the only ones a cross-region
+	// copy can go to, so the only ones whose redirects are counted.
+	stored map[string]bool
+	copies copySettings
+}
+
+// copySettings are the policy's cross-region copy settings with defaults applied.
+type copySettings struct {
+	off       bool
+	threshold uint32
+	window    time.Duration
 }
 
 // NewService returns a service over a registry and a running watcher of the same prefix.
@@ -103,7 +119,7 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 		cfg.ProbeTransport = http.DefaultTransport.(*http.Transport).Clone()
 	}
 	return &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log),
-		probeClient: &http.Client{Transport: cfg.ProbeTransport}}
+		probeClient: &http.Client{Transport: cfg.ProbeTransport}, hot: newHotKeys(cfg.Janitor.HotKeys)}
 }
 
 // Metrics returns the service's metrics.
@@ -113,13 +129,23 @@ func (s *Service) viewOf(snap *targets.Snapshot) *view {
 	if v := s.view.Load(); v != nil && v.targetsRevision == snap.TargetsRevision {
 		return v
 	}
-	v := &view{targetsRevision: snap.TargetsRevision, targets: make(map[string]placement.Target, len(snap.Targets()))}
+	v := &view{targetsRevision: snap.TargetsRevision, targets: make(map[string]placement.Target, len(snap.Targets())),
+		stored: map[string]bool{}}
 	for _, t := range snap.Targets() {
 		v.targets[t.Name] = placement.Target{Name: t.Name, Region: t.Region, Weight: t.Weight,
 			State: stateOf(t.State), Healthy: t.Healthy}
+		if t.Healthy && t.State == pb.TargetState_TARGET_STATE_ACTIVE && t.Weight > 0 {
+			v.stored[t.Region] = true
+		}
 	}
 	p := snap.Policy()
-	v.policy = placement.Policy{MinRedirectBytes: p.MinRedirectBytes, RegionPreference: p.RegionPreference}
+	v.policy = placement.Policy{MinRedirectBytes: p.MinRedirectBytes, RegionPreference: p.RegionPreference,
+		ForbidCrossRegionFills: p.ForbidCrossRegionFills}
+	v.copies = copySettings{off: p.DisableCrossRegionCopies, threshold: p.CrossRegionCopyThreshold,
+		window: policyDuration(p.GetCrossRegionCopyWindow(), targets.DefaultCrossRegionCopyWindow)}
+	if v.copies.threshold == 0 {
+		v.copies.threshold = targets.DefaultCrossRegionCopyThreshold
+	}
 	s.view.Store(v)
 	return v
 }

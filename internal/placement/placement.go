@@ -2,9 +2,14 @@
 // copy, or inline (with, on a miss, a grant to fill a target). It is a pure function over plain
 // data: no I/O, no clock (the time is part of the request), no etcd or gRPC.
 //
-// Ranking among candidates is, in order: targets that are not draining, the agent's own region,
-// the policy's region preference, then weighted rendezvous hashing on the content key, so equal
-// inputs give equal answers and adding or removing one of N targets moves about 1/N of the keys.
+// Ranking among copies is, in order: targets that are not draining, the agent's own region, the
+// policy's region preference, then weighted rendezvous hashing on the content key, so equal inputs
+// give equal answers and adding or removing one of N targets moves about 1/N of the keys.
+//
+// A fill goes to an active target in the agent's region; a region without one fails over to the
+// first region of the policy's preference that has one, then to weighted rendezvous over every
+// other region, unless the policy forbids cross-region fills. Home and InRegion make the same
+// choices for copies the control plane makes itself (drain migration, cross-region copies).
 package placement
 
 import (
@@ -42,6 +47,9 @@ type Copy struct {
 type Policy struct {
 	MinRedirectBytes uint64
 	RegionPreference []string
+	// ForbidCrossRegionFills keeps every fill in the agent's own region (data residency): an agent
+	// whose region has no fillable target fills nothing.
+	ForbidCrossRegionFills bool
 }
 
 // Request is one placement question.
@@ -74,14 +82,15 @@ type Reason string
 
 // Reasons.
 const (
-	ReasonReady          Reason = "ready"            // redirect to a READY copy
-	ReasonNoCandidates   Reason = "no_candidates"    // no accepted target is known, healthy and enabled
-	ReasonBelowMinSize   Reason = "below_min_size"   // too small to be worth a redirect
-	ReasonFill           Reason = "fill"             // miss; fill at a target in the agent's region
-	ReasonFillRemote     Reason = "fill_remote"      // miss; fill at a preferred other region
-	ReasonNoFillTarget   Reason = "no_fill_target"   // miss; no active candidate may be filled
-	ReasonFillInProgress Reason = "fill_in_progress" // miss; another agent holds the claim
-	ReasonClaimFailed    Reason = "claim_failed"     // miss; the claim could not be recorded
+	ReasonReady                Reason = "ready"                       // redirect to a READY copy
+	ReasonNoCandidates         Reason = "no_candidates"               // no accepted target is known, healthy and enabled
+	ReasonBelowMinSize         Reason = "below_min_size"              // too small to be worth a redirect
+	ReasonFill                 Reason = "fill"                        // miss; fill at a target in the agent's region
+	ReasonFillRemote           Reason = "fill_remote"                 // miss; no fillable target in the agent's region, fill in another
+	ReasonNoFillTarget         Reason = "no_fill_target"              // miss; no active candidate may be filled
+	ReasonCrossRegionForbidden Reason = "cross_region_fill_forbidden" // miss; only other regions could be filled, and the policy forbids it
+	ReasonFillInProgress       Reason = "fill_in_progress"            // miss; another agent holds the claim
+	ReasonClaimFailed          Reason = "claim_failed"                // miss; the claim could not be recorded
 )
 
 // Decision is the answer.
@@ -132,18 +141,52 @@ func Decide(targets map[string]Target, copies []Copy, p Policy, req Request) Dec
 	if !hasCandidate {
 		return Decision{Result: Inline, Reason: ReasonNoCandidates}
 	}
-	if fill := fillTarget(targets, req, req.Region); fill != "" {
-		return Decision{Result: Inline, Reason: ReasonFill, Fill: fill}
+	fill, reason := fillChoice(targets, req.Accepted, req.Key, req.Region, p)
+	return Decision{Result: Inline, Reason: reason, Fill: fill}
+}
+
+// Home is the target a copy of key made for region belongs at, chosen among every known target
+// the way a fill for an agent in region is: the region's own targets, then the policy's region
+// preference, then the rest (only the region's own when cross-region fills are forbidden). It
+// returns "" when no active, healthy target qualifies. Draining targets' copies move here.
+func Home(targets map[string]Target, p Policy, key, region string) string {
+	name, _ := fillChoice(targets, nil, key, region, p)
+	return name
+}
+
+// InRegion is the weighted-rendezvous choice for key among the active, healthy targets in region,
+// or "" if it has none. Cross-region copies go there.
+func InRegion(targets map[string]Target, key, region string) string {
+	return choose(targets, nil, key, func(r string) bool { return r == region })
+}
+
+// fillChoice picks the fill target among names (every known target when nil): the agent's
+// region, then each region of the policy's preference in order, then weighted rendezvous over all
+// the remaining regions at once.
+func fillChoice(targets map[string]Target, names []string, key, region string, p Policy) (string, Reason) {
+	if fill := choose(targets, names, key, func(r string) bool { return r == region }); fill != "" {
+		return fill, ReasonFill
 	}
-	for _, region := range p.RegionPreference {
-		if region == req.Region {
+	if p.ForbidCrossRegionFills {
+		if choose(targets, names, key, func(r string) bool { return r != region }) != "" {
+			return "", ReasonCrossRegionForbidden
+		}
+		return "", ReasonNoFillTarget
+	}
+	for _, pr := range p.RegionPreference {
+		if pr == region {
 			continue
 		}
-		if fill := fillTarget(targets, req, region); fill != "" {
-			return Decision{Result: Inline, Reason: ReasonFillRemote, Fill: fill}
+		if fill := choose(targets, names, key, func(r string) bool { return r == pr }); fill != "" {
+			return fill, ReasonFillRemote
 		}
 	}
-	return Decision{Result: Inline, Reason: ReasonNoFillTarget}
+	// Preferred regions have no fillable target here (or the loop above would have returned), so
+	// "any other region" is the rest.
+	if fill := choose(targets, names, key, func(r string) bool { return r != region }); fill != "" {
+		return fill, ReasonFillRemote
+	}
+	return "", ReasonNoFillTarget
 }
 
 // usable reports whether t may serve anything at all.
@@ -163,18 +206,29 @@ func candidate(targets map[string]Target, accepted []string, name string) (Targe
 	return Target{}, false
 }
 
-// fillTarget is the weighted-rendezvous choice among active accepted candidates in region. A name
-// the client lists twice scores the same both times, so duplicates need no special case.
-func fillTarget(targets map[string]Target, req Request, region string) string {
+// choose is the weighted-rendezvous choice among the active, usable targets named in names (every
+// known target when nil) whose region satisfies in. A name listed twice scores the same both
+// times, and ties go to the smaller name, so neither order nor duplicates change the answer.
+func choose(targets map[string]Target, names []string, key string, in func(region string) bool) string {
 	var best string
 	var bestScore float64
-	for _, name := range req.Accepted {
-		t, ok := targets[name]
-		if !ok || !usable(t) || t.State != Active || t.Region != region {
-			continue
+	consider := func(t Target) {
+		if !usable(t) || t.State != Active || !in(t.Region) {
+			return
 		}
-		if s := Score(req.Key, t.Name, t.Weight); best == "" || s > bestScore || (s == bestScore && name < best) {
-			best, bestScore = name, s
+		if s := Score(key, t.Name, t.Weight); best == "" || s > bestScore || (s == bestScore && t.Name < best) {
+			best, bestScore = t.Name, s
+		}
+	}
+	if names == nil {
+		for _, t := range targets {
+			consider(t)
+		}
+		return best
+	}
+	for _, name := range names {
+		if t, ok := targets[name]; ok {
+			consider(t)
 		}
 	}
 	return best

@@ -198,3 +198,125 @@ func TestWeightsSplitProportionally(t *testing.T) {
 		}
 	}
 }
+
+// Two regions and the ways an operator takes a region's store away: drain, disable, lose it
+// (unhealthy), or forbid fills from leaving a region.
+func TestDecideAcrossRegions(t *testing.T) {
+	us := Target{Name: "us-gcs", Region: "us"}
+	eu := Target{Name: "eu-gcs", Region: "eu"}
+	ap := Target{Name: "ap-gcs", Region: "ap"}
+	sa := Target{Name: "sa-gcs", Region: "sa"}
+	with := func(state State, healthy bool, t Target) Target {
+		t.State, t.Healthy, t.Weight = state, healthy, 1
+		return t
+	}
+	euDraining, euDisabled, euSick := with(Draining, true, eu), with(Disabled, true, eu), with(Active, false, eu)
+	mk := func(ts ...Target) map[string]Target {
+		m := map[string]Target{}
+		for _, t := range ts {
+			if t.Weight == 0 {
+				t = with(t.State, true, t)
+			}
+			m[t.Name] = t
+		}
+		return m
+	}
+	all := []string{"us-gcs", "eu-gcs", "ap-gcs", "sa-gcs"}
+	copyAt := func(name string) []Copy { return []Copy{{Target: name, Size: 500}} }
+	redirect := func(name string) Decision {
+		return Decision{Result: Redirect, Reason: ReasonReady, Copy: Copy{Target: name, Size: 500}}
+	}
+	fillAt := func(name string, r Reason) Decision { return Decision{Result: Inline, Reason: r, Fill: name} }
+	noPref, euFirst := Policy{}, Policy{RegionPreference: []string{"ap", "us"}}
+	forbid := Policy{RegionPreference: []string{"us"}, ForbidCrossRegionFills: true}
+	cases := []struct {
+		name    string
+		targets map[string]Target
+		copies  []Copy
+		pol     Policy
+		want    Decision
+	}{
+		{"own region fills", mk(us, eu), nil, noPref, fillAt("eu-gcs", ReasonFill)},
+		{"draining own region fails over to a region not in the preference", mk(us, euDraining), nil, noPref, fillAt("us-gcs", ReasonFillRemote)},
+		{"disabled own region fails over", mk(us, euDisabled), nil, noPref, fillAt("us-gcs", ReasonFillRemote)},
+		{"unhealthy own region fails over", mk(us, euSick), nil, noPref, fillAt("us-gcs", ReasonFillRemote)},
+		{"failover takes the preference's first region that has a target", mk(us, euDisabled, ap, sa), nil, euFirst, fillAt("ap-gcs", ReasonFillRemote)},
+		{"failover skips preferred regions without a fillable target", mk(us, euDisabled, with(Draining, true, ap), sa), nil, euFirst, fillAt("us-gcs", ReasonFillRemote)},
+		{"forbidden failover fills nothing", mk(us, euDisabled), nil, forbid, Decision{Result: Inline, Reason: ReasonCrossRegionForbidden}},
+		{"forbidden failover still fills in the own region", mk(us, eu), nil, forbid, fillAt("eu-gcs", ReasonFill)},
+		{"no fillable target anywhere", mk(with(Draining, true, us), euDraining), nil, noPref, Decision{Result: Inline, Reason: ReasonNoFillTarget}},
+		{"a draining target serves its sole copy", mk(us, euDraining), copyAt("eu-gcs"), noPref, redirect("eu-gcs")},
+		{"a draining target serves its sole copy cross-region", mk(us, euDraining), copyAt("eu-gcs"), forbid, redirect("eu-gcs")},
+		{"a draining copy yields to a copy in another region", mk(us, euDraining),
+			[]Copy{{Target: "eu-gcs", Size: 500}, {Target: "us-gcs", Size: 500}}, noPref, redirect("us-gcs")},
+		{"a draining copy is used while the other copy's target is unhealthy", mk(with(Active, false, us), euDraining),
+			[]Copy{{Target: "eu-gcs", Size: 500}, {Target: "us-gcs", Size: 500}}, noPref, redirect("eu-gcs")},
+		{"a disabled target's copy is never used", mk(us, euDisabled), copyAt("eu-gcs"), noPref, fillAt("us-gcs", ReasonFillRemote)},
+		{"an in-region copy beats a cross-region one", mk(us, eu),
+			[]Copy{{Target: "us-gcs", Size: 500}, {Target: "eu-gcs", Size: 500}}, euFirst, redirect("eu-gcs")},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			req := Request{Key: "k", Accepted: all, Region: "eu", Now: now}
+			got := Decide(c.targets, c.copies, c.pol, req)
+			if got != c.want {
+				t.Fatalf("got %+v\nwant %+v", got, c.want)
+			}
+			if again := Decide(c.targets, c.copies, c.pol, req); again != got {
+				t.Fatalf("not deterministic: %+v then %+v", got, again)
+			}
+		})
+	}
+}
+
+// Failover to the regions outside the preference spreads by weight, like fills within a region,
+// and ignores the order the client lists targets in.
+func TestFailoverToUnpreferredRegionsIsWeightedRendezvous(t *testing.T) {
+	targets := fleet(Target{Name: "eu", Region: "eu", State: Disabled}, Target{Name: "ap", Region: "ap", Weight: 1},
+		Target{Name: "sa", Region: "sa", Weight: 3})
+	const keys = 20000
+	counts := map[string]int{}
+	for i := range keys {
+		req := Request{Key: fmt.Sprint(i), Accepted: []string{"eu", "ap", "sa"}, Region: "eu", Now: now}
+		d := Decide(targets, nil, Policy{}, req)
+		req.Accepted = []string{"sa", "ap", "eu"}
+		if again := Decide(targets, nil, Policy{}, req); again != d {
+			t.Fatalf("key %d: client order changed the fill: %+v, %+v", i, d, again)
+		}
+		counts[d.Fill]++
+	}
+	if got := float64(counts["sa"]) / keys; math.Abs(got-0.75) > 0.03 {
+		t.Fatalf("sa got %.3f of the failed-over keys, want 0.75 (weights 1:3): %v", got, counts)
+	}
+}
+
+func TestHomeAndInRegion(t *testing.T) {
+	targets := fleet(Target{Name: "eu-a", Region: "eu", State: Draining}, Target{Name: "eu-b", Region: "eu"},
+		Target{Name: "us-a", Region: "us"}, Target{Name: "ap-a", Region: "ap"})
+	pref := Policy{RegionPreference: []string{"ap"}}
+	cases := []struct {
+		name    string
+		targets map[string]Target
+		pol     Policy
+		region  string
+		home    string
+		in      string
+	}{
+		{"the region's own active target", targets, pref, "eu", "eu-b", "eu-b"},
+		{"a region without targets: the preference first", targets, pref, "sa", "ap-a", ""},
+		{"a region without targets and no preference: any", fleet(Target{Name: "us-a", Region: "us"}), Policy{}, "sa", "us-a", ""},
+		{"forbidden across regions", targets, Policy{RegionPreference: []string{"ap"}, ForbidCrossRegionFills: true}, "sa", "", ""},
+		{"only a draining target in the region", fleet(Target{Name: "eu-a", Region: "eu", State: Draining}, Target{Name: "us-a", Region: "us"}),
+			Policy{}, "eu", "us-a", ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if got := Home(c.targets, c.pol, "k", c.region); got != c.home {
+				t.Errorf("Home = %q, want %q", got, c.home)
+			}
+			if got := InRegion(c.targets, "k", c.region); got != c.in {
+				t.Errorf("InRegion = %q, want %q", got, c.in)
+			}
+		})
+	}
+}

@@ -35,8 +35,10 @@ const DefaultPrefix = "/detour/v1/"
 
 // Defaults of the policy when none is stored or a field is zero.
 const (
-	DefaultFillClaimTTL = 60 * time.Second
-	DefaultSignedURLTTL = 15 * time.Minute
+	DefaultFillClaimTTL             = 60 * time.Second
+	DefaultSignedURLTTL             = 15 * time.Minute
+	DefaultCrossRegionCopyThreshold = 10
+	DefaultCrossRegionCopyWindow    = 10 * time.Minute
 )
 
 // Registry writes Detour's state to etcd.
@@ -75,6 +77,7 @@ func (r *Registry) healthKey(name string) string { return r.prefix + "health/" +
 func (r *Registry) fillKey(key string) string    { return r.prefix + "fills/" + key }
 func (r *Registry) policyKey() string            { return r.prefix + "policy" }
 func (r *Registry) garbageKey(id string) string  { return r.prefix + "garbage/" + id }
+func (r *Registry) copyKey(id string) string     { return r.prefix + "copies/" + id }
 func (r *Registry) objectKey(key, target string) string {
 	return r.prefix + "objects/" + key + "/" + target
 }
@@ -589,6 +592,65 @@ func (r *Registry) Extend(ctx context.Context, xs []Extension) (int, error) {
 	}
 	n, _, err := r.writeEach(ctx, "extend objects", ws)
 	return n, err
+}
+
+// CopyID names a copy request: region/key.
+func CopyID(region, key string) string { return region + "/" + key }
+
+// QueueCopy asks for a copy of req.Key in req.Region unless that copy is already asked for, for
+// at least ttl (at most ttl·5/4: requests share leases like claims). It reports whether this call
+// queued it. The caller has validated the key and the region.
+func (r *Registry) QueueCopy(ctx context.Context, req *pb.CopyRequest, ttl time.Duration) (bool, error) {
+	lease, err := r.claimLease(ctx, ttl)
+	if err != nil {
+		return false, fmt.Errorf("queue copy of %s to %s: grant lease: %w", req.Key, req.Region, err)
+	}
+	k := r.copyKey(CopyID(req.Region, req.Key))
+	resp, err := r.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
+		Then(clientv3.OpPut(k, marshal(req), clientv3.WithLease(lease))).
+		Commit()
+	if err != nil {
+		r.forgetLease(ttl, lease)
+		return false, fmt.Errorf("queue copy of %s to %s: %w", req.Key, req.Region, outcomeUnknown(err))
+	}
+	return resp.Succeeded, nil
+}
+
+// CopyEntry is one queued copy request.
+type CopyEntry struct {
+	ID          string
+	ModRevision int64
+	Request     *pb.CopyRequest
+}
+
+// ListCopyRequests returns up to limit queued copy requests, oldest first.
+func (r *Registry) ListCopyRequests(ctx context.Context, limit int64) ([]CopyEntry, error) {
+	resp, err := r.cli.Get(ctx, r.copyKey(""), clientv3.WithPrefix(), clientv3.WithLimit(limit),
+		clientv3.WithSort(clientv3.SortByModRevision, clientv3.SortAscend))
+	if err != nil {
+		return nil, fmt.Errorf("list copy requests: %w", err)
+	}
+	out := make([]CopyEntry, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		q := &pb.CopyRequest{}
+		if err := proto.Unmarshal(kv.Value, q); err != nil {
+			return nil, fmt.Errorf("copy request %s: stored value: %w", kv.Key, err)
+		}
+		out = append(out, CopyEntry{ID: strings.TrimPrefix(string(kv.Key), r.copyKey("")), ModRevision: kv.ModRevision, Request: q})
+	}
+	return out, nil
+}
+
+// CopyRequestsDone removes copy requests, each only if it is still the one that was read.
+func (r *Registry) CopyRequestsDone(ctx context.Context, es []CopyEntry) error {
+	ws := make([]guarded, len(es))
+	for i, e := range es {
+		k := r.copyKey(e.ID)
+		ws[i] = guarded{key: k, rev: e.ModRevision, ops: []clientv3.Op{clientv3.OpDelete(k)}}
+	}
+	_, _, err := r.writeEach(ctx, "copy requests done", ws)
+	return err
 }
 
 // SetHealth records the prober's verdict on a target. Only the elected prober writes it.

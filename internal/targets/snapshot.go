@@ -235,6 +235,18 @@ func (s *Snapshot) EachObject(fn func(key Key, o *Object) bool) {
 	}
 }
 
+// EachKey calls fn with every key and all its copies, in no particular order, until fn returns
+// false (do not modify the copies).
+func (s *Snapshot) EachKey(fn func(key Key, copies []Object) bool) {
+	for i := range s.objects.shards {
+		for k, copies := range s.objects.shards[i] {
+			if !fn(k, copies) {
+				return
+			}
+		}
+	}
+}
+
 // Health returns the prober's last verdict on a target, if any.
 func (s *Snapshot) Health(name string) (*pb.TargetHealth, bool) {
 	h, ok := s.health[name]

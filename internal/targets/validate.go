@@ -40,6 +40,8 @@ const (
 	MaxGoogleAccessIDLength = 256
 	// MaxRegionPreference is the most regions a policy ranks.
 	MaxRegionPreference = 64
+	// MaxCrossRegionCopyThreshold bounds the policy's cross-region redirects before a copy.
+	MaxCrossRegionCopyThreshold = 1000000
 	// MaxKeyPrefixLength is the longest key prefix ListObjects accepts: a whole content key.
 	MaxKeyPrefixLength = 64
 	// DefaultPageSize is the page size of ListObjects when the request names none.
@@ -364,6 +366,9 @@ func ValidatePolicy(p *pb.Policy) error {
 		}
 		first[r] = i
 	}
+	if n := p.CrossRegionCopyThreshold; n > MaxCrossRegionCopyThreshold {
+		return invalid("policy.cross_region_copy_threshold", "%d is more than the limit of %d", n, MaxCrossRegionCopyThreshold)
+	}
 	for _, d := range []struct {
 		field    string
 		v        *durationpb.Duration // nil reads as zero: the default
@@ -372,6 +377,7 @@ func ValidatePolicy(p *pb.Policy) error {
 		{"policy.signed_url_ttl", p.SignedUrlTtl, time.Second, MaxSignedURLTTL},
 		{"policy.fill_claim_ttl", p.FillClaimTtl, 5 * time.Second, time.Hour},
 		{"policy.object_ttl", p.ObjectTtl, 0, 10 * 365 * 24 * time.Hour},
+		{"policy.cross_region_copy_window", p.CrossRegionCopyWindow, time.Second, 24 * time.Hour},
 	} {
 		if d.v != nil && !d.v.IsValid() {
 			return invalid(d.field, "is not a valid duration")

@@ -131,6 +131,9 @@ func TestOversizeAndOutOfRangeInputIsRejectedNamingFieldAndLimit(t *testing.T) {
 			p.RegionPreference = append(p.RegionPreference, "us-east1")
 		})},
 		{"policy.fill_claim_ttl", "1h0m0s", checkPolicy(func(p *pb.Policy) { p.FillClaimTtl = durationpb.New(2 * time.Hour) })},
+		{"policy.cross_region_copy_threshold", "1000000", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyThreshold = MaxCrossRegionCopyThreshold + 1 })},
+		{"policy.cross_region_copy_window", "24h0m0s", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyWindow = durationpb.New(25 * time.Hour) })},
+		{"policy.cross_region_copy_window", "1s", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyWindow = durationpb.New(time.Millisecond) })},
 		{"key", "64 lower-case hex digits", func() error { return ValidateKey("key", huge) }},
 		{"key", "64 lower-case hex digits", func() error { return ValidateKey("key", strings.Repeat("a", 65)) }},
 		{"page_token", "64 lower-case hex digits", func() error { return ValidateKey("page_token", huge) }},
@@ -175,6 +178,9 @@ func TestValuesAtTheLimitsAreAccepted(t *testing.T) {
 			t.UrlForm = signed(time.Hour, strings.Repeat("a", MaxGoogleAccessIDLength))
 		})},
 		{"64 regions", checkPolicy(func(p *pb.Policy) { p.RegionPreference = regions(MaxRegionPreference) })},
+		{"cross-region copy bounds", checkPolicy(func(p *pb.Policy) {
+			p.CrossRegionCopyThreshold, p.CrossRegionCopyWindow = MaxCrossRegionCopyThreshold, durationpb.New(24*time.Hour)
+		})},
 		{"key prefix of 64", func() error { return ValidateKeyPrefix("key_prefix", strings.Repeat("f", MaxKeyPrefixLength)) }},
 		{"empty key prefix", func() error { return ValidateKeyPrefix("key_prefix", "") }},
 		{"page size 1000", pageSize(MaxPageSize)},

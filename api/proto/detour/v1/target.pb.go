@@ -368,8 +368,10 @@ type Target struct {
 	Uid string `protobuf:"bytes,14,opt,name=uid,proto3" json:"uid,omitempty"`
 	// Set by the server: why the target is unhealthy, empty when healthy.
 	UnhealthyReason string `protobuf:"bytes,15,opt,name=unhealthy_reason,json=unhealthyReason,proto3" json:"unhealthy_reason,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Set by the server on reads of a DRAINING target: how far its drain has come.
+	Drain         *DrainProgress `protobuf:"bytes,16,opt,name=drain,proto3" json:"drain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Target) Reset() {
@@ -507,6 +509,69 @@ func (x *Target) GetUnhealthyReason() string {
 	return ""
 }
 
+func (x *Target) GetDrain() *DrainProgress {
+	if x != nil {
+		return x.Drain
+	}
+	return nil
+}
+
+// DrainProgress is what a draining target still holds.
+type DrainProgress struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// READY copies at the target whose key has no READY copy at any ACTIVE target: a draining
+	// target keeps serving these. The drain is complete when this is 0.
+	SoleCopies uint64 `protobuf:"varint,1,opt,name=sole_copies,json=soleCopies,proto3" json:"sole_copies,omitempty"`
+	// All READY copies at the target.
+	Copies        uint64 `protobuf:"varint,2,opt,name=copies,proto3" json:"copies,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainProgress) Reset() {
+	*x = DrainProgress{}
+	mi := &file_detour_v1_target_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainProgress) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainProgress) ProtoMessage() {}
+
+func (x *DrainProgress) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_target_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainProgress.ProtoReflect.Descriptor instead.
+func (*DrainProgress) Descriptor() ([]byte, []int) {
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *DrainProgress) GetSoleCopies() uint64 {
+	if x != nil {
+		return x.SoleCopies
+	}
+	return 0
+}
+
+func (x *DrainProgress) GetCopies() uint64 {
+	if x != nil {
+		return x.Copies
+	}
+	return 0
+}
+
 // TargetHealth is the prober's verdict on a target, written on every change of verdict.
 type TargetHealth struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -522,7 +587,7 @@ type TargetHealth struct {
 
 func (x *TargetHealth) Reset() {
 	*x = TargetHealth{}
-	mi := &file_detour_v1_target_proto_msgTypes[4]
+	mi := &file_detour_v1_target_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -534,7 +599,7 @@ func (x *TargetHealth) String() string {
 func (*TargetHealth) ProtoMessage() {}
 
 func (x *TargetHealth) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_target_proto_msgTypes[4]
+	mi := &file_detour_v1_target_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -547,7 +612,7 @@ func (x *TargetHealth) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TargetHealth.ProtoReflect.Descriptor instead.
 func (*TargetHealth) Descriptor() ([]byte, []int) {
-	return file_detour_v1_target_proto_rawDescGZIP(), []int{4}
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TargetHealth) GetTarget() string {
@@ -614,7 +679,7 @@ type StoredObject struct {
 
 func (x *StoredObject) Reset() {
 	*x = StoredObject{}
-	mi := &file_detour_v1_target_proto_msgTypes[5]
+	mi := &file_detour_v1_target_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -626,7 +691,7 @@ func (x *StoredObject) String() string {
 func (*StoredObject) ProtoMessage() {}
 
 func (x *StoredObject) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_target_proto_msgTypes[5]
+	mi := &file_detour_v1_target_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -639,7 +704,7 @@ func (x *StoredObject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredObject.ProtoReflect.Descriptor instead.
 func (*StoredObject) Descriptor() ([]byte, []int) {
-	return file_detour_v1_target_proto_rawDescGZIP(), []int{5}
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StoredObject) GetKey() string {
@@ -757,7 +822,7 @@ type GarbageObject struct {
 
 func (x *GarbageObject) Reset() {
 	*x = GarbageObject{}
-	mi := &file_detour_v1_target_proto_msgTypes[6]
+	mi := &file_detour_v1_target_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -769,7 +834,7 @@ func (x *GarbageObject) String() string {
 func (*GarbageObject) ProtoMessage() {}
 
 func (x *GarbageObject) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_target_proto_msgTypes[6]
+	mi := &file_detour_v1_target_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -782,7 +847,7 @@ func (x *GarbageObject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GarbageObject.ProtoReflect.Descriptor instead.
 func (*GarbageObject) Descriptor() ([]byte, []int) {
-	return file_detour_v1_target_proto_rawDescGZIP(), []int{6}
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GarbageObject) GetBucket() string {
@@ -842,14 +907,27 @@ type Policy struct {
 	// means the default, 30 days.
 	ObjectTtl *durationpb.Duration `protobuf:"bytes,5,opt,name=object_ttl,json=objectTtl,proto3" json:"object_ttl,omitempty"`
 	// Set by the server: etcd mod revision, for compare-and-swap.
-	Revision      int64 `protobuf:"varint,6,opt,name=revision,proto3" json:"revision,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Revision int64 `protobuf:"varint,6,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Keep every fill in the region of the agent that asked (data residency). By default an agent
+	// whose region has no fillable target fills in the first region of region_preference that has
+	// one, then in any region; and draining targets' copies move to another region when theirs has
+	// no active target. Set, neither happens.
+	ForbidCrossRegionFills bool `protobuf:"varint,7,opt,name=forbid_cross_region_fills,json=forbidCrossRegionFills,proto3" json:"forbid_cross_region_fills,omitempty"`
+	// A key redirected across regions more than this many times within cross_region_copy_window
+	// (as counted by one control-plane replica) gets a server-side copy in the requesting agent's
+	// region. 0: the default, 10; at most 1000000.
+	CrossRegionCopyThreshold uint32 `protobuf:"varint,8,opt,name=cross_region_copy_threshold,json=crossRegionCopyThreshold,proto3" json:"cross_region_copy_threshold,omitempty"`
+	// 0: the default, 10 minutes; between 1s and 24h.
+	CrossRegionCopyWindow *durationpb.Duration `protobuf:"bytes,9,opt,name=cross_region_copy_window,json=crossRegionCopyWindow,proto3" json:"cross_region_copy_window,omitempty"`
+	// Make no cross-region copies.
+	DisableCrossRegionCopies bool `protobuf:"varint,10,opt,name=disable_cross_region_copies,json=disableCrossRegionCopies,proto3" json:"disable_cross_region_copies,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
 }
 
 func (x *Policy) Reset() {
 	*x = Policy{}
-	mi := &file_detour_v1_target_proto_msgTypes[7]
+	mi := &file_detour_v1_target_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -861,7 +939,7 @@ func (x *Policy) String() string {
 func (*Policy) ProtoMessage() {}
 
 func (x *Policy) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_target_proto_msgTypes[7]
+	mi := &file_detour_v1_target_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -874,7 +952,7 @@ func (x *Policy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Policy.ProtoReflect.Descriptor instead.
 func (*Policy) Descriptor() ([]byte, []int) {
-	return file_detour_v1_target_proto_rawDescGZIP(), []int{7}
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Policy) GetMinRedirectBytes() uint64 {
@@ -919,6 +997,34 @@ func (x *Policy) GetRevision() int64 {
 	return 0
 }
 
+func (x *Policy) GetForbidCrossRegionFills() bool {
+	if x != nil {
+		return x.ForbidCrossRegionFills
+	}
+	return false
+}
+
+func (x *Policy) GetCrossRegionCopyThreshold() uint32 {
+	if x != nil {
+		return x.CrossRegionCopyThreshold
+	}
+	return 0
+}
+
+func (x *Policy) GetCrossRegionCopyWindow() *durationpb.Duration {
+	if x != nil {
+		return x.CrossRegionCopyWindow
+	}
+	return nil
+}
+
+func (x *Policy) GetDisableCrossRegionCopies() bool {
+	if x != nil {
+		return x.DisableCrossRegionCopies
+	}
+	return false
+}
+
 // FillClaim is the record of one agent filling one key (stored in etcd under a lease).
 type FillClaim struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
@@ -941,7 +1047,7 @@ type FillClaim struct {
 
 func (x *FillClaim) Reset() {
 	*x = FillClaim{}
-	mi := &file_detour_v1_target_proto_msgTypes[8]
+	mi := &file_detour_v1_target_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -953,7 +1059,7 @@ func (x *FillClaim) String() string {
 func (*FillClaim) ProtoMessage() {}
 
 func (x *FillClaim) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_target_proto_msgTypes[8]
+	mi := &file_detour_v1_target_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -966,7 +1072,7 @@ func (x *FillClaim) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FillClaim.ProtoReflect.Descriptor instead.
 func (*FillClaim) Descriptor() ([]byte, []int) {
-	return file_detour_v1_target_proto_rawDescGZIP(), []int{8}
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *FillClaim) GetKey() string {
@@ -1039,6 +1145,79 @@ func (x *FillClaim) GetHolder() string {
 	return ""
 }
 
+// CopyRequest asks the elected janitor for a server-side copy of key into a target in region:
+// the key was redirected across regions to agents of that region more than the policy's
+// threshold. The replica that counted the redirects writes it, under a lease of the policy's
+// window; the janitor deletes it once the copy is READY or no longer needed.
+type CopyRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Key    string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Region string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	// Cross-region redirects the requesting replica counted within the window.
+	Redirects     uint32                 `protobuf:"varint,3,opt,name=redirects,proto3" json:"redirects,omitempty"`
+	Requested     *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=requested,proto3" json:"requested,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CopyRequest) Reset() {
+	*x = CopyRequest{}
+	mi := &file_detour_v1_target_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CopyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CopyRequest) ProtoMessage() {}
+
+func (x *CopyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_target_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CopyRequest.ProtoReflect.Descriptor instead.
+func (*CopyRequest) Descriptor() ([]byte, []int) {
+	return file_detour_v1_target_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *CopyRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *CopyRequest) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *CopyRequest) GetRedirects() uint32 {
+	if x != nil {
+		return x.Redirects
+	}
+	return 0
+}
+
+func (x *CopyRequest) GetRequested() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Requested
+	}
+	return nil
+}
+
 var File_detour_v1_target_proto protoreflect.FileDescriptor
 
 const file_detour_v1_target_proto_rawDesc = "" +
@@ -1056,7 +1235,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\fcdn_base_url\x18\x02 \x01(\tH\x00R\n" +
 	"cdnBaseUrl\x12/\n" +
 	"\x06signed\x18\x03 \x01(\v2\x15.detour.v1.SignedUrlsH\x00R\x06signedB\x06\n" +
-	"\x04form\"\xdb\x03\n" +
+	"\x04form\"\x8b\x04\n" +
 	"\x06Target\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x12\n" +
@@ -1073,7 +1252,12 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\brevision\x18\f \x01(\x03R\brevision\x12\x18\n" +
 	"\ahealthy\x18\r \x01(\bR\ahealthy\x12\x10\n" +
 	"\x03uid\x18\x0e \x01(\tR\x03uid\x12)\n" +
-	"\x10unhealthy_reason\x18\x0f \x01(\tR\x0funhealthyReason\"\xa9\x01\n" +
+	"\x10unhealthy_reason\x18\x0f \x01(\tR\x0funhealthyReason\x12.\n" +
+	"\x05drain\x18\x10 \x01(\v2\x18.detour.v1.DrainProgressR\x05drain\"H\n" +
+	"\rDrainProgress\x12\x1f\n" +
+	"\vsole_copies\x18\x01 \x01(\x04R\n" +
+	"soleCopies\x12\x16\n" +
+	"\x06copies\x18\x02 \x01(\x04R\x06copies\"\xa9\x01\n" +
 	"\fTargetHealth\x12\x16\n" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x1d\n" +
 	"\n" +
@@ -1111,7 +1295,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"generation\x12\x16\n" +
 	"\x06target\x18\x04 \x01(\tR\x06target\x12\x16\n" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\x122\n" +
-	"\x06queued\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x06queued\"\xbb\x02\n" +
+	"\x06queued\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x06queued\"\xc8\x04\n" +
 	"\x06Policy\x12,\n" +
 	"\x12min_redirect_bytes\x18\x01 \x01(\x04R\x10minRedirectBytes\x12+\n" +
 	"\x11region_preference\x18\x02 \x03(\tR\x10regionPreference\x12?\n" +
@@ -1119,7 +1303,12 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\x0efill_claim_ttl\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\ffillClaimTtl\x128\n" +
 	"\n" +
 	"object_ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\tobjectTtl\x12\x1a\n" +
-	"\brevision\x18\x06 \x01(\x03R\brevision\"\xab\x02\n" +
+	"\brevision\x18\x06 \x01(\x03R\brevision\x129\n" +
+	"\x19forbid_cross_region_fills\x18\a \x01(\bR\x16forbidCrossRegionFills\x12=\n" +
+	"\x1bcross_region_copy_threshold\x18\b \x01(\rR\x18crossRegionCopyThreshold\x12R\n" +
+	"\x18cross_region_copy_window\x18\t \x01(\v2\x19.google.protobuf.DurationR\x15crossRegionCopyWindow\x12=\n" +
+	"\x1bdisable_cross_region_copies\x18\n" +
+	" \x01(\bR\x18disableCrossRegionCopies\"\xab\x02\n" +
 	"\tFillClaim\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x19\n" +
@@ -1134,7 +1323,12 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\n" +
 	"target_uid\x18\t \x01(\tR\ttargetUid\x12\x16\n" +
 	"\x06holder\x18\n" +
-	" \x01(\tR\x06holder*z\n" +
+	" \x01(\tR\x06holder\"\x8f\x01\n" +
+	"\vCopyRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
+	"\x06region\x18\x02 \x01(\tR\x06region\x12\x1c\n" +
+	"\tredirects\x18\x03 \x01(\rR\tredirects\x128\n" +
+	"\trequested\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\trequested*z\n" +
 	"\vTargetState\x12\x1c\n" +
 	"\x18TARGET_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13TARGET_STATE_ACTIVE\x10\x01\x12\x19\n" +
@@ -1158,7 +1352,7 @@ func file_detour_v1_target_proto_rawDescGZIP() []byte {
 }
 
 var file_detour_v1_target_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_detour_v1_target_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_detour_v1_target_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_detour_v1_target_proto_goTypes = []any{
 	(TargetState)(0),              // 0: detour.v1.TargetState
 	(ObjectState)(0),              // 1: detour.v1.ObjectState
@@ -1166,34 +1360,39 @@ var file_detour_v1_target_proto_goTypes = []any{
 	(*SignedUrls)(nil),            // 3: detour.v1.SignedUrls
 	(*UrlForm)(nil),               // 4: detour.v1.UrlForm
 	(*Target)(nil),                // 5: detour.v1.Target
-	(*TargetHealth)(nil),          // 6: detour.v1.TargetHealth
-	(*StoredObject)(nil),          // 7: detour.v1.StoredObject
-	(*GarbageObject)(nil),         // 8: detour.v1.GarbageObject
-	(*Policy)(nil),                // 9: detour.v1.Policy
-	(*FillClaim)(nil),             // 10: detour.v1.FillClaim
-	(*durationpb.Duration)(nil),   // 11: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
+	(*DrainProgress)(nil),         // 6: detour.v1.DrainProgress
+	(*TargetHealth)(nil),          // 7: detour.v1.TargetHealth
+	(*StoredObject)(nil),          // 8: detour.v1.StoredObject
+	(*GarbageObject)(nil),         // 9: detour.v1.GarbageObject
+	(*Policy)(nil),                // 10: detour.v1.Policy
+	(*FillClaim)(nil),             // 11: detour.v1.FillClaim
+	(*CopyRequest)(nil),           // 12: detour.v1.CopyRequest
+	(*durationpb.Duration)(nil),   // 13: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
 }
 var file_detour_v1_target_proto_depIdxs = []int32{
-	11, // 0: detour.v1.SignedUrls.ttl:type_name -> google.protobuf.Duration
+	13, // 0: detour.v1.SignedUrls.ttl:type_name -> google.protobuf.Duration
 	3,  // 1: detour.v1.UrlForm.signed:type_name -> detour.v1.SignedUrls
 	0,  // 2: detour.v1.Target.state:type_name -> detour.v1.TargetState
 	2,  // 3: detour.v1.Target.store:type_name -> detour.v1.GcsStore
 	4,  // 4: detour.v1.Target.url_form:type_name -> detour.v1.UrlForm
-	12, // 5: detour.v1.TargetHealth.since:type_name -> google.protobuf.Timestamp
-	1,  // 6: detour.v1.StoredObject.state:type_name -> detour.v1.ObjectState
-	12, // 7: detour.v1.StoredObject.created:type_name -> google.protobuf.Timestamp
-	12, // 8: detour.v1.StoredObject.expires:type_name -> google.protobuf.Timestamp
-	12, // 9: detour.v1.GarbageObject.queued:type_name -> google.protobuf.Timestamp
-	11, // 10: detour.v1.Policy.signed_url_ttl:type_name -> google.protobuf.Duration
-	11, // 11: detour.v1.Policy.fill_claim_ttl:type_name -> google.protobuf.Duration
-	11, // 12: detour.v1.Policy.object_ttl:type_name -> google.protobuf.Duration
-	12, // 13: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
-	14, // [14:14] is the sub-list for method output_type
-	14, // [14:14] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	6,  // 5: detour.v1.Target.drain:type_name -> detour.v1.DrainProgress
+	14, // 6: detour.v1.TargetHealth.since:type_name -> google.protobuf.Timestamp
+	1,  // 7: detour.v1.StoredObject.state:type_name -> detour.v1.ObjectState
+	14, // 8: detour.v1.StoredObject.created:type_name -> google.protobuf.Timestamp
+	14, // 9: detour.v1.StoredObject.expires:type_name -> google.protobuf.Timestamp
+	14, // 10: detour.v1.GarbageObject.queued:type_name -> google.protobuf.Timestamp
+	13, // 11: detour.v1.Policy.signed_url_ttl:type_name -> google.protobuf.Duration
+	13, // 12: detour.v1.Policy.fill_claim_ttl:type_name -> google.protobuf.Duration
+	13, // 13: detour.v1.Policy.object_ttl:type_name -> google.protobuf.Duration
+	13, // 14: detour.v1.Policy.cross_region_copy_window:type_name -> google.protobuf.Duration
+	14, // 15: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
+	14, // 16: detour.v1.CopyRequest.requested:type_name -> google.protobuf.Timestamp
+	17, // [17:17] is the sub-list for method output_type
+	17, // [17:17] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_detour_v1_target_proto_init() }
@@ -1212,7 +1411,7 @@ func file_detour_v1_target_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_detour_v1_target_proto_rawDesc), len(file_detour_v1_target_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   9,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
