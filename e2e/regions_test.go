@@ -22,7 +22,9 @@ import (
 func (r *rig) detourctl(args ...string) string {
 	r.t.Helper()
 	bin := filepath.Join(testbed.Binaries(r.t), "detourctl")
-	out, err := exec.Command(bin, append([]string{"--controlplane", r.cp.Addr}, args...)...).CombinedOutput()
+	op := testbed.PKI(r.t).Operator
+	out, err := exec.Command(bin, append([]string{"--controlplane", r.cp.Addr, "--tls-ca", op.CA, "--tls-cert", op.Cert,
+		"--tls-key", op.Key}, args...)...).CombinedOutput()
 	if err != nil {
 		r.t.Fatalf("detourctl %s: %v\n%s", strings.Join(args, " "), err, out)
 	}

@@ -50,6 +50,8 @@ func main() {
 	flag.StringVar(&cfg.AgentID, "agent-id", hostname, "this agent's id in fill claims")
 	flag.StringVar(&cfg.RepoID, "repo-id", "", "identity of the origin's repository in content keys (default: the origin URL)")
 	flag.DurationVar(&cfg.PlaceTimeout, "place-timeout", 50*time.Millisecond, "deadline of each Place call; past it the answer is inline")
+	flag.IntVar(&cfg.LocationCacheEntries, "location-cache-entries", 100000, "redirects reused without asking the control plane (negative: no cache)")
+	flag.DurationVar(&cfg.LocationCacheMaxAge, "location-cache-max-age", time.Minute, "longest a redirect is reused (the control plane may allow less)")
 	flag.StringVar(&cacheable, "cacheable-commands", strings.Join(agent.DefaultCacheable, ","), "commands whose responses may be redirected")
 	flag.StringVar(&cfg.StoreEndpoint, "gcs-endpoint", "", "GCS API endpoint (an emulator); empty: STORAGE_EMULATOR_HOST or Google Cloud Storage with default credentials")
 	flag.BoolVar(&cfg.NoFills, "no-fills", false, "never fill; only redirect to what other agents stored")

@@ -52,6 +52,8 @@ func main() {
 	flag.IntVar(&o.Janitor.ProbeFailures, "probe-failures", 3, "consecutive probe failures that make a target unhealthy")
 	flag.IntVar(&o.Janitor.ProbeRecoveries, "probe-recoveries", 2, "consecutive probe successes that make an unhealthy target healthy again")
 	flag.IntVar(&o.Janitor.GarbageBatch, "garbage-batch", 500, "stored objects deleted per sweep at most")
+	flag.DurationVar(&o.Janitor.GarbageGrace, "garbage-grace", 15*time.Second, "how long a retired object's bytes stay before deletion, so every agent has dropped its cached redirect first")
+	flag.DurationVar(&o.RedirectCacheMaxAge, "redirect-cache-max-age", time.Minute, "how long agents may reuse a redirect without asking (negative: no caching)")
 	flag.StringVar(&o.TLS.Cert, "tls-cert", "", "server certificate (PEM); re-read when the file changes")
 	flag.StringVar(&o.TLS.Key, "tls-key", "", "server certificate's key (PEM)")
 	flag.StringVar(&o.TLS.CA, "client-ca", "", "CA certificates that client certificates must chain to (mutual TLS)")

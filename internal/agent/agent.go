@@ -61,6 +61,11 @@ type Config struct {
 	PlaceTimeout time.Duration
 	// Cacheable are the commands whose responses may be redirected (default DefaultCacheable).
 	Cacheable []string
+	// LocationCacheEntries bounds the redirects the agent reuses without asking the control
+	// plane (default 100 000; negative: no cache), each for at most LocationCacheMaxAge (default
+	// 1m) and never past what the control plane allows.
+	LocationCacheEntries int
+	LocationCacheMaxAge  time.Duration
 
 	// Store receives fills. nil: a GCS client for StoreEndpoint is made (empty endpoint: Google
 	// Cloud Storage with the default credentials); if that fails, the agent never fills.
@@ -131,6 +136,12 @@ func (c *Config) setDefaults() error {
 	if len(c.Cacheable) == 0 {
 		c.Cacheable = DefaultCacheable
 	}
+	if c.LocationCacheEntries == 0 {
+		c.LocationCacheEntries = 100000
+	}
+	if c.LocationCacheMaxAge == 0 {
+		c.LocationCacheMaxAge = time.Minute
+	}
 	if c.FillQueueBytes <= 0 {
 		c.FillQueueBytes = 64 << 20
 	}
@@ -180,6 +191,7 @@ type Agent struct {
 	store     Store
 	ownStore  *blob.Store // closed at Shutdown when the agent made it
 
+	cache        *locationCache
 	section      atomic.Pointer[wire.RedirectSection]
 	targetsKnown atomic.Bool
 	breakers     storeBreakers
@@ -211,9 +223,12 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 		client: &http.Client{Transport: cfg.Transport}, inFlight: make(chan struct{}, cfg.MaxConcurrentRequests),
 		checks: make(chan struct{}, 4)}
 	a.budget = fillBudget{maxFills: int64(cfg.MaxFills), maxBytes: cfg.FillBytesTotal}
+	a.cache = newLocationCache(cfg.LocationCacheEntries, cfg.LocationCacheMaxAge, a.metrics)
 	a.metrics.Registry.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_agent_requests_in_flight", Help: "Requests being answered."},
 			func() float64 { return float64(len(a.inFlight)) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_agent_location_cache_entries", Help: "Redirects the agent reuses without asking the control plane."},
+			func() float64 { return float64(a.cache.len()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_agent_fills_active", Help: "Fills running."},
 			func() float64 { return float64(a.budget.active.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_agent_fill_queued_bytes", Help: "Bytes all fills hold waiting for their store."},

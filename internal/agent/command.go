@@ -75,6 +75,13 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		a.passthrough(w, r, body, "inline")
 		return
 	}
+	if hit, ok := a.cache.get(key, cmd.Redirect.Targets, time.Now()); ok {
+		if err := a.writeRedirect(w, cmd, hit.loc); err == nil {
+			a.metrics.requests.WithLabelValues("redirect").Inc()
+			a.maybeCheckLocation(key, hit.target, hit.loc)
+			return
+		}
+	}
 	d := a.place(r.Context(), key, cmd)
 	switch {
 	case d == nil:
@@ -86,6 +93,7 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 			return
 		}
 		a.metrics.requests.WithLabelValues("redirect").Inc()
+		a.cache.put(key, d, time.Now())
 		a.maybeCheckLocation(key, d.Target, d.Location)
 	case d.Fill != nil && a.admitFill(d.Fill.Target):
 		a.serveInlineWithFill(w, r, cmd, key, d.Fill)

@@ -17,6 +17,7 @@ type Metrics struct {
 	targetsRevision prometheus.Gauge
 	locationChecks  *prometheus.CounterVec
 	cpUp            prometheus.Gauge
+	cache           *prometheus.CounterVec
 }
 
 func newMetrics() *Metrics {
@@ -42,6 +43,9 @@ func newMetrics() *Metrics {
 	m.cpUp = prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_agent_controlplane_up",
 		Help: "1 while the control plane answers Place; 0 while requests skip it (answered inline) until a probe succeeds."})
 	m.cpUp.Set(1)
+	m.cache = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_location_cache_total",
+		Help: "Location cache events: hit, miss, stored, invalidated (a record changed), flushed (target set changed or stream lost), evicted."}, []string{"result"})
+	m.Registry.MustRegister(m.cache)
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), m.cpUp)
 	m.Registry.MustRegister(m.locationChecks, m.requests, m.uncacheable, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision)
 	return m

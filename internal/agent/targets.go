@@ -26,6 +26,10 @@ func (a *Agent) watchTargets(ctx context.Context) {
 					err = rerr
 					break
 				}
+				a.cache.apply(msg)
+				if msg.InvalidationsOnly {
+					continue
+				}
 				a.section.Store(advertised(msg, a.cfg.Region))
 				a.targetsKnown.Store(true)
 				a.metrics.targetsRevision.Set(float64(msg.Revision))
@@ -33,6 +37,8 @@ func (a *Agent) watchTargets(ctx context.Context) {
 				retry.Reset()
 			}
 		}
+		// Invalidations would be missed from now on.
+		a.cache.lost()
 		if ctx.Err() != nil {
 			return
 		}

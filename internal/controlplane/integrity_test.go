@@ -12,9 +12,11 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/targets"
 	"github.com/detourhq/detour/internal/testbed"
 )
 
@@ -276,7 +278,7 @@ func TestStoreMovesAndRecreatedTargetsNeverRedirectToMissingBytes(t *testing.T) 
 func TestStoredBytesFollowTheirRecords(t *testing.T) {
 	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()},
 		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
-			ReconcileInterval: time.Hour, OrphanAge: 500 * time.Millisecond}})
+			ReconcileInterval: time.Hour, OrphanAge: 500 * time.Millisecond, GarbageGrace: 100 * time.Millisecond}})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
 	purged, _ := fill(t, r, key(1), []string{"us-a"}, "us")
@@ -431,4 +433,46 @@ func delayAnswers(t *testing.T, addr string, d *atomic.Int64) string {
 		}
 	}()
 	return lis.Addr().String()
+}
+
+// How long agents may reuse a redirect: never across regions (each one counts toward an
+// in-region copy) or to a draining target, at most a quarter of a signed URL's life, never past
+// the object's expiry, and within the control plane's maximum.
+func TestRedirectCacheLifetimes(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	s := r.inst.Service
+	if _, err := r.admin.SetPolicy(context.Background(), &pb.SetPolicyRequest{Policy: &pb.Policy{SignedUrlTtl: durationpb.New(2 * time.Minute)}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.admin.GetPolicy(context.Background(), &pb.GetPolicyRequest{}); err != nil { // waits for the snapshot
+		t.Fatal(err)
+	}
+	snap := s.w.Snapshot()
+	now := time.Now()
+	public := &pb.Target{Name: "t", Region: "us", State: pb.TargetState_TARGET_STATE_ACTIVE,
+		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: "https://x/"}}}
+	signed := proto.Clone(public).(*pb.Target)
+	signed.UrlForm = &pb.UrlForm{Form: &pb.UrlForm_Signed{Signed: &pb.SignedUrls{}}}
+	draining := proto.Clone(public).(*pb.Target)
+	draining.State = pb.TargetState_TARGET_STATE_DRAINING
+	forever := &targets.Object{}
+	soon := &targets.Object{Expires: now.Add(10 * time.Second).UnixNano()}
+	for _, c := range []struct {
+		name   string
+		t      *pb.Target
+		o      *targets.Object
+		region string
+		want   time.Duration
+	}{
+		{"in region", public, forever, "us", time.Minute},
+		{"across regions", public, forever, "eu", 0},
+		{"draining", draining, forever, "us", 0},
+		{"signed", signed, forever, "us", 30 * time.Second},
+		{"expiring", public, soon, "us", 10 * time.Second},
+	} {
+		got := s.cacheFor(snap, c.t, c.o, c.region, now)
+		if got != c.want {
+			t.Errorf("%s: cache for %s, want %s", c.name, got, c.want)
+		}
+	}
 }

@@ -32,6 +32,10 @@ type JanitorConfig struct {
 	ReconcileInterval time.Duration
 	// GarbageBatch is how many queued deletions one sweep takes (default 500).
 	GarbageBatch int
+	// GarbageGrace is how long the bytes of a retired record stay before they are deleted, so that
+	// every agent has received the record's invalidation (and stopped handing out its location)
+	// first (default 15s).
+	GarbageGrace time.Duration
 	// OrphanAge is how old a stored object that no record or claim accounts for must be before the
 	// reconciler deletes it (default: twice the policy's fill claim TTL).
 	OrphanAge time.Duration
@@ -71,6 +75,9 @@ func (c *JanitorConfig) defaults() {
 	}
 	if c.GarbageBatch <= 0 {
 		c.GarbageBatch = 500
+	}
+	if c.GarbageGrace <= 0 {
+		c.GarbageGrace = 15 * time.Second
 	}
 	if c.ExtendInterval <= 0 {
 		c.ExtendInterval = 5 * time.Second
@@ -220,7 +227,11 @@ func (s *Service) collectGarbage(ctx context.Context) {
 		return
 	}
 	var done []string
+	young := s.cfg.Now().Add(-s.cfg.Janitor.GarbageGrace)
 	for _, g := range entries {
+		if q := g.Object.GetQueued(); q != nil && q.AsTime().After(young) {
+			continue // agents may still be answering with its location from their caches
+		}
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := s.cfg.Store.Delete(dctx, g.Object.Bucket, g.Object.ObjectName, g.Object.Generation)
 		cancel()

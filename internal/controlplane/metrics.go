@@ -15,21 +15,22 @@ import (
 // Metrics are the control plane's Prometheus metrics, on a registry of their own so that several
 // replicas can live in one process (tests, the dev stack).
 type Metrics struct {
-	Registry   *prometheus.Registry
-	decisions  *prometheus.CounterVec
-	latency    prometheus.Histogram
-	fills      *prometheus.CounterVec
-	rpcs       *prometheus.CounterVec
-	verify     *prometheus.HistogramVec
-	extended   prometheus.Counter
-	retired    *prometheus.CounterVec
-	garbage    *prometheus.CounterVec
-	probes     *prometheus.CounterVec
-	reconcile  *prometheus.CounterVec
-	missing    *prometheus.CounterVec
-	broken     *prometheus.CounterVec
-	janitor    prometheus.Gauge
-	rejections *prometheus.CounterVec
+	Registry      *prometheus.Registry
+	decisions     *prometheus.CounterVec
+	latency       prometheus.Histogram
+	fills         *prometheus.CounterVec
+	rpcs          *prometheus.CounterVec
+	verify        *prometheus.HistogramVec
+	extended      prometheus.Counter
+	retired       *prometheus.CounterVec
+	garbage       *prometheus.CounterVec
+	probes        *prometheus.CounterVec
+	reconcile     *prometheus.CounterVec
+	missing       *prometheus.CounterVec
+	broken        *prometheus.CounterVec
+	janitor       prometheus.Gauge
+	rejections    *prometheus.CounterVec
+	invalidations *prometheus.CounterVec
 	// Regions: redirects by locality, cross-region fills, copies made by the store.
 	redirects        *prometheus.CounterVec
 	crossRegionFills *prometheus.CounterVec
@@ -77,7 +78,9 @@ func newMetrics(w *targets.Watcher) *Metrics {
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.rejections = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_auth_rejections_total",
 		Help: "RPCs refused for who sent them, by reason: no_client_certificate (Unauthenticated), policy and not_claim_holder (PermissionDenied), tls_handshake (a certificate the client CA did not issue)."}, []string{"reason"})
-	m.Registry.MustRegister(m.rejections)
+	m.invalidations = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_invalidations_sent_total",
+		Help: "Invalidations of cached redirects sent to agents (sent: records; flush: a stream told to drop everything)."}, []string{"kind"})
+	m.Registry.MustRegister(m.rejections, m.invalidations)
 	m.redirects = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_redirects_total",
 		Help: "Redirects answered, by whether the target is in the agent's region (in_region, cross_region, unknown_region: the agent named none)."},
 		[]string{"locality"})

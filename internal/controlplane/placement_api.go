@@ -55,7 +55,7 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	resp := &pb.PlaceResponse{Result: pb.PlaceResult_PLACE_RESULT_INLINE, Reason: string(d.Reason), SnapshotRevision: snap.Revision}
 	switch {
 	case d.Result == placement.Redirect:
-		s.redirect(resp, snap, key, objs, d, now)
+		s.redirect(resp, snap, key, objs, d, req.AgentRegion, now)
 		if resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
 			s.countRedirect(v, key, req.AgentRegion, resp.Target, now)
 		}
@@ -90,7 +90,7 @@ func resultLabel(r pb.PlaceResult) string {
 	return "inline"
 }
 
-func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key targets.Key, objs []*targets.Object, d placement.Decision, now time.Time) {
+func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key targets.Key, objs []*targets.Object, d placement.Decision, region string, now time.Time) {
 	var obj *targets.Object
 	for _, o := range objs {
 		if o.Target() == d.Copy.Target {
@@ -115,7 +115,30 @@ func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key t
 	resp.Target = t.Name
 	resp.Location = &pb.Location{Url: url, MediaType: obj.Home.MediaType, Size: obj.Size,
 		Sha256: append([]byte(nil), obj.SHA256[:]...), Sha1: append([]byte(nil), obj.SHA1[:]...)}
+	if d := s.cacheFor(snap, t, obj, region, now); d > 0 {
+		resp.CacheFor = durationpb.New(d)
+	}
 	s.extender.used(key, obj, now, objectTTL(snap.Policy()))
+}
+
+// cacheFor is how long an agent may reuse a redirect to obj at t without asking: a READY object is
+// immutable, and every change that ends a redirect's validity reaches agents as an invalidation
+// on WatchTargets. Bounded by the object's expiry and a quarter of a signed URL's lifetime; zero
+// for redirects across regions (each one counts toward an in-region copy) and to draining targets
+// (the next answer may name a new copy).
+func (s *Service) cacheFor(snap *targets.Snapshot, t *pb.Target, obj *targets.Object, region string, now time.Time) time.Duration {
+	d := s.cfg.RedirectCacheMaxAge
+	switch {
+	case d <= 0, t.Region != region, t.State != pb.TargetState_TARGET_STATE_ACTIVE:
+		return 0
+	}
+	if t.GetUrlForm().GetSigned() != nil {
+		d = min(d, policyDuration(snap.Policy().SignedUrlTtl, targets.DefaultSignedURLTTL)/4)
+	}
+	if obj.Expires != 0 {
+		d = min(d, time.Unix(0, obj.Expires).Sub(now))
+	}
+	return max(d, 0)
 }
 
 func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *targets.Snapshot, req *pb.PlaceRequest, target string, now time.Time) {
@@ -351,12 +374,15 @@ func (s *Service) AbortFill(ctx context.Context, req *pb.AbortFillRequest) (*pb.
 }
 
 // WatchTargets sends the full target set, then again at every change of a target, its liveness
-// or the policy.
+// or the policy; between those, the object records removed or replaced since the last message
+// (invalidations of the redirects agents cache).
 func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementService_WatchTargetsServer) error {
 	snap := s.readSnapshot(stream.Context())
-	last := int64(-1)
+	last, sent := int64(-1), int64(0)
 	for {
-		if snap.TargetsRevision != last {
+		switch {
+		case snap.TargetsRevision != last:
+			// A target set ends every cached redirect, so it also covers the invalidations up to it.
 			msg := &pb.WatchTargetsResponse{Revision: snap.Revision, RegionPreference: snap.Policy().RegionPreference}
 			for _, t := range snap.Targets() {
 				msg.Targets = append(msg.Targets, proto.Clone(t).(*pb.Target))
@@ -364,7 +390,12 @@ func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementS
 			if err := stream.Send(msg); err != nil {
 				return err
 			}
-			last = snap.TargetsRevision
+			last, sent = snap.TargetsRevision, snap.Revision
+		case snap.Revision > sent:
+			if err := s.sendInvalidations(stream, sent, snap.Revision); err != nil {
+				return err
+			}
+			sent = snap.Revision
 		}
 		select {
 		case <-snap.Superseded():
@@ -373,6 +404,37 @@ func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementS
 			return nil
 		}
 	}
+}
+
+// maxInvalidationsPerMessage keeps each message well under gRPC's default 4 MiB limit.
+const maxInvalidationsPerMessage = 20000
+
+// sendInvalidations sends the invalidations in (from, to]; if the watcher no longer holds them
+// all, it tells the agent to drop everything instead.
+func (s *Service) sendInvalidations(stream pb.PlacementService_WatchTargetsServer, from, to int64) error {
+	xs, complete := s.w.InvalidationsSince(from)
+	if !complete {
+		s.metrics.invalidations.WithLabelValues("flush").Inc()
+		return stream.Send(&pb.WatchTargetsResponse{Revision: to, InvalidationsOnly: true, Flush: true})
+	}
+	msg := &pb.WatchTargetsResponse{Revision: to, InvalidationsOnly: true}
+	for _, x := range xs {
+		if x.Revision > to {
+			break
+		}
+		msg.Invalidations = append(msg.Invalidations, &pb.Invalidation{Key: x.Key.String(), Target: x.Target, Revision: x.Revision})
+		if len(msg.Invalidations) == maxInvalidationsPerMessage {
+			if err := stream.Send(msg); err != nil {
+				return err
+			}
+			msg = &pb.WatchTargetsResponse{Revision: to, InvalidationsOnly: true}
+		}
+	}
+	if len(msg.Invalidations) == 0 {
+		return nil
+	}
+	s.metrics.invalidations.WithLabelValues("sent").Add(float64(len(msg.Invalidations)))
+	return stream.Send(msg)
 }
 
 // Heartbeat keeps a heartbeat target healthy.

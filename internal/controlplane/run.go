@@ -52,6 +52,9 @@ type Options struct {
 	ID           string
 	WriteTimeout time.Duration // bound on each etcd write an RPC makes (default 5s)
 	ClaimTimeout time.Duration // bound on the fill-claim write inside Place (default 1s)
+	// RedirectCacheMaxAge bounds how long agents reuse a redirect without asking (default 1m;
+	// negative: they do not cache redirects).
+	RedirectCacheMaxAge time.Duration
 
 	// TLS is the server's certificate and key and the CA that client certificates must chain to
 	// (mutual TLS: every RPC but health checks needs a client certificate). Required unless
@@ -200,7 +203,7 @@ func (in *Instance) startEtcd(ctx context.Context, o Options) ([]string, error) 
 // and the expiry extensions, and waits for the first snapshot.
 func (in *Instance) startService(ctx context.Context, o Options, endpoints []string) error {
 	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
-		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
+		RedirectCacheMaxAge: o.RedirectCacheMaxAge, VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
 	var err error
 	if in.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
 		o.Log.Error("no access to the stores: no fills will be granted and no target becomes healthy (nothing is redirected)", "err", err)

@@ -41,6 +41,9 @@ type Config struct {
 	// ClaimTimeout bounds the fill-claim write inside Place (default 1s, and never past the caller's
 	// deadline). A failed claim makes the answer INLINE without a fill.
 	ClaimTimeout time.Duration
+	// RedirectCacheMaxAge bounds how long agents may reuse a redirect without asking (default 1m;
+	// negative: agents do not cache redirects).
+	RedirectCacheMaxAge time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -114,6 +117,10 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.RedirectCacheMaxAge == 0 {
+		cfg.RedirectCacheMaxAge = time.Minute
+	}
+
 	cfg.Janitor.defaults()
 	if cfg.ProbeTransport == nil {
 		cfg.ProbeTransport = http.DefaultTransport.(*http.Transport).Clone()

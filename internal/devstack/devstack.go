@@ -48,7 +48,10 @@ type Options struct {
 	ObjectSize   int    // demo origin's default response size (default 1 MiB)
 	MinRedirect  uint64 // policy min_redirect_bytes
 	PlaceTimeout time.Duration
-	// Agent, if set, adjusts the agent's configuration before it is built (tests).
+	// FaultFront serves the target's client-facing URL through a gcsemu.Front (Stack.Front), so
+	// tests can make it fail.
+	FaultFront bool
+	// AgentConfig, if set, adjusts the agent's configuration before it is built (tests).
 	AgentConfig func(*agent.Config)
 	Log         *slog.Logger
 }
@@ -57,6 +60,7 @@ type Options struct {
 type Stack struct {
 	CP        *controlplane.Instance
 	GCS       *gcsemu.Server
+	Front     *gcsemu.Front // with Options.FaultFront
 	Origin    *demoorigin.Origin
 	Agent     *agent.Agent
 	Store     *blob.Store
@@ -113,6 +117,11 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	}()
 	if s.GCS, err = gcsemu.Start(o.GCSPort); err != nil {
 		return nil, err
+	}
+	if o.FaultFront {
+		if s.Front, err = s.GCS.StartFront(); err != nil {
+			return nil, err
+		}
 	}
 	s.GCS.CreateBucket(o.Bucket)
 	if s.CP, err = controlplane.Start(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
@@ -203,9 +212,13 @@ func (s *Stack) AgentMetricsAddr() string { return s.agentOps }
 
 // Target is the registration the stack makes.
 func (s *Stack) Target() *pb.Target {
-	return &pb.Target{Name: s.opts.TargetName, Protocol: "http", Uris: []string{s.GCS.PublicURL(s.opts.Bucket)},
+	public := s.GCS.PublicURL(s.opts.Bucket)
+	if s.Front != nil {
+		public = s.Front.PublicURL(s.opts.Bucket)
+	}
+	return &pb.Target{Name: s.opts.TargetName, Protocol: "http", Uris: []string{public},
 		Region: s.opts.Region, Weight: 1, Store: &pb.GcsStore{Bucket: s.opts.Bucket, Prefix: "objects/"},
-		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: s.GCS.PublicURL(s.opts.Bucket)}}}
+		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}
 }
 
 func (s *Stack) register(ctx context.Context) error {
@@ -253,6 +266,9 @@ func (s *Stack) Close(ctx context.Context) {
 	}
 	if s.Store != nil {
 		s.Store.Close()
+	}
+	if s.Front != nil {
+		s.Front.Close()
 	}
 	if s.GCS != nil {
 		s.GCS.Stop()

@@ -39,6 +39,7 @@ type Watcher struct {
 	// events, or a progress notification the watcher asks for every progressInterval.
 	confirmed        atomic.Int64
 	progressInterval time.Duration
+	invalidations    *invalidationLog
 }
 
 // NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
@@ -52,7 +53,8 @@ func NewWatcher(cli *clientv3.Client, prefix string, log *slog.Logger) *Watcher 
 	if log == nil {
 		log = slog.Default()
 	}
-	w := &Watcher{cli: cli, prefix: prefix, log: log, pageSize: 5000, ready: make(chan struct{}), progressInterval: 5 * time.Second}
+	w := &Watcher{cli: cli, prefix: prefix, log: log, pageSize: 5000, ready: make(chan struct{}), progressInterval: 5 * time.Second,
+		invalidations: newInvalidationLog(1 << 16)}
 	w.cur.Store(emptySnapshot())
 	return w
 }
@@ -145,6 +147,7 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 	snap.objects = b.build()
 	snap.Revision, snap.TargetsRevision = rev, rev
 	w.finish(snap)
+	w.invalidations.reset(rev)
 	w.publish(snap)
 	w.log.Info("snapshot loaded", "revision", rev, "targets", len(snap.targets), "objects", snap.objects.count,
 		"claims", len(snap.claims))
@@ -234,14 +237,39 @@ func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 	if b == nil {
 		next.objects = old.objects
 	}
+	var inval []Invalidation
 	for _, ev := range events {
 		w.apply(next, b, ev.Type, ev.Kv)
+		if x, ok := w.invalidation(old, ev); ok {
+			inval = append(inval, x)
+		}
 	}
 	if b != nil {
 		next.objects = b.build()
 	}
 	w.finish(next)
+	// Logged before the snapshot is published: a stream that sees the new snapshot finds them.
+	w.invalidations.add(inval)
 	w.publish(next)
+}
+
+// invalidation reports the event as an invalidation if it removed or replaced a copy that old had.
+func (w *Watcher) invalidation(old *Snapshot, ev *clientv3.Event) (Invalidation, bool) {
+	rest, ok := strings.CutPrefix(string(ev.Kv.Key), w.prefix+"objects/")
+	if !ok {
+		return Invalidation{}, false
+	}
+	ks, target, ok := strings.Cut(rest, "/")
+	k, valid := ParseKey(ks)
+	if !ok || !valid {
+		return Invalidation{}, false
+	}
+	for _, c := range old.Copies(k) {
+		if c.Target() == target {
+			return Invalidation{Revision: ev.Kv.ModRevision, Key: k, Target: target}, true
+		}
+	}
+	return Invalidation{}, false
 }
 
 // apply records one key's new state in snap (whose maps the caller has already copied).

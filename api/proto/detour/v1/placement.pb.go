@@ -359,8 +359,13 @@ type PlaceResponse struct {
 	// Set when the agent should fill.
 	Fill             *FillGrant `protobuf:"bytes,5,opt,name=fill,proto3" json:"fill,omitempty"`
 	SnapshotRevision int64      `protobuf:"varint,6,opt,name=snapshot_revision,json=snapshotRevision,proto3" json:"snapshot_revision,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// How long the agent may answer the same key with this redirect without asking again (0: not
+	// at all). The control plane bounds it by the object's expiry, a quarter of a signed URL's
+	// lifetime, and its own maximum; it gives 0 for redirects it wants to keep counting (across
+	// regions) or moving (to a draining target). Invalidations on WatchTargets end it earlier.
+	CacheFor      *durationpb.Duration `protobuf:"bytes,7,opt,name=cache_for,json=cacheFor,proto3" json:"cache_for,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PlaceResponse) Reset() {
@@ -433,6 +438,13 @@ func (x *PlaceResponse) GetSnapshotRevision() int64 {
 		return x.SnapshotRevision
 	}
 	return 0
+}
+
+func (x *PlaceResponse) GetCacheFor() *durationpb.Duration {
+	if x != nil {
+		return x.CacheFor
+	}
+	return nil
 }
 
 type ReportFillRequest struct {
@@ -739,13 +751,22 @@ func (x *WatchTargetsRequest) GetAgentRegion() string {
 
 type WatchTargetsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The complete target set at revision (disabled ones included, marked).
+	// The complete target set at revision (disabled ones included, marked). Absent when
+	// invalidations_only is set.
 	Targets  []*Target `protobuf:"bytes,1,rep,name=targets,proto3" json:"targets,omitempty"`
 	Revision int64     `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
 	// Region preference of the policy, for ordering.
 	RegionPreference []string `protobuf:"bytes,3,rep,name=region_preference,json=regionPreference,proto3" json:"region_preference,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Object records removed or replaced up to revision: a cached redirect to one of them must not
+	// be used again. A message with a target set also ends every cached redirect (targets' state,
+	// health, URL form or store may have changed).
+	Invalidations []*Invalidation `protobuf:"bytes,4,rep,name=invalidations,proto3" json:"invalidations,omitempty"`
+	// The message carries only invalidations; the target set is unchanged.
+	InvalidationsOnly bool `protobuf:"varint,5,opt,name=invalidations_only,json=invalidationsOnly,proto3" json:"invalidations_only,omitempty"`
+	// The stream fell too far behind to list what changed: drop every cached redirect.
+	Flush         bool `protobuf:"varint,6,opt,name=flush,proto3" json:"flush,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WatchTargetsResponse) Reset() {
@@ -799,6 +820,88 @@ func (x *WatchTargetsResponse) GetRegionPreference() []string {
 	return nil
 }
 
+func (x *WatchTargetsResponse) GetInvalidations() []*Invalidation {
+	if x != nil {
+		return x.Invalidations
+	}
+	return nil
+}
+
+func (x *WatchTargetsResponse) GetInvalidationsOnly() bool {
+	if x != nil {
+		return x.InvalidationsOnly
+	}
+	return false
+}
+
+func (x *WatchTargetsResponse) GetFlush() bool {
+	if x != nil {
+		return x.Flush
+	}
+	return false
+}
+
+// Invalidation names one object record (a key's copy at a target) that changed at revision.
+type Invalidation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Target        string                 `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
+	Revision      int64                  `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Invalidation) Reset() {
+	*x = Invalidation{}
+	mi := &file_detour_v1_placement_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Invalidation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Invalidation) ProtoMessage() {}
+
+func (x *Invalidation) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_placement_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Invalidation.ProtoReflect.Descriptor instead.
+func (*Invalidation) Descriptor() ([]byte, []int) {
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Invalidation) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *Invalidation) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Invalidation) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 type HeartbeatRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Target        string                 `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
@@ -809,7 +912,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_detour_v1_placement_proto_msgTypes[10]
+	mi := &file_detour_v1_placement_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -821,7 +924,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_placement_proto_msgTypes[10]
+	mi := &file_detour_v1_placement_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -834,7 +937,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_detour_v1_placement_proto_rawDescGZIP(), []int{10}
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *HeartbeatRequest) GetTarget() string {
@@ -860,7 +963,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_detour_v1_placement_proto_msgTypes[11]
+	mi := &file_detour_v1_placement_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -872,7 +975,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_placement_proto_msgTypes[11]
+	mi := &file_detour_v1_placement_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -885,7 +988,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_detour_v1_placement_proto_rawDescGZIP(), []int{11}
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *HeartbeatResponse) GetTtl() *durationpb.Duration {
@@ -907,7 +1010,7 @@ type ReportBrokenLocationRequest struct {
 
 func (x *ReportBrokenLocationRequest) Reset() {
 	*x = ReportBrokenLocationRequest{}
-	mi := &file_detour_v1_placement_proto_msgTypes[12]
+	mi := &file_detour_v1_placement_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -919,7 +1022,7 @@ func (x *ReportBrokenLocationRequest) String() string {
 func (*ReportBrokenLocationRequest) ProtoMessage() {}
 
 func (x *ReportBrokenLocationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_placement_proto_msgTypes[12]
+	mi := &file_detour_v1_placement_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -932,7 +1035,7 @@ func (x *ReportBrokenLocationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportBrokenLocationRequest.ProtoReflect.Descriptor instead.
 func (*ReportBrokenLocationRequest) Descriptor() ([]byte, []int) {
-	return file_detour_v1_placement_proto_rawDescGZIP(), []int{12}
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReportBrokenLocationRequest) GetKey() string {
@@ -966,7 +1069,7 @@ type ReportBrokenLocationResponse struct {
 
 func (x *ReportBrokenLocationResponse) Reset() {
 	*x = ReportBrokenLocationResponse{}
-	mi := &file_detour_v1_placement_proto_msgTypes[13]
+	mi := &file_detour_v1_placement_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -978,7 +1081,7 @@ func (x *ReportBrokenLocationResponse) String() string {
 func (*ReportBrokenLocationResponse) ProtoMessage() {}
 
 func (x *ReportBrokenLocationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_detour_v1_placement_proto_msgTypes[13]
+	mi := &file_detour_v1_placement_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -991,7 +1094,7 @@ func (x *ReportBrokenLocationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportBrokenLocationResponse.ProtoReflect.Descriptor instead.
 func (*ReportBrokenLocationResponse) Descriptor() ([]byte, []int) {
-	return file_detour_v1_placement_proto_rawDescGZIP(), []int{13}
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ReportBrokenLocationResponse) GetRemoved() bool {
@@ -1032,14 +1135,15 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x05token\x18\x04 \x01(\tR\x05token\x12+\n" +
 	"\x03ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1d\n" +
 	"\n" +
-	"media_type\x18\x06 \x01(\tR\tmediaType\"\xf7\x01\n" +
+	"media_type\x18\x06 \x01(\tR\tmediaType\"\xaf\x02\n" +
 	"\rPlaceResponse\x12.\n" +
 	"\x06result\x18\x01 \x01(\x0e2\x16.detour.v1.PlaceResultR\x06result\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x16\n" +
 	"\x06target\x18\x03 \x01(\tR\x06target\x12/\n" +
 	"\blocation\x18\x04 \x01(\v2\x13.detour.v1.LocationR\blocation\x12(\n" +
 	"\x04fill\x18\x05 \x01(\v2\x14.detour.v1.FillGrantR\x04fill\x12+\n" +
-	"\x11snapshot_revision\x18\x06 \x01(\x03R\x10snapshotRevision\"\x8b\x02\n" +
+	"\x11snapshot_revision\x18\x06 \x01(\x03R\x10snapshotRevision\x126\n" +
+	"\tcache_for\x18\a \x01(\v2\x19.google.protobuf.DurationR\bcacheFor\"\x8b\x02\n" +
 	"\x11ReportFillRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x14\n" +
@@ -1064,11 +1168,18 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x13\n" +
 	"\x11AbortFillResponse\"8\n" +
 	"\x13WatchTargetsRequest\x12!\n" +
-	"\fagent_region\x18\x01 \x01(\tR\vagentRegion\"\x8c\x01\n" +
+	"\fagent_region\x18\x01 \x01(\tR\vagentRegion\"\x90\x02\n" +
 	"\x14WatchTargetsResponse\x12+\n" +
 	"\atargets\x18\x01 \x03(\v2\x11.detour.v1.TargetR\atargets\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12+\n" +
-	"\x11region_preference\x18\x03 \x03(\tR\x10regionPreference\"W\n" +
+	"\x11region_preference\x18\x03 \x03(\tR\x10regionPreference\x12=\n" +
+	"\rinvalidations\x18\x04 \x03(\v2\x17.detour.v1.InvalidationR\rinvalidations\x12-\n" +
+	"\x12invalidations_only\x18\x05 \x01(\bR\x11invalidationsOnly\x12\x14\n" +
+	"\x05flush\x18\x06 \x01(\bR\x05flush\"T\n" +
+	"\fInvalidation\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
+	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x03R\brevision\"W\n" +
 	"\x10HeartbeatRequest\x12\x16\n" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12+\n" +
 	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"@\n" +
@@ -1106,7 +1217,7 @@ func file_detour_v1_placement_proto_rawDescGZIP() []byte {
 }
 
 var file_detour_v1_placement_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_detour_v1_placement_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_detour_v1_placement_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_detour_v1_placement_proto_goTypes = []any{
 	(PlaceResult)(0),                     // 0: detour.v1.PlaceResult
 	(*PlaceRequest)(nil),                 // 1: detour.v1.PlaceRequest
@@ -1119,40 +1230,43 @@ var file_detour_v1_placement_proto_goTypes = []any{
 	(*AbortFillResponse)(nil),            // 8: detour.v1.AbortFillResponse
 	(*WatchTargetsRequest)(nil),          // 9: detour.v1.WatchTargetsRequest
 	(*WatchTargetsResponse)(nil),         // 10: detour.v1.WatchTargetsResponse
-	(*HeartbeatRequest)(nil),             // 11: detour.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),            // 12: detour.v1.HeartbeatResponse
-	(*ReportBrokenLocationRequest)(nil),  // 13: detour.v1.ReportBrokenLocationRequest
-	(*ReportBrokenLocationResponse)(nil), // 14: detour.v1.ReportBrokenLocationResponse
-	(*durationpb.Duration)(nil),          // 15: google.protobuf.Duration
-	(*StoredObject)(nil),                 // 16: detour.v1.StoredObject
-	(*Target)(nil),                       // 17: detour.v1.Target
+	(*Invalidation)(nil),                 // 11: detour.v1.Invalidation
+	(*HeartbeatRequest)(nil),             // 12: detour.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),            // 13: detour.v1.HeartbeatResponse
+	(*ReportBrokenLocationRequest)(nil),  // 14: detour.v1.ReportBrokenLocationRequest
+	(*ReportBrokenLocationResponse)(nil), // 15: detour.v1.ReportBrokenLocationResponse
+	(*durationpb.Duration)(nil),          // 16: google.protobuf.Duration
+	(*StoredObject)(nil),                 // 17: detour.v1.StoredObject
+	(*Target)(nil),                       // 18: detour.v1.Target
 }
 var file_detour_v1_placement_proto_depIdxs = []int32{
-	15, // 0: detour.v1.FillGrant.ttl:type_name -> google.protobuf.Duration
+	16, // 0: detour.v1.FillGrant.ttl:type_name -> google.protobuf.Duration
 	0,  // 1: detour.v1.PlaceResponse.result:type_name -> detour.v1.PlaceResult
 	2,  // 2: detour.v1.PlaceResponse.location:type_name -> detour.v1.Location
 	3,  // 3: detour.v1.PlaceResponse.fill:type_name -> detour.v1.FillGrant
-	16, // 4: detour.v1.ReportFillResponse.object:type_name -> detour.v1.StoredObject
-	17, // 5: detour.v1.WatchTargetsResponse.targets:type_name -> detour.v1.Target
-	15, // 6: detour.v1.HeartbeatRequest.ttl:type_name -> google.protobuf.Duration
-	15, // 7: detour.v1.HeartbeatResponse.ttl:type_name -> google.protobuf.Duration
-	1,  // 8: detour.v1.PlacementService.Place:input_type -> detour.v1.PlaceRequest
-	5,  // 9: detour.v1.PlacementService.ReportFill:input_type -> detour.v1.ReportFillRequest
-	7,  // 10: detour.v1.PlacementService.AbortFill:input_type -> detour.v1.AbortFillRequest
-	9,  // 11: detour.v1.PlacementService.WatchTargets:input_type -> detour.v1.WatchTargetsRequest
-	11, // 12: detour.v1.PlacementService.Heartbeat:input_type -> detour.v1.HeartbeatRequest
-	13, // 13: detour.v1.PlacementService.ReportBrokenLocation:input_type -> detour.v1.ReportBrokenLocationRequest
-	4,  // 14: detour.v1.PlacementService.Place:output_type -> detour.v1.PlaceResponse
-	6,  // 15: detour.v1.PlacementService.ReportFill:output_type -> detour.v1.ReportFillResponse
-	8,  // 16: detour.v1.PlacementService.AbortFill:output_type -> detour.v1.AbortFillResponse
-	10, // 17: detour.v1.PlacementService.WatchTargets:output_type -> detour.v1.WatchTargetsResponse
-	12, // 18: detour.v1.PlacementService.Heartbeat:output_type -> detour.v1.HeartbeatResponse
-	14, // 19: detour.v1.PlacementService.ReportBrokenLocation:output_type -> detour.v1.ReportBrokenLocationResponse
-	14, // [14:20] is the sub-list for method output_type
-	8,  // [8:14] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	16, // 4: detour.v1.PlaceResponse.cache_for:type_name -> google.protobuf.Duration
+	17, // 5: detour.v1.ReportFillResponse.object:type_name -> detour.v1.StoredObject
+	18, // 6: detour.v1.WatchTargetsResponse.targets:type_name -> detour.v1.Target
+	11, // 7: detour.v1.WatchTargetsResponse.invalidations:type_name -> detour.v1.Invalidation
+	16, // 8: detour.v1.HeartbeatRequest.ttl:type_name -> google.protobuf.Duration
+	16, // 9: detour.v1.HeartbeatResponse.ttl:type_name -> google.protobuf.Duration
+	1,  // 10: detour.v1.PlacementService.Place:input_type -> detour.v1.PlaceRequest
+	5,  // 11: detour.v1.PlacementService.ReportFill:input_type -> detour.v1.ReportFillRequest
+	7,  // 12: detour.v1.PlacementService.AbortFill:input_type -> detour.v1.AbortFillRequest
+	9,  // 13: detour.v1.PlacementService.WatchTargets:input_type -> detour.v1.WatchTargetsRequest
+	12, // 14: detour.v1.PlacementService.Heartbeat:input_type -> detour.v1.HeartbeatRequest
+	14, // 15: detour.v1.PlacementService.ReportBrokenLocation:input_type -> detour.v1.ReportBrokenLocationRequest
+	4,  // 16: detour.v1.PlacementService.Place:output_type -> detour.v1.PlaceResponse
+	6,  // 17: detour.v1.PlacementService.ReportFill:output_type -> detour.v1.ReportFillResponse
+	8,  // 18: detour.v1.PlacementService.AbortFill:output_type -> detour.v1.AbortFillResponse
+	10, // 19: detour.v1.PlacementService.WatchTargets:output_type -> detour.v1.WatchTargetsResponse
+	13, // 20: detour.v1.PlacementService.Heartbeat:output_type -> detour.v1.HeartbeatResponse
+	15, // 21: detour.v1.PlacementService.ReportBrokenLocation:output_type -> detour.v1.ReportBrokenLocationResponse
+	16, // [16:22] is the sub-list for method output_type
+	10, // [10:16] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_detour_v1_placement_proto_init() }
@@ -1168,7 +1282,7 @@ func file_detour_v1_placement_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_detour_v1_placement_proto_rawDesc), len(file_detour_v1_placement_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
