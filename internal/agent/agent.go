@@ -167,7 +167,11 @@ func (c *Config) setDefaults() error {
 		c.MaxHeaderBytes = 64 << 10
 	}
 	if c.Transport == nil {
-		c.Transport = http.DefaultTransport.(*http.Transport).Clone()
+		// One origin, many concurrent clients: keep enough idle connections to it that answers
+		// do not pay a new connection each (the default keeps two per host).
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.MaxIdleConns, t.MaxIdleConnsPerHost = 1024, 1024
+		c.Transport = t
 	}
 	if c.Log == nil {
 		c.Log = slog.Default()
@@ -251,6 +255,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 		},
 		Transport:     cfg.Transport,
 		FlushInterval: -1, // frames reach the client as the origin sends them
+		BufferPool:    relayBuffers,
 		ErrorHandler:  a.proxyError,
 	}
 	a.bg, a.stopBg = context.WithCancel(context.WithoutCancel(ctx))
