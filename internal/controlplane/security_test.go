@@ -314,3 +314,14 @@ func TestClaimRateIsBoundedPerAgent(t *testing.T) {
 		t.Fatalf("another agent limited by the first one's rate: %v %v", resp, err)
 	}
 }
+
+// The policy the Kubernetes manifests mount is the built-in default, so the two never drift.
+func TestDeployedPolicyIsTheDefault(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "k8s", "base", "authz-policy.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(b) != DefaultAuthzPolicy {
+		t.Fatal("deploy/k8s/base/authz-policy.json differs from internal/controlplane/authz-policy.json")
+	}
+}
