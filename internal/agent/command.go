@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/status"
@@ -70,7 +71,7 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		a.passthrough(w, r, body, "passthrough")
 		return
 	}
-	key, err := ContentKey(a.cfg.RepoID, cmd)
+	key, err := ContentKeyAt(a.cfg.RepoID, repoOf(r.URL.Path), cmd)
 	if err != nil {
 		a.passthrough(w, r, body, "inline")
 		return
@@ -97,6 +98,16 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		}
 		a.passthrough(w, r, body, "inline")
 	}
+}
+
+// repoOf returns the repository part of a v2 command's path: what precedes /api/<version>/, as
+// the client wrote it ("" for the origin's root). The client's own handshake went to that path
+// with ?cmd=capabilities.
+func repoOf(path string) string {
+	if i := strings.Index(path, commandPathMarker); i >= 0 {
+		return path[:i]
+	}
+	return ""
 }
 
 // firstRequestID reads the request id of the first frame, for answering a malformed request.
