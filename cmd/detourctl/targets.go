@@ -222,7 +222,15 @@ func (c *cli) showTargets(ts ...*pb.Target) error {
 			strings.TrimPrefix(t.State.String(), "TARGET_STATE_"), t.Healthy, t.Region, t.Weight, t.Protocol,
 			t.GetStore().GetBucket(), t.GetStore().GetPrefix(), urlForm(t), t.Revision)
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	for _, t := range ts {
+		for _, msg := range t.Warnings {
+			fmt.Fprintf(c.out, "warning: target %s: %s\n", t.Name, msg)
+		}
+	}
+	return nil
 }
 
 func urlForm(t *pb.Target) string {

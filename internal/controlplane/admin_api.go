@@ -88,7 +88,7 @@ func (s *Service) GetTarget(ctx context.Context, req *pb.GetTargetRequest) (*pb.
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "target %q: not found", req.Name)
 	}
-	return &pb.GetTargetResponse{Target: proto.Clone(t).(*pb.Target)}, nil
+	return &pb.GetTargetResponse{Target: s.withWarnings(t)}, nil
 }
 
 // ListTargets lists every target from the snapshot.
@@ -96,7 +96,7 @@ func (s *Service) ListTargets(ctx context.Context, _ *pb.ListTargetsRequest) (*p
 	snap := s.readSnapshot(ctx)
 	resp := &pb.ListTargetsResponse{Revision: snap.Revision}
 	for _, t := range snap.Targets() {
-		resp.Targets = append(resp.Targets, proto.Clone(t).(*pb.Target))
+		resp.Targets = append(resp.Targets, s.withWarnings(t))
 	}
 	return resp, nil
 }

@@ -61,6 +61,11 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	case d.Fill != "":
 		s.grantFill(ctx, resp, snap, req, d.Fill, now)
 	}
+	if req.OriginRequiresCredentials && resp.Target != "" && (resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT || resp.Fill != nil) {
+		if t, ok := snap.Target(resp.Target); ok {
+			s.noteExposure(t, now)
+		}
+	}
 	s.metrics.decisions.WithLabelValues(resultLabel(resp.Result), resp.Reason).Inc()
 	s.metrics.latency.Observe(time.Since(start).Seconds())
 	return resp, nil

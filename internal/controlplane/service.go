@@ -72,6 +72,7 @@ type Service struct {
 	claimsBrokenUntil atomic.Int64
 	extender          extender
 	probeClient       *http.Client
+	exposures         exposures
 }
 
 // view is the placement form of a snapshot's targets and policy, rebuilt only when they change

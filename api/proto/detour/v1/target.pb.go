@@ -368,8 +368,12 @@ type Target struct {
 	Uid string `protobuf:"bytes,14,opt,name=uid,proto3" json:"uid,omitempty"`
 	// Set by the server: why the target is unhealthy, empty when healthy.
 	UnhealthyReason string `protobuf:"bytes,15,opt,name=unhealthy_reason,json=unhealthyReason,proto3" json:"unhealthy_reason,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Set by the server (GetTarget, ListTargets), never stored: conditions an operator should act
+	// on, e.g. content of an origin that requires credentials handed out at URLs anyone can fetch.
+	// Each replica reports what it has seen since it started.
+	Warnings      []string `protobuf:"bytes,16,rep,name=warnings,proto3" json:"warnings,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Target) Reset() {
@@ -505,6 +509,13 @@ func (x *Target) GetUnhealthyReason() string {
 		return x.UnhealthyReason
 	}
 	return ""
+}
+
+func (x *Target) GetWarnings() []string {
+	if x != nil {
+		return x.Warnings
+	}
+	return nil
 }
 
 // TargetHealth is the prober's verdict on a target, written on every change of verdict.
@@ -1046,7 +1057,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\fcdn_base_url\x18\x02 \x01(\tH\x00R\n" +
 	"cdnBaseUrl\x12/\n" +
 	"\x06signed\x18\x03 \x01(\v2\x15.detour.v1.SignedUrlsH\x00R\x06signedB\x06\n" +
-	"\x04form\"\xdb\x03\n" +
+	"\x04form\"\xf7\x03\n" +
 	"\x06Target\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x12\n" +
@@ -1063,7 +1074,8 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\brevision\x18\f \x01(\x03R\brevision\x12\x18\n" +
 	"\ahealthy\x18\r \x01(\bR\ahealthy\x12\x10\n" +
 	"\x03uid\x18\x0e \x01(\tR\x03uid\x12)\n" +
-	"\x10unhealthy_reason\x18\x0f \x01(\tR\x0funhealthyReason\"\xa9\x01\n" +
+	"\x10unhealthy_reason\x18\x0f \x01(\tR\x0funhealthyReason\x12\x1a\n" +
+	"\bwarnings\x18\x10 \x03(\tR\bwarnings\"\xa9\x01\n" +
 	"\fTargetHealth\x12\x16\n" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x1d\n" +
 	"\n" +
