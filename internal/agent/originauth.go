@@ -31,6 +31,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -121,7 +122,7 @@ func (o *originAuth) credentialsOf(r *http.Request, repo string) clientCreds {
 	for _, name := range o.headers {
 		vs := r.Header.Values(name)
 		field(name)
-		field(fmt.Sprint(len(vs)))
+		field(strconv.Itoa(len(vs)))
 		for _, v := range vs {
 			field(v)
 			c.header.Add(name, v)

@@ -118,3 +118,25 @@ func TestCredentialDigests(t *testing.T) {
 		t.Error("two agents' digests of the same credentials are equal: the digest is not salted")
 	}
 }
+
+// BenchmarkOriginCheckWarm is what the check adds to a request whose answers are cached: the
+// digest of its credentials, and two cache lookups (its own answer, and the anonymous one asked
+// while a target with unsigned URLs is advertised).
+func BenchmarkOriginCheckWarm(b *testing.B) {
+	cfg := Config{Origin: mustURL(b, "http://origin/")}
+	if err := cfg.setDefaults(); err != nil {
+		b.Fatal(err)
+	}
+	o := newOriginAuth(b.Context(), &cfg, newMetrics(), nil)
+	r := &http.Request{Header: http.Header{"Authorization": {"Basic YWxpY2U6czNjcmV0"}, "User-Agent": {"mercurial/proto-1.0 (Mercurial 5.6.1)"},
+		"Cookie": {"session=0123456789abcdef0123456789abcdef"}}}
+	c, anon := o.credentialsOf(r, ""), o.anonymous("")
+	o.cache.put(c.key, authAllowed, time.Now().Add(time.Hour))
+	o.cache.put(anon.key, authDenied, time.Now().Add(time.Hour))
+	b.ReportAllocs()
+	for b.Loop() {
+		if o.answer(o.credentialsOf(r, "")) != authAllowed || o.answer(o.anonymous("")) != authDenied {
+			b.Fatal("cache miss")
+		}
+	}
+}
