@@ -68,6 +68,7 @@ bench:
 	$(GO) run ./bench/placeload
 	$(GO) run ./bench/placeload -misses -objects 1000
 	$(GO) run ./bench/agentload
+	$(GO) run ./bench/authload
 	$(GO) run ./bench/integrityload
 
 ## fuzz: run each fuzz target for FUZZTIME (default 60s).
