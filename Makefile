@@ -68,6 +68,7 @@ bench:
 	$(GO) run ./bench/placeload
 	$(GO) run ./bench/placeload -misses -objects 1000
 	$(GO) run ./bench/agentload
+	$(GO) run ./bench/authload
 	$(GO) run ./bench/integrityload
 	$(GO) run ./bench/regionload -requests 100000
 

@@ -67,6 +67,24 @@ type rig struct {
 	clones    atomic.Int32
 	// agentFlags are added to every agent startAgent starts.
 	agentFlags []string
+	// agentOrigin is what agents use as their origin (default: the origin's tap).
+	agentOrigin string
+	// locations, if set, is the base of the targets' client-facing URLs (default: the front).
+	locations string
+
+	// With rigOptions.users: the authenticating proxy the agent uses as its origin, and the
+	// number of location fetches that carried an Authorization header.
+	authProxy    *authProxy
+	locationAuth atomic.Int64
+	credentials  http.Header // what the rig's own client checks send (one of the users)
+}
+
+// rigOptions vary the deployment.
+type rigOptions struct {
+	// users (name → password), if set, put HTTP basic authentication in front of the origin, as
+	// a web server in front of hgweb does (hg serve has none): the agent's origin is then the
+	// proxy, and the target's client-facing URL records whether fetches carry credentials.
+	users map[string]string
 }
 
 // repoShape sizes the test repository: several changesets, a few hundred files, and files over
@@ -79,7 +97,34 @@ var fullRepo = repoShape{files: 300, bigFiles: 6, bigSize: 2 << 20}
 
 func newRig(t testing.TB, shape repoShape) *rig {
 	t.Helper()
+	return newRigWith(t, shape, rigOptions{})
+}
+
+// newRigWith is newRig with opts.
+func newRigWith(t testing.TB, shape repoShape, opts rigOptions) *rig {
+	t.Helper()
 	r := newBareRig(t, shape, "--region", "test")
+	if opts.users != nil {
+		r.authProxy = newAuthProxy(t, r.originTap.URL, opts.users)
+		for user, pass := range opts.users {
+			req := httptest.NewRequest(http.MethodGet, "/", nil)
+			req.SetBasicAuth(user, pass)
+			r.credentials = http.Header{"Authorization": req.Header["Authorization"]}
+			break
+		}
+		r.agentOrigin = r.authProxy.URL
+		front, err := url.Parse(r.front.URL)
+		r.must(err)
+		proxy := httputil.NewSingleHostReverseProxy(front)
+		locations := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+			if req.Header.Get("Authorization") != "" {
+				r.locationAuth.Add(1)
+			}
+			proxy.ServeHTTP(w, req)
+		}))
+		t.Cleanup(locations.Close)
+		r.locations = locations.URL + "/"
+	}
 	r.addTarget(target, bucket, "test")
 	r.agent, r.agentTap = r.startAgent("test", target)
 	return r
@@ -134,6 +179,9 @@ func (r *rig) addTarget(name, bucket, region string) {
 	r.t.Helper()
 	r.gcs.CreateBucket(bucket)
 	public := r.front.PublicURL(bucket)
+	if r.locations != "" {
+		public = r.locations + bucket + "/"
+	}
 	if _, err := r.admin.CreateTarget(context.Background(), &pb.CreateTargetRequest{Target: &pb.Target{Name: name, Protocol: "http",
 		Uris: []string{public}, Region: region, Weight: 1, Store: &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
 		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}}); err != nil {
@@ -148,7 +196,11 @@ func (r *rig) startAgent(region string, want ...string) (*testbed.Agent, *tap) {
 	// A generous place timeout: these tests are about what a real client gets, and on a loaded
 	// machine 50ms can pass before a claim is written, which leaves a key unfilled (inline, still
 	// correct) and a later "warm" request cold. Latency under load is the chaos tests' subject.
-	a := testbed.StartAgent(r.t, r.originTap.URL, append([]string{"--controlplane", r.cp.Addr, "--region", region,
+	origin := r.originTap.URL
+	if r.agentOrigin != "" {
+		origin = r.agentOrigin
+	}
+	a := testbed.StartAgent(r.t, origin, append([]string{"--controlplane", r.cp.Addr, "--region", region,
 		"--agent-id", "agent-" + region, "--gcs-endpoint", r.gcs.Endpoint(), "--repo-id", repoID, "--place-timeout", "2s"},
 		r.agentFlags...)...)
 	r.waitAdvertised(a, func(names []string) bool {
@@ -177,7 +229,7 @@ func (r *rig) waitAdvertised(a *testbed.Agent, ok func(names []string) bool) {
 
 // advertises reports whether the rig's agent's capabilities offer name to an http client.
 func (r *rig) advertises(name string) bool {
-	hs, err := (&hgclient.Client{Base: r.agent.URL}).Capabilities(context.Background())
+	hs, err := (&hgclient.Client{Base: r.agent.URL, Header: r.credentials}).Capabilities(context.Background())
 	return err == nil && hs.Redirect != nil && slices.Contains(hgclient.Accepted(hs.Redirect, "http"), name)
 }
 
@@ -368,4 +420,34 @@ func writeFile(name, content string) error { return os.WriteFile(name, []byte(co
 func runHG(ctx context.Context, hg, dir string, args ...string) (string, error) {
 	out, err := hgserve.Run(ctx, hg, dir, args...)
 	return string(out), err
+}
+
+// authProxy is HTTP basic authentication in front of an upstream, as a web server puts in front
+// of hgweb. It counts the requests it refused.
+type authProxy struct {
+	URL     string
+	refused atomic.Int64
+}
+
+func newAuthProxy(t testing.TB, upstream string, users map[string]string) *authProxy {
+	u, err := url.Parse(upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &authProxy{}
+	proxy := httputil.NewSingleHostReverseProxy(u)
+	proxy.FlushInterval = -1
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		user, pass, ok := req.BasicAuth()
+		if want, known := users[user]; !ok || !known || pass != want {
+			p.refused.Add(1)
+			w.Header().Set("WWW-Authenticate", `Basic realm="private repository"`)
+			http.Error(w, "authorization required", http.StatusUnauthorized)
+			return
+		}
+		proxy.ServeHTTP(w, req)
+	}))
+	t.Cleanup(srv.Close)
+	p.URL = srv.URL + "/"
+	return p
 }

@@ -30,7 +30,7 @@ func main() {
 	var (
 		cfg                                         agent.Config
 		listen, opsListen, pprofListen, origin, cps string
-		cacheable, logLevel                         string
+		cacheable, logLevel, originAuthHeaders      string
 		insecureCP                                  bool
 		tlsFiles                                    pki.Files
 		devPKI                                      string
@@ -68,6 +68,11 @@ func main() {
 	flag.DurationVar(&cfg.WriteTimeout, "write-timeout", 2*time.Hour, "time a response may take (10 GB at 1.5 MB/s fits the default)")
 	flag.DurationVar(&cfg.IdleTimeout, "idle-timeout", 2*time.Minute, "how long an idle keep-alive connection stays open")
 	flag.IntVar(&cfg.MaxHeaderBytes, "max-header-bytes", 64<<10, "largest request header")
+	flag.DurationVar(&cfg.OriginAuthTTL, "origin-auth-ttl", 30*time.Second, "how long the origin's answer to an access check is reused per credentials and repository (a revoked credential keeps its redirects this long)")
+	flag.DurationVar(&cfg.OriginAuthTimeout, "origin-auth-timeout", 5*time.Second, "deadline of an access check; past it the request goes to the origin as it is")
+	flag.IntVar(&cfg.OriginAuthCacheSize, "origin-auth-cache-size", 10000, "access answers kept (least recently used go first)")
+	flag.StringVar(&originAuthHeaders, "origin-auth-headers", "Authorization,Cookie", "comma-separated request headers the origin authenticates with; a check carries only these")
+	flag.BoolVar(&cfg.NoOriginAuth, "no-origin-auth", false, "never check clients' access with the origin (only for an origin that serves everyone)")
 	flag.Float64Var(&cfg.CheckLocations, "check-locations", 0, "share (0..1) of redirects whose location is fetched in the background and reported if broken")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 30*time.Second, "how long in-flight responses and fills may run after SIGTERM")
@@ -94,6 +99,10 @@ func main() {
 	}
 	cfg.Origin = u
 	cfg.Cacheable = strings.Split(cacheable, ",")
+	cfg.OriginAuthHeaders = strings.Split(originAuthHeaders, ",")
+	if cfg.NoOriginAuth {
+		log.Warn("origin access checks are off (--no-origin-auth): any client that reaches the agent gets redirects to cached content")
+	}
 	if cfg.CheckLocations < 0 || cfg.CheckLocations > 1 {
 		fail("--check-locations %v is not between 0 and 1", cfg.CheckLocations)
 	}

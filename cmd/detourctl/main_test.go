@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/controlplane"
 	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/testbed"
@@ -109,5 +110,25 @@ func TestTargetsAndPolicyCommands(t *testing.T) {
 	_, err = run("targets", "get", "us-cdn")
 	if s, _ := status.FromError(err); s.Code() != codes.NotFound {
 		t.Fatalf("get after rm: %v", err)
+	}
+}
+
+// A target's warnings follow the table, one line each, naming the target; JSON carries them as a
+// field.
+func TestTargetWarningsAreShown(t *testing.T) {
+	ts := []*pb.Target{{Name: "ok"}, {Name: "pub", Warnings: []string{"private content at public URLs"}}}
+	var out bytes.Buffer
+	if err := (&cli{out: &out}).showTargets(ts...); err != nil {
+		t.Fatal(err)
+	}
+	if got := out.String(); !strings.Contains(got, "\nwarning: target pub: private content at public URLs\n") || strings.Contains(got, "target ok:") {
+		t.Fatalf("table output:\n%s", got)
+	}
+	out.Reset()
+	if err := (&cli{out: &out, json: true}).showTargets(ts[1]); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), `"warnings"`) {
+		t.Fatalf("JSON output lacks the warnings: %s", out.String())
 	}
 }

@@ -222,7 +222,15 @@ func (c *cli) showTargets(ts ...*pb.Target) error {
 			strings.TrimPrefix(t.State.String(), "TARGET_STATE_"), t.Healthy, t.Region, t.Weight, t.Protocol,
 			t.GetStore().GetBucket(), t.GetStore().GetPrefix(), urlForm(t), t.Revision, drain(t))
 	}
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	for _, t := range ts {
+		for _, msg := range t.Warnings {
+			fmt.Fprintf(c.out, "warning: target %s: %s\n", t.Name, msg)
+		}
+	}
+	return nil
 }
 
 // drain says how far a draining target's drain has come: the copies it still serves because no

@@ -100,6 +100,23 @@ type Config struct {
 	IdleTimeout       time.Duration
 	MaxHeaderBytes    int
 
+	// Origin access control (DESIGN invariant 9): before a cacheable request is placed, the
+	// origin is asked whether it would serve this client (see originauth.go). OriginAuthTTL is how
+	// long its answer is reused for the same credentials and repository (default 30s): a revoked
+	// credential keeps receiving redirects for at most that long. OriginAuthCacheSize bounds the
+	// answers kept (default 10000, least recently used go first), OriginAuthTimeout each check
+	// (default 5s; past it the request goes to the origin as it is). OriginAuthHeaders are the
+	// request headers the origin authenticates with (default Authorization and Cookie): the only
+	// ones a check carries, and what the answer is cached under (as a salted SHA-256).
+	OriginAuthTTL       time.Duration
+	OriginAuthCacheSize int
+	OriginAuthTimeout   time.Duration
+	OriginAuthHeaders   []string
+	// NoOriginAuth skips the check, for an origin that serves every client: then nothing the
+	// agent redirects is protected anyway, and each cacheable request is one origin request
+	// cheaper per TTL.
+	NoOriginAuth bool
+
 	// CheckLocations is the share of redirects whose location the agent fetches (HEAD) in the
 	// background to check that it serves the object; a broken one is reported to the control
 	// plane, which verifies and removes it (0: none).
@@ -127,7 +144,8 @@ func (c *Config) setDefaults() error {
 		def   time.Duration
 	}{{&c.PlaceTimeout, 50 * time.Millisecond}, {&c.CommandBodyTimeout, 30 * time.Second},
 		{&c.ReadHeaderTimeout, 10 * time.Second}, {&c.ReadTimeout, 10 * time.Minute},
-		{&c.WriteTimeout, 2 * time.Hour}, {&c.IdleTimeout, 2 * time.Minute}}
+		{&c.WriteTimeout, 2 * time.Hour}, {&c.IdleTimeout, 2 * time.Minute},
+		{&c.OriginAuthTTL, 30 * time.Second}, {&c.OriginAuthTimeout, 5 * time.Second}}
 	for _, d := range defaults {
 		if *d.field <= 0 {
 			*d.field = d.def
@@ -166,6 +184,12 @@ func (c *Config) setDefaults() error {
 	if c.MaxHeaderBytes <= 0 {
 		c.MaxHeaderBytes = 64 << 10
 	}
+	if c.OriginAuthCacheSize <= 0 {
+		c.OriginAuthCacheSize = 10000
+	}
+	if len(c.OriginAuthHeaders) == 0 {
+		c.OriginAuthHeaders = []string{"Authorization", "Cookie"}
+	}
 	if c.Transport == nil {
 		// One origin, many concurrent clients: keep enough idle connections to it that answers
 		// do not pay a new connection each (the default keeps two per host).
@@ -198,6 +222,9 @@ type Agent struct {
 	cache        *locationCache
 	section      atomic.Pointer[wire.RedirectSection]
 	targetsKnown atomic.Bool
+	auth         *originAuth              // nil with NoOriginAuth
+	public       atomic.Pointer[[]string] // advertised targets whose URLs are not signed
+	anonDenied   atomic.Bool              // the origin's latest answer to an anonymous client was a refusal
 	breakers     storeBreakers
 	budget       fillBudget
 	inFlight     chan struct{} // one token per request being answered
@@ -260,6 +287,11 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	a.bg, a.stopBg = context.WithCancel(context.WithoutCancel(ctx))
 	a.fillCtx, a.stopFill = context.WithCancel(a.bg)
+	if !cfg.NoOriginAuth {
+		a.auth = newOriginAuth(a.bg, &a.cfg, a.metrics, a.once)
+		a.metrics.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_agent_origin_auth_cache_entries",
+			Help: "Origin access answers cached (per credentials and repository)."}, func() float64 { return float64(a.auth.cache.len()) }))
+	}
 	if len(cfg.ControlPlanes) > 0 {
 		conn, err := dialControlPlane(cfg.ControlPlanes, cfg.Credentials)
 		if err != nil {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/status"
@@ -70,8 +71,21 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		a.passthrough(w, r, body, "passthrough")
 		return
 	}
-	key, err := ContentKey(a.cfg.RepoID, cmd)
+	repo := repoOf(r.URL.Path)
+	key, err := ContentKeyAt(a.cfg.RepoID, repo, cmd)
 	if err != nil {
+		a.passthrough(w, r, body, "inline")
+		return
+	}
+	// Only a client the origin would serve gets a redirect (DESIGN invariant 9), from the cache
+	// too; any other goes to the origin as it is and gets the origin's own answer (a 401 it can
+	// authenticate after).
+	ans, private := a.authorize(r, repo)
+	switch ans {
+	case authDenied:
+		a.passthrough(w, r, body, "origin_denied")
+		return
+	case authError:
 		a.passthrough(w, r, body, "inline")
 		return
 	}
@@ -82,7 +96,7 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 			return
 		}
 	}
-	d := a.place(r.Context(), key, cmd)
+	d := a.place(r.Context(), key, cmd, private)
 	switch {
 	case d == nil:
 		a.passthrough(w, r, body, "inline")
@@ -105,6 +119,16 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		}
 		a.passthrough(w, r, body, "inline")
 	}
+}
+
+// repoOf returns the repository part of a v2 command's path: what precedes /api/<version>/, as
+// the client wrote it ("" for the origin's root). The client's own handshake went to that path
+// with ?cmd=capabilities.
+func repoOf(path string) string {
+	if i := strings.Index(path, commandPathMarker); i >= 0 {
+		return path[:i]
+	}
+	return ""
 }
 
 // firstRequestID reads the request id of the first frame, for answering a malformed request.
@@ -200,8 +224,9 @@ func (a *Agent) writeRedirect(w http.ResponseWriter, cmd *wire.CommandRequest, l
 }
 
 // place asks the control plane, within the place timeout. nil means "answer inline": the control
-// plane failed, or is known to be down and is being probed (see cpGate).
-func (a *Agent) place(ctx context.Context, key string, cmd *wire.CommandRequest) *pb.PlaceResponse {
+// plane failed, or is known to be down and is being probed (see cpGate). originRequiresCredentials
+// tells the control plane that the origin refuses this repository to anonymous clients.
+func (a *Agent) place(ctx context.Context, key string, cmd *wire.CommandRequest, originRequiresCredentials bool) *pb.PlaceResponse {
 	if a.cp.down.Load() {
 		a.metrics.placeFailures.WithLabelValues("control_plane_down").Inc()
 		return nil
@@ -212,7 +237,7 @@ func (a *Agent) place(ctx context.Context, key string, cmd *wire.CommandRequest)
 	canFill := a.canFill()
 	resp, err := a.placement.Place(ctx, &pb.PlaceRequest{Key: key, Command: cmd.Name,
 		AcceptedTargets: cmd.Redirect.Targets, Hashes: cmd.Redirect.Hashes, AgentRegion: a.cfg.Region, AgentId: a.cfg.AgentID,
-		CanFill: &canFill, UnfillableTargets: a.breakers.unfillable(now)})
+		CanFill: &canFill, UnfillableTargets: a.breakers.unfillable(now), OriginRequiresCredentials: originRequiresCredentials})
 	a.metrics.placeLatency.Observe(time.Since(now).Seconds())
 	if err != nil {
 		a.metrics.placeFailures.WithLabelValues(status.Code(err).String()).Inc()

@@ -111,11 +111,20 @@ func stringSet(v any) (map[string]bool, bool) {
 // the origin repository's identity, the media types and the protocol version. Call it only for a
 // command Cacheability accepts.
 func ContentKey(repoID string, cmd *wire.CommandRequest) (string, error) {
+	return ContentKeyAt(repoID, "", cmd)
+}
+
+// ContentKeyAt is ContentKey for the repository at repoPath on the origin (the part of the
+// request's path before /api/; "" for the origin's root, whose keys are ContentKey's). An origin
+// may serve several repositories (hgwebdir) with different readers: the same nodes in two of them
+// must be two keys, or a client the origin serves one repository would be redirected to an object
+// filled from another (DESIGN invariant 9).
+func ContentKeyAt(repoID, repoPath string, cmd *wire.CommandRequest) (string, error) {
 	args := cmd.Args
 	if args == nil {
 		args = map[string]any{}
 	}
-	b, err := wire.Canonical(map[string]any{
+	in := map[string]any{
 		"globalversion": keyVersion,
 		"command":       cmd.Name,
 		"args":          args,
@@ -123,7 +132,11 @@ func ContentKey(repoID string, cmd *wire.CommandRequest) (string, error) {
 		"mediatype":     wire.MediaTypeFraming,
 		"objecttype":    wire.MediaTypeCBOR,
 		"version":       wire.APIVersion,
-	})
+	}
+	if repoPath != "" {
+		in["repopath"] = repoPath
+	}
+	b, err := wire.Canonical(in)
 	if err != nil {
 		return "", fmt.Errorf("content key of %s: %w", cmd.Name, err)
 	}

@@ -89,9 +89,22 @@ func TestContentKeyCoversEveryArgument(t *testing.T) {
 	if key("other", nil) == k0 {
 		t.Error("another repository has the same content key")
 	}
+	at := func(path string) string {
+		k, err := ContentKeyAt("r", path, &wire.CommandRequest{Name: "filesdata", Args: base})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	if at("") != k0 {
+		t.Error("the origin's root repository changed its content keys")
+	}
+	if at("/a") == k0 || at("/a") == at("/b") {
+		t.Error("repositories at different paths of one origin share content keys")
+	}
 }
 
-func mustURL(t *testing.T, s string) *url.URL {
+func mustURL(t testing.TB, s string) *url.URL {
 	t.Helper()
 	u, err := url.Parse(s)
 	if err != nil {

@@ -18,13 +18,15 @@ type Metrics struct {
 	locationChecks  *prometheus.CounterVec
 	cpUp            prometheus.Gauge
 	cache           *prometheus.CounterVec
+	originChecks    *prometheus.CounterVec
+	originHits      *prometheus.CounterVec
 }
 
 func newMetrics() *Metrics {
 	m := &Metrics{
 		Registry: prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_requests_total",
-			Help: "Requests by outcome: redirect, inline, inline_fill, passthrough, capabilities, protocol_error."}, []string{"outcome"}),
+			Help: "Requests by outcome: redirect, inline, inline_fill, passthrough, origin_denied, capabilities, protocol_error."}, []string{"outcome"}),
 		uncacheable: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_uncacheable_total",
 			Help: "Requests for a cacheable command kept inline because they ask for repository state (e.g. changesetdata with bookmarks)."}, []string{"command", "reason"}),
 		placeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_place_failures_total",
@@ -40,6 +42,10 @@ func newMetrics() *Metrics {
 	}
 	m.locationChecks = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_location_checks_total",
 		Help: "Sampled checks of handed-out locations, by result (ok, broken, skipped)."}, []string{"result"})
+	m.originChecks = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_origin_checks_total",
+		Help: "Access checks sent to the origin before placing a request, by result (allowed, denied, error)."}, []string{"result"})
+	m.originHits = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_origin_check_hits_total",
+		Help: "Access answers taken from the cache or from another request's check in flight, by result."}, []string{"result"})
 	m.cpUp = prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_agent_controlplane_up",
 		Help: "1 while the control plane answers Place; 0 while requests skip it (answered inline) until a probe succeeds."})
 	m.cpUp.Set(1)
@@ -47,6 +53,6 @@ func newMetrics() *Metrics {
 		Help: "Location cache events: hit, miss, stored, invalidated (a record changed), flushed (target set changed or stream lost), evicted."}, []string{"result"})
 	m.Registry.MustRegister(m.cache)
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), m.cpUp)
-	m.Registry.MustRegister(m.locationChecks, m.requests, m.uncacheable, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision)
+	m.Registry.MustRegister(m.locationChecks, m.requests, m.uncacheable, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision, m.originChecks, m.originHits)
 	return m
 }

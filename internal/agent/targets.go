@@ -30,7 +30,9 @@ func (a *Agent) watchTargets(ctx context.Context) {
 				if msg.InvalidationsOnly {
 					continue
 				}
-				a.section.Store(advertised(msg, a.cfg.Region))
+				section := advertised(msg, a.cfg.Region)
+				a.section.Store(section)
+				a.setPublicTargets(msg, section)
 				a.targetsKnown.Store(true)
 				a.metrics.targetsRevision.Set(float64(msg.Revision))
 				a.once.Recovered("watch", "target watch restored", "revision", msg.Revision)

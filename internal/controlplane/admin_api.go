@@ -89,7 +89,7 @@ func (s *Service) GetTarget(ctx context.Context, req *pb.GetTargetRequest) (*pb.
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "target %q: not found", req.Name)
 	}
-	out := proto.Clone(t).(*pb.Target)
+	out := s.withWarnings(t)
 	if t.State == pb.TargetState_TARGET_STATE_DRAINING {
 		progress, _ := drainScan(snap, s.cfg.Now(), 0)
 		out.Drain = progress[t.Name]
@@ -104,7 +104,7 @@ func (s *Service) ListTargets(ctx context.Context, _ *pb.ListTargetsRequest) (*p
 	progress, _ := drainScan(snap, s.cfg.Now(), 0)
 	resp := &pb.ListTargetsResponse{Revision: snap.Revision}
 	for _, t := range snap.Targets() {
-		out := proto.Clone(t).(*pb.Target)
+		out := s.withWarnings(t)
 		out.Drain = progress[t.Name]
 		resp.Targets = append(resp.Targets, out)
 	}

@@ -67,6 +67,11 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 			s.metrics.crossRegionFills.WithLabelValues(v.targets[d.Fill].Region).Inc()
 		}
 	}
+	if req.OriginRequiresCredentials && resp.Target != "" && (resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT || resp.Fill != nil) {
+		if t, ok := snap.Target(resp.Target); ok {
+			s.noteExposure(t, now)
+		}
+	}
 	s.metrics.decisions.WithLabelValues(resultLabel(resp.Result), resp.Reason).Inc()
 	s.metrics.latency.Observe(time.Since(start).Seconds())
 	return resp, nil

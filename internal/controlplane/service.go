@@ -78,6 +78,7 @@ type Service struct {
 	claims      *claimLimiter
 	extender    extender
 	probeClient *http.Client
+	exposures   exposures
 	// hot counts cross-region redirects; copyRequests holds the copies its counts call for until
 	// runCopyRequests queues them in etcd.
 	hot          *hotKeys

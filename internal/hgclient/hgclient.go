@@ -24,6 +24,9 @@ import (
 type Client struct {
 	Base string // repository URL, e.g. http://127.0.0.1:8080/
 	HTTP *http.Client
+	// Header is added to every request to Base (credentials, say), never to a location fetch:
+	// a location is another server, which must not receive the repository's credentials.
+	Header http.Header
 }
 
 // Handshake is the decoded v1 capabilities handshake.
@@ -41,12 +44,21 @@ func (c *Client) http() *http.Client {
 
 func (c *Client) url(p string) string { return strings.TrimSuffix(c.Base, "/") + "/" + p }
 
+func (c *Client) addHeader(req *http.Request) {
+	for k, vs := range c.Header {
+		for _, v := range vs {
+			req.Header.Add(k, v)
+		}
+	}
+}
+
 // Capabilities performs the v2 upgrade handshake.
 func (c *Client) Capabilities(ctx context.Context) (*Handshake, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("?cmd=capabilities"), nil)
 	if err != nil {
 		return nil, err
 	}
+	c.addHeader(req)
 	req.Header.Set("X-HgUpgrade-1", wire.APIVersion)
 	req.Header.Set("X-HgProto-1", "cbor")
 	resp, err := c.http().Do(req)
@@ -135,6 +147,7 @@ func (c *Client) command(ctx context.Context, name string, args map[string]any, 
 	if err != nil {
 		return nil, err
 	}
+	c.addHeader(req)
 	req.Header.Set("Content-Type", wire.MediaTypeFraming)
 	req.Header.Set("Accept", wire.MediaTypeFraming)
 	resp, err := c.http().Do(req)

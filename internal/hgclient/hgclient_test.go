@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/detourhq/detour/internal/wire"
@@ -93,5 +94,31 @@ func TestRedirectToClientWithoutRedirectMapIsAnError(t *testing.T) {
 	_, err := (&Client{Base: srv.URL}).Command(context.Background(), "filesdata", nil, nil)
 	if err == nil || !strings.Contains(err.Error(), "no redirect map") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// Credentials in Header go to the repository's server, never to the location, another server.
+func TestHeaderGoesToTheServerNotToTheLocation(t *testing.T) {
+	var mu sync.Mutex
+	seen := map[string]string{}
+	srv := server(t, func(w *wire.ResponseWriter, loc *wire.Location) error { return w.WriteRedirect(1, loc) })
+	inner := srv.Config.Handler
+	srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen[r.URL.Path] = r.Header.Get("Authorization")
+		mu.Unlock()
+		inner.ServeHTTP(w, r)
+	})
+	c := &Client{Base: srv.URL, Header: http.Header{"Authorization": {"Basic YTpi"}}}
+	if _, err := c.Command(context.Background(), "filesdata", nil, rr); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got := seen["/api/"+wire.APIVersion+"/ro/filesdata"]; got != "Basic YTpi" {
+		t.Fatalf("the command request carried Authorization %q", got)
+	}
+	if got, ok := seen["/object"]; !ok || got != "" {
+		t.Fatalf("the location fetch carried Authorization %q (fetched: %v)", got, ok)
 	}
 }

@@ -94,7 +94,7 @@ func marshal(m proto.Message) string {
 // storedTarget strips the fields the server computes.
 func storedTarget(t *pb.Target) *pb.Target {
 	c := proto.Clone(t).(*pb.Target)
-	c.Revision, c.Healthy, c.UnhealthyReason = 0, false, ""
+	c.Revision, c.Healthy, c.UnhealthyReason, c.Warnings = 0, false, "", nil
 	return c
 }
 

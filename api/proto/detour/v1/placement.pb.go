@@ -89,8 +89,14 @@ type PlaceRequest struct {
 	CanFill *bool `protobuf:"varint,8,opt,name=can_fill,json=canFill,proto3,oneof" json:"can_fill,omitempty"`
 	// Targets the agent will not fill now (its store breaker for them is open after failures).
 	UnfillableTargets []string `protobuf:"bytes,9,rep,name=unfillable_targets,json=unfillableTargets,proto3" json:"unfillable_targets,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The origin refuses this request's repository to clients without credentials (the agent's
+	// anonymous access check was denied); the client was allowed with its own. Redirecting such a
+	// request to a target whose URLs are not signed (public or CDN base URL) hands private content
+	// to anyone who obtains the URL: the control plane records it and shows it in the target's
+	// warnings.
+	OriginRequiresCredentials bool `protobuf:"varint,10,opt,name=origin_requires_credentials,json=originRequiresCredentials,proto3" json:"origin_requires_credentials,omitempty"`
+	unknownFields             protoimpl.UnknownFields
+	sizeCache                 protoimpl.SizeCache
 }
 
 func (x *PlaceRequest) Reset() {
@@ -184,6 +190,13 @@ func (x *PlaceRequest) GetUnfillableTargets() []string {
 		return x.UnfillableTargets
 	}
 	return nil
+}
+
+func (x *PlaceRequest) GetOriginRequiresCredentials() bool {
+	if x != nil {
+		return x.OriginRequiresCredentials
+	}
+	return false
 }
 
 // Location is where a redirected client fetches the object.
@@ -1108,7 +1121,7 @@ var File_detour_v1_placement_proto protoreflect.FileDescriptor
 
 const file_detour_v1_placement_proto_rawDesc = "" +
 	"\n" +
-	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\"\xb4\x02\n" +
+	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\"\xf4\x02\n" +
 	"\fPlaceRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\tR\acommand\x12)\n" +
@@ -1118,7 +1131,9 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\bagent_id\x18\x06 \x01(\tR\aagentId\x12\x1b\n" +
 	"\tsize_hint\x18\a \x01(\x04R\bsizeHint\x12\x1e\n" +
 	"\bcan_fill\x18\b \x01(\bH\x00R\acanFill\x88\x01\x01\x12-\n" +
-	"\x12unfillable_targets\x18\t \x03(\tR\x11unfillableTargetsB\v\n" +
+	"\x12unfillable_targets\x18\t \x03(\tR\x11unfillableTargets\x12>\n" +
+	"\x1borigin_requires_credentials\x18\n" +
+	" \x01(\bR\x19originRequiresCredentialsB\v\n" +
 	"\t_can_fill\"{\n" +
 	"\bLocation\x12\x10\n" +
 	"\x03url\x18\x01 \x01(\tR\x03url\x12\x1d\n" +

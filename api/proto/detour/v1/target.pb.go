@@ -369,7 +369,11 @@ type Target struct {
 	// Set by the server: why the target is unhealthy, empty when healthy.
 	UnhealthyReason string `protobuf:"bytes,15,opt,name=unhealthy_reason,json=unhealthyReason,proto3" json:"unhealthy_reason,omitempty"`
 	// Set by the server on reads of a DRAINING target: how far its drain has come.
-	Drain         *DrainProgress `protobuf:"bytes,16,opt,name=drain,proto3" json:"drain,omitempty"`
+	Drain *DrainProgress `protobuf:"bytes,16,opt,name=drain,proto3" json:"drain,omitempty"`
+	// Set by the server (GetTarget, ListTargets), never stored: conditions an operator should act
+	// on, e.g. content of an origin that requires credentials handed out at URLs anyone can fetch.
+	// Each replica reports what it has seen since it started.
+	Warnings      []string `protobuf:"bytes,17,rep,name=warnings,proto3" json:"warnings,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -512,6 +516,13 @@ func (x *Target) GetUnhealthyReason() string {
 func (x *Target) GetDrain() *DrainProgress {
 	if x != nil {
 		return x.Drain
+	}
+	return nil
+}
+
+func (x *Target) GetWarnings() []string {
+	if x != nil {
+		return x.Warnings
 	}
 	return nil
 }
@@ -1235,7 +1246,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\fcdn_base_url\x18\x02 \x01(\tH\x00R\n" +
 	"cdnBaseUrl\x12/\n" +
 	"\x06signed\x18\x03 \x01(\v2\x15.detour.v1.SignedUrlsH\x00R\x06signedB\x06\n" +
-	"\x04form\"\x8b\x04\n" +
+	"\x04form\"\xa7\x04\n" +
 	"\x06Target\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\bprotocol\x18\x02 \x01(\tR\bprotocol\x12\x12\n" +
@@ -1253,7 +1264,8 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\ahealthy\x18\r \x01(\bR\ahealthy\x12\x10\n" +
 	"\x03uid\x18\x0e \x01(\tR\x03uid\x12)\n" +
 	"\x10unhealthy_reason\x18\x0f \x01(\tR\x0funhealthyReason\x12.\n" +
-	"\x05drain\x18\x10 \x01(\v2\x18.detour.v1.DrainProgressR\x05drain\"H\n" +
+	"\x05drain\x18\x10 \x01(\v2\x18.detour.v1.DrainProgressR\x05drain\x12\x1a\n" +
+	"\bwarnings\x18\x11 \x03(\tR\bwarnings\"H\n" +
 	"\rDrainProgress\x12\x1f\n" +
 	"\vsole_copies\x18\x01 \x01(\x04R\n" +
 	"soleCopies\x12\x16\n" +
