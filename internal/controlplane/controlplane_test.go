@@ -80,7 +80,7 @@ func startEnv(t *testing.T) *env {
 // fastJanitor probes every 100ms, sweeps every 200ms and copies every 100ms, so tests see the
 // janitor's effects fast.
 var fastJanitor = JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
-	ReconcileInterval: time.Hour, CopyInterval: 100 * time.Millisecond, CopyRate: 100}
+	ReconcileInterval: time.Hour, CopyInterval: 100 * time.Millisecond, CopyRate: 100, GarbageGrace: 100 * time.Millisecond}
 
 func startReplica(t *testing.T, etcdURL string) *replica {
 	t.Helper()
