@@ -218,7 +218,7 @@ func (r *rig) startAgent(region string, want ...string) (*testbed.Agent, *tap) {
 func (r *rig) waitAdvertised(a *testbed.Agent, ok func(names []string) bool) {
 	r.t.Helper()
 	testbed.Eventually(r.t, 20*time.Second, "the agent's advertisement", func() bool {
-		hs, err := (&hgclient.Client{Base: a.URL}).Capabilities(context.Background())
+		hs, err := (&hgclient.Client{Base: a.URL, Header: r.credentials}).Capabilities(context.Background())
 		var names []string
 		if err == nil && hs.Redirect != nil {
 			names = hgclient.Accepted(hs.Redirect, "http")
