@@ -104,6 +104,9 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 // Endpoint is the client URL.
 func (s *Server) Endpoint() string { return s.cfg.ClientURL }
 
+// IsLeader reports whether this member is the cluster's raft leader now.
+func (s *Server) IsLeader() bool { return s.etcd.Server.Leader() == s.etcd.Server.MemberID() }
+
 // Config is what the server was started with (ports filled in), to restart it on the same data.
 func (s *Server) Config() Config { return s.cfg }
 
