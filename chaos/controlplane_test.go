@@ -89,3 +89,28 @@ func TestControlPlaneFrozen(t *testing.T) {
 		t.Fatal("no redirect after the control plane was thawed")
 	}
 }
+
+// Two control-plane replicas behind the agent's client-side balancing (--controlplane a,b), one
+// killed under load: no client notices, and redirects go on through the other replica.
+func TestOneOfTwoControlPlanesKilled(t *testing.T) {
+	r := newRig(t, rigOptions{controlPlanes: 2})
+	ks := r.newKeyspace("replicas", 64, 0, 32<<10)
+	r.warm(ks)
+	l := r.startLoad(ks, loadOptions{clients: pick(8, 32)})
+	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
+	r.cps[1].Kill()
+	killed := l.now()
+	time.Sleep(pick(3*time.Second, 10*time.Second))
+	end := l.now()
+	f := l.finish()
+	gap := f.longestRedirectGap(killed, end)
+	f.recovery = gap
+	after := func(rc record) bool { return rc.start >= killed }
+	f.extra = fmt.Sprintf("after the kill: %d requests, %.1f%% redirected, longest time without a redirect %s",
+		f.count(after), 100*float64(f.count(func(rc record) bool { return after(rc) && rc.redirected }))/float64(max(1, f.count(after))),
+		gap.Round(time.Millisecond))
+	f.report(t, "controlplane-1-of-2", false)
+	if gap > resumeBound {
+		t.Fatalf("with one of two replicas up, %s passed without a redirect (bound %s)", gap, resumeBound)
+	}
+}

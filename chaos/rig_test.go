@@ -396,7 +396,6 @@ func (f *figures) report(t *testing.T, name string, allowFailures bool) {
 		line += "  " + f.extra
 	}
 	fmt.Println(line)
-	t.Log(line)
 	if len(f.recs) == 0 {
 		t.Fatal("the load sent no requests")
 	}
