@@ -15,7 +15,9 @@ func TestEtcdLeaderLostUnderPlaceAndFillLoad(t *testing.T) {
 	r := newRig(t, rigOptions{etcdMembers: 3, controlPlanes: 2})
 	ks := r.newKeyspace("etcd", 64, pick(3000, 10000), 16<<10)
 	r.warm(ks)
-	ready := func() float64 { return testbed.Metric(t, r.agent.MetricsURL, "detour_agent_fills_total", `outcome="ready"`) }
+	ready := func() float64 {
+		return testbed.Metric(t, r.agent.MetricsURL, "detour_agent_fills_total", `outcome="ready"`)
+	}
 	l := r.startLoad(ks, loadOptions{clients: pick(8, 16), freshEvery: 4})
 	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
 	leader := -1
