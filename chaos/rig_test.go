@@ -170,12 +170,25 @@ func (r *rig) requests(prefix string, n, size int) []request {
 	r.t.Helper()
 	origin := &hgclient.Client{Base: r.originURL}
 	out := make([]request, n)
-	for i := range out {
-		args := map[string]any{"nodes": []any{fmt.Sprintf("%s-%08d", prefix, i)}, "tree": "", "size": uint64(size)}
-		res, err := origin.Command(context.Background(), command, args, nil)
-		r.must(err)
-		out[i] = request{args: args, want: sha256.Sum256(res.Objects)}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < n; i += 8 {
+				args := map[string]any{"nodes": []any{fmt.Sprintf("%s-%08d", prefix, i)}, "tree": "", "size": uint64(size)}
+				res, err := origin.Command(context.Background(), command, args, nil)
+				if err != nil {
+					errs[i] = fmt.Errorf("the origin's answer for %s %d: %w", prefix, i, err)
+					continue
+				}
+				out[i] = request{args: args, want: sha256.Sum256(res.Objects)}
+			}
+		}()
 	}
+	wg.Wait()
+	r.must(errors.Join(errs...))
 	return out
 }
 
