@@ -126,9 +126,13 @@ func newRig(t *testing.T, o rigOptions) *rig {
 	r.must(err)
 
 	// No location cache: every request asks the control plane, which is what these tests break.
+	// A place timeout of 1s rather than the default 50ms: Place leaves half of it to the fill
+	// claim, an etcd write, and on a loaded small machine (three etcd members fsyncing on one
+	// disk) 25ms is often not enough, so keys would rarely fill and the fill path would go
+	// untested. The freeze scenario sets the default back, since its bound is about it.
 	r.agent = testbed.StartAgent(t, r.originURL, append([]string{"--controlplane", strings.Join(addrs, ","),
 		"--region", "test", "--agent-id", "chaos-agent", "--gcs-endpoint", r.storeEndpoint(), "--repo-id", repoID,
-		"--no-origin-auth", "--location-cache-entries", "-1", "--log-level", "info"}, o.agentFlags...)...)
+		"--no-origin-auth", "--location-cache-entries", "-1", "--place-timeout", "1s", "--log-level", "info"}, o.agentFlags...)...)
 	testbed.Eventually(t, 20*time.Second, "the agent advertises the target", func() bool {
 		hs, err := (&hgclient.Client{Base: r.agent.URL}).Capabilities(context.Background())
 		return err == nil && hs.Redirect != nil && slices.Contains(hgclient.Accepted(hs.Redirect, "http"), target)
