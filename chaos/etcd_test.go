@@ -8,7 +8,7 @@ import (
 	"github.com/detourhq/detour/internal/testbed"
 )
 
-// A three-member etcd loses its leader while clients ask for stored keys (Place) and new ones
+// A three-member etcd loses its leader (crashed: no leadership transfer) while clients ask for stored keys (Place) and new ones
 // (fills: claim, upload, ReportFill, all etcd writes): no client notices, and fills complete again
 // once a new leader is elected.
 func TestEtcdLeaderLostUnderPlaceAndFillLoad(t *testing.T) {
@@ -30,7 +30,7 @@ func TestEtcdLeaderLostUnderPlaceAndFillLoad(t *testing.T) {
 		t.Fatal("no etcd member is the leader")
 	}
 	before := ready()
-	r.etcd[leader].Close()
+	r.etcd[leader].Crash()
 	killed := l.now()
 	var filled time.Duration
 	testbed.Eventually(t, 20*time.Second, "a fill completes after the leader was lost", func() bool {
