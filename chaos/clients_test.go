@@ -183,6 +183,15 @@ func TestThousandConcurrentClients(t *testing.T) {
 		peakFD, peakRSS = max(peakFD, openFDs(t, pid)), max(peakRSS, rssBytes(t, pid))
 	}
 	f := l.finish()
-	f.extra = fmt.Sprintf("%d clients, agent fds peak %d, RSS peak %d MiB", clients, peakFD, peakRSS>>20)
+	var agentP99, fetchP99 time.Duration
+	{
+		var agentLat, fetchLat []time.Duration
+		for _, rc := range f.recs {
+			agentLat, fetchLat = append(agentLat, rc.end-rc.start-rc.fetch), append(fetchLat, rc.fetch)
+		}
+		agentP99, fetchP99 = quantile(agentLat, 0.99), quantile(fetchLat, 0.99)
+	}
+	f.extra = fmt.Sprintf("%d clients, %.0f answers/s: p99 of the agent's part %s, of the store fetch %s; agent fds peak %d, RSS peak %d MiB",
+		clients, float64(len(f.recs))/f.recs[len(f.recs)-1].end.Seconds(), agentP99.Round(time.Millisecond), fetchP99.Round(time.Millisecond), peakFD, peakRSS>>20)
 	f.report(t, "1000-clients", false)
 }

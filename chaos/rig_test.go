@@ -226,6 +226,7 @@ func (r *rig) client(conns int) (*hgclient.Client, *wire.RedirectRequest) {
 // record is one request as the client saw it; times are since the load started.
 type record struct {
 	start, end time.Duration
+	fetch      time.Duration // of a redirect: the location's fetch from the store
 	redirected bool
 	fresh      bool
 	failed     bool // no answer, an error answer, or a location that could not be fetched
@@ -306,7 +307,7 @@ func (l *load) one(q request, fresh bool) record {
 	case sha256.Sum256(res.Objects) != q.want:
 		rec.wrong = true
 	default:
-		rec.redirected = res.Redirected
+		rec.redirected, rec.fetch = res.Redirected, res.Fetch
 	}
 	if err != nil || rec.wrong {
 		l.mu.Lock()
@@ -363,8 +364,16 @@ func (f *figures) latency(q float64, keep func(record) bool) (time.Duration, tim
 	if len(lat) == 0 {
 		return 0, 0
 	}
+	return quantile(lat, q), slices.Max(lat)
+}
+
+// quantile sorts lat and returns its q-quantile (0 for none).
+func quantile(lat []time.Duration, q float64) time.Duration {
+	if len(lat) == 0 {
+		return 0
+	}
 	slices.Sort(lat)
-	return lat[min(len(lat)-1, int(float64(len(lat))*q))], lat[len(lat)-1]
+	return lat[min(len(lat)-1, int(float64(len(lat))*q))]
 }
 
 // firstRedirectAfter is how long after mark the first redirect answered to a request started at
