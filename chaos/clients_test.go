@@ -173,13 +173,13 @@ func rssBytes(t *testing.T, pid int) int {
 func TestThousandConcurrentClients(t *testing.T) {
 	const clients = 1000
 	r := newRig(t, rigOptions{})
-	ks := r.newKeyspace("thousand", 128, pick(1000, 5000), 16<<10)
+	ks := r.newKeyspace("thousand", 128, pick(500, 5000), 16<<10)
 	r.warm(ks)
 	pid := r.agent.PID()
 	fd0 := openFDs(t, pid)
 	l := r.startLoad(ks, loadOptions{clients: clients, freshEvery: 20})
 	peakFD, peakRSS := fd0, 0
-	for end := time.Now().Add(pick(4*time.Second, 15*time.Second)); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
+	for end := time.Now().Add(pick(3*time.Second, 15*time.Second)); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
 		peakFD, peakRSS = max(peakFD, openFDs(t, pid)), max(peakRSS, rssBytes(t, pid))
 	}
 	f := l.finish()

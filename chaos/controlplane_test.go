@@ -18,14 +18,14 @@ func TestControlPlaneKilledAndRestarted(t *testing.T) {
 	ks := r.newKeyspace("kill", 64, 0, 32<<10)
 	r.warm(ks)
 	l := r.startLoad(ks, loadOptions{clients: pick(8, 32)})
-	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
+	time.Sleep(pick(time.Second, 5*time.Second))
 	r.cps[0].Kill()
 	killed := l.now()
-	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
+	time.Sleep(pick(time.Second, 5*time.Second))
 	r.cps[0].Restart()
 	r.cps[0].WaitServing(t, 30*time.Second)
 	serving := l.now()
-	time.Sleep(pick(2*time.Second, 5*time.Second))
+	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
 	f := l.finish()
 	f.recovery, _ = f.firstRedirectAfter(serving)
 	if _, ok := f.firstRedirectAfter(serving); !ok {
@@ -45,8 +45,12 @@ func TestControlPlaneKilledAndRestarted(t *testing.T) {
 func TestControlPlaneFrozen(t *testing.T) {
 	const placeTimeout = 50 * time.Millisecond
 	const bound = placeTimeout + 50*time.Millisecond
-	r := newRig(t, rigOptions{agentFlags: []string{"--place-timeout", placeTimeout.String()}})
+	r := newRig(t, rigOptions{})
 	ks := r.newKeyspace("freeze", 64, 0, 32<<10)
+	// Fill with the rig's generous place timeout (fill claims need their etcd write), then serve
+	// with the default one, which is what this scenario bounds.
+	r.warm(ks)
+	r.replaceAgent("--place-timeout", placeTimeout.String())
 	r.warm(ks)
 	// Paced clients: the bound is about the agent, not about queueing behind our own load on a
 	// small machine.
@@ -57,7 +61,7 @@ func TestControlPlaneFrozen(t *testing.T) {
 	time.Sleep(pick(3*time.Second, 10*time.Second))
 	r.cps[0].Thaw()
 	thawed := l.now()
-	time.Sleep(pick(2*time.Second, 5*time.Second))
+	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
 	f := l.finish()
 	if rec, ok := f.firstRedirectAfter(thawed); ok {
 		f.recovery = rec
@@ -97,10 +101,10 @@ func TestOneOfTwoControlPlanesKilled(t *testing.T) {
 	ks := r.newKeyspace("replicas", 64, 0, 32<<10)
 	r.warm(ks)
 	l := r.startLoad(ks, loadOptions{clients: pick(8, 32)})
-	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
+	time.Sleep(pick(time.Second, 5*time.Second))
 	r.cps[1].Kill()
 	killed := l.now()
-	time.Sleep(pick(3*time.Second, 10*time.Second))
+	time.Sleep(pick(2*time.Second, 10*time.Second))
 	end := l.now()
 	f := l.finish()
 	gap := f.longestRedirectGap(killed, end)

@@ -13,13 +13,13 @@ import (
 // once a new leader is elected.
 func TestEtcdLeaderLostUnderPlaceAndFillLoad(t *testing.T) {
 	r := newRig(t, rigOptions{etcdMembers: 3, controlPlanes: 2})
-	ks := r.newKeyspace("etcd", 64, pick(3000, 10000), 16<<10)
+	ks := r.newKeyspace("etcd", 64, pick(1500, 10000), 16<<10)
 	r.warm(ks)
 	ready := func() float64 {
 		return testbed.Metric(t, r.agent.MetricsURL, "detour_agent_fills_total", `outcome="ready"`)
 	}
 	l := r.startLoad(ks, loadOptions{clients: pick(8, 16), freshEvery: 4})
-	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
+	time.Sleep(pick(time.Second, 5*time.Second))
 	leader := -1
 	for i, m := range r.etcd {
 		if m.IsLeader() {
@@ -50,7 +50,7 @@ func TestEtcdLeaderLostUnderPlaceAndFillLoad(t *testing.T) {
 		return false
 	})
 	elected := l.now() - killed
-	time.Sleep(pick(2*time.Second, 5*time.Second))
+	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
 	readyBefore := ready()
 	time.Sleep(time.Second)
 	readyLater := ready()

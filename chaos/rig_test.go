@@ -65,6 +65,8 @@ type rig struct {
 	cps       []*testbed.ControlPlane
 	agent     *testbed.Agent
 	admin     pb.AdminServiceClient
+	// agentFlags are every agent's flags; startAgent adds its own.
+	agentFlags []string
 }
 
 type rigOptions struct {
@@ -130,14 +132,29 @@ func newRig(t *testing.T, o rigOptions) *rig {
 	// claim, an etcd write, and on a loaded small machine (three etcd members fsyncing on one
 	// disk) 25ms is often not enough, so keys would rarely fill and the fill path would go
 	// untested. The freeze scenario sets the default back, since its bound is about it.
-	r.agent = testbed.StartAgent(t, r.originURL, append([]string{"--controlplane", strings.Join(addrs, ","),
+	r.agentFlags = []string{"--controlplane", strings.Join(addrs, ","),
 		"--region", "test", "--agent-id", "chaos-agent", "--gcs-endpoint", r.storeEndpoint(), "--repo-id", repoID,
-		"--no-origin-auth", "--location-cache-entries", "-1", "--place-timeout", "1s", "--log-level", "info"}, o.agentFlags...)...)
-	testbed.Eventually(t, 20*time.Second, "the agent advertises the target", func() bool {
+		"--no-origin-auth", "--location-cache-entries", "-1", "--place-timeout", "1s", "--log-level", "info"}
+	r.startAgent(o.agentFlags...)
+	return r
+}
+
+// startAgent starts the rig's agent with extra flags (which override the rig's) and waits until
+// it advertises the target.
+func (r *rig) startAgent(extra ...string) {
+	r.t.Helper()
+	r.agent = testbed.StartAgent(r.t, r.originURL, append(slices.Clone(r.agentFlags), extra...)...)
+	testbed.Eventually(r.t, 20*time.Second, "the agent advertises the target", func() bool {
 		hs, err := (&hgclient.Client{Base: r.agent.URL}).Capabilities(context.Background())
 		return err == nil && hs.Redirect != nil && slices.Contains(hgclient.Accepted(hs.Redirect, "http"), target)
 	})
-	return r
+}
+
+// replaceAgent stops the agent and starts another with extra flags: what it stored stays.
+func (r *rig) replaceAgent(extra ...string) {
+	r.t.Helper()
+	r.must(r.agent.Stop(10 * time.Second))
+	r.startAgent(extra...)
 }
 
 func (r *rig) storeEndpoint() string { return r.api.URL + "storage/v1/" }

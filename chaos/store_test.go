@@ -18,18 +18,18 @@ func TestStoreDownAndBack(t *testing.T) {
 	const detection = probeFailures*probeInterval + probeInterval // the probe timeout defaults to the interval
 	r := newRig(t, rigOptions{cpFlags: []string{"--probe-interval", probeInterval.String(),
 		"--probe-failures", fmt.Sprint(probeFailures), "--probe-recoveries", "2"}})
-	ks := r.newKeyspace("store", 64, pick(2000, 8000), 32<<10)
+	ks := r.newKeyspace("store", 64, pick(1000, 8000), 32<<10)
 	r.warm(ks)
 	l := r.startLoad(ks, loadOptions{clients: pick(8, 16), freshEvery: 4})
-	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
+	time.Sleep(pick(time.Second, 5*time.Second))
 	r.front.Unreachable()
 	r.api.Unreachable()
 	down := l.now()
-	time.Sleep(pick(4*time.Second, 15*time.Second))
+	time.Sleep(pick(3*time.Second, 15*time.Second))
 	r.front.Heal()
 	r.api.Heal()
 	healed := l.now()
-	time.Sleep(pick(4*time.Second, 10*time.Second))
+	time.Sleep(pick(3*time.Second, 10*time.Second))
 	f := l.finish()
 	if rec, ok := f.firstRedirectAfter(healed); ok {
 		f.recovery = rec
