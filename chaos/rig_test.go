@@ -264,11 +264,12 @@ type load struct {
 	recs   []record
 	errs   []string
 	stalls *stallMeter
+	sent   atomic.Int64
 }
 
 type loadOptions struct {
 	clients    int
-	freshEvery int           // every n-th request of a client is a fresh key (0: none)
+	freshEvery int           // every n-th request is a fresh key (0: none)
 	pause      time.Duration // a client's pause between requests
 }
 
@@ -301,7 +302,7 @@ func (r *rig) startLoad(ks *keyspace, o loadOptions) *load {
 }
 
 func (l *load) pick(w, i, freshEvery int) (request, bool) {
-	if freshEvery > 0 && i%freshEvery == freshEvery-1 {
+	if freshEvery > 0 && l.sent.Add(1)%int64(freshEvery) == 0 {
 		if n := l.ks.next.Add(1) - 1; int(n) < len(l.ks.fresh) {
 			return l.ks.fresh[n], true
 		}
