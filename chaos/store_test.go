@@ -41,8 +41,13 @@ func TestStoreDownAndBack(t *testing.T) {
 			lastRedirect = max(lastRedirect, rc.start-down)
 		}
 	}
-	f.extra = fmt.Sprintf("outage %s: locations that failed at the store %d (last redirect %s into the outage, detection bound %s)",
-		(healed - down).Round(time.Millisecond), storeFailed, lastRedirect.Round(time.Millisecond), detection)
+	share := func(from, to time.Duration) float64 {
+		in := func(rc record) bool { return !rc.fresh && rc.start >= from && rc.start < to }
+		return 100 * float64(f.count(func(rc record) bool { return in(rc) && rc.redirected })) / float64(max(1, f.count(in)))
+	}
+	f.extra = fmt.Sprintf("outage %s: locations that failed at the store %d (last redirect %s into the outage, detection bound %s); stored keys redirected before %.0f%%, after recovery %.0f%%",
+		(healed - down).Round(time.Millisecond), storeFailed, lastRedirect.Round(time.Millisecond), detection,
+		share(0, down), share(healed+f.recovery, l.now()))
 	agentFailed := f.count(func(rc record) bool { return rc.failed && !rc.fetchFail })
 	f.report(t, "store-down", true)
 	if agentFailed > 0 {
