@@ -27,9 +27,8 @@ func TestControlPlaneKilledAndRestarted(t *testing.T) {
 	serving := l.now()
 	time.Sleep(pick(1500*time.Millisecond, 5*time.Second))
 	f := l.finish()
-	f.recovery, _ = f.firstRedirectAfter(serving)
-	if _, ok := f.firstRedirectAfter(serving); !ok {
-		f.recovery = -1
+	if rec, ok := f.firstRedirectAfter(serving); ok {
+		f.recovery = rec
 	}
 	f.extra = fmt.Sprintf("down %s", (serving - killed).Round(time.Millisecond))
 	f.report(t, "controlplane-kill", false)
