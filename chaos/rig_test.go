@@ -52,8 +52,8 @@ func pick[T any](short, long T) T {
 }
 
 // rig is one deployment: origin, GCS emulator behind two fronts (the targets' client-facing URL,
-// and the API the agent uploads through and the control planes verify and probe through), etcd
-// members, control-plane processes and one agent process.
+// which the control planes probe, and the API the agent uploads through and the control planes
+// verify through), etcd members, control-plane processes and one agent process.
 type rig struct {
 	t         *testing.T
 	origin    *demoorigin.Origin
