@@ -8,9 +8,10 @@ import (
 	"github.com/detourhq/detour/internal/testbed"
 )
 
-// A three-member etcd loses its leader (crashed: no leadership transfer) while clients ask for stored keys (Place) and new ones
-// (fills: claim, upload, ReportFill, all etcd writes): no client notices, and fills complete again
-// once a new leader is elected (recovery: the longest time after the crash without a fill READY).
+// A three-member etcd loses its leader (crashed: no leadership transfer) while clients ask for
+// stored keys (Place) and new ones (fills: claim, upload, ReportFill, all etcd writes): no client
+// notices, and fills complete again once a new leader is elected (recovery: the longest time after
+// the crash without a fill READY).
 func TestEtcdLeaderLostUnderPlaceAndFillLoad(t *testing.T) {
 	r := newRig(t, rigOptions{etcdMembers: 3, controlPlanes: 2})
 	ks := r.newKeyspace("etcd", 64, pick(1500, 10000), 16<<10)
