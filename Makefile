@@ -9,7 +9,7 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 
 TOOLS := $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
 
-.PHONY: all build test test-go deploy-check lint proto proto-check tools hg run bench fuzz clean
+.PHONY: all build test test-go test-chaos chaos deploy-check lint proto proto-check tools hg run bench fuzz clean
 
 all: build
 
@@ -18,10 +18,20 @@ build:
 
 ## test: every check that fits in CI, then every test with the race detector. The end-to-end
 ## tests need the real Mercurial that `make hg` installs (with CI=true its absence fails them).
-test: hg lint proto-check test-go deploy-check
+test: hg lint proto-check test-go test-chaos deploy-check
 
+## test-go: every package with the race detector, except chaos/, which test-chaos runs.
 test-go:
-	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v '/chaos$$')
+
+## test-chaos: the short form of the chaos tests (about a minute and a half), without the race
+## detector: they measure latency bounds of the real binaries, which the detector would slow.
+test-chaos:
+	$(GO) test -short -count=1 -v -timeout 10m ./chaos
+
+## chaos: the long form of the chaos tests (see bench/RESULTS.md); one line of figures each.
+chaos:
+	DETOUR_CHAOS=full $(GO) test -count=1 -v -timeout 30m ./chaos
 
 ## deploy-check: render and check the deployment artefacts in deploy/ (a module of its own).
 deploy-check:

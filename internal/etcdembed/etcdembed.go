@@ -104,6 +104,17 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 // Endpoint is the client URL.
 func (s *Server) Endpoint() string { return s.cfg.ClientURL }
 
+// IsLeader reports whether this member is the cluster's raft leader now.
+func (s *Server) IsLeader() bool { return s.etcd.Server.Leader() == s.etcd.Server.MemberID() }
+
+// Crash stops the member the way a crash does: raft stops at once, without handing leadership
+// to another member (Close does hand it over), and its listeners close in the background. Close
+// waits for that.
+func (s *Server) Crash() {
+	s.etcd.Server.HardStop()
+	go s.Close()
+}
+
 // Config is what the server was started with (ports filled in), to restart it on the same data.
 func (s *Server) Config() Config { return s.cfg }
 

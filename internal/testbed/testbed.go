@@ -208,6 +208,9 @@ func (p *Proc) Freeze() { _ = p.cmd.Process.Signal(syscall.SIGSTOP) }
 // Thaw resumes a frozen process.
 func (p *Proc) Thaw() { _ = p.cmd.Process.Signal(syscall.SIGCONT) }
 
+// PID is the process id of the current run (changes on Restart).
+func (p *Proc) PID() int { return p.cmd.Process.Pid }
+
 // Output is everything the process printed so far.
 func (p *Proc) Output() string { return p.log.String() }
 
