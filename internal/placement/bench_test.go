@@ -37,7 +37,8 @@ func benchState() {
 // BenchmarkDecide measures an index lookup plus Decide, half hits and half misses, with every
 // target accepted by the client (what a real client does with the advertised set): "fleet" is a
 // Fleet built once, as the control plane does per snapshot; "before" is the algorithm Fleet
-// replaced (reference_test.go), measured in the same run for comparison.
+// replaced (reference_test.go), measured in the same run for comparison; "lookup-only" is the
+// index lookup without a decision.
 func BenchmarkDecide(b *testing.B) {
 	benchState()
 	for _, n := range []int{10, 100, 1000} {
@@ -56,6 +57,8 @@ func BenchmarkDecide(b *testing.B) {
 		}{
 			{"fleet", fleet.Decide},
 			{"before", func(copies []Copy, req Request) Decision { return refDecide(targets, copies, pol, req) }},
+			// The index lookup alone, the part of the others that is not Decide.
+			{"lookup-only", func([]Copy, Request) Decision { return Decision{} }},
 		} {
 			b.Run(fmt.Sprintf("targets=%d/%s", n, impl.name), func(b *testing.B) {
 				b.ReportAllocs()
