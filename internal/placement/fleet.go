@@ -3,6 +3,7 @@ package placement
 import (
 	"math"
 	"slices"
+	"strings"
 	"sync/atomic"
 )
 
@@ -234,7 +235,13 @@ func (f *Fleet) accepted(names []string) set {
 			s.add(i)
 		}
 	}
-	slot.Store(&acceptedList{names: slices.Clone(names), set: s})
+	// Copies of the names, not of the headers: the request's strings are not kept, and a later
+	// request's list is compared byte by byte, as a decoded one always is.
+	kept := make([]string, len(names))
+	for i, n := range names {
+		kept[i] = strings.Clone(n)
+	}
+	slot.Store(&acceptedList{names: kept, set: s})
 	return s
 }
 

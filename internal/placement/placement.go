@@ -1,6 +1,7 @@
 // Package placement decides where the response to one request comes from: a redirect to a stored
 // copy, or inline (with, on a miss, a grant to fill a target). It is a pure function over plain
-// data: no I/O, no clock (the time is part of the request), no etcd or gRPC.
+// data: no I/O, no clock (the time is part of the request), no etcd or gRPC. A caller that answers
+// many requests over one set of targets indexes them once as a Fleet.
 //
 // Ranking among copies is, in order: targets that are not draining, the agent's own region, the
 // policy's region preference, then weighted rendezvous hashing on the content key, so equal inputs
