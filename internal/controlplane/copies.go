@@ -12,7 +12,6 @@ import (
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/blob"
-	"github.com/detourhq/detour/internal/placement"
 	"github.com/detourhq/detour/internal/targets"
 )
 
@@ -294,7 +293,7 @@ func (s *Service) copyRound(ctx context.Context, id string, p *pacer, stuck map[
 	}
 	var drain []copyJob
 	for _, m := range sole {
-		home := placement.Home(v.targets, v.policy, m.key.String(), m.from.Region)
+		home := v.fleet.Home(m.key.String(), m.from.Region)
 		if home == "" {
 			if !stuck[m.from.Name] {
 				stuck[m.from.Name] = true
@@ -384,7 +383,7 @@ func crossRegionJob(snap *targets.Snapshot, v *view, e *targets.CopyEntry, now t
 			src, srcRank = o, r
 		}
 	}
-	dst := placement.InRegion(v.targets, e.Request.Key, e.Request.Region)
+	dst := v.fleet.InRegion(e.Request.Key, e.Request.Region)
 	if src == nil || dst == "" {
 		return copyJob{}, jobObsolete
 	}

@@ -43,13 +43,13 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 		copies[i] = placement.Copy{Target: o.Target(), Size: o.Size, Expires: o.ExpiresAt()}
 	}
 	now := s.cfg.Now()
-	d := placement.Decide(v.targets, copies, v.policy, placement.Request{Key: req.Key, Accepted: req.AcceptedTargets,
+	d := v.fleet.Decide(copies, placement.Request{Key: req.Key, Accepted: req.AcceptedTargets,
 		Region: req.AgentRegion, SizeHint: req.SizeHint, Now: now})
 	if d.Fill != "" && slices.Contains(req.UnfillableTargets, d.Fill) {
 		// The agent's uploads to that target are failing: choose among the others. There is no
 		// copy to redirect to (a fill was chosen), so only the accepted list matters.
 		accepted := slices.DeleteFunc(slices.Clone(req.AcceptedTargets), func(n string) bool { return slices.Contains(req.UnfillableTargets, n) })
-		d = placement.Decide(v.targets, nil, v.policy, placement.Request{Key: req.Key, Accepted: accepted,
+		d = v.fleet.Decide(nil, placement.Request{Key: req.Key, Accepted: accepted,
 			Region: req.AgentRegion, SizeHint: req.SizeHint, Now: now})
 	}
 	resp := &pb.PlaceResponse{Result: pb.PlaceResult_PLACE_RESULT_INLINE, Reason: string(d.Reason), SnapshotRevision: snap.Revision}

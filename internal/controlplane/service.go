@@ -91,6 +91,8 @@ type view struct {
 	targetsRevision int64
 	targets         map[string]placement.Target
 	policy          placement.Policy
+	// fleet is targets and policy indexed for placement decisions.
+	fleet *placement.Fleet
 	// stored is the regions that have an active, healthy target: the only ones a cross-region
 	// copy can go to, so the only ones whose redirects are counted.
 	stored map[string]bool
@@ -149,6 +151,7 @@ func (s *Service) viewOf(snap *targets.Snapshot) *view {
 	p := snap.Policy()
 	v.policy = placement.Policy{MinRedirectBytes: p.MinRedirectBytes, RegionPreference: p.RegionPreference,
 		ForbidCrossRegionFills: p.ForbidCrossRegionFills}
+	v.fleet = placement.NewFleet(v.targets, v.policy)
 	v.copies = copySettings{off: p.DisableCrossRegionCopies, threshold: p.CrossRegionCopyThreshold,
 		window: policyDuration(p.GetCrossRegionCopyWindow(), targets.DefaultCrossRegionCopyWindow)}
 	if v.copies.threshold == 0 {

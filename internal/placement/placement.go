@@ -1,6 +1,7 @@
 // Package placement decides where the response to one request comes from: a redirect to a stored
 // copy, or inline (with, on a miss, a grant to fill a target). It is a pure function over plain
-// data: no I/O, no clock (the time is part of the request), no etcd or gRPC.
+// data: no I/O, no clock (the time is part of the request), no etcd or gRPC. A caller that answers
+// many requests over one set of targets indexes them once as a Fleet.
 //
 // Ranking among copies is, in order: targets that are not draining, the agent's own region, the
 // policy's region preference, then weighted rendezvous hashing on the content key, so equal inputs
@@ -103,46 +104,11 @@ type Decision struct {
 	Fill string
 }
 
-// Decide answers req. targets is every known target by name; copies are the READY copies of
-// req.Key (expired ones are ignored here).
+// Decide answers req over targets (every known target by name) and p; copies are the READY copies
+// of req.Key (expired ones are ignored here). It indexes targets first: callers that answer many
+// requests over the same targets build a Fleet once and use its Decide.
 func Decide(targets map[string]Target, copies []Copy, p Policy, req Request) Decision {
-	var best Copy
-	var bestRank rank
-	found := false
-	for _, c := range copies {
-		if !c.Expires.IsZero() && !req.Now.Before(c.Expires) {
-			continue
-		}
-		t, ok := candidate(targets, req.Accepted, c.Target)
-		if !ok {
-			continue
-		}
-		r := rankOf(t, req, p)
-		if !found || r.better(bestRank) {
-			best, bestRank, found = c, r, true
-		}
-	}
-	if found {
-		if best.Size < p.MinRedirectBytes {
-			return Decision{Result: Inline, Reason: ReasonBelowMinSize}
-		}
-		return Decision{Result: Redirect, Reason: ReasonReady, Copy: best}
-	}
-	if req.SizeHint > 0 && req.SizeHint < p.MinRedirectBytes {
-		return Decision{Result: Inline, Reason: ReasonBelowMinSize}
-	}
-	hasCandidate := false
-	for _, name := range req.Accepted {
-		if t, ok := targets[name]; ok && usable(t) {
-			hasCandidate = true
-			break
-		}
-	}
-	if !hasCandidate {
-		return Decision{Result: Inline, Reason: ReasonNoCandidates}
-	}
-	fill, reason := fillChoice(targets, req.Accepted, req.Key, req.Region, p)
-	return Decision{Result: Inline, Reason: reason, Fill: fill}
+	return NewFleet(targets, p).Decide(copies, req)
 }
 
 // Home is the target a copy of key made for region belongs at, chosen among every known target
@@ -150,89 +116,17 @@ func Decide(targets map[string]Target, copies []Copy, p Policy, req Request) Dec
 // preference, then the rest (only the region's own when cross-region fills are forbidden). It
 // returns "" when no active, healthy target qualifies. Draining targets' copies move here.
 func Home(targets map[string]Target, p Policy, key, region string) string {
-	name, _ := fillChoice(targets, nil, key, region, p)
-	return name
+	return NewFleet(targets, p).Home(key, region)
 }
 
 // InRegion is the weighted-rendezvous choice for key among the active, healthy targets in region,
 // or "" if it has none. Cross-region copies go there.
 func InRegion(targets map[string]Target, key, region string) string {
-	return choose(targets, nil, key, func(r string) bool { return r == region })
-}
-
-// fillChoice picks the fill target among names (every known target when nil): the agent's
-// region, then each region of the policy's preference in order, then weighted rendezvous over all
-// the remaining regions at once.
-func fillChoice(targets map[string]Target, names []string, key, region string, p Policy) (string, Reason) {
-	if fill := choose(targets, names, key, func(r string) bool { return r == region }); fill != "" {
-		return fill, ReasonFill
-	}
-	if p.ForbidCrossRegionFills {
-		if choose(targets, names, key, func(r string) bool { return r != region }) != "" {
-			return "", ReasonCrossRegionForbidden
-		}
-		return "", ReasonNoFillTarget
-	}
-	for _, pr := range p.RegionPreference {
-		if pr == region {
-			continue
-		}
-		if fill := choose(targets, names, key, func(r string) bool { return r == pr }); fill != "" {
-			return fill, ReasonFillRemote
-		}
-	}
-	// Preferred regions have no fillable target here (or the loop above would have returned), so
-	// "any other region" is the rest.
-	if fill := choose(targets, names, key, func(r string) bool { return r != region }); fill != "" {
-		return fill, ReasonFillRemote
-	}
-	return "", ReasonNoFillTarget
+	return NewFleet(targets, Policy{}).InRegion(key, region)
 }
 
 // usable reports whether t may serve anything at all.
 func usable(t Target) bool { return t.Healthy && t.State != Disabled && t.Weight > 0 }
-
-// candidate reports whether name is accepted by the client, known and usable.
-func candidate(targets map[string]Target, accepted []string, name string) (Target, bool) {
-	t, ok := targets[name]
-	if !ok || !usable(t) {
-		return Target{}, false
-	}
-	for _, a := range accepted {
-		if a == name {
-			return t, true
-		}
-	}
-	return Target{}, false
-}
-
-// choose is the weighted-rendezvous choice among the active, usable targets named in names (every
-// known target when nil) whose region satisfies in. A name listed twice scores the same both
-// times, and ties go to the smaller name, so neither order nor duplicates change the answer.
-func choose(targets map[string]Target, names []string, key string, in func(region string) bool) string {
-	var best string
-	var bestScore float64
-	consider := func(t Target) {
-		if !usable(t) || t.State != Active || !in(t.Region) {
-			return
-		}
-		if s := Score(key, t.Name, t.Weight); best == "" || s > bestScore || (s == bestScore && t.Name < best) {
-			best, bestScore = t.Name, s
-		}
-	}
-	if names == nil {
-		for _, t := range targets {
-			consider(t)
-		}
-		return best
-	}
-	for _, name := range names {
-		if t, ok := targets[name]; ok {
-			consider(t)
-		}
-	}
-	return best
-}
 
 // rank orders candidates; lower fields dominate higher ones.
 type rank struct {
@@ -241,18 +135,6 @@ type rank struct {
 	preference int // index in the policy's region preference; len+1 when absent
 	score      float64
 	name       string
-}
-
-func rankOf(t Target, req Request, p Policy) rank {
-	pref := len(p.RegionPreference) + 1
-	for i, r := range p.RegionPreference {
-		if r == t.Region {
-			pref = i
-			break
-		}
-	}
-	return rank{draining: t.State == Draining, remote: t.Region != req.Region, preference: pref,
-		score: Score(req.Key, t.Name, t.Weight), name: t.Name}
 }
 
 func (a rank) better(b rank) bool {
@@ -271,27 +153,35 @@ func (a rank) better(b rank) bool {
 	return a.name < b.name
 }
 
+const fnvOffset, fnvPrime = 14695981039346656037, 1099511628211
+
 // Score is the weighted rendezvous score of target for key: weight / -ln(u), u uniform in (0,1)
 // from a hash of both. The highest score wins; a target's share of keys is proportional to its
 // weight.
 func Score(key, target string, weight uint32) float64 {
-	h := fnv64(key, target)
-	// 53 random bits into (0,1), never 0 or 1.
-	u := (float64(h>>11) + 0.5) / (1 << 53)
-	return float64(weight) / -math.Log(u)
+	return scoreAt(keyHash(key), target, weight)
 }
 
-// fnv64 is FNV-1a over key, a zero byte and target, finished with a 64-bit mixer so that the low
-// bits of short, similar inputs still spread.
-func fnv64(key, target string) uint64 {
-	const offset, prime = 14695981039346656037, 1099511628211
-	h := uint64(offset)
+// keyHash is FNV-1a over key and a zero byte: the part of a score's hash that every target of
+// one request shares, so a request hashes its key once, not once per target.
+func keyHash(key string) uint64 {
+	h := uint64(fnvOffset)
 	for i := 0; i < len(key); i++ {
-		h = (h ^ uint64(key[i])) * prime
+		h = (h ^ uint64(key[i])) * fnvPrime
 	}
-	h = (h ^ 0) * prime
+	return (h ^ 0) * fnvPrime
+}
+
+// scoreAt continues FNV-1a from a keyHash over target and turns the hash into the score.
+func scoreAt(h uint64, target string, weight uint32) float64 {
+	return float64(weight) / -math.Log(uniform(targetHash(h, target)))
+}
+
+// targetHash continues FNV-1a from a keyHash over target and finishes it with a 64-bit mixer so
+// that the low bits of short, similar inputs still spread.
+func targetHash(h uint64, target string) uint64 {
 	for i := 0; i < len(target); i++ {
-		h = (h ^ uint64(target[i])) * prime
+		h = (h ^ uint64(target[i])) * fnvPrime
 	}
 	h ^= h >> 33
 	h *= 0xff51afd7ed558ccd
@@ -299,4 +189,15 @@ func fnv64(key, target string) uint64 {
 	h *= 0xc4ceb9fe1a85ec53
 	h ^= h >> 33
 	return h
+}
+
+// uniform maps 53 random bits of h into (0,1), never 0 or 1.
+func uniform(h uint64) float64 { return (float64(h>>11) + 0.5) / (1 << 53) }
+
+// cannotBeat reports, without the logarithm, that a target of weight whose hash maps to u scores
+// strictly less than best. Since -ln(u) > 1-u, weight/(1-u) bounds the score from above; the
+// margin of 2^-30 is far wider than the rounding of Log and the divisions (a few 2^-52), so a
+// target it rules out would have lost to best, ties included, had its score been computed.
+func cannotBeat(weight uint32, u, best float64) bool {
+	return float64(weight) < best*(1-1.0/(1<<30))*(1-u)
 }

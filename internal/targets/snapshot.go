@@ -83,87 +83,6 @@ func ParseKey(s string) (Key, bool) {
 
 func (k Key) String() string { return hex.EncodeToString(k[:]) }
 
-// shardCount trades the cost of one watch event (a copy of one shard, 1/shardCount of the index)
-// against per-snapshot overhead (an array of shardCount map pointers).
-const shardCount = 4096
-
-// index maps content keys to their copies. A published index is never modified: an update copies
-// only the shards it touches, so a watch event costs a 1/shardCount share of the index.
-type index struct {
-	shards [shardCount]map[Key][]Object
-	count  int
-}
-
-// shardOf folds every byte of the key, so that keys that share a prefix (they should not, being
-// hashes, but an agent sends them) still spread over all shards.
-func shardOf(k Key) int {
-	var x uint16
-	for i := 0; i < len(k); i += 2 {
-		x ^= uint16(k[i])<<8 | uint16(k[i+1])
-	}
-	return int(x % shardCount)
-}
-
-func (ix *index) get(k Key) []Object { return ix.shards[shardOf(k)][k] }
-
-// indexBuilder collects changes to an index and produces a new one.
-type indexBuilder struct {
-	base   *index
-	next   *index
-	copied [shardCount]bool
-}
-
-func newIndexBuilder(base *index) *indexBuilder {
-	n := *base
-	return &indexBuilder{base: base, next: &n}
-}
-
-func (b *indexBuilder) shard(k Key) map[Key][]Object {
-	s := shardOf(k)
-	if !b.copied[s] {
-		old := b.base.shards[s]
-		m := make(map[Key][]Object, len(old)+1)
-		for key, v := range old {
-			m[key] = v
-		}
-		b.next.shards[s] = m
-		b.copied[s] = true
-	}
-	return b.next.shards[s]
-}
-
-func (b *indexBuilder) put(k Key, o Object) {
-	m := b.shard(k)
-	old := m[k]
-	copies := make([]Object, 0, len(old)+1)
-	for _, c := range old {
-		if c.Home.Target != o.Home.Target {
-			copies = append(copies, c)
-		}
-	}
-	b.next.count += len(copies) + 1 - len(old)
-	m[k] = append(copies, o)
-}
-
-func (b *indexBuilder) remove(k Key, target string) {
-	m := b.shard(k)
-	old := m[k]
-	copies := make([]Object, 0, len(old))
-	for _, c := range old {
-		if c.Home.Target != target {
-			copies = append(copies, c)
-		}
-	}
-	b.next.count -= len(old) - len(copies)
-	if len(copies) == 0 {
-		delete(m, k)
-	} else {
-		m[k] = copies
-	}
-}
-
-func (b *indexBuilder) build() *index { return b.next }
-
 // Snapshot is Detour's whole state at one etcd revision. It is immutable once published.
 type Snapshot struct {
 	Revision int64
@@ -224,12 +143,13 @@ func (s *Snapshot) Claim(key string) (*pb.FillClaim, bool) {
 
 // EachObject calls fn for every copy, in no particular order, until fn returns false.
 func (s *Snapshot) EachObject(fn func(key Key, o *Object) bool) {
-	for i := range s.objects.shards {
-		for k, copies := range s.objects.shards[i] {
-			for j := range copies {
-				if !fn(k, &copies[j]) {
-					return
-				}
+	for _, sh := range s.objects.shards {
+		if sh == nil {
+			continue
+		}
+		for i := range sh.objs {
+			if !fn(sh.keys[i], &sh.objs[i]) {
+				return
 			}
 		}
 	}
@@ -238,11 +158,16 @@ func (s *Snapshot) EachObject(fn func(key Key, o *Object) bool) {
 // EachKey calls fn with every key and all its copies, in no particular order, until fn returns
 // false (do not modify the copies).
 func (s *Snapshot) EachKey(fn func(key Key, copies []Object) bool) {
-	for i := range s.objects.shards {
-		for k, copies := range s.objects.shards[i] {
-			if !fn(k, copies) {
+	for _, sh := range s.objects.shards {
+		if sh == nil {
+			continue
+		}
+		for i := 0; i < len(sh.keys); {
+			j := sh.end(i)
+			if !fn(sh.keys[i], sh.objs[i:j:j]) {
 				return
 			}
+			i = j
 		}
 	}
 }
@@ -258,9 +183,12 @@ func (s *Snapshot) Health(name string) (*pb.TargetHealth, bool) {
 // listings, not the request path.
 func (s *Snapshot) RangeObjects(after string, fn func(key Key, o *Object) bool) {
 	var keys []Key
-	for i := range s.objects.shards {
-		for k := range s.objects.shards[i] {
-			if after == "" || k.String() > after {
+	for _, sh := range s.objects.shards {
+		if sh == nil {
+			continue
+		}
+		for i := 0; i < len(sh.keys); i = sh.end(i) {
+			if k := sh.keys[i]; after == "" || k.String() > after {
 				keys = append(keys, k)
 			}
 		}
