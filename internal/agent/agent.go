@@ -48,8 +48,14 @@ type Config struct {
 	// Region is the agent's region, where it prefers to fill and to redirect. Empty means the
 	// agent never fills (it still redirects); New logs that.
 	Region string
-	// AgentID names the agent in fill claims (default: the host name).
+	// AgentID names the agent in fill claims and the fleet view (default: the host name). The
+	// fleet view's id is the agent's certificate identity.
 	AgentID string
+	// RegisterInterval is how often the agent reports itself to the control plane's fleet view
+	// (default 10s; negative: never); Version is what it reports as its version (default: the
+	// build's).
+	RegisterInterval time.Duration
+	Version          string
 
 	// ControlPlanes are the control-plane replicas' gRPC addresses; calls are balanced round-robin
 	// over those that are up. Empty: no redirects, every request goes to the origin.
@@ -157,6 +163,12 @@ func (c *Config) setDefaults() error {
 	if c.LocationCacheEntries == 0 {
 		c.LocationCacheEntries = 100000
 	}
+	if c.RegisterInterval == 0 {
+		c.RegisterInterval = 10 * time.Second
+	}
+	if c.Version == "" {
+		c.Version = buildVersion()
+	}
 	if c.LocationCacheMaxAge == 0 {
 		c.LocationCacheMaxAge = time.Minute
 	}
@@ -219,16 +231,21 @@ type Agent struct {
 	store     Store
 	ownStore  *blob.Store // closed at Shutdown when the agent made it
 
-	cache        *locationCache
-	section      atomic.Pointer[wire.RedirectSection]
-	targetsKnown atomic.Bool
-	auth         *originAuth              // nil with NoOriginAuth
-	public       atomic.Pointer[[]string] // advertised targets whose URLs are not signed
-	anonDenied   atomic.Bool              // the origin's latest answer to an anonymous client was a refusal
-	breakers     storeBreakers
-	budget       fillBudget
-	inFlight     chan struct{} // one token per request being answered
-	checks       chan struct{} // bounds concurrent location checks
+	cache *locationCache
+	// For the fleet view: the revision of the last WatchTargets message applied, the time of the
+	// last Place (unix ns), and a nudge to report after a new target set.
+	appliedRevision atomic.Int64
+	lastPlace       atomic.Int64
+	applied         chan struct{}
+	section         atomic.Pointer[wire.RedirectSection]
+	targetsKnown    atomic.Bool
+	auth            *originAuth              // nil with NoOriginAuth
+	public          atomic.Pointer[[]string] // advertised targets whose URLs are not signed
+	anonDenied      atomic.Bool              // the origin's latest answer to an anonymous client was a refusal
+	breakers        storeBreakers
+	budget          fillBudget
+	inFlight        chan struct{} // one token per request being answered
+	checks          chan struct{} // bounds concurrent location checks
 
 	// Background work (fills, reports, checks, the target watch) runs under bg until Shutdown.
 	bg       context.Context
@@ -236,7 +253,7 @@ type Agent struct {
 	fillCtx  context.Context // cancelled when Shutdown gives up on fills
 	stopFill context.CancelFunc
 	fills    sync.WaitGroup // fills, reports, aborts, checks
-	loops    sync.WaitGroup // the target watch and the control-plane probe
+	loops    sync.WaitGroup // the target watch, the fleet registration and the control-plane probe
 	start    sync.Once
 
 	mu       sync.Mutex
@@ -252,7 +269,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, cacheable: map[string]bool{}, log: cfg.Log, once: logonce.New(cfg.Log), metrics: newMetrics(),
 		client: &http.Client{Transport: cfg.Transport}, inFlight: make(chan struct{}, cfg.MaxConcurrentRequests),
-		checks: make(chan struct{}, 4)}
+		checks: make(chan struct{}, 4), applied: make(chan struct{}, 1)}
 	a.budget = fillBudget{maxFills: int64(cfg.MaxFills), maxBytes: cfg.FillBytesTotal}
 	a.cache = newLocationCache(cfg.LocationCacheEntries, cfg.LocationCacheMaxAge, a.metrics)
 	a.metrics.Registry.MustRegister(
