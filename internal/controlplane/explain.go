@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -62,6 +63,11 @@ func (s *Service) Explain(ctx context.Context, req *pb.ExplainRequest) (*pb.Expl
 	switch {
 	case d.Result == placement.Redirect:
 		resp.Result, resp.Target = pb.PlaceResult_PLACE_RESULT_REDIRECT, d.Copy.Target
+		if t := v.targets[d.Copy.Target]; !v.copies.off && t.Region != req.AgentRegion && v.stored[req.AgentRegion] {
+			resp.CrossRegionRedirects, resp.CrossRegionCopyThreshold = s.hot.peek(key, req.AgentRegion, s.cfg.Now(), v.copies), v.copies.threshold
+			resp.Steps = append(resp.Steps, fmt.Sprintf("a cross-region redirect: %d counted by this replica in the window; past %d the key gets a copy in region %s",
+				resp.CrossRegionRedirects, resp.CrossRegionCopyThreshold, req.AgentRegion))
+		}
 	case d.Fill != "" && s.cfg.Store == nil:
 		resp.Reason = "no_store_access"
 		resp.Steps = append(resp.Steps, "this control plane has no store access: it grants no fills")
@@ -80,4 +86,16 @@ func expiresOf(o *targets.Object) *timestamppb.Timestamp {
 		return nil
 	}
 	return timestamppb.New(o.ExpiresAt())
+}
+
+// peek is the pair's count in its current window, without counting.
+func (h *hotKeys) peek(key targets.Key, region string, now time.Time, c copySettings) uint32 {
+	sh := &h.shards[int(key[len(key)-1])%hotShards]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	e, ok := sh.counts[hotPair{key: key, region: region}]
+	if !ok || now.UnixNano()-e.since >= int64(c.window) {
+		return 0
+	}
+	return e.n
 }

@@ -140,6 +140,16 @@ func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
 		t.Fatalf("explain wrote %d copies", n)
 	}
 	fill(t, r, k, []string{"us-a"}, "us")
+	// Cross-region redirects count toward an in-region copy; Explain shows the count, and does
+	// not add to it.
+	for i := 0; i < 2; i++ {
+		placeIn(t, r, "eu", k, "us-a", "eu-a")
+	}
+	for i := 0; i < 2; i++ {
+		if cross := explain(t, r, k, "eu"); cross.Target != "us-a" || cross.CrossRegionRedirects != 2 || cross.CrossRegionCopyThreshold != 10 {
+			t.Fatalf("cross-region hit: %v", cross)
+		}
+	}
 	fill(t, r, k, []string{"eu-a"}, "eu")
 
 	// A hit: each region is sent to its own copy, the other ranked second as remote.

@@ -1116,8 +1116,13 @@ type ExplainResponse struct {
 	Claim *FillClaim `protobuf:"bytes,9,opt,name=claim,proto3" json:"claim,omitempty"`
 	// The accepted targets the request was explained with (the given ones, or every known target).
 	AcceptedTargets []string `protobuf:"bytes,10,rep,name=accepted_targets,json=acceptedTargets,proto3" json:"accepted_targets,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Redirects of this key to agents of agent_region from other regions that this replica has
+	// counted in the current window, and the policy's threshold past which the key gets a copy in
+	// that region (0 and 0 when cross-region copies are off).
+	CrossRegionRedirects     uint32 `protobuf:"varint,11,opt,name=cross_region_redirects,json=crossRegionRedirects,proto3" json:"cross_region_redirects,omitempty"`
+	CrossRegionCopyThreshold uint32 `protobuf:"varint,12,opt,name=cross_region_copy_threshold,json=crossRegionCopyThreshold,proto3" json:"cross_region_copy_threshold,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
 }
 
 func (x *ExplainResponse) Reset() {
@@ -1218,6 +1223,20 @@ func (x *ExplainResponse) GetAcceptedTargets() []string {
 		return x.AcceptedTargets
 	}
 	return nil
+}
+
+func (x *ExplainResponse) GetCrossRegionRedirects() uint32 {
+	if x != nil {
+		return x.CrossRegionRedirects
+	}
+	return 0
+}
+
+func (x *ExplainResponse) GetCrossRegionCopyThreshold() uint32 {
+	if x != nil {
+		return x.CrossRegionCopyThreshold
+	}
+	return 0
 }
 
 // ExplainedCopy is one READY record of the key.
@@ -1492,7 +1511,7 @@ const file_detour_v1_admin_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12)\n" +
 	"\x10accepted_targets\x18\x02 \x03(\tR\x0facceptedTargets\x12!\n" +
 	"\fagent_region\x18\x03 \x01(\tR\vagentRegion\x12\x1b\n" +
-	"\tsize_hint\x18\x04 \x01(\x04R\bsizeHint\"\x94\x03\n" +
+	"\tsize_hint\x18\x04 \x01(\x04R\bsizeHint\"\x89\x04\n" +
 	"\x0fExplainResponse\x12.\n" +
 	"\x06result\x18\x01 \x01(\x0e2\x16.detour.v1.PlaceResultR\x06result\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x16\n" +
@@ -1505,7 +1524,9 @@ const file_detour_v1_admin_proto_rawDesc = "" +
 	"\atargets\x18\b \x03(\v2\x1a.detour.v1.ExplainedTargetR\atargets\x12*\n" +
 	"\x05claim\x18\t \x01(\v2\x14.detour.v1.FillClaimR\x05claim\x12)\n" +
 	"\x10accepted_targets\x18\n" +
-	" \x03(\tR\x0facceptedTargets\"\xc2\x02\n" +
+	" \x03(\tR\x0facceptedTargets\x124\n" +
+	"\x16cross_region_redirects\x18\v \x01(\rR\x14crossRegionRedirects\x12=\n" +
+	"\x1bcross_region_copy_threshold\x18\f \x01(\rR\x18crossRegionCopyThreshold\"\xc2\x02\n" +
 	"\rExplainedCopy\x12\x16\n" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
