@@ -23,12 +23,15 @@ const (
 )
 
 // RegisterAgent records the calling agent in the fleet view under its certificate's identity (on
-// a plaintext control plane, under the id it gives): an agent cannot speak for another.
+// a plaintext control plane, under the id or else the name it gives): an agent cannot speak for
+// another.
 func (s *Service) RegisterAgent(ctx context.Context, req *pb.RegisterAgentRequest) (*pb.RegisterAgentResponse, error) {
 	id := callerID(ctx)
 	switch {
-	case id == "" && req.Id == "":
+	case id == "" && req.Id == "" && req.Name == "":
 		return nil, invalidArg("id", "is required on a control plane without client certificates")
+	case id == "" && req.Id == "":
+		id = req.Name
 	case id == "":
 		id = req.Id
 	case req.Id != "" && req.Id != id:

@@ -1121,7 +1121,7 @@ func (x *ReportBrokenLocationResponse) GetRemoved() bool {
 type RegisterAgentRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The identity to register under: empty, or the caller's certificate identity (anything else is
-	// refused). Required on a plaintext control plane, which has no identities.
+	// refused). A plaintext control plane, which has no identities, takes it as given (or the name).
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// The agent's own name for itself (its --agent-id, a host name), for display.
 	Name   string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
