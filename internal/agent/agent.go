@@ -231,21 +231,22 @@ type Agent struct {
 	store     Store
 	ownStore  *blob.Store // closed at Shutdown when the agent made it
 
-	cache *locationCache
+	cache        *locationCache
+	section      atomic.Pointer[wire.RedirectSection]
+	targetsKnown atomic.Bool
+	auth         *originAuth              // nil with NoOriginAuth
+	public       atomic.Pointer[[]string] // advertised targets whose URLs are not signed
+	anonDenied   atomic.Bool              // the origin's latest answer to an anonymous client was a refusal
+	breakers     storeBreakers
+	budget       fillBudget
+	inFlight     chan struct{} // one token per request being answered
+	checks       chan struct{} // bounds concurrent location checks
+
 	// For the fleet view: the revision of the last WatchTargets message applied, the time of the
 	// last Place (unix ns), and a nudge to report after a new target set.
 	appliedRevision atomic.Int64
 	lastPlace       atomic.Int64
 	applied         chan struct{}
-	section         atomic.Pointer[wire.RedirectSection]
-	targetsKnown    atomic.Bool
-	auth            *originAuth              // nil with NoOriginAuth
-	public          atomic.Pointer[[]string] // advertised targets whose URLs are not signed
-	anonDenied      atomic.Bool              // the origin's latest answer to an anonymous client was a refusal
-	breakers        storeBreakers
-	budget          fillBudget
-	inFlight        chan struct{} // one token per request being answered
-	checks          chan struct{} // bounds concurrent location checks
 
 	// Background work (fills, reports, checks, the target watch) runs under bg until Shutdown.
 	bg       context.Context
