@@ -47,6 +47,10 @@ func main() {
 	o.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	if regions != "" {
 		o.Regions, o.RegionAgents = strings.Split(regions, ","), strings.Split(regionAgents, ",")
+		if len(o.Regions) < 2 {
+			fmt.Fprintln(os.Stderr, "devstack: --regions needs at least two regions (one region is the default setup)")
+			os.Exit(2)
+		}
 		// Another run's single-region target would linger in the same etcd.
 		o.DataDir += "-regions"
 	}
