@@ -79,9 +79,13 @@ func TestAgentsProbeAndExplainInTwoRegions(t *testing.T) {
 	})
 	out, err := run("--json", "agents", "ls")
 	var listed struct {
-		Agents []struct{ ID, Region string } `json:"agents"`
+		Agents []struct {
+			ID, Region      string
+			AppliedRevision string `json:"appliedRevision"`
+		} `json:"agents"`
 	}
-	if err != nil || json.Unmarshal([]byte(out), &listed) != nil || len(listed.Agents) != 2 || listed.Agents[0].Region != "eu" {
+	if err != nil || json.Unmarshal([]byte(out), &listed) != nil || len(listed.Agents) != 2 || listed.Agents[0].Region != "eu" ||
+		listed.Agents[0].AppliedRevision == "" || listed.Agents[0].AppliedRevision == "0" {
 		t.Fatalf("agents ls --json: %v\n%s", err, out)
 	}
 
