@@ -50,8 +50,12 @@ func (c *cli) printAgents(resp *pb.ListAgentsResponse, now time.Time) {
 			ago(a.LastPlace, now), a.LocationCacheEntries, ago(a.Refreshed, now), state)
 	}
 	tw.Flush()
-	fmt.Fprintf(c.out, "%d agents, %d lagging (behind the control plane's target set, revision %d, for over %s)\n",
-		len(resp.Agents), lagging, resp.TargetsRevision, resp.LagThreshold.AsDuration())
+	noun := "agents"
+	if len(resp.Agents) == 1 {
+		noun = "agent"
+	}
+	fmt.Fprintf(c.out, "%d %s, %d lagging (behind the control plane's target set, revision %d, for over %s)\n",
+		len(resp.Agents), noun, lagging, resp.TargetsRevision, resp.LagThreshold.AsDuration())
 }
 
 func ago(ts *timestamppb.Timestamp, now time.Time) string {

@@ -6,7 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
@@ -186,5 +188,26 @@ func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
 	}
 	if _, err := r.admin.Explain(context.Background(), &pb.ExplainRequest{Key: "nope"}); code(err) != codes.InvalidArgument {
 		t.Fatalf("a malformed key: %v", err)
+	}
+}
+
+// Without client certificates there are no identities: an agent is registered under the id it
+// gives, or else its name.
+func TestAgentsRegisterOnAPlaintextControlPlane(t *testing.T) {
+	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, WriteTimeout: time.Second, Insecure: true})
+	conn, err := grpc.NewClient(r.inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	place, ctx := pb.NewPlacementServiceClient(conn), context.Background()
+	if _, err := place.RegisterAgent(ctx, &pb.RegisterAgentRequest{Region: "us"}); code(err) != codes.InvalidArgument {
+		t.Fatalf("no id and no name: %v, want InvalidArgument", err)
+	}
+	if resp, err := place.RegisterAgent(ctx, &pb.RegisterAgentRequest{Name: "host-1"}); err != nil || resp.Id != "host-1" {
+		t.Fatalf("by name: %v %v", resp, err)
+	}
+	if agentIn(listAgents(t, pb.NewAdminServiceClient(conn)), "host-1") == nil {
+		t.Fatal("the agent registered by name is not listed")
 	}
 }
