@@ -68,9 +68,12 @@ $(BIN)/protoc-gen-go-grpc:
 	GOBIN=$(BIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 
 ## run: the whole system on embedded defaults. HG_REPO=path serves that repository with a real
-## hg serve (installed by `make hg`) instead of the demo origin.
+## hg serve (installed by `make hg`) instead of the demo origin. REGIONS=2 (or 3, or a list such as
+## us,eu) runs a target and an agent in each of that many regions against one control plane.
+REGION_LIST = $(if $(filter 2,$(REGIONS)),us$(comma)eu,$(if $(filter 3,$(REGIONS)),us$(comma)eu$(comma)ap,$(REGIONS)))
+comma := ,
 run:
-	$(if $(HG_REPO),./hack/install-hg.sh && )$(GO) run ./cmd/devstack $(if $(HG_REPO),--hg-repo "$(HG_REPO)")
+	$(if $(HG_REPO),./hack/install-hg.sh && )$(GO) run ./cmd/devstack $(if $(HG_REPO),--hg-repo "$(HG_REPO)") $(if $(REGIONS),--regions $(REGION_LIST))
 
 ## bench: Go benchmarks, then the load drivers (see bench/RESULTS.md).
 bench:

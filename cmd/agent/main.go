@@ -48,6 +48,7 @@ func main() {
 	flag.StringVar(&devPKI, "dev-pki", "detour-data/pki", "without --tls-*: use the agent certificate of the development PKI in this directory (made by the control plane)")
 	flag.StringVar(&cfg.Region, "region", "", `this agent's region (required; "" explicitly: never fill, only redirect)`)
 	flag.StringVar(&cfg.AgentID, "agent-id", hostname, "this agent's id in fill claims")
+	flag.DurationVar(&cfg.RegisterInterval, "register-interval", 10*time.Second, "how often the agent reports itself to the control plane's fleet view (detourctl agents ls; negative: never)")
 	flag.StringVar(&cfg.RepoID, "repo-id", "", "identity of the origin's repository in content keys (default: the origin URL)")
 	flag.DurationVar(&cfg.PlaceTimeout, "place-timeout", 50*time.Millisecond, "deadline of each Place call; past it the answer is inline")
 	flag.IntVar(&cfg.LocationCacheEntries, "location-cache-entries", 100000, "redirects reused without asking the control plane (negative: no cache)")

@@ -54,6 +54,7 @@ func main() {
 	flag.IntVar(&o.Janitor.GarbageBatch, "garbage-batch", 500, "stored objects deleted per sweep at most")
 	flag.DurationVar(&o.Janitor.GarbageGrace, "garbage-grace", 15*time.Second, "how long a retired object's bytes stay before deletion, so every agent has dropped its cached redirect first")
 	flag.DurationVar(&o.RedirectCacheMaxAge, "redirect-cache-max-age", time.Minute, "how long agents may reuse a redirect without asking (negative: no caching)")
+	flag.DurationVar(&o.AgentLagThreshold, "agent-lag-threshold", controlplane.DefaultAgentLagThreshold, "flag an agent (detourctl agents ls, detour_agents_lagging) whose applied target set is behind this long")
 	flag.StringVar(&o.TLS.Cert, "tls-cert", "", "server certificate (PEM); re-read when the file changes")
 	flag.StringVar(&o.TLS.Key, "tls-key", "", "server certificate's key (PEM)")
 	flag.StringVar(&o.TLS.CA, "client-ca", "", "CA certificates that client certificates must chain to (mutual TLS)")

@@ -50,7 +50,11 @@ Commands:
              [--cross-region-copy-window D]
   objects ls [--target T] [--prefix KEYPREFIX] [--limit N] [--page-token KEY]
   objects rm KEY
-  probe --agent URL [--command manifestdata] [--node NODE] [--size BYTES] [--no-redirect]
+  agents ls                                  (registered agents; LAGGING: behind the target set past the threshold)
+  explain KEY [--region R] [--accept a,b] [--size BYTES]
+                   (what Place would answer for KEY now, and every step of the decision)
+  probe --agent URL [--command manifestdata] [--node NODE] [--size BYTES] [--no-redirect] [--explain]
+                   (--explain: then explain the request's key, as its agent asked)
 `
 
 type cli struct {
@@ -131,18 +135,16 @@ func (c *cli) run(args []string) error {
 	if len(args) < 2 {
 		return usagef("%s needs a subcommand", args[0])
 	}
-	creds, closeCreds, err := c.dial()
+	closeConn, err := c.connect()
 	if err != nil {
 		return err
 	}
-	defer closeCreds()
-	conn, err := grpc.NewClient(c.addr, grpc.WithTransportCredentials(creds))
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	c.conn = conn
+	defer closeConn()
 	switch args[0] {
+	case "agents":
+		return c.agents(args[1], args[2:])
+	case "explain":
+		return c.explain(args[1:])
 	case "targets":
 		return c.targets(args[1], args[2:])
 	case "policy":
@@ -151,6 +153,21 @@ func (c *cli) run(args []string) error {
 		return c.objects(args[1], args[2:])
 	}
 	return usagef("unknown command %q", args[0])
+}
+
+// connect opens the connection to the control plane; the returned func closes it.
+func (c *cli) connect() (func(), error) {
+	creds, closeCreds, err := c.dial()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient(c.addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		closeCreds()
+		return nil, err
+	}
+	c.conn = conn
+	return func() { conn.Close(); closeCreds() }, nil
 }
 
 func (c *cli) ctx() (context.Context, context.CancelFunc) {

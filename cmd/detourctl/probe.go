@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"strings"
 
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/hgclient"
 	"github.com/detourhq/detour/internal/wire"
 )
@@ -18,6 +20,7 @@ func (c *cli) probe(args []string) error {
 	node := fs.String("node", "demo", "node argument (any text; the demo origin derives the response from it)")
 	size := fs.Uint64("size", 0, "response size to ask the demo origin for (0: its default)")
 	noRedirect := fs.Bool("no-redirect", false, "behave like a client without redirect support")
+	explain := fs.Bool("explain", false, "then ask the control plane to explain the request's placement (needs operator or reader credentials)")
 	if _, err := splitArgs(fs, args); err != nil {
 		return err
 	}
@@ -57,5 +60,19 @@ func (c *cli) probe(args []string) error {
 		fmt.Fprintf(c.out, "  location: %s\n  fetched in %s; size matches; verified %s\n", loc.URL, res.Fetch.Round(100_000),
 			strings.Join(res.Verified, " and "))
 	}
-	return nil
+	if !*explain {
+		return nil
+	}
+	key := res.Header.Get(agent.HeaderContentKey)
+	if key == "" {
+		return fmt.Errorf("the agent did not name the request's content key (it answers %s for cacheable commands sent with a redirect map)", agent.HeaderContentKey)
+	}
+	region := res.Header.Get(agent.HeaderRegion)
+	fmt.Fprintf(c.out, "\nexplain %s, as the agent (region %q) asks:\n", key, region)
+	closeConn, err := c.connect()
+	if err != nil {
+		return err
+	}
+	defer closeConn()
+	return c.explainKey(&pb.ExplainRequest{Key: key, AgentRegion: region, AcceptedTargets: accepted})
 }

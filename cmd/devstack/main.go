@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -20,7 +21,7 @@ import (
 
 func main() {
 	var o devstack.Options
-	var logLevel, hgRepo, hgPath string
+	var logLevel, hgRepo, hgPath, regions, regionAgents string
 	flag.StringVar(&o.DataDir, "data-dir", "detour-data/devstack", "embedded etcd data directory")
 	flag.StringVar(&o.PKIDir, "pki-dir", "detour-data/pki", "development CA and certificates (mutual TLS everywhere), made if absent; detourctl finds them here")
 	flag.StringVar(&o.ControlPlane, "controlplane-listen", "127.0.0.1:7700", "control-plane gRPC address")
@@ -32,6 +33,8 @@ func main() {
 	flag.IntVar(&o.ObjectSize, "object-size", 1<<20, "default response size of the demo origin")
 	flag.Uint64Var(&o.MinRedirect, "min-redirect-bytes", 0, "policy: smaller responses stay inline")
 	flag.DurationVar(&o.PlaceTimeout, "place-timeout", 50*time.Millisecond, "agent's Place deadline")
+	flag.StringVar(&regions, "regions", "", "comma-separated regions (e.g. us,eu): a bucket, a target <region>-gcs and an agent in each, against one control plane; data in <data-dir>-regions")
+	flag.StringVar(&regionAgents, "region-agents-listen", "127.0.0.1:8080,127.0.0.1:8090,127.0.0.1:8092", "with --regions: each region's agent HTTP address, in order")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.StringVar(&hgRepo, "hg-repo", "", "a Mercurial repository to serve as the origin with a real `hg serve` (protocol v2 on) instead of the demo origin; needs `make hg`")
 	flag.StringVar(&hgPath, "hg", "", "the hg to serve --hg-repo with (default: $DETOUR_HG, else ./bin/hg from `make hg`)")
@@ -42,6 +45,15 @@ func main() {
 		os.Exit(2)
 	}
 	o.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if regions != "" {
+		o.Regions, o.RegionAgents = strings.Split(regions, ","), strings.Split(regionAgents, ",")
+		if len(o.Regions) < 2 {
+			fmt.Fprintln(os.Stderr, "devstack: --regions needs at least two regions (one region is the default setup)")
+			os.Exit(2)
+		}
+		// Another run's single-region target would linger in the same etcd.
+		o.DataDir += "-regions"
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -61,9 +73,12 @@ func main() {
 		fmt.Fprintf(os.Stderr, "devstack: %v\n", err)
 		os.Exit(1)
 	}
-	if hg != nil {
+	switch {
+	case hg != nil:
 		printHgBanner(s, o, hgRepo)
-	} else {
+	case len(o.Regions) > 0:
+		printRegionsBanner(s, o)
+	default:
 		printBanner(s, o)
 	}
 	select {
@@ -146,4 +161,34 @@ Try, in another terminal:
 
 `, s.AgentURL, s.OriginURL, s.CP.Addr(), s.CP.MetricsAddr(), s.CP.EtcdEndpoint(), o.DataDir, s.PKI.Dir, s.GCS.Host(), "detour-demo",
 		s.Target().Name, s.AgentURL, s.AgentURL, s.AgentURL, s.PKI.Dir, s.PKI.Dir, s.PKI.Dir, s.CP.Addr())
+}
+
+func printRegionsBanner(s *devstack.Stack, o devstack.Options) {
+	fmt.Printf(`
+Detour is running in %d regions against one control plane (Ctrl-C stops it):
+`, len(s.Regions))
+	for _, r := range s.Regions {
+		fmt.Printf("  region %-4s agent %s   target %s (bucket %s)   agent identity %s\n", r.Name, r.AgentURL, r.Target, r.Bucket, r.AgentID)
+	}
+	us, eu := s.Regions[0], s.Regions[1]
+	fmt.Printf(`  demo origin %s   control plane (gRPC, mTLS) %s   metrics http://%s/metrics
+  GCS emulator http://%s   data in %s   certificates in %s
+
+Try, in another terminal (the location URL's bucket shows which region's copy serves):
+  go run ./cmd/detourctl probe --agent %s --node %s-demo    # inline; the %s agent fills %s
+  go run ./cmd/detourctl probe --agent %s --node %s-demo    # a redirect to %s, in the agent's region
+  go run ./cmd/detourctl probe --agent %s --node %s-demo    # inline; the %s agent fills %s
+  go run ./cmd/detourctl probe --agent %s --node %s-demo    # a redirect to %s
+  go run ./cmd/detourctl agents ls
+Drain the %s target: its copies are copied to the other region, which then serves them:
+  go run ./cmd/detourctl targets drain %s
+  go run ./cmd/detourctl probe --agent %s --node %s-demo --explain   # after a few seconds: a redirect to %s
+  go run ./cmd/detourctl targets activate %s
+
+`, s.OriginURL, s.CP.Addr(), s.CP.MetricsAddr(), s.GCS.Host(), o.DataDir, s.PKI.Dir,
+		us.AgentURL, us.Name, us.Name, us.Target,
+		us.AgentURL, us.Name, us.Target,
+		eu.AgentURL, eu.Name, eu.Name, eu.Target,
+		eu.AgentURL, eu.Name, eu.Target,
+		us.Name, us.Target, us.AgentURL, us.Name, eu.Target, us.Target)
 }

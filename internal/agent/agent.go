@@ -48,8 +48,14 @@ type Config struct {
 	// Region is the agent's region, where it prefers to fill and to redirect. Empty means the
 	// agent never fills (it still redirects); New logs that.
 	Region string
-	// AgentID names the agent in fill claims (default: the host name).
+	// AgentID names the agent in fill claims and the fleet view (default: the host name). The
+	// fleet view's id is the agent's certificate identity.
 	AgentID string
+	// RegisterInterval is how often the agent reports itself to the control plane's fleet view
+	// (default 10s; negative: never); Version is what it reports as its version (default: the
+	// build's).
+	RegisterInterval time.Duration
+	Version          string
 
 	// ControlPlanes are the control-plane replicas' gRPC addresses; calls are balanced round-robin
 	// over those that are up. Empty: no redirects, every request goes to the origin.
@@ -157,6 +163,12 @@ func (c *Config) setDefaults() error {
 	if c.LocationCacheEntries == 0 {
 		c.LocationCacheEntries = 100000
 	}
+	if c.RegisterInterval == 0 {
+		c.RegisterInterval = 10 * time.Second
+	}
+	if c.Version == "" {
+		c.Version = buildVersion()
+	}
 	if c.LocationCacheMaxAge == 0 {
 		c.LocationCacheMaxAge = time.Minute
 	}
@@ -230,13 +242,19 @@ type Agent struct {
 	inFlight     chan struct{} // one token per request being answered
 	checks       chan struct{} // bounds concurrent location checks
 
+	// For the fleet view: the revision of the last WatchTargets message applied, the time of the
+	// last Place (unix ns), and a nudge to report after a new target set.
+	appliedRevision atomic.Int64
+	lastPlace       atomic.Int64
+	applied         chan struct{}
+
 	// Background work (fills, reports, checks, the target watch) runs under bg until Shutdown.
 	bg       context.Context
 	stopBg   context.CancelFunc
 	fillCtx  context.Context // cancelled when Shutdown gives up on fills
 	stopFill context.CancelFunc
 	fills    sync.WaitGroup // fills, reports, aborts, checks
-	loops    sync.WaitGroup // the target watch and the control-plane probe
+	loops    sync.WaitGroup // the target watch, the fleet registration and the control-plane probe
 	start    sync.Once
 
 	mu       sync.Mutex
@@ -252,7 +270,7 @@ func New(ctx context.Context, cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, cacheable: map[string]bool{}, log: cfg.Log, once: logonce.New(cfg.Log), metrics: newMetrics(),
 		client: &http.Client{Transport: cfg.Transport}, inFlight: make(chan struct{}, cfg.MaxConcurrentRequests),
-		checks: make(chan struct{}, 4)}
+		checks: make(chan struct{}, 4), applied: make(chan struct{}, 1)}
 	a.budget = fillBudget{maxFills: int64(cfg.MaxFills), maxBytes: cfg.FillBytesTotal}
 	a.cache = newLocationCache(cfg.LocationCacheEntries, cfg.LocationCacheMaxAge, a.metrics)
 	a.metrics.Registry.MustRegister(

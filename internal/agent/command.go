@@ -17,6 +17,12 @@ import (
 	"github.com/detourhq/detour/internal/wire"
 )
 
+// Headers on the answers to cacheable commands: the request's content key and the agent's region.
+const (
+	HeaderContentKey = "Detour-Content-Key"
+	HeaderRegion     = "Detour-Agent-Region"
+)
+
 // serveCommand handles POST .../api/exp-http-v2-0003/ro/<name>.
 func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string) {
 	if r.Header.Get("Content-Type") != wire.MediaTypeFraming {
@@ -77,6 +83,10 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		a.passthrough(w, r, body, "inline")
 		return
 	}
+	// What `detourctl probe --explain` asks the control plane about (the key is no secret: every
+	// redirect's URL names it).
+	w.Header().Set(HeaderContentKey, key)
+	w.Header().Set(HeaderRegion, a.cfg.Region)
 	// Only a client the origin would serve gets a redirect (DESIGN invariant 9), from the cache
 	// too; any other goes to the origin as it is and gets the origin's own answer (a 401 it can
 	// authenticate after).
@@ -232,6 +242,7 @@ func (a *Agent) place(ctx context.Context, key string, cmd *wire.CommandRequest,
 		return nil
 	}
 	now := time.Now()
+	a.lastPlace.Store(now.UnixNano())
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.PlaceTimeout)
 	defer cancel()
 	canFill := a.canFill()

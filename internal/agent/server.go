@@ -79,6 +79,10 @@ func (a *Agent) startBackground() {
 	}
 	a.loops.Add(1)
 	go func() { defer a.loops.Done(); a.watchTargets(a.bg) }()
+	if a.cfg.RegisterInterval > 0 {
+		a.loops.Add(1)
+		go func() { defer a.loops.Done(); a.register(a.bg) }()
+	}
 }
 
 // Shutdown stops the agent in order: readiness goes false, the listeners close and in-flight

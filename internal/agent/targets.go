@@ -27,6 +27,7 @@ func (a *Agent) watchTargets(ctx context.Context) {
 					break
 				}
 				a.cache.apply(msg)
+				a.appliedTargetSet(msg)
 				if msg.InvalidationsOnly {
 					continue
 				}

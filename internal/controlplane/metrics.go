@@ -77,7 +77,7 @@ func newMetrics(w *targets.Watcher) *Metrics {
 		Help: "1 while this replica is the elected janitor (prober, sweeper, reconciler)."})
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.rejections = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_auth_rejections_total",
-		Help: "RPCs refused for who sent them, by reason: no_client_certificate (Unauthenticated), policy and not_claim_holder (PermissionDenied), tls_handshake (a certificate the client CA did not issue)."}, []string{"reason"})
+		Help: "RPCs refused for who sent them, by reason: no_client_certificate (Unauthenticated), policy, not_claim_holder and foreign_agent_id (PermissionDenied), tls_handshake (a certificate the client CA did not issue)."}, []string{"reason"})
 	m.invalidations = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_invalidations_sent_total",
 		Help: "Invalidations of cached redirects sent to agents (sent: records; flush: a stream told to drop everything)."}, []string{"kind"})
 	m.Registry.MustRegister(m.rejections, m.invalidations)

@@ -55,6 +55,9 @@ type Options struct {
 	// RedirectCacheMaxAge bounds how long agents reuse a redirect without asking (default 1m;
 	// negative: they do not cache redirects).
 	RedirectCacheMaxAge time.Duration
+	// AgentLagThreshold is how long an agent's applied target set may be behind before it is
+	// flagged lagging (default 30s).
+	AgentLagThreshold time.Duration
 
 	// TLS is the server's certificate and key and the CA that client certificates must chain to
 	// (mutual TLS: every RPC but health checks needs a client certificate). Required unless
@@ -203,7 +206,7 @@ func (in *Instance) startEtcd(ctx context.Context, o Options) ([]string, error) 
 // and the expiry extensions, and waits for the first snapshot.
 func (in *Instance) startService(ctx context.Context, o Options, endpoints []string) error {
 	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
-		RedirectCacheMaxAge: o.RedirectCacheMaxAge, VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
+		RedirectCacheMaxAge: o.RedirectCacheMaxAge, AgentLagThreshold: o.AgentLagThreshold, VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
 	var err error
 	if in.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
 		o.Log.Error("no access to the stores: no fills will be granted and no target becomes healthy (nothing is redirected)", "err", err)
@@ -215,11 +218,12 @@ func (in *Instance) startService(ctx context.Context, o Options, endpoints []str
 	in.Service = NewService(reg, w, cfg)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	in.cancel = cancel
-	in.wg.Add(4)
+	in.wg.Add(5)
 	go func() { defer in.wg.Done(); w.Run(runCtx) }()
 	go func() { defer in.wg.Done(); in.Service.RunJanitor(runCtx, in.cli, o.ID) }()
 	go func() { defer in.wg.Done(); in.Service.runExtensions(runCtx, in.Service.cfg.Janitor.ExtendInterval) }()
 	go func() { defer in.wg.Done(); in.Service.runCopyRequests(runCtx, in.Service.cfg.Janitor.CopyInterval) }()
+	go func() { defer in.wg.Done(); in.Service.runFleetClock(runCtx) }()
 	select {
 	case <-w.Ready():
 		return nil

@@ -44,6 +44,9 @@ type Config struct {
 	// RedirectCacheMaxAge bounds how long agents may reuse a redirect without asking (default 1m;
 	// negative: agents do not cache redirects).
 	RedirectCacheMaxAge time.Duration
+	// AgentLagThreshold is how long an agent's applied target set may be behind before ListAgents
+	// and detour_agents_lagging flag it (default DefaultAgentLagThreshold).
+	AgentLagThreshold time.Duration
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -83,6 +86,8 @@ type Service struct {
 	// runCopyRequests queues them in etcd.
 	hot          *hotKeys
 	copyRequests pendingCopies
+	// fleet remembers when the target set changed, to tell how long agents are behind.
+	fleet targetSetClock
 }
 
 // view is the placement form of a snapshot's targets and policy, rebuilt only when they change
@@ -120,6 +125,9 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.AgentLagThreshold <= 0 {
+		cfg.AgentLagThreshold = DefaultAgentLagThreshold
+	}
 	if cfg.RedirectCacheMaxAge == 0 {
 		cfg.RedirectCacheMaxAge = time.Minute
 	}
@@ -128,8 +136,10 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 	if cfg.ProbeTransport == nil {
 		cfg.ProbeTransport = http.DefaultTransport.(*http.Transport).Clone()
 	}
-	return &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log),
+	s := &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log),
 		probeClient: &http.Client{Transport: cfg.ProbeTransport}, hot: newHotKeys(cfg.Janitor.HotKeys)}
+	s.registerFleetMetrics()
+	return s
 }
 
 // Metrics returns the service's metrics.

@@ -1,11 +1,11 @@
 // Package devstack starts the whole of Detour in one process on embedded defaults: a control plane
 // on an embedded etcd, an in-process GCS-compatible store, the demo origin and an agent, with one
-// target registered. `make run` and the end-to-end tests use it.
+// target registered; or, with Regions, a bucket, a target and an agent in each region, all against
+// the one control plane. `make run` and the end-to-end tests use it.
 package devstack
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -40,11 +40,17 @@ type Options struct {
 	// started.
 	OriginURL string
 	// RepoID names the origin's repository in content keys (default: the origin URL).
-	RepoID       string
-	GCSPort      int
-	Region       string // default "local"
-	Bucket       string // default "detour-demo"
-	TargetName   string // default "local-gcs"
+	RepoID     string
+	GCSPort    int
+	Region     string // default "local"
+	Bucket     string // default "detour-demo"
+	TargetName string // default "local-gcs"
+	// Regions, if set, replace Region, Bucket and TargetName: each region gets a bucket
+	// detour-<region>, a target <region>-gcs and an agent with a certificate of its own
+	// (spiffe://detour/agent/<region>), listening at RegionAgents[i] (default: a free port; the
+	// first falls back to Agent).
+	Regions      []string
+	RegionAgents []string
 	ObjectSize   int    // demo origin's default response size (default 1 MiB)
 	MinRedirect  uint64 // policy min_redirect_bytes
 	PlaceTimeout time.Duration
@@ -62,18 +68,30 @@ type Stack struct {
 	GCS       *gcsemu.Server
 	Front     *gcsemu.Front // with Options.FaultFront
 	Origin    *demoorigin.Origin
-	Agent     *agent.Agent
+	Agent     *agent.Agent // the first region's
 	Store     *blob.Store
 	OriginURL string
-	AgentURL  string
-	Conn      *grpc.ClientConn
-	Admin     pb.AdminServiceClient // as the development operator
-	PKI       pki.DevPKI
-	opts      Options
+	AgentURL  string // the first region's
+	// Regions are the regions' targets and agents, in the order of Options.Regions (one without).
+	Regions []*Region
+	Conn    *grpc.ClientConn
+	Admin   pb.AdminServiceClient // as the development operator
+	PKI     pki.DevPKI
+	opts    Options
 
 	originSrv *http.Server
 	agentOps  string
 	closers   []func()
+}
+
+// Region is one region's target and agent.
+type Region struct {
+	Name     string
+	Bucket   string
+	Target   string
+	Agent    *agent.Agent
+	AgentURL string
+	AgentID  string // its certificate identity
 }
 
 func listen(addr string) (net.Listener, error) {
@@ -115,6 +133,12 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 			s.Close(context.Background())
 		}
 	}()
+	if len(o.Regions) == 0 {
+		s.Regions = []*Region{{Name: o.Region, Bucket: o.Bucket, Target: o.TargetName, AgentID: pki.AgentPrefix + "dev"}}
+	}
+	for _, r := range o.Regions {
+		s.Regions = append(s.Regions, &Region{Name: r, Bucket: "detour-" + r, Target: r + "-gcs", AgentID: pki.AgentPrefix + r})
+	}
 	if s.GCS, err = gcsemu.Start(o.GCSPort); err != nil {
 		return nil, err
 	}
@@ -123,9 +147,11 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 			return nil, err
 		}
 	}
-	s.GCS.CreateBucket(o.Bucket)
+	for _, r := range s.Regions {
+		s.GCS.CreateBucket(r.Bucket)
+	}
 	if s.CP, err = controlplane.Start(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
-		DataDir: o.DataDir, Region: o.Region, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane"),
+		DataDir: o.DataDir, Region: s.Regions[0].Name, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane"),
 		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}}); err != nil {
 		return nil, err
 	}
@@ -153,30 +179,12 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	if s.Store, err = blob.NewStore(ctx, blob.Options{Endpoint: s.GCS.Endpoint()}); err != nil {
 		return nil, err
 	}
-	originURL, err := url.Parse(s.OriginURL)
-	if err != nil {
-		return nil, fmt.Errorf("origin URL: %w", err)
+	for i, r := range s.Regions {
+		if err := s.startAgent(ctx, i, r); err != nil {
+			return nil, fmt.Errorf("agent in region %s: %w", r.Name, err)
+		}
 	}
-	acfg := agent.Config{Origin: originURL, RepoID: o.RepoID, Region: o.Region, AgentID: "devstack-agent",
-		PlaceTimeout: o.PlaceTimeout, ControlPlanes: []string{s.CP.Addr()}, Store: s.Store, Log: o.Log.With("component", "agent")}
-	agentCreds, err := pki.ClientCredentials(s.PKI.Agent)
-	if err != nil {
-		return nil, err
-	}
-	s.closers = append(s.closers, agentCreds.Close)
-	acfg.Credentials = agentCreds
-	if o.AgentConfig != nil {
-		o.AgentConfig(&acfg)
-	}
-	if s.Agent, err = agent.New(ctx, acfg); err != nil {
-		return nil, err
-	}
-	al, err := listen(o.Agent)
-	if err != nil {
-		return nil, fmt.Errorf("agent listener: %w", err)
-	}
-	s.AgentURL = "http://" + al.Addr().String() + "/"
-	go s.Agent.Serve(al)
+	s.Agent, s.AgentURL = s.Regions[0].Agent, s.Regions[0].AgentURL
 	if o.AgentMetrics != "" {
 		ml, err := listen(o.AgentMetrics)
 		if err != nil {
@@ -185,15 +193,65 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 		s.agentOps = ml.Addr().String()
 		go s.Agent.ServeOps(ml)
 	}
-	// Ready when the agent advertises the target.
+	// Ready when every agent advertises the targets.
 	deadline := time.Now().Add(10 * time.Second)
-	for s.Agent.Section() == nil || len(s.Agent.Section().Targets) == 0 {
-		if time.Now().After(deadline) {
-			return nil, errors.New("agent did not receive the target set within 10s")
+	for _, r := range s.Regions {
+		for r.Agent.Section() == nil || len(r.Agent.Section().Targets) == 0 {
+			if time.Now().After(deadline) {
+				return nil, fmt.Errorf("agent in region %s did not receive the target set within 10s", r.Name)
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
-		time.Sleep(10 * time.Millisecond)
 	}
 	return s, nil
+}
+
+// startAgent starts region i's agent, with a certificate of its own when there are several.
+func (s *Stack) startAgent(ctx context.Context, i int, r *Region) error {
+	o := s.opts
+	originURL, err := url.Parse(s.OriginURL)
+	if err != nil {
+		return fmt.Errorf("origin URL: %w", err)
+	}
+	id, files := "devstack-agent", s.PKI.Agent
+	if len(o.Regions) > 0 {
+		id = "devstack-agent-" + r.Name
+		ca, err := pki.LoadCA(s.PKI.Dir)
+		if err != nil {
+			return err
+		}
+		if files, err = ca.WriteLeaf(s.PKI.Dir, "agent-"+r.Name, pki.Leaf{Name: "agent-" + r.Name, URIs: []string{r.AgentID}}); err != nil {
+			return err
+		}
+	}
+	acfg := agent.Config{Origin: originURL, RepoID: o.RepoID, Region: r.Name, AgentID: id,
+		PlaceTimeout: o.PlaceTimeout, ControlPlanes: []string{s.CP.Addr()}, Store: s.Store, Log: o.Log.With("component", "agent", "region", r.Name)}
+	creds, err := pki.ClientCredentials(files)
+	if err != nil {
+		return err
+	}
+	s.closers = append(s.closers, creds.Close)
+	acfg.Credentials = creds
+	if o.AgentConfig != nil {
+		o.AgentConfig(&acfg)
+	}
+	if r.Agent, err = agent.New(ctx, acfg); err != nil {
+		return err
+	}
+	addr := ""
+	switch {
+	case i < len(o.RegionAgents):
+		addr = o.RegionAgents[i]
+	case i == 0:
+		addr = o.Agent
+	}
+	al, err := listen(addr)
+	if err != nil {
+		return fmt.Errorf("agent listener: %w", err)
+	}
+	r.AgentURL = "http://" + al.Addr().String() + "/"
+	go r.Agent.Serve(al)
+	return nil
 }
 
 // Dial connects to the control plane with the identity in files (one of s.PKI's), over mutual
@@ -210,29 +268,24 @@ func (s *Stack) Dial(files pki.Files) (*grpc.ClientConn, error) {
 // AgentMetricsAddr is the address of the agent's /metrics, /healthz and /readyz ("" if none).
 func (s *Stack) AgentMetricsAddr() string { return s.agentOps }
 
-// Target is the registration the stack makes.
-func (s *Stack) Target() *pb.Target {
-	public := s.GCS.PublicURL(s.opts.Bucket)
+// Target is the registration the stack makes (the first region's).
+func (s *Stack) Target() *pb.Target { return s.TargetOf(s.Regions[0]) }
+
+// TargetOf is region r's target registration.
+func (s *Stack) TargetOf(r *Region) *pb.Target {
+	public := s.GCS.PublicURL(r.Bucket)
 	if s.Front != nil {
-		public = s.Front.PublicURL(s.opts.Bucket)
+		public = s.Front.PublicURL(r.Bucket)
 	}
-	return &pb.Target{Name: s.opts.TargetName, Protocol: "http", Uris: []string{public},
-		Region: s.opts.Region, Weight: 1, Store: &pb.GcsStore{Bucket: s.opts.Bucket, Prefix: "objects/"},
+	return &pb.Target{Name: r.Target, Protocol: "http", Uris: []string{public},
+		Region: r.Name, Weight: 1, Store: &pb.GcsStore{Bucket: r.Bucket, Prefix: "objects/"},
 		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}
 }
 
 func (s *Stack) register(ctx context.Context) error {
-	t := s.Target()
-	_, err := s.Admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: t})
-	if err != nil {
-		// A persistent data dir keeps the registration of the last run; bring its URLs up to date.
-		got, gerr := s.Admin.GetTarget(ctx, &pb.GetTargetRequest{Name: t.Name})
-		if gerr != nil {
-			return fmt.Errorf("register target: %w", err)
-		}
-		t.Revision = got.Target.Revision
-		if _, err := s.Admin.UpdateTarget(ctx, &pb.UpdateTargetRequest{Target: t}); err != nil {
-			return fmt.Errorf("update target: %w", err)
+	for _, r := range s.Regions {
+		if err := s.registerTarget(ctx, s.TargetOf(r)); err != nil {
+			return err
 		}
 	}
 	if s.opts.MinRedirect > 0 {
@@ -249,11 +302,31 @@ func (s *Stack) register(ctx context.Context) error {
 	return nil
 }
 
-// Close stops everything: the agent's server (letting responses finish), its fills, the origin,
+// registerTarget creates t, or brings a registration of the same name from an earlier run (a
+// persistent data dir) up to date.
+func (s *Stack) registerTarget(ctx context.Context, t *pb.Target) error {
+	_, err := s.Admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: t})
+	if err == nil {
+		return nil
+	}
+	got, gerr := s.Admin.GetTarget(ctx, &pb.GetTargetRequest{Name: t.Name})
+	if gerr != nil {
+		return fmt.Errorf("register target %s: %w", t.Name, err)
+	}
+	t.Revision = got.Target.Revision
+	if _, err := s.Admin.UpdateTarget(ctx, &pb.UpdateTargetRequest{Target: t}); err != nil {
+		return fmt.Errorf("update target %s: %w", t.Name, err)
+	}
+	return nil
+}
+
+// Close stops everything: the agents' servers (letting responses finish), their fills, the origin,
 // the control plane and the store.
 func (s *Stack) Close(ctx context.Context) {
-	if s.Agent != nil {
-		s.Agent.Shutdown(ctx)
+	for _, r := range s.Regions {
+		if r.Agent != nil {
+			r.Agent.Shutdown(ctx)
+		}
 	}
 	if s.originSrv != nil {
 		s.originSrv.Shutdown(ctx)

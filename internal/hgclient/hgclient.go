@@ -117,6 +117,7 @@ type Result struct {
 	Elapsed    time.Duration // the whole exchange, including any fetch
 	Fetch      time.Duration // the location fetch alone
 	Verified   []string      // hash algorithms checked against the fetched bytes
+	Header     http.Header   // the command response's headers
 }
 
 // ErrVerify means fetched bytes did not match the location's size or hashes.
@@ -163,7 +164,7 @@ func (c *Client) command(ctx context.Context, name string, args map[string]any, 
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	res := &Result{Status: r.Status()}
+	res := &Result{Status: r.Status(), Header: resp.Header}
 	switch r.Status().Status {
 	case wire.StatusOK:
 		if res.Objects, err = io.ReadAll(r); err != nil {

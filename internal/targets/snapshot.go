@@ -98,13 +98,14 @@ type Snapshot struct {
 	policy  *pb.Policy
 	objects *index
 	claims  map[string]*pb.FillClaim
+	agents  map[string]*pb.Agent // by id
 	// superseded is closed when a newer snapshot replaces this one.
 	superseded chan struct{}
 }
 
 func emptySnapshot() *Snapshot {
 	return &Snapshot{targets: map[string]*pb.Target{}, alive: map[string]bool{}, health: map[string]*pb.TargetHealth{}, objects: &index{},
-		claims: map[string]*pb.FillClaim{}, policy: &pb.Policy{}, superseded: make(chan struct{})}
+		claims: map[string]*pb.FillClaim{}, agents: map[string]*pb.Agent{}, policy: &pb.Policy{}, superseded: make(chan struct{})}
 }
 
 // Superseded is closed when a newer snapshot is current.

@@ -201,8 +201,8 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 	old := w.Snapshot()
 	next := &Snapshot{Revision: rev, TargetsRevision: old.TargetsRevision, targets: old.targets, alive: old.alive,
-		health: old.health, policy: old.policy, claims: old.claims, superseded: make(chan struct{})}
-	copiedTargets, copiedAlive, copiedHealth, copiedClaims := false, false, false, false
+		health: old.health, policy: old.policy, claims: old.claims, agents: old.agents, superseded: make(chan struct{})}
+	copiedTargets, copiedAlive, copiedHealth, copiedClaims, copiedAgents := false, false, false, false, false
 	var b *indexBuilder
 	for _, ev := range events {
 		rest := strings.TrimPrefix(string(ev.Kv.Key), w.prefix)
@@ -227,6 +227,10 @@ func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 		case strings.HasPrefix(rest, "fills/"):
 			if !copiedClaims {
 				next.claims, copiedClaims = cloneMap(old.claims), true
+			}
+		case isAgentKey(rest):
+			if !copiedAgents {
+				next.agents, copiedAgents = cloneMap(old.agents), true
 			}
 		case strings.HasPrefix(rest, "objects/"):
 			if b == nil {
@@ -357,6 +361,8 @@ func (w *Watcher) apply(snap *Snapshot, b *indexBuilder, typ mvccpb.Event_EventT
 		copy(obj.SHA256[:], o.Sha256)
 		copy(obj.SHA1[:], o.Sha1)
 		b.put(k, obj)
+	case isAgentKey(rest):
+		w.applyAgent(snap, del, rest, kv.Value)
 	case rest == "policy":
 		if del {
 			snap.policy = &pb.Policy{}

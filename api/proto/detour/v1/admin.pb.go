@@ -9,6 +9,8 @@ package detourv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -928,11 +930,533 @@ func (x *DeleteObjectsResponse) GetDeleted() int64 {
 	return 0
 }
 
+type ListAgentsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentsRequest) Reset() {
+	*x = ListAgentsRequest{}
+	mi := &file_detour_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentsRequest) ProtoMessage() {}
+
+func (x *ListAgentsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentsRequest.ProtoReflect.Descriptor instead.
+func (*ListAgentsRequest) Descriptor() ([]byte, []int) {
+	return file_detour_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+type ListAgentsResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Agents []*Agent               `protobuf:"bytes,1,rep,name=agents,proto3" json:"agents,omitempty"`
+	// The control plane's target-set revision that agents' applied revisions are compared with.
+	TargetsRevision int64 `protobuf:"varint,2,opt,name=targets_revision,json=targetsRevision,proto3" json:"targets_revision,omitempty"`
+	// How long an agent may be behind before it is flagged lagging.
+	LagThreshold  *durationpb.Duration `protobuf:"bytes,3,opt,name=lag_threshold,json=lagThreshold,proto3" json:"lag_threshold,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAgentsResponse) Reset() {
+	*x = ListAgentsResponse{}
+	mi := &file_detour_v1_admin_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAgentsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAgentsResponse) ProtoMessage() {}
+
+func (x *ListAgentsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_admin_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAgentsResponse.ProtoReflect.Descriptor instead.
+func (*ListAgentsResponse) Descriptor() ([]byte, []int) {
+	return file_detour_v1_admin_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *ListAgentsResponse) GetAgents() []*Agent {
+	if x != nil {
+		return x.Agents
+	}
+	return nil
+}
+
+func (x *ListAgentsResponse) GetTargetsRevision() int64 {
+	if x != nil {
+		return x.TargetsRevision
+	}
+	return 0
+}
+
+func (x *ListAgentsResponse) GetLagThreshold() *durationpb.Duration {
+	if x != nil {
+		return x.LagThreshold
+	}
+	return nil
+}
+
+type ExplainRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Key   string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// Target names the client accepts, in its order (empty: every known target).
+	AcceptedTargets []string `protobuf:"bytes,2,rep,name=accepted_targets,json=acceptedTargets,proto3" json:"accepted_targets,omitempty"`
+	AgentRegion     string   `protobuf:"bytes,3,opt,name=agent_region,json=agentRegion,proto3" json:"agent_region,omitempty"`
+	SizeHint        uint64   `protobuf:"varint,4,opt,name=size_hint,json=sizeHint,proto3" json:"size_hint,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ExplainRequest) Reset() {
+	*x = ExplainRequest{}
+	mi := &file_detour_v1_admin_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainRequest) ProtoMessage() {}
+
+func (x *ExplainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_admin_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainRequest.ProtoReflect.Descriptor instead.
+func (*ExplainRequest) Descriptor() ([]byte, []int) {
+	return file_detour_v1_admin_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ExplainRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ExplainRequest) GetAcceptedTargets() []string {
+	if x != nil {
+		return x.AcceptedTargets
+	}
+	return nil
+}
+
+func (x *ExplainRequest) GetAgentRegion() string {
+	if x != nil {
+		return x.AgentRegion
+	}
+	return ""
+}
+
+func (x *ExplainRequest) GetSizeHint() uint64 {
+	if x != nil {
+		return x.SizeHint
+	}
+	return 0
+}
+
+type ExplainResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What Place would answer (before any fill claim): REDIRECT to target, or INLINE with reason
+	// and, on a miss, the target a fill would be granted at.
+	Result           PlaceResult `protobuf:"varint,1,opt,name=result,proto3,enum=detour.v1.PlaceResult" json:"result,omitempty"`
+	Reason           string      `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Target           string      `protobuf:"bytes,3,opt,name=target,proto3" json:"target,omitempty"`
+	FillTarget       string      `protobuf:"bytes,4,opt,name=fill_target,json=fillTarget,proto3" json:"fill_target,omitempty"`
+	SnapshotRevision int64       `protobuf:"varint,5,opt,name=snapshot_revision,json=snapshotRevision,proto3" json:"snapshot_revision,omitempty"`
+	// The decision's steps in order, in words.
+	Steps []string `protobuf:"bytes,6,rep,name=steps,proto3" json:"steps,omitempty"`
+	// Every stored copy of the key and what placement made of it.
+	Copies []*ExplainedCopy `protobuf:"bytes,7,rep,name=copies,proto3" json:"copies,omitempty"`
+	// Every accepted target and what placement made of it as a fill target.
+	Targets []*ExplainedTarget `protobuf:"bytes,8,rep,name=targets,proto3" json:"targets,omitempty"`
+	// The live fill claim on the key, if any.
+	Claim *FillClaim `protobuf:"bytes,9,opt,name=claim,proto3" json:"claim,omitempty"`
+	// The accepted targets the request was explained with (the given ones, or every known target).
+	AcceptedTargets []string `protobuf:"bytes,10,rep,name=accepted_targets,json=acceptedTargets,proto3" json:"accepted_targets,omitempty"`
+	// Redirects of this key to agents of agent_region from other regions that this replica has
+	// counted in the current window, and the policy's threshold past which the key gets a copy in
+	// that region (0 and 0 when cross-region copies are off).
+	CrossRegionRedirects     uint32 `protobuf:"varint,11,opt,name=cross_region_redirects,json=crossRegionRedirects,proto3" json:"cross_region_redirects,omitempty"`
+	CrossRegionCopyThreshold uint32 `protobuf:"varint,12,opt,name=cross_region_copy_threshold,json=crossRegionCopyThreshold,proto3" json:"cross_region_copy_threshold,omitempty"`
+	unknownFields            protoimpl.UnknownFields
+	sizeCache                protoimpl.SizeCache
+}
+
+func (x *ExplainResponse) Reset() {
+	*x = ExplainResponse{}
+	mi := &file_detour_v1_admin_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainResponse) ProtoMessage() {}
+
+func (x *ExplainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_admin_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainResponse.ProtoReflect.Descriptor instead.
+func (*ExplainResponse) Descriptor() ([]byte, []int) {
+	return file_detour_v1_admin_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ExplainResponse) GetResult() PlaceResult {
+	if x != nil {
+		return x.Result
+	}
+	return PlaceResult_PLACE_RESULT_UNSPECIFIED
+}
+
+func (x *ExplainResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetFillTarget() string {
+	if x != nil {
+		return x.FillTarget
+	}
+	return ""
+}
+
+func (x *ExplainResponse) GetSnapshotRevision() int64 {
+	if x != nil {
+		return x.SnapshotRevision
+	}
+	return 0
+}
+
+func (x *ExplainResponse) GetSteps() []string {
+	if x != nil {
+		return x.Steps
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetCopies() []*ExplainedCopy {
+	if x != nil {
+		return x.Copies
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetTargets() []*ExplainedTarget {
+	if x != nil {
+		return x.Targets
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetClaim() *FillClaim {
+	if x != nil {
+		return x.Claim
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetAcceptedTargets() []string {
+	if x != nil {
+		return x.AcceptedTargets
+	}
+	return nil
+}
+
+func (x *ExplainResponse) GetCrossRegionRedirects() uint32 {
+	if x != nil {
+		return x.CrossRegionRedirects
+	}
+	return 0
+}
+
+func (x *ExplainResponse) GetCrossRegionCopyThreshold() uint32 {
+	if x != nil {
+		return x.CrossRegionCopyThreshold
+	}
+	return 0
+}
+
+// ExplainedCopy is one READY record of the key.
+type ExplainedCopy struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Target  string                 `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	Region  string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	Size    uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	Expires *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=expires,proto3" json:"expires,omitempty"`
+	// Whether it stayed a candidate; why not when it did not.
+	Kept    bool   `protobuf:"varint,5,opt,name=kept,proto3" json:"kept,omitempty"`
+	Dropped string `protobuf:"bytes,6,opt,name=dropped,proto3" json:"dropped,omitempty"`
+	// Its rank among the kept copies (1 is chosen), and the ranking's fields in order.
+	Rank             int32   `protobuf:"varint,7,opt,name=rank,proto3" json:"rank,omitempty"`
+	Draining         bool    `protobuf:"varint,8,opt,name=draining,proto3" json:"draining,omitempty"`
+	Remote           bool    `protobuf:"varint,9,opt,name=remote,proto3" json:"remote,omitempty"`
+	RegionPreference int32   `protobuf:"varint,10,opt,name=region_preference,json=regionPreference,proto3" json:"region_preference,omitempty"`
+	Score            float64 `protobuf:"fixed64,11,opt,name=score,proto3" json:"score,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ExplainedCopy) Reset() {
+	*x = ExplainedCopy{}
+	mi := &file_detour_v1_admin_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainedCopy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainedCopy) ProtoMessage() {}
+
+func (x *ExplainedCopy) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_admin_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainedCopy.ProtoReflect.Descriptor instead.
+func (*ExplainedCopy) Descriptor() ([]byte, []int) {
+	return file_detour_v1_admin_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ExplainedCopy) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *ExplainedCopy) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *ExplainedCopy) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *ExplainedCopy) GetExpires() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Expires
+	}
+	return nil
+}
+
+func (x *ExplainedCopy) GetKept() bool {
+	if x != nil {
+		return x.Kept
+	}
+	return false
+}
+
+func (x *ExplainedCopy) GetDropped() string {
+	if x != nil {
+		return x.Dropped
+	}
+	return ""
+}
+
+func (x *ExplainedCopy) GetRank() int32 {
+	if x != nil {
+		return x.Rank
+	}
+	return 0
+}
+
+func (x *ExplainedCopy) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
+func (x *ExplainedCopy) GetRemote() bool {
+	if x != nil {
+		return x.Remote
+	}
+	return false
+}
+
+func (x *ExplainedCopy) GetRegionPreference() int32 {
+	if x != nil {
+		return x.RegionPreference
+	}
+	return 0
+}
+
+func (x *ExplainedCopy) GetScore() float64 {
+	if x != nil {
+		return x.Score
+	}
+	return 0
+}
+
+// ExplainedTarget is one accepted target as a fill candidate.
+type ExplainedTarget struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Target  string                 `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	Region  string                 `protobuf:"bytes,2,opt,name=region,proto3" json:"region,omitempty"`
+	Kept    bool                   `protobuf:"varint,3,opt,name=kept,proto3" json:"kept,omitempty"`
+	Dropped string                 `protobuf:"bytes,4,opt,name=dropped,proto3" json:"dropped,omitempty"`
+	Score   float64                `protobuf:"fixed64,5,opt,name=score,proto3" json:"score,omitempty"`
+	// Where the target's region comes in the fill order for the agent's region (0: the agent's own).
+	RegionOrder   int32 `protobuf:"varint,6,opt,name=region_order,json=regionOrder,proto3" json:"region_order,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExplainedTarget) Reset() {
+	*x = ExplainedTarget{}
+	mi := &file_detour_v1_admin_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExplainedTarget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExplainedTarget) ProtoMessage() {}
+
+func (x *ExplainedTarget) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_admin_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExplainedTarget.ProtoReflect.Descriptor instead.
+func (*ExplainedTarget) Descriptor() ([]byte, []int) {
+	return file_detour_v1_admin_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *ExplainedTarget) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *ExplainedTarget) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *ExplainedTarget) GetKept() bool {
+	if x != nil {
+		return x.Kept
+	}
+	return false
+}
+
+func (x *ExplainedTarget) GetDropped() string {
+	if x != nil {
+		return x.Dropped
+	}
+	return ""
+}
+
+func (x *ExplainedTarget) GetScore() float64 {
+	if x != nil {
+		return x.Score
+	}
+	return 0
+}
+
+func (x *ExplainedTarget) GetRegionOrder() int32 {
+	if x != nil {
+		return x.RegionOrder
+	}
+	return 0
+}
+
 var File_detour_v1_admin_proto protoreflect.FileDescriptor
 
 const file_detour_v1_admin_proto_rawDesc = "" +
 	"\n" +
-	"\x15detour/v1/admin.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\"@\n" +
+	"\x15detour/v1/admin.proto\x12\tdetour.v1\x1a\x19detour/v1/placement.proto\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n" +
 	"\x13CreateTargetRequest\x12)\n" +
 	"\x06target\x18\x01 \x01(\v2\x11.detour.v1.TargetR\x06target\"A\n" +
 	"\x14CreateTargetResponse\x12)\n" +
@@ -977,7 +1501,52 @@ const file_detour_v1_admin_proto_rawDesc = "" +
 	"\x14DeleteObjectsRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\"1\n" +
 	"\x15DeleteObjectsResponse\x12\x18\n" +
-	"\adeleted\x18\x01 \x01(\x03R\adeleted2\xa0\x06\n" +
+	"\adeleted\x18\x01 \x01(\x03R\adeleted\"\x13\n" +
+	"\x11ListAgentsRequest\"\xa9\x01\n" +
+	"\x12ListAgentsResponse\x12(\n" +
+	"\x06agents\x18\x01 \x03(\v2\x10.detour.v1.AgentR\x06agents\x12)\n" +
+	"\x10targets_revision\x18\x02 \x01(\x03R\x0ftargetsRevision\x12>\n" +
+	"\rlag_threshold\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\flagThreshold\"\x8d\x01\n" +
+	"\x0eExplainRequest\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12)\n" +
+	"\x10accepted_targets\x18\x02 \x03(\tR\x0facceptedTargets\x12!\n" +
+	"\fagent_region\x18\x03 \x01(\tR\vagentRegion\x12\x1b\n" +
+	"\tsize_hint\x18\x04 \x01(\x04R\bsizeHint\"\x89\x04\n" +
+	"\x0fExplainResponse\x12.\n" +
+	"\x06result\x18\x01 \x01(\x0e2\x16.detour.v1.PlaceResultR\x06result\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x16\n" +
+	"\x06target\x18\x03 \x01(\tR\x06target\x12\x1f\n" +
+	"\vfill_target\x18\x04 \x01(\tR\n" +
+	"fillTarget\x12+\n" +
+	"\x11snapshot_revision\x18\x05 \x01(\x03R\x10snapshotRevision\x12\x14\n" +
+	"\x05steps\x18\x06 \x03(\tR\x05steps\x120\n" +
+	"\x06copies\x18\a \x03(\v2\x18.detour.v1.ExplainedCopyR\x06copies\x124\n" +
+	"\atargets\x18\b \x03(\v2\x1a.detour.v1.ExplainedTargetR\atargets\x12*\n" +
+	"\x05claim\x18\t \x01(\v2\x14.detour.v1.FillClaimR\x05claim\x12)\n" +
+	"\x10accepted_targets\x18\n" +
+	" \x03(\tR\x0facceptedTargets\x124\n" +
+	"\x16cross_region_redirects\x18\v \x01(\rR\x14crossRegionRedirects\x12=\n" +
+	"\x1bcross_region_copy_threshold\x18\f \x01(\rR\x18crossRegionCopyThreshold\"\xc2\x02\n" +
+	"\rExplainedCopy\x12\x16\n" +
+	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
+	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
+	"\x04size\x18\x03 \x01(\x04R\x04size\x124\n" +
+	"\aexpires\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\aexpires\x12\x12\n" +
+	"\x04kept\x18\x05 \x01(\bR\x04kept\x12\x18\n" +
+	"\adropped\x18\x06 \x01(\tR\adropped\x12\x12\n" +
+	"\x04rank\x18\a \x01(\x05R\x04rank\x12\x1a\n" +
+	"\bdraining\x18\b \x01(\bR\bdraining\x12\x16\n" +
+	"\x06remote\x18\t \x01(\bR\x06remote\x12+\n" +
+	"\x11region_preference\x18\n" +
+	" \x01(\x05R\x10regionPreference\x12\x14\n" +
+	"\x05score\x18\v \x01(\x01R\x05score\"\xa8\x01\n" +
+	"\x0fExplainedTarget\x12\x16\n" +
+	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
+	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
+	"\x04kept\x18\x03 \x01(\bR\x04kept\x12\x18\n" +
+	"\adropped\x18\x04 \x01(\tR\adropped\x12\x14\n" +
+	"\x05score\x18\x05 \x01(\x01R\x05score\x12!\n" +
+	"\fregion_order\x18\x06 \x01(\x05R\vregionOrder2\xad\a\n" +
 	"\fAdminService\x12O\n" +
 	"\fCreateTarget\x12\x1e.detour.v1.CreateTargetRequest\x1a\x1f.detour.v1.CreateTargetResponse\x12O\n" +
 	"\fUpdateTarget\x12\x1e.detour.v1.UpdateTargetRequest\x1a\x1f.detour.v1.UpdateTargetResponse\x12U\n" +
@@ -988,7 +1557,10 @@ const file_detour_v1_admin_proto_rawDesc = "" +
 	"\tGetPolicy\x12\x1b.detour.v1.GetPolicyRequest\x1a\x1c.detour.v1.GetPolicyResponse\x12F\n" +
 	"\tSetPolicy\x12\x1b.detour.v1.SetPolicyRequest\x1a\x1c.detour.v1.SetPolicyResponse\x12L\n" +
 	"\vListObjects\x12\x1d.detour.v1.ListObjectsRequest\x1a\x1e.detour.v1.ListObjectsResponse\x12R\n" +
-	"\rDeleteObjects\x12\x1f.detour.v1.DeleteObjectsRequest\x1a .detour.v1.DeleteObjectsResponseB9Z7github.com/detourhq/detour/api/proto/detour/v1;detourv1b\x06proto3"
+	"\rDeleteObjects\x12\x1f.detour.v1.DeleteObjectsRequest\x1a .detour.v1.DeleteObjectsResponse\x12I\n" +
+	"\n" +
+	"ListAgents\x12\x1c.detour.v1.ListAgentsRequest\x1a\x1d.detour.v1.ListAgentsResponse\x12@\n" +
+	"\aExplain\x12\x19.detour.v1.ExplainRequest\x1a\x1a.detour.v1.ExplainResponseB9Z7github.com/detourhq/detour/api/proto/detour/v1;detourv1b\x06proto3"
 
 var (
 	file_detour_v1_admin_proto_rawDescOnce sync.Once
@@ -1002,7 +1574,7 @@ func file_detour_v1_admin_proto_rawDescGZIP() []byte {
 	return file_detour_v1_admin_proto_rawDescData
 }
 
-var file_detour_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_detour_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_detour_v1_admin_proto_goTypes = []any{
 	(*CreateTargetRequest)(nil),    // 0: detour.v1.CreateTargetRequest
 	(*CreateTargetResponse)(nil),   // 1: detour.v1.CreateTargetResponse
@@ -1024,49 +1596,71 @@ var file_detour_v1_admin_proto_goTypes = []any{
 	(*ListObjectsResponse)(nil),    // 17: detour.v1.ListObjectsResponse
 	(*DeleteObjectsRequest)(nil),   // 18: detour.v1.DeleteObjectsRequest
 	(*DeleteObjectsResponse)(nil),  // 19: detour.v1.DeleteObjectsResponse
-	(*Target)(nil),                 // 20: detour.v1.Target
-	(TargetState)(0),               // 21: detour.v1.TargetState
-	(*Policy)(nil),                 // 22: detour.v1.Policy
-	(*StoredObject)(nil),           // 23: detour.v1.StoredObject
+	(*ListAgentsRequest)(nil),      // 20: detour.v1.ListAgentsRequest
+	(*ListAgentsResponse)(nil),     // 21: detour.v1.ListAgentsResponse
+	(*ExplainRequest)(nil),         // 22: detour.v1.ExplainRequest
+	(*ExplainResponse)(nil),        // 23: detour.v1.ExplainResponse
+	(*ExplainedCopy)(nil),          // 24: detour.v1.ExplainedCopy
+	(*ExplainedTarget)(nil),        // 25: detour.v1.ExplainedTarget
+	(*Target)(nil),                 // 26: detour.v1.Target
+	(TargetState)(0),               // 27: detour.v1.TargetState
+	(*Policy)(nil),                 // 28: detour.v1.Policy
+	(*StoredObject)(nil),           // 29: detour.v1.StoredObject
+	(*Agent)(nil),                  // 30: detour.v1.Agent
+	(*durationpb.Duration)(nil),    // 31: google.protobuf.Duration
+	(PlaceResult)(0),               // 32: detour.v1.PlaceResult
+	(*FillClaim)(nil),              // 33: detour.v1.FillClaim
+	(*timestamppb.Timestamp)(nil),  // 34: google.protobuf.Timestamp
 }
 var file_detour_v1_admin_proto_depIdxs = []int32{
-	20, // 0: detour.v1.CreateTargetRequest.target:type_name -> detour.v1.Target
-	20, // 1: detour.v1.CreateTargetResponse.target:type_name -> detour.v1.Target
-	20, // 2: detour.v1.UpdateTargetRequest.target:type_name -> detour.v1.Target
-	20, // 3: detour.v1.UpdateTargetResponse.target:type_name -> detour.v1.Target
-	21, // 4: detour.v1.SetTargetStateRequest.state:type_name -> detour.v1.TargetState
-	20, // 5: detour.v1.SetTargetStateResponse.target:type_name -> detour.v1.Target
-	20, // 6: detour.v1.GetTargetResponse.target:type_name -> detour.v1.Target
-	20, // 7: detour.v1.ListTargetsResponse.targets:type_name -> detour.v1.Target
-	22, // 8: detour.v1.GetPolicyResponse.policy:type_name -> detour.v1.Policy
-	22, // 9: detour.v1.SetPolicyRequest.policy:type_name -> detour.v1.Policy
-	22, // 10: detour.v1.SetPolicyResponse.policy:type_name -> detour.v1.Policy
-	23, // 11: detour.v1.ListObjectsResponse.objects:type_name -> detour.v1.StoredObject
-	0,  // 12: detour.v1.AdminService.CreateTarget:input_type -> detour.v1.CreateTargetRequest
-	2,  // 13: detour.v1.AdminService.UpdateTarget:input_type -> detour.v1.UpdateTargetRequest
-	4,  // 14: detour.v1.AdminService.SetTargetState:input_type -> detour.v1.SetTargetStateRequest
-	6,  // 15: detour.v1.AdminService.DeleteTarget:input_type -> detour.v1.DeleteTargetRequest
-	8,  // 16: detour.v1.AdminService.GetTarget:input_type -> detour.v1.GetTargetRequest
-	10, // 17: detour.v1.AdminService.ListTargets:input_type -> detour.v1.ListTargetsRequest
-	12, // 18: detour.v1.AdminService.GetPolicy:input_type -> detour.v1.GetPolicyRequest
-	14, // 19: detour.v1.AdminService.SetPolicy:input_type -> detour.v1.SetPolicyRequest
-	16, // 20: detour.v1.AdminService.ListObjects:input_type -> detour.v1.ListObjectsRequest
-	18, // 21: detour.v1.AdminService.DeleteObjects:input_type -> detour.v1.DeleteObjectsRequest
-	1,  // 22: detour.v1.AdminService.CreateTarget:output_type -> detour.v1.CreateTargetResponse
-	3,  // 23: detour.v1.AdminService.UpdateTarget:output_type -> detour.v1.UpdateTargetResponse
-	5,  // 24: detour.v1.AdminService.SetTargetState:output_type -> detour.v1.SetTargetStateResponse
-	7,  // 25: detour.v1.AdminService.DeleteTarget:output_type -> detour.v1.DeleteTargetResponse
-	9,  // 26: detour.v1.AdminService.GetTarget:output_type -> detour.v1.GetTargetResponse
-	11, // 27: detour.v1.AdminService.ListTargets:output_type -> detour.v1.ListTargetsResponse
-	13, // 28: detour.v1.AdminService.GetPolicy:output_type -> detour.v1.GetPolicyResponse
-	15, // 29: detour.v1.AdminService.SetPolicy:output_type -> detour.v1.SetPolicyResponse
-	17, // 30: detour.v1.AdminService.ListObjects:output_type -> detour.v1.ListObjectsResponse
-	19, // 31: detour.v1.AdminService.DeleteObjects:output_type -> detour.v1.DeleteObjectsResponse
-	22, // [22:32] is the sub-list for method output_type
-	12, // [12:22] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	26, // 0: detour.v1.CreateTargetRequest.target:type_name -> detour.v1.Target
+	26, // 1: detour.v1.CreateTargetResponse.target:type_name -> detour.v1.Target
+	26, // 2: detour.v1.UpdateTargetRequest.target:type_name -> detour.v1.Target
+	26, // 3: detour.v1.UpdateTargetResponse.target:type_name -> detour.v1.Target
+	27, // 4: detour.v1.SetTargetStateRequest.state:type_name -> detour.v1.TargetState
+	26, // 5: detour.v1.SetTargetStateResponse.target:type_name -> detour.v1.Target
+	26, // 6: detour.v1.GetTargetResponse.target:type_name -> detour.v1.Target
+	26, // 7: detour.v1.ListTargetsResponse.targets:type_name -> detour.v1.Target
+	28, // 8: detour.v1.GetPolicyResponse.policy:type_name -> detour.v1.Policy
+	28, // 9: detour.v1.SetPolicyRequest.policy:type_name -> detour.v1.Policy
+	28, // 10: detour.v1.SetPolicyResponse.policy:type_name -> detour.v1.Policy
+	29, // 11: detour.v1.ListObjectsResponse.objects:type_name -> detour.v1.StoredObject
+	30, // 12: detour.v1.ListAgentsResponse.agents:type_name -> detour.v1.Agent
+	31, // 13: detour.v1.ListAgentsResponse.lag_threshold:type_name -> google.protobuf.Duration
+	32, // 14: detour.v1.ExplainResponse.result:type_name -> detour.v1.PlaceResult
+	24, // 15: detour.v1.ExplainResponse.copies:type_name -> detour.v1.ExplainedCopy
+	25, // 16: detour.v1.ExplainResponse.targets:type_name -> detour.v1.ExplainedTarget
+	33, // 17: detour.v1.ExplainResponse.claim:type_name -> detour.v1.FillClaim
+	34, // 18: detour.v1.ExplainedCopy.expires:type_name -> google.protobuf.Timestamp
+	0,  // 19: detour.v1.AdminService.CreateTarget:input_type -> detour.v1.CreateTargetRequest
+	2,  // 20: detour.v1.AdminService.UpdateTarget:input_type -> detour.v1.UpdateTargetRequest
+	4,  // 21: detour.v1.AdminService.SetTargetState:input_type -> detour.v1.SetTargetStateRequest
+	6,  // 22: detour.v1.AdminService.DeleteTarget:input_type -> detour.v1.DeleteTargetRequest
+	8,  // 23: detour.v1.AdminService.GetTarget:input_type -> detour.v1.GetTargetRequest
+	10, // 24: detour.v1.AdminService.ListTargets:input_type -> detour.v1.ListTargetsRequest
+	12, // 25: detour.v1.AdminService.GetPolicy:input_type -> detour.v1.GetPolicyRequest
+	14, // 26: detour.v1.AdminService.SetPolicy:input_type -> detour.v1.SetPolicyRequest
+	16, // 27: detour.v1.AdminService.ListObjects:input_type -> detour.v1.ListObjectsRequest
+	18, // 28: detour.v1.AdminService.DeleteObjects:input_type -> detour.v1.DeleteObjectsRequest
+	20, // 29: detour.v1.AdminService.ListAgents:input_type -> detour.v1.ListAgentsRequest
+	22, // 30: detour.v1.AdminService.Explain:input_type -> detour.v1.ExplainRequest
+	1,  // 31: detour.v1.AdminService.CreateTarget:output_type -> detour.v1.CreateTargetResponse
+	3,  // 32: detour.v1.AdminService.UpdateTarget:output_type -> detour.v1.UpdateTargetResponse
+	5,  // 33: detour.v1.AdminService.SetTargetState:output_type -> detour.v1.SetTargetStateResponse
+	7,  // 34: detour.v1.AdminService.DeleteTarget:output_type -> detour.v1.DeleteTargetResponse
+	9,  // 35: detour.v1.AdminService.GetTarget:output_type -> detour.v1.GetTargetResponse
+	11, // 36: detour.v1.AdminService.ListTargets:output_type -> detour.v1.ListTargetsResponse
+	13, // 37: detour.v1.AdminService.GetPolicy:output_type -> detour.v1.GetPolicyResponse
+	15, // 38: detour.v1.AdminService.SetPolicy:output_type -> detour.v1.SetPolicyResponse
+	17, // 39: detour.v1.AdminService.ListObjects:output_type -> detour.v1.ListObjectsResponse
+	19, // 40: detour.v1.AdminService.DeleteObjects:output_type -> detour.v1.DeleteObjectsResponse
+	21, // 41: detour.v1.AdminService.ListAgents:output_type -> detour.v1.ListAgentsResponse
+	23, // 42: detour.v1.AdminService.Explain:output_type -> detour.v1.ExplainResponse
+	31, // [31:43] is the sub-list for method output_type
+	19, // [19:31] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_detour_v1_admin_proto_init() }
@@ -1074,6 +1668,7 @@ func file_detour_v1_admin_proto_init() {
 	if File_detour_v1_admin_proto != nil {
 		return
 	}
+	file_detour_v1_placement_proto_init()
 	file_detour_v1_target_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1081,7 +1676,7 @@ func file_detour_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_detour_v1_admin_proto_rawDesc), len(file_detour_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   20,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -10,6 +10,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -1117,11 +1118,294 @@ func (x *ReportBrokenLocationResponse) GetRemoved() bool {
 	return false
 }
 
+type RegisterAgentRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The identity to register under: empty, or the caller's certificate identity (anything else is
+	// refused). A plaintext control plane, which has no identities, takes it as given (or the name).
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// The agent's own name for itself (its --agent-id, a host name), for display.
+	Name   string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Region string `protobuf:"bytes,3,opt,name=region,proto3" json:"region,omitempty"`
+	// The agent's build version.
+	Version string `protobuf:"bytes,4,opt,name=version,proto3" json:"version,omitempty"`
+	// Revision of the last WatchTargets message the agent applied.
+	AppliedRevision int64 `protobuf:"varint,5,opt,name=applied_revision,json=appliedRevision,proto3" json:"applied_revision,omitempty"`
+	// When the agent last asked Place (absent: never).
+	LastPlace *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=last_place,json=lastPlace,proto3" json:"last_place,omitempty"`
+	// Redirects in the agent's location cache.
+	LocationCacheEntries int64 `protobuf:"varint,7,opt,name=location_cache_entries,json=locationCacheEntries,proto3" json:"location_cache_entries,omitempty"`
+	// How long the record lives without another call (default 30s; 2s to 10m).
+	Ttl           *durationpb.Duration `protobuf:"bytes,8,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterAgentRequest) Reset() {
+	*x = RegisterAgentRequest{}
+	mi := &file_detour_v1_placement_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterAgentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterAgentRequest) ProtoMessage() {}
+
+func (x *RegisterAgentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_placement_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterAgentRequest.ProtoReflect.Descriptor instead.
+func (*RegisterAgentRequest) Descriptor() ([]byte, []int) {
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *RegisterAgentRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RegisterAgentRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RegisterAgentRequest) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *RegisterAgentRequest) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *RegisterAgentRequest) GetAppliedRevision() int64 {
+	if x != nil {
+		return x.AppliedRevision
+	}
+	return 0
+}
+
+func (x *RegisterAgentRequest) GetLastPlace() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastPlace
+	}
+	return nil
+}
+
+func (x *RegisterAgentRequest) GetLocationCacheEntries() int64 {
+	if x != nil {
+		return x.LocationCacheEntries
+	}
+	return 0
+}
+
+func (x *RegisterAgentRequest) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+type RegisterAgentResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The identity the agent is registered under.
+	Id            string               `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Ttl           *durationpb.Duration `protobuf:"bytes,2,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterAgentResponse) Reset() {
+	*x = RegisterAgentResponse{}
+	mi := &file_detour_v1_placement_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterAgentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterAgentResponse) ProtoMessage() {}
+
+func (x *RegisterAgentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_placement_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterAgentResponse.ProtoReflect.Descriptor instead.
+func (*RegisterAgentResponse) Descriptor() ([]byte, []int) {
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *RegisterAgentResponse) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *RegisterAgentResponse) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+// Agent is one agent's record in the fleet view (stored in etcd under a lease, so it disappears
+// when the agent stops refreshing it).
+type Agent struct {
+	state                protoimpl.MessageState `protogen:"open.v1"`
+	Id                   string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name                 string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Region               string                 `protobuf:"bytes,3,opt,name=region,proto3" json:"region,omitempty"`
+	Version              string                 `protobuf:"bytes,4,opt,name=version,proto3" json:"version,omitempty"`
+	AppliedRevision      int64                  `protobuf:"varint,5,opt,name=applied_revision,json=appliedRevision,proto3" json:"applied_revision,omitempty"`
+	LastPlace            *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=last_place,json=lastPlace,proto3" json:"last_place,omitempty"`
+	LocationCacheEntries int64                  `protobuf:"varint,7,opt,name=location_cache_entries,json=locationCacheEntries,proto3" json:"location_cache_entries,omitempty"`
+	// When the record was last refreshed.
+	Refreshed *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=refreshed,proto3" json:"refreshed,omitempty"`
+	// Computed by ListAgents, never stored: how long the agent's applied revision has been behind
+	// the control plane's target set (absent: it is current), and whether that is past the
+	// control plane's lag threshold.
+	BehindFor     *durationpb.Duration `protobuf:"bytes,9,opt,name=behind_for,json=behindFor,proto3" json:"behind_for,omitempty"`
+	Lagging       bool                 `protobuf:"varint,10,opt,name=lagging,proto3" json:"lagging,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Agent) Reset() {
+	*x = Agent{}
+	mi := &file_detour_v1_placement_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Agent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Agent) ProtoMessage() {}
+
+func (x *Agent) ProtoReflect() protoreflect.Message {
+	mi := &file_detour_v1_placement_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Agent.ProtoReflect.Descriptor instead.
+func (*Agent) Descriptor() ([]byte, []int) {
+	return file_detour_v1_placement_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *Agent) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Agent) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Agent) GetRegion() string {
+	if x != nil {
+		return x.Region
+	}
+	return ""
+}
+
+func (x *Agent) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *Agent) GetAppliedRevision() int64 {
+	if x != nil {
+		return x.AppliedRevision
+	}
+	return 0
+}
+
+func (x *Agent) GetLastPlace() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastPlace
+	}
+	return nil
+}
+
+func (x *Agent) GetLocationCacheEntries() int64 {
+	if x != nil {
+		return x.LocationCacheEntries
+	}
+	return 0
+}
+
+func (x *Agent) GetRefreshed() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Refreshed
+	}
+	return nil
+}
+
+func (x *Agent) GetBehindFor() *durationpb.Duration {
+	if x != nil {
+		return x.BehindFor
+	}
+	return nil
+}
+
+func (x *Agent) GetLagging() bool {
+	if x != nil {
+		return x.Lagging
+	}
+	return false
+}
+
 var File_detour_v1_placement_proto protoreflect.FileDescriptor
 
 const file_detour_v1_placement_proto_rawDesc = "" +
 	"\n" +
-	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\"\xf4\x02\n" +
+	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x02\n" +
 	"\fPlaceRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\tR\acommand\x12)\n" +
@@ -1205,11 +1489,38 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"8\n" +
 	"\x1cReportBrokenLocationResponse\x12\x18\n" +
-	"\aremoved\x18\x01 \x01(\bR\aremoved*_\n" +
+	"\aremoved\x18\x01 \x01(\bR\aremoved\"\xb5\x02\n" +
+	"\x14RegisterAgentRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
+	"\x06region\x18\x03 \x01(\tR\x06region\x12\x18\n" +
+	"\aversion\x18\x04 \x01(\tR\aversion\x12)\n" +
+	"\x10applied_revision\x18\x05 \x01(\x03R\x0fappliedRevision\x129\n" +
+	"\n" +
+	"last_place\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tlastPlace\x124\n" +
+	"\x16location_cache_entries\x18\a \x01(\x03R\x14locationCacheEntries\x12+\n" +
+	"\x03ttl\x18\b \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"T\n" +
+	"\x15RegisterAgentResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\x87\x03\n" +
+	"\x05Agent\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
+	"\x06region\x18\x03 \x01(\tR\x06region\x12\x18\n" +
+	"\aversion\x18\x04 \x01(\tR\aversion\x12)\n" +
+	"\x10applied_revision\x18\x05 \x01(\x03R\x0fappliedRevision\x129\n" +
+	"\n" +
+	"last_place\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tlastPlace\x124\n" +
+	"\x16location_cache_entries\x18\a \x01(\x03R\x14locationCacheEntries\x128\n" +
+	"\trefreshed\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\trefreshed\x128\n" +
+	"\n" +
+	"behind_for\x18\t \x01(\v2\x19.google.protobuf.DurationR\tbehindFor\x12\x18\n" +
+	"\alagging\x18\n" +
+	" \x01(\bR\alagging*_\n" +
 	"\vPlaceResult\x12\x1c\n" +
 	"\x18PLACE_RESULT_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13PLACE_RESULT_INLINE\x10\x01\x12\x19\n" +
-	"\x15PLACE_RESULT_REDIRECT\x10\x022\xe5\x03\n" +
+	"\x15PLACE_RESULT_REDIRECT\x10\x022\xb9\x04\n" +
 	"\x10PlacementService\x12:\n" +
 	"\x05Place\x12\x17.detour.v1.PlaceRequest\x1a\x18.detour.v1.PlaceResponse\x12I\n" +
 	"\n" +
@@ -1217,7 +1528,8 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\tAbortFill\x12\x1b.detour.v1.AbortFillRequest\x1a\x1c.detour.v1.AbortFillResponse\x12Q\n" +
 	"\fWatchTargets\x12\x1e.detour.v1.WatchTargetsRequest\x1a\x1f.detour.v1.WatchTargetsResponse0\x01\x12F\n" +
 	"\tHeartbeat\x12\x1b.detour.v1.HeartbeatRequest\x1a\x1c.detour.v1.HeartbeatResponse\x12g\n" +
-	"\x14ReportBrokenLocation\x12&.detour.v1.ReportBrokenLocationRequest\x1a'.detour.v1.ReportBrokenLocationResponseB9Z7github.com/detourhq/detour/api/proto/detour/v1;detourv1b\x06proto3"
+	"\x14ReportBrokenLocation\x12&.detour.v1.ReportBrokenLocationRequest\x1a'.detour.v1.ReportBrokenLocationResponse\x12R\n" +
+	"\rRegisterAgent\x12\x1f.detour.v1.RegisterAgentRequest\x1a .detour.v1.RegisterAgentResponseB9Z7github.com/detourhq/detour/api/proto/detour/v1;detourv1b\x06proto3"
 
 var (
 	file_detour_v1_placement_proto_rawDescOnce sync.Once
@@ -1232,7 +1544,7 @@ func file_detour_v1_placement_proto_rawDescGZIP() []byte {
 }
 
 var file_detour_v1_placement_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_detour_v1_placement_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_detour_v1_placement_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_detour_v1_placement_proto_goTypes = []any{
 	(PlaceResult)(0),                     // 0: detour.v1.PlaceResult
 	(*PlaceRequest)(nil),                 // 1: detour.v1.PlaceRequest
@@ -1250,38 +1562,50 @@ var file_detour_v1_placement_proto_goTypes = []any{
 	(*HeartbeatResponse)(nil),            // 13: detour.v1.HeartbeatResponse
 	(*ReportBrokenLocationRequest)(nil),  // 14: detour.v1.ReportBrokenLocationRequest
 	(*ReportBrokenLocationResponse)(nil), // 15: detour.v1.ReportBrokenLocationResponse
-	(*durationpb.Duration)(nil),          // 16: google.protobuf.Duration
-	(*StoredObject)(nil),                 // 17: detour.v1.StoredObject
-	(*Target)(nil),                       // 18: detour.v1.Target
+	(*RegisterAgentRequest)(nil),         // 16: detour.v1.RegisterAgentRequest
+	(*RegisterAgentResponse)(nil),        // 17: detour.v1.RegisterAgentResponse
+	(*Agent)(nil),                        // 18: detour.v1.Agent
+	(*durationpb.Duration)(nil),          // 19: google.protobuf.Duration
+	(*StoredObject)(nil),                 // 20: detour.v1.StoredObject
+	(*Target)(nil),                       // 21: detour.v1.Target
+	(*timestamppb.Timestamp)(nil),        // 22: google.protobuf.Timestamp
 }
 var file_detour_v1_placement_proto_depIdxs = []int32{
-	16, // 0: detour.v1.FillGrant.ttl:type_name -> google.protobuf.Duration
+	19, // 0: detour.v1.FillGrant.ttl:type_name -> google.protobuf.Duration
 	0,  // 1: detour.v1.PlaceResponse.result:type_name -> detour.v1.PlaceResult
 	2,  // 2: detour.v1.PlaceResponse.location:type_name -> detour.v1.Location
 	3,  // 3: detour.v1.PlaceResponse.fill:type_name -> detour.v1.FillGrant
-	16, // 4: detour.v1.PlaceResponse.cache_for:type_name -> google.protobuf.Duration
-	17, // 5: detour.v1.ReportFillResponse.object:type_name -> detour.v1.StoredObject
-	18, // 6: detour.v1.WatchTargetsResponse.targets:type_name -> detour.v1.Target
+	19, // 4: detour.v1.PlaceResponse.cache_for:type_name -> google.protobuf.Duration
+	20, // 5: detour.v1.ReportFillResponse.object:type_name -> detour.v1.StoredObject
+	21, // 6: detour.v1.WatchTargetsResponse.targets:type_name -> detour.v1.Target
 	11, // 7: detour.v1.WatchTargetsResponse.invalidations:type_name -> detour.v1.Invalidation
-	16, // 8: detour.v1.HeartbeatRequest.ttl:type_name -> google.protobuf.Duration
-	16, // 9: detour.v1.HeartbeatResponse.ttl:type_name -> google.protobuf.Duration
-	1,  // 10: detour.v1.PlacementService.Place:input_type -> detour.v1.PlaceRequest
-	5,  // 11: detour.v1.PlacementService.ReportFill:input_type -> detour.v1.ReportFillRequest
-	7,  // 12: detour.v1.PlacementService.AbortFill:input_type -> detour.v1.AbortFillRequest
-	9,  // 13: detour.v1.PlacementService.WatchTargets:input_type -> detour.v1.WatchTargetsRequest
-	12, // 14: detour.v1.PlacementService.Heartbeat:input_type -> detour.v1.HeartbeatRequest
-	14, // 15: detour.v1.PlacementService.ReportBrokenLocation:input_type -> detour.v1.ReportBrokenLocationRequest
-	4,  // 16: detour.v1.PlacementService.Place:output_type -> detour.v1.PlaceResponse
-	6,  // 17: detour.v1.PlacementService.ReportFill:output_type -> detour.v1.ReportFillResponse
-	8,  // 18: detour.v1.PlacementService.AbortFill:output_type -> detour.v1.AbortFillResponse
-	10, // 19: detour.v1.PlacementService.WatchTargets:output_type -> detour.v1.WatchTargetsResponse
-	13, // 20: detour.v1.PlacementService.Heartbeat:output_type -> detour.v1.HeartbeatResponse
-	15, // 21: detour.v1.PlacementService.ReportBrokenLocation:output_type -> detour.v1.ReportBrokenLocationResponse
-	16, // [16:22] is the sub-list for method output_type
-	10, // [10:16] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	19, // 8: detour.v1.HeartbeatRequest.ttl:type_name -> google.protobuf.Duration
+	19, // 9: detour.v1.HeartbeatResponse.ttl:type_name -> google.protobuf.Duration
+	22, // 10: detour.v1.RegisterAgentRequest.last_place:type_name -> google.protobuf.Timestamp
+	19, // 11: detour.v1.RegisterAgentRequest.ttl:type_name -> google.protobuf.Duration
+	19, // 12: detour.v1.RegisterAgentResponse.ttl:type_name -> google.protobuf.Duration
+	22, // 13: detour.v1.Agent.last_place:type_name -> google.protobuf.Timestamp
+	22, // 14: detour.v1.Agent.refreshed:type_name -> google.protobuf.Timestamp
+	19, // 15: detour.v1.Agent.behind_for:type_name -> google.protobuf.Duration
+	1,  // 16: detour.v1.PlacementService.Place:input_type -> detour.v1.PlaceRequest
+	5,  // 17: detour.v1.PlacementService.ReportFill:input_type -> detour.v1.ReportFillRequest
+	7,  // 18: detour.v1.PlacementService.AbortFill:input_type -> detour.v1.AbortFillRequest
+	9,  // 19: detour.v1.PlacementService.WatchTargets:input_type -> detour.v1.WatchTargetsRequest
+	12, // 20: detour.v1.PlacementService.Heartbeat:input_type -> detour.v1.HeartbeatRequest
+	14, // 21: detour.v1.PlacementService.ReportBrokenLocation:input_type -> detour.v1.ReportBrokenLocationRequest
+	16, // 22: detour.v1.PlacementService.RegisterAgent:input_type -> detour.v1.RegisterAgentRequest
+	4,  // 23: detour.v1.PlacementService.Place:output_type -> detour.v1.PlaceResponse
+	6,  // 24: detour.v1.PlacementService.ReportFill:output_type -> detour.v1.ReportFillResponse
+	8,  // 25: detour.v1.PlacementService.AbortFill:output_type -> detour.v1.AbortFillResponse
+	10, // 26: detour.v1.PlacementService.WatchTargets:output_type -> detour.v1.WatchTargetsResponse
+	13, // 27: detour.v1.PlacementService.Heartbeat:output_type -> detour.v1.HeartbeatResponse
+	15, // 28: detour.v1.PlacementService.ReportBrokenLocation:output_type -> detour.v1.ReportBrokenLocationResponse
+	17, // 29: detour.v1.PlacementService.RegisterAgent:output_type -> detour.v1.RegisterAgentResponse
+	23, // [23:30] is the sub-list for method output_type
+	16, // [16:23] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_detour_v1_placement_proto_init() }
@@ -1297,7 +1621,7 @@ func file_detour_v1_placement_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_detour_v1_placement_proto_rawDesc), len(file_detour_v1_placement_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   15,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

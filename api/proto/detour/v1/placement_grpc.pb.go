@@ -25,6 +25,7 @@ const (
 	PlacementService_WatchTargets_FullMethodName         = "/detour.v1.PlacementService/WatchTargets"
 	PlacementService_Heartbeat_FullMethodName            = "/detour.v1.PlacementService/Heartbeat"
 	PlacementService_ReportBrokenLocation_FullMethodName = "/detour.v1.PlacementService/ReportBrokenLocation"
+	PlacementService_RegisterAgent_FullMethodName        = "/detour.v1.PlacementService/RegisterAgent"
 )
 
 // PlacementServiceClient is the client API for PlacementService service.
@@ -47,6 +48,9 @@ type PlacementServiceClient interface {
 	// object (sampled checks by agents). The control plane verifies against the store and removes
 	// the record if the object is missing or different.
 	ReportBrokenLocation(ctx context.Context, in *ReportBrokenLocationRequest, opts ...grpc.CallOption) (*ReportBrokenLocationResponse, error)
+	// RegisterAgent records (or refreshes) the calling agent in the fleet view until ttl passes
+	// without another call. An agent registers only under its own certificate's identity.
+	RegisterAgent(ctx context.Context, in *RegisterAgentRequest, opts ...grpc.CallOption) (*RegisterAgentResponse, error)
 }
 
 type placementServiceClient struct {
@@ -126,6 +130,16 @@ func (c *placementServiceClient) ReportBrokenLocation(ctx context.Context, in *R
 	return out, nil
 }
 
+func (c *placementServiceClient) RegisterAgent(ctx context.Context, in *RegisterAgentRequest, opts ...grpc.CallOption) (*RegisterAgentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RegisterAgentResponse)
+	err := c.cc.Invoke(ctx, PlacementService_RegisterAgent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PlacementServiceServer is the server API for PlacementService service.
 // All implementations must embed UnimplementedPlacementServiceServer
 // for forward compatibility.
@@ -146,6 +160,9 @@ type PlacementServiceServer interface {
 	// object (sampled checks by agents). The control plane verifies against the store and removes
 	// the record if the object is missing or different.
 	ReportBrokenLocation(context.Context, *ReportBrokenLocationRequest) (*ReportBrokenLocationResponse, error)
+	// RegisterAgent records (or refreshes) the calling agent in the fleet view until ttl passes
+	// without another call. An agent registers only under its own certificate's identity.
+	RegisterAgent(context.Context, *RegisterAgentRequest) (*RegisterAgentResponse, error)
 	mustEmbedUnimplementedPlacementServiceServer()
 }
 
@@ -173,6 +190,9 @@ func (UnimplementedPlacementServiceServer) Heartbeat(context.Context, *Heartbeat
 }
 func (UnimplementedPlacementServiceServer) ReportBrokenLocation(context.Context, *ReportBrokenLocationRequest) (*ReportBrokenLocationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReportBrokenLocation not implemented")
+}
+func (UnimplementedPlacementServiceServer) RegisterAgent(context.Context, *RegisterAgentRequest) (*RegisterAgentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RegisterAgent not implemented")
 }
 func (UnimplementedPlacementServiceServer) mustEmbedUnimplementedPlacementServiceServer() {}
 func (UnimplementedPlacementServiceServer) testEmbeddedByValue()                          {}
@@ -296,6 +316,24 @@ func _PlacementService_ReportBrokenLocation_Handler(srv interface{}, ctx context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PlacementService_RegisterAgent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RegisterAgentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PlacementServiceServer).RegisterAgent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PlacementService_RegisterAgent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PlacementServiceServer).RegisterAgent(ctx, req.(*RegisterAgentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PlacementService_ServiceDesc is the grpc.ServiceDesc for PlacementService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -322,6 +360,10 @@ var PlacementService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReportBrokenLocation",
 			Handler:    _PlacementService_ReportBrokenLocation_Handler,
+		},
+		{
+			MethodName: "RegisterAgent",
+			Handler:    _PlacementService_RegisterAgent_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
