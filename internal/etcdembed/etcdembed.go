@@ -4,11 +4,13 @@ package etcdembed
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
@@ -34,7 +36,12 @@ type Server struct {
 }
 
 // FreeURL returns an http URL on a loopback port that was free a moment ago.
-func FreeURL() (string, error) {
+func FreeURL() (string, error) { return freeURL() }
+
+// freeURL is FreeURL; a test replaces it to take a port between the pick and etcd's bind.
+var freeURL = freeLoopbackURL
+
+func freeLoopbackURL() (string, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return "", err
@@ -51,17 +58,30 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.LogLevel == "" {
 		cfg.LogLevel = "error"
 	}
-	var err error
-	if cfg.ClientURL == "" {
-		if cfg.ClientURL, err = FreeURL(); err != nil {
-			return nil, err
+	// Ports this function picks were free a moment before etcd binds them; another process may
+	// take one in between, so a start that fails on a picked port is tried again with new ones.
+	pickClient, pickPeer := cfg.ClientURL == "", cfg.PeerURL == ""
+	for attempt := 1; ; attempt++ {
+		var err error
+		if pickClient {
+			if cfg.ClientURL, err = FreeURL(); err != nil {
+				return nil, err
+			}
 		}
-	}
-	if cfg.PeerURL == "" {
-		if cfg.PeerURL, err = FreeURL(); err != nil {
-			return nil, err
+		if pickPeer {
+			if cfg.PeerURL, err = FreeURL(); err != nil {
+				return nil, err
+			}
 		}
+		s, err := start(ctx, cfg)
+		if err != nil && (pickClient || pickPeer) && addrInUse(err) && attempt < 5 {
+			continue
+		}
+		return s, err
 	}
+}
+
+func start(ctx context.Context, cfg Config) (*Server, error) {
 	cu, err := url.Parse(cfg.ClientURL)
 	if err != nil {
 		return nil, fmt.Errorf("client url: %w", err)
@@ -162,4 +182,10 @@ func StartCluster(ctx context.Context, dirs []string) ([]*Server, error) {
 		return nil, first
 	}
 	return servers, nil
+}
+
+// addrInUse reports whether err is a listener's "address already in use", wrapped or (as etcd's
+// start reports some) only in its text.
+func addrInUse(err error) bool {
+	return errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use")
 }
