@@ -39,6 +39,8 @@ const (
 	DefaultSignedURLTTL             = 15 * time.Minute
 	DefaultCrossRegionCopyThreshold = 10
 	DefaultCrossRegionCopyWindow    = 10 * time.Minute
+	DefaultMinOccurrences           = 2
+	DefaultAdmissionWindow          = 10 * time.Minute
 )
 
 // Registry writes Detour's state to etcd.
