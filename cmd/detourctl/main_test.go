@@ -103,7 +103,7 @@ func TestTargetsAndPolicyCommands(t *testing.T) {
 			t.Fatalf("policy set of admission: %v, want %q in\n%s", err, want, out)
 		}
 	}
-	_, err = run("policy", "set", "--min-occurrences", "1001")
+	_, err = run("policy", "set", "--min-occurrences", "256")
 	if s, _ := status.FromError(err); s.Code() != codes.InvalidArgument || !strings.Contains(s.Message(), "policy.min_occurrences") {
 		t.Fatalf("min occurrences out of bounds: %v", err)
 	}

@@ -43,7 +43,7 @@ const (
 	// MaxCrossRegionCopyThreshold bounds the policy's cross-region redirects before a copy.
 	MaxCrossRegionCopyThreshold = 1000000
 	// MaxMinOccurrences bounds the policy's misses before a fill.
-	MaxMinOccurrences = 1000
+	MaxMinOccurrences = 255 // the admission sketch counts to 255
 	// MaxKeyPrefixLength is the longest key prefix ListObjects accepts: a whole content key.
 	MaxKeyPrefixLength = 64
 	// DefaultPageSize is the page size of ListObjects when the request names none.

@@ -134,7 +134,7 @@ func TestOversizeAndOutOfRangeInputIsRejectedNamingFieldAndLimit(t *testing.T) {
 		{"policy.cross_region_copy_threshold", "1000000", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyThreshold = MaxCrossRegionCopyThreshold + 1 })},
 		{"policy.cross_region_copy_window", "24h0m0s", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyWindow = durationpb.New(25 * time.Hour) })},
 		{"policy.cross_region_copy_window", "1s", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyWindow = durationpb.New(time.Millisecond) })},
-		{"policy.min_occurrences", "1000", checkPolicy(func(p *pb.Policy) { p.MinOccurrences = MaxMinOccurrences + 1 })},
+		{"policy.min_occurrences", "255", checkPolicy(func(p *pb.Policy) { p.MinOccurrences = MaxMinOccurrences + 1 })},
 		{"policy.admission_window", "24h0m0s", checkPolicy(func(p *pb.Policy) { p.AdmissionWindow = durationpb.New(25 * time.Hour) })},
 		{"policy.admission_window", "1s", checkPolicy(func(p *pb.Policy) { p.AdmissionWindow = durationpb.New(time.Millisecond) })},
 		{"key", "64 lower-case hex digits", func() error { return ValidateKey("key", huge) }},

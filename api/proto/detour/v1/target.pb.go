@@ -936,7 +936,7 @@ type Policy struct {
 	// (as counted by one control-plane replica, approximately: a count-min sketch that may
 	// overcount, never undercount); the misses before it are answered inline and cost no etcd
 	// write. Keys asked for once are never stored. 0: the default, 2; 1: fill on the first miss;
-	// at most 1000.
+	// at most 255.
 	MinOccurrences uint32 `protobuf:"varint,11,opt,name=min_occurrences,json=minOccurrences,proto3" json:"min_occurrences,omitempty"`
 	// 0: the default, 10 minutes; between 1s and 24h. Misses are remembered for one to two windows.
 	AdmissionWindow *durationpb.Duration `protobuf:"bytes,12,opt,name=admission_window,json=admissionWindow,proto3" json:"admission_window,omitempty"`
