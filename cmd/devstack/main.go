@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -31,6 +32,11 @@ func main() {
 	flag.IntVar(&o.GCSPort, "gcs-port", 4443, "port of the in-process GCS emulator")
 	flag.IntVar(&o.ObjectSize, "object-size", 1<<20, "default response size of the demo origin")
 	flag.Uint64Var(&o.MinRedirect, "min-redirect-bytes", 0, "policy: smaller responses stay inline")
+	flag.Func("min-occurrences", "policy: fill a key on its Nth miss (default 1, so that a key's second request is a redirect)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		o.MinOccurrences = uint32(n)
+		return err
+	})
 	flag.DurationVar(&o.PlaceTimeout, "place-timeout", 50*time.Millisecond, "agent's Place deadline")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.StringVar(&hgRepo, "hg-repo", "", "a Mercurial repository to serve as the origin with a real `hg serve` (protocol v2 on) instead of the demo origin; needs `make hg`")

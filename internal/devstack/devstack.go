@@ -40,14 +40,17 @@ type Options struct {
 	// started.
 	OriginURL string
 	// RepoID names the origin's repository in content keys (default: the origin URL).
-	RepoID       string
-	GCSPort      int
-	Region       string // default "local"
-	Bucket       string // default "detour-demo"
-	TargetName   string // default "local-gcs"
-	ObjectSize   int    // demo origin's default response size (default 1 MiB)
-	MinRedirect  uint64 // policy min_redirect_bytes
-	PlaceTimeout time.Duration
+	RepoID      string
+	GCSPort     int
+	Region      string // default "local"
+	Bucket      string // default "detour-demo"
+	TargetName  string // default "local-gcs"
+	ObjectSize  int    // demo origin's default response size (default 1 MiB)
+	MinRedirect uint64 // policy min_redirect_bytes
+	// MinOccurrences is the policy's min_occurrences (0: 1, a fill on a key's first miss, so
+	// that a key's second request is already a redirect).
+	MinOccurrences uint32
+	PlaceTimeout   time.Duration
 	// FaultFront serves the target's client-facing URL through a gcsemu.Front (Stack.Front), so
 	// tests can make it fail.
 	FaultFront bool
@@ -235,15 +238,23 @@ func (s *Stack) register(ctx context.Context) error {
 			return fmt.Errorf("update target: %w", err)
 		}
 	}
+	cur, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+	if err != nil {
+		return err
+	}
+	p := cur.Policy
+	p.MinOccurrences = max(s.opts.MinOccurrences, 1)
 	if s.opts.MinRedirect > 0 {
-		cur, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
-		if err != nil {
-			return err
-		}
-		p := cur.Policy
 		p.MinRedirectBytes = s.opts.MinRedirect
+	}
+	if p.MinOccurrences != cur.Policy.MinOccurrences || p.MinRedirectBytes != cur.Policy.MinRedirectBytes {
 		if _, err := s.Admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: p}); err != nil {
 			return fmt.Errorf("set policy: %w", err)
+		}
+		// A read waits for this replica's snapshot to include the write: the first Place that
+		// follows is answered under the new policy.
+		if _, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{}); err != nil {
+			return err
 		}
 	}
 	return nil
