@@ -65,16 +65,16 @@ func main() {
 	mustRedirect(ctx, uncached)
 	base := wrk(work, "http://"+nginx.addr+"/", redirectBody)
 	nginx.stop()
-	hit := wrk(work, cached.AgentURL+"/"+commandPath, redirectBody)
-	miss := wrk(work, uncached.AgentURL+"/"+commandPath, redirectBody)
+	hit := wrk(work, endpoint(cached.AgentURL), redirectBody)
+	miss := wrk(work, endpoint(uncached.AgentURL), redirectBody)
 	rows = append(rows,
 		row{"redirect answer, agent location cache hit (wrk)", hit.String(), "nginx `return 302`: " + base.String(), ratio(hit.rps, base.rps)},
 		row{"redirect answer, agent location cache off: a Place per request (wrk)", miss.String(), "nginx `return 302`: " + base.String(), ratio(miss.rps, base.rps)})
 	uncached.Close(ctx)
 
 	// Inline: a client without redirect support, through the agent and from the origin directly.
-	org := wrk(work, cached.OriginURL+"/"+commandPath, inlineBody)
-	inl := wrk(work, cached.AgentURL+"/"+commandPath, inlineBody)
+	org := wrk(work, endpoint(cached.OriginURL), inlineBody)
+	inl := wrk(work, endpoint(cached.AgentURL), inlineBody)
 	rows = append(rows, row{fmt.Sprintf("inline %d KiB through the agent (wrk)", *size>>10), inl.String() + ", " + inl.transfer,
 		"origin direct: " + org.String() + ", " + org.transfer, ratio(inl.bytesPerSec, org.bytesPerSec)})
 	cached.Close(ctx)
@@ -105,7 +105,10 @@ func main() {
 	check(write(rows, time.Since(start)))
 }
 
-var commandPath = "api/" + wire.APIVersion + "/ro/manifestdata"
+// endpoint is where a client sends manifestdata on a server at base.
+func endpoint(base string) string {
+	return strings.TrimSuffix(base, "/") + "/api/" + wire.APIVersion + "/ro/manifestdata"
+}
 
 func stack(ctx context.Context, dir string, cfg func(*agent.Config)) *devstack.Stack {
 	s, err := devstack.Start(ctx, devstack.Options{DataDir: dir, ObjectSize: *size, PlaceTimeout: time.Second, AgentConfig: cfg,
@@ -240,7 +243,7 @@ func wrk(work, url string, body []byte) wrkResult {
 	}
 	s := string(out)
 	if strings.Contains(s, "Non-2xx or 3xx responses") || strings.Contains(s, "Socket errors") {
-		fmt.Fprintf(os.Stderr, "harness: wrk %s reported errors:\n%s", url, s)
+		check(fmt.Errorf("wrk %s: answers that are not what is measured:\n%s", url, s))
 	}
 	r := wrkResult{latency: grab(s, `Latency\s+(\S+)`), p99: grab(s, `99%\s+(\S+)`), transfer: grab(s, `Transfer/sec:\s+(\S+)`) + "/s"}
 	r.rps, _ = strconv.ParseFloat(grab(s, `Requests/sec:\s+(\S+)`), 64)

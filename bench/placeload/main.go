@@ -41,6 +41,7 @@ func main() {
 	nObjects := flag.Int("objects", 10000, "READY objects in the index")
 	misses := flag.Bool("misses", false, "every Place is a miss for a new key: compare a claim transaction each, grouped claims, and min_occurrences 2")
 	groupCommit := flag.Bool("group-commit", true, "with -misses: also measure grouped claims (false: only the baseline, a transaction per claim)")
+	inFlight := flag.Int("claims-in-flight", 0, "with -misses: the grouped control plane's --claims-in-flight (0: its default)")
 	flag.Parse()
 	ctx := context.Background()
 	gcs, err := gcsemu.Start(0)
@@ -71,7 +72,7 @@ func main() {
 	single.setMinOccurrences(ctx, 1)
 	var grouped *bench
 	if *groupCommit {
-		grouped = start(ctx, gcs, *nTargets, *nObjects, controlplane.Options{ClaimRate: -1})
+		grouped = start(ctx, gcs, *nTargets, *nObjects, controlplane.Options{ClaimRate: -1, ClaimsInFlight: *inFlight})
 		defer grouped.close(ctx)
 	}
 	var fresh atomic.Int64
