@@ -36,6 +36,7 @@ import (
 func main() {
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run here")
 	phases := flag.String("phases", "redirect,inline,fill,zipf", "measurements to make, comma-separated")
+	claimRate := flag.Float64("claim-rate", 0, "the control plane's fill claims per agent per second (0: its default, 100; negative: unbounded)")
 	zipfOcc := flag.String("zipf-min-occurrences", "1,2", "policy min_occurrences of each Zipf run, comma-separated")
 	flag.Parse()
 	if *cpuProfile != "" {
@@ -48,7 +49,7 @@ func main() {
 	dir, err := os.MkdirTemp("", "agentload")
 	check(err)
 	defer os.RemoveAll(dir)
-	s, err := devstack.Start(ctx, devstack.Options{DataDir: dir, ObjectSize: *size, PlaceTimeout: time.Second,
+	s, err := devstack.Start(ctx, devstack.Options{DataDir: dir, ObjectSize: *size, PlaceTimeout: time.Second, ClaimRate: *claimRate,
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	check(err)
 	defer s.Close(ctx)

@@ -50,7 +50,10 @@ type Options struct {
 	// MinOccurrences is the policy's min_occurrences (0: 1, a fill on a key's first miss, so
 	// that a key's second request is already a redirect).
 	MinOccurrences uint32
-	PlaceTimeout   time.Duration
+	// ClaimRate is the control plane's fill claims per agent per second (0: its default;
+	// negative: unbounded).
+	ClaimRate    float64
+	PlaceTimeout time.Duration
 	// FaultFront serves the target's client-facing URL through a gcsemu.Front (Stack.Front), so
 	// tests can make it fail.
 	FaultFront bool
@@ -129,7 +132,7 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	s.GCS.CreateBucket(o.Bucket)
 	if s.CP, err = controlplane.Start(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
 		DataDir: o.DataDir, Region: o.Region, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane"),
-		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}}); err != nil {
+		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}, ClaimRate: o.ClaimRate}); err != nil {
 		return nil, err
 	}
 	if s.Conn, err = s.Dial(s.PKI.Operator); err != nil {
