@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/agent"
@@ -246,11 +247,12 @@ func (s *Stack) register(ctx context.Context) error {
 		return err
 	}
 	p := cur.Policy
+	before := proto.Clone(p)
 	p.MinOccurrences = max(s.opts.MinOccurrences, 1)
 	if s.opts.MinRedirect > 0 {
 		p.MinRedirectBytes = s.opts.MinRedirect
 	}
-	if p.MinOccurrences != cur.Policy.MinOccurrences || p.MinRedirectBytes != cur.Policy.MinRedirectBytes {
+	if !proto.Equal(p, before) {
 		if _, err := s.Admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: p}); err != nil {
 			return fmt.Errorf("set policy: %w", err)
 		}
