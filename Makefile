@@ -9,7 +9,7 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 
 TOOLS := $(BIN)/buf $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
 
-.PHONY: all build test test-go test-chaos chaos deploy-check lint proto proto-check tools hg run bench fuzz clean
+.PHONY: all build test test-go test-chaos chaos deploy-check lint proto proto-check tools hg run bench bench-all fuzz clean
 
 all: build
 
@@ -75,8 +75,15 @@ comma := ,
 run:
 	$(if $(HG_REPO),./hack/install-hg.sh && )$(GO) run ./cmd/devstack $(if $(HG_REPO),--hg-repo "$(HG_REPO)") $(if $(REGIONS),--regions $(REGION_LIST))
 
-## bench: Go benchmarks, then the load drivers (see bench/RESULTS.md).
+## bench: the harness (bench/harness): nginx `return 302`, the agent, the origin, misses and the
+## Zipf runs, each against a baseline of the same run, into bench/RESULTS.md. Installs Debian's
+## nginx and wrk when they are missing (as root). About 5 minutes.
 bench:
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || (apt-get update && apt-get install -y nginx wrk)
+	$(GO) run ./bench/harness
+
+## bench-all: Go benchmarks, then every load driver with its defaults (see bench/RESULTS.md).
+bench-all:
 	$(GO) test -run '^$$' -bench . -benchmem ./internal/...
 	$(GO) run ./bench/placeload
 	$(GO) run ./bench/placeload -misses -objects 1000

@@ -170,6 +170,11 @@ func newBareRig(t testing.TB, shape repoShape, cpFlags ...string) *rig {
 	t.Cleanup(r.front.Close)
 	r.cp = testbed.StartControlPlane(t, append([]string{"--gcs-endpoint", r.gcs.Endpoint()}, cpFlags...)...)
 	r.admin = pb.NewAdminServiceClient(testbed.Dial(t, r.cp.Addr, testbed.PKI(t).Operator))
+	// A cold clone fills what it misses, so that the next one is warm: fill on the first miss.
+	_, err = r.admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{MinOccurrences: 1}})
+	r.must(err)
+	_, err = r.admin.GetPolicy(ctx, &pb.GetPolicyRequest{}) // returns once the snapshot has it
+	r.must(err)
 	return r
 }
 

@@ -6,7 +6,8 @@
 //   - inline: bytes per second relayed by the agent for a client without redirect support,
 //     against the origin directly;
 //   - zipf: the fraction of origin bytes saved on a Zipf(1.1) workload over -keys keys and
-//     -requests requests, starting from an empty store.
+//     -requests requests, starting from an empty store, and the objects it stored, once for each
+//     policy min_occurrences in -zipf-min-occurrences (each on keys of its own).
 package main
 
 import (
@@ -20,6 +21,8 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -31,14 +34,10 @@ import (
 )
 
 func main() {
-	dur := flag.Duration("duration", 5*time.Second, "time per throughput measurement")
-	conc := flag.Int("concurrency", 16, "concurrent clients")
-	size := flag.Int("size", 256<<10, "response size of the redirect and inline runs")
-	hot := flag.Int("hot", 100, "READY keys in the redirect run")
-	keys := flag.Int("keys", 10000, "distinct keys in the Zipf run")
-	requests := flag.Int("requests", 100000, "requests in the Zipf run")
-	zipfSize := flag.Int("zipf-size", 16<<10, "response size in the Zipf run")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run here")
+	phases := flag.String("phases", "redirect,inline,fill,zipf", "measurements to make, comma-separated")
+	claimRate := flag.Float64("claim-rate", 0, "the control plane's fill claims per agent per second (0: its default, 100; negative: unbounded)")
+	zipfOcc := flag.String("zipf-min-occurrences", "1,2", "policy min_occurrences of each Zipf run, comma-separated")
 	flag.Parse()
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
@@ -50,7 +49,7 @@ func main() {
 	dir, err := os.MkdirTemp("", "agentload")
 	check(err)
 	defer os.RemoveAll(dir)
-	s, err := devstack.Start(ctx, devstack.Options{DataDir: dir, ObjectSize: *size, PlaceTimeout: time.Second,
+	s, err := devstack.Start(ctx, devstack.Options{DataDir: dir, ObjectSize: *size, PlaceTimeout: time.Second, ClaimRate: *claimRate,
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	check(err)
 	defer s.Close(ctx)
@@ -67,13 +66,49 @@ func main() {
 	host, _ := os.Hostname()
 	fmt.Printf("agentload: host %s, %d CPUs, concurrency %d, %s per measurement\n\n", host, runtime.NumCPU(), *conc, *dur)
 
+	do := map[string]bool{}
+	for _, p := range strings.Split(*phases, ",") {
+		do[p] = true
+	}
+	noFollow := &redirectOnly{c: viaAgent}
+	if do["redirect"] {
+		redirect(ctx, s, viaAgent, direct, noFollow, rr, args)
+	}
+	if do["inline"] {
+		inline(ctx, viaAgent, direct, args)
+	}
+	if do["fill"] {
+		fill(ctx, viaAgent, direct, rr, args)
+	}
+	if !do["zipf"] {
+		return
+	}
+	for i, f := range strings.Split(*zipfOcc, ",") {
+		n, err := strconv.ParseUint(f, 10, 32)
+		check(err)
+		zipf(ctx, s, noFollow, rr, args, uint32(n), 1_000_000*(i+1))
+	}
+}
+
+var (
+	dur      = flag.Duration("duration", 5*time.Second, "time per throughput measurement")
+	conc     = flag.Int("concurrency", 16, "concurrent clients")
+	size     = flag.Int("size", 256<<10, "response size of the redirect and inline runs")
+	hot      = flag.Int("hot", 100, "READY keys in the redirect run")
+	keys     = flag.Int("keys", 10000, "distinct keys in the Zipf run")
+	requests = flag.Int("requests", 100000, "requests in the Zipf run")
+	zipfSize = flag.Int("zipf-size", 16<<10, "response size in the Zipf run")
+)
+
+type argsFunc = func(k, size int) map[string]any
+
+func redirect(ctx context.Context, s *devstack.Stack, viaAgent, direct *hgclient.Client, noFollow *redirectOnly, rr *wire.RedirectRequest, args argsFunc) {
 	// Redirect: fill the hot keys, then measure answers per second.
 	for k := range *hot {
 		_, err := viaAgent.Command(ctx, "manifestdata", args(k, *size), rr)
 		check(err)
 	}
 	waitReady(s, *hot)
-	noFollow := &redirectOnly{c: viaAgent}
 	red := loadstat.Run(*conc, *dur, 0, func(w, i int) (int64, error) {
 		return noFollow.command(ctx, args((w*31+i)%*hot, *size), rr)
 	})
@@ -87,6 +122,9 @@ func main() {
 	fmt.Printf("redirect answers through the agent  %s\n", red)
 	fmt.Printf("same requests, origin direct inline %s  (%.0f MB/s)\n", org, org.MBps())
 	fmt.Printf("ratio agent redirects / origin responses per second: %.2f\n\n", red.PerSecond()/org.PerSecond())
+}
+
+func inline(ctx context.Context, viaAgent, direct *hgclient.Client, args argsFunc) {
 
 	// Inline: a client without redirect support, through the agent and directly.
 	inl := loadstat.Run(*conc, *dur, 0, func(w, i int) (int64, error) {
@@ -106,6 +144,9 @@ func main() {
 	fmt.Printf("inline through the agent  %s  %.0f MB/s\n", inl, inl.MBps())
 	fmt.Printf("inline from the origin    %s  %.0f MB/s\n", org2, org2.MBps())
 	fmt.Printf("ratio agent / origin inline throughput: %.2f\n\n", inl.MBps()/org2.MBps())
+}
+
+func fill(ctx context.Context, viaAgent, direct *hgclient.Client, rr *wire.RedirectRequest, args argsFunc) {
 
 	// Inline with a fill: every request a new key, so every one streams to the client and the store.
 	var fresh atomic.Int64
@@ -127,26 +168,38 @@ func main() {
 	fmt.Printf("inline+fill through the agent  %s  %.0f MB/s\n", fil, fil.MBps())
 	fmt.Printf("new keys from the origin       %s  %.0f MB/s\n", org3, org3.MBps())
 	fmt.Printf("ratio agent inline+fill / origin throughput: %.2f\n\n", fil.MBps()/org3.MBps())
+}
 
+// zipf runs the Zipf workload on keys from base under policy min_occurrences n.
+func zipf(ctx context.Context, s *devstack.Stack, noFollow *redirectOnly, rr *wire.RedirectRequest, args argsFunc, n uint32, base int) {
+	cur, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+	check(err)
+	cur.Policy.MinOccurrences = n
+	_, err = s.Admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: cur.Policy})
+	check(err)
+	_, err = s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{}) // returns once the snapshot has it
+	check(err)
+	stored := countObjects(ctx, s)
 	// Zipf: origin bytes with Detour against every request served by the origin.
 	before := s.Origin.ObjectBytes()
-	var total int64
 	r := rand.New(rand.NewPCG(1, 2))
 	z := rand.NewZipf(r, 1.1, 1, uint64(*keys-1))
 	seq := make([]int, *requests)
 	for i := range seq {
-		seq[i] = 1_000_000 + int(z.Uint64())
+		seq[i] = base + int(z.Uint64())
 	}
-	redirected := 0
 	redirectsBefore := noFollow.redirects.Load()
 	zr := loadstat.Run(*conc, time.Hour, int64(*requests), func(w, i int) (int64, error) {
 		k := seq[(w+i**conc)%len(seq)]
 		n, err := noFollow.command(ctx, args(k, *zipfSize), rr)
 		return n, err
 	})
-	redirected = int(noFollow.redirects.Load() - redirectsBefore)
-	total = int64(zr.Ops) * int64(*zipfSize)
+	redirected := int(noFollow.redirects.Load() - redirectsBefore)
+	total := int64(zr.Ops) * int64(*zipfSize)
 	originBytes := s.Origin.ObjectBytes() - before
+	// Fills still in flight when the run ends are not counted; wait for the agent's uploads.
+	time.Sleep(2 * time.Second)
+	fmt.Printf("zipf(1.1), min_occurrences %d: %d objects stored\n", n, countObjects(ctx, s)-stored)
 	fmt.Printf("zipf(1.1): %d requests over %d keys, %d B each, %s, %d redirected\n", zr.Ops, *keys, *zipfSize, zr.Elapsed.Round(time.Millisecond), redirected)
 	fmt.Printf("origin bytes %d of %d requested: %.1f%% saved\n", originBytes, total, 100*(1-float64(originBytes)/float64(total)))
 }
@@ -185,5 +238,18 @@ func check(err error) {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "agentload:", err)
 		os.Exit(1)
+	}
+}
+
+// countObjects counts the READY objects in the index.
+func countObjects(ctx context.Context, s *devstack.Stack) int {
+	n, token := 0, ""
+	for {
+		resp, err := s.Admin.ListObjects(ctx, &pb.ListObjectsRequest{PageSize: 1000, PageToken: token})
+		check(err)
+		n += len(resp.Objects)
+		if token = resp.NextPageToken; token == "" {
+			return n
+		}
 	}
 }

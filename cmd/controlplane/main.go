@@ -64,6 +64,7 @@ func main() {
 	flag.StringVar(&o.AdminListen, "admin-listen", "", "serve AdminService on its own address (empty: on --listen)")
 	flag.Float64Var(&o.ClaimRate, "claim-rate", 100, "fill claims each agent may take per second (negative: unbounded)")
 	flag.IntVar(&o.ClaimBurst, "claim-burst", 200, "fill claims an agent may take at once above --claim-rate")
+	flag.IntVar(&o.ClaimsInFlight, "claims-in-flight", 2, "fill-claim transactions under way at once; claims arriving meanwhile share the next (negative: a transaction per claim)")
 	flag.StringVar(&o.EtcdTLS.CA, "etcd-cacert", "", "CA that etcd's server certificate chains to")
 	flag.StringVar(&o.EtcdTLS.Cert, "etcd-cert", "", "client certificate for etcd")
 	flag.StringVar(&o.EtcdTLS.Key, "etcd-key", "", "client certificate's key for etcd")

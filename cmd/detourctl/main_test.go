@@ -97,6 +97,16 @@ func TestTargetsAndPolicyCommands(t *testing.T) {
 	if s, _ := status.FromError(err); s.Code() != codes.InvalidArgument || !strings.Contains(s.Message(), "policy.cross_region_copy_threshold") {
 		t.Fatalf("threshold out of bounds: %v", err)
 	}
+	out, err = run("policy", "set", "--min-occurrences", "1", "--admission-window", "1m")
+	for _, want := range []string{"min_occurrences              1", "admission_window             1m0s"} {
+		if err != nil || !strings.Contains(out, want) {
+			t.Fatalf("policy set of admission: %v, want %q in\n%s", err, want, out)
+		}
+	}
+	_, err = run("policy", "set", "--min-occurrences", "256")
+	if s, _ := status.FromError(err); s.Code() != codes.InvalidArgument || !strings.Contains(s.Message(), "policy.min_occurrences") {
+		t.Fatalf("min occurrences out of bounds: %v", err)
+	}
 	out, err = run("policy", "set", "--min-redirect-bytes", "65536", "--region-preference", "us-east1,europe-west1")
 	if err != nil || !strings.Contains(out, "65536") || !strings.Contains(out, "us-east1,europe-west1") {
 		t.Fatalf("policy set: %v\n%s", err, out)

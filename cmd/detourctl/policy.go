@@ -36,6 +36,8 @@ func (c *cli) policy(sub string, args []string) error {
 		copyAfter := fs.Uint("cross-region-copy-threshold", 0, "copy a key into a region once it was redirected there from another region more than this many times within the window (0: default 10)")
 		copyWindow := fs.Duration("cross-region-copy-window", 0, "the window of --cross-region-copy-threshold (0: default 10m)")
 		copies := fs.Bool("cross-region-copies", true, "make cross-region copies of hot keys (false turns them off)")
+		minOcc := fs.Uint("min-occurrences", 0, "grant a fill only on a key's Nth miss within the admission window (0: default 2; 1: fill on the first miss)")
+		admWindow := fs.Duration("admission-window", 0, "the window of --min-occurrences (0: default 10m)")
 		if _, err := splitArgs(fs, args); err != nil {
 			return err
 		}
@@ -65,6 +67,10 @@ func (c *cli) policy(sub string, args []string) error {
 				p.CrossRegionCopyWindow = dur(*copyWindow)
 			case "cross-region-copies":
 				p.DisableCrossRegionCopies = !*copies
+			case "min-occurrences":
+				p.MinOccurrences = uint32(min(*minOcc, math.MaxUint32))
+			case "admission-window":
+				p.AdmissionWindow = dur(*admWindow)
 			}
 		})
 		resp, err := admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: p})
@@ -94,6 +100,12 @@ func (c *cli) showPolicy(p *pb.Policy) error {
 	}
 	fmt.Fprintf(w, "cross_region_copy_threshold\t%s\n", threshold)
 	fmt.Fprintf(w, "cross_region_copy_window\t%s\n", orDefault(p.CrossRegionCopyWindow))
+	occurrences := "(default)"
+	if p.MinOccurrences != 0 {
+		occurrences = fmt.Sprint(p.MinOccurrences)
+	}
+	fmt.Fprintf(w, "min_occurrences\t%s\n", occurrences)
+	fmt.Fprintf(w, "admission_window\t%s\n", orDefault(p.AdmissionWindow))
 	fmt.Fprintf(w, "revision\t%d\n", p.Revision)
 	return w.Flush()
 }

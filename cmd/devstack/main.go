@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,6 +33,11 @@ func main() {
 	flag.IntVar(&o.GCSPort, "gcs-port", 4443, "port of the in-process GCS emulator")
 	flag.IntVar(&o.ObjectSize, "object-size", 1<<20, "default response size of the demo origin")
 	flag.Uint64Var(&o.MinRedirect, "min-redirect-bytes", 0, "policy: smaller responses stay inline")
+	flag.Func("min-occurrences", "policy: fill a key on its Nth miss (default 1, so that a key's second request is a redirect)", func(v string) error {
+		n, err := strconv.ParseUint(v, 10, 32)
+		o.MinOccurrences = uint32(n)
+		return err
+	})
 	flag.DurationVar(&o.PlaceTimeout, "place-timeout", 50*time.Millisecond, "agent's Place deadline")
 	flag.StringVar(&regions, "regions", "", "comma-separated regions (e.g. us,eu): a bucket, a target <region>-gcs and an agent in each, against one control plane; data in <data-dir>-regions")
 	flag.StringVar(&regionAgents, "region-agents-listen", "127.0.0.1:8080,127.0.0.1:8090,127.0.0.1:8092", "with --regions: each region's agent HTTP address, in order")

@@ -127,7 +127,7 @@ func (s *Service) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) (*pb.
 	s.wrote(p.Revision)
 	s.cfg.Log.Info("policy set", "revision", p.Revision, "min_redirect_bytes", p.MinRedirectBytes,
 		"region_preference", strings.Join(p.RegionPreference, ","), "forbid_cross_region_fills", p.ForbidCrossRegionFills,
-		"cross_region_copies", !p.DisableCrossRegionCopies)
+		"cross_region_copies", !p.DisableCrossRegionCopies, "min_occurrences", p.MinOccurrences)
 	return &pb.SetPolicyResponse{Policy: p}, nil
 }
 

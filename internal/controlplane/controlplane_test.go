@@ -298,6 +298,7 @@ func TestPlaceRedirectsOnlyVerifiedObjects(t *testing.T) {
 	r := startReplica(t, startEtcd(t).Endpoint())
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"), target(t, "eu-a", "eu"))
+	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // this test is about the first miss
 	acc := []string{"us-a", "eu-a"}
 	k := key(1)
 	first, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us", AgentId: "a1"})
@@ -387,6 +388,50 @@ func httpGet(t *testing.T, u string) string {
 		t.Fatalf("GET %s: HTTP %d", u, resp.StatusCode)
 	}
 	return string(b)
+}
+
+// A key is filled only on its min_occurrences-th miss; the misses before cost no etcd write.
+func TestFillIsGrantedOnlyOnTheNthMiss(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	createTargets(t, r, target(t, "us-a", "us"))
+	acc := []string{"us-a"}
+	misses := func(k string, n int) (reasons []string) {
+		for range n {
+			resp, err := r.place.Place(context.Background(), &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us", AgentId: "a1"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.Fill != nil {
+				reasons = append(reasons, "fill")
+				continue
+			}
+			reasons = append(reasons, resp.Reason)
+		}
+		return reasons
+	}
+	rev := func() int64 { return r.inst.Service.w.Snapshot().Revision }
+	before := rev()
+	if got := misses(key(1), 1); got[0] != ReasonNotAdmitted {
+		t.Fatalf("first miss under the default policy: %v, want %s", got, ReasonNotAdmitted)
+	}
+	if got := rev(); got != before {
+		t.Errorf("an un-admitted miss wrote to etcd (revision %d → %d)", before, got)
+	}
+	if got := misses(key(1), 1); got[0] != "fill" {
+		t.Fatalf("second miss under the default policy: %v, want a fill", got)
+	}
+	for _, c := range []struct {
+		n    uint32
+		want string
+	}{
+		{1, "fill"},
+		{3, ReasonNotAdmitted + " " + ReasonNotAdmitted + " fill"},
+	} {
+		setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = c.n })
+		if got := strings.Join(misses(key(10+int(c.n)), len(strings.Fields(c.want))), " "); got != c.want {
+			t.Errorf("min_occurrences %d: %s, want %s", c.n, got, c.want)
+		}
+	}
 }
 
 func TestFillClaimGrantedOnceFor20ConcurrentPlaces(t *testing.T) {

@@ -369,7 +369,8 @@ func TestClaimsCommittedPastTheirDeadlineAreReleased(t *testing.T) {
 		ClaimTimeout: 30 * time.Millisecond, Janitor: fastJanitor})
 	createTargets(t, r, target(t, "us-a", "us"))
 	waitHealth(t, r, "us-a", true)
-	grant(t, r, key(199), []string{"us-a"}, "us") // the claims' shared lease is granted now
+	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // this test is about the first miss
+	grant(t, r, key(199), []string{"us-a"}, "us")                // the claims' shared lease is granted now
 	delay.Store(int64(100 * time.Millisecond))
 	for i := range 5 {
 		resp, err := r.place.Place(context.Background(), &pb.PlaceRequest{Key: key(200 + i), Command: "manifestdata",

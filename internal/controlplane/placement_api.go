@@ -24,6 +24,10 @@ import (
 // MediaTypeCBOR is the media type of stored objects (the command's CBOR values).
 const MediaTypeCBOR = "application/mercurial-cbor"
 
+// ReasonNotAdmitted answers a miss inline without a fill: the key has not been missed the policy's
+// min_occurrences times within its admission window yet.
+const ReasonNotAdmitted = "not_admitted"
+
 // Place answers one placement question from the snapshot; on a miss with a fill target it records
 // a fleet-wide fill claim in etcd.
 func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceResponse, error) {
@@ -62,7 +66,7 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	case d.Fill != "" && req.CanFill != nil && !*req.CanFill:
 		resp.Reason = "agent_cannot_fill"
 	case d.Fill != "":
-		s.grantFill(ctx, resp, snap, req, d.Fill, now)
+		s.grantFill(ctx, resp, snap, v, req, d.Fill, now)
 		if resp.Fill != nil && d.Reason == placement.ReasonFillRemote {
 			s.metrics.crossRegionFills.WithLabelValues(v.targets[d.Fill].Region).Inc()
 		}
@@ -146,7 +150,7 @@ func (s *Service) cacheFor(snap *targets.Snapshot, t *pb.Target, obj *targets.Ob
 	return max(d, 0)
 }
 
-func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *targets.Snapshot, req *pb.PlaceRequest, target string, now time.Time) {
+func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *targets.Snapshot, v *view, req *pb.PlaceRequest, target string, now time.Time) {
 	if s.cfg.Store == nil {
 		// A fill this replica cannot verify would never become READY.
 		resp.Reason = "no_store_access"
@@ -154,6 +158,13 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	}
 	if _, held := snap.Claim(req.Key); held {
 		resp.Reason = string(placement.ReasonFillInProgress)
+		return
+	}
+	// Most keys missed once are never asked for again: storing them would cost an etcd write, an
+	// upload and a report each for nothing. Counting is in memory and costs no write.
+	if a := v.admission; a.minOccurrences > 1 && s.misses.Observe(req.Key, now, a.window) < a.minOccurrences {
+		s.metrics.fills.WithLabelValues("not_admitted").Inc()
+		resp.Reason = ReasonNotAdmitted
 		return
 	}
 	holder := callerID(ctx)

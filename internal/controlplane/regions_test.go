@@ -100,6 +100,7 @@ func TestFillFailsOverAcrossRegionsUnlessForbidden(t *testing.T) {
 	r := startReplica(t, startEtcd(t).Endpoint())
 	createTargets(t, r, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
 	setState(t, r, "eu-gcs", pb.TargetState_TARGET_STATE_DISABLED)
+	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // this test is about the first miss
 
 	k := key(1)
 	miss := placeIn(t, r, "eu", k, bothRegions...)

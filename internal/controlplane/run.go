@@ -75,6 +75,10 @@ type Options struct {
 	// (defaults 100 and 200; a negative rate: unbounded).
 	ClaimRate  float64
 	ClaimBurst int
+	// ClaimsInFlight is how many fill-claim transactions may be under way at once; claims that
+	// arrive meanwhile are written together in the next one (group commit). Default 2; negative:
+	// every claim is a transaction of its own.
+	ClaimsInFlight int
 
 	// Etcd is the TLS of the etcd client (CA, and a client certificate and key when etcd requires
 	// them), with EtcdUsername/EtcdPassword for etcd's own authentication.
@@ -135,6 +139,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.ClaimBurst <= 0 {
 		o.ClaimBurst = 200
+	}
+	if o.ClaimsInFlight == 0 {
+		o.ClaimsInFlight = 2
 	}
 }
 
@@ -214,6 +221,7 @@ func (in *Instance) startService(ctx context.Context, o Options, endpoints []str
 		cfg.Store = in.store
 	}
 	reg := targets.NewRegistry(in.cli, o.EtcdPrefix)
+	reg.GroupClaims(max(o.ClaimsInFlight, 0))
 	w := targets.NewWatcher(in.cli, reg.Prefix(), o.Log)
 	in.Service = NewService(reg, w, cfg)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))

@@ -289,6 +289,7 @@ func TestClaimRateIsBoundedPerAgent(t *testing.T) {
 	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, ClaimRate: 1, ClaimBurst: 3})
 	createTargets(t, r, target(t, "us-a", "us"))
 	waitHealth(t, r, "us-a", true)
+	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // this test is about the first miss
 	granted, limited := 0, 0
 	for i := range 10 {
 		resp, err := r.place.Place(context.Background(), &pb.PlaceRequest{Key: key(300 + i), Command: "filesdata",

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/admission"
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/logonce"
 	"github.com/detourhq/detour/internal/placement"
@@ -88,6 +89,8 @@ type Service struct {
 	copyRequests pendingCopies
 	// fleet remembers when the target set changed, to tell how long agents are behind.
 	fleet targetSetClock
+	// misses counts each key's misses: a fill is granted only on the policy's min_occurrences-th.
+	misses *admission.Sketch
 }
 
 // view is the placement form of a snapshot's targets and policy, rebuilt only when they change
@@ -100,8 +103,15 @@ type view struct {
 	fleet *placement.Fleet
 	// stored is the regions that have an active, healthy target: the only ones a cross-region
 	// copy can go to, so the only ones whose redirects are counted.
-	stored map[string]bool
-	copies copySettings
+	stored    map[string]bool
+	copies    copySettings
+	admission admissionSettings
+}
+
+// admissionSettings are the policy's fill admission settings with defaults applied.
+type admissionSettings struct {
+	minOccurrences uint32
+	window         time.Duration
 }
 
 // copySettings are the policy's cross-region copy settings with defaults applied.
@@ -137,7 +147,8 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 		cfg.ProbeTransport = http.DefaultTransport.(*http.Transport).Clone()
 	}
 	s := &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log),
-		probeClient: &http.Client{Transport: cfg.ProbeTransport}, hot: newHotKeys(cfg.Janitor.HotKeys)}
+		probeClient: &http.Client{Transport: cfg.ProbeTransport}, hot: newHotKeys(cfg.Janitor.HotKeys),
+		misses: admission.New(cfg.Now())}
 	s.registerFleetMetrics()
 	return s
 }
@@ -166,6 +177,11 @@ func (s *Service) viewOf(snap *targets.Snapshot) *view {
 		window: policyDuration(p.GetCrossRegionCopyWindow(), targets.DefaultCrossRegionCopyWindow)}
 	if v.copies.threshold == 0 {
 		v.copies.threshold = targets.DefaultCrossRegionCopyThreshold
+	}
+	v.admission = admissionSettings{minOccurrences: p.MinOccurrences,
+		window: policyDuration(p.GetAdmissionWindow(), targets.DefaultAdmissionWindow)}
+	if v.admission.minOccurrences == 0 {
+		v.admission.minOccurrences = targets.DefaultMinOccurrences
 	}
 	s.view.Store(v)
 	return v

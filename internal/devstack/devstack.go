@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/agent"
@@ -53,6 +54,12 @@ type Options struct {
 	RegionAgents []string
 	ObjectSize   int    // demo origin's default response size (default 1 MiB)
 	MinRedirect  uint64 // policy min_redirect_bytes
+	// MinOccurrences is the policy's min_occurrences (0: 1, a fill on a key's first miss, so
+	// that a key's second request is already a redirect).
+	MinOccurrences uint32
+	// ClaimRate is the control plane's fill claims per agent per second (0: its default;
+	// negative: unbounded).
+	ClaimRate    float64
 	PlaceTimeout time.Duration
 	// FaultFront serves the target's client-facing URL through a gcsemu.Front (Stack.Front), so
 	// tests can make it fail.
@@ -152,7 +159,7 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	}
 	if s.CP, err = controlplane.Start(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
 		DataDir: o.DataDir, Region: s.Regions[0].Name, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane"),
-		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}}); err != nil {
+		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}, ClaimRate: o.ClaimRate}); err != nil {
 		return nil, err
 	}
 	if s.Conn, err = s.Dial(s.PKI.Operator); err != nil {
@@ -288,15 +295,24 @@ func (s *Stack) register(ctx context.Context) error {
 			return err
 		}
 	}
+	cur, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
+	if err != nil {
+		return err
+	}
+	p := cur.Policy
+	before := proto.Clone(p)
+	p.MinOccurrences = max(s.opts.MinOccurrences, 1)
 	if s.opts.MinRedirect > 0 {
-		cur, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
-		if err != nil {
-			return err
-		}
-		p := cur.Policy
 		p.MinRedirectBytes = s.opts.MinRedirect
+	}
+	if !proto.Equal(p, before) {
 		if _, err := s.Admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: p}); err != nil {
 			return fmt.Errorf("set policy: %w", err)
+		}
+		// A read waits for this replica's snapshot to include the write: the first Place that
+		// follows is answered under the new policy.
+		if _, err := s.Admin.GetPolicy(ctx, &pb.GetPolicyRequest{}); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -39,6 +39,8 @@ const (
 	DefaultSignedURLTTL             = 15 * time.Minute
 	DefaultCrossRegionCopyThreshold = 10
 	DefaultCrossRegionCopyWindow    = 10 * time.Minute
+	DefaultMinOccurrences           = 2
+	DefaultAdmissionWindow          = 10 * time.Minute
 )
 
 // Registry writes Detour's state to etcd.
@@ -50,6 +52,8 @@ type Registry struct {
 	// Place path. A claim made at t with TTL T lives until between t+T and t+T·5/4.
 	leaseMu sync.Mutex
 	leases  map[time.Duration]sharedLease
+	// claims groups concurrent claims into shared transactions (nil: one each; see GroupClaims).
+	claims *claimGroup
 }
 
 type sharedLease struct {
@@ -289,6 +293,9 @@ func (r *Registry) Claim(ctx context.Context, c *pb.FillClaim, ttl time.Duration
 	lease, err := r.claimLease(ctx, ttl)
 	if err != nil {
 		return false, fmt.Errorf("claim %s: grant lease: %w", c.Key, err)
+	}
+	if r.claims != nil {
+		return r.claims.claim(ctx, c, ttl, lease)
 	}
 	fk := r.fillKey(c.Key)
 	resp, err := r.cli.Txn(ctx).

@@ -353,8 +353,18 @@ func TestHeartbeatLeaseExpiryMakesTargetUnhealthy(t *testing.T) {
 }
 
 func TestClaimIsGrantedOnceThenAgainAfterExpiry(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		inFlight int
+	}{{"a transaction per claim", 0}, {"grouped claims", 1}} {
+		t.Run(c.name, func(t *testing.T) { testClaimGrantedOnce(t, c.inFlight) })
+	}
+}
+
+func testClaimGrantedOnce(t *testing.T, inFlight int) {
 	_, cli := startEtcd(t)
 	r := NewRegistry(cli, "")
+	r.GroupClaims(inFlight)
 	ctx := context.Background()
 	key := testKey(7)
 	var granted atomic.Int32
@@ -405,5 +415,70 @@ func TestClaimIsGrantedOnceThenAgainAfterExpiry(t *testing.T) {
 	resp, err := cli.Get(ctx, r.fillKey(key))
 	if err != nil || len(resp.Kvs) != 0 {
 		t.Fatalf("claim still there after completion: %v", err)
+	}
+}
+
+func TestGroupedClaimsKeepEachKeysOwnCompare(t *testing.T) {
+	_, cli := startEtcd(t)
+	r := NewRegistry(cli, "")
+	r.GroupClaims(1)
+	ctx := context.Background()
+	held := testKey(1000)
+	if ok, err := r.Claim(ctx, &pb.FillClaim{Key: held, Target: "t", Token: "first"}, time.Minute); err != nil || !ok {
+		t.Fatalf("first claim: %v, %v", ok, err)
+	}
+	before, err := cli.Get(ctx, "any")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 100 claims: two for each of 40 new keys, and 20 for the held key, all at once.
+	const keys = 40
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	grants := map[string]int{}
+	for i := range 100 {
+		k := held
+		if i < 2*keys {
+			k = testKey(i % keys)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ok, err := r.Claim(ctx, &pb.FillClaim{Key: k, Target: "t", Token: NewToken()}, time.Minute)
+			if err != nil {
+				t.Error(err)
+			}
+			if ok {
+				mu.Lock()
+				grants[k]++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	for i := range keys {
+		if n := grants[testKey(i)]; n != 1 {
+			t.Errorf("key %d granted %d times, want 1", i, n)
+		}
+	}
+	if n := grants[held]; n != 0 {
+		t.Errorf("a held key granted %d more times", n)
+	}
+	after, err := cli.Get(ctx, "any")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One revision per transaction: fewer than one per claim when they were grouped.
+	if txns := after.Header.Revision - before.Header.Revision; txns >= keys {
+		t.Errorf("%d transactions for %d granted claims: not grouped", txns, keys)
+	}
+	// A claim whose deadline passed is not written and fails no other.
+	dead, cancel := context.WithDeadline(ctx, time.Now().Add(-time.Second))
+	defer cancel()
+	if _, err := r.Claim(dead, &pb.FillClaim{Key: testKey(500), Target: "t", Token: "late"}, time.Minute); err == nil {
+		t.Error("a claim past its deadline succeeded")
+	}
+	if ok, err := r.Claim(ctx, &pb.FillClaim{Key: testKey(500), Target: "t", Token: "on time"}, time.Minute); err != nil || !ok {
+		t.Errorf("claim after a late one: %v, %v", ok, err)
 	}
 }

@@ -42,6 +42,8 @@ const (
 	MaxRegionPreference = 64
 	// MaxCrossRegionCopyThreshold bounds the policy's cross-region redirects before a copy.
 	MaxCrossRegionCopyThreshold = 1000000
+	// MaxMinOccurrences bounds the policy's misses before a fill.
+	MaxMinOccurrences = 255 // the admission sketch counts to 255
 	// MaxKeyPrefixLength is the longest key prefix ListObjects accepts: a whole content key.
 	MaxKeyPrefixLength = 64
 	// DefaultPageSize is the page size of ListObjects when the request names none.
@@ -369,6 +371,9 @@ func ValidatePolicy(p *pb.Policy) error {
 	if n := p.CrossRegionCopyThreshold; n > MaxCrossRegionCopyThreshold {
 		return invalid("policy.cross_region_copy_threshold", "%d is more than the limit of %d", n, MaxCrossRegionCopyThreshold)
 	}
+	if n := p.MinOccurrences; n > MaxMinOccurrences {
+		return invalid("policy.min_occurrences", "%d is more than the limit of %d", n, MaxMinOccurrences)
+	}
 	for _, d := range []struct {
 		field    string
 		v        *durationpb.Duration // nil reads as zero: the default
@@ -378,6 +383,7 @@ func ValidatePolicy(p *pb.Policy) error {
 		{"policy.fill_claim_ttl", p.FillClaimTtl, 5 * time.Second, time.Hour},
 		{"policy.object_ttl", p.ObjectTtl, 0, 10 * 365 * 24 * time.Hour},
 		{"policy.cross_region_copy_window", p.CrossRegionCopyWindow, time.Second, 24 * time.Hour},
+		{"policy.admission_window", p.AdmissionWindow, time.Second, 24 * time.Hour},
 	} {
 		if d.v != nil && !d.v.IsValid() {
 			return invalid(d.field, "is not a valid duration")

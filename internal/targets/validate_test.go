@@ -134,6 +134,9 @@ func TestOversizeAndOutOfRangeInputIsRejectedNamingFieldAndLimit(t *testing.T) {
 		{"policy.cross_region_copy_threshold", "1000000", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyThreshold = MaxCrossRegionCopyThreshold + 1 })},
 		{"policy.cross_region_copy_window", "24h0m0s", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyWindow = durationpb.New(25 * time.Hour) })},
 		{"policy.cross_region_copy_window", "1s", checkPolicy(func(p *pb.Policy) { p.CrossRegionCopyWindow = durationpb.New(time.Millisecond) })},
+		{"policy.min_occurrences", "255", checkPolicy(func(p *pb.Policy) { p.MinOccurrences = MaxMinOccurrences + 1 })},
+		{"policy.admission_window", "24h0m0s", checkPolicy(func(p *pb.Policy) { p.AdmissionWindow = durationpb.New(25 * time.Hour) })},
+		{"policy.admission_window", "1s", checkPolicy(func(p *pb.Policy) { p.AdmissionWindow = durationpb.New(time.Millisecond) })},
 		{"key", "64 lower-case hex digits", func() error { return ValidateKey("key", huge) }},
 		{"key", "64 lower-case hex digits", func() error { return ValidateKey("key", strings.Repeat("a", 65)) }},
 		{"page_token", "64 lower-case hex digits", func() error { return ValidateKey("page_token", huge) }},
@@ -180,6 +183,9 @@ func TestValuesAtTheLimitsAreAccepted(t *testing.T) {
 		{"64 regions", checkPolicy(func(p *pb.Policy) { p.RegionPreference = regions(MaxRegionPreference) })},
 		{"cross-region copy bounds", checkPolicy(func(p *pb.Policy) {
 			p.CrossRegionCopyThreshold, p.CrossRegionCopyWindow = MaxCrossRegionCopyThreshold, durationpb.New(24*time.Hour)
+		})},
+		{"admission bounds", checkPolicy(func(p *pb.Policy) {
+			p.MinOccurrences, p.AdmissionWindow = MaxMinOccurrences, durationpb.New(24*time.Hour)
 		})},
 		{"key prefix of 64", func() error { return ValidateKeyPrefix("key_prefix", strings.Repeat("f", MaxKeyPrefixLength)) }},
 		{"empty key prefix", func() error { return ValidateKeyPrefix("key_prefix", "") }},

@@ -932,8 +932,16 @@ type Policy struct {
 	CrossRegionCopyWindow *durationpb.Duration `protobuf:"bytes,9,opt,name=cross_region_copy_window,json=crossRegionCopyWindow,proto3" json:"cross_region_copy_window,omitempty"`
 	// Make no cross-region copies.
 	DisableCrossRegionCopies bool `protobuf:"varint,10,opt,name=disable_cross_region_copies,json=disableCrossRegionCopies,proto3" json:"disable_cross_region_copies,omitempty"`
-	unknownFields            protoimpl.UnknownFields
-	sizeCache                protoimpl.SizeCache
+	// A missed key is granted a fill only on its min_occurrences-th miss within admission_window
+	// (as counted by one control-plane replica, approximately: a count-min sketch that may
+	// overcount, never undercount); the misses before it are answered inline and cost no etcd
+	// write. Keys asked for once are never stored. 0: the default, 2; 1: fill on the first miss;
+	// at most 255.
+	MinOccurrences uint32 `protobuf:"varint,11,opt,name=min_occurrences,json=minOccurrences,proto3" json:"min_occurrences,omitempty"`
+	// 0: the default, 10 minutes; between 1s and 24h. Misses are remembered for one to two windows.
+	AdmissionWindow *durationpb.Duration `protobuf:"bytes,12,opt,name=admission_window,json=admissionWindow,proto3" json:"admission_window,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Policy) Reset() {
@@ -1034,6 +1042,20 @@ func (x *Policy) GetDisableCrossRegionCopies() bool {
 		return x.DisableCrossRegionCopies
 	}
 	return false
+}
+
+func (x *Policy) GetMinOccurrences() uint32 {
+	if x != nil {
+		return x.MinOccurrences
+	}
+	return 0
+}
+
+func (x *Policy) GetAdmissionWindow() *durationpb.Duration {
+	if x != nil {
+		return x.AdmissionWindow
+	}
+	return nil
 }
 
 // FillClaim is the record of one agent filling one key (stored in etcd under a lease).
@@ -1307,7 +1329,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"generation\x12\x16\n" +
 	"\x06target\x18\x04 \x01(\tR\x06target\x12\x16\n" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\x122\n" +
-	"\x06queued\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x06queued\"\xc8\x04\n" +
+	"\x06queued\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x06queued\"\xb7\x05\n" +
 	"\x06Policy\x12,\n" +
 	"\x12min_redirect_bytes\x18\x01 \x01(\x04R\x10minRedirectBytes\x12+\n" +
 	"\x11region_preference\x18\x02 \x03(\tR\x10regionPreference\x12?\n" +
@@ -1320,7 +1342,9 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\x1bcross_region_copy_threshold\x18\b \x01(\rR\x18crossRegionCopyThreshold\x12R\n" +
 	"\x18cross_region_copy_window\x18\t \x01(\v2\x19.google.protobuf.DurationR\x15crossRegionCopyWindow\x12=\n" +
 	"\x1bdisable_cross_region_copies\x18\n" +
-	" \x01(\bR\x18disableCrossRegionCopies\"\xab\x02\n" +
+	" \x01(\bR\x18disableCrossRegionCopies\x12'\n" +
+	"\x0fmin_occurrences\x18\v \x01(\rR\x0eminOccurrences\x12D\n" +
+	"\x10admission_window\x18\f \x01(\v2\x19.google.protobuf.DurationR\x0fadmissionWindow\"\xab\x02\n" +
 	"\tFillClaim\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x19\n" +
@@ -1398,13 +1422,14 @@ var file_detour_v1_target_proto_depIdxs = []int32{
 	13, // 12: detour.v1.Policy.fill_claim_ttl:type_name -> google.protobuf.Duration
 	13, // 13: detour.v1.Policy.object_ttl:type_name -> google.protobuf.Duration
 	13, // 14: detour.v1.Policy.cross_region_copy_window:type_name -> google.protobuf.Duration
-	14, // 15: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
-	14, // 16: detour.v1.CopyRequest.requested:type_name -> google.protobuf.Timestamp
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	13, // 15: detour.v1.Policy.admission_window:type_name -> google.protobuf.Duration
+	14, // 16: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
+	14, // 17: detour.v1.CopyRequest.requested:type_name -> google.protobuf.Timestamp
+	18, // [18:18] is the sub-list for method output_type
+	18, // [18:18] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_detour_v1_target_proto_init() }
