@@ -105,6 +105,9 @@ func (c *cli) printExplanation(resp *pb.ExplainResponse) {
 		fmt.Fprintf(c.out, "decision: inline (%s)\n", resp.Reason)
 	}
 	fmt.Fprintf(c.out, "snapshot revision %d, accepted targets %s\n", resp.SnapshotRevision, strings.Join(resp.AcceptedTargets, ","))
+	if resp.MinOccurrences > 1 {
+		fmt.Fprintf(c.out, "admission: %d of %d misses counted by this replica\n", resp.AdmissionCount, resp.MinOccurrences)
+	}
 	if resp.Claim != nil {
 		fmt.Fprintf(c.out, "fill in progress at %s, claimed by %s\n", resp.Claim.Target, resp.Claim.Holder)
 	}

@@ -76,6 +76,28 @@ func (s *Sketch) Observe(key string, now time.Time, window time.Duration) uint32
 	return min(c+1+p, Max)
 }
 
+// Peek returns how many times key occurred within the last one to two windows, as Observe would
+// count them before counting one more, without counting.
+func (s *Sketch) Peek(key string, now time.Time, window time.Duration) uint32 {
+	h := maphash.String(s.seed, key)
+	h1, h2 := uint32(h), uint32(h>>32)|1
+	cur, prev := s.cur.Load(), s.prev.Load()
+	age := now.UnixNano() - s.rotated.Load()
+	if age >= 2*int64(window) {
+		return 0 // the next Observe drops both generations
+	}
+	c, p := uint32(Max), uint32(Max)
+	for i := range depth {
+		at := (h1 + uint32(i)*h2) & (width - 1)
+		c = min(c, get(&cur[i][at/4], at))
+		p = min(p, get(&prev[i][at/4], at))
+	}
+	if age >= int64(window) {
+		return c // the next Observe makes the current generation the previous one
+	}
+	return min(c+p, Max)
+}
+
 func get(w *atomic.Uint32, j uint32) uint32 { return (w.Load() >> ((j % 4) * 8)) & 0xff }
 
 func (s *Sketch) rotate(now time.Time, window time.Duration) {

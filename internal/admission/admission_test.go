@@ -79,3 +79,23 @@ func BenchmarkObserve(b *testing.B) {
 		}
 	})
 }
+
+// Peek is what Observe would count before its own occurrence, across rotations, and counts nothing.
+func TestPeekIsObserveWithoutCounting(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	const w = time.Minute
+	s := New(t0)
+	for i, d := range []time.Duration{0, time.Second, 50 * time.Second, 70 * time.Second, 100 * time.Second, 200 * time.Second, 330 * time.Second} {
+		now := t0.Add(d)
+		peek := s.Peek("k", now, w)
+		if again := s.Peek("k", now, w); again != peek {
+			t.Fatalf("occurrence %d: Peek changed the count: %d then %d", i, peek, again)
+		}
+		if got := s.Observe("k", now, w); got != peek+1 {
+			t.Fatalf("occurrence %d at +%v: Peek %d, then Observe %d", i, d, peek, got)
+		}
+	}
+	if n := s.Peek("other", t0.Add(330*time.Second), w); n != 0 {
+		t.Fatalf("a key never seen: %d", n)
+	}
+}

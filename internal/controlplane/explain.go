@@ -77,6 +77,18 @@ func (s *Service) Explain(ctx context.Context, req *pb.ExplainRequest) (*pb.Expl
 			resp.Claim.Target, resp.Claim.Holder))
 	case d.Fill != "":
 		resp.FillTarget = d.Fill
+		if a := v.admission; a.minOccurrences > 1 {
+			resp.MinOccurrences = a.minOccurrences
+			resp.AdmissionCount = s.misses.Peek(req.Key, s.cfg.Now(), a.window)
+			if resp.AdmissionCount+1 < a.minOccurrences {
+				resp.FillTarget, resp.Reason = "", ReasonNotAdmitted
+				resp.Steps = append(resp.Steps, fmt.Sprintf("not admitted yet: %d misses counted by this replica, a fill is granted on miss %d (policy min_occurrences)",
+					resp.AdmissionCount, a.minOccurrences))
+			} else {
+				resp.Steps = append(resp.Steps, fmt.Sprintf("admitted: %d misses counted by this replica; the next one reaches min_occurrences %d",
+					resp.AdmissionCount, a.minOccurrences))
+			}
+		}
 	}
 	return resp, nil
 }

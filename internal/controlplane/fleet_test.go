@@ -131,6 +131,7 @@ func explainedCopy(resp *pb.ExplainResponse, target string) *pb.ExplainedCopy {
 func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
 	r := startReplica(t, startEtcd(t).Endpoint())
 	createTargets(t, r, target(t, "us-a", "us"), target(t, "eu-a", "eu"))
+	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // admission: TestExplainShowsAdmission
 	k := key(1)
 
 	// A miss in a region without a target of its own fails over to the other region's.
@@ -188,6 +189,31 @@ func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
 	}
 	if _, err := r.admin.Explain(context.Background(), &pb.ExplainRequest{Key: "nope"}); code(err) != codes.InvalidArgument {
 		t.Fatalf("a malformed key: %v", err)
+	}
+}
+
+// Explain shows how far a key is from fill admission, as counted by this replica's Place, and
+// does not count itself.
+func TestExplainShowsAdmission(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	createTargets(t, r, target(t, "us-a", "us"))
+	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 3 })
+	k := key(7)
+	for misses := uint32(0); misses < 3; misses++ {
+		for range 2 { // twice: explaining counts nothing
+			e := explain(t, r, k, "us")
+			if e.AdmissionCount != misses || e.MinOccurrences != 3 {
+				t.Fatalf("after %d misses: admission %d of %d", misses, e.AdmissionCount, e.MinOccurrences)
+			}
+			admitted := misses+1 >= 3
+			if admitted != (e.FillTarget == "us-a") || admitted == (e.Reason == ReasonNotAdmitted) {
+				t.Fatalf("after %d misses: fill target %q, reason %q", misses, e.FillTarget, e.Reason)
+			}
+		}
+		p := placeIn(t, r, "us", k, "us-a")
+		if got, want := p.Fill != nil, misses == 2; got != want {
+			t.Fatalf("miss %d: granted a fill %v, Explain said %v", misses+1, got, want)
+		}
 	}
 }
 

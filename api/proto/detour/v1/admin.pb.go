@@ -1121,8 +1121,13 @@ type ExplainResponse struct {
 	// that region (0 and 0 when cross-region copies are off).
 	CrossRegionRedirects     uint32 `protobuf:"varint,11,opt,name=cross_region_redirects,json=crossRegionRedirects,proto3" json:"cross_region_redirects,omitempty"`
 	CrossRegionCopyThreshold uint32 `protobuf:"varint,12,opt,name=cross_region_copy_threshold,json=crossRegionCopyThreshold,proto3" json:"cross_region_copy_threshold,omitempty"`
-	unknownFields            protoimpl.UnknownFields
-	sizeCache                protoimpl.SizeCache
+	// Misses of this key that this replica has counted toward fill admission (approximate: never
+	// fewer than happened), and the policy's min_occurrences: a miss is granted a fill once the
+	// count, that miss included, reaches it. Explaining does not count.
+	AdmissionCount uint32 `protobuf:"varint,13,opt,name=admission_count,json=admissionCount,proto3" json:"admission_count,omitempty"`
+	MinOccurrences uint32 `protobuf:"varint,14,opt,name=min_occurrences,json=minOccurrences,proto3" json:"min_occurrences,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *ExplainResponse) Reset() {
@@ -1235,6 +1240,20 @@ func (x *ExplainResponse) GetCrossRegionRedirects() uint32 {
 func (x *ExplainResponse) GetCrossRegionCopyThreshold() uint32 {
 	if x != nil {
 		return x.CrossRegionCopyThreshold
+	}
+	return 0
+}
+
+func (x *ExplainResponse) GetAdmissionCount() uint32 {
+	if x != nil {
+		return x.AdmissionCount
+	}
+	return 0
+}
+
+func (x *ExplainResponse) GetMinOccurrences() uint32 {
+	if x != nil {
+		return x.MinOccurrences
 	}
 	return 0
 }
@@ -1511,7 +1530,7 @@ const file_detour_v1_admin_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12)\n" +
 	"\x10accepted_targets\x18\x02 \x03(\tR\x0facceptedTargets\x12!\n" +
 	"\fagent_region\x18\x03 \x01(\tR\vagentRegion\x12\x1b\n" +
-	"\tsize_hint\x18\x04 \x01(\x04R\bsizeHint\"\x89\x04\n" +
+	"\tsize_hint\x18\x04 \x01(\x04R\bsizeHint\"\xdb\x04\n" +
 	"\x0fExplainResponse\x12.\n" +
 	"\x06result\x18\x01 \x01(\x0e2\x16.detour.v1.PlaceResultR\x06result\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x16\n" +
@@ -1526,7 +1545,9 @@ const file_detour_v1_admin_proto_rawDesc = "" +
 	"\x10accepted_targets\x18\n" +
 	" \x03(\tR\x0facceptedTargets\x124\n" +
 	"\x16cross_region_redirects\x18\v \x01(\rR\x14crossRegionRedirects\x12=\n" +
-	"\x1bcross_region_copy_threshold\x18\f \x01(\rR\x18crossRegionCopyThreshold\"\xc2\x02\n" +
+	"\x1bcross_region_copy_threshold\x18\f \x01(\rR\x18crossRegionCopyThreshold\x12'\n" +
+	"\x0fadmission_count\x18\r \x01(\rR\x0eadmissionCount\x12'\n" +
+	"\x0fmin_occurrences\x18\x0e \x01(\rR\x0eminOccurrences\"\xc2\x02\n" +
 	"\rExplainedCopy\x12\x16\n" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x12\n" +
