@@ -188,6 +188,17 @@ func zipf(ctx context.Context, s *devstack.Stack, noFollow *redirectOnly, rr *wi
 	for i := range seq {
 		seq[i] = base + int(z.Uint64())
 	}
+	// The ideal: every key's first n requests reach the origin (one to fill, after n-1 that only
+	// count toward admission), every later one is redirected.
+	seen := map[int]uint32{}
+	var mustReach int
+	for _, k := range seq {
+		if seen[k] < n {
+			seen[k]++
+			mustReach++
+		}
+	}
+	ideal := 1 - float64(mustReach)/float64(len(seq))
 	redirectsBefore := noFollow.redirects.Load()
 	zr := loadstat.Run(*conc, time.Hour, int64(*requests), func(w, i int) (int64, error) {
 		k := seq[(w+i**conc)%len(seq)]
@@ -201,7 +212,9 @@ func zipf(ctx context.Context, s *devstack.Stack, noFollow *redirectOnly, rr *wi
 	time.Sleep(2 * time.Second)
 	fmt.Printf("zipf(1.1), min_occurrences %d: %d objects stored\n", n, countObjects(ctx, s)-stored)
 	fmt.Printf("zipf(1.1): %d requests over %d keys, %d B each, %s, %d redirected\n", zr.Ops, *keys, *zipfSize, zr.Elapsed.Round(time.Millisecond), redirected)
-	fmt.Printf("origin bytes %d of %d requested: %.1f%% saved\n", originBytes, total, 100*(1-float64(originBytes)/float64(total)))
+	saved := 1 - float64(originBytes)/float64(total)
+	fmt.Printf("origin bytes %d of %d requested: %.1f%% saved; ideal %.1f%% (%d distinct keys), %.3f of the ideal\n",
+		originBytes, total, 100*saved, 100*ideal, len(seen), saved/ideal)
 }
 
 // redirectOnly sends a command and reads the answer without fetching a location: what the agent
