@@ -126,6 +126,12 @@ func newRig(t *testing.T, o rigOptions) *rig {
 		Uris: []string{public}, Region: "test", Weight: 1, Store: &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
 		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}})
 	r.must(err)
+	// Fresh keys are asked for once each, and each must fill: admission on the first miss.
+	cur, err := r.admin.GetPolicy(context.Background(), &pb.GetPolicyRequest{})
+	r.must(err)
+	cur.Policy.MinOccurrences = 1
+	_, err = r.admin.SetPolicy(context.Background(), &pb.SetPolicyRequest{Policy: cur.Policy})
+	r.must(err)
 
 	// No location cache: every request asks the control plane, which is what these tests break.
 	// A place timeout of 1s rather than the default 50ms: Place leaves half of it to the fill
