@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -35,6 +36,7 @@ var (
 	size     = flag.Int("size", 64<<10, "response size of the redirect and inline runs")
 	requests = flag.Int("zipf-requests", 20000, "requests in each Zipf run")
 	results  = flag.String("results", "bench/RESULTS.md", "file whose harness section is rewritten")
+	profiles = flag.String("profile-dir", "", "if set, write CPU profiles of this process (agent, control plane, origin) during the redirect-hit and inline runs here")
 )
 
 // row is one line of the table.
@@ -65,7 +67,9 @@ func main() {
 	mustRedirect(ctx, uncached)
 	base := wrk(work, "http://"+nginx.addr+"/", redirectBody)
 	nginx.stop()
+	stopProfile := profile("redirect-hit")
 	hit := wrk(work, endpoint(cached.AgentURL), redirectBody)
+	stopProfile()
 	miss := wrk(work, endpoint(uncached.AgentURL), redirectBody)
 	rows = append(rows,
 		row{"redirect answer, agent location cache hit (wrk)", hit.String(), "nginx `return 302`: " + base.String(), ratio(hit.rps, base.rps)},
@@ -74,7 +78,9 @@ func main() {
 
 	// Inline: a client without redirect support, through the agent and from the origin directly.
 	org := wrk(work, endpoint(cached.OriginURL), inlineBody)
+	stopProfile = profile("inline")
 	inl := wrk(work, endpoint(cached.AgentURL), inlineBody)
+	stopProfile()
 	rows = append(rows, row{fmt.Sprintf("inline %d KiB through the agent (wrk)", *size>>10), inl.String() + ", " + inl.transfer,
 		"origin direct: " + org.String() + ", " + org.transfer, ratio(inl.bytesPerSec, org.bytesPerSec)})
 	cached.Close(ctx)
@@ -105,6 +111,22 @@ func main() {
 			fmt.Sprintf("ideal (each key's first %s requests from the origin): %s %% saved", z[1], z[4]), z[5] + " of the ideal"})
 	}
 	check(write(rows, time.Since(start)))
+}
+
+// profile starts a CPU profile of this process into <profile-dir>/<name>.pprof, when -profile-dir
+// is set, and returns what stops it.
+func profile(name string) func() {
+	if *profiles == "" {
+		return func() {}
+	}
+	check(os.MkdirAll(*profiles, 0o755))
+	f, err := os.Create(filepath.Join(*profiles, name+".pprof"))
+	check(err)
+	check(pprof.StartCPUProfile(f))
+	return func() {
+		pprof.StopCPUProfile()
+		check(f.Close())
+	}
 }
 
 // endpoint is where a client sends manifestdata on a server at base.
