@@ -175,16 +175,7 @@ func (s *Service) countRedirect(v *view, key targets.Key, region, target string,
 // runCopyRequests queues this replica's pending copy requests in etcd every interval until ctx
 // ends. Every replica runs it for the redirects it answered.
 func (s *Service) runCopyRequests(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		s.flushCopyRequests(ctx)
-	}
+	s.every(ctx, interval, s.flushCopyRequests)
 }
 
 func (s *Service) flushCopyRequests(ctx context.Context) {

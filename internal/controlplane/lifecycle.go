@@ -65,16 +65,7 @@ func (e *extender) take() []extension {
 // the redirects it answered; writes compare the record's revision, so replicas never undo each
 // other or a newer fill.
 func (s *Service) runExtensions(ctx context.Context, interval time.Duration) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		s.flushExtensions(ctx)
-	}
+	s.every(ctx, interval, s.flushExtensions)
 }
 
 func (s *Service) flushExtensions(ctx context.Context) {

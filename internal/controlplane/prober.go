@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"sync"
-	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -38,16 +37,7 @@ func (s *Service) runProber(ctx context.Context) {
 		return
 	}
 	states := map[string]*probeState{}
-	t := time.NewTicker(s.cfg.Janitor.ProbeInterval)
-	defer t.Stop()
-	for {
-		s.probeRound(ctx, states)
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
+	s.every(ctx, s.cfg.Janitor.ProbeInterval, func(ctx context.Context) { s.probeRound(ctx, states) })
 }
 
 // ProbeNow runs one probe round with fresh state (tests).
