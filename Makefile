@@ -77,10 +77,13 @@ run:
 
 ## bench: the harness (bench/harness): nginx `return 302`, the agent, the origin, misses and the
 ## Zipf runs, each against a baseline of the same run, into bench/RESULTS.md. Installs Debian's
-## nginx and wrk when they are missing (as root). About 5 minutes.
+## nginx and wrk when they are missing (as root). Then the placement decision (new against the
+## replaced algorithm) and the index's bytes per object. About 5 minutes.
 bench:
 	@command -v nginx >/dev/null && command -v wrk >/dev/null || (apt-get update && apt-get install -y nginx wrk)
 	$(GO) run ./bench/harness
+	$(GO) test -run '^$$' -bench 'Decide/^targets=(10|100|1000)$$' -count 3 ./internal/placement
+	$(GO) test -run '^$$' -bench IndexMemory -benchtime 1x ./internal/targets
 
 ## bench-all: Go benchmarks, then every load driver with its defaults (see bench/RESULTS.md).
 bench-all:
