@@ -125,6 +125,7 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		if d.Fill != nil {
 			// Granted although the agent said it cannot fill (an older control plane), or the
 			// budget filled up since it asked: release the claim, answer inline.
+			a.metrics.fills.WithLabelValues("declined").Inc()
 			a.abortFill(key, d.Fill.Token, "agent cannot fill now")
 		}
 		a.passthrough(w, r, body, "inline")

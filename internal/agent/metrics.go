@@ -34,7 +34,7 @@ func newMetrics() *Metrics {
 		placeLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "detour_agent_place_duration_seconds",
 			Help: "Place round trips.", Buckets: prometheus.ExponentialBuckets(50e-6, 2, 12)}),
 		fills: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_fills_total",
-			Help: "Fills by outcome: ready, aborted, upload_failed, report_failed."}, []string{"outcome"}),
+			Help: "Fills by outcome: ready, aborted, upload_failed, report_failed; declined: a grant the agent released unstarted (budget full, store breaker open)."}, []string{"outcome"}),
 		inlineBytes: prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_agent_filled_inline_bytes_total",
 			Help: "Object bytes relayed inline while filling."}),
 		targetsRevision: prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_agent_targets_revision",

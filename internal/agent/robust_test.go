@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"google.golang.org/grpc/codes"
 	"io"
 	"net"
 	"net/http"
@@ -132,8 +133,15 @@ func TestStoreFailuresStopClaimsInsteadOfStorming(t *testing.T) {
 		t.Fatalf("%v of %d misses started a fill against a failing store", grants, misses)
 	}
 	t.Logf("%d misses with the store down: %v fills tried", misses, grants)
-	if got := cpCount(t, s, "detour_place_decisions_total", map[string]string{"reason": "fill"}); got > 3 {
-		t.Fatalf("the control plane granted %v fills (claims written) against a failing store", got)
+	// The control plane counts every grant it wrote; the agent acts on those that reach it in time
+	// and that its breaker and budget still admit. On a loaded machine a grant can arrive after the
+	// place deadline (its claim is released as an orphan), or while the first failing upload has
+	// not yet opened the breaker (the agent declines it): allow those, not a grant per miss.
+	late := agentCount(t, s, "detour_agent_place_failures_total", "cause", codes.DeadlineExceeded.String())
+	declined := agentCount(t, s, "detour_agent_fills_total", "outcome", "declined")
+	if got := cpCount(t, s, "detour_place_decisions_total", map[string]string{"reason": "fill"}); got > grants+late+declined || got > 3+late+declined {
+		t.Fatalf("the control plane granted %v fills (claims written) against a failing store; the agent started %v, declined %v, and %v Place answers were late",
+			got, grants, declined, late)
 	}
 }
 
