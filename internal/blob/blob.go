@@ -208,9 +208,21 @@ var errAborted = errors.New("upload aborted")
 // cancelling the context races the cancellation, and could still send a complete (truncated)
 // object. (The storage client deprecates CloseWithError in favour of cancellation; the two are
 // needed together here.)
+//
+// Abort returns once the upload's request has ended. If the store committed the object anyway
+// (the request had carried its last byte before the cancellation reached it), Abort deletes that
+// generation: an aborted fill leaves no bytes behind.
 func (u *Upload) Abort() {
 	u.cancel()
 	_ = u.w.CloseWithError(errAborted) //nolint:staticcheck // see above
+	// The pipe already holds errAborted, so Close cannot end the body cleanly; it waits for the
+	// upload goroutine.
+	_ = u.w.Close()
+	if a := u.w.Attrs(); a != nil {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 10*time.Second)
+		defer cancel()
+		_ = u.store.Delete(ctx, a.Bucket, a.Name, a.Generation)
+	}
 }
 
 // ErrNotFound means the object does not exist.
