@@ -169,6 +169,9 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	if err := s.register(ctx); err != nil {
 		return nil, err
 	}
+	if len(s.Regions) > 1 {
+		s.waitHealthy(ctx, o.Log)
+	}
 
 	if o.OriginURL != "" {
 		s.OriginURL = o.OriginURL
@@ -287,6 +290,26 @@ func (s *Stack) TargetOf(r *Region) *pb.Target {
 	return &pb.Target{Name: r.Target, Protocol: "http", Uris: []string{public},
 		Region: r.Name, Weight: 1, Store: &pb.GcsStore{Bucket: r.Bucket, Prefix: "objects/"},
 		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: public}}}
+}
+
+// waitHealthy waits (up to 30s) until the control plane's prober has found every region's target
+// healthy. With several regions, a fill fails over from a region whose target is not healthy yet
+// to one whose target is, so a region's first key could be stored in the other region.
+func (s *Stack) waitHealthy(ctx context.Context, log *slog.Logger) {
+	deadline := time.Now().Add(30 * time.Second)
+	for _, r := range s.Regions {
+		for {
+			got, err := s.Admin.GetTarget(ctx, &pb.GetTargetRequest{Name: s.TargetOf(r).Name})
+			if err == nil && got.Target.Healthy {
+				break
+			}
+			if time.Now().After(deadline) || ctx.Err() != nil {
+				log.Warn("a target is not healthy yet; fills go to another region until it is", "target", s.TargetOf(r).Name, "err", err)
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 }
 
 func (s *Stack) register(ctx context.Context) error {
