@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
@@ -34,21 +33,7 @@ func TestTargetsAndPolicyCommands(t *testing.T) {
 		defer cancel()
 		inst.Shutdown(ctx)
 	})
-	run := func(args ...string) (string, error) {
-		var out bytes.Buffer
-		c := &cli{addr: inst.Addr(), timeout: 5 * time.Second, out: &out, dial: func() (credentials.TransportCredentials, func(), error) {
-			creds, err := pki.ClientCredentials(dev.Operator)
-			if err != nil {
-				return nil, nil, err
-			}
-			return creds, creds.Close, nil
-		}}
-		if len(args) > 0 && args[0] == "--json" {
-			c.json, args = true, args[1:]
-		}
-		err := c.run(args)
-		return out.String(), err
-	}
+	run := runner(inst.Addr(), dev.Operator)
 	out, err := run("targets", "add", "us-cdn", "--region", "us-east1", "--uri", "https://cdn.example.com/",
 		"--tls", "1.2,1.3", "--bucket", "detour-us", "--prefix", "hg/", "--cdn-base-url", "https://cdn.example.com/")
 	if err != nil || !strings.Contains(out, "us-cdn") || !strings.Contains(out, "gs://detour-us/hg/") {
