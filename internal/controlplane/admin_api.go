@@ -20,7 +20,7 @@ func (s *Service) CreateTarget(ctx context.Context, req *pb.CreateTargetRequest)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.wrote(t.Revision)
+	s.settled(ctx, t.Revision)
 	s.cfg.Log.Info("target created", "target", t.Name, "region", t.Region, "state", t.State.String())
 	return &pb.CreateTargetResponse{Target: s.withHealth(t)}, nil
 }
@@ -33,7 +33,7 @@ func (s *Service) UpdateTarget(ctx context.Context, req *pb.UpdateTargetRequest)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.wrote(t.Revision)
+	s.settled(ctx, t.Revision)
 	s.cfg.Log.Info("target updated", "target", t.Name, "revision", t.Revision)
 	return &pb.UpdateTargetResponse{Target: s.withHealth(t)}, nil
 }
@@ -49,7 +49,7 @@ func (s *Service) SetTargetState(ctx context.Context, req *pb.SetTargetStateRequ
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.wrote(t.Revision)
+	s.settled(ctx, t.Revision)
 	s.cfg.Log.Info("target state changed", "target", t.Name, "state", t.State.String())
 	return &pb.SetTargetStateResponse{Target: s.withHealth(t)}, nil
 }
@@ -65,7 +65,7 @@ func (s *Service) DeleteTarget(ctx context.Context, req *pb.DeleteTargetRequest)
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.wrote(rev)
+	s.settled(ctx, rev)
 	s.cfg.Log.Info("target deleted", "target", req.Name)
 	return &pb.DeleteTargetResponse{}, nil
 }
@@ -124,7 +124,7 @@ func (s *Service) SetPolicy(ctx context.Context, req *pb.SetPolicyRequest) (*pb.
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.wrote(p.Revision)
+	s.settled(ctx, p.Revision)
 	s.cfg.Log.Info("policy set", "revision", p.Revision, "min_redirect_bytes", p.MinRedirectBytes,
 		"region_preference", strings.Join(p.RegionPreference, ","), "forbid_cross_region_fills", p.ForbidCrossRegionFills,
 		"cross_region_copies", !p.DisableCrossRegionCopies, "min_occurrences", p.MinOccurrences)
@@ -181,7 +181,7 @@ func (s *Service) DeleteObjects(ctx context.Context, req *pb.DeleteObjectsReques
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	s.wrote(rev)
+	s.settled(ctx, rev)
 	s.cfg.Log.Info("objects purged", "key", req.Key, "copies", n)
 	return &pb.DeleteObjectsResponse{Deleted: n}, nil
 }

@@ -292,7 +292,7 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 		s.metrics.fills.WithLabelValues("rejected").Inc()
 		return nil, toStatus(err)
 	}
-	s.wrote(rev)
+	s.settled(ctx, rev)
 	s.metrics.fills.WithLabelValues("ready").Inc()
 	s.cfg.Log.Info("object ready", "key", req.Key, "target", claim.Target, "size", req.Size, "generation", req.Generation, "full_verify", full)
 	return &pb.ReportFillResponse{Object: obj}, nil

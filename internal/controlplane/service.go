@@ -214,8 +214,27 @@ func (s *Service) wrote(rev int64) {
 // readSnapshot returns a snapshot that includes this replica's writes, waiting up to a second for
 // the watch to deliver them; past that (etcd down) it answers from what it has.
 func (s *Service) readSnapshot(ctx context.Context) *targets.Snapshot {
-	want := s.lastWrite.Load()
-	deadline := time.After(time.Second)
+	return s.awaitRevision(ctx, s.lastWrite.Load(), time.Second)
+}
+
+// settled records a write and waits, up to applyWait or the caller's deadline, until this
+// replica's snapshot includes it. Admin writes and fill reports return only then, so a Place on
+// the same replica after they return sees them: a purge that has returned is redirected to no
+// more, a reported fill is redirected to. Other replicas follow within one watch round trip.
+func (s *Service) settled(ctx context.Context, rev int64) {
+	s.wrote(rev)
+	if snap := s.awaitRevision(ctx, rev, applyWait); snap.Revision < rev {
+		s.cfg.Log.Warn("a write is committed but this replica's snapshot has not caught up with it; placement here answers from the older state until the watch delivers it",
+			"revision", rev, "snapshot_revision", snap.Revision, "waited", applyWait)
+	}
+}
+
+// applyWait bounds how long a write waits for the watch to deliver it before returning.
+const applyWait = 5 * time.Second
+
+func (s *Service) awaitRevision(ctx context.Context, want int64, max time.Duration) *targets.Snapshot {
+	deadline := time.NewTimer(max)
+	defer deadline.Stop()
 	for {
 		snap := s.w.Snapshot()
 		if snap.Revision >= want {
@@ -223,7 +242,7 @@ func (s *Service) readSnapshot(ctx context.Context) *targets.Snapshot {
 		}
 		select {
 		case <-snap.Superseded():
-		case <-deadline:
+		case <-deadline.C:
 			return snap
 		case <-ctx.Done():
 			return snap
