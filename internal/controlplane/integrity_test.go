@@ -227,6 +227,35 @@ func TestFailingTargetStopsRedirectsWithinDetectionTime(t *testing.T) {
 	}
 }
 
+// A target is probed as soon as it appears, not at the prober's next tick: with an hour between
+// rounds, a created target (and one deleted and created again) is healthy within seconds.
+func TestNewTargetsAreProbedAtOnce(t *testing.T) {
+	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()},
+		Janitor: JanitorConfig{ProbeInterval: time.Hour, SweepInterval: time.Hour, ReconcileInterval: time.Hour}})
+	ctx := context.Background()
+	time.Sleep(200 * time.Millisecond) // the first round, over no targets, is done
+	tg := target(t, "us-a", "us")
+	start := time.Now()
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: tg}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the new target healthy", func() bool {
+		got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
+		return err == nil && got.Target.Healthy
+	})
+	t.Logf("healthy %s after its creation (probe interval 1h)", time.Since(start).Round(time.Millisecond))
+	if _, err := r.admin.DeleteTarget(ctx, &pb.DeleteTargetRequest{Name: "us-a"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: tg}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the recreated target healthy", func() bool {
+		got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
+		return err == nil && got.Target.Healthy
+	})
+}
+
 // Changing a target's bucket, or deleting a target and creating one of the same name, never
 // redirects to bytes that are not where the records said; the stale records are retired and their
 // bytes deleted.

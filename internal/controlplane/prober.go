@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"time"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -30,26 +31,63 @@ type probeState struct {
 // in the target's bucket and fetches it through the target's client-facing URL (public, CDN or
 // signed) the way a client follows a redirect, checking the status and the bytes. Verdicts are
 // written to etcd when they change, with hysteresis (ProbeFailures to fall, ProbeRecoveries to
-// rise); a target nobody has judged yet gets the first verdict at once.
+// rise); a target nobody has judged yet gets the first verdict at once. A target that appears
+// (created, or deleted and created again) is probed as soon as the snapshot shows it, not at the
+// next tick, so it is usable within one probe of its creation.
 func (s *Service) runProber(ctx context.Context) {
 	if s.cfg.Store == nil {
 		s.once.Warn("prober", "no store access: targets cannot be probed and stay unhealthy")
 		return
 	}
 	states := map[string]*probeState{}
-	s.every(ctx, s.cfg.Janitor.ProbeInterval, func(ctx context.Context) { s.probeRound(ctx, states) })
+	tick := time.NewTicker(s.cfg.Janitor.ProbeInterval)
+	defer tick.Stop()
+	s.probeRound(ctx, states)
+	for {
+		snap := s.w.Snapshot()
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			s.probeRound(ctx, states)
+		case <-snap.Superseded():
+			if fresh := unprobed(s.w.Snapshot(), states); len(fresh) > 0 {
+				s.probeTargets(ctx, s.w.Snapshot(), states, fresh)
+			}
+		}
+	}
+}
+
+// unprobed lists the snapshot's targets this prober has no state for.
+func unprobed(snap *targets.Snapshot, states map[string]*probeState) []*pb.Target {
+	var out []*pb.Target
+	for _, t := range snap.Targets() {
+		if st := states[t.Name]; st == nil || st.uid != t.Uid {
+			out = append(out, t)
+		}
+	}
+	return out
 }
 
 // ProbeNow runs one probe round with fresh state (tests).
 func (s *Service) ProbeNow(ctx context.Context) { s.probeRound(ctx, map[string]*probeState{}) }
 
+// probeRound probes every target and forgets the state of targets that are gone.
 func (s *Service) probeRound(ctx context.Context, states map[string]*probeState) {
 	snap := s.w.Snapshot()
+	s.probeTargets(ctx, snap, states, snap.Targets())
+	for name := range states {
+		if _, ok := snap.Target(name); !ok {
+			delete(states, name)
+		}
+	}
+}
+
+// probeTargets probes ts in parallel and judges each.
+func (s *Service) probeTargets(ctx context.Context, snap *targets.Snapshot, states map[string]*probeState, ts []*pb.Target) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
-	live := map[string]bool{}
-	for _, t := range snap.Targets() {
-		live[t.Name] = true
+	for _, t := range ts {
 		st := states[t.Name]
 		if st == nil || st.uid != t.Uid {
 			st = &probeState{uid: t.Uid}
@@ -65,11 +103,6 @@ func (s *Service) probeRound(ctx context.Context, states map[string]*probeState)
 		}(t, st)
 	}
 	wg.Wait()
-	for name := range states {
-		if !live[name] {
-			delete(states, name)
-		}
-	}
 }
 
 func canaryBytes(t *pb.Target) []byte {
