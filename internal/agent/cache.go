@@ -6,6 +6,7 @@ import (
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/wire"
 )
 
 // locationCache keeps the redirects the control plane allows agents to reuse (cache_for on a
@@ -34,6 +35,11 @@ type cached struct {
 	target string
 	loc    *pb.Location
 	until  time.Time
+	// answer is the redirect response already encoded for a client asking for hashes (the
+	// digests a location carries depend on them); a client asking for others gets one encoded
+	// for it.
+	answer *wire.PreparedRedirect
+	hashes []string
 }
 
 // maxRecent bounds the recent-invalidation memory; past it, it is cleared and the horizon moves
@@ -59,16 +65,16 @@ func (c *locationCache) get(key string, accepted []string, now time.Time) (cache
 	}
 	c.mu.Unlock()
 	if !ok || !slices.Contains(accepted, e.target) {
-		c.m.cache.WithLabelValues("miss").Inc()
+		c.m.cacheMisses.Inc()
 		return cached{}, false
 	}
-	c.m.cache.WithLabelValues("hit").Inc()
+	c.m.cacheHits.Inc()
 	return e, true
 }
 
 // put keeps a redirect the control plane allowed to be reused, unless an invalidation this agent
 // already applied may postdate the snapshot it was decided on.
-func (c *locationCache) put(key string, resp *pb.PlaceResponse, now time.Time) {
+func (c *locationCache) put(key string, resp *pb.PlaceResponse, answer *wire.PreparedRedirect, hashes []string, now time.Time) {
 	if !c.enabled() || resp.CacheFor == nil || resp.Location == nil {
 		return
 	}
@@ -88,7 +94,7 @@ func (c *locationCache) put(key string, resp *pb.PlaceResponse, now time.Time) {
 			break
 		}
 	}
-	c.entries[key] = cached{target: resp.Target, loc: resp.Location, until: now.Add(ttl)}
+	c.entries[key] = cached{target: resp.Target, loc: resp.Location, until: now.Add(ttl), answer: answer, hashes: hashes}
 	c.m.cache.WithLabelValues("stored").Inc()
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -100,8 +101,13 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		return
 	}
 	if hit, ok := a.cache.get(key, cmd.Redirect.Targets, time.Now()); ok {
-		if err := a.writeRedirect(w, cmd, hit.loc); err == nil {
-			a.metrics.requests.WithLabelValues("redirect").Inc()
+		answer := hit.answer
+		if !slices.Equal(hit.hashes, cmd.Redirect.Hashes) {
+			answer, _ = redirectAnswer(cmd.Redirect.Hashes, hit.loc)
+		}
+		if answer != nil {
+			writeRedirect(w, cmd.RequestID, answer)
+			a.metrics.redirects.Inc()
 			a.maybeCheckLocation(key, hit.target, hit.loc)
 			return
 		}
@@ -111,13 +117,15 @@ func (a *Agent) serveCommand(w http.ResponseWriter, r *http.Request, name string
 	case d == nil:
 		a.passthrough(w, r, body, "inline")
 	case d.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT && d.Location != nil:
-		if err := a.writeRedirect(w, cmd, d.Location); err != nil {
+		answer, err := redirectAnswer(cmd.Redirect.Hashes, d.Location)
+		if err != nil {
 			a.once.Warn("redirect", "cannot encode a redirect; answering inline", "err", err)
 			a.passthrough(w, r, body, "inline")
 			return
 		}
-		a.metrics.requests.WithLabelValues("redirect").Inc()
-		a.cache.put(key, d, time.Now())
+		writeRedirect(w, cmd.RequestID, answer)
+		a.metrics.redirects.Inc()
+		a.cache.put(key, d, answer, cmd.Redirect.Hashes, time.Now())
 		a.maybeCheckLocation(key, d.Target, d.Location)
 	case d.Fill != nil && a.admitFill(d.Fill.Target):
 		a.serveInlineWithFill(w, r, cmd, key, d.Fill)
@@ -210,12 +218,12 @@ func (a *Agent) forwardCommand(r *http.Request, cmd *wire.CommandRequest) (*http
 	return a.client.Do(req)
 }
 
-// writeRedirect answers with the location. It writes nothing when the redirect cannot be encoded,
-// so the caller can still answer inline.
-func (a *Agent) writeRedirect(w http.ResponseWriter, cmd *wire.CommandRequest, l *pb.Location) error {
+// redirectAnswer encodes the redirect response for l, with the digests of the hash algorithms the
+// client asked for, in its order.
+func redirectAnswer(hashes []string, l *pb.Location) (*wire.PreparedRedirect, error) {
 	size := l.Size
 	loc := &wire.Location{URL: l.Url, MediaType: l.MediaType, Size: &size}
-	for _, h := range cmd.Redirect.Hashes {
+	for _, h := range hashes {
 		switch h {
 		case "sha256":
 			loc.FullHashes = append(loc.FullHashes, []string{h, string(l.Sha256)})
@@ -223,15 +231,19 @@ func (a *Agent) writeRedirect(w http.ResponseWriter, cmd *wire.CommandRequest, l
 			loc.FullHashes = append(loc.FullHashes, []string{h, string(l.Sha1)})
 		}
 	}
-	var buf bytes.Buffer
-	if err := wire.NewResponseWriter(&buf, wire.DefaultMaxPayload).WriteRedirect(cmd.RequestID, loc); err != nil {
-		return err
-	}
-	w.Header().Set("Content-Type", wire.MediaTypeFraming)
-	w.Header().Set("Content-Length", strconv.Itoa(buf.Len()))
+	return wire.PrepareRedirect(loc, wire.DefaultMaxPayload)
+}
+
+var framingContentType = []string{wire.MediaTypeFraming}
+
+// writeRedirect answers a request with a prepared redirect.
+func writeRedirect(w http.ResponseWriter, requestID uint16, answer *wire.PreparedRedirect) {
+	buf := answer.AppendTo(make([]byte, 0, answer.Len()), requestID)
+	h := w.Header()
+	h["Content-Type"] = framingContentType
+	h["Content-Length"] = []string{strconv.Itoa(len(buf))}
 	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write(buf.Bytes())
-	return nil
+	_, _ = w.Write(buf)
 }
 
 // place asks the control plane, within the place timeout. nil means "answer inline": the control

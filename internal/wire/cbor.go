@@ -22,6 +22,9 @@ var (
 	// canonicalMode is for hashing (content keys): a deterministic encoding of a decoded value.
 	canonicalMode cbor.EncMode
 	decMode       cbor.DecMode
+	// strictMode decodes maps into structs refusing keys the struct does not name; names are
+	// compared case-sensitively (the library otherwise also accepts "Name" for "name").
+	strictMode cbor.DecMode
 )
 
 func init() {
@@ -44,7 +47,7 @@ func init() {
 	if err != nil {
 		panic(err)
 	}
-	decMode, err = cbor.DecOptions{
+	dec := cbor.DecOptions{
 		DupMapKey:             cbor.DupMapKeyEnforcedAPF,
 		MaxNestedLevels:       maxNesting,
 		MaxArrayElements:      maxElements,
@@ -54,8 +57,13 @@ func init() {
 		ByteStringToString:    cbor.ByteStringToStringAllowed,
 		FieldNameByteString:   cbor.FieldNameByteStringAllowed,
 		DefaultMapType:        reflect.TypeOf(map[string]any(nil)),
-	}.DecMode()
-	if err != nil {
+	}
+	if decMode, err = dec.DecMode(); err != nil {
+		panic(err)
+	}
+	dec.ExtraReturnErrors = cbor.ExtraDecErrorUnknownField
+	dec.FieldNameMatching = cbor.FieldNameMatchingCaseSensitive
+	if strictMode, err = dec.DecMode(); err != nil {
 		panic(err)
 	}
 }
@@ -68,6 +76,14 @@ func Marshal(v any) ([]byte, error) { return encMode.Marshal(normalize(v)) }
 // when v asks for any; maps into map[string]any.
 func Unmarshal(data []byte, v any) error {
 	if err := decMode.Unmarshal(data, v); err != nil {
+		return fmt.Errorf("%w: %v", classify(err), err)
+	}
+	return nil
+}
+
+// unmarshalStrict is Unmarshal into a struct that refuses keys it does not name.
+func unmarshalStrict(data []byte, v any) error {
+	if err := strictMode.Unmarshal(data, v); err != nil {
 		return fmt.Errorf("%w: %v", classify(err), err)
 	}
 	return nil
@@ -128,7 +144,7 @@ func (m RawMap) MarshalCBOR() ([]byte, error) {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
-	b := appendHead(nil, 5, uint64(len(m)))
+	b := appendHead(nil, majorMap, uint64(len(m)))
 	for _, k := range keys {
 		kb, err := encMode.Marshal(k)
 		if err != nil {
@@ -141,6 +157,9 @@ func (m RawMap) MarshalCBOR() ([]byte, error) {
 }
 
 // appendHead writes a CBOR initial byte and argument (RFC 8949 section 3).
+// majorMap is CBOR's major type of maps.
+const majorMap = 5
+
 func appendHead(b []byte, major byte, n uint64) []byte {
 	m := major << 5
 	switch {

@@ -225,38 +225,40 @@ func DecodeCommandRequest(payload []byte) (*CommandRequest, error) {
 	return req, nil
 }
 
+// commandRequestIn is a command-request payload as read: one pass over the map, with the values
+// kept raw until each is checked, unknown and duplicate keys refused by strictMode.
+type commandRequestIn struct {
+	Args     RawMessage `cbor:"args"`
+	Name     RawMessage `cbor:"name"`
+	Redirect RawMessage `cbor:"redirect"`
+}
+
 func decodeCommandRequest(payload []byte, req *CommandRequest) error {
-	var m map[string]RawMessage
-	if err := Unmarshal(payload, &m); err != nil {
+	var in commandRequestIn
+	if err := unmarshalStrict(payload, &in); err != nil {
 		return fmt.Errorf("command request: %w", err)
 	}
-	for k := range m {
-		if k != "name" && k != "args" && k != "redirect" {
-			return fmt.Errorf("%w: command request: unknown key %q", ErrBadValue, k)
-		}
-	}
-	raw, ok := m["name"]
-	if !ok {
+	if in.Name == nil {
 		return fmt.Errorf("%w: command request: missing name", ErrBadValue)
 	}
-	if err := Unmarshal(raw, &req.Name); err != nil {
+	if err := Unmarshal(in.Name, &req.Name); err != nil {
 		return fmt.Errorf("command request: name: %w", err)
 	}
 	if req.Name == "" {
 		return fmt.Errorf("%w: command request: name is empty", ErrBadValue)
 	}
-	if raw, ok := m["args"]; ok {
-		if err := Unmarshal(raw, &req.Args); err != nil {
+	if in.Args != nil {
+		if err := Unmarshal(in.Args, &req.Args); err != nil {
 			return fmt.Errorf("command request: args: %w", err)
 		}
 		if req.Args == nil {
 			return fmt.Errorf("%w: command request: args is not a map", ErrBadValue)
 		}
-		req.RawArgs = raw
+		req.RawArgs = in.Args
 	}
-	if raw, ok := m["redirect"]; ok {
+	if in.Redirect != nil {
 		var rr RedirectRequest
-		if err := decodeStrict(raw, &rr, "targets", "hashes"); err != nil {
+		if err := decodeStrict(in.Redirect, &rr); err != nil {
 			return fmt.Errorf("command request: redirect: %w", err)
 		}
 		if rr.Targets == nil {
@@ -267,26 +269,13 @@ func decodeCommandRequest(payload []byte, req *CommandRequest) error {
 	return nil
 }
 
-// decodeStrict decodes a map into a struct, refusing keys other than those named and values that
-// are absent (nil) where a list is required.
-func decodeStrict(raw []byte, v any, keys ...string) error {
-	var m map[string]RawMessage
-	if err := Unmarshal(raw, &m); err != nil {
-		return err
-	}
-	if m == nil {
+// decodeStrict decodes a map into a struct, refusing keys the struct does not name (compared
+// case-sensitively) and a value that is not a map.
+func decodeStrict(raw []byte, v any) error {
+	if len(raw) == 0 || raw[0]>>5 != majorMap {
 		return fmt.Errorf("%w: not a map", ErrBadValue)
 	}
-	for k := range m {
-		found := false
-		for _, want := range keys {
-			found = found || k == want
-		}
-		if !found {
-			return fmt.Errorf("%w: unknown key %q", ErrBadValue, k)
-		}
-	}
-	return Unmarshal(raw, v)
+	return unmarshalStrict(raw, v)
 }
 
 // EncodeCommandRequest returns the CBOR payload of req (name, args, redirect).

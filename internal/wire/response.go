@@ -169,6 +169,41 @@ func (rw *ResponseWriter) WriteRedirect(requestID uint16, loc *Location) error {
 		Type: TypeCommandResponse, Flags: FlagResponseEOS, Payload: b})
 }
 
+// PreparedRedirect is a redirect response's frames encoded once for a location, with request id 0:
+// a hot location is answered by copying them and setting the request id, without encoding the
+// location again. Its bytes are WriteRedirect's on a fresh ResponseWriter.
+type PreparedRedirect struct {
+	frames   []byte
+	idOffset [2]int // where each frame's request id is
+}
+
+// PrepareRedirect encodes the redirect response for loc.
+func PrepareRedirect(loc *Location, maxPayload int) (*PreparedRedirect, error) {
+	var buf bytes.Buffer
+	if err := NewResponseWriter(&buf, maxPayload).WriteRedirect(0, loc); err != nil {
+		return nil, err
+	}
+	b := buf.Bytes()
+	first, err := ParseHeader(b)
+	if err != nil {
+		return nil, err
+	}
+	return &PreparedRedirect{frames: b, idOffset: [2]int{3, HeaderSize + first.Length + 3}}, nil
+}
+
+// Len is the response's length in bytes.
+func (p *PreparedRedirect) Len() int { return len(p.frames) }
+
+// AppendTo appends the response for requestID to dst.
+func (p *PreparedRedirect) AppendTo(dst []byte, requestID uint16) []byte {
+	n := len(dst)
+	dst = append(dst, p.frames...)
+	for _, off := range p.idOffset {
+		dst[n+off], dst[n+off+1] = byte(requestID), byte(requestID>>8)
+	}
+	return dst
+}
+
 // WriteOK writes a complete ok response with the given objects.
 func (rw *ResponseWriter) WriteOK(requestID uint16, objects ...any) error {
 	if err := rw.WriteStreamSettings(requestID, EncodingIdentity); err != nil {

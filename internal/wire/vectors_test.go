@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/hex"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -202,6 +203,39 @@ func TestRedirectIsOneFrameCarryingEOS(t *testing.T) {
 	want := spec(t, vecRedirectResponse)
 	if !bytes.Equal(buf.Bytes(), want) {
 		t.Fatalf("redirect response\n got %x\nwant %x", buf.Bytes(), want)
+	}
+}
+
+// A prepared redirect is the spec's vector with the request id set, for any id (both frames carry
+// it), and equals WriteRedirect's bytes for a location with size and digests.
+func TestPreparedRedirectIsWriteRedirectsBytes(t *testing.T) {
+	p, err := PrepareRedirect(&Location{URL: "u", MediaType: MediaTypeCBOR}, DefaultMaxPayload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := p.AppendTo(nil, 1), spec(t, vecRedirectResponse); !bytes.Equal(got, want) {
+		t.Fatalf("prepared redirect\n got %x\nwant %x", got, want)
+	}
+	size := uint64(1 << 20)
+	loc := &Location{URL: "https://example.com/o", MediaType: MediaTypeCBOR, Size: &size,
+		FullHashes: [][]string{{"sha256", strings.Repeat("\x01", 32)}, {"sha1", strings.Repeat("\x02", 20)}}}
+	p, err = PrepareRedirect(loc, DefaultMaxPayload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefix := []byte("kept")
+	for _, id := range []uint16{0, 1, 255, 256, 0xbeef, 0xffff} {
+		var buf bytes.Buffer
+		if err := NewResponseWriter(&buf, DefaultMaxPayload).WriteRedirect(id, loc); err != nil {
+			t.Fatal(err)
+		}
+		got := p.AppendTo(slices.Clone(prefix), id)
+		if !bytes.Equal(got[:len(prefix)], prefix) || !bytes.Equal(got[len(prefix):], buf.Bytes()) || p.Len() != buf.Len() {
+			t.Fatalf("request id %d: prepared\n got %x\nwant %x", id, got[len(prefix):], buf.Bytes())
+		}
+	}
+	if _, err := PrepareRedirect(&Location{URL: strings.Repeat("u", 200), MediaType: MediaTypeCBOR}, 100); !errors.Is(err, ErrRedirectTooLarge) {
+		t.Fatalf("a redirect too large for a frame was prepared: %v", err)
 	}
 }
 
