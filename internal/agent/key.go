@@ -38,6 +38,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"sync"
 
 	"github.com/fxamacker/cbor/v2"
 
@@ -124,9 +125,27 @@ func ContentKeyAt(repoID, repoPath string, cmd *wire.CommandRequest) (string, er
 	if args == nil {
 		args = map[string]any{}
 	}
+	f, err := keyFrameOf(repoID, repoPath, cmd.Name)
+	if err != nil {
+		return "", err
+	}
+	b, err := wire.Canonical(args)
+	if err != nil {
+		return "", fmt.Errorf("content key of %s: %w", cmd.Name, err)
+	}
+	h := sha256.New()
+	h.Write(f.head)
+	h.Write(b)
+	h.Write(f.tail)
+	var sum [sha256.Size]byte
+	return hex.EncodeToString(h.Sum(sum[:0])), nil
+}
+
+// keyInput is what a content key hashes, canonically encoded.
+func keyInput(repoID, repoPath, command string, args map[string]any) ([]byte, error) {
 	in := map[string]any{
 		"globalversion": keyVersion,
-		"command":       cmd.Name,
+		"command":       command,
 		"args":          args,
 		"repo":          repoID,
 		"mediatype":     wire.MediaTypeFraming,
@@ -138,8 +157,50 @@ func ContentKeyAt(repoID, repoPath string, cmd *wire.CommandRequest) (string, er
 	}
 	b, err := wire.Canonical(in)
 	if err != nil {
-		return "", fmt.Errorf("content key of %s: %w", cmd.Name, err)
+		return nil, fmt.Errorf("content key of %s: %w", command, err)
 	}
-	sum := sha256.Sum256(b)
-	return hex.EncodeToString(sum[:]), nil
+	return b, nil
+}
+
+// keyFrame is keyInput's encoding for one repository and command, split where the arguments go:
+// a key hashes head, the canonical arguments and tail. In the canonical order (shorter keys first,
+// then bytewise) "args" is the first key, so its value follows the map's head and the key at once.
+type keyFrame struct{ head, tail []byte }
+
+type keyFrameID struct{ repoID, repoPath, command string }
+
+// keyFrames remembers the frames of the repositories and commands seen, up to maxKeyFrames (the
+// repository path comes from the client; past the bound the memory starts over).
+var keyFrames struct {
+	sync.Mutex
+	m map[keyFrameID]keyFrame
+}
+
+const maxKeyFrames = 1024
+
+func keyFrameOf(repoID, repoPath, command string) (keyFrame, error) {
+	id := keyFrameID{repoID, repoPath, command}
+	keyFrames.Lock()
+	f, ok := keyFrames.m[id]
+	keyFrames.Unlock()
+	if ok {
+		return f, nil
+	}
+	b, err := keyInput(repoID, repoPath, command, map[string]any{})
+	if err != nil {
+		return keyFrame{}, err
+	}
+	// b is the map head, then "args" (0x44 "args") and its empty map (0xa0), then the rest.
+	const argsAt = 1 + 5
+	if len(b) <= argsAt || string(b[1:argsAt]) != "\x44args" || b[argsAt] != 0xa0 {
+		return keyFrame{}, fmt.Errorf("content key of %s: the key's encoding does not begin with its arguments", command)
+	}
+	f = keyFrame{head: b[:argsAt], tail: b[argsAt+1:]}
+	keyFrames.Lock()
+	if keyFrames.m == nil || len(keyFrames.m) >= maxKeyFrames {
+		keyFrames.m = map[keyFrameID]keyFrame{}
+	}
+	keyFrames.m[id] = f
+	keyFrames.Unlock()
+	return f, nil
 }

@@ -2,6 +2,9 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
 	"net/url"
 	"testing"
 
@@ -111,4 +114,52 @@ func mustURL(t testing.TB, s string) *url.URL {
 		t.Fatal(err)
 	}
 	return u
+}
+
+// Content keys are stored: a change to how they are computed must change keyVersion, never the
+// value of an existing key silently. These are keys of keyVersion 2.
+func TestContentKeysAreStable(t *testing.T) {
+	cmd := &wire.CommandRequest{Name: "manifestdata", Args: map[string]any{"fields": wire.Set("parents", "revision"),
+		"haveparents": true, "nodes": []any{"01234567890123456789"}, "tree": ""}}
+	for _, c := range []struct{ repoID, repoPath, want string }{
+		{"https://hg.example.com/repo", "", "ea4a4161e8fec94db13324f27cc0933f37e2bfdaa272c026eadb15e2b485ab41"},
+		{"https://hg.example.com/", "/repos/r1", "5c5941399fc44c89755ac0db7584ba953d2dfad41246aa761153c5ca042df0fa"},
+	} {
+		got, err := ContentKeyAt(c.repoID, c.repoPath, cmd)
+		if err != nil || got != c.want {
+			t.Errorf("key of %s%s = %s, %v; want %s", c.repoID, c.repoPath, got, err, c.want)
+		}
+	}
+}
+
+// The key from a remembered frame is the hash of the whole input encoded at once, for any
+// arguments, repositories and commands (and again once the memory of frames has started over).
+func TestContentKeyFramesMatchTheWholeEncoding(t *testing.T) {
+	argSets := []map[string]any{
+		nil, {},
+		{"nodes": []any{"a", "b"}, "tree": "", "fields": wire.Set("revision", "parents")},
+		{"revisions": []any{map[string]any{"type": "changesetdagrange", "roots": []any{}, "heads": []any{"h"}}},
+			"pathfilter": map[string]any{"include": []any{"path:ü"}}, "haveparents": false},
+		{"args": "a key named args", "zzzz": uint64(1 << 40), "": -3},
+	}
+	for i := 0; i < 2*maxKeyFrames+10; i++ {
+		repoPath := ""
+		if i%3 != 0 {
+			repoPath = fmt.Sprintf("/r%d", i)
+		}
+		cmd := &wire.CommandRequest{Name: []string{"manifestdata", "filesdata", "filedata"}[i%3], Args: argSets[i%len(argSets)]}
+		args := cmd.Args
+		if args == nil {
+			args = map[string]any{}
+		}
+		whole, err := keyInput("repo", repoPath, cmd.Name, args)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(whole)
+		got, err := ContentKeyAt("repo", repoPath, cmd)
+		if err != nil || got != hex.EncodeToString(sum[:]) {
+			t.Fatalf("%s at %q with %v: key %s, %v; the whole encoding hashes to %x", cmd.Name, repoPath, cmd.Args, got, err, sum)
+		}
+	}
 }
