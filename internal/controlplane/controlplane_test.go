@@ -336,7 +336,7 @@ func TestPlaceRedirectsOnlyVerifiedObjects(t *testing.T) {
 		t.Fatal(err)
 	}
 	var third *pb.PlaceResponse
-	eventually(t, 2*time.Second, "redirect after the fill is verified", func() bool {
+	eventually(t, 5*time.Second, "redirect after the fill is verified", func() bool {
 		third, _ = r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "eu"})
 		return third.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
@@ -442,7 +442,7 @@ func TestFillClaimGrantedOnceFor20ConcurrentPlaces(t *testing.T) {
 		t.Fatal(err)
 	}
 	k := key(2)
-	eventually(t, 2*time.Second, "policy in the snapshot", func() bool {
+	eventually(t, 5*time.Second, "policy in the snapshot", func() bool {
 		p, err := r.admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
 		return err == nil && p.Policy.FillClaimTtl != nil
 	})
@@ -487,7 +487,7 @@ func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
 	ctx := context.Background()
 	createTargets(t, a, target(t, "us-a", "us"))
 	start := time.Now()
-	eventually(t, time.Second, "replica b sees a's target", func() bool {
+	eventually(t, 5*time.Second, "replica b sees a's target", func() bool {
 		_, err := b.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
 		return err == nil
 	})
@@ -496,7 +496,7 @@ func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
 	fill(t, b, k, []string{"us-a"}, "us")
 	req := &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"}
 	var fromA *pb.PlaceResponse
-	eventually(t, time.Second, "replica a redirects after b's fill", func() bool {
+	eventually(t, 5*time.Second, "replica a redirects after b's fill", func() bool {
 		fromA, _ = a.place.Place(ctx, req)
 		return fromA.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
@@ -520,7 +520,7 @@ func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
 	createTargets(t, r, target(t, "us-a", "us"))
 	k := key(4)
 	fill(t, r, k, []string{"us-a"}, "us")
-	eventually(t, 2*time.Second, "object ready", func() bool {
+	eventually(t, 5*time.Second, "object ready", func() bool {
 		resp, _ := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
 		return resp.GetResult() == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
@@ -731,7 +731,7 @@ func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
 	}
 	short := key(200)
 	g, _ := fill(t, r, short, []string{"us-a"}, "us")
-	eventually(t, 2*time.Second, "the short-lived object listed", func() bool {
+	eventually(t, 5*time.Second, "the short-lived object listed", func() bool {
 		resp, err := r.admin.ListObjects(ctx, &pb.ListObjectsRequest{KeyPrefix: short})
 		return err == nil && len(resp.Objects) == 1 && resp.Objects[0].Expires != nil
 	})

@@ -116,7 +116,7 @@ func TestForgedFillReportsAreRejected(t *testing.T) {
 			// Nothing READY; the claim is released, so the key can be granted again at once. (Each
 			// Place may itself take the claim, so the first grant ends the wait.)
 			var last *pb.PlaceResponse
-			eventually(t, 2*time.Second, "the claim released", func() bool {
+			eventually(t, 5*time.Second, "the claim released", func() bool {
 				last = placeKey(t, r, k, acc...)
 				if last.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
 					t.Fatalf("a rejected fill is redirected to: %v", last)
@@ -363,7 +363,7 @@ func TestUsedObjectsAreExtendedUnusedExpire(t *testing.T) {
 	if _, err := r.admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{ObjectTtl: durationpb.New(3 * time.Second)}}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 2*time.Second, "policy in the snapshot", func() bool {
+	eventually(t, 5*time.Second, "policy in the snapshot", func() bool {
 		p, err := r.admin.GetPolicy(ctx, &pb.GetPolicyRequest{})
 		return err == nil && p.Policy.ObjectTtl != nil
 	})

@@ -185,7 +185,7 @@ func TestDrainServesSoleCopiesUntilTheJanitorHasCopiedThemAway(t *testing.T) {
 	if n := metric(t, r, "detour_store_copies_total", `reason="drain"`, `outcome="ready"`); n != 1 {
 		t.Fatalf("drain copies counted: %v", n)
 	}
-	eventually(t, 2*time.Second, "the sole-copies gauge at 0", func() bool {
+	eventually(t, 5*time.Second, "the sole-copies gauge at 0", func() bool {
 		return strings.Contains(httpGet(t, "http://"+r.inst.MetricsAddr()+"/metrics"), `detour_drain_sole_copies{target="eu-gcs"} 0`)
 	})
 

@@ -340,7 +340,7 @@ func TestHeartbeatLeaseExpiryMakesTargetUnhealthy(t *testing.T) {
 	if err := r.Heartbeat(ctx, "mirror", 2*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 3*time.Second, "healthy after heartbeat", healthy)
+	eventually(t, 5*time.Second, "healthy after heartbeat", healthy)
 	// A second heartbeat refreshes the same lease.
 	if err := r.Heartbeat(ctx, "mirror", 2*time.Second); err != nil {
 		t.Fatal(err)
