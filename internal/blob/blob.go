@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/md5"
+	"crypto/rand"
 	"crypto/sha1"
 	"crypto/sha256"
 	"encoding/hex"
@@ -68,6 +69,9 @@ const (
 	MetaSHA256 = "detour-sha256"
 	MetaSHA1   = "detour-sha1"
 	MetaKey    = "detour-key"
+	// MetaUpload is a random token of the upload that wrote the object, so that an aborted
+	// upload recognises its own bytes if the store committed them after all.
+	MetaUpload = "detour-upload"
 )
 
 // Result describes bytes that passed through an upload or a read.
@@ -115,6 +119,9 @@ type Upload struct {
 	cancel context.CancelFunc
 	h      *hashes
 	err    error
+	token  string // MetaUpload
+	bucket string
+	name   string
 }
 
 // Create starts an upload of bucket/name. The object is only created if absent, so a racing or
@@ -127,11 +134,18 @@ func (s *Store) Create(ctx context.Context, bucket, name, mediaType, key string)
 		Retryer(storage.WithMaxAttempts(3), storage.WithMaxRetryDuration(10*time.Second))
 	w := obj.NewWriter(ctx)
 	w.ContentType = mediaType
-	w.Metadata = map[string]string{MetaKey: key}
+	token := uploadToken()
+	w.Metadata = map[string]string{MetaKey: key, MetaUpload: token}
 	// No chunk buffer: the object streams out in one request as bytes arrive, instead of each
 	// fill holding a multi-MiB buffer. A failed upload is not resumed; the fill is aborted.
 	w.ChunkSize = 0
-	return &Upload{store: s, w: w, ctx: ctx, cancel: cancel, h: newHashes()}
+	return &Upload{store: s, w: w, ctx: ctx, cancel: cancel, h: newHashes(), token: token, bucket: bucket, name: name}
+}
+
+func uploadToken() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
 
 // Write adds bytes to the object.
@@ -209,20 +223,48 @@ var errAborted = errors.New("upload aborted")
 // object. (The storage client deprecates CloseWithError in favour of cancellation; the two are
 // needed together here.)
 //
-// Abort returns once the upload's request has ended. If the store committed the object anyway
-// (the request had carried its last byte before the cancellation reached it), Abort deletes that
-// generation: an aborted fill leaves no bytes behind.
+// Abort returns once the upload's request has ended. If the store committed the object anyway,
+// Abort deletes that generation: an aborted fill leaves no bytes behind. The store may commit
+// without the client seeing it: its answer was lost, or (the storage client closes the multipart
+// body's last boundary before failing it, so a server reading the parts as they stream can take a
+// truncated body for a whole one) the store commits truncated bytes after Abort has returned. So
+// when the client saw no commit, Abort looks for an object under the name that carries this
+// upload's token, at once and again a second later. Deleting it is always safe: without the
+// hashes Commit records, no report can ever be verified against it. (What commits later still is
+// an orphan the control plane's reconciler collects.)
 func (u *Upload) Abort() {
 	u.cancel()
 	_ = u.w.CloseWithError(errAborted) //nolint:staticcheck // see above
 	// The pipe already holds errAborted, so Close cannot end the body cleanly; it waits for the
 	// upload goroutine.
 	_ = u.w.Close()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 10*time.Second)
+	defer cancel()
 	if a := u.w.Attrs(); a != nil {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 10*time.Second)
-		defer cancel()
 		_ = u.store.Delete(ctx, a.Bucket, a.Name, a.Generation)
+		return
 	}
+	if !u.deleteOwn(ctx) {
+		time.AfterFunc(abortRecheck, func() {
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 10*time.Second)
+			defer cancel()
+			u.deleteOwn(ctx)
+		})
+	}
+}
+
+// abortRecheck is when an aborted upload looks again for bytes the store committed late.
+const abortRecheck = time.Second
+
+// deleteOwn deletes the object under the upload's name if this upload wrote it and no Commit
+// recorded its hashes, and says whether it found one.
+func (u *Upload) deleteOwn(ctx context.Context) bool {
+	a, err := u.store.client.Bucket(u.bucket).Object(u.name).Attrs(ctx)
+	if err != nil || a.Metadata[MetaUpload] != u.token || a.Metadata[MetaSHA256] != "" {
+		return false
+	}
+	_ = u.store.Delete(ctx, a.Bucket, a.Name, a.Generation)
+	return true
 }
 
 // ErrNotFound means the object does not exist.

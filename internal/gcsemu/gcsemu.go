@@ -19,28 +19,40 @@ import (
 type Server struct {
 	srv  *fakestorage.Server
 	host string
+	http *http.Server // serving srv on a listener of ours (port 0), else nil
 }
 
-// Start listens on 127.0.0.1:port (a free port when 0) and serves objects from memory.
+// Start listens on 127.0.0.1:port (a free port when 0) and serves objects from memory. With port
+// 0 the listener is opened here and kept: picking a free port and binding it later races every
+// other listener and outgoing connection of the machine for it.
 func Start(port int) (*Server, error) {
+	var lis net.Listener
 	if port == 0 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
+		var err error
+		if lis, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
 			return nil, err
 		}
-		port = l.Addr().(*net.TCPAddr).Port
-		l.Close()
+		port = lis.Addr().(*net.TCPAddr).Port
 	}
 	host := "127.0.0.1:" + strconv.Itoa(port)
 	srv, err := fakestorage.NewServerWithOptions(fakestorage.Options{
-		Scheme: "http", Host: "127.0.0.1", Port: uint16(port),
+		Scheme: "http", Host: "127.0.0.1", Port: uint16(port), NoListener: lis != nil,
+		ExternalURL: "http://" + host,
 		// Objects are also served at http://host/<bucket>/<object>, the form of public URLs.
 		PublicHost: host,
 	})
 	if err != nil {
+		if lis != nil {
+			lis.Close()
+		}
 		return nil, fmt.Errorf("start GCS emulator on %s: %w", host, err)
 	}
-	return &Server{srv: srv, host: host}, nil
+	s := &Server{srv: srv, host: host}
+	if lis != nil {
+		s.http = &http.Server{Handler: srv.HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go s.http.Serve(lis) //nolint:errcheck // ends with Stop
+	}
+	return s, nil
 }
 
 // Endpoint is the JSON API endpoint for the storage client (option.WithEndpoint).
@@ -83,7 +95,12 @@ func (s *Server) Object(bucket, name string) ([]byte, error) {
 }
 
 // Stop shuts the emulator down.
-func (s *Server) Stop() { s.srv.Stop() }
+func (s *Server) Stop() {
+	if s.http != nil {
+		s.http.Close()
+	}
+	s.srv.Stop()
+}
 
 // Front serves the emulator's public URLs through a switch that injects the faults a client-facing
 // URL can have: an HTTP status (a bucket that is not public answers 403, a CDN misconfiguration
