@@ -238,32 +238,36 @@ func (u *Upload) Abort() {
 	// The pipe already holds errAborted, so Close cannot end the body cleanly; it waits for the
 	// upload goroutine.
 	_ = u.w.Close()
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 10*time.Second)
-	defer cancel()
 	if a := u.w.Attrs(); a != nil {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 10*time.Second)
+		defer cancel()
 		_ = u.store.Delete(ctx, a.Bucket, a.Name, a.Generation)
 		return
 	}
-	if !u.deleteOwn(ctx) {
-		time.AfterFunc(abortRecheck, func() {
-			ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 10*time.Second)
-			defer cancel()
-			u.deleteOwn(ctx)
-		})
-	}
+	// In the background: Abort must not wait on a store that may be down (a fill's failure is
+	// what opens the agent's breaker).
+	go func() {
+		if !u.deleteOwn() {
+			time.AfterFunc(abortRecheck, func() { u.deleteOwn() })
+		}
+	}()
 }
 
 // abortRecheck is when an aborted upload looks again for bytes the store committed late.
 const abortRecheck = time.Second
 
 // deleteOwn deletes the object under the upload's name if this upload wrote it and no Commit
-// recorded its hashes, and says whether it found one.
-func (u *Upload) deleteOwn(ctx context.Context) bool {
-	a, err := u.store.client.Bucket(u.bucket).Object(u.name).Attrs(ctx)
+// recorded its hashes, and says whether it found one. One try each, no retries: the store may be
+// why the upload failed.
+func (u *Upload) deleteOwn() bool {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(u.ctx), 5*time.Second)
+	defer cancel()
+	obj := u.store.client.Bucket(u.bucket).Object(u.name).Retryer(storage.WithPolicy(storage.RetryNever))
+	a, err := obj.Attrs(ctx)
 	if err != nil || a.Metadata[MetaUpload] != u.token || a.Metadata[MetaSHA256] != "" {
 		return false
 	}
-	_ = u.store.Delete(ctx, a.Bucket, a.Name, a.Generation)
+	_ = obj.Generation(a.Generation).Delete(ctx)
 	return true
 }
 

@@ -107,8 +107,8 @@ func TestAbortDeletesOnlyItsOwnUncommittedBytes(t *testing.T) {
 	_, st := startGCS(t)
 	ctx := context.Background()
 	// An upload that has not streamed anything (a streaming one would hold the emulator's object).
-	u := &Upload{store: st, bucket: "objects", name: "late", token: uploadToken()}
-	if u.deleteOwn(ctx) {
+	u := &Upload{store: st, ctx: ctx, bucket: "objects", name: "late", token: uploadToken()}
+	if u.deleteOwn() {
 		t.Fatal("found an object before any was stored")
 	}
 	put := func(meta map[string]string) {
@@ -124,15 +124,15 @@ func TestAbortDeletesOnlyItsOwnUncommittedBytes(t *testing.T) {
 		}
 	}
 	put(map[string]string{MetaKey: "k", MetaUpload: "another upload"})
-	if u.deleteOwn(ctx) {
+	if u.deleteOwn() {
 		t.Fatal("deleted another upload's object")
 	}
 	put(map[string]string{MetaKey: "k", MetaUpload: u.token, MetaSHA256: "ab"})
-	if u.deleteOwn(ctx) {
+	if u.deleteOwn() {
 		t.Fatal("deleted an object whose hashes a commit recorded")
 	}
 	put(map[string]string{MetaKey: "k", MetaUpload: u.token})
-	if !u.deleteOwn(ctx) {
+	if !u.deleteOwn() {
 		t.Fatal("did not find its own uncommitted object")
 	}
 	if _, err := st.Stat(ctx, "objects", "late"); !errors.Is(err, ErrNotFound) {
