@@ -44,16 +44,18 @@ func (s *Service) runProber(ctx context.Context) {
 	defer tick.Stop()
 	s.probeRound(ctx, states)
 	for {
+		// Checked before waiting: a target created while a round ran is in the snapshot already.
 		snap := s.w.Snapshot()
+		if fresh := unprobed(snap, states); len(fresh) > 0 {
+			s.probeTargets(ctx, snap, states, fresh)
+			continue
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 			s.probeRound(ctx, states)
 		case <-snap.Superseded():
-			if fresh := unprobed(s.w.Snapshot(), states); len(fresh) > 0 {
-				s.probeTargets(ctx, s.w.Snapshot(), states, fresh)
-			}
 		}
 	}
 }

@@ -223,9 +223,15 @@ func (s *Service) readSnapshot(ctx context.Context) *targets.Snapshot {
 // more, a reported fill is redirected to. Other replicas follow within one watch round trip.
 func (s *Service) settled(ctx context.Context, rev int64) {
 	s.wrote(rev)
-	if snap := s.awaitRevision(ctx, rev, applyWait); snap.Revision < rev {
+	// At most half of the caller's remaining time: the write has succeeded, and its answer must
+	// reach the caller before the deadline turns it into a failure.
+	wait := applyWait
+	if dl, ok := ctx.Deadline(); ok {
+		wait = min(wait, time.Until(dl)/2)
+	}
+	if snap := s.awaitRevision(ctx, rev, wait); snap.Revision < rev {
 		s.cfg.Log.Warn("a write is committed but this replica's snapshot has not caught up with it; placement here answers from the older state until the watch delivers it",
-			"revision", rev, "snapshot_revision", snap.Revision, "waited", applyWait)
+			"revision", rev, "snapshot_revision", snap.Revision, "waited", wait)
 	}
 }
 

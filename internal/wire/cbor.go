@@ -84,7 +84,7 @@ func Unmarshal(data []byte, v any) error {
 // unmarshalStrict is Unmarshal into a struct that refuses keys it does not name.
 func unmarshalStrict(data []byte, v any) error {
 	if err := strictMode.Unmarshal(data, v); err != nil {
-		return fmt.Errorf("%w: %v", classify(err), err)
+		return fmt.Errorf("%w: %w", classify(err), err)
 	}
 	return nil
 }

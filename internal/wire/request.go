@@ -2,8 +2,12 @@ package wire
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
+	"slices"
+
+	"github.com/fxamacker/cbor/v2"
 )
 
 // Content encodings. Detour decodes and produces only identity; it advertises no others, so the
@@ -236,7 +240,7 @@ type commandRequestIn struct {
 func decodeCommandRequest(payload []byte, req *CommandRequest) error {
 	var in commandRequestIn
 	if err := unmarshalStrict(payload, &in); err != nil {
-		return fmt.Errorf("command request: %w", err)
+		return fmt.Errorf("command request: %w", nameUnknownKey(payload, err, "name", "args", "redirect"))
 	}
 	if in.Name == nil {
 		return fmt.Errorf("%w: command request: missing name", ErrBadValue)
@@ -275,7 +279,28 @@ func decodeStrict(raw []byte, v any) error {
 	if len(raw) == 0 || raw[0]>>5 != majorMap {
 		return fmt.Errorf("%w: not a map", ErrBadValue)
 	}
-	return unmarshalStrict(raw, v)
+	if err := unmarshalStrict(raw, v); err != nil {
+		return nameUnknownKey(raw, err, "targets", "hashes")
+	}
+	return nil
+}
+
+// nameUnknownKey turns the library's "unknown field at index N" into an error naming the key,
+// reading the map again (only on that error path).
+func nameUnknownKey(raw []byte, err error, known ...string) error {
+	var uf *cbor.UnknownFieldError
+	if !errors.As(err, &uf) {
+		return err
+	}
+	var m map[string]RawMessage
+	if Unmarshal(raw, &m) == nil {
+		for k := range m {
+			if !slices.Contains(known, k) {
+				return fmt.Errorf("%w: unknown key %q", ErrBadValue, k)
+			}
+		}
+	}
+	return err
 }
 
 // EncodeCommandRequest returns the CBOR payload of req (name, args, redirect).

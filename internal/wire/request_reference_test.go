@@ -2,6 +2,7 @@ package wire
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"reflect"
 	"strings"
@@ -157,6 +158,22 @@ func BenchmarkDecodeCommandRequest(b *testing.B) {
 					}
 				}
 			})
+		}
+	}
+}
+
+// An unknown key is refused by name, in the request and in its redirect map.
+func TestUnknownKeysAreNamed(t *testing.T) {
+	for _, c := range []struct {
+		payload Map
+		key     string
+	}{
+		{Map{"name": "x", "extra": 1}, `"extra"`},
+		{Map{"name": "x", "redirect": Map{"targets": []any{}, "Hashes": []any{}}}, `"Hashes"`},
+	} {
+		_, err := DecodeCommandRequest(mustMarshal(t, c.payload))
+		if !errors.Is(err, ErrBadValue) || !strings.Contains(err.Error(), "unknown key "+c.key) {
+			t.Errorf("%v: %v, want an error naming %s", c.payload, err, c.key)
 		}
 	}
 }
