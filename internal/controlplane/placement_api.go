@@ -292,7 +292,9 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 		s.metrics.fills.WithLabelValues("rejected").Inc()
 		return nil, toStatus(err)
 	}
-	s.settled(ctx, rev)
+	// Not settled: a fill's report does not wait for this replica's watch (after an etcd leader
+	// change the watch can lag the writes by seconds, and fills would stop completing meanwhile).
+	s.wrote(rev)
 	s.metrics.fills.WithLabelValues("ready").Inc()
 	s.cfg.Log.Info("object ready", "key", req.Key, "target", claim.Target, "size", req.Size, "generation", req.Generation, "full_verify", full)
 	return &pb.ReportFillResponse{Object: obj}, nil

@@ -217,10 +217,10 @@ func (s *Service) readSnapshot(ctx context.Context) *targets.Snapshot {
 	return s.awaitRevision(ctx, s.lastWrite.Load(), time.Second)
 }
 
-// settled records a write and waits, up to applyWait or the caller's deadline, until this
-// replica's snapshot includes it. Admin writes and fill reports return only then, so a Place on
-// the same replica after they return sees them: a purge that has returned is redirected to no
-// more, a reported fill is redirected to. Other replicas follow within one watch round trip.
+// settled records a write and waits, up to applyWait or half the caller's remaining time, until
+// this replica's snapshot includes it. Admin writes return only then, so a Place on the same
+// replica after they return sees them: a purge that has returned is redirected to no more. Other
+// replicas follow within one watch round trip. (Fill reports do not wait: see ReportFill.)
 func (s *Service) settled(ctx context.Context, rev int64) {
 	s.wrote(rev)
 	// At most half of the caller's remaining time: the write has succeeded, and its answer must
