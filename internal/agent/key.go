@@ -39,6 +39,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/fxamacker/cbor/v2"
 
@@ -169,22 +170,20 @@ type keyFrame struct{ head, tail []byte }
 
 type keyFrameID struct{ repoID, repoPath, command string }
 
-// keyFrames remembers the frames of the repositories and commands seen, up to maxKeyFrames (the
-// repository path comes from the client; past the bound the memory starts over).
-var keyFrames struct {
-	sync.Mutex
-	m map[keyFrameID]keyFrame
-}
+// keyFrames remembers the frames of the repositories and commands seen (keyFrameID →
+// keyFrame), up to about maxKeyFrames: the repository path comes from the client, so past the
+// bound the memory starts over. Reads, one per request, take no lock.
+var (
+	keyFrames     sync.Map
+	keyFrameCount atomic.Int64
+)
 
 const maxKeyFrames = 1024
 
 func keyFrameOf(repoID, repoPath, command string) (keyFrame, error) {
 	id := keyFrameID{repoID, repoPath, command}
-	keyFrames.Lock()
-	f, ok := keyFrames.m[id]
-	keyFrames.Unlock()
-	if ok {
-		return f, nil
+	if f, ok := keyFrames.Load(id); ok {
+		return f.(keyFrame), nil
 	}
 	b, err := keyInput(repoID, repoPath, command, map[string]any{})
 	if err != nil {
@@ -195,12 +194,11 @@ func keyFrameOf(repoID, repoPath, command string) (keyFrame, error) {
 	if len(b) <= argsAt || string(b[1:argsAt]) != "\x44args" || b[argsAt] != 0xa0 {
 		return keyFrame{}, fmt.Errorf("content key of %s: the key's encoding does not begin with its arguments", command)
 	}
-	f = keyFrame{head: b[:argsAt], tail: b[argsAt+1:]}
-	keyFrames.Lock()
-	if keyFrames.m == nil || len(keyFrames.m) >= maxKeyFrames {
-		keyFrames.m = map[keyFrameID]keyFrame{}
+	f := keyFrame{head: b[:argsAt], tail: b[argsAt+1:]}
+	if keyFrameCount.Add(1) > maxKeyFrames {
+		keyFrames.Clear()
+		keyFrameCount.Store(1)
 	}
-	keyFrames.m[id] = f
-	keyFrames.Unlock()
+	keyFrames.Store(id, f)
 	return f, nil
 }

@@ -22,6 +22,7 @@ import (
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/gcsemu"
+	"github.com/detourhq/detour/internal/testbed"
 )
 
 func startGCS(t *testing.T) (*gcsemu.Server, *Store) {
@@ -90,15 +91,10 @@ func TestAbortLeavesNothing(t *testing.T) {
 	u.Abort()
 	// Usually nothing is there at once; bytes the store committed after the client gave up are
 	// found by the second look.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+	testbed.Eventually(t, 5*time.Second, "no object after abort", func() bool {
 		n, _ := emu.ObjectCount("objects")
-		if n == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d objects 5s after abort", n)
-		}
-	}
+		return n == 0
+	})
 }
 
 // An upload that the store committed although the client saw no answer is found by its token and
