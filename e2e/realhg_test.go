@@ -12,7 +12,7 @@ import (
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
-	"github.com/detourhq/detour/internal/agent"
+	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/hgclient"
 	"github.com/detourhq/detour/internal/testbed"
 	"github.com/detourhq/detour/internal/wire"
@@ -260,7 +260,7 @@ func (r *rig) checkStoredObjects(t *testing.T) {
 			rs, err := wire.ReadRequest(bytes.NewReader(body), wire.ReaderOptions{})
 			r.must(err)
 			cmd := rs.Commands[0]
-			key, err := agent.ContentKey(repoID, cmd)
+			key, err := hgv2.ContentKey(repoID, cmd)
 			r.must(err)
 			if seen[key] {
 				continue

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
-	"github.com/detourhq/detour/internal/agent"
+	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/testbed"
 	"github.com/detourhq/detour/internal/wire"
 )
@@ -56,7 +56,7 @@ func (r *rig) originKeys() []string {
 		for _, body := range r.originTap.Requests(name) {
 			rs, err := wire.ReadRequest(bytes.NewReader(body), wire.ReaderOptions{})
 			r.must(err)
-			k, err := agent.ContentKey(repoID, rs.Commands[0])
+			k, err := hgv2.ContentKey(repoID, rs.Commands[0])
 			r.must(err)
 			keys = append(keys, k)
 		}

@@ -1,7 +1,7 @@
 // Command authload measures what the origin access check (DESIGN invariant 9) costs the agent,
 // on the whole in-process stack (control plane on embedded etcd, GCS emulator, the demo origin
 // behind HTTP basic authentication, and two agents on the same control plane and origin: one
-// checking, one started with NoOriginAuth):
+// checking, one started without an access probe):
 //
 //   - warm: redirect answers per second for one client whose answer is cached, against the agent
 //     that does not check, measured alternately in the same run; the ratio is the check's cost;
@@ -31,6 +31,7 @@ import (
 	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/demoorigin"
 	"github.com/detourhq/detour/internal/devstack"
+	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/hgclient"
 	"github.com/detourhq/detour/internal/wire"
 )
@@ -71,14 +72,17 @@ func main() {
 	check(err)
 	defer s.Close(ctx)
 	// The second agent: the same configuration, without the check.
-	cfg.NoOriginAuth = true
+	cfg.Access = nil
 	off, err := agent.New(ctx, cfg)
 	check(err)
+	offV2, err := hgv2.New(off, hgv2.Config{})
+	check(err)
+	off.Mount(offV2)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	check(err)
 	go off.Serve(lis)
 	defer off.Shutdown(ctx)
-	for off.Section() == nil || len(off.Section().Targets) == 0 {
+	for off.Targets() == nil || len(off.Targets().Live) == 0 {
 		time.Sleep(10 * time.Millisecond)
 	}
 

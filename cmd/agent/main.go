@@ -1,5 +1,6 @@
-// Command agent runs Detour's wire-protocol front in front of one origin server. It only maps
-// flags onto agent.Config; everything else is internal/agent.
+// Command agent runs Detour's agent in front of one origin server: the protocol-neutral core
+// (internal/agent) and the protocol fronts the operator enables (internal/front/...). It only
+// maps flags onto their configurations; everything else is in those packages.
 package main
 
 import (
@@ -22,6 +23,8 @@ import (
 
 	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/envflag"
+	"github.com/detourhq/detour/internal/front/hgv2"
+	"github.com/detourhq/detour/internal/front/hgweb"
 	"github.com/detourhq/detour/internal/pki"
 )
 
@@ -29,6 +32,9 @@ func main() {
 	hostname, _ := os.Hostname()
 	var (
 		cfg                                         agent.Config
+		v2                                          hgv2.Config
+		fronts                                      string
+		noOriginAuth                                bool
 		listen, opsListen, pprofListen, origin, cps string
 		cacheable, logLevel, originAuthHeaders      string
 		insecureCP                                  bool
@@ -36,6 +42,7 @@ func main() {
 		devPKI                                      string
 		drain                                       time.Duration
 	)
+	flag.StringVar(&fronts, "fronts", "hgv2", "comma-separated protocol fronts to serve: hgv2 (content redirects for Mercurial 4.8-5.9 with protocol v2)")
 	flag.StringVar(&listen, "listen", "127.0.0.1:8080", "HTTP listen address for clients")
 	flag.StringVar(&opsListen, "metrics-listen", "127.0.0.1:8081", "listen address of /metrics, /healthz and /readyz (empty: none)")
 	flag.StringVar(&pprofListen, "pprof-listen", "", "listen address of /debug/pprof/ (empty: none)")
@@ -49,18 +56,18 @@ func main() {
 	flag.StringVar(&cfg.Region, "region", "", `this agent's region (required; "" explicitly: never fill, only redirect)`)
 	flag.StringVar(&cfg.AgentID, "agent-id", hostname, "this agent's id in fill claims")
 	flag.DurationVar(&cfg.RegisterInterval, "register-interval", 10*time.Second, "how often the agent reports itself to the control plane's fleet view (detourctl agents ls; negative: never)")
-	flag.StringVar(&cfg.RepoID, "repo-id", "", "identity of the origin's repository in content keys (default: the origin URL)")
+	flag.StringVar(&v2.RepoID, "repo-id", "", "identity of the origin's repository in content keys (default: the origin URL)")
 	flag.DurationVar(&cfg.PlaceTimeout, "place-timeout", 50*time.Millisecond, "deadline of each Place call; past it the answer is inline")
 	flag.IntVar(&cfg.LocationCacheEntries, "location-cache-entries", 100000, "redirects reused without asking the control plane (negative: no cache)")
 	flag.DurationVar(&cfg.LocationCacheMaxAge, "location-cache-max-age", time.Minute, "longest a redirect is reused (the control plane may allow less)")
-	flag.StringVar(&cacheable, "cacheable-commands", strings.Join(agent.DefaultCacheable, ","), "commands whose responses may be redirected")
+	flag.StringVar(&cacheable, "cacheable-commands", strings.Join(hgv2.DefaultCacheable, ","), "protocol-v2 commands whose responses may be redirected")
 	flag.StringVar(&cfg.StoreEndpoint, "gcs-endpoint", "", "GCS API endpoint (an emulator); empty: STORAGE_EMULATOR_HOST or Google Cloud Storage with default credentials")
 	flag.BoolVar(&cfg.NoFills, "no-fills", false, "never fill; only redirect to what other agents stored")
 	flag.Int64Var(&cfg.FillQueueBytes, "fill-queue-bytes", 64<<20, "bytes one fill may fall behind the client before it is aborted")
 	flag.Int64Var(&cfg.FillBytesTotal, "fill-bytes-total", 256<<20, "bytes all fills together may hold; past it new fills are declined")
 	flag.IntVar(&cfg.MaxFills, "max-fills", 32, "fills running at once; past it new fills are declined")
-	flag.Int64Var(&cfg.MaxRequestBytes, "max-request-bytes", 0, "largest v2 command request body (default: the wire package's limit)")
-	flag.DurationVar(&cfg.CommandBodyTimeout, "command-body-timeout", 30*time.Second, "time a client has to send a command request body")
+	flag.Int64Var(&v2.MaxRequestBytes, "max-request-bytes", 0, "largest v2 command request body (default: the wire package's limit)")
+	flag.DurationVar(&v2.CommandBodyTimeout, "command-body-timeout", 30*time.Second, "time a client has to send a command request body")
 	flag.Int64Var(&cfg.MaxBodyBytes, "max-body-bytes", 4<<30, "largest other request body relayed to the origin (a push)")
 	flag.IntVar(&cfg.MaxConcurrentRequests, "max-concurrent-requests", 1024, "requests answered at once; past it HTTP 503")
 	flag.IntVar(&cfg.MaxConnections, "max-connections", 4096, "open client connections; past it new ones wait")
@@ -73,7 +80,7 @@ func main() {
 	flag.DurationVar(&cfg.OriginAuthTimeout, "origin-auth-timeout", 5*time.Second, "deadline of an access check; past it the request goes to the origin as it is")
 	flag.IntVar(&cfg.OriginAuthCacheSize, "origin-auth-cache-size", 10000, "access answers kept (least recently used go first)")
 	flag.StringVar(&originAuthHeaders, "origin-auth-headers", "Authorization,Cookie", "comma-separated request headers the origin authenticates with; a check carries only these")
-	flag.BoolVar(&cfg.NoOriginAuth, "no-origin-auth", false, "never check clients' access with the origin (only for an origin that serves everyone)")
+	flag.BoolVar(&noOriginAuth, "no-origin-auth", false, "never check clients' access with the origin (only for an origin that serves everyone)")
 	flag.Float64Var(&cfg.CheckLocations, "check-locations", 0, "share (0..1) of redirects whose location is fetched in the background and reported if broken")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 30*time.Second, "how long in-flight responses and fills may run after SIGTERM")
@@ -99,10 +106,12 @@ func main() {
 		fail("--origin %q is not an absolute URL", origin)
 	}
 	cfg.Origin = u
-	cfg.Cacheable = strings.Split(cacheable, ",")
+	v2.Cacheable = strings.Split(cacheable, ",")
 	cfg.OriginAuthHeaders = strings.Split(originAuthHeaders, ",")
-	if cfg.NoOriginAuth {
+	if noOriginAuth {
 		log.Warn("origin access checks are off (--no-origin-auth): any client that reaches the agent gets redirects to cached content")
+	} else {
+		cfg.Access = hgweb.AccessProbe(u, nil)
 	}
 	if cfg.CheckLocations < 0 || cfg.CheckLocations > 1 {
 		fail("--check-locations %v is not between 0 and 1", cfg.CheckLocations)
@@ -137,6 +146,21 @@ func main() {
 	if err != nil {
 		fail("%v", err)
 	}
+	var mounted []agent.Front
+	for _, name := range strings.Split(fronts, ",") {
+		switch strings.TrimSpace(name) {
+		case "hgv2":
+			f, err := hgv2.New(a, v2)
+			if err != nil {
+				fail("%v", err)
+			}
+			mounted = append(mounted, f)
+		case "":
+		default:
+			fail("--fronts: unknown front %q (known: hgv2)", name)
+		}
+	}
+	a.Mount(mounted...)
 	errc := make(chan error, 3)
 	serve := func(name, addr string, fn func(net.Listener) error) {
 		lis, err := net.Listen("tcp", addr)
@@ -157,7 +181,7 @@ func main() {
 		serve("pprof-listen", pprofListen, func(l net.Listener) error { return a.ServeHandler(l, mux) })
 	}
 	log.Info("agent serving", "listen", listen, "origin", u.String(), "controlplane", cps, "region", cfg.Region,
-		"agent_id", cfg.AgentID, "place_timeout", cfg.PlaceTimeout.String())
+		"agent_id", cfg.AgentID, "place_timeout", cfg.PlaceTimeout.String(), "fronts", fronts)
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down", "timeout", drain.String())

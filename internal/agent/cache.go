@@ -3,11 +3,40 @@ package agent
 import (
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
-	"github.com/detourhq/detour/internal/wire"
 )
+
+// Location is where a redirected client fetches a response: a READY object the control plane
+// verified. It is immutable once made, so a front may keep its own encoding of it (Memo).
+type Location struct {
+	Target    string
+	URL       string
+	MediaType string
+	Size      uint64
+	SHA256    []byte
+	SHA1      []byte
+	memo      atomic.Pointer[any]
+}
+
+func locationOf(resp *pb.PlaceResponse) *Location {
+	l := resp.Location
+	return &Location{Target: resp.Target, URL: l.Url, MediaType: l.MediaType, Size: l.Size, SHA256: l.Sha256, SHA1: l.Sha1}
+}
+
+// Memo returns what a front stored with SetMemo (nil if nothing): a location answered from the
+// cache is the same *Location every time, so a front can keep its answer already encoded.
+func (l *Location) Memo() any {
+	if p := l.memo.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// SetMemo keeps v with the location.
+func (l *Location) SetMemo(v any) { l.memo.Store(&v) }
 
 // locationCache keeps the redirects the control plane allows agents to reuse (cache_for on a
 // Place answer), so that a hot key is answered without a Place round trip. A READY object is
@@ -32,14 +61,8 @@ type locationCache struct {
 }
 
 type cached struct {
-	target string
-	loc    *pb.Location
-	until  time.Time
-	// answer is the redirect response already encoded for a client asking for hashes (the
-	// digests a location carries depend on them); a client asking for others gets one encoded
-	// for it.
-	answer *wire.PreparedRedirect
-	hashes []string
+	loc   *Location
+	until time.Time
 }
 
 // maxRecent bounds the recent-invalidation memory; past it, it is cleared and the horizon moves
@@ -52,10 +75,10 @@ func newLocationCache(max int, maxAge time.Duration, m *Metrics) *locationCache 
 
 func (c *locationCache) enabled() bool { return c != nil && c.max > 0 && c.maxAge > 0 }
 
-// get returns the cached redirect for key if it is still valid and the client accepts its target.
-func (c *locationCache) get(key string, accepted []string, now time.Time) (cached, bool) {
+// get returns the cached location for key if it is still valid and the client accepts its target.
+func (c *locationCache) get(key string, accepted []string, now time.Time) (*Location, bool) {
 	if !c.enabled() {
-		return cached{}, false
+		return nil, false
 	}
 	c.mu.Lock()
 	e, ok := c.entries[key]
@@ -64,18 +87,18 @@ func (c *locationCache) get(key string, accepted []string, now time.Time) (cache
 		ok = false
 	}
 	c.mu.Unlock()
-	if !ok || !slices.Contains(accepted, e.target) {
+	if !ok || !slices.Contains(accepted, e.loc.Target) {
 		c.m.cacheMisses.Inc()
-		return cached{}, false
+		return nil, false
 	}
 	c.m.cacheHits.Inc()
-	return e, true
+	return e.loc, true
 }
 
-// put keeps a redirect the control plane allowed to be reused, unless an invalidation this agent
+// put keeps a location the control plane allowed to be reused, unless an invalidation this agent
 // already applied may postdate the snapshot it was decided on.
-func (c *locationCache) put(key string, resp *pb.PlaceResponse, answer *wire.PreparedRedirect, hashes []string, now time.Time) {
-	if !c.enabled() || resp.CacheFor == nil || resp.Location == nil {
+func (c *locationCache) put(key string, loc *Location, resp *pb.PlaceResponse, now time.Time) {
+	if !c.enabled() || resp.CacheFor == nil {
 		return
 	}
 	ttl := min(resp.CacheFor.AsDuration(), c.maxAge)
@@ -85,6 +108,7 @@ func (c *locationCache) put(key string, resp *pb.PlaceResponse, answer *wire.Pre
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.live || resp.SnapshotRevision < c.horizon || c.recent[key] > resp.SnapshotRevision {
+		c.m.cache.WithLabelValues("refused").Inc()
 		return
 	}
 	if _, there := c.entries[key]; !there && len(c.entries) >= c.max {
@@ -94,7 +118,7 @@ func (c *locationCache) put(key string, resp *pb.PlaceResponse, answer *wire.Pre
 			break
 		}
 	}
-	c.entries[key] = cached{target: resp.Target, loc: resp.Location, until: now.Add(ttl), answer: answer, hashes: hashes}
+	c.entries[key] = cached{loc: loc, until: now.Add(ttl)}
 	c.m.cache.WithLabelValues("stored").Inc()
 }
 

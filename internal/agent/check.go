@@ -14,7 +14,7 @@ import (
 // a HEAD of the URL must answer 200 with the object's size. A location that does not is reported
 // to the control plane, which checks the store itself and removes the record if the object is
 // missing or different. At most a few checks run at once; the rest of the sample is skipped.
-func (a *Agent) maybeCheckLocation(key, target string, loc *pb.Location) {
+func (a *Agent) maybeCheckLocation(key string, loc *Location) {
 	if a.cfg.CheckLocations <= 0 || (a.cfg.CheckLocations < 1 && rand.Float64() >= a.cfg.CheckLocations) {
 		return
 	}
@@ -24,9 +24,9 @@ func (a *Agent) maybeCheckLocation(key, target string, loc *pb.Location) {
 		a.metrics.locationChecks.WithLabelValues("skipped").Inc()
 		return
 	}
-	a.fills.Add(1)
+	a.work.Add(1)
 	go func() {
-		defer a.fills.Done()
+		defer a.work.Done()
 		defer func() { <-a.checks }()
 		problem := a.checkLocation(loc)
 		if problem == "" {
@@ -34,20 +34,20 @@ func (a *Agent) maybeCheckLocation(key, target string, loc *pb.Location) {
 			return
 		}
 		a.metrics.locationChecks.WithLabelValues("broken").Inc()
-		a.log.Warn("a location did not serve its object; reporting it", "key", key, "target", target, "problem", problem)
+		a.log.Warn("a location did not serve its object; reporting it", "key", key, "target", loc.Target, "problem", problem)
 		ctx, cancel := context.WithTimeout(a.fillCtx, 10*time.Second)
 		defer cancel()
-		if _, err := a.placement.ReportBrokenLocation(ctx, &pb.ReportBrokenLocationRequest{Key: key, Target: target, Reason: problem}); err != nil {
+		if _, err := a.placement.ReportBrokenLocation(ctx, &pb.ReportBrokenLocationRequest{Key: key, Target: loc.Target, Reason: problem}); err != nil {
 			a.log.Debug("broken location not reported", "key", key, "err", err)
 		}
 	}()
 }
 
 // checkLocation returns what is wrong with a location, or "".
-func (a *Agent) checkLocation(loc *pb.Location) string {
+func (a *Agent) checkLocation(loc *Location) string {
 	ctx, cancel := context.WithTimeout(a.fillCtx, 5*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodHead, loc.Url, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodHead, loc.URL, nil)
 	if err != nil {
 		return "bad URL: " + err.Error()
 	}

@@ -9,7 +9,6 @@ import (
 type Metrics struct {
 	Registry        *prometheus.Registry
 	requests        *prometheus.CounterVec
-	uncacheable     *prometheus.CounterVec
 	placeFailures   *prometheus.CounterVec
 	placeLatency    prometheus.Histogram
 	fills           *prometheus.CounterVec
@@ -29,8 +28,6 @@ func newMetrics() *Metrics {
 		Registry: prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_requests_total",
 			Help: "Requests by outcome: redirect, inline, inline_fill, passthrough, origin_denied, capabilities, protocol_error."}, []string{"outcome"}),
-		uncacheable: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_uncacheable_total",
-			Help: "Requests for a cacheable command kept inline because they ask for repository state (e.g. changesetdata with bookmarks)."}, []string{"command", "reason"}),
 		placeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_place_failures_total",
 			Help: "Place calls that failed (by gRPC code) or were skipped while backing off."}, []string{"cause"}),
 		placeLatency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "detour_agent_place_duration_seconds",
@@ -38,7 +35,7 @@ func newMetrics() *Metrics {
 		fills: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_fills_total",
 			Help: "Fills by outcome: ready, aborted, upload_failed, report_failed; declined: a grant the agent released unstarted (budget full, store breaker open)."}, []string{"outcome"}),
 		inlineBytes: prometheus.NewCounter(prometheus.CounterOpts{Name: "detour_agent_filled_inline_bytes_total",
-			Help: "Object bytes relayed inline while filling."}),
+			Help: "Response bytes written into fills (relayed inline to a client, or fetched for a fill no client waits for)."}),
 		targetsRevision: prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_agent_targets_revision",
 			Help: "Revision of the target set the agent advertises."}),
 	}
@@ -56,6 +53,6 @@ func newMetrics() *Metrics {
 	m.Registry.MustRegister(m.cache)
 	m.redirects, m.cacheHits, m.cacheMisses = m.requests.WithLabelValues("redirect"), m.cache.WithLabelValues("hit"), m.cache.WithLabelValues("miss")
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), m.cpUp)
-	m.Registry.MustRegister(m.locationChecks, m.requests, m.uncacheable, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision, m.originChecks, m.originHits)
+	m.Registry.MustRegister(m.locationChecks, m.requests, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision, m.originChecks, m.originHits)
 	return m
 }

@@ -67,7 +67,7 @@ func (a *Agent) notReady() string {
 		return ""
 	case a.cp.down.Load():
 		return "the control plane does not answer"
-	case !a.targetsKnown.Load():
+	case a.targets.Load() == nil:
 		return "the target set is not known yet"
 	}
 	return ""
@@ -102,7 +102,7 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 		}
 	}
 	done := make(chan struct{})
-	go func() { a.fills.Wait(); close(done) }()
+	go func() { a.work.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-ctx.Done():

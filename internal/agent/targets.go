@@ -7,12 +7,11 @@ import (
 
 	"github.com/cenkalti/backoff/v5"
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
-	"github.com/detourhq/detour/internal/wire"
 	"google.golang.org/grpc"
 )
 
-// watchTargets follows the control plane's target set until ctx ends and keeps the redirect
-// section the agent advertises. A broken stream is reopened as soon as a connection is ready
+// watchTargets follows the control plane's target set until ctx ends and keeps the target set
+// the agent advertises and the location cache's invalidations. A broken stream is reopened as soon as a connection is ready
 // (the call waits for one), with a short backoff between attempts that fail at once.
 func (a *Agent) watchTargets(ctx context.Context) {
 	retry := backoff.NewExponentialBackOff()
@@ -31,10 +30,9 @@ func (a *Agent) watchTargets(ctx context.Context) {
 				if msg.InvalidationsOnly {
 					continue
 				}
-				section := advertised(msg, a.cfg.Region)
-				a.section.Store(section)
-				a.setPublicTargets(msg, section)
-				a.targetsKnown.Store(true)
+				ts := orderTargets(msg, a.cfg.Region)
+				a.targets.Store(ts)
+				a.setPublicTargets(ts)
 				a.metrics.targetsRevision.Set(float64(msg.Revision))
 				a.once.Recovered("watch", "target watch restored", "revision", msg.Revision)
 				retry.Reset()
@@ -57,9 +55,9 @@ func (a *Agent) watchTargets(ctx context.Context) {
 	}
 }
 
-// advertised builds the redirect section: the healthy targets that may serve (ACTIVE, and
+// TargetSet is what the agent advertises: the healthy targets that may serve (ACTIVE, and
 // DRAINING ones, which keep serving the copies no other target has yet), in the order placement
-// prefers for an agent in region:
+// prefers for an agent in its region:
 //
 //  1. active targets, then draining ones (placement redirects to a draining target only when no
 //     other copy exists, so it goes last);
@@ -67,9 +65,22 @@ func (a *Agent) watchTargets(ctx context.Context) {
 //     rest;
 //  3. heavier first, then by name.
 //
-// Disabled and unhealthy targets are not advertised. Mercurial keeps the advertised order for the
-// targets it accepts, so a client lists its nearest targets first.
-func advertised(msg *pb.WatchTargetsResponse, region string) *wire.RedirectSection {
+// Disabled and unhealthy targets are not in it. A TargetSet is immutable; a new one replaces it at
+// every change the control plane sends.
+type TargetSet struct {
+	Revision int64
+	Live     []*pb.Target
+	names    []string
+}
+
+// Names are the live targets' names in order (shared: do not modify).
+func (ts *TargetSet) Names() []string { return ts.names }
+
+// Targets is the target set the agent advertises now (nil before the first arrived).
+func (a *Agent) Targets() *TargetSet { return a.targets.Load() }
+
+// orderTargets builds the target set of a WatchTargets message for an agent in region.
+func orderTargets(msg *pb.WatchTargetsResponse, region string) *TargetSet {
 	pref := map[string]int{region: -1}
 	for i, r := range msg.RegionPreference {
 		if _, ok := pref[r]; !ok {
@@ -102,13 +113,9 @@ func advertised(msg *pb.WatchTargetsResponse, region string) *wire.RedirectSecti
 		}
 		return a.Name < b.Name
 	})
-	s := &wire.RedirectSection{Hashes: wire.DefaultHashes}
-	for _, t := range live {
-		rt := wire.RedirectTarget{Name: t.Name, Protocol: t.Protocol, URIs: t.Uris, TLSVersions: t.TlsVersions}
-		if t.SniRequired {
-			rt.SNIRequired = &t.SniRequired
-		}
-		s.Targets = append(s.Targets, rt)
+	ts := &TargetSet{Revision: msg.Revision, Live: live, names: make([]string, len(live))}
+	for i, t := range live {
+		ts.names[i] = t.Name
 	}
-	return s
+	return ts
 }

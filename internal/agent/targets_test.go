@@ -27,11 +27,7 @@ func TestAdvertisedOrderIsOwnRegionPreferenceRestThenDraining(t *testing.T) {
 		tg("us-off", "us", 9, pb.TargetState_TARGET_STATE_DISABLED, true, false),
 	}}
 	order := func(region string) string {
-		var names []string
-		for _, t := range advertised(msg, region).Targets {
-			names = append(names, t.Name)
-		}
-		return strings.Join(names, ",")
+		return strings.Join(orderTargets(msg, region).Names(), ",")
 	}
 	// Own region, then the preference (eu, ap), then the rest; draining targets last, in the
 	// same order; disabled and unhealthy ones not at all.
@@ -43,12 +39,5 @@ func TestAdvertisedOrderIsOwnRegionPreferenceRestThenDraining(t *testing.T) {
 		if got := order(region); got != want {
 			t.Errorf("agent in %s advertises %s, want %s", region, got, want)
 		}
-	}
-	s := advertised(msg, "us")
-	if s.Targets[0].SNIRequired == nil || !*s.Targets[0].SNIRequired || s.Targets[1].SNIRequired != nil {
-		t.Fatal("snirequired must be advertised exactly for targets that require SNI")
-	}
-	if strings.Join(s.Hashes, ",") != "sha256,sha1" {
-		t.Fatalf("hashes %v", s.Hashes)
 	}
 }

@@ -22,6 +22,8 @@ import (
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/controlplane"
 	"github.com/detourhq/detour/internal/demoorigin"
+	"github.com/detourhq/detour/internal/front/hgv2"
+	"github.com/detourhq/detour/internal/front/hgweb"
 	"github.com/detourhq/detour/internal/gcsemu"
 	"github.com/detourhq/detour/internal/pki"
 )
@@ -64,9 +66,14 @@ type Options struct {
 	// FaultFront serves the target's client-facing URL through a gcsemu.Front (Stack.Front), so
 	// tests can make it fail.
 	FaultFront bool
-	// AgentConfig, if set, adjusts the agent's configuration before it is built (tests).
+	// AgentConfig, if set, adjusts the agent core's configuration before it is built (tests);
+	// V2Config the protocol-v2 front's.
 	AgentConfig func(*agent.Config)
-	Log         *slog.Logger
+	V2Config    func(*hgv2.Config)
+	// Fronts, if set, makes the fronts the agents serve instead of the protocol-v2 front (tests of
+	// the core, with a front of their own).
+	Fronts func(*agent.Agent) ([]agent.Front, error)
+	Log    *slog.Logger
 }
 
 // Stack is a running system.
@@ -76,6 +83,7 @@ type Stack struct {
 	Front     *gcsemu.Front // with Options.FaultFront
 	Origin    *demoorigin.Origin
 	Agent     *agent.Agent // the first region's
+	V2        *hgv2.Front  // the first region's protocol-v2 front
 	Store     *blob.Store
 	OriginURL string
 	AgentURL  string // the first region's
@@ -97,6 +105,7 @@ type Region struct {
 	Bucket   string
 	Target   string
 	Agent    *agent.Agent
+	V2       *hgv2.Front
 	AgentURL string
 	AgentID  string // its certificate identity
 }
@@ -194,7 +203,7 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 			return nil, fmt.Errorf("agent in region %s: %w", r.Name, err)
 		}
 	}
-	s.Agent, s.AgentURL = s.Regions[0].Agent, s.Regions[0].AgentURL
+	s.Agent, s.V2, s.AgentURL = s.Regions[0].Agent, s.Regions[0].V2, s.Regions[0].AgentURL
 	if o.AgentMetrics != "" {
 		ml, err := listen(o.AgentMetrics)
 		if err != nil {
@@ -206,7 +215,7 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	// Ready when every agent advertises the targets.
 	deadline := time.Now().Add(10 * time.Second)
 	for _, r := range s.Regions {
-		for r.Agent.Section() == nil || len(r.Agent.Section().Targets) == 0 {
+		for r.Agent.Targets() == nil || len(r.Agent.Targets().Live) == 0 {
 			if time.Now().After(deadline) {
 				return nil, fmt.Errorf("agent in region %s did not receive the target set within 10s", r.Name)
 			}
@@ -234,8 +243,9 @@ func (s *Stack) startAgent(ctx context.Context, i int, r *Region) error {
 			return err
 		}
 	}
-	acfg := agent.Config{Origin: originURL, RepoID: o.RepoID, Region: r.Name, AgentID: id,
-		PlaceTimeout: o.PlaceTimeout, ControlPlanes: []string{s.CP.Addr()}, Store: s.Store, Log: o.Log.With("component", "agent", "region", r.Name)}
+	acfg := agent.Config{Origin: originURL, Region: r.Name, AgentID: id,
+		PlaceTimeout: o.PlaceTimeout, ControlPlanes: []string{s.CP.Addr()}, Store: agent.BlobStore(s.Store),
+		Access: hgweb.AccessProbe(originURL, nil), Log: o.Log.With("component", "agent", "region", r.Name)}
 	creds, err := pki.ClientCredentials(files)
 	if err != nil {
 		return err
@@ -247,6 +257,22 @@ func (s *Stack) startAgent(ctx context.Context, i int, r *Region) error {
 	}
 	if r.Agent, err = agent.New(ctx, acfg); err != nil {
 		return err
+	}
+	if o.Fronts != nil {
+		fronts, err := o.Fronts(r.Agent)
+		if err != nil {
+			return err
+		}
+		r.Agent.Mount(fronts...)
+	} else {
+		vcfg := hgv2.Config{RepoID: o.RepoID}
+		if o.V2Config != nil {
+			o.V2Config(&vcfg)
+		}
+		if r.V2, err = hgv2.New(r.Agent, vcfg); err != nil {
+			return err
+		}
+		r.Agent.Mount(r.V2)
 	}
 	addr := ""
 	switch {

@@ -1,50 +1,24 @@
 package agent
 
 import (
+	"context"
 	"crypto/sha256"
-	"errors"
 	"net/http"
+	"net/url"
 	"testing"
 	"time"
 )
 
-// Only a Mercurial answer allows; the origin's refusals (including a redirect to a login page)
-// deny; what says "not now" or is not Mercurial's is an error, which is not cached.
-func TestOriginAnswersAreClassifiedFailingClosed(t *testing.T) {
-	cases := []struct {
-		name string
-		code int
-		ct   string
-		err  error
-		want authAnswer
-	}{
-		{"v1 capabilities", 200, "application/mercurial-0.1", nil, authAllowed},
-		{"v2 handshake", 200, "application/mercurial-cbor", nil, authAllowed},
-		{"login page served with 200", 200, "text/html; charset=utf-8", nil, authError},
-		{"no content type", 200, "", nil, authError},
-		{"other success", 204, "application/mercurial-0.1", nil, authError},
-		{"redirect to a login page", 302, "text/html", nil, authDenied},
-		{"unauthorized", 401, "text/plain", nil, authDenied},
-		{"forbidden", 403, "text/plain", nil, authDenied},
-		{"no such repository", 404, "text/plain", nil, authDenied},
-		{"request timeout", 408, "text/plain", nil, authError},
-		{"rate limited", 429, "text/plain", nil, authError},
-		{"origin failing", 500, "text/plain", nil, authError},
-		{"origin unreachable", 0, "", errors.New("connection refused"), authError},
+func mustURL(t testing.TB, s string) *url.URL {
+	t.Helper()
+	u, err := url.Parse(s)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			var resp *http.Response
-			if c.err == nil {
-				resp = &http.Response{StatusCode: c.code, Header: http.Header{"Content-Type": {c.ct}}}
-			}
-			got, err := classify(resp, c.err)
-			if got != c.want || (got == authError) != (err != nil) {
-				t.Fatalf("classify = %v, %v; want %v", got, err, c.want)
-			}
-		})
-	}
+	return u
 }
+
+func allowAll(context.Context, string, http.Header) (AccessAnswer, error) { return AccessAllowed, nil }
 
 // The cache holds at most its size, dropping the least recently used, and never answers past an
 // entry's expiry.
@@ -54,12 +28,12 @@ func TestAuthCacheIsBoundedAndExpires(t *testing.T) {
 	now := time.Now()
 	key := func(i int) [sha256.Size]byte { return sha256.Sum256([]byte{byte(i)}) }
 	for i := range 3 {
-		c.put(key(i), authAllowed, now.Add(time.Minute))
+		c.put(key(i), AccessAllowed, now.Add(time.Minute))
 	}
 	if _, ok := c.get(key(0), now); !ok { // 0 is now the most recently used
 		t.Fatal("entry 0 missing")
 	}
-	c.put(key(3), authDenied, now.Add(time.Minute))
+	c.put(key(3), AccessDenied, now.Add(time.Minute))
 	if c.len() != 3 {
 		t.Fatalf("%d entries, the bound is 3", c.len())
 	}
@@ -71,7 +45,7 @@ func TestAuthCacheIsBoundedAndExpires(t *testing.T) {
 			t.Fatalf("entry %d dropped", i)
 		}
 	}
-	if ans, ok := c.get(key(3), now.Add(time.Minute-time.Nanosecond)); !ok || ans != authDenied {
+	if ans, ok := c.get(key(3), now.Add(time.Minute-time.Nanosecond)); !ok || ans != AccessDenied {
 		t.Fatalf("entry 3 before its expiry: %v %v", ans, ok)
 	}
 	if _, ok := c.get(key(3), now.Add(time.Minute)); ok {
@@ -85,11 +59,11 @@ func TestAuthCacheIsBoundedAndExpires(t *testing.T) {
 // The cache key covers the repository and every value of every credential header, and nothing
 // else; the credentials are not in it.
 func TestCredentialDigests(t *testing.T) {
-	cfg := Config{Origin: mustURL(t, "http://origin/"), OriginAuthHeaders: []string{"authorization", "Cookie"}}
+	cfg := Config{Origin: mustURL(t, "http://origin/"), Access: allowAll, OriginAuthHeaders: []string{"authorization", "Cookie"}}
 	if err := cfg.setDefaults(); err != nil {
 		t.Fatal(err)
 	}
-	o := newOriginAuth(t.Context(), &cfg, newMetrics(), nil)
+	o := newAccess(t.Context(), &cfg, newMetrics(), nil)
 	req := func(h http.Header) *http.Request { return &http.Request{Header: h} }
 	base := o.credentialsOf(req(http.Header{"Authorization": {"Basic YTpi"}, "User-Agent": {"hg/5.6.1"}}), "")
 	if base.anonymous || base.header.Get("Authorization") != "Basic YTpi" || base.header.Get("User-Agent") != "" {
@@ -113,7 +87,7 @@ func TestCredentialDigests(t *testing.T) {
 	if !o.anonymous("").anonymous {
 		t.Error("no credential headers is not anonymous")
 	}
-	other := newOriginAuth(t.Context(), &cfg, newMetrics(), nil)
+	other := newAccess(t.Context(), &cfg, newMetrics(), nil)
 	if other.credentialsOf(req(http.Header{"Authorization": {"Basic YTpi"}}), "").key == base.key {
 		t.Error("two agents' digests of the same credentials are equal: the digest is not salted")
 	}
@@ -123,19 +97,19 @@ func TestCredentialDigests(t *testing.T) {
 // digest of its credentials, and two cache lookups (its own answer, and the anonymous one asked
 // while a target with unsigned URLs is advertised).
 func BenchmarkOriginCheckWarm(b *testing.B) {
-	cfg := Config{Origin: mustURL(b, "http://origin/")}
+	cfg := Config{Origin: mustURL(b, "http://origin/"), Access: allowAll}
 	if err := cfg.setDefaults(); err != nil {
 		b.Fatal(err)
 	}
-	o := newOriginAuth(b.Context(), &cfg, newMetrics(), nil)
+	o := newAccess(b.Context(), &cfg, newMetrics(), nil)
 	r := &http.Request{Header: http.Header{"Authorization": {"Basic YWxpY2U6czNjcmV0"}, "User-Agent": {"mercurial/proto-1.0 (Mercurial 5.6.1)"},
 		"Cookie": {"session=0123456789abcdef0123456789abcdef"}}}
 	c, anon := o.credentialsOf(r, ""), o.anonymous("")
-	o.cache.put(c.key, authAllowed, time.Now().Add(time.Hour))
-	o.cache.put(anon.key, authDenied, time.Now().Add(time.Hour))
+	o.cache.put(c.key, AccessAllowed, time.Now().Add(time.Hour))
+	o.cache.put(anon.key, AccessDenied, time.Now().Add(time.Hour))
 	b.ReportAllocs()
 	for b.Loop() {
-		if o.answer(o.credentialsOf(r, "")) != authAllowed || o.answer(o.anonymous("")) != authDenied {
+		if o.answer(o.credentialsOf(r, "")) != AccessAllowed || o.answer(o.anonymous("")) != AccessDenied {
 			b.Fatal("cache miss")
 		}
 	}

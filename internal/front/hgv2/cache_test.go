@@ -1,4 +1,4 @@
-package agent_test
+package hgv2_test
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-package agent_test
+package hgv2_test
 
 import (
 	"bufio"
@@ -16,14 +16,20 @@ import (
 
 	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/devstack"
+	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/hgclient"
 	"github.com/detourhq/detour/internal/wire"
 )
 
 func startStackCfg(t *testing.T, adjust func(*agent.Config)) (*devstack.Stack, *hgclient.Client) {
+	return startStackOpts(t, devstack.Options{AgentConfig: adjust})
+}
+
+// startStackOpts starts a stack with o's adjustments (and the defaults of these tests).
+func startStackOpts(t *testing.T, o devstack.Options) (*devstack.Stack, *hgclient.Client) {
 	t.Helper()
-	s, err := devstack.Start(context.Background(), devstack.Options{DataDir: t.TempDir(), ObjectSize: 200 << 10,
-		PlaceTimeout: placeTimeout, Log: quiet, AgentConfig: adjust, AgentMetrics: "127.0.0.1:0"})
+	o.DataDir, o.ObjectSize, o.PlaceTimeout, o.Log, o.AgentMetrics = t.TempDir(), 200<<10, placeTimeout, quiet, "127.0.0.1:0"
+	s, err := devstack.Start(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +73,7 @@ func cpCount(t *testing.T, s *devstack.Stack, metric string, labels map[string]s
 // Clients that send a command's headers and then trickle its body are cut off after the command
 // body timeout instead of holding a connection (and a file descriptor) forever.
 func TestSlowCommandBodiesAreCutOff(t *testing.T) {
-	s, _ := startStackCfg(t, func(c *agent.Config) { c.CommandBodyTimeout = 300 * time.Millisecond })
+	s, _ := startStackOpts(t, devstack.Options{V2Config: func(c *hgv2.Config) { c.CommandBodyTimeout = 300 * time.Millisecond }})
 	u, _ := url.Parse(s.AgentURL)
 	const clients = 50
 	var wg sync.WaitGroup

@@ -3,22 +3,17 @@ package agent
 // Origin access control (DESIGN invariant 9).
 //
 // A redirect is answered without the origin, so without a check a repository the origin protects
-// (hgweb's allow-read or deny-read, HTTP authentication in a web server in front of it) would hand
-// its content to anyone who can reach the agent. Before a cacheable request is placed, the agent
+// would hand its content to anyone who can reach the agent. Before a request is placed, the agent
 // asks the origin whether it would serve this client, with a cheap request that carries the
-// client's credentials and nothing else: `GET <repository>?cmd=capabilities`. Mercurial's hgweb
-// checks the `pull` permission for that command exactly as it does for a v2 `ro` command (both go
-// through hgweb's permission hooks, checkauthz and those extensions add), and a web server that
-// authenticates in front of hgweb protects that URL as it protects the rest of the repository.
-// Without the v2 upgrade headers the origin answers the short v1 capabilities string, so a check
-// costs the origin a permission check and a few hundred bytes.
+// client's credentials and nothing else: the AccessProbe, which the front for this kind of origin
+// supplies (for Mercurial's hgweb, internal/front/hgweb).
 //
 // The answer is cached per (credentials, repository) for a short TTL, under a salted SHA-256 of
 // the credential headers: raw credentials are never kept. Concurrent checks for the same key
-// collapse into one. Only a 200 with a Mercurial media type allows; a refusal (3xx, 4xx) or an
-// error means the request goes to the origin as it is, so the client gets the origin's own 401
-// and can authenticate. What the check cannot see, and so cannot preserve: access decided on the
-// client's address or TLS client certificate (the origin sees the agent either way).
+// collapse into one. Only an allowed answer allows; a refusal or an error means the request goes
+// to the origin as it is, so the client gets the origin's own 401 and can authenticate. What a
+// check cannot see, and so cannot preserve: access decided on the client's address or TLS client
+// certificate (the origin sees the agent either way).
 
 import (
 	"container/list"
@@ -26,10 +21,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
-	"fmt"
-	"io"
 	"net/http"
-	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -40,23 +32,34 @@ import (
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/logonce"
-	"github.com/detourhq/detour/internal/wire"
 )
 
-// authAnswer is what the origin said about one client and repository.
-type authAnswer int
+// AccessProbe asks the origin, within ctx, whether it would serve the repository at repo ("" for
+// the origin's root) to a client that carries the credential headers creds (and no other
+// header). An error means the origin could not be asked or answered something else; its answer
+// is then AccessError.
+type AccessProbe func(ctx context.Context, repo string, creds http.Header) (AccessAnswer, error)
+
+// AccessAnswer is what the origin said about one client and repository.
+type AccessAnswer int
 
 const (
-	authError   authAnswer = iota // the origin could not be asked, or answered something else
-	authAllowed                   // the origin would serve the client
-	authDenied                    // the origin refuses the client
+	AccessError   AccessAnswer = iota // the origin could not be asked, or answered something else
+	AccessAllowed                     // the origin would serve the client
+	AccessDenied                      // the origin refuses the client
 )
 
-func (a authAnswer) String() string {
+const (
+	accessError   = AccessError
+	accessAllowed = AccessAllowed
+	accessDenied  = AccessDenied
+)
+
+func (a AccessAnswer) String() string {
 	switch a {
-	case authAllowed:
+	case AccessAllowed:
 		return "allowed"
-	case authDenied:
+	case AccessDenied:
 		return "denied"
 	}
 	return "error"
@@ -70,10 +73,9 @@ type clientCreds struct {
 	anonymous bool              // no credential header at all
 }
 
-// originAuth checks clients' access with the origin and caches the answers.
-type originAuth struct {
-	origin  *url.URL
-	client  *http.Client
+// access checks clients' access with the origin's probe and caches the answers.
+type access struct {
+	probe   AccessProbe
 	headers []string // canonical names
 	ttl     time.Duration
 	timeout time.Duration
@@ -88,13 +90,8 @@ type originAuth struct {
 	now     func() time.Time
 }
 
-func newOriginAuth(bg context.Context, cfg *Config, m *Metrics, once *logonce.Set) *originAuth {
-	o := &originAuth{origin: cfg.Origin, ttl: cfg.OriginAuthTTL, timeout: cfg.OriginAuthTimeout, bg: bg, m: m, once: once, now: time.Now,
-		client: &http.Client{Transport: cfg.Transport,
-			// A redirect is the origin's answer (a login page elsewhere, typically), not something
-			// to follow: following it could read a 200 from a page that serves everyone.
-			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
-	}
+func newAccess(bg context.Context, cfg *Config, m *Metrics, once *logonce.Set) *access {
+	o := &access{probe: cfg.Access, ttl: cfg.OriginAuthTTL, timeout: cfg.OriginAuthTimeout, bg: bg, m: m, once: once, now: time.Now}
 	for _, h := range cfg.OriginAuthHeaders {
 		if h = http.CanonicalHeaderKey(strings.TrimSpace(h)); h != "" && !slices.Contains(o.headers, h) {
 			o.headers = append(o.headers, h)
@@ -107,7 +104,7 @@ func newOriginAuth(bg context.Context, cfg *Config, m *Metrics, once *logonce.Se
 }
 
 // credentialsOf returns the credentials r carries for repo.
-func (o *originAuth) credentialsOf(r *http.Request, repo string) clientCreds {
+func (o *access) credentialsOf(r *http.Request, repo string) clientCreds {
 	c := clientCreds{repo: repo, header: http.Header{}, anonymous: true}
 	h := sha256.New()
 	h.Write(o.salt[:])
@@ -134,13 +131,13 @@ func (o *originAuth) credentialsOf(r *http.Request, repo string) clientCreds {
 }
 
 // anonymous returns the credentials of a request that carries none, for repo.
-func (o *originAuth) anonymous(repo string) clientCreds {
+func (o *access) anonymous(repo string) clientCreds {
 	return o.credentialsOf(&http.Request{Header: http.Header{}}, repo)
 }
 
 // answer returns the origin's answer for c: from the cache, from a check already in flight for
 // the same key, or from a new check. Errors are not cached: the next request asks again.
-func (o *originAuth) answer(c clientCreds) authAnswer {
+func (o *access) answer(c clientCreds) AccessAnswer {
 	if ans, ok := o.cache.get(c.key, o.now()); ok {
 		o.m.originHits.WithLabelValues(ans.String()).Inc()
 		return ans
@@ -153,12 +150,12 @@ func (o *originAuth) answer(c clientCreds) authAnswer {
 		}
 		asked = true
 		ans := o.ask(c)
-		if ans != authError {
+		if ans != accessError {
 			o.cache.put(c.key, ans, o.now().Add(o.ttl))
 		}
 		return ans, nil
 	})
-	ans := v.(authAnswer)
+	ans := v.(AccessAnswer)
 	if asked {
 		o.m.originChecks.WithLabelValues(ans.String()).Inc()
 	} else {
@@ -167,67 +164,17 @@ func (o *originAuth) answer(c clientCreds) authAnswer {
 	return ans
 }
 
-// maxCheckBody is how much of a check's answer is read so that its connection can be reused.
-const maxCheckBody = 64 << 10
-
 // ask sends one check to the origin.
-func (o *originAuth) ask(c clientCreds) authAnswer {
-	ans, err := classify(o.do(c))
-	if err != nil {
-		o.once.Warn("origin-check", "cannot check clients' access with the origin; their requests go to the origin as they are",
-			"origin", o.origin.Redacted(), "err", err)
-		return ans
-	}
-	o.once.Recovered("origin-check", "origin access checks answered again", "origin", o.origin.Redacted())
-	return ans
-}
-
-func (o *originAuth) do(c clientCreds) (*http.Response, error) {
+func (o *access) ask(c clientCreds) AccessAnswer {
 	ctx, cancel := context.WithTimeout(o.bg, o.timeout)
 	defer cancel()
-	u := *o.origin
-	u.Path, u.RawPath, u.RawQuery = joinPath(u.Path, checkPath(c.repo)), "", "cmd=capabilities"
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	ans, err := o.probe(ctx, c.repo, c.header.Clone())
 	if err != nil {
-		return nil, fmt.Errorf("origin access check: %w", err)
+		o.once.Warn("origin-check", "cannot check clients' access with the origin; their requests go to the origin as they are", "err", err)
+		return accessError
 	}
-	// Only the credentials: an answer that depended on any other header would not be the answer
-	// for every request with these credentials.
-	req.Header = c.header.Clone()
-	req.Header.Set("User-Agent", "detour-agent (origin access check)")
-	resp, err := o.client.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("origin access check %s: %w", u.Redacted(), err)
-	}
-	// Read (a bounded part of) the body before the context ends, so the connection is reused.
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxCheckBody))
-	resp.Body.Close()
-	return resp, nil
-}
-
-// classify reads the origin's answer: only a Mercurial answer allows; 3xx and 4xx are the
-// origin's refusal, except the ones that mean "not now" (408, 429), which are errors like 5xx.
-func classify(resp *http.Response, err error) (authAnswer, error) {
-	if err != nil {
-		return authError, err
-	}
-	code, ct := resp.StatusCode, resp.Header.Get("Content-Type")
-	switch {
-	case code == http.StatusOK && strings.HasPrefix(ct, "application/mercurial-"):
-		return authAllowed, nil
-	case code == http.StatusRequestTimeout || code == http.StatusTooManyRequests:
-	case code >= 300 && code < 500:
-		return authDenied, nil
-	}
-	return authError, fmt.Errorf("origin access check: HTTP %d %q is not a Mercurial answer", code, ct)
-}
-
-// checkPath is the URL path of a repository's capabilities, where hgweb answers `?cmd=`.
-func checkPath(repo string) string {
-	if repo == "" {
-		return "/"
-	}
-	return repo
+	o.once.Recovered("origin-check", "origin access checks answered again")
+	return ans
 }
 
 // authorize says whether the origin would serve r's client the repository repo, and whether the
@@ -235,31 +182,31 @@ func checkPath(repo string) string {
 // anyone can fetch hands private content to whoever holds the URL, which the control plane
 // records against the target. That second question is asked only while such targets are
 // advertised (one anonymous check per repository and TTL).
-func (a *Agent) authorize(r *http.Request, repo string) (ans authAnswer, private bool) {
-	if a.auth == nil {
-		return authAllowed, false
+func (a *Agent) authorize(r *http.Request, repo string) (ans AccessAnswer, private bool) {
+	if a.access == nil {
+		return accessAllowed, false
 	}
-	c := a.auth.credentialsOf(r, repo)
-	ans = a.auth.answer(c)
+	c := a.access.credentialsOf(r, repo)
+	ans = a.access.answer(c)
 	if c.anonymous {
 		a.noteAnonymous(ans)
 		return ans, false
 	}
-	if ans != authAllowed || len(a.publicTargets()) == 0 {
+	if ans != accessAllowed || len(a.publicTargets()) == 0 {
 		return ans, false
 	}
-	anon := a.auth.answer(a.auth.anonymous(repo))
+	anon := a.access.answer(a.access.anonymous(repo))
 	a.noteAnonymous(anon)
-	return ans, anon == authDenied
+	return ans, anon == accessDenied
 }
 
 // noteAnonymous remembers the origin's latest answer to an anonymous client and, when it refused,
 // warns about every advertised target whose URLs anyone can fetch.
-func (a *Agent) noteAnonymous(ans authAnswer) {
+func (a *Agent) noteAnonymous(ans AccessAnswer) {
 	switch ans {
-	case authAllowed:
+	case accessAllowed:
 		a.anonDenied.Store(false)
-	case authDenied:
+	case accessDenied:
 		a.anonDenied.Store(true)
 		a.warnPublicTargets()
 	}
@@ -287,12 +234,10 @@ func (a *Agent) publicTargets() []string {
 
 // setPublicTargets records which advertised targets hand out URLs that anyone can fetch (public
 // or CDN base URLs, not signed ones), and warns about new ones if the origin is private.
-func (a *Agent) setPublicTargets(msg *pb.WatchTargetsResponse, section *wire.RedirectSection) {
+func (a *Agent) setPublicTargets(ts *TargetSet) {
 	var public []string
-	for _, t := range msg.Targets {
-		_, signed := t.GetUrlForm().GetForm().(*pb.UrlForm_Signed)
-		advertised := slices.ContainsFunc(section.Targets, func(rt wire.RedirectTarget) bool { return rt.Name == t.Name })
-		if advertised && !signed {
+	for _, t := range ts.Live {
+		if _, signed := t.GetUrlForm().GetForm().(*pb.UrlForm_Signed); !signed {
 			public = append(public, t.Name)
 		}
 	}
@@ -315,7 +260,7 @@ type authCache struct {
 
 type authEntry struct {
 	key     [sha256.Size]byte
-	ans     authAnswer
+	ans     AccessAnswer
 	expires time.Time
 }
 
@@ -323,24 +268,24 @@ func (c *authCache) init(max int) {
 	c.max, c.ll, c.items = max, list.New(), map[[sha256.Size]byte]*list.Element{}
 }
 
-func (c *authCache) get(k [sha256.Size]byte, now time.Time) (authAnswer, bool) {
+func (c *authCache) get(k [sha256.Size]byte, now time.Time) (AccessAnswer, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.items[k]
 	if !ok {
-		return authError, false
+		return accessError, false
 	}
 	ent := e.Value.(*authEntry)
 	if !now.Before(ent.expires) {
 		c.ll.Remove(e)
 		delete(c.items, k)
-		return authError, false
+		return accessError, false
 	}
 	c.ll.MoveToFront(e)
 	return ent.ans, true
 }
 
-func (c *authCache) put(k [sha256.Size]byte, ans authAnswer, expires time.Time) {
+func (c *authCache) put(k [sha256.Size]byte, ans AccessAnswer, expires time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if e, ok := c.items[k]; ok {

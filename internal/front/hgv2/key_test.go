@@ -1,4 +1,4 @@
-package agent
+package hgv2
 
 import (
 	"context"
@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"testing"
 
+	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/wire"
 )
 
@@ -48,12 +49,19 @@ func TestCacheabilityKeepsRepositoryStateInline(t *testing.T) {
 }
 
 func TestNewRefusesToCacheStateCommands(t *testing.T) {
+	core := func() *agent.Agent {
+		a, err := agent.New(context.Background(), agent.Config{Origin: mustURL(t, "http://127.0.0.1:1/")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
 	for _, cmd := range []string{"heads", "listkeys", "capabilities", "pushkey"} {
-		if _, err := New(context.Background(), Config{Origin: mustURL(t, "http://127.0.0.1:1/"), Cacheable: []string{"filesdata", cmd}}); err == nil {
+		if _, err := New(core(), Config{Cacheable: []string{"filesdata", cmd}}); err == nil {
 			t.Errorf("New accepted %q as cacheable", cmd)
 		}
 	}
-	if _, err := New(context.Background(), Config{Origin: mustURL(t, "http://127.0.0.1:1/"), Cacheable: []string{"changesetdata"}}); err != nil {
+	if _, err := New(core(), Config{Cacheable: []string{"changesetdata"}}); err != nil {
 		t.Errorf("changesetdata refused: %v", err)
 	}
 }

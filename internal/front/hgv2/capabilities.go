@@ -1,4 +1,4 @@
-package agent
+package hgv2
 
 import (
 	"bytes"
@@ -6,25 +6,54 @@ import (
 	"net/http"
 	"strconv"
 
+	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/wire"
 )
 
-// maxHandshakeBytes bounds the capabilities body the agent buffers to rewrite.
+// maxHandshakeBytes bounds the capabilities body the front buffers to rewrite.
 const maxHandshakeBytes = 4 << 20
+
+// advertisement is the redirect section for one target set.
+type advertisement struct {
+	targets *agent.TargetSet
+	section *wire.RedirectSection
+}
+
+// Section is the redirect section advertised now: the core's target set in its order (nil before
+// the first target set arrived).
+func (f *Front) Section() *wire.RedirectSection {
+	ts := f.a.Targets()
+	if ts == nil {
+		return nil
+	}
+	if ad := f.section.Load(); ad != nil && ad.targets == ts {
+		return ad.section
+	}
+	s := &wire.RedirectSection{Hashes: wire.DefaultHashes}
+	for _, t := range ts.Live {
+		rt := wire.RedirectTarget{Name: t.Name, Protocol: t.Protocol, URIs: t.Uris, TLSVersions: t.TlsVersions}
+		if t.SniRequired {
+			rt.SNIRequired = &t.SniRequired
+		}
+		s.Targets = append(s.Targets, rt)
+	}
+	f.section.Store(&advertisement{targets: ts, section: s})
+	return s
+}
 
 // serveHandshake forwards `GET ?cmd=capabilities` and, when the origin answers with the v2 CBOR
 // handshake, replaces the redirect section with the live target set.
-func (a *Agent) serveHandshake(w http.ResponseWriter, r *http.Request) {
-	a.metrics.requests.WithLabelValues("capabilities").Inc()
-	req, err := http.NewRequestWithContext(r.Context(), r.Method, a.originURL(r), nil)
+func (f *Front) serveHandshake(w http.ResponseWriter, r *http.Request) {
+	f.a.Count("capabilities")
+	req, err := http.NewRequestWithContext(r.Context(), r.Method, f.a.OriginURL(r), nil)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
 	req.Header = r.Header.Clone()
-	resp, err := a.client.Do(req)
+	resp, err := f.a.OriginClient().Do(req)
 	if err != nil {
-		a.once.Warn("origin", "origin unreachable", "origin", a.cfg.Origin.String(), "err", err)
+		f.a.OriginFailed(err)
 		http.Error(w, "origin unreachable", http.StatusBadGateway)
 		return
 	}
@@ -38,10 +67,10 @@ func (a *Agent) serveHandshake(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "origin capabilities unreadable or too large", http.StatusBadGateway)
 		return
 	}
-	out, err := wire.RewriteHandshake(body, a.section.Load())
+	out, err := wire.RewriteHandshake(body, f.Section())
 	if err != nil {
 		// The origin's map is not what we understand: pass it on untouched.
-		a.once.Warn("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
+		f.a.Once().Warn("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
 		out = body
 	}
 	resp.Body = io.NopCloser(bytes.NewReader(out))
@@ -51,10 +80,11 @@ func (a *Agent) serveHandshake(w http.ResponseWriter, r *http.Request) {
 
 // serveCapabilitiesCommand answers the v2 `capabilities` command: the origin's answer with the
 // redirect section replaced.
-func (a *Agent) serveCapabilitiesCommand(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest) {
-	resp, err := a.forwardCommand(r, cmd)
+func (f *Front) serveCapabilitiesCommand(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest) {
+	f.a.Count("capabilities")
+	resp, err := f.forwardCommand(r, cmd)
 	if err != nil {
-		a.originFailed(w, cmd, err)
+		f.originFailed(w, cmd, err)
 		return
 	}
 	defer resp.Body.Close()
@@ -64,17 +94,17 @@ func (a *Agent) serveCapabilitiesCommand(w http.ResponseWriter, r *http.Request,
 	}
 	rr, err := wire.ReadResponse(io.LimitReader(resp.Body, maxHandshakeBytes), cmd.RequestID, wire.ReaderOptions{MaxPayload: wire.MaxPayloadLimit})
 	if err != nil || rr.Status().Status != wire.StatusOK {
-		a.protocolError(w, cmd.RequestID, "origin capabilities response unreadable")
+		protocolError(w, cmd.RequestID, "origin capabilities response unreadable")
 		return
 	}
 	caps, err := io.ReadAll(rr)
 	if err != nil {
-		a.protocolError(w, cmd.RequestID, "origin capabilities response unreadable")
+		protocolError(w, cmd.RequestID, "origin capabilities response unreadable")
 		return
 	}
-	out, err := wire.RewriteRedirect(caps, a.section.Load())
+	out, err := wire.RewriteRedirect(caps, f.Section())
 	if err != nil {
-		a.once.Warn("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
+		f.a.Once().Warn("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
 		out = caps
 	}
 	w.Header().Set("Content-Type", wire.MediaTypeFraming)

@@ -1,4 +1,4 @@
-package agent
+package hgv2
 
 // Content keys, and which responses may be stored under one.
 //

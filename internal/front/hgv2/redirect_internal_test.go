@@ -1,4 +1,4 @@
-package agent
+package hgv2
 
 import (
 	"bytes"
@@ -7,7 +7,7 @@ import (
 	"slices"
 	"testing"
 
-	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/wire"
 )
 
@@ -43,9 +43,10 @@ func manifestRequest(tb testing.TB, n int) []byte {
 // cache, without net/http and the origin check: read and assemble the frames, decide
 // cacheability, derive the content key, write the prepared redirect.
 func BenchmarkRedirectHitWork(b *testing.B) {
-	loc := &pb.Location{Url: "https://storage.googleapis.com/detour-us/hg/" + fmt.Sprintf("%064x", 1), MediaType: wire.MediaTypeCBOR,
-		Size: 123456, Sha256: bytes.Repeat([]byte{1}, 32), Sha1: bytes.Repeat([]byte{2}, 20)}
-	prepared, err := redirectAnswer([]string{"sha256", "sha1"}, loc)
+	loc := &agent.Location{Target: "us-gcs", URL: "https://storage.googleapis.com/detour-us/hg/" + fmt.Sprintf("%064x", 1), MediaType: wire.MediaTypeCBOR,
+		Size: 123456, SHA256: bytes.Repeat([]byte{1}, 32), SHA1: bytes.Repeat([]byte{2}, 20)}
+	f := &Front{}
+	prepared, err := f.redirectAnswer([]string{"sha256", "sha1"}, loc)
 	if err != nil {
 		b.Fatal(err)
 	}
