@@ -7,6 +7,7 @@ import (
 	"io"
 	"iter"
 	"slices"
+	"sync"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -39,6 +40,9 @@ var DecodableEncodings = []string{EncodingZstd8MB, EncodingZlib, EncodingIdentit
 
 // zstdMaxWindow is the largest window a zstd-8mb stream may use.
 const zstdMaxWindow = 8 << 20
+
+// zstdDecoders keeps idle zstd decoders: making one costs more than decoding a small answer.
+var zstdDecoders sync.Pool
 
 // Errors of encoded streams.
 var (
@@ -143,12 +147,25 @@ func newStreamDecoder(name string, limits DecodeLimits) (*streamDecoder, error) 
 		}
 	case EncodingZstd8MB:
 		open = func(r io.Reader) (io.Reader, func(), error) {
-			zr, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
-				zstd.WithDecoderMaxWindow(zstdMaxWindow), zstd.WithDecoderMaxMemory(zstdMaxWindow))
-			if err != nil {
+			zr, _ := zstdDecoders.Get().(*zstd.Decoder)
+			if zr == nil {
+				var err error
+				zr, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+					zstd.WithDecoderMaxWindow(zstdMaxWindow), zstd.WithDecoderMaxMemory(zstdMaxWindow))
+				if err != nil {
+					return nil, nil, err
+				}
+			}
+			if err := zr.Reset(r); err != nil {
+				zr.Close()
 				return nil, nil, err
 			}
-			return zr, zr.Close, nil
+			return zr, func() {
+				// Reset(nil) drops the stream; the decoder's tables and buffers are kept for the next.
+				if zr.Reset(nil) == nil {
+					zstdDecoders.Put(zr)
+				}
+			}, nil
 		}
 	default:
 		return nil, fmt.Errorf("%w: %q", ErrUnsupportedEncoding, name)

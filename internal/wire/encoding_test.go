@@ -586,3 +586,28 @@ func TestDecodersDoNotOutliveTheirResponse(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// BenchmarkAssembleEncoded is the agent's per-frame cost on Mercurial's own answers: read each
+// frame and hand on its decoded object bytes (b.SetBytes: object bytes).
+func BenchmarkAssembleEncoded(b *testing.B) {
+	for _, name := range []string{"identity-big", "zlib-big", "zstd8mb-big"} {
+		frames := readVector(b, name+".frames")
+		b.Run(name, func(b *testing.B) {
+			b.SetBytes(int64(len(readVector(b, "big.cbor"))))
+			for b.Loop() {
+				fr := NewReader(bytes.NewReader(frames), ReaderOptions{Side: ClientSide, MaxTotal: -1})
+				asm := NewResponseAssembler(1)
+				for {
+					f, err := fr.Next()
+					if err != nil {
+						break
+					}
+					if err := asm.AddFunc(f, func([]byte) error { return nil }); err != nil {
+						b.Fatal(err)
+					}
+				}
+				asm.Close()
+			}
+		})
+	}
+}
