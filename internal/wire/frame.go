@@ -166,6 +166,8 @@ type ReaderOptions struct {
 	Side       Side
 	MaxPayload int   // per frame; default DefaultMaxPayload
 	MaxTotal   int64 // all frames together; default DefaultMaxRequest, negative for no limit
+	// Decode bounds what decoding an encoded response may produce (ReadResponse only).
+	Decode DecodeLimits
 }
 
 // Reader reads frames from an io.Reader, checking lengths, stream parity, begin-stream and frame

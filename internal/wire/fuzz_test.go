@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"strings"
 	"testing"
 )
 
@@ -96,7 +97,7 @@ func FuzzRewriteRedirect(f *testing.F) {
 func isPackageError(err error) bool {
 	for _, s := range []error{ErrTruncated, ErrPayloadTooLarge, ErrRequestTooLarge, ErrStreamParity,
 		ErrStreamNotBegun, ErrUnknownFrameType, ErrUnexpectedFrame, ErrBadFlags, ErrContinuation,
-		ErrBadCBOR, ErrBadValue, ErrUnsupportedEncoding, ErrIncomplete} {
+		ErrBadCBOR, ErrBadValue, ErrUnsupportedEncoding, ErrIncomplete, ErrBadEncoding, ErrDecodeLimit} {
 		if errors.Is(err, s) {
 			return true
 		}
@@ -126,6 +127,138 @@ func FuzzReadResponse(f *testing.F) {
 		}
 		if _, err := io.ReadAll(r); err != nil && !isPackageError(err) && !errors.Is(err, ErrServerError) {
 			t.Fatalf("untyped error reading objects: %v", err)
+		}
+	})
+}
+
+// FuzzReadEncodedResponse reads arbitrary server output, seeded with Mercurial's own encoded
+// responses: a status and object bytes, or an error wrapping a sentinel; never more decoded
+// bytes than the limits allow.
+func FuzzReadEncodedResponse(f *testing.F) {
+	for _, name := range []string{"zstd8mb-small", "zlib-small", "identity-small", "offer-all"} {
+		f.Add(readVector(f, name+".frames"))
+	}
+	limits := DecodeLimits{MaxDecoded: 4 << 20, MaxRatio: 64, RatioFloor: 1 << 20}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r, err := ReadResponse(bytes.NewReader(data), 1, ReaderOptions{Decode: limits})
+		if err != nil {
+			if !isPackageError(err) && !errors.Is(err, ErrServerError) {
+				t.Fatalf("untyped error: %v", err)
+			}
+			return
+		}
+		defer r.Close()
+		n, err := io.Copy(io.Discard, r)
+		if err != nil && !isPackageError(err) && !errors.Is(err, ErrServerError) {
+			t.Fatalf("untyped error reading objects: %v", err)
+		}
+		if n > limits.MaxDecoded+decodeChunk {
+			t.Fatalf("%d object bytes, limit %d", n, limits.MaxDecoded)
+		}
+	})
+}
+
+// FuzzStreamDecoder feeds arbitrary bytes, cut into frame payloads at arbitrary points, to the
+// zlib and zstd-8mb decoders: no panic, typed errors, bounded output.
+func FuzzStreamDecoder(f *testing.F) {
+	for _, name := range []string{"zstd8mb-small", "zlib-small"} {
+		frames := readVector(f, name+".frames")
+		fr := NewReader(bytes.NewReader(frames), ReaderOptions{Side: ClientSide, MaxTotal: -1})
+		var stream []byte
+		for {
+			fm, err := fr.Next()
+			if err != nil {
+				break
+			}
+			if fm.StreamFlags&StreamEncoded != 0 {
+				stream = append(stream, fm.Payload...)
+			}
+		}
+		sel := byte(0)
+		if strings.HasPrefix(name, "zstd") {
+			sel = 1
+		}
+		f.Add(sel, uint16(7), stream)
+		f.Add(sel, uint16(1), stream)
+	}
+	f.Fuzz(func(t *testing.T, sel byte, cut uint16, stream []byte) {
+		name := EncodingZlib
+		if sel&1 == 1 {
+			name = EncodingZstd8MB
+		}
+		limits := DecodeLimits{MaxDecoded: 4 << 20}
+		d, err := newStreamDecoder(name, limits)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.close()
+		step := int(cut)%4096 + 1
+		var n int64
+		for len(stream) > 0 {
+			k := min(step, len(stream))
+			err := d.feed(stream[:k], func(p []byte) error {
+				if len(p) > decodeChunk {
+					t.Fatalf("piece of %d bytes", len(p))
+				}
+				n += int64(len(p))
+				return nil
+			})
+			if err != nil {
+				if !errors.Is(err, ErrBadEncoding) && !errors.Is(err, ErrDecodeLimit) {
+					t.Fatalf("untyped error: %v", err)
+				}
+				return
+			}
+			stream = stream[k:]
+		}
+		if n > limits.MaxDecoded+decodeChunk {
+			t.Fatalf("%d bytes decoded, limit %d", n, limits.MaxDecoded)
+		}
+	})
+}
+
+// FuzzEncodedRoundTrip compresses arbitrary data as Mercurial's encoders do (flushes at
+// arbitrary points, one context) and checks the decoder gives it back, frame by frame.
+func FuzzEncodedRoundTrip(f *testing.F) {
+	f.Add(byte(0), []byte("{status: ok} and some objects"), uint16(3))
+	f.Add(byte(1), bytes.Repeat([]byte("abcdefgh"), 5000), uint16(1000))
+	f.Fuzz(func(t *testing.T, sel byte, data []byte, cut uint16) {
+		name, comp := EncodingZlib, zlibComp
+		if sel&1 == 1 {
+			name, comp = EncodingZstd8MB, zstdComp(t)
+		}
+		var enc bytes.Buffer
+		c := comp(&enc)
+		var payloads [][]byte
+		step := int(cut)%1024 + 1
+		for rest := data; ; {
+			k := min(step, len(rest))
+			c.Write(rest[:k])
+			if sel&2 != 0 || len(rest) == k {
+				if err := c.Flush(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			payloads = append(payloads, bytes.Clone(enc.Bytes()))
+			enc.Reset()
+			rest = rest[k:]
+			if len(rest) == 0 {
+				break
+			}
+		}
+		d, err := newStreamDecoder(name, DecodeLimits{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.close()
+		var got []byte
+		for _, p := range payloads {
+			if err := d.feed(p, func(b []byte) error { got = append(got, b...); return nil }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if !bytes.Equal(got, data) {
+			t.Fatalf("%s: %d bytes back, want %d", name, len(got), len(data))
 		}
 	})
 }

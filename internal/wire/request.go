@@ -10,13 +10,6 @@ import (
 	"github.com/fxamacker/cbor/v2"
 )
 
-// Content encodings. Detour decodes and produces only identity; it advertises no others, so the
-// streams it reads and writes are identity-encoded (a proxy that must read a response asks its
-// upstream for identity).
-const (
-	EncodingIdentity = "identity"
-)
-
 // RedirectRequest is the client's `redirect` map: the targets it accepts in the server's order, and
 // the hash algorithms it knows.
 type RedirectRequest struct {

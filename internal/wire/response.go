@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
+	"runtime"
 )
 
 // Media types of the HTTP transport.
@@ -248,89 +250,254 @@ var ErrServerError = errors.New("server sent an error response")
 
 // ResponseAssembler follows one command's response frames from a server and splits the CBOR
 // stream into the status value and the object bytes after it. It keeps no object bytes: each call
-// to Add returns those the frame carried.
+// to Add or AddFunc hands on those the frame carried.
+//
+// Encoded streams (zstd-8mb, zlib; see EncodingZlib) are decoded: a frame with the encoded stream
+// flag goes through its stream's decoder, set by the stream's stream-settings frame, and the
+// object bytes handed on are the decoded ones, exactly what the same command answers with
+// identity. Frames of other requests on the same stream are decoded too (one compression context
+// runs through a stream) and their bytes dropped. A decoder runs until the response ends, an
+// error, or Close.
+//
+// The first error is final: later calls return it again.
 type ResponseAssembler struct {
 	RequestID uint16
-	status    *Status
-	head      []byte
-	done      bool
-	objects   int64
+	// Limits bound what decoding may produce; set them before the first frame. Zero fields take
+	// defaults.
+	Limits DecodeLimits
+
+	status  *Status
+	head    []byte
+	done    bool
+	objects int64
+	err     error
+	streams *inStreams
+	buf     []byte
+}
+
+// inStreams is a response's input streams, apart from the assembler so that a cleanup can stop
+// their decoders when an assembler is dropped without Close.
+type inStreams struct {
+	m map[uint8]*inStream
+}
+
+type inStream struct {
+	settings []byte // stream-settings payload not yet ended
+	dec      *streamDecoder
+}
+
+func (s *inStreams) closeAll() {
+	for _, st := range s.m {
+		if st.dec != nil {
+			st.dec.close()
+			st.dec = nil
+		}
+	}
 }
 
 // NewResponseAssembler follows responses to requestID.
 func NewResponseAssembler(requestID uint16) *ResponseAssembler {
-	return &ResponseAssembler{RequestID: requestID}
+	a := &ResponseAssembler{RequestID: requestID, streams: &inStreams{m: map[uint8]*inStream{}}}
+	runtime.AddCleanup(a, (*inStreams).closeAll, a.streams)
+	return a
 }
 
 // maxStatusBytes bounds the bytes buffered while waiting for the status value to complete.
 const maxStatusBytes = 1 << 20
 
-// Add consumes one frame. It returns object bytes the frame carried (valid until the frame's
-// buffer is reused). Frames of other requests are ignored, except error responses: a server that
-// could not parse a request may not know its id.
+// maxSettingsBytes bounds a stream-settings payload split over frames.
+const maxSettingsBytes = 64 << 10
+
+// Add consumes one frame and returns the object bytes it carried. For a frame that came
+// unencoded they alias its payload (valid until the frame's buffer is reused); decoded bytes are
+// gathered in a buffer of the assembler's, valid until the next call. A single encoded frame may
+// decode to many times its size: AddFunc hands them on in bounded pieces instead.
 func (a *ResponseAssembler) Add(f Frame) ([]byte, error) {
-	if f.RequestID != a.RequestID && f.Type != TypeStreamSettings && f.Type != TypeErrorResponse {
-		return nil, nil
+	var out []byte
+	encoded := f.StreamFlags&StreamEncoded != 0
+	a.buf = a.buf[:0]
+	err := a.AddFunc(f, func(p []byte) error {
+		if !encoded && out == nil {
+			out = p
+			return nil
+		}
+		a.buf = append(a.buf, p...)
+		out = a.buf
+		return nil
+	})
+	return out, err
+}
+
+// AddFunc consumes one frame and passes the object bytes it carried to fn, in pieces of at most
+// 32 KiB when they are decoded; a piece is valid only during the call. An error from fn is
+// returned as it is (and is final, like every other). Frames of other requests are ignored,
+// except error responses (a server that could not parse a request may not know its id) and what
+// keeps an encoded stream's decoder in step.
+func (a *ResponseAssembler) AddFunc(f Frame, fn func(objects []byte) error) error {
+	if a.err != nil {
+		return a.err
+	}
+	if err := a.add(f, fn); err != nil {
+		a.err = err
+		a.Close()
+		return err
 	}
 	if a.done {
-		return nil, fmt.Errorf("%w: %s after end of stream", ErrUnexpectedFrame, f.Type)
+		a.Close()
+	}
+	return nil
+}
+
+// Close stops the assembler's decoders. Call it when a response is abandoned before its end;
+// one that ended (or failed) has closed them already.
+func (a *ResponseAssembler) Close() {
+	a.streams.closeAll()
+}
+
+func (a *ResponseAssembler) stream(id uint8) *inStream {
+	s := a.streams.m[id]
+	if s == nil {
+		s = &inStream{}
+		a.streams.m[id] = s
+	}
+	return s
+}
+
+// payload passes f's payload to fn, through the stream's decoder when the frame is encoded.
+func (a *ResponseAssembler) payload(f Frame, fn func([]byte) error) error {
+	if f.StreamFlags&StreamEncoded != 0 {
+		if d := a.stream(f.StreamID).dec; d != nil {
+			return d.feed(f.Payload, fn)
+		}
+	}
+	if len(f.Payload) == 0 {
+		return nil
+	}
+	return fn(f.Payload)
+}
+
+func discard([]byte) error { return nil }
+
+func (a *ResponseAssembler) add(f Frame, fn func([]byte) error) error {
+	if f.RequestID != a.RequestID && f.Type != TypeStreamSettings && f.Type != TypeErrorResponse {
+		if a.done {
+			return nil
+		}
+		// Another command's response on the same stream: its encoded bytes are part of the
+		// stream's compression context.
+		return a.payload(f, discard)
+	}
+	if a.done {
+		return fmt.Errorf("%w: %s after end of stream", ErrUnexpectedFrame, f.Type)
 	}
 	switch f.Type {
 	case TypeStreamSettings:
-		var enc string
-		if _, err := UnmarshalFirst(f.Payload, &enc); err != nil {
-			return nil, fmt.Errorf("stream-settings: %w", err)
-		}
-		if enc != EncodingIdentity {
-			return nil, fmt.Errorf("%w: server stream encoding %q", ErrUnsupportedEncoding, enc)
-		}
-		return nil, nil
+		return a.streamSettings(f)
 	case TypeTextOutput, TypeProgress:
-		return nil, nil
+		return a.payload(f, discard)
 	case TypeErrorResponse:
+		var b []byte
+		err := a.payload(f, func(p []byte) error {
+			if len(b)+len(p) > maxStatusBytes {
+				return fmt.Errorf("%w: error-response larger than %d bytes", ErrBadValue, maxStatusBytes)
+			}
+			b = append(b, p...)
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("error-response: %w", err)
+		}
 		var e ErrorResponse
-		if err := Unmarshal(f.Payload, &e); err != nil {
-			return nil, fmt.Errorf("error-response: %w", err)
+		if err := Unmarshal(b, &e); err != nil {
+			return fmt.Errorf("error-response: %w", err)
 		}
 		a.done = true
-		return nil, fmt.Errorf("%w: %s: %s", ErrServerError, e.Type, e.Text())
+		return fmt.Errorf("%w: %s: %s", ErrServerError, e.Type, e.Text())
 	case TypeCommandResponse:
 	default:
-		return nil, fmt.Errorf("%w: %s from a server", ErrUnexpectedFrame, f.Type)
+		return fmt.Errorf("%w: %s from a server", ErrUnexpectedFrame, f.Type)
 	}
 	c, e := f.Flags&FlagResponseContinuation != 0, f.Flags&FlagResponseEOS != 0
 	if c == e {
-		return nil, fmt.Errorf("%w: command-response flags 0x%x", ErrBadFlags, f.Flags)
+		return fmt.Errorf("%w: command-response flags 0x%x", ErrBadFlags, f.Flags)
+	}
+	if err := a.payload(f, func(p []byte) error { return a.split(p, fn) }); err != nil {
+		return err
 	}
 	if e {
 		a.done = true
+		if a.status == nil {
+			return fmt.Errorf("%w: response ended inside the status value", ErrIncomplete)
+		}
 	}
-	data := f.Payload
+	return nil
+}
+
+// split takes bytes of the response's CBOR stream: the status value first, then object bytes,
+// which go to fn.
+func (a *ResponseAssembler) split(data []byte, fn func([]byte) error) error {
 	if a.status == nil {
 		a.head = append(a.head, data...)
 		var st Status
 		rest, err := UnmarshalFirst(a.head, &st)
 		if errors.Is(err, ErrIncomplete) {
 			if len(a.head) > maxStatusBytes {
-				return nil, fmt.Errorf("%w: status value larger than %d bytes", ErrBadValue, maxStatusBytes)
+				return fmt.Errorf("%w: status value larger than %d bytes", ErrBadValue, maxStatusBytes)
 			}
-			if a.done {
-				return nil, fmt.Errorf("%w: response ended inside the status value", ErrIncomplete)
-			}
-			return nil, nil
+			return nil
 		}
 		if err != nil {
-			return nil, fmt.Errorf("response status: %w", err)
+			return fmt.Errorf("response status: %w", err)
 		}
 		if st.Status == "" {
-			return nil, fmt.Errorf("%w: response status map has no status", ErrBadValue)
+			return fmt.Errorf("%w: response status map has no status", ErrBadValue)
 		}
 		a.status = &st
 		a.head = nil
 		data = rest
 	}
+	if len(data) == 0 {
+		return nil
+	}
 	a.objects += int64(len(data))
-	return data, nil
+	return fn(data)
+}
+
+// streamSettings reads a stream-settings frame (its payload may span frames: continuation, then
+// end) and sets the stream's decoder. Like Mercurial's client, a new settings frame replaces the
+// stream's decoder.
+func (a *ResponseAssembler) streamSettings(f Frame) error {
+	c, e := f.Flags&FlagSettingsContinuation != 0, f.Flags&FlagSettingsEOS != 0
+	if c == e {
+		return fmt.Errorf("%w: stream-settings flags 0x%x", ErrBadFlags, f.Flags)
+	}
+	s := a.stream(f.StreamID)
+	if len(s.settings)+len(f.Payload) > maxSettingsBytes {
+		return fmt.Errorf("%w: stream-settings larger than %d bytes", ErrBadValue, maxSettingsBytes)
+	}
+	s.settings = append(s.settings, f.Payload...)
+	if c {
+		return nil
+	}
+	payload := s.settings
+	s.settings = nil
+	var enc string
+	rest, err := UnmarshalFirst(payload, &enc)
+	if err != nil {
+		return fmt.Errorf("stream-settings: %w", err)
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("%w: stream-settings: encoding %q has no parameters, got %d more bytes", ErrBadValue, enc, len(rest))
+	}
+	d, err := newStreamDecoder(enc, a.Limits)
+	if err != nil {
+		return fmt.Errorf("server stream encoding: %w", err)
+	}
+	if s.dec != nil {
+		s.dec.close()
+	}
+	s.dec = d
+	return nil
 }
 
 // Status returns the response status once it has been read, else nil.
@@ -339,50 +506,108 @@ func (a *ResponseAssembler) Status() *Status { return a.status }
 // Done says the end-of-stream frame (or an error-response) has been seen.
 func (a *ResponseAssembler) Done() bool { return a.done }
 
-// ObjectBytes is the number of object bytes seen so far.
+// ObjectBytes is the number of object bytes (decoded) seen so far.
 func (a *ResponseAssembler) ObjectBytes() int64 { return a.objects }
 
 // Response is a client's view of one command response: the status, then the objects as a
-// byte stream.
+// byte stream (decoded when the server encoded its stream). Frames are read and decoded as the
+// objects are read, so memory stays bounded however much a frame decodes to.
 type Response struct {
 	fr      *Reader
 	a       *ResponseAssembler
+	next    func() (piece, bool)
+	stop    func()
 	pending []byte
 	err     error
 }
 
+// piece is what a response's reading coroutine yields: object bytes (valid until the next pull),
+// an error (io.EOF at the end), or neither when a frame has been read.
+type piece struct {
+	b   []byte
+	err error
+}
+
+var errResponseClosed = errors.New("response closed")
+
 // ReadResponse reads frames from a server until the response's status value is known.
+// opts.Decode bounds what decoding an encoded stream may produce. A response abandoned before
+// its end should be closed.
 func ReadResponse(r io.Reader, requestID uint16, opts ReaderOptions) (*Response, error) {
 	opts.Side = ClientSide
 	if opts.MaxTotal == 0 {
 		opts.MaxTotal = -1
 	}
-	resp := &Response{fr: NewReader(r, opts), a: NewResponseAssembler(requestID)}
-	for resp.a.Status() == nil {
-		if err := resp.step(); err != nil {
+	fr, a := NewReader(r, opts), NewResponseAssembler(requestID)
+	a.Limits = opts.Decode
+	resp := &Response{fr: fr, a: a}
+	resp.next, resp.stop = iter.Pull(func(yield func(piece) bool) {
+		for !a.Done() {
+			f, err := fr.Next()
+			if err == io.EOF {
+				err = fmt.Errorf("%w: no end-of-stream frame", ErrIncomplete)
+			}
+			if err != nil {
+				a.Close()
+				yield(piece{err: err})
+				return
+			}
+			err = a.AddFunc(f, func(p []byte) error {
+				if !yield(piece{b: p}) {
+					return errResponseClosed
+				}
+				return nil
+			})
+			if err != nil {
+				yield(piece{err: err})
+				return
+			}
+			if !yield(piece{}) {
+				return
+			}
+		}
+		yield(piece{err: io.EOF})
+	})
+	runtime.AddCleanup(resp, func(stop func()) { stop() }, resp.stop)
+	for a.Status() == nil {
+		if err := resp.pull(); err != nil && (err != io.EOF || a.Status() == nil) {
+			resp.Close()
+			if err == io.EOF {
+				err = fmt.Errorf("%w: response ended without a status", ErrIncomplete)
+			}
 			return nil, err
 		}
 	}
 	return resp, nil
 }
 
-func (r *Response) step() error {
-	if r.a.Done() {
-		return io.EOF
+// pull advances the reading coroutine by one piece; object bytes land in pending.
+func (r *Response) pull() error {
+	if r.err != nil {
+		return r.err
 	}
-	f, err := r.fr.Next()
-	if err == io.EOF {
-		return fmt.Errorf("%w: no end-of-stream frame", ErrIncomplete)
+	p, ok := r.next()
+	switch {
+	case !ok:
+		r.err = errResponseClosed
+	case p.err != nil:
+		r.err = p.err
+	case p.b == nil && r.a.Done():
+		// The last frame: nothing is pending (a piece is pulled only once the previous one was
+		// read), so the coroutine can end now rather than wait for one more pull.
+		r.err = io.EOF
+	default:
+		r.pending = p.b
+		return nil
 	}
-	if err != nil {
-		return err
-	}
-	data, err := r.a.Add(f)
-	if err != nil {
-		return err
-	}
-	r.pending = append(r.pending[:0], data...)
-	return nil
+	r.stop()
+	return r.err
+}
+
+// Close stops reading and decoding (the response's end does too).
+func (r *Response) Close() {
+	r.stop()
+	r.a.Close()
 }
 
 // Status is the response's status value.
@@ -415,10 +640,9 @@ func (r *Response) CheckRedirectEnds() error {
 // Read reads the object bytes that follow the status (the concatenated CBOR objects).
 func (r *Response) Read(p []byte) (int, error) {
 	for len(r.pending) == 0 {
-		if r.err != nil {
-			return 0, r.err
+		if err := r.pull(); err != nil {
+			return 0, err
 		}
-		r.err = r.step()
 	}
 	n := copy(p, r.pending)
 	r.pending = r.pending[n:]
