@@ -180,7 +180,7 @@ func (o *Origin) StreamBundle(ctx context.Context, caps Caps, heads []Node) (*Bu
 		body.Close()
 		return nil, err
 	}
-	if part.Type != "stream2" {
+	if !strings.EqualFold(part.Type, "stream2") {
 		body.Close()
 		return nil, fmt.Errorf("stream bundle: first part is %q, not stream2", part.Type)
 	}
