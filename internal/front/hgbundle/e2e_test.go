@@ -8,6 +8,7 @@ package hgbundle_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -222,6 +223,14 @@ func newProxy(t *testing.T, originURL string) *proxy {
 		p.commands = append(p.commands, cmd)
 		if cmd == "clonebundles" {
 			p.protoHeader = r.Header.Get("X-HgProto-1")
+		}
+		if testing.Verbose() && cmd != "capabilities" {
+			var args strings.Builder
+			for i := 1; r.Header.Get(fmt.Sprintf("X-HgArg-%d", i)) != ""; i++ {
+				args.WriteString(r.Header.Get(fmt.Sprintf("X-HgArg-%d", i)))
+			}
+			q, _ := url.ParseQuery(args.String())
+			fmt.Fprintf(os.Stderr, "proxy: %s %v X-HgProto-1=%q\n", cmd, q, r.Header.Get("X-HgProto-1"))
 		}
 		p.mu.Unlock()
 		if es := p.manifest.Load(); cmd == "clonebundles" && es != nil {
@@ -646,4 +655,69 @@ func TestClientWithoutUsableBundle(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestOriginRefusals: what the real origin refuses or changes under a bundle surfaces as an
+// error of the bundle's reader, never as a short bundle.
+func TestOriginRefusals(t *testing.T) {
+	o := newOrigin(t)
+	ctx := ctxFor(t, 2*time.Minute)
+	origin := &hgbundle.Origin{URL: o.server.URL}
+	caps, err := origin.Capabilities(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("unknown head", func(t *testing.T) {
+		unknown, _ := hgbundle.ParseNode(strings.Repeat("12", 20))
+		b, err := origin.FullBundle(ctx, caps, []hgbundle.Node{unknown})
+		if err == nil {
+			_, err = io.ReadAll(b.Body)
+			b.Body.Close()
+		}
+		if err == nil {
+			t.Fatal("a bundle of an unknown head")
+		}
+		t.Logf("origin's refusal: %v", err) // hg serve answers 500: the lookup error is no Abort
+	})
+
+	t.Run("full bundles disabled", func(t *testing.T) {
+		closed := newOrigin(t, "server.disablefullbundle=true")
+		origin := &hgbundle.Origin{URL: closed.server.URL}
+		b, err := origin.FullBundle(ctx, caps, nil)
+		if err == nil {
+			_, err = io.ReadAll(b.Body)
+			b.Body.Close()
+		}
+		if !errors.Is(err, hgbundle.ErrOriginAbort) || !strings.Contains(err.Error(), "pull-based clones disabled") {
+			t.Fatalf("err %v, want ErrOriginAbort for pull-based clones disabled", err)
+		}
+	})
+
+	t.Run("heads move under a stream", func(t *testing.T) {
+		b, err := origin.StreamBundle(ctx, caps, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer b.Body.Close()
+		o.commit(t, 1, "moved")
+		if _, err := io.ReadAll(b.Body); !errors.Is(err, hgbundle.ErrHeadsMoved) {
+			t.Fatalf("err %v, want ErrHeadsMoved", err)
+		}
+	})
+
+	t.Run("streaming not allowed", func(t *testing.T) {
+		closed := newOrigin(t, "server.uncompressed=false")
+		origin := &hgbundle.Origin{URL: closed.server.URL}
+		caps, err := origin.Capabilities(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, ok := caps.StreamRequirements(); ok {
+			t.Fatalf("capabilities offer streaming: %s", caps)
+		}
+		if _, err := origin.StreamBundle(ctx, caps, nil); err == nil {
+			t.Fatal("asked for a stream the origin does not allow")
+		}
+	})
 }

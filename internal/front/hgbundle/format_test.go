@@ -5,6 +5,7 @@ import (
 	"compress/zlib"
 	"encoding/json"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"reflect"
@@ -323,5 +324,37 @@ func TestCompressWritesTheStreamParameterAndCompressesTheRest(t *testing.T) {
 	piped, err := io.ReadAll(CompressReader(bytes.NewReader(in), Zstd))
 	if err != nil || !bytes.Equal(piped, direct.Bytes()) {
 		t.Errorf("CompressReader differs from Compress (%v)", err)
+	}
+}
+
+func TestForClientDropsWhatTheClientCannotDecode(t *testing.T) {
+	zstdStream := Entry{URL: "http://b/s1", BundleSpec: StreamBundleSpec("generaldelta%2Crevlog-compression-zstd%2Crevlogv1")}
+	zlibStream := Entry{URL: "http://b/s2", BundleSpec: StreamBundleSpec("generaldelta%2Crevlogv1")}
+	z := Entry{URL: "http://b/z", BundleSpec: "zstd-v2"}
+	g := Entry{URL: "http://b/g", BundleSpec: "gzip-v2"}
+	all := []Entry{zstdStream, zlibStream, z, g}
+	urls := func(es []Entry) (out []string) {
+		for _, e := range es {
+			out = append(out, e.URL)
+		}
+		return out
+	}
+	for name, tt := range map[string]struct {
+		headers map[string]string
+		want    []string
+	}{
+		"6.3.2":         {map[string]string{"X-HgProto-1": "0.1 0.2 comp=zstd,zlib,none,bzip2 partial-pull"}, urls(all)},
+		"5.6.1 no zstd": {map[string]string{"X-HgProto-1": "0.1 0.2 comp=zlib,none,bzip2 partial-pull"}, []string{"http://b/s2", "http://b/g"}},
+		"split header":  {map[string]string{"X-HgProto-1": "0.1 0.2 comp=zs", "X-HgProto-2": "td,zlib"}, urls(all)},
+		"nothing said":  {nil, []string{"http://b/s2", "http://b/g"}},
+		"header gap":    {map[string]string{"X-HgProto-2": "comp=zstd"}, []string{"http://b/s2", "http://b/g"}},
+	} {
+		h := http.Header{}
+		for k, v := range tt.headers {
+			h.Set(k, v)
+		}
+		if got := urls(ForClient(all, h)); !reflect.DeepEqual(got, tt.want) {
+			t.Errorf("%s: %v, want %v", name, got, tt.want)
+		}
 	}
 }
