@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"net/url"
+	"slices"
 	"strings"
 )
 
@@ -81,6 +82,7 @@ type Reader struct {
 	src     *bufio.Reader
 	state   readerState
 	pending []byte // bytes checked and not yet returned
+	buf     []byte // pending's storage, reused once it is drained
 	payload int64  // bytes of the current payload chunk still to pass through
 	params  []Param
 	parts   []Part
@@ -180,8 +182,14 @@ func (r *Reader) truncated() error {
 
 // read reads exactly n bytes of framing and queues them for Read.
 func (r *Reader) read(n int) ([]byte, bool) {
+	if len(r.pending) == 0 {
+		r.pending = r.buf[:0]
+	}
 	start := len(r.pending)
-	r.pending = append(r.pending, make([]byte, n)...)
+	r.pending = slices.Grow(r.pending, n)[:start+n]
+	if start == 0 {
+		r.buf = r.pending
+	}
 	if _, err := io.ReadFull(r.src, r.pending[start:]); err != nil {
 		if err == io.EOF || err == io.ErrUnexpectedEOF {
 			r.fail(r.truncated())

@@ -151,3 +151,20 @@ func TestNextPartKeepsTheBytesItRead(t *testing.T) {
 		t.Fatal("bytes lost by NextPart")
 	}
 }
+
+func BenchmarkReader(b *testing.B) {
+	chunk := bytes.Repeat([]byte{7}, 4096)
+	chunks := make([][]byte, 2560) // 10 MiB in 4 KiB chunks, as Mercurial writes them
+	for i := range chunks {
+		chunks[i] = chunk
+	}
+	in := writeBundle("", testPart{typ: "CHANGEGROUP", chunks: chunks})
+	b.SetBytes(int64(len(in)))
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := io.Copy(io.Discard, NewReader(bytes.NewReader(in))); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
