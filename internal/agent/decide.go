@@ -28,6 +28,9 @@ type Query struct {
 	MediaType string
 	// SizeHint is the expected size of the response (0: unknown).
 	SizeHint uint64
+	// NoFill asks only where a READY copy is: a miss is answered Inline, never Fill (and
+	// costs no claim).
+	NoFill bool
 }
 
 // Outcome is what a decision tells the front to do.
@@ -130,7 +133,7 @@ func (a *Agent) place(ctx context.Context, q Query, originRequiresCredentials bo
 	client := ctx
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.PlaceTimeout)
 	defer cancel()
-	canFill := a.canFill()
+	canFill := !q.NoFill && a.canFill()
 	resp, err := a.placement.Place(ctx, &pb.PlaceRequest{Key: q.Key, Command: q.Command,
 		AcceptedTargets: q.Accepted, AgentRegion: a.cfg.Region, AgentId: a.cfg.AgentID, SizeHint: q.SizeHint,
 		CanFill: &canFill, UnfillableTargets: a.breakers.unfillable(now), OriginRequiresCredentials: originRequiresCredentials})

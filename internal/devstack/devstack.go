@@ -22,6 +22,7 @@ import (
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/controlplane"
 	"github.com/detourhq/detour/internal/demoorigin"
+	"github.com/detourhq/detour/internal/front/hgbundle"
 	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/front/hgweb"
 	"github.com/detourhq/detour/internal/gcsemu"
@@ -68,8 +69,9 @@ type Options struct {
 	FaultFront bool
 	// AgentConfig, if set, adjusts the agent core's configuration before it is built (tests);
 	// V2Config the protocol-v2 front's.
-	AgentConfig func(*agent.Config)
-	V2Config    func(*hgv2.Config)
+	AgentConfig  func(*agent.Config)
+	V2Config     func(*hgv2.Config)
+	BundleConfig func(*hgbundle.Config)
 	// Fronts, if set, makes the fronts the agents serve instead of the protocol-v2 front (tests of
 	// the core, with a front of their own).
 	Fronts func(*agent.Agent) ([]agent.Front, error)
@@ -84,6 +86,7 @@ type Stack struct {
 	Origin    *demoorigin.Origin
 	Agent     *agent.Agent // the first region's
 	V2        *hgv2.Front  // the first region's protocol-v2 front
+	Bundles   *hgbundle.Front
 	Store     *blob.Store
 	OriginURL string
 	AgentURL  string // the first region's
@@ -106,6 +109,7 @@ type Region struct {
 	Target   string
 	Agent    *agent.Agent
 	V2       *hgv2.Front
+	Bundles  *hgbundle.Front
 	AgentURL string
 	AgentID  string // its certificate identity
 }
@@ -203,7 +207,7 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 			return nil, fmt.Errorf("agent in region %s: %w", r.Name, err)
 		}
 	}
-	s.Agent, s.V2, s.AgentURL = s.Regions[0].Agent, s.Regions[0].V2, s.Regions[0].AgentURL
+	s.Agent, s.V2, s.Bundles, s.AgentURL = s.Regions[0].Agent, s.Regions[0].V2, s.Regions[0].Bundles, s.Regions[0].AgentURL
 	if o.AgentMetrics != "" {
 		ml, err := listen(o.AgentMetrics)
 		if err != nil {
@@ -272,7 +276,14 @@ func (s *Stack) startAgent(ctx context.Context, i int, r *Region) error {
 		if r.V2, err = hgv2.New(r.Agent, vcfg); err != nil {
 			return err
 		}
-		r.Agent.Mount(r.V2)
+		bcfg := hgbundle.Config{RepoID: o.RepoID}
+		if o.BundleConfig != nil {
+			o.BundleConfig(&bcfg)
+		}
+		if r.Bundles, err = hgbundle.New(r.Agent, bcfg); err != nil {
+			return err
+		}
+		r.Agent.Mount(r.V2, r.Bundles)
 	}
 	addr := ""
 	switch {

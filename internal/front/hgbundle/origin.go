@@ -488,3 +488,21 @@ func (m multiCloser) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// ErrUnknownRevision is Lookup's answer for a key the origin does not resolve.
+var ErrUnknownRevision = errors.New("origin does not know the revision")
+
+// Lookup resolves key (a revision number, a node, a symbol) to a node on the origin, as `hg
+// lookup` over the wire does. A key the origin does not resolve (a revision number past the tip,
+// a filtered revision) is ErrUnknownRevision.
+func (o *Origin) Lookup(ctx context.Context, caps Caps, key string) (Node, error) {
+	body, err := o.callBytes(ctx, "lookup", caps, url.Values{"key": {key}})
+	if err != nil {
+		return Node{}, err
+	}
+	ok, rest, _ := strings.Cut(strings.TrimSpace(string(body)), " ")
+	if ok != "1" {
+		return Node{}, fmt.Errorf("lookup %q: %w: %s", key, ErrUnknownRevision, rest)
+	}
+	return ParseNode(rest)
+}
