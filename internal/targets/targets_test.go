@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -33,6 +34,48 @@ func startEtcd(t testing.TB) (*etcdembed.Server, *clientv3.Client) {
 	t.Cleanup(func() { cli.Close() })
 	return srv, cli
 }
+
+// shared is the package's etcd, started by the first test that asks for it and stopped by
+// TestMain; tests that do not stop or compact their etcd share it, each under a prefix of its own
+// (testPrefix).
+var shared struct {
+	once sync.Once
+	dir  string
+	srv  *etcdembed.Server
+	cli  *clientv3.Client
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared.srv != nil {
+		shared.cli.Close()
+		shared.srv.Close()
+		os.RemoveAll(shared.dir)
+	}
+	os.Exit(code)
+}
+
+// sharedEtcd is a client of the package's etcd.
+func sharedEtcd(t testing.TB) *clientv3.Client {
+	t.Helper()
+	shared.once.Do(func() {
+		if shared.dir, shared.err = os.MkdirTemp("", "targets-etcd-"); shared.err != nil {
+			return
+		}
+		if shared.srv, shared.err = etcdembed.Start(context.Background(), etcdembed.Config{Dir: shared.dir}); shared.err != nil {
+			return
+		}
+		shared.cli, shared.err = clientv3.New(clientv3.Config{Endpoints: []string{shared.srv.Endpoint()}, DialTimeout: 5 * time.Second})
+	})
+	if shared.err != nil {
+		t.Fatal(shared.err)
+	}
+	return shared.cli
+}
+
+// testPrefix is the test's own prefix in the shared etcd.
+func testPrefix(t testing.TB) string { return "/detour-test/" + t.Name() + "/" }
 
 func validTarget(name string) *pb.Target {
 	return &pb.Target{Name: name, Protocol: "https", Uris: []string{"https://cdn.example.com/"},
