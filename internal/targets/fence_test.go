@@ -34,6 +34,7 @@ func elect(t *testing.T, cli *clientv3.Client, r *Registry, id string) (Fence, *
 // nothing through its fenced registry, whatever the write: each is refused with ErrNotElected and
 // etcd's revision does not move. The elected janitor's writes go through.
 func TestDeposedJanitorsWritesAreRefused(t *testing.T) {
+	// Serial: it checks that etcd's revision does not move, which parallel tests would move.
 	cli := sharedEtcd(t)
 	ctx := context.Background()
 	r := NewRegistry(cli, testPrefix(t))
