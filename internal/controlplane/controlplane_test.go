@@ -622,7 +622,7 @@ func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
 		resp, _ := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
 		return resp.GetResult() == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
-	etcd.Close()
+	etcd.Crash() // a crash: Close would first wait seconds for the connected clients to go
 	pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 	defer cancel()
 	resp, err := r.place.Place(pctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
@@ -758,7 +758,7 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 	k := key(9)
 	fill(t, r, k, []string{"us-a"}, "us")
 
-	members[0].Close()
+	members[0].Crash() // lost without handing over leadership
 	// Quorum holds: writes go on (the client fails over to the remaining members).
 	eventually(t, 10*time.Second, "a write with one member down", func() bool {
 		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "eu-a", "eu")})

@@ -173,7 +173,7 @@ func TestShutdownDrainsAndStopsEverything(t *testing.T) {
 func TestShutdownCutShortReturnsTheContextsError(t *testing.T) {
 	etcd := startEtcd(t)
 	r := startReplicaWith(t, Options{EtcdEndpoints: []string{etcd.Endpoint()}, WriteTimeout: 30 * time.Second})
-	etcd.Close()
+	etcd.Crash()
 	ctx := context.Background()
 	done := make(chan error, 1)
 	go func() {
