@@ -320,6 +320,7 @@ func fill(t *testing.T, r *replica, k string, accepted []string, region string) 
 }
 
 func TestAdminAPIStatusCodes(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx := context.Background()
 	created, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "us-a", "us")})
@@ -396,6 +397,7 @@ func TestAdminAPIStatusCodes(t *testing.T) {
 }
 
 func TestPlaceRedirectsOnlyVerifiedObjects(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"), target(t, "eu-a", "eu"))
@@ -492,6 +494,8 @@ func httpGet(t *testing.T, u string) string {
 }
 
 // A key is filled only on its min_occurrences-th miss; the misses before cost no etcd write.
+// Serial: it checks that etcd's revision under its prefix does not move, and a janitor's
+// verdict written late under a parallel load would move it.
 func TestFillIsGrantedOnlyOnTheNthMiss(t *testing.T) {
 	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -536,6 +540,7 @@ func TestFillIsGrantedOnlyOnTheNthMiss(t *testing.T) {
 }
 
 func TestFillClaimGrantedOnceFor20ConcurrentPlaces(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -582,6 +587,7 @@ func TestFillClaimGrantedOnceFor20ConcurrentPlaces(t *testing.T) {
 }
 
 func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
+	t.Parallel()
 	a := startReplica(t)
 	b := startReplica(t)
 	ctx := context.Background()
@@ -612,6 +618,7 @@ func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
 }
 
 func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
+	t.Parallel()
 	etcd := startEtcd(t)
 	r := startReplicaWith(t, Options{EtcdEndpoints: []string{etcd.Endpoint()}, WriteTimeout: time.Second})
 	ctx := context.Background()
@@ -648,6 +655,7 @@ func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
 }
 
 func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -709,6 +717,7 @@ func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
 }
 
 func TestReflectionAndHealthAreServed(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	conn := r.op
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -743,6 +752,7 @@ func TestReflectionAndHealthAreServed(t *testing.T) {
 // Three etcd members: losing one keeps everything working; losing quorum keeps Place and reads
 // answering from the snapshot while writes fail with Unavailable; quorum back, writes work again.
 func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
+	t.Parallel()
 	members, err := etcdembed.StartCluster(context.Background(), []string{t.TempDir(), t.TempDir(), t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
@@ -792,6 +802,7 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 }
 
 func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
+	t.Parallel()
 	r := startReplicaWith(t, Options{})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))

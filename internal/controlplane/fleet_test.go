@@ -37,6 +37,7 @@ func agentIn(l *pb.ListAgentsResponse, id string) *pb.Agent {
 // An agent registers under its certificate's identity and no other; read-only operators list
 // agents; a record whose agent stops refreshing it goes when its lease ends.
 func TestAgentsRegisterOnlyAsThemselvesAndExpire(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx := context.Background()
 	dev := testbed.PKI(t)
@@ -76,6 +77,7 @@ func TestAgentsRegisterOnlyAsThemselvesAndExpire(t *testing.T) {
 // An agent whose applied revision misses a target-set change for longer than the threshold is
 // flagged, in the list and the metric, until it reports the change applied.
 func TestLaggingAgentsAreFlagged(t *testing.T) {
+	t.Parallel()
 	r := startReplicaWith(t, Options{WriteTimeout: time.Second,
 		AgentLagThreshold: 300 * time.Millisecond})
 	ctx := context.Background()
@@ -129,6 +131,7 @@ func explainedCopy(resp *pb.ExplainResponse, target string) *pb.ExplainedCopy {
 // Explain gives Place's answer for a hit, a drain and a cross-region failover, with the steps that
 // lead there, and writes nothing.
 func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"), target(t, "eu-a", "eu"))
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // admission: TestExplainShowsAdmission
@@ -195,6 +198,7 @@ func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
 // Explain shows how far a key is from fill admission, as counted by this replica's Place, and
 // does not count itself.
 func TestExplainShowsAdmission(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"))
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 3 })
@@ -220,6 +224,7 @@ func TestExplainShowsAdmission(t *testing.T) {
 // Without client certificates there are no identities: an agent is registered under the id it
 // gives, or else its name.
 func TestAgentsRegisterOnAPlaintextControlPlane(t *testing.T) {
+	t.Parallel()
 	r := startReplicaWith(t, Options{WriteTimeout: time.Second, Insecure: true})
 	conn, err := grpc.NewClient(r.addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

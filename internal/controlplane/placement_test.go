@@ -15,6 +15,8 @@ import (
 // as the media type the Place request names (application/mercurial-cbor when it names none), a
 // report must repeat the granted one, and the command is an optional label. Malformed values are
 // refused naming the field, and nothing is written.
+// Serial: it checks that etcd's revision under its prefix does not move, and a janitor's
+// verdict written late under a parallel load would move it.
 func TestFillsAreStoredAsTheRequestSays(t *testing.T) {
 	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -104,6 +106,7 @@ func grantAs(t *testing.T, r *replica, k, mediaType string) *pb.FillGrant {
 // the agent keeps what it cached. A target change since, a replica that loaded after that revision,
 // or no revision at all give an ordinary target set.
 func TestWatchTargetsResumesFromARevision(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"))
 	for _, k := range []string{key(1), key(2)} {

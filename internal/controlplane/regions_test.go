@@ -118,6 +118,7 @@ func checkCopy(t *testing.T, r *replica, target, k string, want []byte) *pb.Stor
 // A region whose target cannot be filled (disabled here) still offloads, through another region;
 // the policy switch keeps fills at home.
 func TestFillFailsOverAcrossRegionsUnlessForbidden(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	createTargets(t, r, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
 	setState(t, r, "eu-gcs", pb.TargetState_TARGET_STATE_DISABLED)
@@ -161,6 +162,7 @@ func TestFillFailsOverAcrossRegionsUnlessForbidden(t *testing.T) {
 // it holds; the janitor copies them (store-side, verified) to an active target as soon as one may
 // take them, after which the draining copy is no longer used; a disabled target gets nothing.
 func TestDrainServesSoleCopiesUntilTheJanitorHasCopiedThemAway(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "eu-gcs", "eu"))
@@ -219,6 +221,7 @@ func TestDrainServesSoleCopiesUntilTheJanitorHasCopiedThemAway(t *testing.T) {
 // Residency holds for drains too: with cross-region fills forbidden, a draining target's sole
 // copies move only within its region.
 func TestForbiddenCrossRegionFillsKeepDrainMigrationInRegion(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "eu-gcs", "eu"), target(t, "us-gcs", "us"))
@@ -246,6 +249,7 @@ func TestForbiddenCrossRegionFillsKeepDrainMigrationInRegion(t *testing.T) {
 // then on that region's agents are redirected in-region. A key below the threshold, or any key
 // with copies turned off, gets none.
 func TestHotCrossRegionKeyGetsAnInRegionCopy(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	createTargets(t, r, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
 	setPolicy(t, r, func(p *pb.Policy) {
@@ -316,6 +320,7 @@ func TestHotCrossRegionKeyGetsAnInRegionCopy(t *testing.T) {
 // The replica that counts a key's redirects need not be the janitor: the count's crossing is
 // queued in etcd and the elected replica makes the copy.
 func TestCopyRequestsReachTheJanitorFromAnyReplica(t *testing.T) {
+	t.Parallel()
 	a, b := startReplica(t), startReplica(t)
 	createTargets(t, a, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
 	setPolicy(t, a, func(p *pb.Policy) { p.CrossRegionCopyThreshold = 2 })
@@ -350,6 +355,7 @@ func TestCopyRequestsReachTheJanitorFromAnyReplica(t *testing.T) {
 // back is not copied; bytes already at the destination are adopted only if they are the
 // record's, and deleted otherwise.
 func TestCopiesRecordOnlyTheSourceRecordsBytes(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx := context.Background()
 	env := sharedEnv(t)
@@ -413,6 +419,7 @@ func TestCopiesRecordOnlyTheSourceRecordsBytes(t *testing.T) {
 // The redirect counters hold at most their limit of (key, region) pairs, count within a window,
 // and cross the threshold once per window.
 func TestHotKeysAreBoundedAndWindowed(t *testing.T) {
+	t.Parallel()
 	const limit = 64
 	h := newHotKeys(limit)
 	c := copySettings{threshold: 2, window: time.Minute}

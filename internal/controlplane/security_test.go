@@ -53,6 +53,7 @@ func targetCount(t *testing.T, r *replica) int {
 // Every RPC needs a certificate the policy admits for its role; refusals carry the right code,
 // write nothing, and are counted.
 func TestRPCsAreRefusedWithoutTheRightCertificate(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	ctx := context.Background()
 	dev := testbed.PKI(t)
@@ -172,6 +173,7 @@ func TestRPCsAreRefusedWithoutTheRightCertificate(t *testing.T) {
 
 // Certificates and the policy change on disk and take effect without a restart.
 func TestCertificatesAndPolicyReloadWithoutRestart(t *testing.T) {
+	t.Parallel()
 	dev := testbed.PKI(t)
 	ca, err := pki.LoadCA(dev.Dir)
 	if err != nil {
@@ -264,6 +266,7 @@ func TestCertificatesAndPolicyReloadWithoutRestart(t *testing.T) {
 // Admin can be served on its own address: Placement's port then refuses it (Unimplemented), and
 // the admin port serves no Placement.
 func TestAdminOnItsOwnListener(t *testing.T) {
+	t.Parallel()
 	adminAddr := testbed.FreeAddr(t)
 	r := startReplicaWith(t, Options{AdminListen: adminAddr})
 	ctx := context.Background()
@@ -286,6 +289,7 @@ func TestAdminOnItsOwnListener(t *testing.T) {
 
 // One agent cannot flood etcd with claims: past its rate, misses are answered inline without one.
 func TestClaimRateIsBoundedPerAgent(t *testing.T) {
+	t.Parallel()
 	r := startReplicaWith(t, Options{ClaimRate: 1, ClaimBurst: 3})
 	createTargets(t, r, target(t, "us-a", "us"))
 	waitHealth(t, r, "us-a", true)
@@ -318,6 +322,7 @@ func TestClaimRateIsBoundedPerAgent(t *testing.T) {
 
 // The policy the Kubernetes manifests mount is the built-in default, so the two never drift.
 func TestDeployedPolicyIsTheDefault(t *testing.T) {
+	t.Parallel()
 	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "k8s", "base", "authz-policy.json"))
 	if err != nil {
 		t.Fatal(err)

@@ -35,7 +35,8 @@ func serverGoroutines() []string {
 }
 
 // noServerGoroutines fails the test if a goroutine of a replica is still running. Tests that call
-// it do not run in parallel with others (their replicas' goroutines would count).
+// it do not call t.Parallel: Go runs them before the parallel tests start, and they would count
+// those tests' replicas.
 func noServerGoroutines(t *testing.T) {
 	t.Helper()
 	if left := serverGoroutines(); len(left) > 0 {
@@ -59,6 +60,7 @@ func healthOf(t *testing.T, r *replica) healthpb.HealthCheckResponse_ServingStat
 // Admin API and WatchTargets say they are loading; once etcd answers and the snapshot is loaded,
 // everything serves. Nothing makes it exit meanwhile.
 func TestServesWhileTheSnapshotLoads(t *testing.T) {
+	t.Parallel()
 	url, err := etcdembed.FreeURL()
 	if err != nil {
 		t.Fatal(err)
@@ -228,6 +230,7 @@ func TestAFailedListenerStopsServe(t *testing.T) {
 // A janitor whose election key is gone stands down (its fenced writes would be refused anyway)
 // and campaigns again: a new key, created after the deleted one, holds the election.
 func TestJanitorStandsDownWhenItsElectionIsLost(t *testing.T) {
+	t.Parallel()
 	r := startReplica(t)
 	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{sharedEtcd(t)}})
 	if err != nil {
