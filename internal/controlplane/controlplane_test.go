@@ -152,8 +152,9 @@ func startEnv(t *testing.T) *env {
 }
 
 // fastJanitor probes every 100ms, sweeps every 200ms and copies every 100ms, so tests see the
-// janitor's effects fast.
-var fastJanitor = JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
+// janitor's effects fast. A probe may take 2s (not the interval, the default): on a loaded machine
+// a slow probe would otherwise fail targets that are fine.
+var fastJanitor = JanitorConfig{ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 2 * time.Second, SweepInterval: 200 * time.Millisecond,
 	ReconcileInterval: time.Hour, CopyInterval: 100 * time.Millisecond, CopyRate: 100, GarbageGrace: 100 * time.Millisecond}
 
 // startReplica starts a control plane on the package's etcd under the test's prefix.

@@ -365,7 +365,7 @@ func TestStoreMovesAndRecreatedTargetsNeverRedirectToMissingBytes(t *testing.T) 
 func TestStoredBytesFollowTheirRecords(t *testing.T) {
 	t.Parallel()
 	r := startReplicaWith(t, Options{
-		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
+		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 2 * time.Second, SweepInterval: 200 * time.Millisecond,
 			ReconcileInterval: time.Hour, OrphanAge: 500 * time.Millisecond, GarbageGrace: 100 * time.Millisecond}})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -420,7 +420,7 @@ func TestStoredBytesFollowTheirRecords(t *testing.T) {
 func TestUsedObjectsAreExtendedUnusedExpire(t *testing.T) {
 	t.Parallel()
 	r := startReplicaWith(t, Options{
-		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
+		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 2 * time.Second, SweepInterval: 200 * time.Millisecond,
 			ReconcileInterval: time.Hour, ExtendInterval: 200 * time.Millisecond}})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -454,8 +454,9 @@ func TestUsedObjectsAreExtendedUnusedExpire(t *testing.T) {
 // A claim whose write outcome is unknown (etcd committed it but answered after the claim's
 // deadline) is released at once: nobody would fill it, and it would block the key's fills for the
 // claim TTL. etcd is reached through a proxy that delays its answers past the claim timeout.
+//
+// Serial: its claims must succeed within 30ms until the delay starts.
 func TestClaimsCommittedPastTheirDeadlineAreReleased(t *testing.T) {
-	t.Parallel()
 	var delay atomic.Int64
 	slow := delayAnswers(t, strings.TrimPrefix(sharedEtcd(t), "http://"), &delay)
 	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"http://" + slow}, WriteTimeout: 5 * time.Second,

@@ -25,6 +25,10 @@ type probeState struct {
 	uid        string
 	canary     string // "bucket/name" the canary was written to, for this uid
 	fails, oks int
+	// wrote is the verdict this term last wrote for this uid. Only the elected janitor writes
+	// verdicts, so it is the current one even before the snapshot shows it: a watch that lags a
+	// probe interval does not make the prober write the same verdict again.
+	wrote *pb.TargetHealth
 }
 
 // runProber probes every target each ProbeInterval until ctx ends: it keeps a small canary object
@@ -170,6 +174,9 @@ func (j *term) judge(ctx context.Context, snap *targets.Snapshot, t *pb.Target, 
 	}
 	j.metrics.probes.WithLabelValues(t.Name, result).Inc()
 	prev, judged := snap.Health(t.Name)
+	if st.wrote != nil {
+		prev, judged = st.wrote, true
+	}
 	judged = judged && prev.TargetUid == t.Uid
 	var verdict *bool
 	switch {
@@ -197,6 +204,7 @@ func (j *term) judge(ctx context.Context, snap *targets.Snapshot, t *pb.Target, 
 		j.once.Warn("health", "cannot record target health", "err", werr)
 		return
 	}
+	st.wrote = h
 	if h.Healthy {
 		j.cfg.Log.Info("target healthy", "target", t.Name)
 	} else {
