@@ -35,6 +35,12 @@ import (
 // ErrServerClosed is what Serve returns after Shutdown.
 var ErrServerClosed = errors.New("controlplane: server closed")
 
+// LivenessService is the gRPC health service name that is SERVING for as long as the process
+// serves, loading or not: liveness and startup probes ask for it, so that no size of snapshot gets
+// a replica killed while it loads. The overall status ("") is SERVING only once the snapshot is
+// loaded: readiness.
+const LivenessService = "liveness"
+
 // Options are everything a control-plane replica is built from. Zero fields take defaults.
 type Options struct {
 	Listen          string   // gRPC address Listen binds (default 127.0.0.1:7700)
@@ -206,6 +212,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	s.janitor = newJanitor(d, s.cli, o.ID)
 	s.health = health.NewServer()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	s.health.SetServingStatus(LivenessService, healthpb.HealthCheckResponse_SERVING)
 	if s.opts, err = s.serverOptions(); err != nil {
 		return nil, err
 	}

@@ -44,11 +44,11 @@ func noServerGoroutines(t *testing.T) {
 	}
 }
 
-func healthOf(t *testing.T, r *replica) healthpb.HealthCheckResponse_ServingStatus {
+func healthOf(t *testing.T, r *replica, service string) healthpb.HealthCheckResponse_ServingStatus {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	h, err := healthpb.NewHealthClient(r.op).Check(ctx, &healthpb.HealthCheckRequest{})
+	h, err := healthpb.NewHealthClient(r.op).Check(ctx, &healthpb.HealthCheckRequest{Service: service})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,6 +73,9 @@ func TestServesWhileTheSnapshotLoads(t *testing.T) {
 		h, err := healthpb.NewHealthClient(r.op).Check(hctx, &healthpb.HealthCheckRequest{})
 		return err == nil && h.Status == healthpb.HealthCheckResponse_NOT_SERVING
 	})
+	if got := healthOf(t, r, LivenessService); got != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("liveness %v while loading: a probe would kill the replica", got)
+	}
 	start := time.Now()
 	resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: key(1), AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
 	if err != nil || resp.Result != pb.PlaceResult_PLACE_RESULT_INLINE || resp.Reason != ReasonLoading || resp.Fill != nil {
@@ -112,7 +115,7 @@ func TestServesWhileTheSnapshotLoads(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("no snapshot within 60s of etcd starting")
 	}
-	if got := healthOf(t, r); got != healthpb.HealthCheckResponse_SERVING {
+	if got := healthOf(t, r, ""); got != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("health %v once loaded", got)
 	}
 	createTargets(t, r, target(t, "us-a", "us"))
