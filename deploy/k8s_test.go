@@ -609,6 +609,18 @@ func checkControlPlane(t *testing.T, x *index) {
 				t.Errorf("control plane: %s probe is not gRPC health on port 7700", name)
 			}
 		}
+		// A replica is not ready while it loads its snapshot, however long that takes; probes
+		// that kill must ask whether it is alive (controlplane.LivenessService), or a large index
+		// would crash-loop it.
+		const liveness = "liveness"
+		for name, p := range map[string]*corev1.Probe{"startup": c.StartupProbe, "liveness": c.LivenessProbe} {
+			if p != nil && p.GRPC != nil && (p.GRPC.Service == nil || *p.GRPC.Service != liveness) {
+				t.Errorf("control plane: the %s probe asks for readiness, not service %q", name, liveness)
+			}
+		}
+		if p := c.ReadinessProbe; p != nil && p.GRPC != nil && p.GRPC.Service != nil && *p.GRPC.Service != "" {
+			t.Errorf("control plane: the readiness probe asks for service %q, not readiness", *p.GRPC.Service)
+		}
 		flags, _ := flagArgs(c.Args)
 		if flags["listen"] != "0.0.0.0:7700" || flags["metrics-listen"] != "0.0.0.0:7701" {
 			t.Errorf("control plane listens on %q and %q, want 0.0.0.0:7700 and 0.0.0.0:7701", flags["listen"], flags["metrics-listen"])

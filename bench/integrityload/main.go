@@ -26,6 +26,7 @@ import (
 	"github.com/detourhq/detour/bench/loadstat"
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/devstack"
 	"github.com/detourhq/detour/internal/gcsemu"
 	"github.com/detourhq/detour/internal/targets"
 )
@@ -68,7 +69,7 @@ func main() {
 
 // node is one control plane with its own embedded etcd and a target on the shared emulator.
 type node struct {
-	cp    *controlplane.Instance
+	cp    *devstack.ControlPlane
 	place pb.PlacementServiceClient
 	admin pb.AdminServiceClient
 	cli   *clientv3.Client
@@ -81,7 +82,7 @@ func (b *bench) start(name string, o controlplane.Options) *node {
 	check(err)
 	// Plaintext: these figures are about verification and probing, not transport.
 	o.Listen, o.DataDir, o.GCSEndpoint, o.Log, o.Insecure = "127.0.0.1:0", dir, b.gcs.Endpoint(), b.quiet, true
-	cp, err := controlplane.Start(b.ctx, o)
+	cp, err := devstack.StartControlPlane(b.ctx, o)
 	check(err)
 	conn, err := grpc.NewClient(cp.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	check(err)
@@ -249,7 +250,7 @@ func (b *bench) reconciler() {
 			Created: timestamppb.New(time.Now().Add(-time.Hour)), ObjectName: name, Bucket: n.t.Store.Bucket,
 			TargetUid: n.t.Uid, Generation: res.Generation})
 	})
-	for n.cp.Service.IndexedObjects() < *reconcileN {
+	for n.cp.IndexedObjects() < *reconcileN {
 		time.Sleep(50 * time.Millisecond)
 	}
 	start := time.Now()
@@ -257,12 +258,12 @@ func (b *bench) reconciler() {
 	check(b.store.List(b.ctx, n.t.Store.Bucket, "hg/", func(blob.Listed) bool { listed++; return true }))
 	list := time.Since(start)
 	start = time.Now()
-	n.cp.Service.Reconcile(b.ctx)
+	check(n.cp.Janitor().Reconcile(b.ctx))
 	rec := time.Since(start)
 	fmt.Printf("reconcile: %d objects in %s (%.0f objects/s); baseline bare listing of %d in %s (%.0f/s); ratio %.2f\n",
 		*reconcileN, rec.Round(time.Millisecond), float64(*reconcileN)/rec.Seconds(), listed, list.Round(time.Millisecond),
 		float64(listed)/list.Seconds(), list.Seconds()/rec.Seconds())
-	if left := n.cp.Service.IndexedObjects(); left != *reconcileN {
+	if left := n.cp.IndexedObjects(); left != *reconcileN {
 		check(fmt.Errorf("the reconciler removed %d intact objects", *reconcileN-left))
 	}
 }

@@ -31,6 +31,7 @@ import (
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/bench/loadstat"
 	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/devstack"
 	"github.com/detourhq/detour/internal/gcsemu"
 	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/targets"
@@ -133,7 +134,7 @@ type bench struct {
 	transport string
 	agentID   string
 	closers   []func()
-	cp        *controlplane.Instance
+	cp        *devstack.ControlPlane
 	dir       string
 	admin     pb.AdminServiceClient
 	place     pb.PlacementServiceClient
@@ -162,7 +163,7 @@ func start(ctx context.Context, gcs *gcsemu.Server, nTargets, nObjects int, o co
 		agentDial, adminDial = grpc.WithTransportCredentials(agentCreds), grpc.WithTransportCredentials(opCreds)
 		b.agentID = "dev" // the development agent certificate's identity
 	}
-	cp, err := controlplane.Start(ctx, o)
+	cp, err := devstack.StartControlPlane(ctx, o)
 	check(err)
 	b.cp = cp
 	conn, err := grpc.NewClient(cp.Addr(), agentDial)

@@ -30,6 +30,7 @@ import (
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/devstack"
 	"github.com/detourhq/detour/internal/gcsemu"
 )
 
@@ -49,7 +50,7 @@ func main() {
 	gcs, err := gcsemu.Start(0)
 	check(err)
 	defer gcs.Stop()
-	cp, err := controlplane.Start(ctx, controlplane.Options{Listen: "127.0.0.1:0", DataDir: dir, GCSEndpoint: gcs.Endpoint(), Insecure: true,
+	cp, err := devstack.StartControlPlane(ctx, controlplane.Options{Listen: "127.0.0.1:0", DataDir: dir, GCSEndpoint: gcs.Endpoint(), Insecure: true,
 		Janitor: controlplane.JanitorConfig{ProbeInterval: time.Second, CopyInterval: 200 * time.Millisecond, CopyRate: *rate},
 		Log:     slog.New(slog.NewTextHandler(io.Discard, nil))})
 	check(err)
@@ -235,8 +236,8 @@ func run(ctx context.Context, place pb.PlacementServiceClient, keys []string, se
 }
 
 // copyDuration reads the control plane's histogram of cross-region copies.
-func copyDuration(cp *controlplane.Instance) (time.Duration, uint64) {
-	families, err := cp.Service.Metrics().Registry.Gather()
+func copyDuration(cp *devstack.ControlPlane) (time.Duration, uint64) {
+	families, err := cp.Metrics().Registry.Gather()
 	check(err)
 	for _, f := range families {
 		if f.GetName() != "detour_store_copy_duration_seconds" {

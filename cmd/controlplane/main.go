@@ -137,27 +137,43 @@ func main() {
 		o.Signer = s
 	}
 
+	os.Exit(run(o, drain, pprofListen))
+}
+
+// run builds the control plane, serves it until a signal or a failure, and shuts it down within
+// drain; it returns the exit code.
+func run(o controlplane.Options, drain time.Duration, pprofListen string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	startCtx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	inst, err := controlplane.Start(startCtx, o)
-	cancel()
+	// No deadline on building or loading: however large the snapshot, the control plane serves
+	// (inline, health NOT_SERVING) while it loads, and a signal still stops it.
+	srv, err := controlplane.New(ctx, o)
 	if err != nil {
 		o.Log.Error("control plane failed to start", "err", err)
-		os.Exit(1)
+		return 1
 	}
 	if pprofListen != "" {
 		go servePprof(pprofListen, o.Log)
 	}
+	served := make(chan error, 1)
+	go func() { served <- srv.ListenAndServe() }()
+	code := 0
 	select {
 	case <-ctx.Done():
 		o.Log.Info("shutting down", "timeout", drain.String())
-	case err := <-inst.Err():
-		o.Log.Error("listener failed", "err", err)
+	case err := <-served:
+		o.Log.Error("control plane failed", "err", err)
+		code = 1
 	}
 	sctx, scancel := context.WithTimeout(context.Background(), drain)
 	defer scancel()
-	inst.Shutdown(sctx)
+	if err := srv.Shutdown(sctx); err != nil {
+		o.Log.Warn("shutdown cut short", "err", err)
+	}
+	if code == 0 {
+		<-served // ErrServerClosed
+	}
+	return code
 }
 
 // servePprof serves the runtime's profiles; it lives as long as the process.

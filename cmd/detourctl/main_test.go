@@ -16,6 +16,7 @@ import (
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/controlplane"
+	"github.com/detourhq/detour/internal/devstack"
 	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/testbed"
 )
@@ -23,7 +24,7 @@ import (
 // The CLI against a real control plane on an embedded etcd.
 func TestTargetsAndPolicyCommands(t *testing.T) {
 	dev := testbed.PKI(t)
-	inst, err := controlplane.Start(context.Background(), controlplane.Options{Listen: "127.0.0.1:0", DataDir: t.TempDir(),
+	inst, err := devstack.StartControlPlane(context.Background(), controlplane.Options{Listen: "127.0.0.1:0", DataDir: t.TempDir(),
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil)), TLS: pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}})
 	if err != nil {
 		t.Fatal(err)

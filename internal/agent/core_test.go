@@ -276,7 +276,7 @@ func TestFillFallingBehindTheStoreIsAbortedNotWaitedFor(t *testing.T) {
 // cpCount sums the control plane's series of metric whose label has value.
 func cpCount(t *testing.T, s *stack, metric, label, value string) float64 {
 	t.Helper()
-	families, err := s.CP.Service.Metrics().Registry.Gather()
+	families, err := s.CP.Metrics().Registry.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

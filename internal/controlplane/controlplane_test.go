@@ -2,10 +2,12 @@ package controlplane
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -31,13 +33,46 @@ var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 // replica is a running control plane and clients of it in each role (mutual TLS with the test
 // PKI's operator, agent and mirror certificates).
 type replica struct {
-	inst   *Instance
+	srv    *Server
+	ls     Listeners
+	served chan error // what Serve returned
 	admin  pb.AdminServiceClient
 	place  pb.PlacementServiceClient
 	mirror pb.PlacementServiceClient
 	op     *grpc.ClientConn // the operator's connection
+	down   bool             // shut down
 }
 
+func (r *replica) addr() string        { return r.ls.Placement.Addr().String() }
+func (r *replica) metricsAddr() string { return r.ls.Metrics.Addr().String() }
+
+// adminAddr is where AdminService is served: its own listener, or the placement one.
+func (r *replica) adminAddr() string {
+	if r.ls.Admin != nil {
+		return r.ls.Admin.Addr().String()
+	}
+	return r.addr()
+}
+
+// shutdown shuts the replica down (once) and checks that Serve returned ErrServerClosed.
+func (r *replica) shutdown(t *testing.T) {
+	t.Helper()
+	if r.down {
+		return
+	}
+	r.down = true
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := r.srv.Shutdown(ctx); err != nil {
+		t.Errorf("shutdown: %v", err)
+	}
+	if err := <-r.served; !errors.Is(err, ErrServerClosed) {
+		t.Errorf("Serve returned %v after Shutdown, want ErrServerClosed", err)
+	}
+}
+
+// startEtcd starts an etcd of the test's own: for tests that stop it or reach it through a proxy.
+// Others share the package's (sharedEtcd).
 func startEtcd(t *testing.T) *etcdembed.Server {
 	t.Helper()
 	srv, err := etcdembed.Start(context.Background(), etcdembed.Config{Dir: t.TempDir()})
@@ -46,6 +81,45 @@ func startEtcd(t *testing.T) *etcdembed.Server {
 	}
 	t.Cleanup(srv.Close)
 	return srv
+}
+
+// shared is the package's etcd, started by the first test that asks for it and stopped by
+// TestMain. Tests keep apart under prefixes of their own (testPrefix).
+var shared struct {
+	once sync.Once
+	dir  string
+	srv  *etcdembed.Server
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared.srv != nil {
+		shared.srv.Close()
+		os.RemoveAll(shared.dir)
+	}
+	os.Exit(code)
+}
+
+// sharedEtcd is the package's etcd's client URL.
+func sharedEtcd(t *testing.T) string {
+	t.Helper()
+	shared.once.Do(func() {
+		if shared.dir, shared.err = os.MkdirTemp("", "controlplane-etcd-"); shared.err != nil {
+			return
+		}
+		shared.srv, shared.err = etcdembed.Start(context.Background(), etcdembed.Config{Dir: shared.dir})
+	})
+	if shared.err != nil {
+		t.Fatal(shared.err)
+	}
+	return shared.srv.Endpoint()
+}
+
+// testPrefix is the test's own etcd prefix (its replicas share it; its subtests too).
+func testPrefix(t *testing.T) string {
+	name, _, _ := strings.Cut(t.Name(), "/")
+	return "/detour-test/" + name + "/"
 }
 
 // env is what replicas run against: a GCS emulator reached through the real storage client, and a
@@ -78,19 +152,43 @@ func startEnv(t *testing.T) *env {
 }
 
 // fastJanitor probes every 100ms, sweeps every 200ms and copies every 100ms, so tests see the
-// janitor's effects fast.
-var fastJanitor = JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
+// janitor's effects fast. A probe may take 2s (not the interval, the default): on a loaded machine
+// a slow probe would otherwise fail targets that are fine.
+var fastJanitor = JanitorConfig{ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 2 * time.Second, SweepInterval: 200 * time.Millisecond,
 	ReconcileInterval: time.Hour, CopyInterval: 100 * time.Millisecond, CopyRate: 100, GarbageGrace: 100 * time.Millisecond}
 
-func startReplica(t *testing.T, etcdURL string) *replica {
+// startReplica starts a control plane on the package's etcd under the test's prefix.
+func startReplica(t *testing.T) *replica {
 	t.Helper()
-	return startReplicaWith(t, Options{EtcdEndpoints: []string{etcdURL}, WriteTimeout: time.Second})
+	return startReplicaWith(t, Options{WriteTimeout: time.Second})
 }
 
-// startReplicaWith starts a control plane on loopback ports with o and connects to it. Without a
-// GCS endpoint in o it gets a store of its own.
+// startReplicaWith starts a control plane on loopback ports with o, waits until it has loaded its
+// snapshot and connects to it. Without etcd endpoints in o it uses the package's etcd, without a
+// prefix the test's, and without a GCS endpoint the test's emulator.
 func startReplicaWith(t *testing.T, o Options) *replica {
 	t.Helper()
+	r := serveReplica(t, o)
+	select {
+	case <-r.srv.Ready():
+	case err := <-r.served:
+		t.Fatalf("Serve: %v", err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("no snapshot loaded within 20s")
+	}
+	return r
+}
+
+// serveReplica builds a control plane as startReplicaWith does and serves it, without waiting for
+// its snapshot.
+func serveReplica(t *testing.T, o Options) *replica {
+	t.Helper()
+	if len(o.EtcdEndpoints) == 0 {
+		o.EtcdEndpoints = []string{sharedEtcd(t)}
+	}
+	if o.EtcdPrefix == "" {
+		o.EtcdPrefix = testPrefix(t)
+	}
 	if o.GCSEndpoint == "" {
 		o.GCSEndpoint = sharedEnv(t).gcs.Endpoint()
 	}
@@ -102,19 +200,23 @@ func startReplicaWith(t *testing.T, o Options) *replica {
 	if o.TLS == (pki.Files{}) && !o.Insecure {
 		o.TLS = pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}
 	}
-	inst, err := Start(context.Background(), o)
+	srv, err := New(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		inst.Shutdown(ctx)
-	})
-	op := testbed.Dial(t, inst.AdminAddr(), dev.Operator)
-	return &replica{inst: inst, admin: pb.NewAdminServiceClient(op), op: op,
-		place:  pb.NewPlacementServiceClient(testbed.Dial(t, inst.Addr(), dev.Agent)),
-		mirror: pb.NewPlacementServiceClient(testbed.Dial(t, inst.Addr(), dev.Mirror))}
+	ls, err := srv.Listen()
+	if err != nil {
+		srv.Shutdown(context.Background())
+		t.Fatal(err)
+	}
+	r := &replica{srv: srv, ls: ls, served: make(chan error, 1)}
+	go func() { r.served <- srv.Serve(ls) }()
+	t.Cleanup(func() { r.shutdown(t) })
+	op := testbed.Dial(t, r.adminAddr(), dev.Operator)
+	r.admin, r.op = pb.NewAdminServiceClient(op), op
+	r.place = pb.NewPlacementServiceClient(testbed.Dial(t, r.addr(), dev.Agent))
+	r.mirror = pb.NewPlacementServiceClient(testbed.Dial(t, r.addr(), dev.Mirror))
+	return r
 }
 
 var envs sync.Map // top-level test name → *env
@@ -219,7 +321,8 @@ func fill(t *testing.T, r *replica, k string, accepted []string, region string) 
 }
 
 func TestAdminAPIStatusCodes(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	created, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "us-a", "us")})
 	if err != nil {
@@ -295,7 +398,8 @@ func TestAdminAPIStatusCodes(t *testing.T) {
 }
 
 func TestPlaceRedirectsOnlyVerifiedObjects(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"), target(t, "eu-a", "eu"))
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // this test is about the first miss
@@ -363,7 +467,7 @@ func TestPlaceRedirectsOnlyVerifiedObjects(t *testing.T) {
 		t.Fatalf("bad key: %v", err)
 	}
 	// Metrics count decisions by result and reason.
-	body := httpGet(t, "http://"+r.inst.MetricsAddr()+"/metrics")
+	body := httpGet(t, "http://"+r.metricsAddr()+"/metrics")
 	for _, want := range []string{`detour_place_decisions_total{reason="fill",result="inline"} 2`,
 		`detour_place_decisions_total{reason="ready",result="redirect"}`, "detour_place_duration_seconds_bucket", "detour_snapshot_revision",
 		`detour_target_healthy{target="us-a"} 1`, `detour_fill_verify_duration_seconds_count{full="false"}`} {
@@ -391,8 +495,10 @@ func httpGet(t *testing.T, u string) string {
 }
 
 // A key is filled only on its min_occurrences-th miss; the misses before cost no etcd write.
+// Serial: it checks that etcd's revision under its prefix does not move, and a janitor's
+// verdict written late under a parallel load would move it.
 func TestFillIsGrantedOnlyOnTheNthMiss(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"))
 	acc := []string{"us-a"}
 	misses := func(k string, n int) (reasons []string) {
@@ -409,7 +515,7 @@ func TestFillIsGrantedOnlyOnTheNthMiss(t *testing.T) {
 		}
 		return reasons
 	}
-	rev := func() int64 { return r.inst.Service.w.Snapshot().Revision }
+	rev := func() int64 { return r.srv.svc.w.Snapshot().Revision }
 	before := rev()
 	if got := misses(key(1), 1); got[0] != ReasonNotAdmitted {
 		t.Fatalf("first miss under the default policy: %v, want %s", got, ReasonNotAdmitted)
@@ -435,7 +541,8 @@ func TestFillIsGrantedOnlyOnTheNthMiss(t *testing.T) {
 }
 
 func TestFillClaimGrantedOnceFor20ConcurrentPlaces(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
 	if _, err := r.admin.SetPolicy(ctx, &pb.SetPolicyRequest{Policy: &pb.Policy{FillClaimTtl: durationpb.New(5 * time.Second)}}); err != nil {
@@ -481,9 +588,9 @@ func TestFillClaimGrantedOnceFor20ConcurrentPlaces(t *testing.T) {
 }
 
 func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
-	etcd := startEtcd(t)
-	a := startReplica(t, etcd.Endpoint())
-	b := startReplica(t, etcd.Endpoint())
+	t.Parallel()
+	a := startReplica(t)
+	b := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, a, target(t, "us-a", "us"))
 	start := time.Now()
@@ -500,10 +607,8 @@ func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
 		fromA, _ = a.place.Place(ctx, req)
 		return fromA.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
-	shutdownCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	a.inst.Shutdown(shutdownCtx)
-	c := startReplica(t, etcd.Endpoint())
+	a.shutdown(t)
+	c := startReplica(t)
 	fromC, err := c.place.Place(ctx, req)
 	if err != nil {
 		t.Fatal(err)
@@ -514,8 +619,9 @@ func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
 }
 
 func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
+	t.Parallel()
 	etcd := startEtcd(t)
-	r := startReplica(t, etcd.Endpoint())
+	r := startReplicaWith(t, Options{EtcdEndpoints: []string{etcd.Endpoint()}, WriteTimeout: time.Second})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
 	k := key(4)
@@ -524,7 +630,7 @@ func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
 		resp, _ := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
 		return resp.GetResult() == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
-	etcd.Close()
+	etcd.Crash() // a crash: Close would first wait seconds for the connected clients to go
 	pctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 	defer cancel()
 	resp, err := r.place.Place(pctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
@@ -550,7 +656,8 @@ func TestPlaceAnswersWhileEtcdIsDown(t *testing.T) {
 }
 
 func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -592,8 +699,11 @@ func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
 	if next.Revision <= first.Revision {
 		t.Fatalf("revision did not move: %d → %d", first.Revision, next.Revision)
 	}
-	// Its probe passes, but without a heartbeat a heartbeat target stays unhealthy.
-	time.Sleep(500 * time.Millisecond)
+	// Its probe passes, but without a heartbeat a heartbeat target stays unhealthy. (Two passed
+	// probes: the first one's verdict is written before the second probe starts.)
+	eventually(t, 10*time.Second, "the mirror probed", func() bool {
+		return metric(t, r, "detour_target_probes_total", `target="mirror"`, `result="ok"`) >= 2
+	})
 	got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "mirror"})
 	if err != nil || got.Target.Healthy || got.Target.UnhealthyReason != "heartbeat expired" {
 		t.Fatalf("heartbeat target before any heartbeat: %v %v", got, err)
@@ -608,7 +718,8 @@ func TestWatchTargetsStreamsFullSetThenChanges(t *testing.T) {
 }
 
 func TestReflectionAndHealthAreServed(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	conn := r.op
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -642,6 +753,7 @@ func TestReflectionAndHealthAreServed(t *testing.T) {
 // Three etcd members: losing one keeps everything working; losing quorum keeps Place and reads
 // answering from the snapshot while writes fail with Unavailable; quorum back, writes work again.
 func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
+	t.Parallel()
 	members, err := etcdembed.StartCluster(context.Background(), []string{t.TempDir(), t.TempDir(), t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
@@ -657,7 +769,7 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 	k := key(9)
 	fill(t, r, k, []string{"us-a"}, "us")
 
-	members[0].Close()
+	members[0].Crash() // lost without handing over leadership
 	// Quorum holds: writes go on (the client fails over to the remaining members).
 	eventually(t, 10*time.Second, "a write with one member down", func() bool {
 		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "eu-a", "eu")})
@@ -691,7 +803,8 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 }
 
 func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}})
+	t.Parallel()
+	r := startReplicaWith(t, Options{})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
 	for i := range 5 {

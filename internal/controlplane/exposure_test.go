@@ -14,6 +14,7 @@ import (
 // is a warning on the target while its URLs stay unsigned; a signed target raises none, and a
 // target made signed stops showing it.
 func TestExposureWarnsOnlyForUnsignedTargets(t *testing.T) {
+	t.Parallel()
 	public := &pb.Target{Name: "pub", Uid: "u1", UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: "https://b/"}}}
 	cdn := &pb.Target{Name: "cdn", Uid: "u2", UrlForm: &pb.UrlForm{Form: &pb.UrlForm_CdnBaseUrl{CdnBaseUrl: "https://c/"}}}
 	signedT := &pb.Target{Name: "sig", Uid: "u3", UrlForm: &pb.UrlForm{Form: &pb.UrlForm_Signed{Signed: &pb.SignedUrls{Ttl: durationpb.New(time.Minute)}}}}

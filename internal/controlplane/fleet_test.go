@@ -37,7 +37,8 @@ func agentIn(l *pb.ListAgentsResponse, id string) *pb.Agent {
 // An agent registers under its certificate's identity and no other; read-only operators list
 // agents; a record whose agent stops refreshing it goes when its lease ends.
 func TestAgentsRegisterOnlyAsThemselvesAndExpire(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	dev := testbed.PKI(t)
 	self := pki.AgentPrefix + "dev"
@@ -49,7 +50,7 @@ func TestAgentsRegisterOnlyAsThemselvesAndExpire(t *testing.T) {
 	if n := metric(t, r, "detour_auth_rejections_total", "reason", "foreign_agent_id"); n != 1 {
 		t.Fatalf("foreign_agent_id rejections: %v", n)
 	}
-	mirror := pb.NewPlacementServiceClient(testbed.Dial(t, r.inst.Addr(), dev.Mirror))
+	mirror := pb.NewPlacementServiceClient(testbed.Dial(t, r.addr(), dev.Mirror))
 	if _, err := mirror.RegisterAgent(ctx, &pb.RegisterAgentRequest{Region: "us"}); code(err) != codes.PermissionDenied {
 		t.Fatalf("a mirror registering as an agent: %v, want PermissionDenied", err)
 	}
@@ -62,7 +63,7 @@ func TestAgentsRegisterOnlyAsThemselvesAndExpire(t *testing.T) {
 	if err != nil || resp.Id != self {
 		t.Fatalf("register: %v %v", resp, err)
 	}
-	reader := pb.NewAdminServiceClient(testbed.Dial(t, r.inst.Addr(), dev.Reader))
+	reader := pb.NewAdminServiceClient(testbed.Dial(t, r.addr(), dev.Reader))
 	a := agentIn(listAgents(t, reader), self)
 	if a == nil || a.Name != "host-1" || a.Region != "us" || a.Version != "v1.2.3" || a.LocationCacheEntries != 42 || a.Refreshed == nil {
 		t.Fatalf("listed agent: %v", a)
@@ -76,7 +77,8 @@ func TestAgentsRegisterOnlyAsThemselvesAndExpire(t *testing.T) {
 // An agent whose applied revision misses a target-set change for longer than the threshold is
 // flagged, in the list and the metric, until it reports the change applied.
 func TestLaggingAgentsAreFlagged(t *testing.T) {
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, WriteTimeout: time.Second,
+	t.Parallel()
+	r := startReplicaWith(t, Options{WriteTimeout: time.Second,
 		AgentLagThreshold: 300 * time.Millisecond})
 	ctx := context.Background()
 	self := pki.AgentPrefix + "dev"
@@ -129,7 +131,8 @@ func explainedCopy(resp *pb.ExplainResponse, target string) *pb.ExplainedCopy {
 // Explain gives Place's answer for a hit, a drain and a cross-region failover, with the steps that
 // lead there, and writes nothing.
 func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"), target(t, "eu-a", "eu"))
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // admission: TestExplainShowsAdmission
 	k := key(1)
@@ -195,7 +198,8 @@ func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
 // Explain shows how far a key is from fill admission, as counted by this replica's Place, and
 // does not count itself.
 func TestExplainShowsAdmission(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"))
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 3 })
 	k := key(7)
@@ -220,8 +224,9 @@ func TestExplainShowsAdmission(t *testing.T) {
 // Without client certificates there are no identities: an agent is registered under the id it
 // gives, or else its name.
 func TestAgentsRegisterOnAPlaintextControlPlane(t *testing.T) {
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, WriteTimeout: time.Second, Insecure: true})
-	conn, err := grpc.NewClient(r.inst.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	t.Parallel()
+	r := startReplicaWith(t, Options{WriteTimeout: time.Second, Insecure: true})
+	conn, err := grpc.NewClient(r.addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}

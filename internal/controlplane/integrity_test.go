@@ -6,11 +6,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -67,7 +69,8 @@ func storedBytes(t *testing.T, bucket, name string) ([]byte, bool) {
 // Every way a report can lie is refused, nothing becomes READY, the claim is released at once, and
 // the bytes at the granted name (if any) are deleted; another key's object is never touched.
 func TestForgedFillReportsAreRejected(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
 	acc := []string{"us-a"}
@@ -149,7 +152,8 @@ func TestForgedFillReportsAreRejected(t *testing.T) {
 // reconcile, or at once when an agent reports the broken location (which the control plane
 // verifies: a report about an intact object removes nothing).
 func TestObjectDeletedBehindDetoursBackIsRetired(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
 	a, _ := fill(t, r, key(1), []string{"us-a"}, "us")
@@ -183,9 +187,11 @@ func TestObjectDeletedBehindDetoursBackIsRetired(t *testing.T) {
 	if placeKey(t, r, key(2), "us-a").Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
 		t.Fatal("key 2 stopped redirecting before anything noticed")
 	}
-	r.inst.Service.Reconcile(ctx)
+	if err := r.srv.Janitor().Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
 	waitNoRedirect(t, r, 2*time.Second, key(2), "us-a")
-	if body := httpGet(t, "http://"+r.inst.MetricsAddr()+"/metrics"); !strings.Contains(body, `detour_reconcile_missing_objects_total{target="us-a"} 1`) ||
+	if body := httpGet(t, "http://"+r.metricsAddr()+"/metrics"); !strings.Contains(body, `detour_reconcile_missing_objects_total{target="us-a"} 1`) ||
 		!strings.Contains(body, `detour_broken_location_reports_total{outcome="removed"} 1`) {
 		t.Fatalf("metrics do not count the missing objects:\n%s", body)
 	}
@@ -195,8 +201,9 @@ func TestObjectDeletedBehindDetoursBackIsRetired(t *testing.T) {
 // is not public, a CDN's 404) stops being redirected to within the detection time, with the
 // default probe settings; it comes back when it serves again.
 func TestFailingTargetStopsRedirectsWithinDetectionTime(t *testing.T) {
+	t.Parallel()
 	const detection = 10 * time.Second
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()},
+	r := startReplicaWith(t, Options{
 		Janitor: JanitorConfig{SweepInterval: time.Hour, ReconcileInterval: time.Hour}}) // default probing
 	createTargets(t, r, target(t, "us-a", "us"))
 	k := key(1)
@@ -223,44 +230,95 @@ func TestFailingTargetStopsRedirectsWithinDetectionTime(t *testing.T) {
 			t.Fatalf("the target does not say why it is unhealthy: %v", got)
 		}
 		front.Heal()
-		waitRedirect(t, r, k, "us-a")
+		// Back within the detection time too: recovery takes ProbeRecoveries passed probes, 4s
+		// with the defaults, so the 5s of waitRedirect left one second for the rest.
+		eventually(t, detection, "redirects again after the target heals", func() bool {
+			return placeKey(t, r, k, "us-a").Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
+		})
 	}
 }
 
 // A target is probed as soon as it appears, not at the prober's next tick: with an hour between
-// rounds, a created target (and one deleted and created again) is healthy within seconds.
+// rounds, a target created while a round is under way, one created after it, and one deleted and
+// created again are each healthy within seconds. A round is held under way by a target whose URL
+// answers only when the probe gives up (registered, and judged unhealthy, before the replica
+// starts, so that the round writes nothing that would wake the prober by chance).
 func TestNewTargetsAreProbedAtOnce(t *testing.T) {
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()},
-		Janitor: JanitorConfig{ProbeInterval: time.Hour, SweepInterval: time.Hour, ReconcileInterval: time.Hour}})
+	t.Parallel()
 	ctx := context.Background()
-	time.Sleep(200 * time.Millisecond) // the first round, over no targets, is done
+	probing := make(chan struct{}, 1)
+	hang := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case probing <- struct{}{}:
+		default:
+		}
+		<-r.Context().Done()
+	}))
+	t.Cleanup(hang.Close)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{sharedEtcd(t)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	reg := targets.NewRegistry(cli, testPrefix(t))
+	slow := target(t, "slow", "us")
+	slow.Uris, slow.UrlForm = []string{hang.URL + "/"}, &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: hang.URL + "/"}}
+	created, err := reg.CreateTarget(ctx, slow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.SetHealth(ctx, &pb.TargetHealth{Target: "slow", TargetUid: created.Uid, Reason: "hangs"}); err != nil {
+		t.Fatal(err)
+	}
+
+	r := startReplicaWith(t, Options{
+		Janitor: JanitorConfig{ProbeInterval: time.Hour, ProbeTimeout: time.Second, SweepInterval: time.Hour, ReconcileInterval: time.Hour}})
+	healthyWithin := func(what string) {
+		t.Helper()
+		start := time.Now()
+		eventually(t, 5*time.Second, what, func() bool {
+			got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
+			return err == nil && got.Target.Healthy
+		})
+		t.Logf("%s after %s (probe interval 1h)", what, time.Since(start).Round(time.Millisecond))
+	}
+	select {
+	case <-probing: // the first round is under way, held by the slow target's probe
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first probe round did not start")
+	}
 	tg := target(t, "us-a", "us")
-	start := time.Now()
 	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: tg}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "the new target healthy", func() bool {
-		got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
-		return err == nil && got.Target.Healthy
-	})
-	t.Logf("healthy %s after its creation (probe interval 1h)", time.Since(start).Round(time.Millisecond))
+	if metric(t, r, "detour_loop_rounds_total", `loop="probe"`) != 0 {
+		t.Fatal("the first probe round ended before the target was created: the test proves nothing")
+	}
+	healthyWithin("a target created during a round healthy")
+
+	// After the round: the next would come only after an hour.
+	if n := metric(t, r, "detour_loop_rounds_total", `loop="probe"`); n != 1 {
+		t.Fatalf("%v probe rounds, want 1", n)
+	}
 	if _, err := r.admin.DeleteTarget(ctx, &pb.DeleteTargetRequest{Name: "us-a"}); err != nil {
 		t.Fatal(err)
 	}
+	eventually(t, 5*time.Second, "the deleted target gone", func() bool {
+		_, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
+		return code(err) == codes.NotFound
+	})
 	if _, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: tg}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "the recreated target healthy", func() bool {
-		got, err := r.admin.GetTarget(ctx, &pb.GetTargetRequest{Name: "us-a"})
-		return err == nil && got.Target.Healthy
-	})
+	healthyWithin("the recreated target healthy")
 }
 
 // Changing a target's bucket, or deleting a target and creating one of the same name, never
 // redirects to bytes that are not where the records said; the stale records are retired and their
 // bytes deleted.
 func TestStoreMovesAndRecreatedTargetsNeverRedirectToMissingBytes(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	tg := target(t, "us-a", "us")
 	createTargets(t, r, tg)
@@ -305,8 +363,9 @@ func TestStoreMovesAndRecreatedTargetsNeverRedirectToMissingBytes(t *testing.T) 
 // Purged and expired objects leave the bucket; objects no record or claim accounts for (failed
 // fills) are deleted by the reconciler once old enough, and live fills are left alone.
 func TestStoredBytesFollowTheirRecords(t *testing.T) {
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()},
-		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
+	t.Parallel()
+	r := startReplicaWith(t, Options{
+		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 2 * time.Second, SweepInterval: 200 * time.Millisecond,
 			ReconcileInterval: time.Hour, OrphanAge: 500 * time.Millisecond, GarbageGrace: 100 * time.Millisecond}})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -334,7 +393,9 @@ func TestStoredBytesFollowTheirRecords(t *testing.T) {
 	live := grant(t, r, key(3), []string{"us-a"}, "us")
 	liveRes := upload(t, live, key(3), []byte("bytes of a fill about to report"))
 	time.Sleep(600 * time.Millisecond) // both older than OrphanAge
-	r.inst.Service.Reconcile(ctx)
+	if err := r.srv.Janitor().Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if _, there := storedBytes(t, orphan.Bucket, orphan.ObjectName); there {
 		t.Fatal("the orphan was not deleted")
 	}
@@ -346,7 +407,9 @@ func TestStoredBytesFollowTheirRecords(t *testing.T) {
 	}
 	waitRedirect(t, r, key(3), "us-a")
 	// The canary is not an orphan.
-	r.inst.Service.Reconcile(ctx)
+	if err := r.srv.Janitor().Reconcile(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if _, there := storedBytes(t, live.Bucket, "hg/"+CanaryName); !there {
 		t.Fatal("the reconciler deleted the prober's canary")
 	}
@@ -355,8 +418,9 @@ func TestStoredBytesFollowTheirRecords(t *testing.T) {
 // Objects that are redirected to are kept past their TTL (extended without a write per redirect);
 // objects nobody asks for expire.
 func TestUsedObjectsAreExtendedUnusedExpire(t *testing.T) {
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()},
-		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, SweepInterval: 200 * time.Millisecond,
+	t.Parallel()
+	r := startReplicaWith(t, Options{
+		Janitor: JanitorConfig{ProbeInterval: 100 * time.Millisecond, ProbeTimeout: 2 * time.Second, SweepInterval: 200 * time.Millisecond,
 			ReconcileInterval: time.Hour, ExtendInterval: 200 * time.Millisecond}})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -381,7 +445,7 @@ func TestUsedObjectsAreExtendedUnusedExpire(t *testing.T) {
 	if placeKey(t, r, key(2), "us-a").Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
 		t.Fatal("an unused object outlived its TTL")
 	}
-	body := httpGet(t, "http://"+r.inst.MetricsAddr()+"/metrics")
+	body := httpGet(t, "http://"+r.metricsAddr()+"/metrics")
 	if !strings.Contains(body, "detour_objects_extended_total") || strings.Contains(body, "detour_objects_extended_total 0\n") {
 		t.Fatalf("no extensions counted:\n%s", body)
 	}
@@ -390,10 +454,11 @@ func TestUsedObjectsAreExtendedUnusedExpire(t *testing.T) {
 // A claim whose write outcome is unknown (etcd committed it but answered after the claim's
 // deadline) is released at once: nobody would fill it, and it would block the key's fills for the
 // claim TTL. etcd is reached through a proxy that delays its answers past the claim timeout.
+//
+// Serial: its claims must succeed within 30ms until the delay starts.
 func TestClaimsCommittedPastTheirDeadlineAreReleased(t *testing.T) {
-	etcd := startEtcd(t)
 	var delay atomic.Int64
-	slow := delayAnswers(t, strings.TrimPrefix(etcd.Endpoint(), "http://"), &delay)
+	slow := delayAnswers(t, strings.TrimPrefix(sharedEtcd(t), "http://"), &delay)
 	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"http://" + slow}, WriteTimeout: 5 * time.Second,
 		ClaimTimeout: 30 * time.Millisecond, Janitor: fastJanitor})
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -410,7 +475,7 @@ func TestClaimsCommittedPastTheirDeadlineAreReleased(t *testing.T) {
 		time.Sleep(1100 * time.Millisecond) // claims are skipped for a second after a failure
 	}
 	eventually(t, 5*time.Second, "no claim left behind", func() bool {
-		snap := r.inst.Service.w.Snapshot()
+		snap := r.srv.svc.w.Snapshot()
 		held := 0
 		for i := range 5 {
 			if _, ok := snap.Claim(key(200 + i)); ok {
@@ -419,7 +484,7 @@ func TestClaimsCommittedPastTheirDeadlineAreReleased(t *testing.T) {
 		}
 		return held == 0
 	})
-	if got := testbed.Metric(t, "http://"+r.inst.MetricsAddr()+"/metrics", "detour_fill_reports_total", `outcome="orphan_released"`); got < 1 {
+	if got := testbed.Metric(t, "http://"+r.metricsAddr()+"/metrics", "detour_fill_reports_total", `outcome="orphan_released"`); got < 1 {
 		t.Fatalf("%v orphaned claims released", got)
 	}
 }
@@ -469,8 +534,9 @@ func delayAnswers(t *testing.T, addr string, d *atomic.Int64) string {
 // in-region copy) or to a draining target, at most a quarter of a signed URL's life, never past
 // the object's expiry, and within the control plane's maximum.
 func TestRedirectCacheLifetimes(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
-	s := r.inst.Service
+	t.Parallel()
+	r := startReplica(t)
+	s := r.srv.svc
 	if _, err := r.admin.SetPolicy(context.Background(), &pb.SetPolicyRequest{Policy: &pb.Policy{SignedUrlTtl: durationpb.New(2 * time.Minute)}}); err != nil {
 		t.Fatal(err)
 	}

@@ -4,13 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
+	"golang.org/x/sync/errgroup"
 
-	pb "github.com/detourhq/detour/api/proto/detour/v1"
-	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/targets"
 )
 
@@ -93,273 +94,159 @@ func (c *JanitorConfig) defaults() {
 	}
 }
 
-// RunJanitor campaigns for the janitor role (an etcd election under the registry's prefix) and,
-// while elected, probes targets, sweeps expired and stale records, deletes the stored bytes of
-// retired objects, reconciles each target's bucket with the index, and makes the copies the fleet
-// needs (queued cross-region copies, draining targets' sole copies; see copies.go). It returns when ctx ends.
-// Every write the janitor makes compares revisions, so a deposed janitor that has not noticed yet
-// cannot undo newer state.
-func (s *Service) RunJanitor(ctx context.Context, cli *clientv3.Client, id string) {
+// Janitor is the work one replica at a time does for the whole fleet, while it holds the janitor
+// election (an etcd election under the registry's prefix): probing targets (prober.go), sweeping
+// expired and stale records, deleting retired objects' bytes and reconciling buckets with the
+// index (sweep.go), and making the copies the fleet needs (copier.go). Every etcd write of a term
+// goes through a registry fenced by the term's election key (targets.Registry.Fenced), so a
+// janitor that has been deposed and not noticed yet writes nothing.
+type Janitor struct {
+	*deps
+	cli         *clientv3.Client
+	id          string
+	probeClient *http.Client
+	// now carries requests for a round at once (Sweep, Reconcile) to the elected term's loops.
+	now map[string]chan chan error
+}
+
+// term is one janitor term. Its reg (shadowing the Janitor's) is fenced by the term's election:
+// every write the term's loops make goes through it.
+type term struct {
+	*Janitor
+	reg *targets.Registry
+}
+
+func newJanitor(d *deps, cli *clientv3.Client, id string) *Janitor {
+	return &Janitor{deps: d, cli: cli, id: id, probeClient: &http.Client{Transport: d.cfg.ProbeTransport},
+		now: map[string]chan chan error{loopSweep: make(chan chan error), loopReconcile: make(chan chan error)}}
+}
+
+// Run campaigns for the janitor role until ctx ends, and does the janitor's work while elected;
+// a term that ends (the session or the election key lost) is followed by a new campaign. A replica
+// campaigns only once its first snapshot is loaded: it would judge and reconcile against nothing.
+func (j *Janitor) Run(ctx context.Context) error {
+	select {
+	case <-j.w.Ready():
+	case <-ctx.Done():
+		return nil
+	}
 	for ctx.Err() == nil {
-		err := s.janitorTerm(ctx, cli, id)
+		err := j.runTerm(ctx)
 		if ctx.Err() != nil {
-			return
+			return nil
 		}
-		s.once.Warn("janitor", "janitor election failed; retrying", "err", err)
+		j.once.Warn("janitor", "janitor election or term ended; campaigning again", "err", err)
 		select {
 		case <-time.After(time.Second):
 		case <-ctx.Done():
 		}
 	}
+	return nil
 }
 
-func (s *Service) janitorTerm(ctx context.Context, cli *clientv3.Client, id string) error {
-	sess, err := concurrency.NewSession(cli, concurrency.WithTTL(10), concurrency.WithContext(ctx))
+// errDeposed ends a term whose election is lost.
+var errDeposed = errors.New("janitor deposed")
+
+// runTerm campaigns and, once elected, runs the janitor's loops until ctx ends or the election is
+// lost; it resigns on the way out.
+func (j *Janitor) runTerm(ctx context.Context) error {
+	sess, err := concurrency.NewSession(j.cli, concurrency.WithTTL(10), concurrency.WithContext(ctx))
 	if err != nil {
 		return fmt.Errorf("election session: %w", err)
 	}
 	defer sess.Close()
-	e := concurrency.NewElection(sess, s.reg.Prefix()+"election/janitor")
-	if err := e.Campaign(ctx, id); err != nil {
+	e := concurrency.NewElection(sess, j.reg.Prefix()+"election/janitor")
+	if err := e.Campaign(ctx, j.id); err != nil {
 		return fmt.Errorf("campaign: %w", err)
 	}
-	s.once.Forget("janitor")
-	s.cfg.Log.Info("elected janitor: probing targets, sweeping, reconciling and copying", "id", id)
-	s.metrics.janitor.Set(1)
-	defer s.metrics.janitor.Set(0)
-	termCtx, cancel := context.WithCancel(ctx)
+	fence := targets.Fence{Key: e.Key(), Revision: e.Rev()}
+	j.once.Forget("janitor")
+	j.cfg.Log.Info("elected janitor: probing targets, sweeping, reconciling and copying", "id", j.id,
+		"election_key", fence.Key, "election_revision", fence.Revision)
+	j.metrics.janitor.Set(1)
+	defer j.metrics.janitor.Set(0)
+
+	t := &term{Janitor: j, reg: j.reg.Fenced(fence)}
+	g, tctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return j.watchElection(tctx, sess, fence) })
+	g.Go(func() error { t.runProber(tctx); return nil })
+	g.Go(func() error {
+		t.every(tctx, loopSweep, j.cfg.Janitor.SweepInterval, j.now[loopSweep], t.sweep)
+		return nil
+	})
+	g.Go(func() error {
+		t.every(tctx, loopReconcile, j.cfg.Janitor.ReconcileInterval, j.now[loopReconcile], t.reconcileAll)
+		return nil
+	})
+	g.Go(func() error { t.runCopier(tctx); return nil })
+	err = g.Wait()
+
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 	defer cancel()
-	go func() {
-		select {
-		case <-sess.Done():
-			s.cfg.Log.Warn("janitor session lost; standing down", "id", id)
-			cancel()
-		case <-termCtx.Done():
-		}
-	}()
-	loops := []func(context.Context){
-		s.runProber,
-		func(ctx context.Context) { s.every(ctx, s.cfg.Janitor.SweepInterval, s.sweep) },
-		func(ctx context.Context) { s.every(ctx, s.cfg.Janitor.ReconcileInterval, s.reconcileAll) },
-		func(ctx context.Context) { s.runCopier(ctx, id) },
-	}
-	done := make(chan struct{}, len(loops))
-	for _, loop := range loops {
-		go func() { loop(termCtx); done <- struct{}{} }()
-	}
-	for range loops {
-		<-done
-	}
-	rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-	defer rcancel()
 	_ = e.Resign(rctx)
 	if ctx.Err() != nil {
 		return nil
 	}
-	return errors.New("janitor term ended")
+	if errors.Is(err, errDeposed) {
+		j.cfg.Log.Warn("janitor deposed; standing down", "id", j.id, "err", err)
+	}
+	return err
 }
 
-// every runs fn at once and then every interval until ctx ends.
-func (s *Service) every(ctx context.Context, interval time.Duration, fn func(context.Context)) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
+// watchElection returns errDeposed once the term's election is lost: its session ends (the lease
+// could not be kept alive) or its election key is deleted. Until then the fence already refuses
+// the term's writes; this makes the term stop trying. It returns nil when ctx ends.
+func (j *Janitor) watchElection(ctx context.Context, sess *concurrency.Session, f targets.Fence) error {
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ch := j.cli.Watch(wctx, f.Key, clientv3.WithRev(f.Revision+1))
 	for {
-		fn(ctx)
 		select {
 		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
-}
-
-// Sweep runs one sweep now (tests; the elected janitor sweeps on its own).
-func (s *Service) Sweep(ctx context.Context) { s.sweep(ctx) }
-
-// sweep retires the records that must not be redirected to any more — expired ones, those of
-// deleted targets, and those whose target's store moved — queueing their bytes for deletion, and
-// then deletes queued bytes.
-func (s *Service) sweep(ctx context.Context) {
-	snap := s.w.Snapshot()
-	now := s.cfg.Now()
-	byReason := map[string][]targets.Retirement{}
-	snap.EachObject(func(key targets.Key, o *targets.Object) bool {
-		reason := ""
-		t, ok := snap.Target(o.Target())
-		switch {
-		case o.Expires != 0 && o.Expires <= now.UnixNano():
-			reason = "expired"
-		case !ok || t.Uid != o.Home.TargetUID:
-			reason = "target_deleted"
-		case t.GetStore().GetBucket() != o.Home.Bucket:
-			reason = "store_moved"
-		default:
-			return true
-		}
-		byReason[reason] = append(byReason[reason], targets.Retirement{Key: key.String(), Target: o.Target(),
-			ModRevision: o.ModRevision, Garbage: targets.GarbageOf(o.Proto(key), reason, now)})
-		return true
-	})
-	for reason, rs := range byReason {
-		wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout*4)
-		n, err := s.reg.Retire(wctx, rs)
-		cancel()
-		s.metrics.retired.WithLabelValues(reason).Add(float64(n))
-		if err != nil {
-			s.once.Warn("sweep", "sweep stopped: etcd write failed", "err", err)
-			return
-		}
-		s.cfg.Log.Info("objects retired", "reason", reason, "count", n)
-	}
-	s.collectGarbage(ctx)
-}
-
-// collectGarbage deletes queued bytes from the stores; what fails stays queued for the next sweep.
-func (s *Service) collectGarbage(ctx context.Context) {
-	if s.cfg.Store == nil {
-		return
-	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
-	entries, err := s.reg.ListGarbage(rctx, int64(s.cfg.Janitor.GarbageBatch))
-	cancel()
-	if err != nil {
-		s.once.Warn("garbage", "cannot read the deletion queue", "err", err)
-		return
-	}
-	var done []string
-	young := s.cfg.Now().Add(-s.cfg.Janitor.GarbageGrace)
-	for _, g := range entries {
-		if q := g.Object.GetQueued(); q != nil && q.AsTime().After(young) {
-			continue // agents may still be answering with its location from their caches
-		}
-		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := s.cfg.Store.Delete(dctx, g.Object.Bucket, g.Object.ObjectName, g.Object.Generation)
-		cancel()
-		if err != nil {
-			s.metrics.garbage.WithLabelValues("failed").Inc()
-			s.once.Warn("garbage:"+g.Object.Bucket, "cannot delete retired objects from a bucket; will retry",
-				"bucket", g.Object.Bucket, "err", err)
-			continue
-		}
-		s.once.Forget("garbage:" + g.Object.Bucket)
-		s.metrics.garbage.WithLabelValues("deleted").Inc()
-		done = append(done, g.ID)
-	}
-	if len(done) == 0 {
-		return
-	}
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
-	defer cancel()
-	if err := s.reg.GarbageDone(wctx, done); err != nil {
-		// The deletions are idempotent: the next sweep deletes them again.
-		s.once.Warn("garbage", "cannot dequeue deleted objects", "err", err)
-	}
-}
-
-// Reconcile lists every target's bucket against the index now (tests; the janitor does it on its
-// own every ReconcileInterval).
-func (s *Service) Reconcile(ctx context.Context) { s.reconcileAll(ctx) }
-
-func (s *Service) reconcileAll(ctx context.Context) {
-	if s.cfg.Store == nil {
-		return
-	}
-	for _, t := range s.w.Snapshot().Targets() {
-		if ctx.Err() != nil {
-			return
-		}
-		if err := s.reconcile(ctx, t); err != nil {
-			s.once.Warn("reconcile:"+t.Name, "cannot reconcile target with its bucket", "target", t.Name, "err", err)
-			continue
-		}
-		s.once.Forget("reconcile:" + t.Name)
-	}
-}
-
-// reconcile lists the target's bucket prefix. Records whose object is gone (or was replaced by
-// another generation) are retired; stored objects that no record or live claim accounts for and
-// that are older than twice the claim TTL (failed or abandoned fills) are deleted.
-func (s *Service) reconcile(ctx context.Context, t *pb.Target) error {
-	snap := s.w.Snapshot()
-	prefix, bucket := t.GetStore().GetPrefix(), t.GetStore().GetBucket()
-	started := s.cfg.Now()
-	orphanAge := s.cfg.Janitor.OrphanAge
-	if orphanAge <= 0 {
-		orphanAge = 2 * policyDuration(snap.Policy().GetFillClaimTtl(), targets.DefaultFillClaimTTL)
-	}
-	listed := map[targets.Key]int64{} // key → generation
-	var orphans []string
-	err := s.cfg.Store.List(ctx, bucket, prefix, func(l blob.Listed) bool {
-		k, ok := targets.ParseKey(l.Name[len(prefix):])
-		if !ok {
-			return true // the canary, or not Detour's
-		}
-		s.metrics.reconcile.WithLabelValues(t.Name, "checked").Inc()
-		listed[k] = l.Generation
-		if copyAt(snap, k, t) == nil {
-			if _, claimed := snap.Claim(k.String()); !claimed && started.Sub(l.Created) > orphanAge {
-				orphans = append(orphans, l.Name)
+			return nil
+		case <-sess.Done():
+			return fmt.Errorf("%w: the election session ended", errDeposed)
+		case resp, ok := <-ch:
+			switch {
+			case ctx.Err() != nil:
+				return nil
+			case !ok:
+				return fmt.Errorf("%w: the watch of the election key ended", errDeposed)
+			case resp.Err() != nil:
+				return fmt.Errorf("%w: the watch of the election key failed: %w", errDeposed, resp.Err())
+			}
+			for _, ev := range resp.Events {
+				if ev.Type == mvccpb.DELETE {
+					return fmt.Errorf("%w: the election key was deleted", errDeposed)
+				}
 			}
 		}
-		return true
-	})
-	if err != nil {
-		return err
 	}
-	var gone []targets.Retirement
-	snap.EachObject(func(k targets.Key, o *targets.Object) bool {
-		if o.Target() != t.Name || !o.Servable(t) || o.Created >= started.UnixNano() {
-			return true // another target's, stale (the sweep's), or stored after the listing began
-		}
-		if gen, ok := listed[k]; ok && gen == o.Generation {
-			return true
-		}
-		gone = append(gone, targets.Retirement{Key: k.String(), Target: t.Name, ModRevision: o.ModRevision})
-		return true
-	})
-	if len(gone) > 0 {
-		wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout*4)
-		n, err := s.reg.Retire(wctx, gone)
-		cancel()
-		s.metrics.missing.WithLabelValues(t.Name).Add(float64(n))
-		s.metrics.retired.WithLabelValues("missing").Add(float64(n))
-		if n > 0 {
-			s.cfg.Log.Warn("objects missing from the store; records removed", "target", t.Name, "count", n)
-		}
+}
+
+// Sweep has this replica's janitor sweep at once and waits until that round is done (tests and
+// benchmarks; the janitor sweeps every SweepInterval on its own). It waits for this replica to be
+// elected first, so it returns only with ctx's error on a replica that is not the janitor.
+func (j *Janitor) Sweep(ctx context.Context) error { return j.roundNow(ctx, loopSweep) }
+
+// Reconcile has this replica's janitor list every target's bucket against the index at once and
+// waits until that round is done; like Sweep, it waits for this replica to be elected.
+func (j *Janitor) Reconcile(ctx context.Context) error { return j.roundNow(ctx, loopReconcile) }
+
+func (j *Janitor) roundNow(ctx context.Context, loop string) error {
+	done := make(chan error, 1)
+	select {
+	case j.now[loop] <- done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-done:
 		if err != nil {
-			return err
+			return fmt.Errorf("the janitor's %s round was cut short: %w", loop, err)
 		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
-	for _, name := range orphans {
-		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := s.cfg.Store.Delete(dctx, bucket, name, listed[mustKey(name[len(prefix):])])
-		cancel()
-		if err != nil {
-			return err
-		}
-		s.metrics.reconcile.WithLabelValues(t.Name, "orphan_deleted").Inc()
-	}
-	if len(orphans) > 0 {
-		s.cfg.Log.Info("orphaned objects deleted", "target", t.Name, "count", len(orphans))
-	}
-	return nil
 }
-
-func mustKey(s string) targets.Key {
-	k, _ := targets.ParseKey(s)
-	return k
-}
-
-// copyAt returns the servable copy of key at target t, if the index has one.
-func copyAt(snap *targets.Snapshot, key targets.Key, t *pb.Target) *targets.Object {
-	copies := snap.Copies(key)
-	for i := range copies {
-		if copies[i].Target() == t.Name && copies[i].Servable(t) {
-			return &copies[i]
-		}
-	}
-	return nil
-}
-
-// IndexedObjects is the number of object records in this replica's snapshot.
-func (s *Service) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }

@@ -61,13 +61,9 @@ func (e *extender) take() []extension {
 	return out
 }
 
-// runExtensions writes queued extensions every interval until ctx ends. Every replica runs it for
-// the redirects it answered; writes compare the record's revision, so replicas never undo each
-// other or a newer fill.
-func (s *Service) runExtensions(ctx context.Context, interval time.Duration) {
-	s.every(ctx, interval, s.flushExtensions)
-}
-
+// flushExtensions writes the queued extensions (Run does it every ExtendInterval). Every replica
+// does it for the redirects it answered; writes compare the record's revision, so replicas never
+// undo each other or a newer fill.
 func (s *Service) flushExtensions(ctx context.Context) {
 	pending := s.extender.take()
 	if len(pending) == 0 {

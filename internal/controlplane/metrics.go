@@ -38,6 +38,9 @@ type Metrics struct {
 	copies           *prometheus.CounterVec
 	copyDuration     *prometheus.HistogramVec
 	soleCopies       *prometheus.GaugeVec
+	// Lifecycle: rounds of the periodic loops, how WatchTargets streams start.
+	rounds      *prometheus.CounterVec
+	watchStarts *prometheus.CounterVec
 }
 
 func newMetrics(w *targets.Watcher) *Metrics {
@@ -99,6 +102,23 @@ func newMetrics(w *targets.Watcher) *Metrics {
 	m.soleCopies = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "detour_drain_sole_copies",
 		Help: "Copies at a draining target whose key has no copy at an active target (0: the drain is complete); set by the elected janitor."},
 		[]string{"target"})
+	m.rounds = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_loop_rounds_total",
+		Help: "Completed rounds of the periodic loops: the elected janitor's (probe, sweep, reconcile, copy) and every replica's (extend, copy_requests). A loop whose count stops moving is stuck."},
+		[]string{"loop"})
+	m.watchStarts = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_watch_streams_total",
+		Help: "WatchTargets streams by how they started: resumed from the agent's revision (its cached redirects kept) or full (a target set that ends them)."},
+		[]string{"start"})
+	m.Registry.MustRegister(m.rounds, m.watchStarts,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_loading",
+			Help: "1 while this replica loads its first snapshot (health NOT_SERVING, Place answers inline, the Admin API is unavailable), else 0."},
+			func() float64 {
+				select {
+				case <-w.Ready():
+					return 0
+				default:
+					return 1
+				}
+			}))
 	m.Registry.MustRegister(m.redirects, m.crossRegionFills, m.copyRequests, m.copies, m.copyDuration, m.soleCopies)
 	m.Registry.MustRegister(m.janitor, m.verify, m.extended, m.retired, m.garbage, m.probes, m.reconcile, m.missing, m.broken,
 		targetHealthCollector{w})

@@ -7,8 +7,10 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -21,8 +23,17 @@ import (
 	"github.com/detourhq/detour/internal/targets"
 )
 
-// MediaTypeCBOR is the media type of stored objects (the command's CBOR values).
+// MediaTypeCBOR is what a fill is stored as when the Place request names no media type: agents
+// from before PlaceRequest.media_type spoke only Mercurial's protocol version 2, whose responses
+// are CBOR values. The control plane knows no protocol otherwise: the media type of a fill is the
+// request's, and its report must repeat it.
 const MediaTypeCBOR = "application/mercurial-cbor"
+
+// ReasonLoading answers Place inline while this replica loads its first snapshot.
+const ReasonLoading = "loading"
+
+// maxCommandLen bounds PlaceRequest.command, a label for logs and metrics.
+const maxCommandLen = 128
 
 // ReasonNotAdmitted answers a miss inline without a fill: the key has not been missed the policy's
 // min_occurrences times within its admission window yet.
@@ -35,8 +46,18 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	if err := targets.ValidateKey("key", req.Key); err != nil {
 		return nil, toStatus(err)
 	}
-	if req.Command == "" {
-		return nil, invalidArg("command", "is required")
+	if len(req.Command) > maxCommandLen {
+		return nil, invalidArg("command", "is longer than %d bytes", maxCommandLen)
+	}
+	if req.MediaType != "" {
+		if err := validateMediaType("media_type", req.MediaType); err != nil {
+			return nil, err
+		}
+	}
+	if s.loading() {
+		// Agents stay fail-open: an answer at once, inline, rather than a deadline spent waiting.
+		s.metrics.decisions.WithLabelValues(resultLabel(pb.PlaceResult_PLACE_RESULT_INLINE), ReasonLoading).Inc()
+		return &pb.PlaceResponse{Result: pb.PlaceResult_PLACE_RESULT_INLINE, Reason: ReasonLoading}, nil
 	}
 	key, _ := targets.ParseKey(req.Key)
 	snap := s.w.Snapshot()
@@ -183,9 +204,13 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	}
 	t, _ := snap.Target(target)
 	ttl := policyDuration(snap.Policy().FillClaimTtl, targets.DefaultFillClaimTTL)
+	mediaType := req.MediaType
+	if mediaType == "" {
+		mediaType = MediaTypeCBOR
+	}
 	claim := &pb.FillClaim{Key: req.Key, Target: target, AgentId: req.AgentId, Holder: holder, Token: targets.NewToken(),
 		ObjectName: blob.ObjectName(t.GetStore().GetPrefix(), req.Key), Bucket: t.GetStore().GetBucket(),
-		MediaType: MediaTypeCBOR, TargetUid: t.GetUid(), Granted: timestamppb.New(now)}
+		MediaType: mediaType, TargetUid: t.GetUid(), Granted: timestamppb.New(now)}
 	// With etcd unreachable a claim can only time out: after a failure, skip claims for a while
 	// so that Place keeps answering at snapshot speed.
 	if until := s.claimsBrokenUntil.Load(); until != 0 && now.UnixNano() < until {
@@ -224,16 +249,41 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	}
 }
 
-// releaseOrphan releases, in the background, a claim that no agent knows it holds.
+// releaseOrphan queues for release a claim that no agent knows it holds (runOrphanReleases
+// releases it in the background). When the queue is full the claim expires with its lease.
 func (s *Service) releaseOrphan(c *pb.FillClaim) {
-	s.metrics.fills.WithLabelValues("orphan_released").Inc()
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.WriteTimeout)
-		defer cancel()
-		if err := s.reg.AbortFill(ctx, c.Key, c.Token); err != nil && !errors.Is(err, targets.ErrClaimNotHeld) {
-			s.cfg.Log.Debug("orphaned claim not released; it expires with its lease", "key", c.Key, "err", err)
+	select {
+	case s.orphans <- c:
+		s.metrics.fills.WithLabelValues("orphan_released").Inc()
+	default:
+		s.metrics.fills.WithLabelValues("orphan_left").Inc()
+	}
+}
+
+// orphanReleasesInFlight bounds the orphaned claims released at once.
+const orphanReleasesInFlight = 4
+
+// runOrphanReleases releases queued orphaned claims until ctx ends; those still queued then
+// expire with their lease.
+func (s *Service) runOrphanReleases(ctx context.Context) {
+	var g errgroup.Group
+	g.SetLimit(orphanReleasesInFlight)
+	defer g.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case c := <-s.orphans:
+			g.Go(func() error {
+				wctx, cancel := s.writeCtx(ctx)
+				defer cancel()
+				if err := s.reg.AbortFill(wctx, c.Key, c.Token); err != nil && !errors.Is(err, targets.ErrClaimNotHeld) {
+					s.cfg.Log.Debug("orphaned claim not released; it expires with its lease", "key", c.Key, "err", err)
+				}
+				return nil
+			})
 		}
-	}()
+	}
 }
 
 // ReportFill marks a filled object READY once it is verified: the reporter holds the claim, the
@@ -302,11 +352,11 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 
 // verifyStored checks that the store holds the object c describes (see blob.Store.Verify); a
 // VerifyFullFraction share of objects is also read back and hashed (full). Fills and copies alike.
-func (s *Service) verifyStored(ctx context.Context, c blob.Claim) (full bool, err error) {
-	full = s.cfg.VerifyFullFraction >= 1 || (s.cfg.VerifyFullFraction > 0 && rand.Float64() < s.cfg.VerifyFullFraction)
+func (d *deps) verifyStored(ctx context.Context, c blob.Claim) (full bool, err error) {
+	full = d.cfg.VerifyFullFraction >= 1 || (d.cfg.VerifyFullFraction > 0 && rand.Float64() < d.cfg.VerifyFullFraction)
 	start := time.Now()
-	err = s.cfg.Store.Verify(ctx, c, full)
-	s.metrics.verify.WithLabelValues(strconv.FormatBool(full)).Observe(time.Since(start).Seconds())
+	err = d.cfg.Store.Verify(ctx, c, full)
+	d.metrics.verify.WithLabelValues(strconv.FormatBool(full)).Observe(time.Since(start).Seconds())
 	return full, err
 }
 
@@ -393,19 +443,42 @@ func (s *Service) AbortFill(ctx context.Context, req *pb.AbortFillRequest) (*pb.
 
 // WatchTargets sends the full target set, then again at every change of a target, its liveness
 // or the policy; between those, the object records removed or replaced since the last message
-// (invalidations of the redirects agents cache).
+// (invalidations of the redirects agents cache). A stream that asks to resume from the revision
+// its agent last applied, when the target set has not changed since then and the invalidations
+// since then are all still held, starts with the target set marked resumed at that revision and
+// goes on with those invalidations, so the agent keeps what it cached; any other stream starts
+// with an ordinary target set (which ends every cached redirect).
 func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementService_WatchTargetsServer) error {
-	snap := s.readSnapshot(stream.Context())
+	if req.ResumeRevision < 0 {
+		return invalidArg("resume_revision", "%d is negative", req.ResumeRevision)
+	}
+	ctx := stream.Context()
+	snap := s.readSnapshot(ctx)
 	last, sent := int64(-1), int64(0)
+	if r := req.ResumeRevision; r > 0 {
+		if snap.Revision < r {
+			// The agent applied a revision this replica has not seen yet: catch up briefly.
+			snap = s.awaitRevision(ctx, r, time.Second)
+		}
+		if s.resumable(snap, r) {
+			msg := targetSet(snap)
+			msg.Revision, msg.Resumed = r, true
+			if err := stream.Send(msg); err != nil {
+				return err
+			}
+			last, sent = snap.TargetsRevision, r
+		}
+	}
+	start := "resumed"
+	if last < 0 {
+		start = "full"
+	}
+	s.metrics.watchStarts.WithLabelValues(start).Inc()
 	for {
 		switch {
 		case snap.TargetsRevision != last:
 			// A target set ends every cached redirect, so it also covers the invalidations up to it.
-			msg := &pb.WatchTargetsResponse{Revision: snap.Revision, RegionPreference: snap.Policy().RegionPreference}
-			for _, t := range snap.Targets() {
-				msg.Targets = append(msg.Targets, proto.Clone(t).(*pb.Target))
-			}
-			if err := stream.Send(msg); err != nil {
+			if err := stream.Send(targetSet(snap)); err != nil {
 				return err
 			}
 			last, sent = snap.TargetsRevision, snap.Revision
@@ -418,10 +491,33 @@ func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementS
 		select {
 		case <-snap.Superseded():
 			snap = s.w.Snapshot()
-		case <-stream.Context().Done():
+		case <-ctx.Done():
 			return nil
+		case <-s.stopping:
+			return status.Error(codes.Unavailable, "the control plane is shutting down; reconnect to another replica")
 		}
 	}
+}
+
+// resumable reports whether a stream may resume from revision r with snap: snap has reached r, the
+// target set has not changed since r, and the watcher still holds every invalidation after r.
+// (After a replica loads a snapshot, its target set counts as changed at the load's revision and
+// its invalidations start there: a stream resumes only from revisions it watched.)
+func (s *Service) resumable(snap *targets.Snapshot, r int64) bool {
+	if snap.Revision < r || snap.TargetsRevision > r {
+		return false
+	}
+	_, complete := s.w.InvalidationsSince(r)
+	return complete
+}
+
+// targetSet is the message that carries snap's target set.
+func targetSet(snap *targets.Snapshot) *pb.WatchTargetsResponse {
+	msg := &pb.WatchTargetsResponse{Revision: snap.Revision, RegionPreference: snap.Policy().RegionPreference}
+	for _, t := range snap.Targets() {
+		msg.Targets = append(msg.Targets, proto.Clone(t).(*pb.Target))
+	}
+	return msg
 }
 
 // maxInvalidationsPerMessage keeps each message well under gRPC's default 4 MiB limit.
@@ -528,4 +624,34 @@ func (s *Service) ReportBrokenLocation(ctx context.Context, req *pb.ReportBroken
 	s.cfg.Log.Warn("broken location reported and confirmed; record removed", "key", req.Key, "target", req.Target,
 		"problem", problem, "agent_saw", req.Reason)
 	return &pb.ReportBrokenLocationResponse{Removed: n > 0}, nil
+}
+
+// validateMediaType accepts a media type of the form type/subtype (RFC 6838 restricted names, no
+// parameters), at most 127 bytes.
+func validateMediaType(field, v string) error {
+	if len(v) > 127 {
+		return invalidArg(field, "is longer than 127 bytes")
+	}
+	typ, sub, ok := strings.Cut(v, "/")
+	if !ok || !restrictedName(typ) || !restrictedName(sub) {
+		return invalidArg(field, "%.80q is not a media type of the form type/subtype (such as %s)", v, MediaTypeCBOR)
+	}
+	return nil
+}
+
+// restrictedName reports whether s is an RFC 6838 restricted-name: a letter or digit, then letters,
+// digits and !#$&-^_.+
+func restrictedName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i, c := range []byte(s) {
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case i > 0 && strings.IndexByte("!#$&-^_.+", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
 }

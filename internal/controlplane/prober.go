@@ -25,6 +25,10 @@ type probeState struct {
 	uid        string
 	canary     string // "bucket/name" the canary was written to, for this uid
 	fails, oks int
+	// wrote is the verdict this term last wrote for this uid. Only the elected janitor writes
+	// verdicts, so it is the current one even before the snapshot shows it: a watch that lags a
+	// probe interval does not make the prober write the same verdict again.
+	wrote *pb.TargetHealth
 }
 
 // runProber probes every target each ProbeInterval until ctx ends: it keeps a small canary object
@@ -34,27 +38,27 @@ type probeState struct {
 // rise); a target nobody has judged yet gets the first verdict at once. A target that appears
 // (created, or deleted and created again) is probed as soon as the snapshot shows it, not at the
 // next tick, so it is usable within one probe of its creation.
-func (s *Service) runProber(ctx context.Context) {
-	if s.cfg.Store == nil {
-		s.once.Warn("prober", "no store access: targets cannot be probed and stay unhealthy")
+func (j *term) runProber(ctx context.Context) {
+	if j.cfg.Store == nil {
+		j.once.Warn("prober", "no store access: targets cannot be probed and stay unhealthy")
 		return
 	}
 	states := map[string]*probeState{}
-	tick := time.NewTicker(s.cfg.Janitor.ProbeInterval)
+	tick := time.NewTicker(j.cfg.Janitor.ProbeInterval)
 	defer tick.Stop()
-	s.probeRound(ctx, states)
+	j.probeRound(ctx, states)
 	for {
 		// Checked before waiting: a target created while a round ran is in the snapshot already.
-		snap := s.w.Snapshot()
+		snap := j.w.Snapshot()
 		if fresh := unprobed(snap, states); len(fresh) > 0 {
-			s.probeTargets(ctx, snap, states, fresh)
+			j.probeTargets(ctx, snap, states, fresh)
 			continue
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			s.probeRound(ctx, states)
+			j.probeRound(ctx, states)
 		case <-snap.Superseded():
 		}
 	}
@@ -71,22 +75,23 @@ func unprobed(snap *targets.Snapshot, states map[string]*probeState) []*pb.Targe
 	return out
 }
 
-// ProbeNow runs one probe round with fresh state (tests).
-func (s *Service) ProbeNow(ctx context.Context) { s.probeRound(ctx, map[string]*probeState{}) }
-
-// probeRound probes every target and forgets the state of targets that are gone.
-func (s *Service) probeRound(ctx context.Context, states map[string]*probeState) {
-	snap := s.w.Snapshot()
-	s.probeTargets(ctx, snap, states, snap.Targets())
+// probeRound probes every target and forgets the state of targets that are gone. A completed
+// round is counted in detour_loop_rounds_total{loop="probe"}.
+func (j *term) probeRound(ctx context.Context, states map[string]*probeState) {
+	snap := j.w.Snapshot()
+	j.probeTargets(ctx, snap, states, snap.Targets())
 	for name := range states {
 		if _, ok := snap.Target(name); !ok {
 			delete(states, name)
 		}
 	}
+	if ctx.Err() == nil {
+		j.metrics.rounds.WithLabelValues(loopProbe).Inc()
+	}
 }
 
 // probeTargets probes ts in parallel and judges each.
-func (s *Service) probeTargets(ctx context.Context, snap *targets.Snapshot, states map[string]*probeState, ts []*pb.Target) {
+func (j *term) probeTargets(ctx context.Context, snap *targets.Snapshot, states map[string]*probeState, ts []*pb.Target) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	for _, t := range ts {
@@ -98,10 +103,10 @@ func (s *Service) probeTargets(ctx context.Context, snap *targets.Snapshot, stat
 		wg.Add(1)
 		go func(t *pb.Target, st *probeState) {
 			defer wg.Done()
-			err := s.probe(ctx, snap, t, st)
+			err := j.probe(ctx, snap, t, st)
 			mu.Lock()
 			defer mu.Unlock()
-			s.judge(ctx, snap, t, st, err)
+			j.judge(ctx, snap, t, st, err)
 		}(t, st)
 	}
 	wg.Wait()
@@ -112,18 +117,18 @@ func canaryBytes(t *pb.Target) []byte {
 }
 
 // probe writes the canary if this term has not, then fetches it as a client would.
-func (s *Service) probe(ctx context.Context, snap *targets.Snapshot, t *pb.Target, st *probeState) error {
-	ctx, cancel := context.WithTimeout(ctx, s.cfg.Janitor.ProbeTimeout)
+func (j *term) probe(ctx context.Context, snap *targets.Snapshot, t *pb.Target, st *probeState) error {
+	ctx, cancel := context.WithTimeout(ctx, j.cfg.Janitor.ProbeTimeout)
 	defer cancel()
 	bucket, name := t.GetStore().GetBucket(), t.GetStore().GetPrefix()+CanaryName
 	want := canaryBytes(t)
 	if st.canary != bucket+"/"+name {
-		if err := s.cfg.Store.Put(ctx, bucket, name, blob.CanaryMediaType, want); err != nil {
+		if err := j.cfg.Store.Put(ctx, bucket, name, blob.CanaryMediaType, want); err != nil {
 			return fmt.Errorf("cannot write the canary: %w", err)
 		}
 		st.canary = bucket + "/" + name
 	}
-	url, err := blob.LocationURL(t, bucket, name, s.cfg.Signer, s.cfg.Now(),
+	url, err := blob.LocationURL(t, bucket, name, j.cfg.Signer, j.cfg.Now(),
 		policyDuration(snap.Policy().GetSignedUrlTtl(), targets.DefaultSignedURLTTL))
 	if err != nil {
 		return fmt.Errorf("cannot build a location URL: %w", err)
@@ -133,7 +138,7 @@ func (s *Service) probe(ctx context.Context, snap *targets.Snapshot, t *pb.Targe
 		return err
 	}
 	req.Header.Set("Accept", blob.CanaryMediaType)
-	resp, err := s.probeClient.Do(req)
+	resp, err := j.probeClient.Do(req)
 	if err != nil {
 		return fmt.Errorf("GET %s: %w", redactURL(url), err)
 	}
@@ -159,7 +164,7 @@ func redactURL(u string) string {
 }
 
 // judge updates a target's verdict from one probe result.
-func (s *Service) judge(ctx context.Context, snap *targets.Snapshot, t *pb.Target, st *probeState, err error) {
+func (j *term) judge(ctx context.Context, snap *targets.Snapshot, t *pb.Target, st *probeState, err error) {
 	result := "ok"
 	if err != nil {
 		result = "failed"
@@ -167,37 +172,42 @@ func (s *Service) judge(ctx context.Context, snap *targets.Snapshot, t *pb.Targe
 	} else {
 		st.fails, st.oks = 0, st.oks+1
 	}
-	s.metrics.probes.WithLabelValues(t.Name, result).Inc()
+	j.metrics.probes.WithLabelValues(t.Name, result).Inc()
 	prev, judged := snap.Health(t.Name)
+	if st.wrote != nil {
+		prev, judged = st.wrote, true
+	}
 	judged = judged && prev.TargetUid == t.Uid
 	var verdict *bool
 	switch {
 	case !judged:
 		v := err == nil
 		verdict = &v
-	case prev.Healthy && st.fails >= s.cfg.Janitor.ProbeFailures:
+	case prev.Healthy && st.fails >= j.cfg.Janitor.ProbeFailures:
 		v := false
 		verdict = &v
-	case !prev.Healthy && st.oks >= s.cfg.Janitor.ProbeRecoveries:
+	case !prev.Healthy && st.oks >= j.cfg.Janitor.ProbeRecoveries:
 		v := true
 		verdict = &v
 	}
 	if verdict == nil {
 		return
 	}
-	h := &pb.TargetHealth{Target: t.Name, TargetUid: t.Uid, Healthy: *verdict, Since: timestamppb.New(s.cfg.Now())}
+	h := &pb.TargetHealth{Target: t.Name, TargetUid: t.Uid, Healthy: *verdict, Since: timestamppb.New(j.cfg.Now())}
 	if err != nil {
 		h.Reason = err.Error()
 	}
-	wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout)
+	wctx, cancel := context.WithTimeout(ctx, j.cfg.WriteTimeout)
 	defer cancel()
-	if werr := s.reg.SetHealth(wctx, h); werr != nil {
-		s.once.Warn("health", "cannot record target health", "err", werr)
+	// Through the term's fenced registry: a deposed prober's verdict is refused.
+	if werr := j.reg.SetHealth(wctx, h); werr != nil {
+		j.once.Warn("health", "cannot record target health", "err", werr)
 		return
 	}
+	st.wrote = h
 	if h.Healthy {
-		s.cfg.Log.Info("target healthy", "target", t.Name)
+		j.cfg.Log.Info("target healthy", "target", t.Name)
 	} else {
-		s.cfg.Log.Warn("target unhealthy: no redirects or fills until it passes again", "target", t.Name, "reason", h.Reason)
+		j.cfg.Log.Warn("target unhealthy: no redirects or fills until it passes again", "target", t.Name, "reason", h.Reason)
 	}
 }

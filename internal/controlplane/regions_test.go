@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -30,7 +31,27 @@ func placeIn(t *testing.T, r *replica, region, k string, accepted ...string) *pb
 
 func metric(t *testing.T, r *replica, name string, labels ...string) float64 {
 	t.Helper()
-	return testbed.Metric(t, "http://"+r.inst.MetricsAddr()+"/metrics", name, labels...)
+	return testbed.Metric(t, "http://"+r.metricsAddr()+"/metrics", name, labels...)
+}
+
+// waitRounds waits until loop has completed n more rounds on r than it had when called, so the
+// last of them started after the call.
+func waitRounds(t *testing.T, r *replica, loop string, n int) {
+	t.Helper()
+	from := metric(t, r, "detour_loop_rounds_total", `loop="`+loop+`"`)
+	eventually(t, 10*time.Second, fmt.Sprintf("%d %s rounds", n, loop), func() bool {
+		return metric(t, r, "detour_loop_rounds_total", `loop="`+loop+`"`) >= from+float64(n)
+	})
+}
+
+// waitCopierLooked waits until the redirects counted so far have been turned into copy requests
+// and the janitor's copier has worked through them: two flushes of copy requests, then two copier
+// rounds (the second of each started after the one before was done). A copy that was going to be
+// made is made by then, so a test that finds none has shown that none was asked for.
+func waitCopierLooked(t *testing.T, r *replica) {
+	t.Helper()
+	waitRounds(t, r, loopCopyRequests, 2)
+	waitRounds(t, r, loopCopy, 2)
 }
 
 // setPolicy edits the stored policy and returns once this replica's placement uses it.
@@ -97,7 +118,8 @@ func checkCopy(t *testing.T, r *replica, target, k string, want []byte) *pb.Stor
 // A region whose target cannot be filled (disabled here) still offloads, through another region;
 // the policy switch keeps fills at home.
 func TestFillFailsOverAcrossRegionsUnlessForbidden(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	createTargets(t, r, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
 	setState(t, r, "eu-gcs", pb.TargetState_TARGET_STATE_DISABLED)
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // this test is about the first miss
@@ -140,7 +162,8 @@ func TestFillFailsOverAcrossRegionsUnlessForbidden(t *testing.T) {
 // it holds; the janitor copies them (store-side, verified) to an active target as soon as one may
 // take them, after which the draining copy is no longer used; a disabled target gets nothing.
 func TestDrainServesSoleCopiesUntilTheJanitorHasCopiedThemAway(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "eu-gcs", "eu"))
 	_, data := fill(t, r, key(1), []string{"eu-gcs"}, "eu")
@@ -163,7 +186,7 @@ func TestDrainServesSoleCopiesUntilTheJanitorHasCopiedThemAway(t *testing.T) {
 		}
 		return got.Target.Drain
 	}
-	time.Sleep(3 * fastJanitor.CopyInterval) // the copier has looked and found nowhere to copy to
+	waitCopierLooked(t, r) // the copier has looked and found nowhere to copy to
 	if d := drainOf(); d.GetSoleCopies() != 1 || d.GetCopies() != 1 {
 		t.Fatalf("drain progress %v, want 1 sole copy of 1", d)
 	}
@@ -186,7 +209,7 @@ func TestDrainServesSoleCopiesUntilTheJanitorHasCopiedThemAway(t *testing.T) {
 		t.Fatalf("drain copies counted: %v", n)
 	}
 	eventually(t, 5*time.Second, "the sole-copies gauge at 0", func() bool {
-		return strings.Contains(httpGet(t, "http://"+r.inst.MetricsAddr()+"/metrics"), `detour_drain_sole_copies{target="eu-gcs"} 0`)
+		return strings.Contains(httpGet(t, "http://"+r.metricsAddr()+"/metrics"), `detour_drain_sole_copies{target="eu-gcs"} 0`)
 	})
 
 	setState(t, r, "eu-gcs", pb.TargetState_TARGET_STATE_DISABLED)
@@ -198,14 +221,15 @@ func TestDrainServesSoleCopiesUntilTheJanitorHasCopiedThemAway(t *testing.T) {
 // Residency holds for drains too: with cross-region fills forbidden, a draining target's sole
 // copies move only within its region.
 func TestForbiddenCrossRegionFillsKeepDrainMigrationInRegion(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	createTargets(t, r, target(t, "eu-gcs", "eu"), target(t, "us-gcs", "us"))
 	_, data := fill(t, r, key(1), []string{"eu-gcs"}, "eu")
 	waitRedirect(t, r, key(1), "eu-gcs")
 	setPolicy(t, r, func(p *pb.Policy) { p.ForbidCrossRegionFills = true })
 	setState(t, r, "eu-gcs", pb.TargetState_TARGET_STATE_DRAINING)
-	time.Sleep(5 * fastJanitor.CopyInterval)
+	waitCopierLooked(t, r)
 	if objs := copiesAt(t, r, "us-gcs", key(1)); len(objs) != 0 {
 		t.Fatalf("a drain moved bytes across regions under forbid_cross_region_fills: %v", objs)
 	}
@@ -225,7 +249,8 @@ func TestForbiddenCrossRegionFillsKeepDrainMigrationInRegion(t *testing.T) {
 // then on that region's agents are redirected in-region. A key below the threshold, or any key
 // with copies turned off, gets none.
 func TestHotCrossRegionKeyGetsAnInRegionCopy(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	createTargets(t, r, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
 	setPolicy(t, r, func(p *pb.Policy) {
 		p.CrossRegionCopyThreshold, p.CrossRegionCopyWindow = 3, durationpb.New(time.Minute)
@@ -243,7 +268,7 @@ func TestHotCrossRegionKeyGetsAnInRegionCopy(t *testing.T) {
 			}
 		}
 	}
-	time.Sleep(5 * fastJanitor.CopyInterval)
+	waitCopierLooked(t, r)
 	if objs := copiesAt(t, r, "eu-gcs", ""); len(objs) != 0 {
 		t.Fatalf("copied at the threshold, not past it: %v", objs)
 	}
@@ -286,7 +311,7 @@ func TestHotCrossRegionKeyGetsAnInRegionCopy(t *testing.T) {
 	for range 10 {
 		placeIn(t, r, "eu", cold, bothRegions...)
 	}
-	time.Sleep(5 * fastJanitor.CopyInterval)
+	waitCopierLooked(t, r)
 	if objs := copiesAt(t, r, "eu-gcs", cold); len(objs) != 0 {
 		t.Fatalf("copied with cross-region copies turned off: %v", objs)
 	}
@@ -295,8 +320,8 @@ func TestHotCrossRegionKeyGetsAnInRegionCopy(t *testing.T) {
 // The replica that counts a key's redirects need not be the janitor: the count's crossing is
 // queued in etcd and the elected replica makes the copy.
 func TestCopyRequestsReachTheJanitorFromAnyReplica(t *testing.T) {
-	etcd := startEtcd(t)
-	a, b := startReplica(t, etcd.Endpoint()), startReplica(t, etcd.Endpoint())
+	t.Parallel()
+	a, b := startReplica(t), startReplica(t)
 	createTargets(t, a, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
 	setPolicy(t, a, func(p *pb.Policy) { p.CrossRegionCopyThreshold = 2 })
 	var other *replica
@@ -330,7 +355,8 @@ func TestCopyRequestsReachTheJanitorFromAnyReplica(t *testing.T) {
 // back is not copied; bytes already at the destination are adopted only if they are the
 // record's, and deleted otherwise.
 func TestCopiesRecordOnlyTheSourceRecordsBytes(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	env := sharedEnv(t)
 	createTargets(t, r, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
@@ -393,6 +419,7 @@ func TestCopiesRecordOnlyTheSourceRecordsBytes(t *testing.T) {
 // The redirect counters hold at most their limit of (key, region) pairs, count within a window,
 // and cross the threshold once per window.
 func TestHotKeysAreBoundedAndWindowed(t *testing.T) {
+	t.Parallel()
 	const limit = 64
 	h := newHotKeys(limit)
 	c := copySettings{threshold: 2, window: time.Minute}

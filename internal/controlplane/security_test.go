@@ -53,7 +53,8 @@ func targetCount(t *testing.T, r *replica) int {
 // Every RPC needs a certificate the policy admits for its role; refusals carry the right code,
 // write nothing, and are counted.
 func TestRPCsAreRefusedWithoutTheRightCertificate(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	ctx := context.Background()
 	dev := testbed.PKI(t)
 	createTargets(t, r, target(t, "us-a", "us"))
@@ -61,7 +62,7 @@ func TestRPCsAreRefusedWithoutTheRightCertificate(t *testing.T) {
 	newTarget := func(name string) *pb.CreateTargetRequest {
 		return &pb.CreateTargetRequest{Target: target(t, name, "us")}
 	}
-	addr := r.inst.Addr()
+	addr := r.addr()
 
 	// TLS but no client certificate: Unauthenticated; health checks still answer.
 	anon := testbed.Dial(t, addr, dev.CA)
@@ -162,7 +163,7 @@ func TestRPCsAreRefusedWithoutTheRightCertificate(t *testing.T) {
 	if got.GetTarget().GetState() != pb.TargetState_TARGET_STATE_ACTIVE {
 		t.Fatalf("a refused write changed the target: %v", got)
 	}
-	metrics := httpGet(t, "http://"+r.inst.MetricsAddr()+"/metrics")
+	metrics := httpGet(t, "http://"+r.metricsAddr()+"/metrics")
 	for _, want := range []string{`reason="no_client_certificate"`, `reason="policy"`, `reason="not_claim_holder"`, `reason="tls_handshake"`} {
 		if !strings.Contains(metrics, "detour_auth_rejections_total{"+want+"}") {
 			t.Errorf("rejections not counted: %s", want)
@@ -172,6 +173,7 @@ func TestRPCsAreRefusedWithoutTheRightCertificate(t *testing.T) {
 
 // Certificates and the policy change on disk and take effect without a restart.
 func TestCertificatesAndPolicyReloadWithoutRestart(t *testing.T) {
+	t.Parallel()
 	dev := testbed.PKI(t)
 	ca, err := pki.LoadCA(dev.Dir)
 	if err != nil {
@@ -193,12 +195,12 @@ func TestCertificatesAndPolicyReloadWithoutRestart(t *testing.T) {
 	if err := os.WriteFile(policy, []byte(strict), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, TLS: files,
+	r := startReplicaWith(t, Options{TLS: files,
 		AuthzPolicyFile: policy, AuthzRefresh: 100 * time.Millisecond})
 	ctx := context.Background()
 
 	serial := func() string {
-		conn, err := tls.Dial("tcp", r.inst.Addr(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+		conn, err := tls.Dial("tcp", r.addr(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -229,7 +231,7 @@ func TestCertificatesAndPolicyReloadWithoutRestart(t *testing.T) {
 	}
 	defer creds.Close()
 	dial := func() pb.PlacementServiceClient {
-		conn, err := grpc.NewClient(r.inst.Addr(), grpc.WithTransportCredentials(creds))
+		conn, err := grpc.NewClient(r.addr(), grpc.WithTransportCredentials(creds))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -248,7 +250,7 @@ func TestCertificatesAndPolicyReloadWithoutRestart(t *testing.T) {
 		return err == nil
 	})
 
-	reader := pb.NewAdminServiceClient(testbed.Dial(t, r.inst.Addr(), dev.Reader))
+	reader := pb.NewAdminServiceClient(testbed.Dial(t, r.addr(), dev.Reader))
 	if _, err := reader.ListTargets(ctx, &pb.ListTargetsRequest{}); code(err) != codes.PermissionDenied {
 		t.Fatalf("reader under the strict policy: %v", err)
 	}
@@ -264,14 +266,15 @@ func TestCertificatesAndPolicyReloadWithoutRestart(t *testing.T) {
 // Admin can be served on its own address: Placement's port then refuses it (Unimplemented), and
 // the admin port serves no Placement.
 func TestAdminOnItsOwnListener(t *testing.T) {
+	t.Parallel()
 	adminAddr := testbed.FreeAddr(t)
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, AdminListen: adminAddr})
+	r := startReplicaWith(t, Options{AdminListen: adminAddr})
 	ctx := context.Background()
 	dev := testbed.PKI(t)
 	if _, err := r.admin.ListTargets(ctx, &pb.ListTargetsRequest{}); err != nil {
 		t.Fatalf("admin on %s: %v", adminAddr, err)
 	}
-	onPlacementPort := pb.NewAdminServiceClient(testbed.Dial(t, r.inst.Addr(), dev.Operator))
+	onPlacementPort := pb.NewAdminServiceClient(testbed.Dial(t, r.addr(), dev.Operator))
 	if _, err := onPlacementPort.ListTargets(ctx, &pb.ListTargetsRequest{}); code(err) != codes.Unimplemented {
 		t.Fatalf("admin on the placement port: %v, want Unimplemented", err)
 	}
@@ -279,14 +282,15 @@ func TestAdminOnItsOwnListener(t *testing.T) {
 	if _, err := onAdminPort.Place(ctx, &pb.PlaceRequest{Key: key(1), Command: "filesdata", AgentRegion: "us"}); code(err) != codes.Unimplemented {
 		t.Fatalf("placement on the admin port: %v, want Unimplemented", err)
 	}
-	if _, _, err := net.SplitHostPort(r.inst.AdminAddr()); err != nil || r.inst.AdminAddr() == r.inst.Addr() {
-		t.Fatalf("AdminAddr %q", r.inst.AdminAddr())
+	if _, _, err := net.SplitHostPort(r.adminAddr()); err != nil || r.adminAddr() == r.addr() {
+		t.Fatalf("AdminAddr %q", r.adminAddr())
 	}
 }
 
 // One agent cannot flood etcd with claims: past its rate, misses are answered inline without one.
 func TestClaimRateIsBoundedPerAgent(t *testing.T) {
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{startEtcd(t).Endpoint()}, ClaimRate: 1, ClaimBurst: 3})
+	t.Parallel()
+	r := startReplicaWith(t, Options{ClaimRate: 1, ClaimBurst: 3})
 	createTargets(t, r, target(t, "us-a", "us"))
 	waitHealth(t, r, "us-a", true)
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 }) // this test is about the first miss
@@ -308,7 +312,7 @@ func TestClaimRateIsBoundedPerAgent(t *testing.T) {
 		t.Fatalf("10 quick misses from one agent: %d claims, %d limited (rate 1/s, burst 3)", granted, limited)
 	}
 	// Another agent has its own bucket.
-	other := pb.NewPlacementServiceClient(testbed.Dial(t, r.inst.Addr(), issue(t, pki.AgentPrefix+"second")))
+	other := pb.NewPlacementServiceClient(testbed.Dial(t, r.addr(), issue(t, pki.AgentPrefix+"second")))
 	resp, err := other.Place(context.Background(), &pb.PlaceRequest{Key: key(400), Command: "filesdata",
 		AcceptedTargets: []string{"us-a"}, AgentRegion: "us", AgentId: "a2"})
 	if err != nil || resp.Fill == nil {
@@ -318,6 +322,7 @@ func TestClaimRateIsBoundedPerAgent(t *testing.T) {
 
 // The policy the Kubernetes manifests mount is the built-in default, so the two never drift.
 func TestDeployedPolicyIsTheDefault(t *testing.T) {
+	t.Parallel()
 	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "k8s", "base", "authz-policy.json"))
 	if err != nil {
 		t.Fatal(err)

@@ -1,7 +1,10 @@
-// Package controlplane serves Detour's gRPC APIs: PlacementService for agents and AdminService for
-// operators, on top of the etcd registry and its watched snapshot. Placement and every read are
-// answered from the in-memory snapshot, so they keep working while etcd is unreachable; writes go
-// to etcd and fail with Unavailable when it is.
+// Package controlplane is one replica of Detour's control plane. Server (server.go) is its
+// lifecycle: built from Options, it serves PlacementService for agents and AdminService for
+// operators (Service, the gRPC handlers), and runs the janitor (Janitor: election, prober, sweep,
+// reconcile, copier) and every background loop under one errgroup that Shutdown stops. Placement
+// and every read are answered from the in-memory snapshot of the etcd registry, so they keep
+// working while etcd is unreachable; writes go to etcd and fail with Unavailable when it is. It
+// knows no wire protocol: the media type of what is stored comes from the agent's request.
 package controlplane
 
 import (
@@ -10,6 +13,8 @@ import (
 	"net/http"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/admission"
@@ -62,27 +67,34 @@ type Store interface {
 	Copy(ctx context.Context, srcBucket, srcName string, srcGeneration int64, dstBucket, dstName string) (blob.Attrs, error)
 }
 
-// Service implements the PlacementService and AdminService servers.
-type Service struct {
-	pb.UnimplementedPlacementServiceServer
-	pb.UnimplementedAdminServiceServer
-
+// deps are what the gRPC services and the janitor share: the registry and the watched snapshot,
+// the configuration, metrics and the placement view of the snapshot. Neither owns the other.
+type deps struct {
 	reg     *targets.Registry
 	w       *targets.Watcher
 	cfg     Config
 	metrics *Metrics
+	once    *logonce.Set // one warning per lasting fault
 	view    atomic.Pointer[view]
+}
+
+// Service implements the PlacementService and AdminService servers: the handlers and the state
+// they keep between calls. Its background loops (Run) are the ones every replica runs: expiry
+// extensions, cross-region copy requests, the fleet clock and releases of orphaned claims.
+type Service struct {
+	pb.UnimplementedPlacementServiceServer
+	pb.UnimplementedAdminServiceServer
+	*deps
+
 	// lastWrite is the etcd revision of this replica's latest write; reads wait for the snapshot to
 	// reach it, so an operator reads what they just wrote.
 	lastWrite atomic.Int64
-	once      *logonce.Set // one warning per lasting fault
 	// claimsBrokenUntil (unix ns) skips fill claims after one failed, see grantFill.
 	claimsBrokenUntil atomic.Int64
 	// claims bounds each agent's rate of fill claims (nil: unbounded).
-	claims      *claimLimiter
-	extender    extender
-	probeClient *http.Client
-	exposures   exposures
+	claims    *claimLimiter
+	extender  extender
+	exposures exposures
 	// hot counts cross-region redirects; copyRequests holds the copies its counts call for until
 	// runCopyRequests queues them in etcd.
 	hot          *hotKeys
@@ -91,6 +103,11 @@ type Service struct {
 	fleet targetSetClock
 	// misses counts each key's misses: a fill is granted only on the policy's min_occurrences-th.
 	misses *admission.Sketch
+	// orphans are claims no agent knows it holds, for runOrphanReleases to release.
+	orphans chan *pb.FillClaim
+	// stopping is closed when the server shuts down: WatchTargets streams end at once (agents
+	// reconnect to another replica) instead of holding the graceful stop until its deadline.
+	stopping chan struct{}
 }
 
 // view is the placement form of a snapshot's targets and policy, rebuilt only when they change
@@ -121,8 +138,8 @@ type copySettings struct {
 	window    time.Duration
 }
 
-// NewService returns a service over a registry and a running watcher of the same prefix.
-func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service {
+// newDeps fills in cfg's defaults and returns what the services and the janitor share.
+func newDeps(reg *targets.Registry, w *targets.Watcher, cfg Config) *deps {
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
@@ -141,23 +158,48 @@ func NewService(reg *targets.Registry, w *targets.Watcher, cfg Config) *Service 
 	if cfg.RedirectCacheMaxAge == 0 {
 		cfg.RedirectCacheMaxAge = time.Minute
 	}
-
 	cfg.Janitor.defaults()
 	if cfg.ProbeTransport == nil {
 		cfg.ProbeTransport = http.DefaultTransport.(*http.Transport).Clone()
 	}
-	s := &Service{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log),
-		probeClient: &http.Client{Transport: cfg.ProbeTransport}, hot: newHotKeys(cfg.Janitor.HotKeys),
-		misses: admission.New(cfg.Now())}
+	return &deps{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log)}
+}
+
+// maxOrphans bounds the orphaned claims waiting to be released; past it they expire with their
+// lease.
+const maxOrphans = 1024
+
+// newService returns the gRPC services over d.
+func newService(d *deps) *Service {
+	s := &Service{deps: d, hot: newHotKeys(d.cfg.Janitor.HotKeys), misses: admission.New(d.cfg.Now()),
+		orphans: make(chan *pb.FillClaim, maxOrphans), stopping: make(chan struct{})}
 	s.registerFleetMetrics()
 	return s
 }
 
-// Metrics returns the service's metrics.
-func (s *Service) Metrics() *Metrics { return s.metrics }
+// Run runs the loops every replica runs, until ctx ends: it writes the expiry extensions and the
+// cross-region copy requests its redirects call for, notes when the target set changes (the fleet
+// clock) and releases orphaned claims. It returns when all of them have stopped.
+func (s *Service) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		s.every(ctx, loopExtend, s.cfg.Janitor.ExtendInterval, nil, s.flushExtensions)
+		return nil
+	})
+	g.Go(func() error {
+		s.every(ctx, loopCopyRequests, s.cfg.Janitor.CopyInterval, nil, s.flushCopyRequests)
+		return nil
+	})
+	g.Go(func() error { s.runFleetClock(ctx); return nil })
+	g.Go(func() error { s.runOrphanReleases(ctx); return nil })
+	return g.Wait()
+}
 
-func (s *Service) viewOf(snap *targets.Snapshot) *view {
-	if v := s.view.Load(); v != nil && v.targetsRevision == snap.TargetsRevision {
+// Metrics returns the service's metrics.
+func (d *deps) Metrics() *Metrics { return d.metrics }
+
+func (d *deps) viewOf(snap *targets.Snapshot) *view {
+	if v := d.view.Load(); v != nil && v.targetsRevision == snap.TargetsRevision {
 		return v
 	}
 	v := &view{targetsRevision: snap.TargetsRevision, targets: make(map[string]placement.Target, len(snap.Targets())),
@@ -183,7 +225,7 @@ func (s *Service) viewOf(snap *targets.Snapshot) *view {
 	if v.admission.minOccurrences == 0 {
 		v.admission.minOccurrences = targets.DefaultMinOccurrences
 	}
-	s.view.Store(v)
+	d.view.Store(v)
 	return v
 }
 
@@ -198,8 +240,8 @@ func stateOf(s pb.TargetState) placement.State {
 }
 
 // writeCtx bounds an etcd write.
-func (s *Service) writeCtx(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, s.cfg.WriteTimeout)
+func (d *deps) writeCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, d.cfg.WriteTimeout)
 }
 
 func (s *Service) wrote(rev int64) {

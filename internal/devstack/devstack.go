@@ -80,7 +80,7 @@ type Options struct {
 
 // Stack is a running system.
 type Stack struct {
-	CP        *controlplane.Instance
+	CP        *ControlPlane
 	GCS       *gcsemu.Server
 	Front     *gcsemu.Front // with Options.FaultFront
 	Origin    *demoorigin.Origin
@@ -170,7 +170,7 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	for _, r := range s.Regions {
 		s.GCS.CreateBucket(r.Bucket)
 	}
-	if s.CP, err = controlplane.Start(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
+	if s.CP, err = StartControlPlane(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
 		DataDir: o.DataDir, Region: s.Regions[0].Name, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane"),
 		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}, ClaimRate: o.ClaimRate}); err != nil {
 		return nil, err

@@ -11,10 +11,11 @@ import (
 // Agent records reach the snapshot (and a reload) without moving TargetsRevision: the fleet view
 // judges agents' lag against the target set, which their own reports must not change.
 func TestAgentRecordsLeaveTheTargetSetAlone(t *testing.T) {
-	_, cli := startEtcd(t)
-	r := NewRegistry(cli, "")
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
 	ctx := context.Background()
-	w := watch(t, cli)
+	w := watch(t, cli, prefix)
 	targetsRev := w.Snapshot().TargetsRevision
 	id := "spiffe://detour/agent/a/b"
 	if _, err := r.PutAgent(ctx, &pb.Agent{Id: id, Region: "us", AppliedRevision: 3, Lagging: true}, 10*time.Second); err != nil {
@@ -28,7 +29,7 @@ func TestAgentRecordsLeaveTheTargetSetAlone(t *testing.T) {
 	if got.TargetsRevision != targetsRev || got.Revision <= targetsRev {
 		t.Fatalf("an agent record moved TargetsRevision %d → %d", targetsRev, got.TargetsRevision)
 	}
-	if a := watch(t, cli).Snapshot().Agents(); len(a) != 1 || a[0].Id != id {
+	if a := watch(t, cli, prefix).Snapshot().Agents(); len(a) != 1 || a[0].Id != id {
 		t.Fatalf("a fresh load: %v", a)
 	}
 	if _, err := r.PutAgent(ctx, &pb.Agent{}, 10*time.Second); err == nil {

@@ -10,6 +10,7 @@ import (
 // index and to a plain map of each key's copies, and checks that they agree and that building a new
 // index leaves the one it started from as it was (a published snapshot is never modified).
 func TestIndexMatchesAMapOfCopies(t *testing.T) {
+	t.Parallel()
 	rng := rand.New(rand.NewPCG(5, 6))
 	// Keys crowded into three shards, so that shards hold many keys with several copies each.
 	var keys []Key

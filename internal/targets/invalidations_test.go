@@ -34,9 +34,10 @@ func TestInvalidationLogKeepsTheRecentAndSaysWhenItLostSome(t *testing.T) {
 
 // Removing or replacing a READY record is an invalidation; storing a first copy is not.
 func TestWatcherLogsRemovedAndReplacedRecords(t *testing.T) {
-	_, cli := startEtcd(t)
-	w := watch(t, cli)
-	r := NewRegistry(cli, "")
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
+	w := watch(t, cli, prefix)
 	ctx := context.Background()
 	k := "00000000000000000000000000000000000000000000000000000000000000aa"
 	obj := &pb.StoredObject{Key: k, Target: "t", State: pb.ObjectState_OBJECT_STATE_READY, Size: 1,

@@ -50,10 +50,17 @@ type Registry struct {
 
 	// Fill claims share leases: granting one lease per claim would double the etcd writes on the
 	// Place path. A claim made at t with TTL T lives until between t+T and t+T·5/4.
-	leaseMu sync.Mutex
-	leases  map[time.Duration]sharedLease
+	leases *leasePool
 	// claims groups concurrent claims into shared transactions (nil: one each; see GroupClaims).
 	claims *claimGroup
+	// fence, when set, guards every write (see Fenced).
+	fence *Fence
+}
+
+// leasePool holds the shared leases, by TTL; a registry and its fenced views share one.
+type leasePool struct {
+	mu sync.Mutex
+	m  map[time.Duration]sharedLease
 }
 
 type sharedLease struct {
@@ -69,7 +76,7 @@ func NewRegistry(cli *clientv3.Client, prefix string) *Registry {
 	if !strings.HasSuffix(prefix, "/") {
 		prefix += "/"
 	}
-	return &Registry{cli: cli, prefix: prefix, leases: map[time.Duration]sharedLease{}}
+	return &Registry{cli: cli, prefix: prefix, leases: &leasePool{m: map[time.Duration]sharedLease{}}}
 }
 
 // Prefix is the registry's etcd prefix.
@@ -111,10 +118,8 @@ func (r *Registry) CreateTarget(ctx context.Context, t *pb.Target) (*pb.Target, 
 	// A new uid every time: records of a deleted target of the same name never apply to this one.
 	t = proto.Clone(t).(*pb.Target)
 	t.Uid = NewToken()
-	resp, err := r.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
-		Then(clientv3.OpPut(k, marshal(storedTarget(t)))).
-		Commit()
+	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0)},
+		[]clientv3.Op{clientv3.OpPut(k, marshal(storedTarget(t)))}, nil)
 	if err != nil {
 		return nil, fmt.Errorf("create target %q: %w", t.Name, err)
 	}
@@ -149,11 +154,9 @@ func (r *Registry) UpdateTarget(ctx context.Context, t *pb.Target) (*pb.Target, 
 
 func (r *Registry) casTarget(ctx context.Context, t *pb.Target, rev int64) (*pb.Target, error) {
 	k := r.targetKey(t.Name)
-	resp, err := r.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).
-		Then(clientv3.OpPut(k, marshal(storedTarget(t)))).
-		Else(clientv3.OpGet(k, clientv3.WithKeysOnly())).
-		Commit()
+	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", rev)},
+		[]clientv3.Op{clientv3.OpPut(k, marshal(storedTarget(t)))},
+		[]clientv3.Op{clientv3.OpGet(k, clientv3.WithKeysOnly())})
 	if err != nil {
 		return nil, fmt.Errorf("update target %q: %w", t.Name, err)
 	}
@@ -208,10 +211,8 @@ func (r *Registry) SetState(ctx context.Context, name string, state pb.TargetSta
 // DeleteTarget removes a target and its liveness key. Its objects stay in the index until they
 // expire or are purged; placement ignores copies at unknown targets.
 func (r *Registry) DeleteTarget(ctx context.Context, name string) (int64, error) {
-	resp, err := r.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(r.targetKey(name)), ">", 0)).
-		Then(clientv3.OpDelete(r.targetKey(name)), clientv3.OpDelete(r.aliveKey(name))).
-		Commit()
+	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(r.targetKey(name)), ">", 0)},
+		[]clientv3.Op{clientv3.OpDelete(r.targetKey(name)), clientv3.OpDelete(r.aliveKey(name))}, nil)
 	if err != nil {
 		return 0, fmt.Errorf("delete target %q: %w", name, err)
 	}
@@ -248,8 +249,8 @@ func (r *Registry) Heartbeat(ctx context.Context, name string, ttl time.Duration
 	// Like every write: only if the target is still the one read (not deleted, not changed to
 	// stop heartbeating in between).
 	tk := r.targetKey(name)
-	resp2, err := r.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(tk), "=", t.Revision)).
-		Then(clientv3.OpPut(ak, time.Now().UTC().Format(time.RFC3339), clientv3.WithLease(lease.ID))).Commit()
+	resp2, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(tk), "=", t.Revision)},
+		[]clientv3.Op{clientv3.OpPut(ak, time.Now().UTC().Format(time.RFC3339), clientv3.WithLease(lease.ID))}, nil)
 	if err != nil {
 		return fmt.Errorf("heartbeat %q: %w", name, outcomeUnknown(err))
 	}
@@ -272,10 +273,10 @@ func NewToken() string {
 // claimLease returns a lease that outlives now+ttl by at most ttl/4, granting one when the
 // current lease for ttl is too old to give a claim its full ttl.
 func (r *Registry) claimLease(ctx context.Context, ttl time.Duration) (clientv3.LeaseID, error) {
-	r.leaseMu.Lock()
-	defer r.leaseMu.Unlock()
+	r.leases.mu.Lock()
+	defer r.leases.mu.Unlock()
 	now := time.Now()
-	if l, ok := r.leases[ttl]; ok && now.Sub(l.granted) < ttl/4 {
+	if l, ok := r.leases.m[ttl]; ok && now.Sub(l.granted) < ttl/4 {
 		return l.id, nil
 	}
 	secs := int64((ttl + ttl/4 + time.Second - 1) / time.Second)
@@ -283,7 +284,7 @@ func (r *Registry) claimLease(ctx context.Context, ttl time.Duration) (clientv3.
 	if err != nil {
 		return 0, err
 	}
-	r.leases[ttl] = sharedLease{id: resp.ID, granted: now}
+	r.leases.m[ttl] = sharedLease{id: resp.ID, granted: now}
 	return resp.ID, nil
 }
 
@@ -298,10 +299,8 @@ func (r *Registry) Claim(ctx context.Context, c *pb.FillClaim, ttl time.Duration
 		return r.claims.claim(ctx, c, ttl, lease)
 	}
 	fk := r.fillKey(c.Key)
-	resp, err := r.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(fk), "=", 0)).
-		Then(clientv3.OpPut(fk, marshal(c), clientv3.WithLease(lease))).
-		Commit()
+	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(fk), "=", 0)},
+		[]clientv3.Op{clientv3.OpPut(fk, marshal(c), clientv3.WithLease(lease))}, nil)
 	if err != nil {
 		// The lease may be gone (etcd restored from a backup, say); the next claim grants anew.
 		r.forgetLease(ttl, lease)
@@ -311,10 +310,10 @@ func (r *Registry) Claim(ctx context.Context, c *pb.FillClaim, ttl time.Duration
 }
 
 func (r *Registry) forgetLease(ttl time.Duration, id clientv3.LeaseID) {
-	r.leaseMu.Lock()
-	defer r.leaseMu.Unlock()
-	if r.leases[ttl].id == id {
-		delete(r.leases, ttl)
+	r.leases.mu.Lock()
+	defer r.leases.mu.Unlock()
+	if r.leases.m[ttl].id == id {
+		delete(r.leases.m, ttl)
 	}
 }
 
@@ -344,10 +343,8 @@ func (r *Registry) HeldClaim(ctx context.Context, key, token string) (*pb.FillCl
 func (r *Registry) CompleteFill(ctx context.Context, obj *pb.StoredObject, claimRev int64) (int64, error) {
 	obj.State = pb.ObjectState_OBJECT_STATE_READY
 	fk := r.fillKey(obj.Key)
-	resp, err := r.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(fk), "=", claimRev)).
-		Then(clientv3.OpPut(r.objectKey(obj.Key, obj.Target), marshal(obj)), clientv3.OpDelete(fk)).
-		Commit()
+	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(fk), "=", claimRev)},
+		[]clientv3.Op{clientv3.OpPut(r.objectKey(obj.Key, obj.Target), marshal(obj)), clientv3.OpDelete(fk)}, nil)
 	if err != nil {
 		return 0, fmt.Errorf("report fill %s: %w", obj.Key, outcomeUnknown(err))
 	}
@@ -366,7 +363,7 @@ func (r *Registry) ReleaseClaim(ctx context.Context, key string, claimRev int64,
 	if garbage != nil {
 		ops = append(ops, r.garbageOp(garbage))
 	}
-	resp, err := r.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(fk), "=", claimRev)).Then(ops...).Commit()
+	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(fk), "=", claimRev)}, ops, nil)
 	if err != nil {
 		return fmt.Errorf("release claim %s: %w", key, outcomeUnknown(err))
 	}
@@ -439,7 +436,7 @@ func (r *Registry) writeBatch(ctx context.Context, what string, batch []guarded)
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(w.key), "=", w.rev))
 		ops = append(ops, w.ops...)
 	}
-	resp, err := r.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	resp, err := r.txn(ctx, cmps, ops, nil)
 	if err != nil {
 		return false, 0, fmt.Errorf("%s (%d records): %w", what, len(batch), outcomeUnknown(err))
 	}
@@ -537,7 +534,7 @@ func (r *Registry) garbageOp(g *pb.GarbageObject) clientv3.Op {
 
 // QueueGarbage queues stored bytes for deletion.
 func (r *Registry) QueueGarbage(ctx context.Context, g *pb.GarbageObject) error {
-	if _, err := r.cli.Txn(ctx).Then(r.garbageOp(g)).Commit(); err != nil {
+	if _, err := r.txn(ctx, nil, []clientv3.Op{r.garbageOp(g)}, nil); err != nil {
 		return fmt.Errorf("queue garbage %s/%s: %w", g.Bucket, g.ObjectName, outcomeUnknown(err))
 	}
 	return nil
@@ -576,7 +573,7 @@ func (r *Registry) GarbageDone(ctx context.Context, ids []string) error {
 		for i, id := range batch {
 			ops[i] = clientv3.OpDelete(r.garbageKey(id))
 		}
-		if _, err := r.cli.Txn(ctx).Then(ops...).Commit(); err != nil {
+		if _, err := r.txn(ctx, nil, ops, nil); err != nil {
 			return fmt.Errorf("garbage done: %w", outcomeUnknown(err))
 		}
 	}
@@ -613,10 +610,8 @@ func (r *Registry) QueueCopy(ctx context.Context, req *pb.CopyRequest, ttl time.
 		return false, fmt.Errorf("queue copy of %s to %s: grant lease: %w", req.Key, req.Region, err)
 	}
 	k := r.copyKey(CopyID(req.Region, req.Key))
-	resp, err := r.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
-		Then(clientv3.OpPut(k, marshal(req), clientv3.WithLease(lease))).
-		Commit()
+	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0)},
+		[]clientv3.Op{clientv3.OpPut(k, marshal(req), clientv3.WithLease(lease))}, nil)
 	if err != nil {
 		r.forgetLease(ttl, lease)
 		return false, fmt.Errorf("queue copy of %s to %s: %w", req.Key, req.Region, outcomeUnknown(err))
@@ -660,9 +655,10 @@ func (r *Registry) CopyRequestsDone(ctx context.Context, es []CopyEntry) error {
 	return err
 }
 
-// SetHealth records the prober's verdict on a target. Only the elected prober writes it.
+// SetHealth records the prober's verdict on a target. Only the elected prober writes it, through a
+// registry fenced by its election (see Fenced): a deposed prober's verdict is refused.
 func (r *Registry) SetHealth(ctx context.Context, h *pb.TargetHealth) error {
-	if _, err := r.cli.Put(ctx, r.healthKey(h.Target), marshal(h)); err != nil {
+	if _, err := r.txn(ctx, nil, []clientv3.Op{clientv3.OpPut(r.healthKey(h.Target), marshal(h))}, nil); err != nil {
 		return fmt.Errorf("set health of %q: %w", h.Target, outcomeUnknown(err))
 	}
 	return nil
@@ -676,10 +672,8 @@ func (r *Registry) SetPolicy(ctx context.Context, p *pb.Policy) (*pb.Policy, err
 	stored := proto.Clone(p).(*pb.Policy)
 	stored.Revision = 0
 	k := r.policyKey()
-	resp, err := r.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.ModRevision(k), "=", p.Revision)).
-		Then(clientv3.OpPut(k, marshal(stored))).
-		Commit()
+	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(k), "=", p.Revision)},
+		[]clientv3.Op{clientv3.OpPut(k, marshal(stored))}, nil)
 	if err != nil {
 		return nil, fmt.Errorf("set policy: %w", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -34,6 +35,48 @@ func startEtcd(t testing.TB) (*etcdembed.Server, *clientv3.Client) {
 	return srv, cli
 }
 
+// shared is the package's etcd, started by the first test that asks for it and stopped by
+// TestMain; tests that do not stop or compact their etcd share it, each under a prefix of its own
+// (testPrefix).
+var shared struct {
+	once sync.Once
+	dir  string
+	srv  *etcdembed.Server
+	cli  *clientv3.Client
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared.srv != nil {
+		shared.cli.Close()
+		shared.srv.Close()
+		os.RemoveAll(shared.dir)
+	}
+	os.Exit(code)
+}
+
+// sharedEtcd is a client of the package's etcd.
+func sharedEtcd(t testing.TB) *clientv3.Client {
+	t.Helper()
+	shared.once.Do(func() {
+		if shared.dir, shared.err = os.MkdirTemp("", "targets-etcd-"); shared.err != nil {
+			return
+		}
+		if shared.srv, shared.err = etcdembed.Start(context.Background(), etcdembed.Config{Dir: shared.dir}); shared.err != nil {
+			return
+		}
+		shared.cli, shared.err = clientv3.New(clientv3.Config{Endpoints: []string{shared.srv.Endpoint()}, DialTimeout: 5 * time.Second})
+	})
+	if shared.err != nil {
+		t.Fatal(shared.err)
+	}
+	return shared.cli
+}
+
+// testPrefix is the test's own prefix in the shared etcd.
+func testPrefix(t testing.TB) string { return "/detour-test/" + t.Name() + "/" }
+
 func validTarget(name string) *pb.Target {
 	return &pb.Target{Name: name, Protocol: "https", Uris: []string{"https://cdn.example.com/"},
 		TlsVersions: []string{"1.2", "1.3"}, Region: "us-east1", Weight: 1,
@@ -41,9 +84,9 @@ func validTarget(name string) *pb.Target {
 		UrlForm: &pb.UrlForm{Form: &pb.UrlForm_CdnBaseUrl{CdnBaseUrl: "https://cdn.example.com/"}}}
 }
 
-func watch(t testing.TB, cli *clientv3.Client) *Watcher {
+func watch(t testing.TB, cli *clientv3.Client, prefix string) *Watcher {
 	t.Helper()
-	w := NewWatcher(cli, "", nil)
+	w := NewWatcher(cli, prefix, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { w.Run(ctx); close(done) }()
@@ -57,6 +100,7 @@ var eventually = testbed.Eventually
 // While nothing changes, etcd's progress notifications keep the snapshot confirmed current; when
 // etcd goes away, the confirmation ages, so the age means staleness, not time since the last write.
 func TestSnapshotConfirmationMeansStaleness(t *testing.T) {
+	t.Parallel()
 	srv, cli := startEtcd(t)
 	w := NewWatcher(cli, "", nil)
 	w.progressInterval = 100 * time.Millisecond
@@ -136,8 +180,9 @@ func TestValidationNamesTheField(t *testing.T) {
 }
 
 func TestTargetLifecycleAndCAS(t *testing.T) {
-	_, cli := startEtcd(t)
-	r := NewRegistry(cli, "")
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
 	ctx := context.Background()
 
 	created, err := r.CreateTarget(ctx, validTarget("a"))
@@ -198,13 +243,14 @@ func TestTargetLifecycleAndCAS(t *testing.T) {
 func testKey(i int) string { return fmt.Sprintf("%064x", i+1) }
 
 func TestWatcherFollowsWrites(t *testing.T) {
-	_, cli := startEtcd(t)
-	r := NewRegistry(cli, "")
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
 	ctx := context.Background()
 	if _, err := r.CreateTarget(ctx, validTarget("before")); err != nil {
 		t.Fatal(err)
 	}
-	w := watch(t, cli)
+	w := watch(t, cli, prefix)
 	if _, ok := w.Snapshot().Target("before"); !ok {
 		t.Fatal("initial read missed a target")
 	}
@@ -251,8 +297,9 @@ func TestWatcherFollowsWrites(t *testing.T) {
 }
 
 func TestWatcherLoadsManyObjectsAcrossPages(t *testing.T) {
-	_, cli := startEtcd(t)
-	r := NewRegistry(cli, "")
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
 	ctx := context.Background()
 	const n = 1200
 	for i := range n {
@@ -260,7 +307,7 @@ func TestWatcherLoadsManyObjectsAcrossPages(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	w := NewWatcher(cli, "", nil)
+	w := NewWatcher(cli, prefix, nil)
 	w.pageSize = 100
 	if _, err := w.load(ctx); err != nil {
 		t.Fatal(err)
@@ -276,6 +323,7 @@ func TestWatcherLoadsManyObjectsAcrossPages(t *testing.T) {
 }
 
 func TestWatcherRecoversFromCompaction(t *testing.T) {
+	t.Parallel() // an etcd of its own: compaction is etcd-wide
 	_, cli := startEtcd(t)
 	r := NewRegistry(cli, "")
 	ctx := context.Background()
@@ -310,8 +358,9 @@ func TestWatcherRecoversFromCompaction(t *testing.T) {
 }
 
 func TestHeartbeatLeaseExpiryMakesTargetUnhealthy(t *testing.T) {
-	_, cli := startEtcd(t)
-	r := NewRegistry(cli, "")
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
 	ctx := context.Background()
 	tg := validTarget("mirror")
 	tg.Heartbeat = true
@@ -332,7 +381,7 @@ func TestHeartbeatLeaseExpiryMakesTargetUnhealthy(t *testing.T) {
 	if err := r.Heartbeat(ctx, "plain", time.Second); !errors.Is(err, ErrNotHeartbeat) {
 		t.Fatalf("heartbeat of a plain target: %v", err)
 	}
-	w := watch(t, cli)
+	w := watch(t, cli, prefix)
 	healthy := func() bool { m, _ := w.Snapshot().Target("mirror"); return m.Healthy }
 	if healthy() {
 		t.Fatal("heartbeat target healthy before its first heartbeat")
@@ -353,17 +402,21 @@ func TestHeartbeatLeaseExpiryMakesTargetUnhealthy(t *testing.T) {
 }
 
 func TestClaimIsGrantedOnceThenAgainAfterExpiry(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		name     string
 		inFlight int
 	}{{"a transaction per claim", 0}, {"grouped claims", 1}} {
-		t.Run(c.name, func(t *testing.T) { testClaimGrantedOnce(t, c.inFlight) })
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			testClaimGrantedOnce(t, c.inFlight)
+		})
 	}
 }
 
 func testClaimGrantedOnce(t *testing.T, inFlight int) {
-	_, cli := startEtcd(t)
-	r := NewRegistry(cli, "")
+	cli := sharedEtcd(t)
+	r := NewRegistry(cli, testPrefix(t))
 	r.GroupClaims(inFlight)
 	ctx := context.Background()
 	key := testKey(7)
@@ -418,9 +471,10 @@ func testClaimGrantedOnce(t *testing.T, inFlight int) {
 	}
 }
 
+// Serial: it counts the etcd revisions its claims take, which parallel tests would move.
 func TestGroupedClaimsKeepEachKeysOwnCompare(t *testing.T) {
-	_, cli := startEtcd(t)
-	r := NewRegistry(cli, "")
+	cli := sharedEtcd(t)
+	r := NewRegistry(cli, testPrefix(t))
 	r.GroupClaims(1)
 	ctx := context.Background()
 	held := testKey(1000)

@@ -81,6 +81,7 @@ func mustReject(t *testing.T, err error, field, limit string) {
 }
 
 func TestOversizeAndOutOfRangeInputIsRejectedNamingFieldAndLimit(t *testing.T) {
+	t.Parallel()
 	huge := strings.Repeat("a", mib)
 	hugeURL := "https://cdn.example.com/" + huge
 	cases := []struct {
@@ -259,8 +260,9 @@ func TestQuoteEchoesOnlyAShortPrefix(t *testing.T) {
 // TestRejectedWritesLeaveEtcdUntouched checks that validation runs before any write: a rejected
 // create, update or policy change leaves the etcd revision and the stored keys as they were.
 func TestRejectedWritesLeaveEtcdUntouched(t *testing.T) {
-	_, cli := startEtcd(t)
-	r := NewRegistry(cli, "")
+	// Serial: it checks that etcd's revision does not move, which parallel tests would move.
+	cli := sharedEtcd(t)
+	r := NewRegistry(cli, testPrefix(t))
 	ctx := context.Background()
 	stored, err := r.CreateTarget(ctx, validTarget("t1"))
 	if err != nil {

@@ -40,6 +40,8 @@ type Watcher struct {
 	confirmed        atomic.Int64
 	progressInterval time.Duration
 	invalidations    *invalidationLog
+	// loadedRecords counts the keys the load under way has read (see LoadProgress).
+	loadedRecords atomic.Int64
 }
 
 // NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
@@ -74,6 +76,10 @@ func (w *Watcher) Confirmed() time.Time {
 
 // Ready is closed once the first full read has completed.
 func (w *Watcher) Ready() <-chan struct{} { return w.ready }
+
+// LoadProgress is how many keys the latest load (a full read under way, or the last one) has read
+// so far, for progress reports while the first snapshot loads.
+func (w *Watcher) LoadProgress() int64 { return w.loadedRecords.Load() }
 
 // Run keeps the snapshot current until ctx ends.
 func (w *Watcher) Run(ctx context.Context) error {
@@ -120,6 +126,7 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 	snap := emptySnapshot()
 	b := newIndexBuilder(snap.objects)
 	var rev int64
+	w.loadedRecords.Store(0)
 	key, end := w.prefix, clientv3.GetPrefixRangeEnd(w.prefix)
 	for {
 		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(w.pageSize),
@@ -139,6 +146,7 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 		for _, kv := range resp.Kvs {
 			w.apply(snap, b, mvccpb.PUT, kv)
 		}
+		w.loadedRecords.Add(int64(len(resp.Kvs)))
 		if !resp.More || len(resp.Kvs) == 0 {
 			break
 		}
@@ -163,7 +171,10 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 	ch := w.cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(rev), clientv3.WithProgressNotify())
 	// etcd sends progress notifications on its own only every 10 minutes by default; asking for
 	// them keeps Confirmed fresh while nothing changes, and lets a stalled watch show as staleness.
+	progressDone := make(chan struct{})
+	defer func() { cancel(); <-progressDone }() // the requester does not outlive the watch
 	go func() {
+		defer close(progressDone)
 		t := time.NewTicker(w.progressInterval)
 		defer t.Stop()
 		for {

@@ -44,7 +44,7 @@ func startStackOpts(t *testing.T, o devstack.Options) (*devstack.Stack, *hgclien
 // cpCount sums a control-plane counter's series whose labels include every one of labels.
 func cpCount(t *testing.T, s *devstack.Stack, metric string, labels map[string]string) float64 {
 	t.Helper()
-	families, err := s.CP.Service.Metrics().Registry.Gather()
+	families, err := s.CP.Metrics().Registry.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -73,9 +73,11 @@ func (PlaceResult) EnumDescriptor() ([]byte, []int) {
 }
 
 type PlaceRequest struct {
-	state   protoimpl.MessageState `protogen:"open.v1"`
-	Key     string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
-	Command string                 `protobuf:"bytes,2,opt,name=command,proto3" json:"command,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Key   string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// What the request is, for logs and metrics only (the protocol's command, say "manifestdata").
+	// Optional; at most 128 bytes. Placement does not use it: the key names the response.
+	Command string `protobuf:"bytes,2,opt,name=command,proto3" json:"command,omitempty"`
 	// Target names the client accepts, in the client's order.
 	AcceptedTargets []string `protobuf:"bytes,3,rep,name=accepted_targets,json=acceptedTargets,proto3" json:"accepted_targets,omitempty"`
 	// Hash algorithms the client accepts.
@@ -96,8 +98,13 @@ type PlaceRequest struct {
 	// to anyone who obtains the URL: the control plane records it and shows it in the target's
 	// warnings.
 	OriginRequiresCredentials bool `protobuf:"varint,10,opt,name=origin_requires_credentials,json=originRequiresCredentials,proto3" json:"origin_requires_credentials,omitempty"`
-	unknownFields             protoimpl.UnknownFields
-	sizeCache                 protoimpl.SizeCache
+	// The media type a fill would store the object as, the one its fill grant names and its report
+	// must repeat: type/subtype (RFC 6838 names, no parameters), at most 127 bytes. Empty means
+	// "application/mercurial-cbor" (agents before this field). A front that speaks another protocol
+	// names its own; the control plane stores what it is told and keeps no protocol of its own.
+	MediaType     string `protobuf:"bytes,11,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PlaceRequest) Reset() {
@@ -198,6 +205,13 @@ func (x *PlaceRequest) GetOriginRequiresCredentials() bool {
 		return x.OriginRequiresCredentials
 	}
 	return false
+}
+
+func (x *PlaceRequest) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
 }
 
 // Location is where a redirected client fetches the object.
@@ -720,10 +734,15 @@ func (*AbortFillResponse) Descriptor() ([]byte, []int) {
 }
 
 type WatchTargetsRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	AgentRegion   string                 `protobuf:"bytes,1,opt,name=agent_region,json=agentRegion,proto3" json:"agent_region,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	AgentRegion string                 `protobuf:"bytes,1,opt,name=agent_region,json=agentRegion,proto3" json:"agent_region,omitempty"`
+	// The revision of the last message the agent applied from an earlier stream (0: none, or the
+	// agent keeps nothing). When the target set has not changed since that revision and the control
+	// plane still holds every invalidation after it, the stream resumes: see
+	// WatchTargetsResponse.resumed. Otherwise the stream starts with an ordinary target set.
+	ResumeRevision int64 `protobuf:"varint,2,opt,name=resume_revision,json=resumeRevision,proto3" json:"resume_revision,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *WatchTargetsRequest) Reset() {
@@ -763,6 +782,13 @@ func (x *WatchTargetsRequest) GetAgentRegion() string {
 	return ""
 }
 
+func (x *WatchTargetsRequest) GetResumeRevision() int64 {
+	if x != nil {
+		return x.ResumeRevision
+	}
+	return 0
+}
+
 type WatchTargetsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The complete target set at revision (disabled ones included, marked). Absent when
@@ -778,7 +804,14 @@ type WatchTargetsResponse struct {
 	// The message carries only invalidations; the target set is unchanged.
 	InvalidationsOnly bool `protobuf:"varint,5,opt,name=invalidations_only,json=invalidationsOnly,proto3" json:"invalidations_only,omitempty"`
 	// The stream fell too far behind to list what changed: drop every cached redirect.
-	Flush         bool `protobuf:"varint,6,opt,name=flush,proto3" json:"flush,omitempty"`
+	Flush bool `protobuf:"varint,6,opt,name=flush,proto3" json:"flush,omitempty"`
+	// Only on a stream's first message, which always carries the target set: the stream resumes from
+	// the request's resume_revision. The target set is unchanged since then, revision equals
+	// resume_revision, and the messages that follow carry every invalidation after it (as they
+	// always do, invalidations_only, up to their own revision). The agent keeps its cached redirects,
+	// apart from those the invalidations name. Unset on a first message: an ordinary target set,
+	// which ends every cached redirect (as any target set does).
+	Resumed       bool `protobuf:"varint,7,opt,name=resumed,proto3" json:"resumed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -851,6 +884,13 @@ func (x *WatchTargetsResponse) GetInvalidationsOnly() bool {
 func (x *WatchTargetsResponse) GetFlush() bool {
 	if x != nil {
 		return x.Flush
+	}
+	return false
+}
+
+func (x *WatchTargetsResponse) GetResumed() bool {
+	if x != nil {
+		return x.Resumed
 	}
 	return false
 }
@@ -1405,7 +1445,7 @@ var File_detour_v1_placement_proto protoreflect.FileDescriptor
 
 const file_detour_v1_placement_proto_rawDesc = "" +
 	"\n" +
-	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x02\n" +
+	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x03\n" +
 	"\fPlaceRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\tR\acommand\x12)\n" +
@@ -1417,7 +1457,9 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\bcan_fill\x18\b \x01(\bH\x00R\acanFill\x88\x01\x01\x12-\n" +
 	"\x12unfillable_targets\x18\t \x03(\tR\x11unfillableTargets\x12>\n" +
 	"\x1borigin_requires_credentials\x18\n" +
-	" \x01(\bR\x19originRequiresCredentialsB\v\n" +
+	" \x01(\bR\x19originRequiresCredentials\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\v \x01(\tR\tmediaTypeB\v\n" +
 	"\t_can_fill\"{\n" +
 	"\bLocation\x12\x10\n" +
 	"\x03url\x18\x01 \x01(\tR\x03url\x12\x1d\n" +
@@ -1465,16 +1507,18 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\tR\x05token\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x13\n" +
-	"\x11AbortFillResponse\"8\n" +
+	"\x11AbortFillResponse\"a\n" +
 	"\x13WatchTargetsRequest\x12!\n" +
-	"\fagent_region\x18\x01 \x01(\tR\vagentRegion\"\x90\x02\n" +
+	"\fagent_region\x18\x01 \x01(\tR\vagentRegion\x12'\n" +
+	"\x0fresume_revision\x18\x02 \x01(\x03R\x0eresumeRevision\"\xaa\x02\n" +
 	"\x14WatchTargetsResponse\x12+\n" +
 	"\atargets\x18\x01 \x03(\v2\x11.detour.v1.TargetR\atargets\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12+\n" +
 	"\x11region_preference\x18\x03 \x03(\tR\x10regionPreference\x12=\n" +
 	"\rinvalidations\x18\x04 \x03(\v2\x17.detour.v1.InvalidationR\rinvalidations\x12-\n" +
 	"\x12invalidations_only\x18\x05 \x01(\bR\x11invalidationsOnly\x12\x14\n" +
-	"\x05flush\x18\x06 \x01(\bR\x05flush\"T\n" +
+	"\x05flush\x18\x06 \x01(\bR\x05flush\x12\x18\n" +
+	"\aresumed\x18\a \x01(\bR\aresumed\"T\n" +
 	"\fInvalidation\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1a\n" +

@@ -40,7 +40,8 @@ type PlacementServiceClient interface {
 	ReportFill(ctx context.Context, in *ReportFillRequest, opts ...grpc.CallOption) (*ReportFillResponse, error)
 	// AbortFill releases a fill claim after a failed fill.
 	AbortFill(ctx context.Context, in *AbortFillRequest, opts ...grpc.CallOption) (*AbortFillResponse, error)
-	// WatchTargets streams the full target set, then every change.
+	// WatchTargets streams the full target set, then every change; a reconnecting agent may resume
+	// from the revision it last applied (WatchTargetsRequest.resume_revision).
 	WatchTargets(ctx context.Context, in *WatchTargetsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchTargetsResponse], error)
 	// Heartbeat keeps a heartbeat target healthy for ttl.
 	Heartbeat(ctx context.Context, in *HeartbeatRequest, opts ...grpc.CallOption) (*HeartbeatResponse, error)
@@ -152,7 +153,8 @@ type PlacementServiceServer interface {
 	ReportFill(context.Context, *ReportFillRequest) (*ReportFillResponse, error)
 	// AbortFill releases a fill claim after a failed fill.
 	AbortFill(context.Context, *AbortFillRequest) (*AbortFillResponse, error)
-	// WatchTargets streams the full target set, then every change.
+	// WatchTargets streams the full target set, then every change; a reconnecting agent may resume
+	// from the revision it last applied (WatchTargetsRequest.resume_revision).
 	WatchTargets(*WatchTargetsRequest, grpc.ServerStreamingServer[WatchTargetsResponse]) error
 	// Heartbeat keeps a heartbeat target healthy for ttl.
 	Heartbeat(context.Context, *HeartbeatRequest) (*HeartbeatResponse, error)

@@ -1,0 +1,556 @@
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/time/rate"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/blob"
+	"github.com/detourhq/detour/internal/etcdembed"
+	"github.com/detourhq/detour/internal/pki"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+// ErrServerClosed is what Serve returns after Shutdown.
+var ErrServerClosed = errors.New("controlplane: server closed")
+
+// LivenessService is the gRPC health service name that is SERVING for as long as the process
+// serves, loading or not: liveness and startup probes ask for it, so that no size of snapshot gets
+// a replica killed while it loads. The overall status ("") is SERVING only once the snapshot is
+// loaded: readiness.
+const LivenessService = "liveness"
+
+// Options are everything a control-plane replica is built from. Zero fields take defaults.
+type Options struct {
+	Listen          string   // gRPC address Listen binds (default 127.0.0.1:7700)
+	MetricsListen   string   // Prometheus /metrics address Listen binds; empty: none
+	EtcdEndpoints   []string // empty: start an embedded etcd in DataDir
+	EtcdPrefix      string   // default targets.DefaultPrefix
+	DataDir         string   // embedded etcd data (default ./detour-data)
+	EmbeddedEtcdURL string   // embedded etcd client URL (default: a free loopback port)
+	Region          string
+	Signer          *blob.Signer
+	// GCSEndpoint is a GCS-API endpoint (an emulator); empty: Google Cloud Storage with the
+	// standard Google credentials. The control plane verifies fills, probes targets and deletes
+	// retired objects through it; without store access it grants no fills and redirects nothing.
+	GCSEndpoint string
+	// VerifyFullFraction is the share of fills re-read and re-hashed before READY (0..1).
+	VerifyFullFraction float64
+	Janitor            JanitorConfig
+	// ID names this replica in the janitor election (default host:pid:listen address).
+	ID           string
+	WriteTimeout time.Duration // bound on each etcd write an RPC makes (default 5s)
+	ClaimTimeout time.Duration // bound on the fill-claim write inside Place (default 1s)
+	// RedirectCacheMaxAge bounds how long agents reuse a redirect without asking (default 1m;
+	// negative: they do not cache redirects).
+	RedirectCacheMaxAge time.Duration
+	// AgentLagThreshold is how long an agent's applied target set may be behind before it is
+	// flagged lagging (default 30s).
+	AgentLagThreshold time.Duration
+
+	// TLS is the server's certificate and key and the CA that client certificates must chain to
+	// (mutual TLS: every RPC but health checks needs a client certificate). Required unless
+	// Insecure; the files are re-read when they change.
+	TLS      pki.Files
+	Insecure bool // plaintext, no authentication or authorization (development only)
+	// AuthzPolicyFile is a gRPC authorization policy (JSON), re-read every AuthzRefresh (default
+	// 10s); empty: DefaultAuthzPolicy.
+	AuthzPolicyFile string
+	AuthzRefresh    time.Duration
+	// AdminListen, if set, is the address Listen binds for AdminService (and reflection) on its
+	// own, so operators can firewall it apart from the agents' PlacementService on Listen.
+	AdminListen string
+	// ClaimRate and ClaimBurst bound the fill claims each agent identity may take per second
+	// (defaults 100 and 200; a negative rate: unbounded).
+	ClaimRate  float64
+	ClaimBurst int
+	// ClaimsInFlight is how many fill-claim transactions may be under way at once; claims that
+	// arrive meanwhile are written together in the next one (group commit). Default 2; negative:
+	// every claim is a transaction of its own.
+	ClaimsInFlight int
+
+	// Etcd is the TLS of the etcd client (CA, and a client certificate and key when etcd requires
+	// them), with EtcdUsername/EtcdPassword for etcd's own authentication.
+	EtcdTLS      pki.Files
+	EtcdUsername string
+	EtcdPassword string
+	Log          *slog.Logger
+}
+
+func (o *Options) setDefaults() {
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	if o.Listen == "" {
+		o.Listen = "127.0.0.1:7700"
+	}
+	if o.DataDir == "" {
+		o.DataDir = "detour-data"
+	}
+	if o.ID == "" {
+		host, _ := os.Hostname()
+		o.ID = fmt.Sprintf("%s:%d:%s", host, os.Getpid(), o.Listen)
+	}
+	if o.AuthzRefresh <= 0 {
+		o.AuthzRefresh = 10 * time.Second
+	}
+	if o.ClaimRate == 0 {
+		o.ClaimRate = 100
+	}
+	if o.ClaimBurst <= 0 {
+		o.ClaimBurst = 200
+	}
+	if o.ClaimsInFlight == 0 {
+		o.ClaimsInFlight = 2
+	}
+}
+
+// Listeners are what a Server serves on.
+type Listeners struct {
+	// Placement serves PlacementService and health, and AdminService and reflection too unless
+	// Admin is set. Required.
+	Placement net.Listener
+	// Admin, if set, serves AdminService, reflection and health on its own.
+	Admin net.Listener
+	// Metrics, if set, serves Prometheus /metrics.
+	Metrics net.Listener
+}
+
+// Close closes every listener.
+func (ls Listeners) Close() {
+	for _, l := range []net.Listener{ls.Placement, ls.Admin, ls.Metrics} {
+		if l != nil {
+			l.Close()
+		}
+	}
+}
+
+// Server is one control-plane replica, shaped like net/http's Server: New builds it (etcd client
+// or embedded etcd, store client, registry, watcher, services, janitor) without serving; Serve
+// serves the listeners and runs every background loop (the snapshot watcher, the janitor's
+// campaign and terms, the loops every replica runs) under one errgroup until Shutdown or a fatal
+// error; Shutdown drains and stops them all. No goroutine it starts outlives Shutdown.
+//
+// Serving starts before the first snapshot is loaded, whatever its size: meanwhile health says
+// NOT_SERVING, Place answers INLINE with reason "loading", the Admin API and the Placement calls
+// that read the snapshot answer Unavailable, and the log shows the load's progress. Ready is closed
+// when the snapshot is loaded.
+type Server struct {
+	o       Options
+	etcd    *etcdembed.Server // nil with external etcd
+	cli     *clientv3.Client
+	store   *blob.Store // nil without store access
+	w       *targets.Watcher
+	svc     *Service
+	janitor *Janitor
+	health  *health.Server
+	opts    []grpc.ServerOption
+	closers []func() // certificate and policy watchers
+
+	mu       sync.Mutex
+	serving  bool
+	closed   bool
+	servers  []*grpc.Server
+	metrics  *http.Server
+	cancel   context.CancelFunc // ends Serve's errgroup
+	served   chan struct{}      // closed when Serve returns
+	shutdown chan struct{}      // closed when Shutdown has released everything
+}
+
+// New builds a replica from o: it connects to etcd (starting an embedded one when o names no
+// endpoints), builds the store client, the registry and its watcher, the gRPC services and the
+// janitor, and checks the TLS and authorization settings. It serves nothing and starts no loop;
+// ctx bounds only the building. Call Serve to serve, Shutdown to release what New holds.
+func New(ctx context.Context, o Options) (srv *Server, err error) {
+	o.setDefaults()
+	s := &Server{o: o, served: make(chan struct{}), shutdown: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			s.closeBackends()
+		}
+	}()
+	endpoints, err := s.connectEtcd(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
+		RedirectCacheMaxAge: o.RedirectCacheMaxAge, AgentLagThreshold: o.AgentLagThreshold,
+		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
+	if s.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
+		o.Log.Error("no access to the stores: no fills will be granted and no target becomes healthy (nothing is redirected)", "err", err)
+		s.store = nil
+	} else {
+		cfg.Store = s.store
+	}
+	reg := targets.NewRegistry(s.cli, o.EtcdPrefix)
+	reg.GroupClaims(max(o.ClaimsInFlight, 0))
+	s.w = targets.NewWatcher(s.cli, reg.Prefix(), o.Log)
+	d := newDeps(reg, s.w, cfg)
+	s.svc = newService(d)
+	s.svc.claims = &claimLimiter{rate: rate.Limit(o.ClaimRate), burst: o.ClaimBurst}
+	s.janitor = newJanitor(d, s.cli, o.ID)
+	s.health = health.NewServer()
+	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	s.health.SetServingStatus(LivenessService, healthpb.HealthCheckResponse_SERVING)
+	if s.opts, err = s.serverOptions(); err != nil {
+		return nil, err
+	}
+	o.Log.Info("control plane built", "region", o.Region, "etcd", endpoints, "prefix", reg.Prefix(), "id", o.ID)
+	return s, nil
+}
+
+// connectEtcd builds the etcd client, starting an embedded etcd when no endpoints are given.
+func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
+	o := s.o
+	endpoints := o.EtcdEndpoints
+	if len(endpoints) == 0 {
+		dir := filepath.Join(o.DataDir, "etcd")
+		var err error
+		if s.etcd, err = etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL}); err != nil {
+			return nil, err
+		}
+		endpoints = []string{s.etcd.Endpoint()}
+		o.Log.Info("embedded etcd started", "dir", dir, "endpoint", s.etcd.Endpoint())
+	}
+	cfg := clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
+		DialKeepAliveTime: 10 * time.Second, DialKeepAliveTimeout: 5 * time.Second, AutoSyncInterval: time.Minute,
+		Username: o.EtcdUsername, Password: o.EtcdPassword,
+		// etcd client retries log at warn on every attempt; Detour logs each cause once itself.
+		Logger: zap.NewNop()}
+	if o.EtcdTLS.CA != "" || o.EtcdTLS.Cert != "" {
+		// etcd's own TLS helper re-reads the client certificate at every handshake.
+		info := transport.TLSInfo{CertFile: o.EtcdTLS.Cert, KeyFile: o.EtcdTLS.Key, TrustedCAFile: o.EtcdTLS.CA}
+		tc, err := info.ClientConfig()
+		if err != nil {
+			return nil, fmt.Errorf("etcd TLS: %w", err)
+		}
+		cfg.TLS = tc
+	}
+	var err error
+	if s.cli, err = clientv3.New(cfg); err != nil {
+		return nil, fmt.Errorf("etcd client for %v: %w", endpoints, err)
+	}
+	return endpoints, nil
+}
+
+// serverOptions are the gRPC servers' options: metrics, mutual TLS and the authorization policy
+// unless Insecure, and the gate that holds back what needs the snapshot while it loads.
+func (s *Server) serverOptions() ([]grpc.ServerOption, error) {
+	o, m := s.o, s.svc.Metrics()
+	unary := []grpc.UnaryServerInterceptor{m.unary}
+	stream := []grpc.StreamServerInterceptor{m.stream}
+	opts := []grpc.ServerOption{grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true})}
+	if o.Insecure {
+		o.Log.Warn("serving gRPC in plaintext with no authentication or authorization (--insecure): anyone who reaches the port can administer Detour")
+		opts = append(opts, grpc.Creds(insecure.NewCredentials()))
+	} else {
+		if o.TLS.Cert == "" || o.TLS.Key == "" || o.TLS.CA == "" {
+			return nil, errors.New("mutual TLS needs a server certificate, its key and the client CA (--tls-cert, --tls-key, --client-ca), or --insecure")
+		}
+		creds, err := pki.ServerCredentials(o.TLS)
+		if err != nil {
+			return nil, fmt.Errorf("TLS: %w", err)
+		}
+		creds.OnHandshakeError = func(err error) {
+			m.rejections.WithLabelValues("tls_handshake").Inc()
+			o.Log.Debug("TLS handshake failed", "err", err)
+		}
+		s.closers = append(s.closers, creds.Close)
+		policy, closePolicy, err := newAuthorizer(o.AuthzPolicyFile, o.AuthzRefresh)
+		if err != nil {
+			return nil, err
+		}
+		s.closers = append(s.closers, closePolicy)
+		a := &authn{policy: policy, metrics: m, log: o.Log}
+		unary, stream = append(unary, a.unary), append(stream, a.stream)
+		opts = append(opts, grpc.Creds(creds))
+	}
+	unary, stream = append(unary, s.svc.gateUnary), append(stream, s.svc.gateStream)
+	return append(opts, grpc.ChainUnaryInterceptor(unary...), grpc.ChainStreamInterceptor(stream...)), nil
+}
+
+// Listen binds the addresses of the options: Listen, and AdminListen and MetricsListen when set.
+func (s *Server) Listen() (Listeners, error) {
+	var ls Listeners
+	var err error
+	if ls.Placement, err = net.Listen("tcp", s.o.Listen); err != nil {
+		return ls, fmt.Errorf("listen %s: %w", s.o.Listen, err)
+	}
+	for _, l := range []struct {
+		addr string
+		to   *net.Listener
+	}{{s.o.AdminListen, &ls.Admin}, {s.o.MetricsListen, &ls.Metrics}} {
+		if l.addr == "" {
+			continue
+		}
+		if *l.to, err = net.Listen("tcp", l.addr); err != nil {
+			ls.Close()
+			return Listeners{}, fmt.Errorf("listen %s: %w", l.addr, err)
+		}
+	}
+	return ls, nil
+}
+
+// ListenAndServe binds the options' addresses (see Listen) and serves them (see Serve).
+func (s *Server) ListenAndServe() error {
+	ls, err := s.Listen()
+	if err != nil {
+		return err
+	}
+	return s.Serve(ls)
+}
+
+// Serve serves the gRPC services and metrics on ls and runs every background loop, and blocks
+// until Shutdown is called (it then returns ErrServerClosed) or something fails for good: a
+// listener, in which case it stops the rest and returns that error. Either way, Shutdown then
+// releases etcd and the store. Serve closes ls. It may be called once.
+func (s *Server) Serve(ls Listeners) error {
+	if ls.Placement == nil {
+		ls.Close()
+		return errors.New("controlplane: Serve needs a placement listener")
+	}
+	s.mu.Lock()
+	switch {
+	case s.closed:
+		s.mu.Unlock()
+		ls.Close()
+		return ErrServerClosed
+	case s.serving:
+		s.mu.Unlock()
+		ls.Close()
+		return errors.New("controlplane: Serve called twice")
+	}
+	s.serving = true
+	defer close(s.served)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s.cancel = cancel
+	placement, admin := s.grpcServers(ls.Admin != nil)
+	s.servers = []*grpc.Server{placement}
+	if admin != placement {
+		s.servers = append(s.servers, admin)
+	}
+	if ls.Metrics != nil {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(s.svc.Metrics().Registry, promhttp.HandlerOpts{}))
+		s.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	}
+	s.mu.Unlock()
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.w.Run(gctx) })
+	g.Go(func() error { s.reportLoad(gctx, ls); return nil })
+	g.Go(func() error { return s.svc.Run(gctx) })
+	g.Go(func() error { return s.janitor.Run(gctx) })
+	g.Go(func() error { return serveGRPC("placement", placement, ls.Placement) })
+	if admin != placement {
+		g.Go(func() error { return serveGRPC("admin", admin, ls.Admin) })
+	}
+	if s.metrics != nil {
+		g.Go(func() error {
+			if err := s.metrics.Serve(ls.Metrics); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("serve metrics on %s: %w", ls.Metrics.Addr(), err)
+			}
+			return nil
+		})
+	}
+	// The servers stop when the group does: at once after a failure, after a graceful stop on
+	// Shutdown (where Stop finds nothing left).
+	g.Go(func() error {
+		<-gctx.Done()
+		for _, srv := range s.servers {
+			srv.Stop()
+		}
+		if s.metrics != nil {
+			s.metrics.Close()
+		}
+		return nil
+	})
+	err := g.Wait()
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed || err == nil {
+		return ErrServerClosed
+	}
+	s.o.Log.Error("control plane failed; stopping", "err", err)
+	return err
+}
+
+// grpcServers builds the gRPC servers: one for everything, or, with an admin listener of its
+// own, one for PlacementService and one for AdminService and reflection (both serve health).
+func (s *Server) grpcServers(separateAdmin bool) (placement, admin *grpc.Server) {
+	placement = grpc.NewServer(s.opts...)
+	pb.RegisterPlacementServiceServer(placement, s.svc)
+	healthpb.RegisterHealthServer(placement, s.health)
+	admin = placement
+	if separateAdmin {
+		admin = grpc.NewServer(s.opts...)
+		healthpb.RegisterHealthServer(admin, s.health)
+	}
+	pb.RegisterAdminServiceServer(admin, s.svc)
+	reflection.Register(admin)
+	return placement, admin
+}
+
+func serveGRPC(name string, srv *grpc.Server, lis net.Listener) error {
+	if err := srv.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return fmt.Errorf("serve %s gRPC on %s: %w", name, lis.Addr(), err)
+	}
+	return nil
+}
+
+// loadReportInterval is how often the log shows the first load's progress.
+const loadReportInterval = 5 * time.Second
+
+// reportLoad logs the first snapshot load's progress until it is done, then says the replica is
+// serving and turns health to SERVING.
+func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
+	start := time.Now()
+	t := time.NewTicker(loadReportInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			n := s.w.LoadProgress()
+			s.o.Log.Info("loading the snapshot; placement answers inline meanwhile", "records", n,
+				"rate_per_second", int64(float64(n)/time.Since(start).Seconds()), "elapsed", time.Since(start).Round(time.Second))
+		case <-s.w.Ready():
+			snap := s.w.Snapshot()
+			s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+			args := []any{"grpc", ls.Placement.Addr().String(), "region", s.o.Region, "revision", snap.Revision,
+				"objects", snap.ObjectCount(), "targets", len(snap.Targets()), "loaded_in", time.Since(start).Round(time.Millisecond)}
+			if ls.Admin != nil {
+				args = append(args, "admin", ls.Admin.Addr().String())
+			}
+			if ls.Metrics != nil {
+				args = append(args, "metrics", ls.Metrics.Addr().String())
+			}
+			s.o.Log.Info("control plane serving", args...)
+			return
+		}
+	}
+}
+
+// Shutdown stops the replica: health turns NOT_SERVING, the listeners close, WatchTargets
+// streams end (agents reconnect elsewhere) and in-flight RPCs may finish until ctx ends, when
+// they are cut; then every background loop stops and etcd (an embedded one too), the store
+// client and the certificate watchers are released. It returns once nothing it started is
+// running: nil, or ctx's error when it had to cut things short. After Shutdown, Serve returns
+// ErrServerClosed. Calls after the first wait for it and return nil.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		<-s.shutdown
+		return nil
+	}
+	s.closed = true
+	serving, servers, metrics, cancel := s.serving, s.servers, s.metrics, s.cancel
+	s.mu.Unlock()
+	defer close(s.shutdown)
+	s.health.Shutdown()
+	close(s.svc.stopping)
+
+	cut := false
+	if serving {
+		stopped := make(chan struct{})
+		go func() {
+			var wg sync.WaitGroup
+			for _, srv := range servers {
+				wg.Go(srv.GracefulStop)
+			}
+			wg.Wait()
+			close(stopped)
+		}()
+		select {
+		case <-stopped:
+		case <-ctx.Done():
+			cut = true
+			for _, srv := range servers {
+				srv.Stop()
+			}
+			<-stopped
+		}
+		if metrics != nil {
+			if err := metrics.Shutdown(ctx); err != nil {
+				cut = true
+				metrics.Close()
+			}
+		}
+		cancel()
+		select {
+		case <-s.served:
+		case <-ctx.Done():
+			// A loop still waits on etcd: closing the client ends its calls.
+			cut = true
+			s.cli.Close()
+			<-s.served
+		}
+	}
+	s.closeBackends()
+	s.o.Log.Info("control plane stopped", "cut_short", cut)
+	if cut {
+		return ctx.Err()
+	}
+	return nil
+}
+
+func (s *Server) closeBackends() {
+	for _, c := range s.closers {
+		c()
+	}
+	s.closers = nil
+	if s.store != nil {
+		s.store.Close()
+	}
+	if s.cli != nil {
+		s.cli.Close()
+	}
+	if s.etcd != nil {
+		s.etcd.Close()
+	}
+}
+
+// Ready is closed once the first snapshot is loaded (health SERVING from then on).
+func (s *Server) Ready() <-chan struct{} { return s.w.Ready() }
+
+// Metrics are the replica's metrics.
+func (s *Server) Metrics() *Metrics { return s.svc.Metrics() }
+
+// Janitor is the replica's janitor (Sweep and Reconcile run a round at once).
+func (s *Server) Janitor() *Janitor { return s.janitor }
+
+// EtcdEndpoint is the embedded etcd's client URL ("" when using external etcd).
+func (s *Server) EtcdEndpoint() string {
+	if s.etcd == nil {
+		return ""
+	}
+	return s.etcd.Endpoint()
+}
+
+// IndexedObjects is the number of object records in this replica's snapshot.
+func (s *Server) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }

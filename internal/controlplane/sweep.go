@@ -1,0 +1,191 @@
+package controlplane
+
+import (
+	"context"
+	"time"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/blob"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+// sweep retires the records that must not be redirected to any more — expired ones, those of
+// deleted targets, and those whose target's store moved — queueing their bytes for deletion, and
+// then deletes queued bytes.
+func (j *term) sweep(ctx context.Context) {
+	snap := j.w.Snapshot()
+	now := j.cfg.Now()
+	byReason := map[string][]targets.Retirement{}
+	snap.EachObject(func(key targets.Key, o *targets.Object) bool {
+		reason := ""
+		t, ok := snap.Target(o.Target())
+		switch {
+		case o.Expires != 0 && o.Expires <= now.UnixNano():
+			reason = "expired"
+		case !ok || t.Uid != o.Home.TargetUID:
+			reason = "target_deleted"
+		case t.GetStore().GetBucket() != o.Home.Bucket:
+			reason = "store_moved"
+		default:
+			return true
+		}
+		byReason[reason] = append(byReason[reason], targets.Retirement{Key: key.String(), Target: o.Target(),
+			ModRevision: o.ModRevision, Garbage: targets.GarbageOf(o.Proto(key), reason, now)})
+		return true
+	})
+	for reason, rs := range byReason {
+		wctx, cancel := context.WithTimeout(ctx, j.cfg.WriteTimeout*4)
+		n, err := j.reg.Retire(wctx, rs)
+		cancel()
+		j.metrics.retired.WithLabelValues(reason).Add(float64(n))
+		if err != nil {
+			j.once.Warn("sweep", "sweep stopped: etcd write failed", "err", err)
+			return
+		}
+		j.cfg.Log.Info("objects retired", "reason", reason, "count", n)
+	}
+	j.collectGarbage(ctx)
+}
+
+// collectGarbage deletes queued bytes from the stores; what fails stays queued for the next sweep.
+func (j *term) collectGarbage(ctx context.Context) {
+	if j.cfg.Store == nil {
+		return
+	}
+	rctx, cancel := context.WithTimeout(ctx, j.cfg.WriteTimeout)
+	entries, err := j.reg.ListGarbage(rctx, int64(j.cfg.Janitor.GarbageBatch))
+	cancel()
+	if err != nil {
+		j.once.Warn("garbage", "cannot read the deletion queue", "err", err)
+		return
+	}
+	var done []string
+	young := j.cfg.Now().Add(-j.cfg.Janitor.GarbageGrace)
+	for _, g := range entries {
+		if q := g.Object.GetQueued(); q != nil && q.AsTime().After(young) {
+			continue // agents may still be answering with its location from their caches
+		}
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := j.cfg.Store.Delete(dctx, g.Object.Bucket, g.Object.ObjectName, g.Object.Generation)
+		cancel()
+		if err != nil {
+			j.metrics.garbage.WithLabelValues("failed").Inc()
+			j.once.Warn("garbage:"+g.Object.Bucket, "cannot delete retired objects from a bucket; will retry",
+				"bucket", g.Object.Bucket, "err", err)
+			continue
+		}
+		j.once.Forget("garbage:" + g.Object.Bucket)
+		j.metrics.garbage.WithLabelValues("deleted").Inc()
+		done = append(done, g.ID)
+	}
+	if len(done) == 0 {
+		return
+	}
+	wctx, cancel := context.WithTimeout(ctx, j.cfg.WriteTimeout)
+	defer cancel()
+	if err := j.reg.GarbageDone(wctx, done); err != nil {
+		// The deletions are idempotent: the next sweep deletes them again.
+		j.once.Warn("garbage", "cannot dequeue deleted objects", "err", err)
+	}
+}
+
+func (j *term) reconcileAll(ctx context.Context) {
+	if j.cfg.Store == nil {
+		return
+	}
+	for _, t := range j.w.Snapshot().Targets() {
+		if ctx.Err() != nil {
+			return
+		}
+		if err := j.reconcile(ctx, t); err != nil {
+			j.once.Warn("reconcile:"+t.Name, "cannot reconcile target with its bucket", "target", t.Name, "err", err)
+			continue
+		}
+		j.once.Forget("reconcile:" + t.Name)
+	}
+}
+
+// reconcile lists the target's bucket prefix. Records whose object is gone (or was replaced by
+// another generation) are retired; stored objects that no record or live claim accounts for and
+// that are older than twice the claim TTL (failed or abandoned fills) are deleted.
+func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
+	snap := j.w.Snapshot()
+	prefix, bucket := t.GetStore().GetPrefix(), t.GetStore().GetBucket()
+	started := j.cfg.Now()
+	orphanAge := j.cfg.Janitor.OrphanAge
+	if orphanAge <= 0 {
+		orphanAge = 2 * policyDuration(snap.Policy().GetFillClaimTtl(), targets.DefaultFillClaimTTL)
+	}
+	listed := map[targets.Key]int64{} // key → generation
+	var orphans []string
+	err := j.cfg.Store.List(ctx, bucket, prefix, func(l blob.Listed) bool {
+		k, ok := targets.ParseKey(l.Name[len(prefix):])
+		if !ok {
+			return true // the canary, or not Detour's
+		}
+		j.metrics.reconcile.WithLabelValues(t.Name, "checked").Inc()
+		listed[k] = l.Generation
+		if copyAt(snap, k, t) == nil {
+			if _, claimed := snap.Claim(k.String()); !claimed && started.Sub(l.Created) > orphanAge {
+				orphans = append(orphans, l.Name)
+			}
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	var gone []targets.Retirement
+	snap.EachObject(func(k targets.Key, o *targets.Object) bool {
+		if o.Target() != t.Name || !o.Servable(t) || o.Created >= started.UnixNano() {
+			return true // another target's, stale (the sweep's), or stored after the listing began
+		}
+		if gen, ok := listed[k]; ok && gen == o.Generation {
+			return true
+		}
+		gone = append(gone, targets.Retirement{Key: k.String(), Target: t.Name, ModRevision: o.ModRevision})
+		return true
+	})
+	if len(gone) > 0 {
+		wctx, cancel := context.WithTimeout(ctx, j.cfg.WriteTimeout*4)
+		n, err := j.reg.Retire(wctx, gone)
+		cancel()
+		j.metrics.missing.WithLabelValues(t.Name).Add(float64(n))
+		j.metrics.retired.WithLabelValues("missing").Add(float64(n))
+		if n > 0 {
+			j.cfg.Log.Warn("objects missing from the store; records removed", "target", t.Name, "count", n)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	for _, name := range orphans {
+		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := j.cfg.Store.Delete(dctx, bucket, name, listed[mustKey(name[len(prefix):])])
+		cancel()
+		if err != nil {
+			return err
+		}
+		j.metrics.reconcile.WithLabelValues(t.Name, "orphan_deleted").Inc()
+	}
+	if len(orphans) > 0 {
+		j.cfg.Log.Info("orphaned objects deleted", "target", t.Name, "count", len(orphans))
+	}
+	return nil
+}
+
+func mustKey(s string) targets.Key {
+	k, _ := targets.ParseKey(s)
+	return k
+}
+
+// copyAt returns the servable copy of key at target t, if the index has one.
+func copyAt(snap *targets.Snapshot, key targets.Key, t *pb.Target) *targets.Object {
+	copies := snap.Copies(key)
+	for i := range copies {
+		if copies[i].Target() == t.Name && copies[i].Servable(t) {
+			return &copies[i]
+		}
+	}
+	return nil
+}
