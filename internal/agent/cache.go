@@ -43,7 +43,8 @@ func (l *Location) SetMemo(v any) { l.memo.Store(&v) }
 // immutable; what ends a redirect's validity (the record removed or replaced, a target's state,
 // health, URL form or store changed) reaches the agent on its WatchTargets stream, and the cache
 // applies it: an invalidation drops the key, a new target set drops everything, and a broken
-// stream drops everything and stops caching until a target set arrives again. Entries also end at
+// stream stops the cache until the stream resumes (keeping what it holds, with the invalidations
+// it missed) or a target set arrives (dropping everything). Entries also end at
 // the control plane's cache_for and the agent's own maximum age, and the cache holds at most max
 // entries (an arbitrary one is evicted to make room).
 type locationCache struct {
@@ -82,7 +83,10 @@ func (c *locationCache) get(key string, accepted []string, now time.Time) (*Loca
 	}
 	c.mu.Lock()
 	e, ok := c.entries[key]
-	if ok && !now.Before(e.until) {
+	if !c.live {
+		// The stream is down: an invalidation may be on its way. Entries wait for it to resume.
+		ok = false
+	} else if ok && !now.Before(e.until) {
 		delete(c.entries, key)
 		ok = false
 	}
@@ -129,7 +133,12 @@ func (c *locationCache) apply(msg *pb.WatchTargetsResponse) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if !msg.InvalidationsOnly || msg.Flush {
+	switch {
+	case msg.Resumed:
+		// The stream resumed where the last one ended: the target set is unchanged, and the
+		// invalidations since come with this message. Entries stay.
+		c.live = true
+	case !msg.InvalidationsOnly || msg.Flush:
 		// A target set may change any target's validity; a flush says the stream lost track.
 		c.dropAll("flushed")
 		c.live, c.horizon = true, msg.Revision
@@ -149,7 +158,9 @@ func (c *locationCache) apply(msg *pb.WatchTargetsResponse) {
 	}
 }
 
-// lost drops everything and stops caching: without the stream, invalidations would be missed.
+// lost stops answering from the cache: without the stream, invalidations would be missed. The
+// entries are kept for a stream that resumes (their own expiry still ends them); one that does not
+// resume starts with a target set, which drops them.
 func (c *locationCache) lost() {
 	if !c.enabled() {
 		return
@@ -157,7 +168,6 @@ func (c *locationCache) lost() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.live = false
-	c.dropAll("flushed")
 }
 
 func (c *locationCache) dropAll(why string) {

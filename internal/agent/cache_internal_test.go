@@ -45,9 +45,25 @@ func TestCacheRefusesAnswersOlderThanAnInvalidationItApplied(t *testing.T) {
 	}
 	c.lost()
 	if _, ok := c.get("k", []string{"t"}, now); ok {
-		t.Fatal("an entry survived the stream's loss")
+		t.Fatal("an entry answered while the stream is lost")
 	}
 	if put("k", 11) {
 		t.Fatal("cached while the stream is lost")
+	}
+	// A stream that resumes brings what was missed with it: the entries it does not name answer
+	// again, the ones it names are gone.
+	c.apply(&pb.WatchTargetsResponse{Revision: 12, Resumed: true,
+		Invalidations: []*pb.Invalidation{{Key: "other", Target: "t", Revision: 12}}})
+	if _, ok := c.get("k", []string{"t"}, now); !ok {
+		t.Fatal("a resumed stream dropped an entry it did not invalidate")
+	}
+	if _, ok := c.get("other", []string{"t"}, now); ok {
+		t.Fatal("an entry invalidated while the stream was lost answered after it resumed")
+	}
+	// One that does not resume starts with a target set, which ends every entry.
+	c.lost()
+	c.apply(&pb.WatchTargetsResponse{Revision: 13})
+	if _, ok := c.get("k", []string{"t"}, now); ok {
+		t.Fatal("an entry survived a stream that did not resume")
 	}
 }

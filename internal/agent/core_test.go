@@ -45,7 +45,7 @@ func (f *plainFront) Wrap(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		d := f.a.Decide(r, agent.Query{Key: keyOf(r.URL.RequestURI()), Command: "blob", MediaType: "application/octet-stream"})
+		d := f.a.Decide(r, agent.Query{Key: keyOf(r.URL.RequestURI()), Command: "blob", MediaType: storedAs})
 		switch d.Outcome {
 		case agent.Redirect:
 			f.a.Count(d.Label())
@@ -350,8 +350,8 @@ func TestRequestsPastTheLimitGet503(t *testing.T) {
 	}
 }
 
-// storedAs is the media type the control plane grants fills of this front.
-const storedAs = "application/mercurial-cbor"
+// storedAs is the media type this front asks its fills to be stored as.
+const storedAs = "application/octet-stream"
 
 // An object an earlier fill stored without reporting it is adopted when it holds exactly the
 // fill's bytes, and refused when it does not.

@@ -134,7 +134,7 @@ func (a *Agent) place(ctx context.Context, q Query, originRequiresCredentials bo
 	ctx, cancel := context.WithTimeout(ctx, a.cfg.PlaceTimeout)
 	defer cancel()
 	canFill := !q.NoFill && a.canFill()
-	resp, err := a.placement.Place(ctx, &pb.PlaceRequest{Key: q.Key, Command: q.Command,
+	resp, err := a.placement.Place(ctx, &pb.PlaceRequest{Key: q.Key, Command: q.Command, MediaType: q.MediaType,
 		AcceptedTargets: q.Accepted, AgentRegion: a.cfg.Region, AgentId: a.cfg.AgentID, SizeHint: q.SizeHint,
 		CanFill: &canFill, UnfillableTargets: a.breakers.unfillable(now), OriginRequiresCredentials: originRequiresCredentials})
 	a.metrics.placeLatency.Observe(time.Since(now).Seconds())

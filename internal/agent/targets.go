@@ -17,7 +17,10 @@ func (a *Agent) watchTargets(ctx context.Context) {
 	retry := backoff.NewExponentialBackOff()
 	retry.InitialInterval, retry.MaxInterval = 50*time.Millisecond, time.Second
 	for ctx.Err() == nil {
-		stream, err := a.placement.WatchTargets(ctx, &pb.WatchTargetsRequest{AgentRegion: a.cfg.Region}, grpc.WaitForReady(true))
+		// Resume from the last message applied: when nothing changed but invalidations, the
+		// cached redirects survive a reconnection.
+		stream, err := a.placement.WatchTargets(ctx, &pb.WatchTargetsRequest{AgentRegion: a.cfg.Region,
+			ResumeRevision: a.appliedRevision.Load()}, grpc.WaitForReady(true))
 		if err == nil {
 			for {
 				msg, rerr := stream.Recv()

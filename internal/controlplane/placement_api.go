@@ -460,13 +460,11 @@ func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementS
 			// The agent applied a revision this replica has not seen yet: catch up briefly.
 			snap = s.awaitRevision(ctx, r, time.Second)
 		}
-		if s.resumable(snap, r) {
-			msg := targetSet(snap)
-			msg.Revision, msg.Resumed = r, true
+		if msg := s.resumption(snap, r); msg != nil {
 			if err := stream.Send(msg); err != nil {
 				return err
 			}
-			last, sent = snap.TargetsRevision, r
+			last, sent = snap.TargetsRevision, snap.Revision
 		}
 	}
 	start := "resumed"
@@ -497,6 +495,29 @@ func (s *Service) WatchTargets(req *pb.WatchTargetsRequest, stream pb.PlacementS
 			return status.Error(codes.Unavailable, "the control plane is shutting down; reconnect to another replica")
 		}
 	}
+}
+
+// resumption is the first message of a stream that resumes from revision r: the target set at
+// snap with every invalidation after r up to snap, in one message, so that an agent never holds
+// its cached redirects valid while an invalidation it missed is still on its way. nil: the stream
+// cannot resume (see resumable), or the invalidations do not fit one message.
+func (s *Service) resumption(snap *targets.Snapshot, r int64) *pb.WatchTargetsResponse {
+	if !s.resumable(snap, r) {
+		return nil
+	}
+	xs, _ := s.w.InvalidationsSince(r)
+	msg := targetSet(snap)
+	msg.Resumed = true
+	for _, x := range xs {
+		if x.Revision > snap.Revision {
+			break
+		}
+		if len(msg.Invalidations) == maxInvalidationsPerMessage {
+			return nil
+		}
+		msg.Invalidations = append(msg.Invalidations, &pb.Invalidation{Key: x.Key.String(), Target: x.Target, Revision: x.Revision})
+	}
+	return msg
 }
 
 // resumable reports whether a stream may resume from revision r with snap: snap has reached r, the

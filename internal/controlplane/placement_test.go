@@ -164,12 +164,13 @@ func TestWatchTargetsResumesFromARevision(t *testing.T) {
 
 	resumed, stop := watch(applied)
 	msg = recv(resumed)
-	if !msg.Resumed || msg.Revision != applied || len(msg.Targets) != 1 || msg.Targets[0].Name != "us-a" || !msg.Targets[0].Healthy {
+	if !msg.Resumed || len(msg.Targets) != 1 || msg.Targets[0].Name != "us-a" || !msg.Targets[0].Healthy {
 		t.Fatalf("resuming from %d: %v", applied, msg)
 	}
-	msg = recv(resumed)
-	if !msg.InvalidationsOnly || msg.Flush || !invalidated(msg, key(2)) || invalidated(msg, key(1)) || msg.Revision <= applied {
-		t.Fatalf("after resuming from %d: %v, want key(2)'s invalidation alone", applied, msg)
+	// The invalidations since come in the same message, so the agent never holds a redirect
+	// valid that a missed invalidation ends.
+	if msg.InvalidationsOnly || msg.Flush || !invalidated(msg, key(2)) || invalidated(msg, key(1)) || msg.Revision <= applied {
+		t.Fatalf("resuming from %d: %v, want key(2)'s invalidation alone with the target set", applied, msg)
 	}
 	for _, x := range msg.Invalidations {
 		if x.Revision <= applied {

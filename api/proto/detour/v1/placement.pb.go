@@ -806,11 +806,11 @@ type WatchTargetsResponse struct {
 	// The stream fell too far behind to list what changed: drop every cached redirect.
 	Flush bool `protobuf:"varint,6,opt,name=flush,proto3" json:"flush,omitempty"`
 	// Only on a stream's first message, which always carries the target set: the stream resumes from
-	// the request's resume_revision. The target set is unchanged since then, revision equals
-	// resume_revision, and the messages that follow carry every invalidation after it (as they
-	// always do, invalidations_only, up to their own revision). The agent keeps its cached redirects,
-	// apart from those the invalidations name. Unset on a first message: an ordinary target set,
-	// which ends every cached redirect (as any target set does).
+	// the request's resume_revision. The target set is unchanged since then, and this message's
+	// invalidations are every one after resume_revision up to its revision (later messages carry the
+	// rest, as they always do). The agent keeps its cached redirects, apart from those the
+	// invalidations name. Unset on a first message: an ordinary target set, which ends every cached
+	// redirect (as any target set does).
 	Resumed       bool `protobuf:"varint,7,opt,name=resumed,proto3" json:"resumed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
