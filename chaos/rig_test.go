@@ -115,7 +115,9 @@ func newRig(t *testing.T, o rigOptions) *rig {
 		endpoints = append(endpoints, m.Endpoint())
 	}
 	for range o.controlPlanes {
+		etcdClient := r.etcd[0].PKI().Client // the members' CA admits only its own certificates
 		cp := testbed.StartControlPlane(t, append([]string{"--etcd-endpoints", strings.Join(endpoints, ","),
+			"--etcd-cacert", etcdClient.CA, "--etcd-cert", etcdClient.Cert, "--etcd-key", etcdClient.Key,
 			"--gcs-endpoint", r.storeEndpoint(), "--log-level", "info"}, o.cpFlags...)...)
 		r.cps = append(r.cps, cp)
 		addrs = append(addrs, cp.Addr)

@@ -48,9 +48,12 @@ type Options struct {
 	EtcdEndpoints   []string // empty: start an embedded etcd in DataDir
 	EtcdPrefix      string   // default targets.DefaultPrefix
 	DataDir         string   // embedded etcd data (default ./detour-data)
-	EmbeddedEtcdURL string   // embedded etcd client URL (default: a free loopback port)
-	Region          string
-	Signer          *blob.Signer
+	EmbeddedEtcdURL string   // embedded etcd client URL, https:// (default: a free loopback port)
+	// EmbeddedEtcdQuota is the embedded etcd's backend space quota (default
+	// etcdembed.DefaultQuotaBytes, 2 GiB).
+	EmbeddedEtcdQuota int64
+	Region            string
+	Signer            *blob.Signer
 	// GCSEndpoint is a GCS-API endpoint (an emulator); empty: Google Cloud Storage with the
 	// standard Google credentials. The control plane verifies fills, probes targets and deletes
 	// retired objects through it; without store access it grants no fills and redirects nothing.
@@ -227,11 +230,14 @@ func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 	if len(endpoints) == 0 {
 		dir := filepath.Join(o.DataDir, "etcd")
 		var err error
-		if s.etcd, err = etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL}); err != nil {
+		if s.etcd, err = etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL, QuotaBytes: o.EmbeddedEtcdQuota}); err != nil {
 			return nil, err
 		}
 		endpoints = []string{s.etcd.Endpoint()}
-		o.Log.Info("embedded etcd started", "dir", dir, "endpoint", s.etcd.Endpoint())
+		// The embedded etcd accepts only its own CA's certificates (mutual TLS): this is ours.
+		o.EtcdTLS = s.etcd.PKI().Client
+		o.Log.Info("embedded etcd started (mutual TLS; etcdctl takes --cacert, --cert and --key from etcd_pki)", "dir", dir,
+			"endpoint", s.etcd.Endpoint(), "etcd_pki", s.etcd.PKI().Dir, "quota_bytes", s.etcd.QuotaBytes())
 	}
 	cfg := clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
 		DialKeepAliveTime: 10 * time.Second, DialKeepAliveTimeout: 5 * time.Second, AutoSyncInterval: time.Minute,
@@ -551,6 +557,10 @@ func (s *Server) EtcdEndpoint() string {
 	}
 	return s.etcd.Endpoint()
 }
+
+// EmbeddedEtcd is the embedded etcd member (nil when using external etcd): its ClientConfig
+// reaches it with the client certificate of its PKI.
+func (s *Server) EmbeddedEtcd() *etcdembed.Server { return s.etcd }
 
 // IndexedObjects is the number of object records in this replica's snapshot.
 func (s *Server) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }
