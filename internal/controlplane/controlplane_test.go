@@ -206,7 +206,10 @@ func serveReplica(t *testing.T, o Options) *replica {
 	if o.Janitor == (JanitorConfig{}) {
 		o.Janitor = fastJanitor
 	}
-	o.Listen, o.MetricsListen, o.Log = "127.0.0.1:0", "127.0.0.1:0", quiet
+	o.Listen, o.MetricsListen = "127.0.0.1:0", "127.0.0.1:0"
+	if o.Log == nil {
+		o.Log = quiet
+	}
 	dev := testbed.PKI(t)
 	if o.TLS == (pki.Files{}) && !o.Insecure {
 		o.TLS = pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}

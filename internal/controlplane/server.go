@@ -71,6 +71,9 @@ type Options struct {
 	// AgentLagThreshold is how long an agent's applied target set may be behind before it is
 	// flagged lagging (default 30s).
 	AgentLagThreshold time.Duration
+	// Etcd configures compaction and the reading of etcd's alarms; with the embedded etcd the
+	// janitor also defragments it and recovers it from NOSPACE (Defrag is set).
+	Etcd EtcdMaintenance
 
 	// TLS is the server's certificate and key and the CA that client certificates must chain to
 	// (mutual TLS: every RPC but health checks needs a client certificate). Required unless
@@ -199,7 +202,10 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	}
 	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
 		RedirectCacheMaxAge: o.RedirectCacheMaxAge, AgentLagThreshold: o.AgentLagThreshold,
-		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor}
+		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor, Etcd: o.Etcd}
+	if s.etcd != nil {
+		cfg.Etcd.Defrag = true // one member, ours: defragmenting it is safe and nobody else will
+	}
 	if s.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
 		o.Log.Error("no access to the stores: no fills will be granted and no target becomes healthy (nothing is redirected)", "err", err)
 		s.store = nil
@@ -368,6 +374,7 @@ func (s *Server) Serve(ls Listeners) error {
 	g.Go(func() error { return s.w.Run(gctx) })
 	g.Go(func() error { s.reportLoad(gctx, ls); return nil })
 	g.Go(func() error { return s.svc.Run(gctx) })
+	g.Go(func() error { s.svc.runEtcdStatus(gctx, s.cli); return nil })
 	g.Go(func() error { return s.janitor.Run(gctx) })
 	g.Go(func() error { return serveGRPC("placement", placement, ls.Placement) })
 	if admin != placement {
