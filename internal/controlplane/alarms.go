@@ -28,8 +28,60 @@ type etcdKeeper struct {
 	// waits, more are dropped).
 	nospace chan struct{}
 
+	// members reach one member each, for the calls that name a member (Status, Defragment).
+	members memberClients
+
 	mu     sync.Mutex
 	raised map[string]bool // alarms raised at the last read
+}
+
+// memberClients are etcd clients of one endpoint each. The shared client's own per-member calls
+// (Status, Defragment) dial the member while its endpoint auto-sync may rewrite the endpoints:
+// a data race inside clientv3 3.7.
+type memberClients struct {
+	base clientv3.Config // of the shared client: TLS and credentials
+	mu   sync.Mutex
+	byEP map[string]*clientv3.Client
+}
+
+// reach sets the configuration (TLS, credentials) the member clients are made from: the shared
+// client's. It is called before any member is reached.
+func (m *memberClients) reach(base clientv3.Config) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.base = base
+}
+
+// maintenance returns the Maintenance API of the member at ep, connecting on first use.
+func (m *memberClients) maintenance(ep string) (etcdserverpb.MaintenanceClient, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c, ok := m.byEP[ep]
+	if !ok {
+		cfg := m.base
+		cfg.Endpoints, cfg.AutoSyncInterval = []string{ep}, 0
+		if cfg.DialTimeout == 0 {
+			cfg.DialTimeout = 5 * time.Second
+		}
+		var err error
+		if c, err = clientv3.New(cfg); err != nil {
+			return nil, err
+		}
+		if m.byEP == nil {
+			m.byEP = map[string]*clientv3.Client{}
+		}
+		m.byEP[ep] = c
+	}
+	return etcdserverpb.NewMaintenanceClient(c.ActiveConnection()), nil
+}
+
+func (m *memberClients) close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for ep, c := range m.byEP {
+		c.Close()
+		delete(m.byEP, ep)
+	}
 }
 
 type etcdMetrics struct {
@@ -147,9 +199,7 @@ func (k *etcdKeeper) sizes(ctx context.Context, cli *clientv3.Client) map[string
 	out := map[string]int64{}
 	eps := slices.Clone(cli.Endpoints())
 	for _, ep := range eps {
-		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		st, err := cli.Status(sctx, ep)
-		cancel()
+		st, err := k.statusTimeout(ctx, ep, 5*time.Second)
 		if err != nil {
 			continue
 		}
@@ -166,7 +216,7 @@ func (k *etcdKeeper) isRaised(a etcdserverpb.AlarmType) bool {
 	return k.raised[a.String()]
 }
 
-func (k *etcdKeeper) observe(ep string, st *clientv3.StatusResponse) {
+func (k *etcdKeeper) observe(ep string, st *etcdserverpb.StatusResponse) {
 	k.metrics.dbSize.WithLabelValues(ep).Set(float64(st.DbSize))
 	k.metrics.dbInUse.WithLabelValues(ep).Set(float64(st.DbSizeInUse))
 	k.metrics.dbQuota.WithLabelValues(ep).Set(float64(st.DbSizeQuota))

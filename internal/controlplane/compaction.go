@@ -143,7 +143,11 @@ func (k *etcdKeeper) defrag(ctx context.Context, cli *clientv3.Client, ep string
 	dctx, cancel := context.WithTimeout(ctx, maintenanceTimeout)
 	defer cancel()
 	start := time.Now()
-	if _, err := cli.Defragment(dctx, ep); err != nil {
+	m, err := k.members.maintenance(ep)
+	if err == nil {
+		_, err = m.Defragment(dctx, &etcdserverpb.DefragmentRequest{})
+	}
+	if err != nil {
 		k.metrics.defrags.WithLabelValues("failed").Inc()
 		k.log.Warn("cannot defragment etcd member", "endpoint", ep, "err", err)
 		return fmt.Errorf("defragment %s: %w", ep, err)
@@ -159,10 +163,18 @@ func (k *etcdKeeper) defrag(ctx context.Context, cli *clientv3.Client, ep string
 	return nil
 }
 
-func (k *etcdKeeper) status(ctx context.Context, cli *clientv3.Client, ep string) (*clientv3.StatusResponse, error) {
-	sctx, cancel := context.WithTimeout(ctx, maintenanceTimeout)
+func (k *etcdKeeper) status(ctx context.Context, _ *clientv3.Client, ep string) (*etcdserverpb.StatusResponse, error) {
+	return k.statusTimeout(ctx, ep, maintenanceTimeout)
+}
+
+func (k *etcdKeeper) statusTimeout(ctx context.Context, ep string, d time.Duration) (*etcdserverpb.StatusResponse, error) {
+	m, err := k.members.maintenance(ep)
+	if err != nil {
+		return nil, err
+	}
+	sctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
-	return cli.Status(sctx, ep)
+	return m.Status(sctx, &etcdserverpb.StatusRequest{})
 }
 
 // recoverSpace answers a NOSPACE alarm: it compacts all history (a watcher behind the current

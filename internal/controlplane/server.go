@@ -163,16 +163,19 @@ func (ls Listeners) Close() {
 // that read the snapshot answer Unavailable, and the log shows the load's progress. Ready is closed
 // when the snapshot is loaded.
 type Server struct {
-	o       Options
-	etcd    *etcdembed.Server // nil with external etcd
-	cli     *clientv3.Client
-	store   *blob.Store // nil without store access
-	w       *targets.Watcher
-	svc     *Service
-	janitor *Janitor
-	health  *health.Server
-	opts    []grpc.ServerOption
-	closers []func() // certificate and policy watchers
+	o    Options
+	etcd *etcdembed.Server // nil with external etcd
+	cli  *clientv3.Client
+	// etcdConfig is cli's configuration, from which the clients of single members are made
+	// (alarms.go).
+	etcdConfig clientv3.Config
+	store      *blob.Store // nil without store access
+	w          *targets.Watcher
+	svc        *Service
+	janitor    *Janitor
+	health     *health.Server
+	opts       []grpc.ServerOption
+	closers    []func() // certificate and policy watchers
 
 	mu       sync.Mutex
 	serving  bool
@@ -217,6 +220,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	s.w = targets.NewWatcher(s.cli, reg.Prefix(), o.Log)
 	d := newDeps(reg, s.w, cfg)
 	s.svc = newService(d)
+	d.etcd.members.reach(s.etcdConfig)
 	s.svc.claims = &claimLimiter{rate: rate.Limit(o.ClaimRate), burst: o.ClaimBurst}
 	s.janitor = newJanitor(d, s.cli, o.ID)
 	s.health = health.NewServer()
@@ -259,6 +263,7 @@ func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 		}
 		cfg.TLS = tc
 	}
+	s.etcdConfig = cfg
 	var err error
 	if s.cli, err = clientv3.New(cfg); err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", endpoints, err)
@@ -539,6 +544,9 @@ func (s *Server) closeBackends() {
 	s.closers = nil
 	if s.store != nil {
 		s.store.Close()
+	}
+	if s.svc != nil {
+		s.svc.etcd.members.close()
 	}
 	if s.cli != nil {
 		s.cli.Close()
