@@ -74,6 +74,7 @@ type rigOptions struct {
 	controlPlanes int // default 1
 	cpFlags       []string
 	agentFlags    []string
+	etcdQuota     int64 // each member's space quota (0: etcd's default)
 }
 
 func newRig(t *testing.T, o rigOptions) *rig {
@@ -107,7 +108,7 @@ func newRig(t *testing.T, o rigOptions) *rig {
 	for i := range dirs {
 		dirs[i] = t.TempDir()
 	}
-	r.etcd, err = etcdembed.StartCluster(context.Background(), dirs)
+	r.etcd, err = etcdembed.StartClusterQuota(context.Background(), dirs, o.etcdQuota)
 	r.must(err)
 	var endpoints, addrs []string
 	for _, m := range r.etcd {

@@ -224,6 +224,11 @@ func (s *Server) Close() { s.close.Do(s.etcd.Close) }
 // StartCluster starts one member per directory on loopback ports and waits until all serve. The
 // members share the PKI of the first (dirs[0] with "-pki" appended).
 func StartCluster(ctx context.Context, dirs []string) ([]*Server, error) {
+	return StartClusterQuota(ctx, dirs, 0)
+}
+
+// StartClusterQuota is StartCluster with a space quota for every member (0: DefaultQuotaBytes).
+func StartClusterQuota(ctx context.Context, dirs []string, quota int64) ([]*Server, error) {
 	if len(dirs) == 0 {
 		return nil, errors.New("a cluster needs at least one member")
 	}
@@ -242,7 +247,7 @@ func StartCluster(ctx context.Context, dirs []string) ([]*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		cfgs[i] = Config{Dir: d, Name: fmt.Sprintf("m%d", i), ClientURL: c, PeerURL: p, PKIDir: pkiDir}
+		cfgs[i] = Config{Dir: d, Name: fmt.Sprintf("m%d", i), ClientURL: c, PeerURL: p, PKIDir: pkiDir, QuotaBytes: quota}
 		members = append(members, cfgs[i].Name+"="+p)
 	}
 	servers := make([]*Server, len(dirs))
