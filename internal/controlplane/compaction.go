@@ -9,6 +9,8 @@ import (
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/detourhq/detour/internal/targets"
 )
 
 // EtcdMaintenance configures how the control plane keeps etcd healthy: every replica reads etcd's
@@ -50,9 +52,17 @@ func (c *EtcdMaintenance) defaults() {
 const maintenanceTimeout = time.Minute
 
 // runCompactor compacts etcd's history every CompactInterval while this replica is the janitor,
-// and recovers from NOSPACE when Defrag allows it (the status loop signals k.nospace).
+// and recovers from NOSPACE when Defrag allows it (the status loop signals k.nospace). These are
+// not registry writes, so the term's fence cannot be compared in their transaction: each round
+// reads etcd's revision through the fenced registry (Held), and a deposed janitor's round stops
+// there.
 func (t *term) runCompactor(ctx context.Context) {
 	k, cli := t.etcd, t.cli
+	revision := func(ctx context.Context) (int64, error) {
+		rctx, cancel := context.WithTimeout(ctx, maintenanceTimeout)
+		defer cancel()
+		return t.reg.Held(rctx)
+	}
 	interval := k.cfg.CompactInterval
 	var tick <-chan time.Time
 	if interval > 0 {
@@ -62,7 +72,7 @@ func (t *term) runCompactor(ctx context.Context) {
 	}
 	var seen int64 // the revision read one interval ago: what the next compaction keeps from
 	if interval > 0 {
-		seen, _ = k.revision(ctx, cli)
+		seen, _ = revision(ctx)
 	}
 	var recovered time.Time
 	for {
@@ -72,11 +82,14 @@ func (t *term) runCompactor(ctx context.Context) {
 		case <-k.nospace:
 			// Once a minute at most: a recovery that found no room is not retried every poll.
 			if k.cfg.Defrag && k.isRaised(etcdserverpb.AlarmType_NOSPACE) && time.Since(recovered) > time.Minute {
-				k.recoverSpace(ctx, cli)
+				k.recoverSpace(ctx, cli, revision)
 				recovered = time.Now()
 			}
 		case <-tick:
-			rev, err := k.revision(ctx, cli)
+			rev, err := revision(ctx)
+			if errors.Is(err, targets.ErrNotElected) {
+				return // the term is ending: watchElection ends it
+			}
 			if err != nil {
 				k.once.Warn("compact", "cannot read etcd's revision to compact its history; retrying", "err", err)
 				continue
@@ -87,18 +100,6 @@ func (t *term) runCompactor(ctx context.Context) {
 			seen = rev
 		}
 	}
-}
-
-// revision is etcd's current revision.
-func (k *etcdKeeper) revision(ctx context.Context, cli *clientv3.Client) (int64, error) {
-	rctx, cancel := context.WithTimeout(ctx, maintenanceTimeout)
-	defer cancel()
-	// Any key does: the header carries the store's revision.
-	resp, err := cli.Get(rctx, "\x00", clientv3.WithCountOnly())
-	if err != nil {
-		return 0, err
-	}
-	return resp.Header.Revision, nil
 }
 
 // compact removes the history before rev. A revision compacted already (by etcd's own
@@ -181,9 +182,13 @@ func (k *etcdKeeper) statusTimeout(ctx context.Context, ep string, d time.Durati
 // revision re-reads, as after any compaction it missed), defragments every member, and disarms
 // the alarm if the database now fits the quota with a tenth to spare. If the live data alone
 // fills the quota, the alarm stays and the log says so.
-func (k *etcdKeeper) recoverSpace(ctx context.Context, cli *clientv3.Client) {
+func (k *etcdKeeper) recoverSpace(ctx context.Context, cli *clientv3.Client, revision func(context.Context) (int64, error)) {
 	k.log.Warn("etcd NOSPACE alarm: compacting all history, defragmenting and disarming (automatic for the embedded etcd)")
-	rev, err := k.revision(ctx, cli)
+	rev, err := revision(ctx)
+	if errors.Is(err, targets.ErrNotElected) {
+		k.log.Info("NOSPACE recovery left to the next janitor: this replica's term has ended", "err", err)
+		return
+	}
 	if err != nil {
 		k.metrics.recoveries.WithLabelValues("failed").Inc()
 		k.log.Error("NOSPACE recovery: cannot read etcd's revision", "err", err)
