@@ -43,7 +43,9 @@ type clonebundles struct {
 
 func newClonebundles(r *rig) *clonebundles {
 	ctx := context.Background()
-	srv, err := hgserve.Serve(ctx, r.hg, r.repo.Dir, hgserve.Options{Config: []string{"extensions.clonebundles="}, Dir: filepath.Join(r.work, "cb-logs")})
+	logs := filepath.Join(r.work, "cb-logs")
+	r.must(os.MkdirAll(logs, 0o755))
+	srv, err := hgserve.Serve(ctx, r.hg, r.repo.Dir, hgserve.Options{Config: []string{"extensions.clonebundles="}, Dir: logs})
 	r.must(err)
 	r.t.Cleanup(srv.Close)
 	cb := &clonebundles{r: r, tap: newTap(r.t, srv.URL), dir: filepath.Join(r.work, "bundles")}
