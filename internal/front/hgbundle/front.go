@@ -241,6 +241,7 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 		rank  int
 	}
 	var all []found
+	var fills []formatFill // of the newest checkpoint
 	for rank, c := range f.cfg.Formats {
 		spec := c.BundleSpec()
 		for i, cp := range cps {
@@ -254,7 +255,7 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 			case agent.Denied:
 				return nil, errDenied
 			case agent.Fill:
-				f.fill(o, caps, cp, c, d.Fill)
+				fills = append(fills, formatFill{c, d.Fill})
 				continue
 			case agent.Redirect:
 				e := Entry{URL: d.Location.URL, BundleSpec: spec, RequiresSNI: strings.HasPrefix(d.Location.URL, "https:")}
@@ -264,6 +265,9 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 			}
 			break
 		}
+	}
+	if len(fills) > 0 {
+		f.fill(o, caps, cps[0], fills)
 	}
 	// The newest bundles first; for equal checkpoints, the formats' order.
 	sort.SliceStable(all, func(i, j int) bool {
@@ -279,29 +283,75 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 	return out, nil
 }
 
-// fill fetches the checkpoint's bundle from the origin, compresses it into the fill and ends it,
-// in the background: no client waits for it.
-func (f *Front) fill(o *Origin, caps Caps, cp checkpoint, c Compression, fill *agent.FillWriter) {
+// formatFill is one granted fill of a checkpoint's bundle, in one format.
+type formatFill struct {
+	c    Compression
+	fill *agent.FillWriter
+}
+
+// fill fetches the checkpoint's bundle from the origin once and compresses it into each granted
+// fill, in the background: no client waits for it. A format whose fill fails drops out; the
+// others go on.
+func (f *Front) fill(o *Origin, caps Caps, cp checkpoint, fills []formatFill) {
 	f.a.Go(func(context.Context) {
-		defer fill.Finish()
+		var wg sync.WaitGroup
+		outs := make([]*io.PipeWriter, len(fills))
+		ctx := fills[0].fill.Context()
+		for i, ff := range fills {
+			pr, pw := io.Pipe()
+			outs[i] = pw
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer ff.fill.Finish()
+				err := Compress(ff.fill, pr, ff.c)
+				pr.CloseWithError(err) // a failed format stops taking bytes
+				if err != nil {
+					ff.fill.Fail(fmt.Errorf("bundle of %d changesets: %w", cp.revs, err))
+					f.fills.WithLabelValues(string(ff.c), "failed").Inc()
+					f.a.Log().Warn("clone bundle not made", "key", ff.fill.Key(), "changesets", cp.revs, "format", string(ff.c), "err", err)
+					return
+				}
+				f.fills.WithLabelValues(string(ff.c), "stored").Inc()
+				f.a.Log().Info("clone bundle stored; it is advertised once the control plane has verified it", "key", ff.fill.Key(),
+					"changesets", cp.revs, "format", string(ff.c))
+			}()
+		}
 		err := func() error {
-			b, err := o.FullBundle(fill.Context(), caps, []Node{cp.node})
+			b, err := o.FullBundle(ctx, caps, []Node{cp.node})
 			if err != nil {
 				return err
 			}
 			defer b.Body.Close()
-			return Compress(fill, b.Body, c)
+			_, err = io.Copy(&fanout{outs: outs}, b.Body)
+			return err
 		}()
-		if err != nil {
-			fill.Fail(fmt.Errorf("bundle of %d changesets: %w", cp.revs, err))
-			f.fills.WithLabelValues(string(c), "failed").Inc()
-			f.a.Log().Warn("clone bundle not made", "key", fill.Key(), "changesets", cp.revs, "format", string(c), "err", err)
-			return
+		for _, pw := range outs {
+			pw.CloseWithError(err) // nil: the end of the bundle
 		}
-		f.fills.WithLabelValues(string(c), "stored").Inc()
-		f.a.Log().Info("clone bundle stored; it is advertised once the control plane has verified it", "key", fill.Key(),
-			"changesets", cp.revs, "format", string(c))
+		wg.Wait()
 	})
+}
+
+// fanout writes to every output that still takes bytes; it fails only when none does.
+type fanout struct{ outs []*io.PipeWriter }
+
+func (w *fanout) Write(p []byte) (int, error) {
+	live := 0
+	for i, o := range w.outs {
+		if o == nil {
+			continue
+		}
+		if _, err := o.Write(p); err != nil {
+			w.outs[i] = nil
+			continue
+		}
+		live++
+	}
+	if live == 0 {
+		return 0, errors.New("every format of the bundle failed")
+	}
+	return len(p), nil
 }
 
 // origin is the repository repo on the origin, asked with the client's credentials (the only
@@ -423,9 +473,14 @@ func (st *repoState) checkpoints(ctx context.Context, o *Origin, step int, capsT
 // countRevs finds the number of changesets on the origin: the first revision number it does not
 // resolve, by galloping up from known (a count that was right before; the repository grows) and
 // bisecting the last gap. A handful of lookups after a push of a few changesets.
+//
+// Revision rev exists when "-(rev+1)" resolves: Mercurial reads a negative number as counted
+// from the end. A positive number past the end would not do: the origin then tries it as a
+// prefix of a changeset's hash ("9" names the changeset 9dd83e44… in a repository of 9), and
+// names cannot be integers, so a negative one resolves only as a revision.
 func countRevs(ctx context.Context, o *Origin, caps Caps, known int) (int, error) {
 	exists := func(rev int) (bool, error) {
-		_, err := o.Lookup(ctx, caps, strconv.Itoa(rev))
+		_, err := o.Lookup(ctx, caps, strconv.Itoa(-rev-1))
 		if errors.Is(err, ErrUnknownRevision) {
 			return false, nil
 		}
