@@ -11,7 +11,8 @@ package hgbundle
 // anyone, and the control plane's fill claim makes one of them, fleet-wide, fetch the bundle
 // from the origin (the getbundle a clone makes), store it and report it; it is verified like
 // every object before anyone is sent to it. A manifest names the newest checkpoint whose bundle
-// is READY, per format; until the newest one is READY, the one before it. The client applies the
+// is READY, per format; until the newest one is READY, the one before it, or the newest one this
+// agent has seen READY (after a push of many steps at once). The client applies the
 // bundle and pulls the changesets after the checkpoint from the origin (at most about S, plus
 // what arrived since).
 //
@@ -175,7 +176,8 @@ func (f *Front) serveCapabilities(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(resp.StatusCode)
-	_, _ = w.Write(body)
+	n, _ := w.Write(body)
+	f.a.CountBytes("capabilities", agent.BytesOrigin, int64(n))
 }
 
 // serveManifest answers `clonebundles`: the READY bundles of the newest checkpoint that has
@@ -189,7 +191,7 @@ func (f *Front) serveManifest(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, errDenied):
 		// The client gets the origin's own refusal, and authenticates after it.
 		f.manifests.WithLabelValues("origin_denied").Inc()
-		f.a.Relay(w, r, "origin_denied")
+		f.a.RelayAs(w, r, "origin_denied", "clonebundles")
 		return
 	case err != nil:
 		f.manifests.WithLabelValues("origin_error").Inc()
@@ -202,13 +204,18 @@ func (f *Front) serveManifest(w http.ResponseWriter, r *http.Request) {
 		f.a.Once().Forget("bundle-state:" + repo)
 		f.manifests.WithLabelValues("bundles").Inc()
 	}
-	body, err := EncodeManifest(ForClient(entries, r.Header))
+	served := ForClient(entries, r.Header)
+	body, err := EncodeManifest(served)
 	if err != nil {
 		f.a.Once().Warn("bundle-manifest", "cannot encode a clone-bundle manifest; answering an empty one", "err", err)
 		body = nil
 	}
 	if len(entries) > 0 {
 		f.a.Count("redirect")
+		// The client applies the first bundle it can: those bytes come from the store.
+		if body != nil && len(served) > 0 {
+			f.a.CountBytes("clonebundles", agent.BytesStore, int64(served[0].size))
+		}
 	} else {
 		f.a.Count("inline")
 	}
@@ -237,7 +244,7 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 	}
 	type found struct {
 		entry Entry
-		revs  int
+		cp    checkpoint
 		rank  int
 	}
 	var all []found
@@ -258,8 +265,8 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 				fills = append(fills, formatFill{c, d.Fill})
 				continue
 			case agent.Redirect:
-				e := Entry{URL: d.Location.URL, BundleSpec: spec, RequiresSNI: strings.HasPrefix(d.Location.URL, "https:")}
-				all = append(all, found{e, cp.revs, rank})
+				e := Entry{URL: d.Location.URL, BundleSpec: spec, RequiresSNI: strings.HasPrefix(d.Location.URL, "https:"), size: d.Location.Size}
+				all = append(all, found{e, cp, rank})
 			default:
 				continue
 			}
@@ -269,10 +276,13 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 	if len(fills) > 0 {
 		f.fill(o, caps, cps[0], fills)
 	}
+	for _, x := range all {
+		st.sawReady(x.cp)
+	}
 	// The newest bundles first; for equal checkpoints, the formats' order.
 	sort.SliceStable(all, func(i, j int) bool {
-		if all[i].revs != all[j].revs {
-			return all[i].revs > all[j].revs
+		if all[i].cp.revs != all[j].cp.revs {
+			return all[i].cp.revs > all[j].cp.revs
 		}
 		return all[i].rank < all[j].rank
 	})
@@ -405,6 +415,18 @@ type repoState struct {
 	heads  string // sorted hex, joined
 	revs   int
 	nodes  map[int]Node // revision number → node, for checkpoints
+	// ready is the newest checkpoint a manifest found a READY bundle of: still a candidate after
+	// a push of more than a step or two has moved the current checkpoints past every bundle made.
+	ready checkpoint
+}
+
+// sawReady remembers cp as having a READY bundle if it is newer than the one remembered.
+func (st *repoState) sawReady(cp checkpoint) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if cp.revs > st.ready.revs {
+		st.ready = cp
+	}
 }
 
 // maxNodes bounds the checkpoint nodes a repository's state remembers.
@@ -453,7 +475,7 @@ func (st *repoState) checkpoints(ctx context.Context, o *Origin, step int, capsT
 	}
 	add(st.revs/s*s - s)
 	sort.Sort(sort.Reverse(sort.IntSlice(revs)))
-	out := make([]checkpoint, 0, len(revs))
+	out := make([]checkpoint, 0, len(revs)+1)
 	for _, n := range revs {
 		node, ok := st.nodes[n]
 		if !ok {
@@ -466,6 +488,9 @@ func (st *repoState) checkpoints(ctx context.Context, o *Origin, step int, capsT
 			st.nodes[n] = node
 		}
 		out = append(out, checkpoint{revs: n, node: node})
+	}
+	if r := st.ready; r.revs > 0 && r.revs < out[len(out)-1].revs {
+		out = append(out, r) // the oldest: looked up only when none of the current ones is READY
 	}
 	return out, st.caps, nil
 }
