@@ -133,7 +133,7 @@ func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key t
 		return
 	}
 	// Built from where the record says the bytes are, not from the target's current settings.
-	url, err := blob.LocationURL(t, obj.Home.Bucket, obj.ObjectName(key), s.cfg.Signer, now,
+	url, err := blob.LocationURL(t, obj.Home().Bucket, obj.ObjectName(key), s.cfg.Signer, now,
 		policyDuration(snap.Policy().SignedUrlTtl, targets.DefaultSignedURLTTL))
 	if err != nil {
 		s.once.Warn("location:"+t.Name, "cannot build location URLs for target; answering inline",
@@ -143,7 +143,7 @@ func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key t
 	}
 	resp.Result = pb.PlaceResult_PLACE_RESULT_REDIRECT
 	resp.Target = t.Name
-	resp.Location = &pb.Location{Url: url, MediaType: obj.Home.MediaType, Size: obj.Size,
+	resp.Location = &pb.Location{Url: url, MediaType: obj.Home().MediaType, Size: obj.Size,
 		Sha256: append([]byte(nil), obj.SHA256[:]...), Sha1: append([]byte(nil), obj.SHA1[:]...)}
 	if d := s.cacheFor(snap, t, obj, region, now); d > 0 {
 		resp.CacheFor = durationpb.New(d)
@@ -619,7 +619,7 @@ func (s *Service) ReportBrokenLocation(ctx context.Context, req *pb.ReportBroken
 	if obj == nil {
 		return &pb.ReportBrokenLocationResponse{}, nil
 	}
-	a, err := s.cfg.Store.Stat(ctx, obj.Home.Bucket, obj.ObjectName(key))
+	a, err := s.cfg.Store.Stat(ctx, obj.Home().Bucket, obj.ObjectName(key))
 	problem := ""
 	switch {
 	case errors.Is(err, blob.ErrNotFound):

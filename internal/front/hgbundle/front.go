@@ -11,7 +11,8 @@ package hgbundle
 // anyone, and the control plane's fill claim makes one of them, fleet-wide, fetch the bundle
 // from the origin (the getbundle a clone makes), store it and report it; it is verified like
 // every object before anyone is sent to it. A manifest names the newest checkpoint whose bundle
-// is READY, per format; until the newest one is READY, the one before it. The client applies the
+// is READY, per format; until the newest one is READY, the one before it, or the newest one this
+// agent has seen READY (after a push of many steps at once). The client applies the
 // bundle and pulls the changesets after the checkpoint from the origin (at most about S, plus
 // what arrived since).
 //
@@ -243,7 +244,7 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 	}
 	type found struct {
 		entry Entry
-		revs  int
+		cp    checkpoint
 		rank  int
 	}
 	var all []found
@@ -265,7 +266,7 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 				continue
 			case agent.Redirect:
 				e := Entry{URL: d.Location.URL, BundleSpec: spec, RequiresSNI: strings.HasPrefix(d.Location.URL, "https:"), size: d.Location.Size}
-				all = append(all, found{e, cp.revs, rank})
+				all = append(all, found{e, cp, rank})
 			default:
 				continue
 			}
@@ -275,10 +276,13 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 	if len(fills) > 0 {
 		f.fill(o, caps, cps[0], fills)
 	}
+	for _, x := range all {
+		st.sawReady(x.cp)
+	}
 	// The newest bundles first; for equal checkpoints, the formats' order.
 	sort.SliceStable(all, func(i, j int) bool {
-		if all[i].revs != all[j].revs {
-			return all[i].revs > all[j].revs
+		if all[i].cp.revs != all[j].cp.revs {
+			return all[i].cp.revs > all[j].cp.revs
 		}
 		return all[i].rank < all[j].rank
 	})
@@ -411,6 +415,18 @@ type repoState struct {
 	heads  string // sorted hex, joined
 	revs   int
 	nodes  map[int]Node // revision number → node, for checkpoints
+	// ready is the newest checkpoint a manifest found a READY bundle of: still a candidate after
+	// a push of more than a step or two has moved the current checkpoints past every bundle made.
+	ready checkpoint
+}
+
+// sawReady remembers cp as having a READY bundle if it is newer than the one remembered.
+func (st *repoState) sawReady(cp checkpoint) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if cp.revs > st.ready.revs {
+		st.ready = cp
+	}
 }
 
 // maxNodes bounds the checkpoint nodes a repository's state remembers.
@@ -459,7 +475,7 @@ func (st *repoState) checkpoints(ctx context.Context, o *Origin, step int, capsT
 	}
 	add(st.revs/s*s - s)
 	sort.Sort(sort.Reverse(sort.IntSlice(revs)))
-	out := make([]checkpoint, 0, len(revs))
+	out := make([]checkpoint, 0, len(revs)+1)
 	for _, n := range revs {
 		node, ok := st.nodes[n]
 		if !ok {
@@ -472,6 +488,9 @@ func (st *repoState) checkpoints(ctx context.Context, o *Origin, step int, capsT
 			st.nodes[n] = node
 		}
 		out = append(out, checkpoint{revs: n, node: node})
+	}
+	if r := st.ready; r.revs > 0 && r.revs < out[len(out)-1].revs {
+		out = append(out, r) // the oldest: looked up only when none of the current ones is READY
 	}
 	return out, st.caps, nil
 }

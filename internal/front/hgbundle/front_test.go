@@ -255,6 +255,20 @@ func TestStockClientsApplyDetourMadeBundles(t *testing.T) {
 		t.Fatalf("5.6.1's clone differs from a direct clone")
 	}
 
+	// A push of many more changesets than a step: the newest bundles are not made yet, and the
+	// clone still applies the newest READY one and pulls the rest.
+	s.origin.commit(t, 20, "burst")
+	want = sameContent(directClone(t, hg, s.proxy.URL))
+	dir = filepath.Join(t.TempDir(), "burst")
+	out, originBytes = s.clone(t, hg, dir)
+	appliedBundle(t, out)
+	if got := sameContent(state(t, hg, dir)); got != want {
+		t.Fatalf("the clone after a push of 20 changesets differs from a direct clone")
+	}
+	if originBytes*20 > direct {
+		t.Fatalf("a clone right after a push of 20 changesets cost the origin %d bytes, over 5%% of a direct clone's %d", originBytes, direct)
+	}
+
 	// The store's client-facing URL fails: the target is no longer advertised, nor its bundles,
 	// within the prober's detection time; clones are normal.
 	s.Front.Fail(http.StatusServiceUnavailable)
