@@ -249,11 +249,12 @@ func (g *storeGuard) handleEvent(ctx context.Context, ev blob.Event, published t
 		}
 		reason, detail := "", ""
 		switch {
-		case ev.Type == blob.EventFinalize && ev.Generation == o.Generation,
-			ev.Type == blob.EventMetadata && ev.Generation == o.Generation,
+		case (ev.Type == blob.EventFinalize || ev.Type == blob.EventMetadata) && ev.Generation <= o.Generation,
 			(ev.Type == blob.EventDelete || ev.Type == blob.EventArchive) && ev.Generation != o.Generation:
-			// The record's own writing, a metadata change that leaves its bytes, or another
-			// generation going away.
+			// The record's own writing, a metadata change that leaves its bytes, news of an
+			// older generation (generations only grow: an emulator that gives a metadata update a
+			// new generation announces the upload's first one late), or another generation going
+			// away.
 			if outcome == "no_record" {
 				outcome = "intact"
 			}
@@ -265,7 +266,7 @@ func (g *storeGuard) handleEvent(ctx context.Context, ev blob.Event, published t
 		case ev.Type == blob.EventArchive:
 			reason, detail = "replaced", fmt.Sprintf("generation %d became noncurrent", ev.Generation)
 		default:
-			// A metadata change that came with another generation (an emulator that keeps one
+			// A metadata change that came with a newer generation (an emulator that keeps one
 			// generation per object), or an event type this code does not know: ask the store.
 			if g.s.cfg.Store == nil {
 				continue

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/api/option"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/gcsemu"
 )
 
@@ -260,4 +261,53 @@ func TestRestartedReplicaChecksRecordsBeforeRedirecting(t *testing.T) {
 	if metric(t, r, "detour_janitor_elected") != 0 {
 		t.Fatal("the restarted replica became janitor while the crashed one's lease was held")
 	}
+}
+
+// What a bucket notification says decides: news of the record's own generation or an older one,
+// another generation going away, a metadata change the store shows left the bytes alone, and
+// other buckets' objects retire nothing; a newer generation written over the record's, or the
+// deletion of its generation, retires it.
+func TestStoreEventsRetireOnlyChangedBytes(t *testing.T) {
+	r := startReplica(t, startEtcd(t).Endpoint())
+	createTargets(t, r, target(t, "us-a", "us"))
+	acc := []string{"us-a"}
+	ctx := context.Background()
+	g := r.inst.Service.guard
+	for i := range 2 {
+		fill(t, r, key(i), acc, "us")
+		waitRedirect(t, r, key(i), acc...)
+	}
+	rec := recordOf(t, r, "us-a", key(0))
+	ev := func(typ string, gen int64) blob.Event {
+		return blob.Event{Type: typ, Bucket: rec.Bucket, Name: rec.ObjectName, Generation: gen}
+	}
+	cases := []struct {
+		name    string
+		ev      blob.Event
+		outcome string
+	}{
+		{"its own finalization", ev(blob.EventFinalize, rec.Generation), "intact"},
+		{"an older generation's finalization", ev(blob.EventFinalize, rec.Generation-1), "intact"},
+		{"its own metadata change", ev(blob.EventMetadata, rec.Generation), "intact"},
+		{"another generation deleted", ev(blob.EventDelete, rec.Generation-1), "intact"},
+		{"a newer generation's metadata, the store unchanged", ev(blob.EventMetadata, rec.Generation+1), "intact"},
+		{"another bucket's object of the same name", blob.Event{Type: blob.EventDelete, Bucket: "elsewhere", Name: rec.ObjectName, Generation: rec.Generation}, "no_record"},
+		{"the canary", blob.Event{Type: blob.EventDelete, Bucket: rec.Bucket, Name: "hg/" + CanaryName, Generation: 1}, "no_record"},
+		{"a newer generation written over it", ev(blob.EventFinalize, rec.Generation+1), "retired"},
+	}
+	for _, c := range cases {
+		outcome, err := g.handleEvent(ctx, c.ev, time.Now())
+		if err != nil || outcome != c.outcome {
+			t.Fatalf("%s: %s, %v; want %s", c.name, outcome, err, c.outcome)
+		}
+		if c.outcome != "retired" && placeKey(t, r, key(0), acc...).Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
+			t.Fatalf("%s: the record stopped being redirected to", c.name)
+		}
+	}
+	waitNoRedirect(t, r, 5*time.Second, key(0), acc...)
+	del := recordOf(t, r, "us-a", key(1))
+	if outcome, err := g.handleEvent(ctx, blob.Event{Type: blob.EventDelete, Bucket: del.Bucket, Name: del.ObjectName, Generation: del.Generation}, time.Now()); err != nil || outcome != "retired" {
+		t.Fatalf("its generation deleted: %s, %v", outcome, err)
+	}
+	waitNoRedirect(t, r, 5*time.Second, key(1), acc...)
 }
