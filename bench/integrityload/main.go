@@ -284,7 +284,7 @@ func (b *bench) restarted(n *node, list time.Duration) {
 		Janitor: controlplane.JanitorConfig{SweepInterval: time.Hour, ReconcileInterval: time.Hour}}
 	defer os.RemoveAll(o.DataDir)
 	start := time.Now()
-	cp, err := controlplane.Start(b.ctx, o)
+	cp, err := devstack.StartControlPlane(b.ctx, o)
 	check(err)
 	defer cp.Shutdown(context.Background())
 	conn, err := grpc.NewClient(cp.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -302,10 +302,10 @@ func (b *bench) restarted(n *node, list time.Duration) {
 	}
 	// Records asked for while the listing runs are checked one by one.
 	var unchecked []time.Duration
-	for i := 1; i <= 200 && cp.Service.UnverifiedTargets() > 0; i++ {
+	for i := 1; i <= 200 && cp.UnverifiedTargets() > 0; i++ {
 		unchecked = append(unchecked, ask(key(30, i)))
 	}
-	for cp.Service.UnverifiedTargets() > 0 {
+	for cp.UnverifiedTargets() > 0 {
 		time.Sleep(time.Millisecond)
 	}
 	confirmed := time.Since(start)
@@ -388,7 +388,9 @@ func (b *bench) changed() {
 			took = append(took, time.Since(start))
 		}
 		slices.Sort(took)
-		q := func(f float64) string { return took[min(len(took)-1, int(f*float64(len(took))))].Round(time.Millisecond).String() }
+		q := func(f float64) string {
+			return took[min(len(took)-1, int(f*float64(len(took))))].Round(time.Millisecond).String()
+		}
 		fmt.Printf("%-32s  %-10s  %-10s  %-10s  %-10s  %.3f\n", kind.name, q(0), q(0.5), q(0.9), q(1), took[len(took)-1].Seconds()/10)
 	}
 	fmt.Println()

@@ -28,6 +28,9 @@ type Event struct {
 	Bucket     string
 	Name       string
 	Generation int64
+	// OverwrittenBy is the generation written over this one (OBJECT_DELETE and OBJECT_ARCHIVE of a
+	// replaced generation); 0: not a replacement, or not said.
+	OverwrittenBy int64
 }
 
 // ParseEvent reads a notification from a Pub/Sub message's attributes; false if they are not one.
@@ -38,6 +41,9 @@ func ParseEvent(attrs map[string]string) (Event, bool) {
 		return Event{}, false
 	}
 	e.Generation = g
+	if by, err := strconv.ParseInt(attrs["overwrittenByGeneration"], 10, 64); err == nil {
+		e.OverwrittenBy = by
+	}
 	return e, true
 }
 

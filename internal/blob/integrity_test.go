@@ -310,18 +310,19 @@ func TestBucketNotificationsReachPubSub(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	has := func(typ string, gen int64) bool {
+	has := func(typ string, gen, by int64) bool {
 		mu.Lock()
 		defer mu.Unlock()
 		for _, e := range got {
-			if e.Type == typ && e.Bucket == "objects" && e.Name == "n/obj" && e.Generation == gen {
+			if e.Type == typ && e.Bucket == "objects" && e.Name == "n/obj" && e.Generation == gen && e.OverwrittenBy == by {
 				return true
 			}
 		}
 		return false
 	}
+	// The replaced generation's deletion names the one written over it, as GCS's does.
 	testbed.Eventually(t, 10*time.Second, "the overwrite's events", func() bool {
-		return has(EventFinalize, res.Generation) && has(EventDelete, res.Generation) && has(EventFinalize, now.Generation)
+		return has(EventFinalize, res.Generation, 0) && has(EventDelete, res.Generation, now.Generation) && has(EventFinalize, now.Generation, 0)
 	})
 	stop()
 	<-done

@@ -559,3 +559,7 @@ func (s *Server) EtcdEndpoint() string {
 
 // IndexedObjects is the number of object records in this replica's snapshot.
 func (s *Server) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }
+
+// UnverifiedTargets is the number of targets whose records no listing of their bucket has
+// confirmed since this replica started (benchmarks; detour_store_unverified_targets).
+func (s *Server) UnverifiedTargets() int { return s.svc.guard.unverifiedTargets() }

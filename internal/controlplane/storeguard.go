@@ -261,6 +261,9 @@ func (g *storeGuard) handleEvent(ctx context.Context, ev blob.Event, published t
 			continue
 		case ev.Type == blob.EventFinalize:
 			reason, detail = "replaced", fmt.Sprintf("generation %d was written over generation %d", ev.Generation, o.Generation)
+		case ev.OverwrittenBy != 0:
+			// The replaced generation's own notification (it may come before the new one's).
+			reason, detail = "replaced", fmt.Sprintf("generation %d was written over generation %d", ev.OverwrittenBy, o.Generation)
 		case ev.Type == blob.EventDelete:
 			reason, detail = "deleted", fmt.Sprintf("generation %d was deleted", ev.Generation)
 		case ev.Type == blob.EventArchive:
@@ -529,12 +532,12 @@ func (g *storeGuard) confirm(ctx context.Context, t *pb.Target) error {
 	return nil
 }
 
-// UnverifiedTargets is the number of targets whose records no listing has confirmed since this
-// replica started (benchmarks; detour_store_unverified_targets).
-func (s *Service) UnverifiedTargets() int {
+// unverifiedTargets is the number of targets whose records no listing has confirmed since this
+// replica started.
+func (g *storeGuard) unverifiedTargets() int {
 	n := 0
-	for _, t := range s.w.Snapshot().Targets() {
-		if !s.guard.isTrusted(t.Uid) {
+	for _, t := range g.s.w.Snapshot().Targets() {
+		if !g.isTrusted(t.Uid) {
 			n++
 		}
 	}

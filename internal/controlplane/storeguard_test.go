@@ -266,14 +266,16 @@ func TestRestartedReplicaChecksRecordsBeforeRedirecting(t *testing.T) {
 // What a bucket notification says decides: news of the record's own generation or an older one,
 // another generation going away, a metadata change the store shows left the bytes alone, and
 // other buckets' objects retire nothing; a newer generation written over the record's, or the
-// deletion of its generation, retires it.
+// deletion of its generation, retires it (as replaced when the deletion names the generation
+// written over it).
 func TestStoreEventsRetireOnlyChangedBytes(t *testing.T) {
-	r := startReplica(t, startEtcd(t).Endpoint())
+	t.Parallel()
+	r := startReplica(t)
 	createTargets(t, r, target(t, "us-a", "us"))
 	acc := []string{"us-a"}
 	ctx := context.Background()
-	g := r.inst.Service.guard
-	for i := range 2 {
+	g := r.srv.svc.guard
+	for i := range 3 {
 		fill(t, r, key(i), acc, "us")
 		waitRedirect(t, r, key(i), acc...)
 	}
@@ -310,4 +312,16 @@ func TestStoreEventsRetireOnlyChangedBytes(t *testing.T) {
 		t.Fatalf("its generation deleted: %s, %v", outcome, err)
 	}
 	waitNoRedirect(t, r, 5*time.Second, key(1), acc...)
+	// The replaced generation's own notification, which may arrive before the new one's: a
+	// replacement, not a deletion.
+	rep := recordOf(t, r, "us-a", key(2))
+	before := metric(t, r, "detour_objects_retired_total", `reason="store_replaced"`)
+	if outcome, err := g.handleEvent(ctx, blob.Event{Type: blob.EventDelete, Bucket: rep.Bucket, Name: rep.ObjectName, Generation: rep.Generation,
+		OverwrittenBy: rep.Generation + 1}, time.Now()); err != nil || outcome != "retired" {
+		t.Fatalf("its generation overwritten: %s, %v", outcome, err)
+	}
+	waitNoRedirect(t, r, 5*time.Second, key(2), acc...)
+	if n := metric(t, r, "detour_objects_retired_total", `reason="store_replaced"`); n != before+1 {
+		t.Fatalf("an overwritten generation retired as %v replaced, want %v", n, before+1)
+	}
 }
