@@ -257,6 +257,7 @@ func (r *rig) client(conns int) (*hgclient.Client, *wire.RedirectRequest) {
 // record is one request as the client saw it; times are since the load started.
 type record struct {
 	node       string // the request's node argument: which key
+	client     int    // which of the load's clients sent it
 	start, end time.Duration
 	fetch      time.Duration // of a redirect: the location's fetch from the store
 	redirected bool
@@ -306,7 +307,9 @@ func (r *rig) startLoad(ks *keyspace, o loadOptions) *load {
 				default:
 				}
 				q, fresh := l.pick(w, i, o.freshEvery)
-				local = append(local, l.one(q, fresh))
+				rec := l.one(q, fresh)
+				rec.client = w
+				local = append(local, rec)
 				if o.pause > 0 {
 					time.Sleep(o.pause)
 				}

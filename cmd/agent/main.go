@@ -23,6 +23,7 @@ import (
 
 	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/envflag"
+	"github.com/detourhq/detour/internal/front/hgbundle"
 	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/front/hgweb"
 	"github.com/detourhq/detour/internal/pki"
@@ -33,6 +34,8 @@ func main() {
 	var (
 		cfg                                         agent.Config
 		v2                                          hgv2.Config
+		bundles                                     hgbundle.Config
+		bundleFormats                               string
 		fronts                                      string
 		noOriginAuth                                bool
 		listen, opsListen, pprofListen, origin, cps string
@@ -42,7 +45,9 @@ func main() {
 		devPKI                                      string
 		drain                                       time.Duration
 	)
-	flag.StringVar(&fronts, "fronts", "hgv2", "comma-separated protocol fronts to serve: hgv2 (content redirects for Mercurial 4.8-5.9 with protocol v2)")
+	flag.StringVar(&fronts, "fronts", "hgv2,hgbundle", "comma-separated protocol fronts to serve: hgv2 (content redirects for Mercurial 4.8-5.9 with protocol v2), hgbundle (clone bundles for every Mercurial since 3.6)")
+	flag.IntVar(&bundles.Step, "bundle-step", 0, "changesets between clone bundles (0: follow each repository's size, 2^floor(log2(n/16)))")
+	flag.StringVar(&bundleFormats, "bundle-formats", "zstd,gzip", "clone-bundle compressions to make, best first (zstd, gzip, none)")
 	flag.StringVar(&listen, "listen", "127.0.0.1:8080", "HTTP listen address for clients")
 	flag.StringVar(&opsListen, "metrics-listen", "127.0.0.1:8081", "listen address of /metrics, /healthz and /readyz (empty: none)")
 	flag.StringVar(&pprofListen, "pprof-listen", "", "listen address of /debug/pprof/ (empty: none)")
@@ -155,9 +160,23 @@ func main() {
 				fail("%v", err)
 			}
 			mounted = append(mounted, f)
+		case "hgbundle":
+			bundles.RepoID = v2.RepoID
+			for _, c := range strings.Split(bundleFormats, ",") {
+				comp, err := hgbundle.ParseCompression(strings.TrimSpace(c))
+				if err != nil {
+					fail("--bundle-formats: %v", err)
+				}
+				bundles.Formats = append(bundles.Formats, comp)
+			}
+			f, err := hgbundle.New(a, bundles)
+			if err != nil {
+				fail("%v", err)
+			}
+			mounted = append(mounted, f)
 		case "":
 		default:
-			fail("--fronts: unknown front %q (known: hgv2)", name)
+			fail("--fronts: unknown front %q (known: hgv2, hgbundle)", name)
 		}
 	}
 	a.Mount(mounted...)

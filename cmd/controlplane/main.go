@@ -152,15 +152,16 @@ func main() {
 func run(o controlplane.Options, drain time.Duration, pprofListen string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if pprofListen != "" {
+		// Before the start: a slow start is what one most wants to profile.
+		go servePprof(pprofListen, o.Log)
+	}
 	// No deadline on building or loading: however large the snapshot, the control plane serves
 	// (inline, health NOT_SERVING) while it loads, and a signal still stops it.
 	srv, err := controlplane.New(ctx, o)
 	if err != nil {
 		o.Log.Error("control plane failed to start", "err", err)
 		return 1
-	}
-	if pprofListen != "" {
-		go servePprof(pprofListen, o.Log)
 	}
 	served := make(chan error, 1)
 	go func() { served <- srv.ListenAndServe() }()

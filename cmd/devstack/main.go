@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -43,8 +44,8 @@ func main() {
 	flag.StringVar(&regions, "regions", "", "comma-separated regions (e.g. us,eu): a bucket, a target <region>-gcs and an agent in each, against one control plane; data in <data-dir>-regions")
 	flag.StringVar(&regionAgents, "region-agents-listen", "127.0.0.1:8080,127.0.0.1:8090,127.0.0.1:8092", "with --regions: each region's agent HTTP address, in order")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
-	flag.StringVar(&hgRepo, "hg-repo", "", "a Mercurial repository to serve as the origin with a real `hg serve` (protocol v2 on) instead of the demo origin; needs `make hg`")
-	flag.StringVar(&hgPath, "hg", "", "the hg to serve --hg-repo with (default: $DETOUR_HG, else ./bin/hg from `make hg`)")
+	flag.StringVar(&hgRepo, "hg-repo", "", "a Mercurial repository to serve as the origin with a real `hg serve` instead of the demo origin: Mercurial 5.6.1 from `make hg` with protocol v2 on when it reads the repository, else the hg on PATH (clone bundles only)")
+	flag.StringVar(&hgPath, "hg", "", "the hg to serve --hg-repo with (default: $DETOUR_HG, else ./bin/hg from `make hg` if it reads the repository, else hg on PATH); protocol v2 is on when it has it")
 	flag.Parse()
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
@@ -71,9 +72,10 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	var hg *hgserve.Server
+	var hgBin string
 	if hgRepo != "" {
 		var err error
-		if hg, err = serveRepo(ctx, hgPath, hgRepo, &o); err != nil {
+		if hg, hgBin, err = serveRepo(ctx, hgPath, hgRepo, &o); err != nil {
 			fmt.Fprintf(os.Stderr, "devstack: --hg-repo: %v\n", err)
 			os.Exit(1)
 		}
@@ -88,7 +90,7 @@ func main() {
 	}
 	switch {
 	case hg != nil:
-		printHgBanner(s, o, hgRepo)
+		printHgBanner(s, o, hgRepo, hgBin)
 	case len(o.Regions) > 0:
 		printRegionsBanner(s, o)
 	default:
@@ -105,52 +107,81 @@ func main() {
 	s.Close(sctx)
 }
 
-// serveRepo starts `hg serve` on repo with protocol v2 on and points the stack at it.
-func serveRepo(ctx context.Context, hg, repo string, o *devstack.Options) (*hgserve.Server, error) {
+// serveRepo starts `hg serve` on repo and points the stack at it: with Mercurial 5.6.1 (./bin/hg,
+// or --hg) and protocol v2 on when that Mercurial reads the repository, so that both fronts can be
+// tried; else (a repository made by Mercurial 6 or later, which 5.6.1 refuses) with the machine's
+// own hg, for clone bundles. It returns the hg it serves with.
+func serveRepo(ctx context.Context, hg, repo string, o *devstack.Options) (*hgserve.Server, string, error) {
 	abs, err := filepath.Abs(repo)
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	if _, err := os.Stat(filepath.Join(abs, ".hg")); err != nil {
-		return nil, fmt.Errorf("%s is not a Mercurial repository", abs)
+		return nil, "", fmt.Errorf("%s is not a Mercurial repository", abs)
 	}
+	v2 := true
 	if hg == "" {
-		if hg, err = hgserve.Find("."); err != nil {
-			return nil, err
+		hg, err = hgserve.Find(".")
+		if err == nil {
+			if _, rerr := hgserve.Run(ctx, hg, abs, "root"); rerr != nil {
+				err = rerr
+			}
 		}
+		if err != nil {
+			// No 5.6.1, or one that cannot read this repository: the machine's Mercurial.
+			sys, lerr := exec.LookPath("hg")
+			if lerr != nil {
+				return nil, "", fmt.Errorf("no Mercurial can serve %s: %v; and no hg on PATH", abs, err)
+			}
+			hg, v2 = sys, false
+		}
+	} else if v, verr := hgserve.Version(hg); verr != nil || !hgserve.HasV2(v) {
+		v2 = false
 	}
 	logDir := filepath.Join(o.DataDir, "hg-serve")
 	if err := os.MkdirAll(logDir, 0o755); err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	srv, err := hgserve.Serve(ctx, hg, abs, hgserve.Options{Listen: o.Origin, V2: true, Dir: logDir})
+	srv, err := hgserve.Serve(ctx, hg, abs, hgserve.Options{Listen: o.Origin, V2: v2, Dir: logDir})
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	o.OriginURL = srv.URL
 	// The repository, not the port it is served on this time, names its content.
 	o.RepoID = "hg:" + abs
-	return srv, nil
+	return srv, hg, nil
 }
 
-func printHgBanner(s *devstack.Stack, o devstack.Options, repo string) {
+func printHgBanner(s *devstack.Stack, o devstack.Options, repo, hg string) {
+	version, _ := hgserve.Version(hg)
 	fmt.Printf(`
 Detour is running in front of a real hg serve (Ctrl-C stops it):
   agent (clients connect here)  %s
-  origin: hg serve of %s   %s   access log %s/hg-serve/access.log
+  origin: hg serve (Mercurial %s) of %s   %s   access log %s/hg-serve/access.log
   control plane (gRPC)          %s   metrics http://%s/metrics
   GCS emulator                  http://%s   bucket %s, target %q
 
-Clone through the agent with a Mercurial that speaks protocol v2 (make hg installs 5.6.1 as ./bin/hg):
-  ./bin/hg clone --config experimental.httppeer.advertise-v2=true %s /tmp/detour-clone-1
-  ./bin/hg clone --debug --config experimental.httppeer.advertise-v2=true %s /tmp/detour-clone-2 | grep 'following redirect'
-The first clone is answered inline while the agent fills the store; later clones follow redirects for
-manifestdata and filesdata. Then:
+Clone through the agent with any Mercurial since 3.6 (clone bundles; hg on this machine is fine):
+  hg clone %s /tmp/detour-clone-1
+  hg clone --verbose %s /tmp/detour-clone-2 | grep 'clone bundle'
+The first clone is normal while the agent makes the repository's bundle (zstd and gzip) and stores
+it; once the control plane has verified it, later clones apply it from the store ("applying clone
+bundle from http://%s/...") and pull only what came after it from the origin.
+`, s.AgentURL, version, repo, s.OriginURL, o.DataDir, s.CP.Addr(), s.CP.MetricsAddr(), s.GCS.Host(), s.Target().Store.Bucket, s.Target().Name,
+		s.AgentURL, s.AgentURL, s.GCS.Host())
+	if v, err := hgserve.Version(hg); err == nil && hgserve.HasV2(v) {
+		fmt.Printf(`
+Protocol v2 (Mercurial 4.8 to 5.9, make hg installs 5.6.1 as ./bin/hg) gets content redirects per
+command instead:
+  ./bin/hg clone --config experimental.httppeer.advertise-v2=true %s /tmp/detour-clone-3
+  ./bin/hg clone --debug --config experimental.httppeer.advertise-v2=true %s /tmp/detour-clone-4 | grep 'following redirect'
+`, s.AgentURL, s.AgentURL)
+	}
+	fmt.Printf(`Then:
   go run ./cmd/detourctl objects ls
-  curl -s http://%s/metrics | grep detour_agent_requests_total
+  curl -s http://%s/metrics | grep -E 'detour_agent_(requests|bundle_manifests)_total'
 
-`, s.AgentURL, repo, s.OriginURL, o.DataDir, s.CP.Addr(), s.CP.MetricsAddr(), s.GCS.Host(), s.Target().Store.Bucket, s.Target().Name,
-		s.AgentURL, s.AgentURL, o.AgentMetrics)
+`, o.AgentMetrics)
 }
 
 func printBanner(s *devstack.Stack, o devstack.Options) {

@@ -226,7 +226,7 @@ func (j *term) copyObject(ctx context.Context, job copyJob) error {
 	ttl := policyDuration(snap.Policy().GetFillClaimTtl(), targets.DefaultFillClaimTTL)
 	claim := &pb.FillClaim{Key: k, Target: job.dst.Name, AgentId: "copier:" + j.id, Token: targets.NewToken(),
 		ObjectName: blob.ObjectName(job.dst.GetStore().GetPrefix(), k), Bucket: job.dst.GetStore().GetBucket(),
-		MediaType: job.src.Home.MediaType, TargetUid: job.dst.Uid, Granted: timestamppb.New(j.cfg.Now())}
+		MediaType: job.src.Home().MediaType, TargetUid: job.dst.Uid, Granted: timestamppb.New(j.cfg.Now())}
 	wctx, cancel := j.writeCtx(ctx)
 	granted, err := j.reg.Claim(wctx, claim, ttl)
 	cancel()
@@ -288,7 +288,7 @@ func (j *term) copyBytes(ctx context.Context, job copyJob, claim *pb.FillClaim) 
 	if !errors.Is(err, blob.ErrNotFound) {
 		return blob.Attrs{}, fmt.Errorf("stat the destination: %w", err)
 	}
-	attrs, err = j.cfg.Store.Copy(ctx, job.src.Home.Bucket, job.src.ObjectName(job.key), job.src.Generation, claim.Bucket, claim.ObjectName)
+	attrs, err = j.cfg.Store.Copy(ctx, job.src.Home().Bucket, job.src.ObjectName(job.key), job.src.Generation, claim.Bucket, claim.ObjectName)
 	if errors.Is(err, blob.ErrExists) {
 		return j.cfg.Store.Stat(ctx, claim.Bucket, claim.ObjectName)
 	}

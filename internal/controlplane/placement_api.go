@@ -138,7 +138,7 @@ func (s *Service) redirect(ctx context.Context, resp *pb.PlaceResponse, snap *ta
 	}
 	// Built from where the record says the bytes are, not from the target's current settings, and
 	// naming the generation that was verified where the URL form allows.
-	url, err := blob.LocationURLAt(t, obj.Home.Bucket, obj.ObjectName(key), obj.Generation, s.cfg.Signer, now,
+	url, err := blob.LocationURLAt(t, obj.Home().Bucket, obj.ObjectName(key), obj.Generation, s.cfg.Signer, now,
 		policyDuration(snap.Policy().SignedUrlTtl, targets.DefaultSignedURLTTL))
 	if err != nil {
 		s.once.Warn("location:"+t.Name, "cannot build location URLs for target; answering inline",
@@ -148,7 +148,7 @@ func (s *Service) redirect(ctx context.Context, resp *pb.PlaceResponse, snap *ta
 	}
 	resp.Result = pb.PlaceResult_PLACE_RESULT_REDIRECT
 	resp.Target = t.Name
-	resp.Location = &pb.Location{Url: url, MediaType: obj.Home.MediaType, Size: obj.Size,
+	resp.Location = &pb.Location{Url: url, MediaType: obj.Home().MediaType, Size: obj.Size,
 		Sha256: append([]byte(nil), obj.SHA256[:]...), Sha1: append([]byte(nil), obj.SHA1[:]...),
 		Generation: obj.Generation, Crc32C: obj.CRC32C}
 	if d := s.cacheFor(snap, t, obj, region, now); d > 0 {
@@ -625,7 +625,7 @@ func (s *Service) ReportBrokenLocation(ctx context.Context, req *pb.ReportBroken
 	if obj == nil {
 		return &pb.ReportBrokenLocationResponse{}, nil
 	}
-	a, err := s.cfg.Store.Stat(ctx, obj.Home.Bucket, obj.ObjectName(key))
+	a, err := s.cfg.Store.Stat(ctx, obj.Home().Bucket, obj.ObjectName(key))
 	problem := ""
 	switch {
 	case errors.Is(err, blob.ErrNotFound):

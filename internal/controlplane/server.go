@@ -178,6 +178,7 @@ type Server struct {
 	cancel   context.CancelFunc // ends Serve's errgroup
 	served   chan struct{}      // closed when Serve returns
 	shutdown chan struct{}      // closed when Shutdown has released everything
+	ready    chan struct{}      // closed once the snapshot is loaded and health says SERVING
 }
 
 // New builds a replica from o: it connects to etcd (starting an embedded one when o names no
@@ -189,7 +190,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	if err := o.StoreEvents.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{o: o, served: make(chan struct{}), shutdown: make(chan struct{})}
+	s := &Server{o: o, served: make(chan struct{}), shutdown: make(chan struct{}), ready: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			s.closeBackends()
@@ -446,6 +447,7 @@ func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
 		case <-s.w.Ready():
 			snap := s.w.Snapshot()
 			s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+			close(s.ready)
 			args := []any{"grpc", ls.Placement.Addr().String(), "region", s.o.Region, "revision", snap.Revision,
 				"objects", snap.ObjectCount(), "targets", len(snap.Targets()), "loaded_in", time.Since(start).Round(time.Millisecond)}
 			if ls.Admin != nil {
@@ -541,7 +543,7 @@ func (s *Server) closeBackends() {
 }
 
 // Ready is closed once the first snapshot is loaded (health SERVING from then on).
-func (s *Server) Ready() <-chan struct{} { return s.w.Ready() }
+func (s *Server) Ready() <-chan struct{} { return s.ready }
 
 // Metrics are the replica's metrics.
 func (s *Server) Metrics() *Metrics { return s.svc.Metrics() }

@@ -120,10 +120,10 @@ func (g *storeGuard) trust(uid string) {
 // confirmed since the start, or this record was checked on its own (now, waiting at most half of
 // ctx's remaining time and a second).
 func (g *storeGuard) admit(ctx context.Context, key targets.Key, obj *targets.Object) bool {
-	if g.isTrusted(obj.Home.TargetUID) {
+	if g.isTrusted(obj.Home().TargetUID) {
 		return true
 	}
-	ref := recordRef{key: key, uid: obj.Home.TargetUID, generation: obj.Generation}
+	ref := recordRef{key: key, uid: obj.Home().TargetUID, generation: obj.Generation}
 	g.mu.Lock()
 	if g.checked[ref] {
 		g.mu.Unlock()
@@ -169,7 +169,7 @@ func (g *storeGuard) checkRecord(ref recordRef, key targets.Key, obj targets.Obj
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	a, err := st.Stat(ctx, obj.Home.Bucket, obj.ObjectName(key))
+	a, err := st.Stat(ctx, obj.Home().Bucket, obj.ObjectName(key))
 	reason, detail, err := storedProblem(&obj, a, err)
 	switch {
 	case err != nil:
@@ -197,8 +197,8 @@ func storedProblem(o *targets.Object, a blob.Attrs, err error) (reason, detail s
 	case a.Generation != o.Generation || a.Size != o.Size || a.CRC32C != o.CRC32C:
 		return "replaced", fmt.Sprintf("generation %d, %d bytes, crc32c %08x; the record says generation %d, %d bytes, crc32c %08x",
 			a.Generation, a.Size, a.CRC32C, o.Generation, o.Size, o.CRC32C), nil
-	case a.ContentType != o.Home.MediaType:
-		return "changed", fmt.Sprintf("content type %q, the record says %q", a.ContentType, o.Home.MediaType), nil
+	case a.ContentType != o.Home().MediaType:
+		return "changed", fmt.Sprintf("content type %q, the record says %q", a.ContentType, o.Home().MediaType), nil
 	}
 	return "", "", nil
 }
@@ -244,7 +244,7 @@ func (g *storeGuard) handleEvent(ctx context.Context, ev blob.Event, published t
 	copies := snap.Copies(key)
 	for i := range copies {
 		o := &copies[i]
-		if o.Home.Bucket != ev.Bucket || o.ObjectName(key) != ev.Name {
+		if o.Home().Bucket != ev.Bucket || o.ObjectName(key) != ev.Name {
 			continue
 		}
 		reason, detail := "", ""
@@ -275,7 +275,7 @@ func (g *storeGuard) handleEvent(ctx context.Context, ev blob.Event, published t
 				continue
 			}
 			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			a, err := g.s.cfg.Store.Stat(sctx, o.Home.Bucket, ev.Name)
+			a, err := g.s.cfg.Store.Stat(sctx, o.Home().Bucket, ev.Name)
 			cancel()
 			var serr error
 			if reason, detail, serr = storedProblem(o, a, err); serr != nil {
@@ -478,8 +478,8 @@ func (g *storeGuard) confirm(ctx context.Context, t *pb.Target) error {
 	prefixes := map[string]bool{t.GetStore().GetPrefix(): true}
 	snap := s.w.Snapshot()
 	snap.EachObject(func(_ targets.Key, o *targets.Object) bool {
-		if o.Home.TargetUID == t.Uid {
-			prefixes[o.Home.Prefix] = true
+		if o.Home().TargetUID == t.Uid {
+			prefixes[o.Home().Prefix] = true
 		}
 		return true
 	})
@@ -500,7 +500,7 @@ func (g *storeGuard) confirm(ctx context.Context, t *pb.Target) error {
 	var gone []targets.Retirement
 	var reasons []string
 	snap.EachObject(func(k targets.Key, o *targets.Object) bool {
-		if o.Home.TargetUID != t.Uid || !o.Servable(t) || o.Created >= started.UnixNano() {
+		if o.Home().TargetUID != t.Uid || !o.Servable(t) || o.Created >= started.UnixNano() {
 			return true
 		}
 		gen, ok := listed[k]

@@ -22,9 +22,9 @@ func (j *term) sweep(ctx context.Context) {
 		switch {
 		case o.Expires != 0 && o.Expires <= now.UnixNano():
 			reason = "expired"
-		case !ok || t.Uid != o.Home.TargetUID:
+		case !ok || t.Uid != o.Home().TargetUID:
 			reason = "target_deleted"
-		case t.GetStore().GetBucket() != o.Home.Bucket:
+		case t.GetStore().GetBucket() != o.Home().Bucket:
 			reason = "store_moved"
 		default:
 			return true

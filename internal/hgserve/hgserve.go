@@ -40,7 +40,7 @@ func Find(dir string) (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("%s: %w", c, err)
 		}
-		if !hasV2(v) {
+		if !HasV2(v) {
 			return "", fmt.Errorf("%s is Mercurial %s, which has no wire protocol v2 (4.8 to 5.8 do)", c, v)
 		}
 		return c, nil
@@ -83,7 +83,8 @@ func Version(hg string) (string, error) {
 	return s, nil
 }
 
-func hasV2(version string) bool {
+// HasV2 reports whether Mercurial version has wire protocol v2 (4.8 to 5.8).
+func HasV2(version string) bool {
 	parts := strings.SplitN(version, ".", 3)
 	if len(parts) < 2 {
 		return false

@@ -25,7 +25,7 @@ var ErrNotElected = errors.New("no longer elected: the election key is gone or w
 // Fenced returns a registry over the same etcd client and prefix whose every write also requires f
 // to hold. It never groups claims (grouped transactions are shared with unfenced callers).
 func (r *Registry) Fenced(f Fence) *Registry {
-	return &Registry{cli: r.cli, prefix: r.prefix, leases: r.leases, fence: &f}
+	return &Registry{cli: r.cli, prefix: r.prefix, leases: r.leases, fence: &f, enc: r.enc}
 }
 
 // txn commits If(cmps).Then(then).Else(els). In a fenced registry the transaction is nested in one

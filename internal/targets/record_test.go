@@ -1,7 +1,14 @@
 package targets
 
 import (
+	"bytes"
+	"math"
+	"slices"
+	"strings"
+	"testing"
 	"time"
+
+	"google.golang.org/protobuf/proto"
 
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -17,4 +24,126 @@ func testRecord(key, target, uid, bucket string, size uint64, created time.Time,
 		o.Expires = timestamppb.New(created.Add(ttl))
 	}
 	return o
+}
+
+// typicalRecord is a record as a fill writes it in production: real-length digests, a bucket and a
+// prefix, a generation and both timestamps.
+func typicalRecord() *pb.StoredObject {
+	key := strings.Repeat("5e", 32)
+	return &pb.StoredObject{Key: key, Target: "gcs-us-east1", State: pb.ObjectState_OBJECT_STATE_READY, Size: 3_456_789,
+		MediaType: "application/mercurial-cbor", Sha256: bytes.Repeat([]byte{0xab}, 32), Sha1: bytes.Repeat([]byte{0xcd}, 20),
+		Created: &timestamppb.Timestamp{Seconds: 1_800_000_000, Nanos: 123_456_789}, Expires: &timestamppb.Timestamp{Seconds: 1_802_592_000, Nanos: 123_456_789},
+		ObjectName: "hg/objects/" + key, Bucket: "detour-us-east1-objects", Generation: 1_800_000_000_123_456, Crc32C: 0xdeadbeef,
+		TargetUid: "0123456789abcdef0123456789abcdef"}
+}
+
+func TestRecordsRoundTripInBothEncodings(t *testing.T) {
+	edits := map[string]func(o *pb.StoredObject){
+		"typical":              func(o *pb.StoredObject) {},
+		"no expiry":            func(o *pb.StoredObject) { o.Expires = nil },
+		"no created":           func(o *pb.StoredObject) { o.Created = nil },
+		"epoch created":        func(o *pb.StoredObject) { o.Created = &timestamppb.Timestamp{} },
+		"before 1970":          func(o *pb.StoredObject) { o.Created = &timestamppb.Timestamp{Seconds: -86_400 * 365, Nanos: 5} },
+		"beyond nanoseconds":   func(o *pb.StoredObject) { o.Expires = &timestamppb.Timestamp{Seconds: 1 << 40} },
+		"negative nanos":       func(o *pb.StoredObject) { o.Expires = &timestamppb.Timestamp{Seconds: 10, Nanos: -1} },
+		"name not prefix+key":  func(o *pb.StoredObject) { o.ObjectName = "elsewhere/x" },
+		"name is the key":      func(o *pb.StoredObject) { o.ObjectName = o.Key },
+		"filling":              func(o *pb.StoredObject) { o.State = pb.ObjectState_OBJECT_STATE_FILLING },
+		"unknown state":        func(o *pb.StoredObject) { o.State = 99 },
+		"short digests":        func(o *pb.StoredObject) { o.Sha256, o.Sha1 = []byte{1}, nil },
+		"empty strings":        func(o *pb.StoredObject) { o.MediaType, o.Bucket, o.TargetUid = "", "", "" },
+		"negative generation":  func(o *pb.StoredObject) { o.Generation = -7 },
+		"largest size":         func(o *pb.StoredObject) { o.Size = math.MaxUint64 },
+		"non-ASCII bucket":     func(o *pb.StoredObject) { o.Bucket = "bücket" },
+		"zero everything else": func(o *pb.StoredObject) { *o = pb.StoredObject{Key: o.Key, Target: o.Target} },
+	}
+	for name, edit := range edits {
+		t.Run(name, func(t *testing.T) {
+			o := typicalRecord()
+			edit(o)
+			for _, enc := range []RecordEncoding{EncodingCompact, EncodingProto} {
+				v := EncodeObject(o, enc)
+				got, err := DecodeObject(o.Key, o.Target, v)
+				if err != nil {
+					t.Fatalf("%s: %v", enc, err)
+				}
+				if !proto.Equal(got, o) {
+					t.Fatalf("%s: decoded\n%v\nwant\n%v", enc, got, o)
+				}
+			}
+		})
+	}
+}
+
+// The compact encoding is what etcd stores a million times over: it must be much smaller than the
+// proto one, and a stored proto record (every release before it wrote one) must still decode.
+func TestCompactRecordsAreSmallerAndProtoRecordsStillDecode(t *testing.T) {
+	o := typicalRecord()
+	c, p := EncodeObject(o, EncodingCompact), EncodeObject(o, EncodingProto)
+	t.Logf("typical record: compact %d bytes, proto %d bytes", len(c), len(p))
+	if c[0] != 0 || p[0] == 0 {
+		t.Fatalf("first bytes: compact %#x, proto %#x", c[0], p[0])
+	}
+	if len(c)*10 > len(p)*6 {
+		t.Fatalf("compact record %d bytes, proto %d: less than 40 %% saved", len(c), len(p))
+	}
+	old, err := proto.Marshal(o) // not deterministic, as any older writer might have written it
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := DecodeObject("ignored", "ignored", old); err != nil || !proto.Equal(got, o) {
+		t.Fatalf("a proto record: %v, %v", got, err)
+	}
+}
+
+func TestMalformedCompactRecordsAreRefused(t *testing.T) {
+	v := EncodeObject(typicalRecord(), EncodingCompact)
+	for n := 1; n < len(v); n++ { // (none at all is an empty proto record)
+		if _, err := DecodeObject("k", "t", v[:n]); err == nil {
+			t.Fatalf("a record cut to %d of %d bytes decoded", n, len(v))
+		}
+	}
+	for name, bad := range map[string][]byte{
+		"trailing byte":   append(slices.Clone(v), 0),
+		"unknown version": append([]byte{0, 2}, v[2:]...),
+		"unknown flag":    append([]byte{0, 1, v[2] | 0x80}, v[3:]...),
+	} {
+		if _, err := DecodeObject("k", "t", bad); err == nil {
+			t.Errorf("%s: decoded", name)
+		}
+	}
+}
+
+// The watcher decodes proto records without building the message; it must read exactly what
+// proto.Unmarshal reads, and refuse what it refuses.
+func FuzzProtoRecordsDecodeAsProtoUnmarshalDoes(f *testing.F) {
+	for _, o := range []*pb.StoredObject{typicalRecord(), {}, {Key: "k", Created: &timestamppb.Timestamp{Seconds: -1, Nanos: 1}}} {
+		b, _ := proto.Marshal(o)
+		f.Add(b)
+	}
+	f.Add([]byte{0x42, 0x02, 0x08, 0x01, 0x42, 0x02, 0x10, 0x05}) // created twice: the two merge
+	f.Add([]byte{0x18, 0x80, 0x80, 0x80, 0x80, 0x10})             // a state beyond int32
+	f.Add([]byte{0x0a, 0x01, 0xff})                               // a key that is not UTF-8
+	f.Add([]byte{0x25, 1, 2, 3, 4})                               // size as fixed32: unknown
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if len(b) > 0 && b[0] == 0 {
+			return // the compact encoding's marker
+		}
+		want := &pb.StoredObject{}
+		werr := proto.Unmarshal(b, want)
+		got, err := DecodeObject("", "", b)
+		if (err == nil) != (werr == nil) {
+			t.Fatalf("decode: %v; proto.Unmarshal: %v", err, werr)
+		}
+		// Unknown fields are kept by proto.Unmarshal, and read by nobody.
+		want.ProtoReflect().SetUnknown(nil)
+		for _, ts := range []*timestamppb.Timestamp{want.Created, want.Expires} {
+			if ts != nil {
+				ts.ProtoReflect().SetUnknown(nil)
+			}
+		}
+		if err == nil && !proto.Equal(got, want) {
+			t.Fatalf("decoded\n%v\nproto.Unmarshal\n%v", got, want)
+		}
+	})
 }

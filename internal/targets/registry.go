@@ -55,6 +55,8 @@ type Registry struct {
 	claims *claimGroup
 	// fence, when set, guards every write (see Fenced).
 	fence *Fence
+	// enc is how object records are written (read: both encodings, always).
+	enc RecordEncoding
 }
 
 // leasePool holds the shared leases, by TTL; a registry and its fenced views share one.
@@ -78,6 +80,12 @@ func NewRegistry(cli *clientv3.Client, prefix string) *Registry {
 	}
 	return &Registry{cli: cli, prefix: prefix, leases: &leasePool{m: map[time.Duration]sharedLease{}}}
 }
+
+// SetRecordEncoding sets how object records are written (default EncodingCompact). Call it before
+// the registry is used.
+func (r *Registry) SetRecordEncoding(enc RecordEncoding) { r.enc = enc }
+
+func (r *Registry) objectValue(o *pb.StoredObject) string { return string(encodeRecord(o, r.enc)) }
 
 // Prefix is the registry's etcd prefix.
 func (r *Registry) Prefix() string { return r.prefix }
@@ -344,7 +352,7 @@ func (r *Registry) CompleteFill(ctx context.Context, obj *pb.StoredObject, claim
 	obj.State = pb.ObjectState_OBJECT_STATE_READY
 	fk := r.fillKey(obj.Key)
 	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(fk), "=", claimRev)},
-		[]clientv3.Op{clientv3.OpPut(r.objectKey(obj.Key, obj.Target), marshal(obj)), clientv3.OpDelete(fk)}, nil)
+		[]clientv3.Op{clientv3.OpPut(r.objectKey(obj.Key, obj.Target), r.objectValue(obj)), clientv3.OpDelete(fk)}, nil)
 	if err != nil {
 		return 0, fmt.Errorf("report fill %s: %w", obj.Key, outcomeUnknown(err))
 	}
@@ -472,8 +480,9 @@ func (r *Registry) ReadObjects(ctx context.Context, key string) ([]*pb.StoredObj
 	var objs []*pb.StoredObject
 	var revs []int64
 	for _, kv := range resp.Kvs {
-		o := &pb.StoredObject{}
-		if err := proto.Unmarshal(kv.Value, o); err != nil {
+		target := strings.TrimPrefix(string(kv.Key), r.prefix+"objects/"+key+"/")
+		o, err := DecodeObject(key, target, kv.Value)
+		if err != nil {
 			return nil, nil, fmt.Errorf("object %s: stored value: %w", kv.Key, err)
 		}
 		objs, revs = append(objs, o), append(revs, kv.ModRevision)
@@ -516,7 +525,7 @@ func (r *Registry) PutObject(ctx context.Context, obj *pb.StoredObject) error {
 	if err := ValidateKey("key", obj.Key); err != nil {
 		return err
 	}
-	if _, err := r.cli.Put(ctx, r.objectKey(obj.Key, obj.Target), marshal(obj)); err != nil {
+	if _, err := r.cli.Put(ctx, r.objectKey(obj.Key, obj.Target), r.objectValue(obj)); err != nil {
 		return fmt.Errorf("put object %s: %w", obj.Key, err)
 	}
 	return nil
@@ -592,7 +601,7 @@ func (r *Registry) Extend(ctx context.Context, xs []Extension) (int, error) {
 	ws := make([]guarded, len(xs))
 	for i, x := range xs {
 		k := r.objectKey(x.Object.Key, x.Object.Target)
-		ws[i] = guarded{key: k, rev: x.ModRevision, ops: []clientv3.Op{clientv3.OpPut(k, marshal(x.Object))}}
+		ws[i] = guarded{key: k, rev: x.ModRevision, ops: []clientv3.Op{clientv3.OpPut(k, r.objectValue(x.Object))}}
 	}
 	n, _, err := r.writeEach(ctx, "extend objects", ws)
 	return n, err

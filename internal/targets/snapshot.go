@@ -11,7 +11,7 @@ import (
 
 // Home is where a set of stored objects live and what they are: the target (by name and uid), the
 // bucket and prefix they were stored under, and their media type. Copies share one interned Home,
-// so an object pays one pointer for all of it.
+// so an object pays four bytes for all of it.
 type Home struct {
 	Target    string
 	TargetUID string
@@ -20,10 +20,10 @@ type Home struct {
 	MediaType string
 }
 
-// Object is the in-memory form of one READY copy: compact, because a replica holds millions. Its
-// object name is the home's prefix followed by the key.
+// Object is the in-memory form of one READY copy: compact, because a replica holds millions, and
+// free of pointers, so that the garbage collector never scans the index. Its object name is the
+// home's prefix followed by the key.
 type Object struct {
-	Home        *Home
 	Size        uint64
 	Created     int64 // unix nanoseconds
 	Expires     int64 // unix nanoseconds; 0: never
@@ -32,13 +32,17 @@ type Object struct {
 	SHA256      [32]byte
 	SHA1        [20]byte
 	CRC32C      uint32
+	home        homeID
 }
 
+// Home is where the copy is.
+func (o *Object) Home() *Home { return homes.get(o.home) }
+
 // Target is the name of the target the copy is at.
-func (o *Object) Target() string { return o.Home.Target }
+func (o *Object) Target() string { return o.Home().Target }
 
 // ObjectName is the copy's name in its bucket.
-func (o *Object) ObjectName(key Key) string { return o.Home.Prefix + key.String() }
+func (o *Object) ObjectName(key Key) string { return o.Home().Prefix + key.String() }
 
 // ExpiresAt is Expires as a time (zero: never).
 func (o *Object) ExpiresAt() time.Time {
@@ -50,7 +54,7 @@ func (o *Object) ExpiresAt() time.Time {
 
 // Proto returns the API (and stored) form of the copy of key.
 func (o *Object) Proto(key Key) *pb.StoredObject {
-	h := o.Home
+	h := o.Home()
 	out := &pb.StoredObject{Key: key.String(), Target: h.Target, State: pb.ObjectState_OBJECT_STATE_READY, Size: o.Size,
 		MediaType: h.MediaType, Sha256: append([]byte(nil), o.SHA256[:]...), Sha1: append([]byte(nil), o.SHA1[:]...),
 		ObjectName: o.ObjectName(key), Bucket: h.Bucket, Generation: o.Generation, Crc32C: o.CRC32C, TargetUid: h.TargetUID}
@@ -65,7 +69,8 @@ func (o *Object) Proto(key Key) *pb.StoredObject {
 // deleted target's namesake) and same bucket (the store has not moved). Copies that are not are
 // never redirected to, and the janitor removes them.
 func (o *Object) Servable(t *pb.Target) bool {
-	return o.Home.TargetUID == t.GetUid() && o.Home.Bucket == t.GetStore().GetBucket()
+	h := o.Home()
+	return h.TargetUID == t.GetUid() && h.Bucket == t.GetStore().GetBucket()
 }
 
 // Key is a content key in binary (a SHA-256).
@@ -144,33 +149,29 @@ func (s *Snapshot) Claim(key string) (*pb.FillClaim, bool) {
 
 // EachObject calls fn for every copy, in no particular order, until fn returns false.
 func (s *Snapshot) EachObject(fn func(key Key, o *Object) bool) {
-	for _, sh := range s.objects.shards {
-		if sh == nil {
-			continue
-		}
+	s.objects.each(func(sh *shard) bool {
 		for i := range sh.objs {
 			if !fn(sh.keys[i], &sh.objs[i]) {
-				return
+				return false
 			}
 		}
-	}
+		return true
+	})
 }
 
 // EachKey calls fn with every key and all its copies, in no particular order, until fn returns
 // false (do not modify the copies).
 func (s *Snapshot) EachKey(fn func(key Key, copies []Object) bool) {
-	for _, sh := range s.objects.shards {
-		if sh == nil {
-			continue
-		}
+	s.objects.each(func(sh *shard) bool {
 		for i := 0; i < len(sh.keys); {
 			j := sh.end(i)
 			if !fn(sh.keys[i], sh.objs[i:j:j]) {
-				return
+				return false
 			}
 			i = j
 		}
-	}
+		return true
+	})
 }
 
 // Health returns the prober's last verdict on a target, if any.
@@ -184,16 +185,14 @@ func (s *Snapshot) Health(name string) (*pb.TargetHealth, bool) {
 // listings, not the request path.
 func (s *Snapshot) RangeObjects(after string, fn func(key Key, o *Object) bool) {
 	var keys []Key
-	for _, sh := range s.objects.shards {
-		if sh == nil {
-			continue
-		}
+	s.objects.each(func(sh *shard) bool {
 		for i := 0; i < len(sh.keys); i = sh.end(i) {
 			if k := sh.keys[i]; after == "" || k.String() > after {
 				keys = append(keys, k)
 			}
 		}
-	}
+		return true
+	})
 	sort.Slice(keys, func(i, j int) bool { return string(keys[i][:]) < string(keys[j][:]) })
 	for _, k := range keys {
 		copies := s.objects.get(k)

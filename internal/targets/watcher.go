@@ -1,6 +1,7 @@
 package targets
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -32,7 +33,6 @@ type Watcher struct {
 	log      *slog.Logger
 	pageSize int64
 	cur      atomic.Pointer[Snapshot]
-	homes    sync.Map // Home → *Home: every copy of a target's objects shares one
 	ready    chan struct{}
 	readyOne sync.Once
 	// confirmed (unix ns) is when etcd last confirmed the snapshot current: a watch response with
@@ -40,8 +40,12 @@ type Watcher struct {
 	confirmed        atomic.Int64
 	progressInterval time.Duration
 	invalidations    *invalidationLog
-	// loadedRecords counts the keys the load under way has read (see LoadProgress).
-	loadedRecords atomic.Int64
+	// progress is the latest full read's.
+	progress loadProgress
+	// noStream is set once etcd has refused a RangeStream: later loads read in pages.
+	noStream atomic.Bool
+	// streams is how many RangeStreams over sub-ranges a load reads at once.
+	streams int
 }
 
 // NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
@@ -56,7 +60,7 @@ func NewWatcher(cli *clientv3.Client, prefix string, log *slog.Logger) *Watcher 
 		log = slog.Default()
 	}
 	w := &Watcher{cli: cli, prefix: prefix, log: log, pageSize: 5000, ready: make(chan struct{}), progressInterval: 5 * time.Second,
-		invalidations: newInvalidationLog(1 << 16)}
+		invalidations: newInvalidationLog(1 << 16), streams: 4}
 	w.cur.Store(emptySnapshot())
 	return w
 }
@@ -76,10 +80,6 @@ func (w *Watcher) Confirmed() time.Time {
 
 // Ready is closed once the first full read has completed.
 func (w *Watcher) Ready() <-chan struct{} { return w.ready }
-
-// LoadProgress is how many keys the latest load (a full read under way, or the last one) has read
-// so far, for progress reports while the first snapshot loads.
-func (w *Watcher) LoadProgress() int64 { return w.loadedRecords.Load() }
 
 // Run keeps the snapshot current until ctx ends.
 func (w *Watcher) Run(ctx context.Context) error {
@@ -121,47 +121,6 @@ func (w *Watcher) Run(ctx context.Context) error {
 	return nil
 }
 
-// load reads everything under the prefix at one revision and publishes it.
-func (w *Watcher) load(ctx context.Context) (int64, error) {
-	snap := emptySnapshot()
-	b := newIndexBuilder(snap.objects)
-	var rev int64
-	w.loadedRecords.Store(0)
-	key, end := w.prefix, clientv3.GetPrefixRangeEnd(w.prefix)
-	for {
-		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(w.pageSize),
-			clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend)}
-		if rev != 0 {
-			opts = append(opts, clientv3.WithRev(rev))
-		}
-		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		resp, err := w.cli.Get(rctx, key, opts...)
-		cancel()
-		if err != nil {
-			return 0, fmt.Errorf("read %s at revision %d: %w", w.prefix, rev, err)
-		}
-		if rev == 0 {
-			rev = resp.Header.Revision
-		}
-		for _, kv := range resp.Kvs {
-			w.apply(snap, b, mvccpb.PUT, kv)
-		}
-		w.loadedRecords.Add(int64(len(resp.Kvs)))
-		if !resp.More || len(resp.Kvs) == 0 {
-			break
-		}
-		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
-	}
-	snap.objects = b.build()
-	snap.Revision, snap.TargetsRevision = rev, rev
-	w.finish(snap)
-	w.invalidations.reset(rev)
-	w.publish(snap)
-	w.log.Info("snapshot loaded", "revision", rev, "targets", len(snap.targets), "objects", snap.objects.count,
-		"claims", len(snap.claims))
-	return rev, nil
-}
-
 func (w *Watcher) watch(ctx context.Context, rev int64) error {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
@@ -187,28 +146,60 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 		}
 	}()
 	for resp := range ch {
-		if err := resp.Err(); err != nil {
-			if errors.Is(err, rpctypes.ErrCompacted) {
-				return fmt.Errorf("revision %d compacted (now %d): %w", rev+1, resp.CompactRevision, err)
+		// Responses already queued behind this one make one snapshot: under a burst of writes a
+		// snapshot per write (etcd sends each write's events alone) would copy an index leaf and
+		// node per write and wake every reader of the snapshot per write.
+		batch := []clientv3.WatchResponse{resp}
+	drain:
+		for n := len(resp.Events); n < maxEventsPerSnapshot; {
+			select {
+			case r, ok := <-ch:
+				if !ok {
+					break drain
+				}
+				batch = append(batch, r)
+				n += len(r.Events)
+			default:
+				break drain
 			}
-			return err
 		}
-		events := resp.Events
-		for len(events) > 0 && events[0].Kv.ModRevision <= rev {
-			events = events[1:]
-		}
-		if len(events) == 0 {
-			if resp.IsProgressNotify() {
-				w.confirmed.Store(time.Now().UnixNano())
+		var events []*clientv3.Event
+		var last int64
+		progress := false
+		for _, r := range batch {
+			if err := r.Err(); err != nil {
+				if len(events) > 0 {
+					w.applyEvents(last, events)
+				}
+				if errors.Is(err, rpctypes.ErrCompacted) {
+					return fmt.Errorf("revision %d compacted (now %d): %w", rev+1, r.CompactRevision, err)
+				}
+				return err
 			}
-			continue
+			evs := r.Events
+			for len(evs) > 0 && evs[0].Kv.ModRevision <= rev {
+				evs = evs[1:]
+			}
+			if len(evs) > 0 {
+				events, last = append(events, evs...), r.Header.Revision
+			} else if r.IsProgressNotify() {
+				progress = true
+			}
 		}
-		w.applyEvents(resp.Header.Revision, events)
+		switch {
+		case len(events) > 0:
+			w.applyEvents(last, events)
+		case progress:
+			w.confirmed.Store(time.Now().UnixNano())
+		}
 	}
 	return errors.New("watch channel closed")
 }
 
-// applyEvents turns one watch response into the next snapshot.
+// maxEventsPerSnapshot bounds the watch responses taken into one snapshot by their events.
+const maxEventsPerSnapshot = 10000
+
+// applyEvents turns the events of one or more watch responses into the next snapshot.
 func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 	old := w.Snapshot()
 	next := &Snapshot{Revision: rev, TargetsRevision: old.TargetsRevision, targets: old.targets, alive: old.alive,
@@ -337,41 +328,24 @@ func (w *Watcher) apply(snap *Snapshot, b *indexBuilder, typ mvccpb.Event_EventT
 		}
 		snap.claims[key] = c
 	case strings.HasPrefix(rest, "objects/"):
-		ks, target, ok := strings.Cut(strings.TrimPrefix(rest, "objects/"), "/")
-		k, valid := ParseKey(ks)
-		if !ok || !valid {
-			w.log.Error("skipping object with a malformed key", "key", string(kv.Key))
-			return
-		}
+		obj := kv.Key[len(w.prefix)+len("objects/"):]
 		if del {
-			b.remove(k, target)
+			i := bytes.IndexByte(obj, '/')
+			var k Key
+			if i < 0 || !parseKeyBytes(&k, obj[:i]) {
+				w.log.Error("skipping object with a malformed key", "key", string(kv.Key))
+				return
+			}
+			b.remove(k, string(obj[i+1:]))
 			return
 		}
-		o := &pb.StoredObject{}
-		if err := proto.Unmarshal(kv.Value, o); err != nil {
-			w.log.Error("skipping undecodable object", "key", string(kv.Key), "err", err)
-			return
+		k, o, st := w.parseObject(obj, kv.Value, kv.ModRevision, &homeCache{})
+		switch st {
+		case objectReady:
+			b.put(k, o)
+		case objectNot:
+			b.remove(k, string(obj[bytes.IndexByte(obj, '/')+1:]))
 		}
-		if o.State != pb.ObjectState_OBJECT_STATE_READY {
-			b.remove(k, target)
-			return
-		}
-		prefix, named := strings.CutSuffix(o.ObjectName, ks)
-		if !named || o.Target != target || len(o.Sha256) != 32 || len(o.Sha1) != 20 {
-			// Every fill stores its object as prefix+key with both digests; anything else was not
-			// written by a verified fill and is never served.
-			w.log.Error("skipping object record that no verified fill wrote", "key", string(kv.Key), "object_name", o.ObjectName)
-			b.remove(k, target)
-			return
-		}
-		obj := Object{Home: w.home(Home{Target: target, TargetUID: o.TargetUid, Bucket: o.Bucket, Prefix: prefix, MediaType: o.MediaType}),
-			Size: o.Size, Created: o.Created.AsTime().UnixNano(), ModRevision: kv.ModRevision, Generation: o.Generation, CRC32C: o.Crc32C}
-		if o.Expires != nil {
-			obj.Expires = o.Expires.AsTime().UnixNano()
-		}
-		copy(obj.SHA256[:], o.Sha256)
-		copy(obj.SHA1[:], o.Sha1)
-		b.put(k, obj)
 	case isAgentKey(rest):
 		w.applyAgent(snap, del, rest, kv.Value)
 	case rest == "policy":
@@ -423,15 +397,6 @@ func (w *Watcher) publish(snap *Snapshot) {
 	old := w.cur.Swap(snap)
 	close(old.superseded)
 	w.readyOne.Do(func() { close(w.ready) })
-}
-
-// home returns the shared copy of h.
-func (w *Watcher) home(h Home) *Home {
-	if v, ok := w.homes.Load(h); ok {
-		return v.(*Home)
-	}
-	v, _ := w.homes.LoadOrStore(h, &h)
-	return v.(*Home)
 }
 
 func cloneMap[K comparable, V any](m map[K]V) map[K]V {

@@ -186,6 +186,9 @@ type proxy struct {
 	manifest    atomic.Pointer[[]hgbundle.Entry]
 	raw         atomic.Bool
 	originBytes atomic.Int64
+	// fillBytes are the bytes of the bundles Detour's agent fetched (its getbundle), apart from
+	// originBytes.
+	fillBytes   atomic.Int64
 	mu          sync.Mutex
 	commands    []string
 	protoHeader string // X-HgProto-1 of the last clonebundles request
@@ -199,7 +202,7 @@ func newProxy(t *testing.T, originURL string) *proxy {
 	}
 	p := &proxy{}
 	rp := httputil.NewSingleHostReverseProxy(target)
-	rp.Transport = countingTransport{http.DefaultTransport, &p.originBytes}
+	rp.Transport = countingTransport{http.DefaultTransport, &p.originBytes, &p.fillBytes}
 	rp.ModifyResponse = func(resp *http.Response) error {
 		if resp.Request.URL.Query().Get("cmd") != "capabilities" || p.manifest.Load() == nil {
 			return nil
@@ -274,13 +277,17 @@ func (p *proxy) takeCommands() []string {
 
 type countingTransport struct {
 	http.RoundTripper
-	n *atomic.Int64
+	n, fills *atomic.Int64
 }
 
 func (c countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	resp, err := c.RoundTripper.RoundTrip(r)
 	if err == nil {
-		resp.Body = &countingBody{resp.Body, c.n}
+		n := c.n
+		if c.fills != nil && r.URL.Query().Get("cmd") == "getbundle" && strings.Contains(r.Header.Get("User-Agent"), "Detour") {
+			n = c.fills
+		}
+		resp.Body = &countingBody{resp.Body, n}
 	}
 	return resp, err
 }

@@ -74,3 +74,44 @@ func TestFiguresOriginBytes(t *testing.T) {
 	}
 	t.Logf("bundle file (zstd-v2, made before the new changesets): %d bytes", rows[1].bundle)
 }
+
+// TestFiguresDetourOriginBytes measures Detour's rows of the same figures: the origin's bytes
+// for clones through the agent with stock 6.3.2 (a direct clone, the cold clone that makes the
+// bundles, a warm one, and clones right after 1, 10 and 100 new changesets, before any new
+// bundle is made), and what the agent's one fetch of a checkpoint's bundle cost the origin. It
+// runs only with DETOUR_HGBUNDLE_FIGURES=1:
+//
+//	DETOUR_HGBUNDLE_FIGURES=1 go test -count=1 -run TestFiguresDetourOriginBytes -v ./internal/front/hgbundle/
+func TestFiguresDetourOriginBytes(t *testing.T) {
+	if os.Getenv("DETOUR_HGBUNDLE_FIGURES") != "1" {
+		t.Skip("set DETOUR_HGBUNDLE_FIGURES=1 to measure")
+	}
+	type row struct {
+		name  string
+		bytes int64
+	}
+	s := startBundleStack(t)
+	hg := s.origin.hg
+	s.proxy.originBytes.Store(0)
+	directClone(t, hg, s.proxy.URL)
+	rows := []row{{"direct clone", s.proxy.originBytes.Load()}}
+	clone := func(name string) {
+		_, b := s.clone(t, hg, filepath.Join(t.TempDir(), "clone"))
+		rows = append(rows, row{name, b})
+	}
+	clone("through Detour, cold (makes the bundles)")
+	s.waitStored(t, 1)
+	rows = append(rows, row{"the agent's fetch of the bundle (once, fleet-wide)", s.proxy.fillBytes.Load()})
+	clone("through Detour, warm")
+	total := 0
+	for _, n := range []int{1, 10, 100} {
+		s.origin.commit(t, n, fmt.Sprintf("n%d", n))
+		total += n
+		clone(fmt.Sprintf("through Detour, right after %d new changesets (%d in all)", n, total))
+	}
+	direct := rows[0].bytes
+	t.Logf("%-66s %12s %8s", "clone", "origin bytes", "ratio")
+	for _, r := range rows {
+		t.Logf("%-66s %12d %7.2f%%", r.name, r.bytes, 100*float64(r.bytes)/float64(direct))
+	}
+}

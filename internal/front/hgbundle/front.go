@@ -11,7 +11,8 @@ package hgbundle
 // anyone, and the control plane's fill claim makes one of them, fleet-wide, fetch the bundle
 // from the origin (the getbundle a clone makes), store it and report it; it is verified like
 // every object before anyone is sent to it. A manifest names the newest checkpoint whose bundle
-// is READY, per format; until the newest one is READY, the one before it. The client applies the
+// is READY, per format; until the newest one is READY, the one before it, or the newest one this
+// agent has seen READY (after a push of many steps at once). The client applies the
 // bundle and pulls the changesets after the checkpoint from the origin (at most about S, plus
 // what arrived since).
 //
@@ -237,10 +238,11 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 	}
 	type found struct {
 		entry Entry
-		revs  int
+		cp    checkpoint
 		rank  int
 	}
 	var all []found
+	var fills []formatFill // of the newest checkpoint
 	for rank, c := range f.cfg.Formats {
 		spec := c.BundleSpec()
 		for i, cp := range cps {
@@ -254,21 +256,27 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 			case agent.Denied:
 				return nil, errDenied
 			case agent.Fill:
-				f.fill(o, caps, cp, c, d.Fill)
+				fills = append(fills, formatFill{c, d.Fill})
 				continue
 			case agent.Redirect:
 				e := Entry{URL: d.Location.URL, BundleSpec: spec, RequiresSNI: strings.HasPrefix(d.Location.URL, "https:")}
-				all = append(all, found{e, cp.revs, rank})
+				all = append(all, found{e, cp, rank})
 			default:
 				continue
 			}
 			break
 		}
 	}
+	if len(fills) > 0 {
+		f.fill(o, caps, cps[0], fills)
+	}
+	for _, x := range all {
+		st.sawReady(x.cp)
+	}
 	// The newest bundles first; for equal checkpoints, the formats' order.
 	sort.SliceStable(all, func(i, j int) bool {
-		if all[i].revs != all[j].revs {
-			return all[i].revs > all[j].revs
+		if all[i].cp.revs != all[j].cp.revs {
+			return all[i].cp.revs > all[j].cp.revs
 		}
 		return all[i].rank < all[j].rank
 	})
@@ -279,29 +287,75 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 	return out, nil
 }
 
-// fill fetches the checkpoint's bundle from the origin, compresses it into the fill and ends it,
-// in the background: no client waits for it.
-func (f *Front) fill(o *Origin, caps Caps, cp checkpoint, c Compression, fill *agent.FillWriter) {
+// formatFill is one granted fill of a checkpoint's bundle, in one format.
+type formatFill struct {
+	c    Compression
+	fill *agent.FillWriter
+}
+
+// fill fetches the checkpoint's bundle from the origin once and compresses it into each granted
+// fill, in the background: no client waits for it. A format whose fill fails drops out; the
+// others go on.
+func (f *Front) fill(o *Origin, caps Caps, cp checkpoint, fills []formatFill) {
 	f.a.Go(func(context.Context) {
-		defer fill.Finish()
+		var wg sync.WaitGroup
+		outs := make([]*io.PipeWriter, len(fills))
+		ctx := fills[0].fill.Context()
+		for i, ff := range fills {
+			pr, pw := io.Pipe()
+			outs[i] = pw
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer ff.fill.Finish()
+				err := Compress(ff.fill, pr, ff.c)
+				pr.CloseWithError(err) // a failed format stops taking bytes
+				if err != nil {
+					ff.fill.Fail(fmt.Errorf("bundle of %d changesets: %w", cp.revs, err))
+					f.fills.WithLabelValues(string(ff.c), "failed").Inc()
+					f.a.Log().Warn("clone bundle not made", "key", ff.fill.Key(), "changesets", cp.revs, "format", string(ff.c), "err", err)
+					return
+				}
+				f.fills.WithLabelValues(string(ff.c), "stored").Inc()
+				f.a.Log().Info("clone bundle stored; it is advertised once the control plane has verified it", "key", ff.fill.Key(),
+					"changesets", cp.revs, "format", string(ff.c))
+			}()
+		}
 		err := func() error {
-			b, err := o.FullBundle(fill.Context(), caps, []Node{cp.node})
+			b, err := o.FullBundle(ctx, caps, []Node{cp.node})
 			if err != nil {
 				return err
 			}
 			defer b.Body.Close()
-			return Compress(fill, b.Body, c)
+			_, err = io.Copy(&fanout{outs: outs}, b.Body)
+			return err
 		}()
-		if err != nil {
-			fill.Fail(fmt.Errorf("bundle of %d changesets: %w", cp.revs, err))
-			f.fills.WithLabelValues(string(c), "failed").Inc()
-			f.a.Log().Warn("clone bundle not made", "key", fill.Key(), "changesets", cp.revs, "format", string(c), "err", err)
-			return
+		for _, pw := range outs {
+			pw.CloseWithError(err) // nil: the end of the bundle
 		}
-		f.fills.WithLabelValues(string(c), "stored").Inc()
-		f.a.Log().Info("clone bundle stored; it is advertised once the control plane has verified it", "key", fill.Key(),
-			"changesets", cp.revs, "format", string(c))
+		wg.Wait()
 	})
+}
+
+// fanout writes to every output that still takes bytes; it fails only when none does.
+type fanout struct{ outs []*io.PipeWriter }
+
+func (w *fanout) Write(p []byte) (int, error) {
+	live := 0
+	for i, o := range w.outs {
+		if o == nil {
+			continue
+		}
+		if _, err := o.Write(p); err != nil {
+			w.outs[i] = nil
+			continue
+		}
+		live++
+	}
+	if live == 0 {
+		return 0, errors.New("every format of the bundle failed")
+	}
+	return len(p), nil
 }
 
 // origin is the repository repo on the origin, asked with the client's credentials (the only
@@ -355,6 +409,18 @@ type repoState struct {
 	heads  string // sorted hex, joined
 	revs   int
 	nodes  map[int]Node // revision number → node, for checkpoints
+	// ready is the newest checkpoint a manifest found a READY bundle of: still a candidate after
+	// a push of more than a step or two has moved the current checkpoints past every bundle made.
+	ready checkpoint
+}
+
+// sawReady remembers cp as having a READY bundle if it is newer than the one remembered.
+func (st *repoState) sawReady(cp checkpoint) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if cp.revs > st.ready.revs {
+		st.ready = cp
+	}
 }
 
 // maxNodes bounds the checkpoint nodes a repository's state remembers.
@@ -403,7 +469,7 @@ func (st *repoState) checkpoints(ctx context.Context, o *Origin, step int, capsT
 	}
 	add(st.revs/s*s - s)
 	sort.Sort(sort.Reverse(sort.IntSlice(revs)))
-	out := make([]checkpoint, 0, len(revs))
+	out := make([]checkpoint, 0, len(revs)+1)
 	for _, n := range revs {
 		node, ok := st.nodes[n]
 		if !ok {
@@ -417,15 +483,23 @@ func (st *repoState) checkpoints(ctx context.Context, o *Origin, step int, capsT
 		}
 		out = append(out, checkpoint{revs: n, node: node})
 	}
+	if r := st.ready; r.revs > 0 && r.revs < out[len(out)-1].revs {
+		out = append(out, r) // the oldest: looked up only when none of the current ones is READY
+	}
 	return out, st.caps, nil
 }
 
 // countRevs finds the number of changesets on the origin: the first revision number it does not
 // resolve, by galloping up from known (a count that was right before; the repository grows) and
 // bisecting the last gap. A handful of lookups after a push of a few changesets.
+//
+// Revision rev exists when "-(rev+1)" resolves: Mercurial reads a negative number as counted
+// from the end. A positive number past the end would not do: the origin then tries it as a
+// prefix of a changeset's hash ("9" names the changeset 9dd83e44… in a repository of 9), and
+// names cannot be integers, so a negative one resolves only as a revision.
 func countRevs(ctx context.Context, o *Origin, caps Caps, known int) (int, error) {
 	exists := func(rev int) (bool, error) {
-		_, err := o.Lookup(ctx, caps, strconv.Itoa(rev))
+		_, err := o.Lookup(ctx, caps, strconv.Itoa(-rev-1))
 		if errors.Is(err, ErrUnknownRevision) {
 			return false, nil
 		}

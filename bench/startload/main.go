@@ -1,0 +1,565 @@
+// Command startload measures how a control plane starts with many object records: it prepares a
+// data directory holding N READY records in the registry's real key layout and encoding (written
+// through targets.Registry, one record per etcd write as fills write them), then starts control-
+// plane binaries on copies of it and times each from process start to the first Place answered
+// with a redirect, with the process's RSS and Go heap at that moment and a little later.
+//
+// With -burst it then measures Place latency idle and while a writer on the same machine writes
+// a burst of new records, and how long the watch takes to catch up after the last write.
+//
+// With -etcd external the etcd runs in a process of its own (this command, re-executed with
+// -serve-etcd), so the control plane's figures are its own.
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha1"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/bench/loadstat"
+	"github.com/detourhq/detour/internal/etcdembed"
+	"github.com/detourhq/detour/internal/gcsemu"
+	"github.com/detourhq/detour/internal/targets"
+)
+
+var (
+	records   = flag.Int("records", 100_000, "READY object records in the data set")
+	dataset   = flag.String("dataset", "", "directory of the data set (prepared when absent): meta.json and data/, the control plane's --data-dir")
+	encoding  = flag.String("encoding", "compact", "record encoding when preparing: compact, or proto (what releases before the compact encoding wrote)")
+	nTargets  = flag.Int("targets", 10, "targets the records are spread over, when preparing")
+	writers   = flag.Int("writers", 64, "concurrent writes when preparing and in a burst")
+	binaries  = flag.String("binaries", "", "comma-separated label=path of control-plane binaries to start, in turn, on copies of the data set")
+	runs      = flag.Int("runs", 3, "starts of each binary")
+	etcdMode  = flag.String("etcd", "embedded", "embedded (the control plane's own) or external (a process of its own)")
+	settle    = flag.Duration("settle", 20*time.Second, "after the first redirect, measure memory again this much later (0: not)")
+	burst     = flag.Int("burst", 0, "after the start, measure Place idle and while this many new records are written")
+	burstConc = flag.Int("place-concurrency", 4, "concurrent Place calls while measuring latency")
+	measure   = flag.Duration("measure", 10*time.Second, "how long Place latency is measured idle")
+	keepRun   = flag.Bool("keep", false, "keep each run's copy of the data directory")
+	workDir   = flag.String("work", "", "where runs copy the data set (default: beside it)")
+	serveEtcd = flag.String("serve-etcd", "", "internal: serve an etcd on this data directory (-etcd-url) until killed")
+	etcdURL   = flag.String("etcd-url", "", "internal: client URL for -serve-etcd")
+)
+
+// meta describes a prepared data set.
+type meta struct {
+	Records  int      `json:"records"`
+	Encoding string   `json:"encoding"`
+	GCSPort  int      `json:"gcs_port"`
+	Targets  []string `json:"targets"`
+	Buckets  []string `json:"buckets"`
+	Revision int64    `json:"revision"`
+}
+
+func main() {
+	flag.Parse()
+	if *serveEtcd != "" {
+		runEtcd(*serveEtcd, *etcdURL)
+		return
+	}
+	if *dataset == "" {
+		check(errors.New("-dataset is required"))
+	}
+	ctx := context.Background()
+	m := loadMeta(*dataset)
+	var gcs *gcsemu.Server
+	if m == nil {
+		port := freePort()
+		var err error
+		gcs, err = gcsemu.Start(port)
+		check(err)
+		m = prepare(ctx, gcs, port)
+	} else {
+		var err error
+		gcs, err = gcsemu.Start(m.GCSPort)
+		check(err)
+	}
+	defer gcs.Stop()
+	for _, b := range m.Buckets {
+		gcs.CreateBucket(b)
+	}
+	api := storeFront(m.GCSPort)
+	db, _ := os.Stat(filepath.Join(*dataset, "data", "etcd", "member", "snap", "db"))
+	fmt.Printf("startload: %d records (%s encoding), %d targets, etcd db %.0f MB, etcd %s; host %d CPUs, %s, load average %s\n",
+		m.Records, m.Encoding, len(m.Targets), float64(db.Size())/1e6, *etcdMode, runtime.NumCPU(),
+		time.Now().UTC().Format("2006-01-02 15:04 UTC"), loadAvg())
+	if *binaries == "" {
+		return
+	}
+	var bins [][2]string
+	for _, lb := range strings.Split(*binaries, ",") {
+		label, path, ok := strings.Cut(lb, "=")
+		if !ok {
+			check(fmt.Errorf("-binaries: %q is not label=path", lb))
+		}
+		bins = append(bins, [2]string{label, path})
+	}
+	fmt.Printf("%-8s %-4s %12s %9s %10s %10s %10s %10s %12s  %s\n", "binary", "run", "first redir", "CPU", "RSS", "anon", "file", "heap", "etcd RSS/CPU", "after settle (RSS/anon/heap)")
+	// Binaries alternate within each round, so a noisy stretch of the machine hits all of them.
+	for r := 1; r <= *runs; r++ {
+		for _, b := range bins {
+			startOnce(ctx, m, api, b[0], b[1], r)
+		}
+	}
+}
+
+// prepare writes the data set: targets, their health verdicts, and the records.
+func prepare(ctx context.Context, gcs *gcsemu.Server, port int) *meta {
+	m := &meta{Records: *records, Encoding: *encoding, GCSPort: port}
+	dir := filepath.Join(*dataset, "data", "etcd")
+	check(os.MkdirAll(dir, 0o755))
+	e, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir})
+	check(err)
+	defer e.Close()
+	cli := etcdClient(e.Endpoint())
+	defer cli.Close()
+	reg := targets.NewRegistry(cli, "")
+	switch *encoding {
+	case "compact":
+	case "proto":
+		reg.SetRecordEncoding(targets.EncodingProto)
+	default:
+		check(fmt.Errorf("-encoding: %q is neither compact nor proto", *encoding))
+	}
+	var ts []*pb.Target
+	for i := range *nTargets {
+		name := fmt.Sprintf("target-%02d", i)
+		bucket := "startload-" + name
+		gcs.CreateBucket(bucket)
+		t, err := reg.CreateTarget(ctx, &pb.Target{Name: name, Protocol: "http", Uris: []string{gcs.PublicURL(bucket)},
+			Region: []string{"us", "eu"}[i%2], Weight: 1, State: pb.TargetState_TARGET_STATE_ACTIVE,
+			Store:   &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
+			UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: gcs.PublicURL(bucket)}}})
+		check(err)
+		// The verdict a prober left before the restart being measured.
+		check(reg.SetHealth(ctx, &pb.TargetHealth{Target: name, TargetUid: t.Uid, Healthy: true, Since: timestamppb.Now()}))
+		ts = append(ts, t)
+		m.Targets, m.Buckets = append(m.Targets, name), append(m.Buckets, bucket)
+	}
+	start := time.Now()
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range *writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= *records {
+					return
+				}
+				check(reg.PutObject(ctx, record(i, ts[i%len(ts)])))
+				if i%100_000 == 0 && i > 0 {
+					fmt.Printf("prepare: %d records in %s\n", i, time.Since(start).Round(time.Second))
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	resp, err := cli.Get(ctx, "/")
+	check(err)
+	m.Revision = resp.Header.Revision
+	fmt.Printf("prepare: %d records in %s (%.0f/s)\n", *records, time.Since(start).Round(time.Second),
+		float64(*records)/time.Since(start).Seconds())
+	b, err := json.MarshalIndent(m, "", "  ")
+	check(err)
+	check(os.WriteFile(filepath.Join(*dataset, "meta.json"), b, 0o644))
+	return m
+}
+
+// key is record i's content key: a real SHA-256.
+func key(i int) string {
+	sum := sha256.Sum256([]byte("startload record " + strconv.Itoa(i)))
+	return hex.EncodeToString(sum[:])
+}
+
+// record is record i at target t, as a verified fill writes it.
+func record(i int, t *pb.Target) *pb.StoredObject {
+	k := key(i)
+	body := []byte(k)
+	s256, s1 := sha256.Sum256(body), sha1.Sum(body)
+	created := time.Now()
+	return &pb.StoredObject{Key: k, Target: t.Name, State: pb.ObjectState_OBJECT_STATE_READY,
+		Size: uint64(4096 + rand.IntN(8<<20)), MediaType: "application/mercurial-cbor",
+		Sha256: s256[:], Sha1: s1[:], Created: timestamppb.New(created), Expires: timestamppb.New(created.Add(30 * 24 * time.Hour)),
+		ObjectName: t.Store.Prefix + k, Bucket: t.Store.Bucket, Generation: created.UnixMicro(),
+		Crc32C: binary.BigEndian.Uint32(s256[:4]), TargetUid: t.Uid}
+}
+
+func etcdClient(endpoint string) *clientv3.Client {
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	check(err)
+	return cli
+}
+
+func loadMeta(dir string) *meta {
+	b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	check(err)
+	m := &meta{}
+	check(json.Unmarshal(b, m))
+	return m
+}
+
+// storeFront serves the emulator's JSON API but refuses every listing of a bucket's objects. The
+// data set's records name objects the emulator does not hold (a million of them would not fit in
+// its memory): a listing would make the reconciler retire every record, as releases before the
+// reconciler's guard against mass retirement did, in the middle of the measurement.
+func storeFront(port int) string {
+	target, err := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", port))
+	check(err)
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err)
+	go http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { //nolint:errcheck // lives as long as the process
+		if r.Method == http.MethodGet && strings.HasSuffix(strings.TrimSuffix(r.URL.Path, "/"), "/o") {
+			http.Error(w, "startload: listings refused", http.StatusServiceUnavailable)
+			return
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	return "http://" + l.Addr().String() + "/storage/v1/"
+}
+
+// proc is a started process and how it is measured.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+func startProc(log string, name string, args ...string) *proc {
+	f, err := os.Create(log)
+	check(err)
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	check(cmd.Start())
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); f.Close(); close(p.done) }()
+	return p
+}
+
+func (p *proc) stop() {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(30 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+	}
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// startOnce starts one binary on a fresh copy of the data set and measures it.
+func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
+	work := *workDir
+	if work == "" {
+		work = filepath.Dir(filepath.Clean(*dataset))
+	}
+	dir, err := os.MkdirTemp(work, "run-")
+	check(err)
+	if !*keepRun {
+		defer os.RemoveAll(dir)
+	}
+	out, err := exec.Command("cp", "-a", filepath.Join(*dataset, "data"), dir).CombinedOutput()
+	if err != nil {
+		check(fmt.Errorf("copy the data set: %v: %s", err, out))
+	}
+	data := filepath.Join(dir, "data")
+	// The page cache holds what was just copied; every binary starts on an equally warm copy.
+	listen, metrics, etcdListen := freeAddr(), freeAddr(), "http://"+freeAddr()
+	args := []string{"--insecure", "--listen", listen, "--metrics-listen", metrics, "--data-dir", data,
+		"--gcs-endpoint", api, "--log-level", "info"}
+	var etcd *proc
+	if *etcdMode == "external" {
+		self, err := os.Executable()
+		check(err)
+		etcd = startProc(filepath.Join(dir, "etcd.log"), self, "-serve-etcd", filepath.Join(data, "etcd"), "-etcd-url", etcdListen)
+		defer etcd.stop()
+		e0 := time.Now()
+		waitEtcd(ctx, etcdListen)
+		em := memOf(etcd.cmd.Process.Pid, "")
+		fmt.Printf("%-8s %-4d external etcd ready in %.2fs, CPU %.1fs, RSS %s (anon %s, file %s)\n", label, run,
+			time.Since(e0).Seconds(), em.cpu.Seconds(), mb(em.rss), mb(em.anon), mb(em.file))
+		args = append(args, "--etcd-endpoints", etcdListen)
+	} else {
+		args = append(args, "--embedded-etcd-listen", etcdListen)
+	}
+	t0 := time.Now()
+	cp := startProc(filepath.Join(dir, "controlplane.log"), bin, args...)
+	defer cp.stop()
+	// Reconnects every 20 ms while nothing listens: the default backoff grows to two minutes and
+	// would hide when the server started answering.
+	conn, err := grpc.NewClient(listen, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1,
+			MaxDelay: 20 * time.Millisecond}, MinConnectTimeout: time.Second}))
+	check(err)
+	defer conn.Close()
+	place := pb.NewPlacementServiceClient(conn)
+	req := func(k string) *pb.PlaceRequest {
+		return &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: m.Targets, Hashes: []string{"sha256"},
+			AgentRegion: "us", AgentId: "startload"}
+	}
+	probe := key(m.Records - 1)
+	var first time.Duration
+	for {
+		if cp.exited() {
+			fmt.Printf("%-8s %-4d exited before a redirect (log: %s)\n", label, run, filepath.Join(dir, "controlplane.log"))
+			return
+		}
+		pctx, cancel := context.WithTimeout(ctx, time.Second)
+		resp, err := place.Place(pctx, req(probe))
+		cancel()
+		if err == nil && resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
+			first = time.Since(t0)
+			break
+		}
+		if time.Since(t0) > 15*time.Minute {
+			check(fmt.Errorf("%s: no redirect within 15 minutes", label))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	at := memOf(cp.cmd.Process.Pid, metrics)
+	etcdRSS := ""
+	if etcd != nil {
+		em := memOf(etcd.cmd.Process.Pid, "")
+		etcdRSS = fmt.Sprintf("%s/%.0fs", mb(em.rss), em.cpu.Seconds())
+	}
+	line := fmt.Sprintf("%-8s %-4d %11.2fs %8.1fs %10s %10s %10s %10s %12s", label, run, first.Seconds(), at.cpu.Seconds(),
+		mb(at.rss), mb(at.anon), mb(at.file), mb(at.heap), etcdRSS)
+	if *settle > 0 {
+		time.Sleep(*settle)
+		s := memOf(cp.cmd.Process.Pid, metrics)
+		line += fmt.Sprintf("  %s/%s/%s", mb(s.rss), mb(s.anon), mb(s.heap))
+	}
+	fmt.Println(line, " load", loadAvg())
+	if *burst > 0 {
+		burstOnce(ctx, m, etcdListen, place, req)
+	}
+}
+
+// burstOnce measures Place on keys the index holds, idle and while a writer adds *burst records.
+func burstOnce(ctx context.Context, m *meta, etcdURL string, place pb.PlacementServiceClient, req func(string) *pb.PlaceRequest) {
+	op := func(w, i int) (int64, error) {
+		_, err := place.Place(ctx, req(key((w*7919+i*104729)%m.Records)))
+		return 0, err
+	}
+	idle := loadstat.Run(*burstConc, *measure, 0, op)
+	cli := etcdClient(etcdURL)
+	defer cli.Close()
+	reg := targets.NewRegistry(cli, "")
+	if m.Encoding == "proto" {
+		reg.SetRecordEncoding(targets.EncodingProto)
+	}
+	var ts []*pb.Target
+	for _, name := range m.Targets {
+		t, err := reg.GetTarget(ctx, name)
+		check(err)
+		ts = append(ts, t)
+	}
+	var next atomic.Int64
+	writeDone := make(chan time.Duration)
+	start := time.Now()
+	go func() {
+		var wg sync.WaitGroup
+		for range *writers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					i := int(next.Add(1)) - 1
+					if i >= *burst {
+						return
+					}
+					n := m.Records + i
+					check(reg.PutObject(ctx, record(n, ts[n%len(ts)])))
+				}
+			}()
+		}
+		wg.Wait()
+		writeDone <- time.Since(start)
+	}()
+	// Latency is measured for as long as the writes take.
+	var during loadstat.Result
+	var wrote time.Duration
+	var results []loadstat.Result
+	for wrote == 0 {
+		results = append(results, loadstat.Run(*burstConc, 500*time.Millisecond, 0, op))
+		select {
+		case wrote = <-writeDone:
+		default:
+		}
+	}
+	during = merge(results)
+	last := key(m.Records + *burst - 1)
+	for {
+		resp, err := place.Place(ctx, req(last))
+		check(err)
+		if resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	caught := time.Since(start)
+	fmt.Printf("  burst: %d records written in %s (%.0f/s) by %d writers; Place at concurrency %d: idle %s; during the burst %s; p99 ratio %.1f; the last record placeable %s after the last write\n",
+		*burst, wrote.Round(time.Millisecond), float64(*burst)/wrote.Seconds(), *writers, *burstConc, idle, during,
+		float64(during.P99)/float64(idle.P99), (caught - wrote).Round(time.Millisecond))
+}
+
+// merge approximates the percentiles of consecutive runs by the worst of each (an upper bound).
+func merge(rs []loadstat.Result) loadstat.Result {
+	var out loadstat.Result
+	for _, r := range rs {
+		out.Ops += r.Ops
+		out.Errors += r.Errors
+		out.Elapsed += r.Elapsed
+		out.P50 = max(out.P50, r.P50)
+		out.P99 = max(out.P99, r.P99)
+	}
+	return out
+}
+
+type mem struct {
+	rss, anon, file, heap int64
+	cpu                   time.Duration // user and system time so far
+}
+
+// memOf reads a process's resident memory from /proc and, given a metrics address, its Go heap
+// in use from /metrics.
+func memOf(pid int, metrics string) mem {
+	var m mem
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	check(err)
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, _ := strings.Cut(sc.Text(), ":")
+		kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		switch k {
+		case "VmRSS":
+			m.rss = kb << 10
+		case "RssAnon":
+			m.anon = kb << 10
+		case "RssFile":
+			m.file = kb << 10
+		}
+	}
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+		// Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		u, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		m.cpu = time.Duration(u+st) * time.Second / 100 // USER_HZ
+	}
+	if metrics != "" {
+		resp, err := http.Get("http://" + metrics + "/metrics")
+		check(err)
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		for sc.Scan() {
+			if v, ok := strings.CutPrefix(sc.Text(), "go_memstats_heap_inuse_bytes "); ok {
+				f, _ := strconv.ParseFloat(v, 64)
+				m.heap = int64(f)
+			}
+		}
+	}
+	return m
+}
+
+func mb(b int64) string { return fmt.Sprintf("%.0f MB", float64(b)/1e6) }
+
+func waitEtcd(ctx context.Context, url string) {
+	cli := etcdClient(url)
+	defer cli.Close()
+	deadline := time.Now().Add(10 * time.Minute)
+	for {
+		gctx, cancel := context.WithTimeout(ctx, time.Second)
+		_, err := cli.Get(gctx, "/detour/v1/policy")
+		cancel()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			check(fmt.Errorf("external etcd at %s: %w", url, err))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// runEtcd serves an etcd on dir until it is signalled.
+func runEtcd(dir, url string) {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	e, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: url})
+	check(err)
+	<-ctx.Done()
+	e.Close()
+}
+
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	return strings.Join(f[:3], " ")
+}
+
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func freeAddr() string { return fmt.Sprintf("127.0.0.1:%d", freePort()) }
+
+func check(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "startload:", err)
+		os.Exit(1)
+	}
+}
+
+var _ = io.Discard
