@@ -8,6 +8,7 @@ import (
 	"context"
 	"io"
 	"io/fs"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -134,24 +135,32 @@ func newRigWith(t testing.TB, shape repoShape, opts rigOptions) *rig {
 // emulator and a control plane started with cpFlags; no targets and no agent yet.
 func newBareRig(t testing.TB, shape repoShape, cpFlags ...string) *rig {
 	t.Helper()
+	return newBareRigOf(t, func(r *rig) {
+		// History: two public changesets, two drafts, a bookmark on a draft.
+		if err := r.repo.Populate(1, shape.files, shape.bigFiles, shape.bigSize); err != nil {
+			t.Fatal(err)
+		}
+		r.commit("initial import")
+		for i := 1; i <= 3; i++ {
+			r.must(r.repo.WriteFile("src/dir01/file001.txt", []byte(strings.Repeat("change ", i*10))))
+			r.must(r.repo.Populate(uint64(100+i), 20, 1, 1536<<10))
+			r.commit("change " + string(rune('0'+i)))
+		}
+		r.hgOrigin("bookmark", "--rev", "2", "feature")
+		r.hgOrigin("phase", "--public", "--rev", "1")
+	}, cpFlags...)
+}
+
+// newBareRigOf is newBareRig with a repository that build makes in r.repo.
+func newBareRigOf(t testing.TB, build func(r *rig), cpFlags ...string) *rig {
+	t.Helper()
 	ctx := context.Background()
 	r := &rig{t: t, hg: findHG(t), work: t.TempDir()}
 	var err error
 	if r.repo, err = hgserve.Init(ctx, r.hg, filepath.Join(r.work, "origin")); err != nil {
 		t.Fatal(err)
 	}
-	// History: two public changesets, two drafts, a bookmark on a draft.
-	if err := r.repo.Populate(1, shape.files, shape.bigFiles, shape.bigSize); err != nil {
-		t.Fatal(err)
-	}
-	r.commit("initial import")
-	for i := 1; i <= 3; i++ {
-		r.must(r.repo.WriteFile("src/dir01/file001.txt", []byte(strings.Repeat("change ", i*10))))
-		r.must(r.repo.Populate(uint64(100+i), 20, 1, 1536<<10))
-		r.commit("change " + string(rune('0'+i)))
-	}
-	r.hgOrigin("bookmark", "--rev", "2", "feature")
-	r.hgOrigin("phase", "--public", "--rev", "1")
+	build(r)
 
 	if r.origin, err = hgserve.Serve(ctx, r.hg, r.repo.Dir, hgserve.Options{V2: true, Dir: r.work}); err != nil {
 		t.Fatal(err)
@@ -292,15 +301,13 @@ func commandsSent(out string) []string {
 }
 
 // state describes a clone as a user sees it: every changeset with its phase, parents, bookmarks and
-// files; the bookmarks; and the working tree's bytes.
+// files; the working directory's parent; and the working tree's bytes.
 func (r *rig) state(dir string) string {
 	r.t.Helper()
+	// One hg run (each costs the pure-Python client most of a second): the working directory's
+	// parent is the changeset marked "@".
 	log, err := r.hgIn(dir, "log", "--rev", "all()", "--template",
-		"{node} {phase} p1={p1.node} p2={p2.node} [{join(bookmarks, ',')}] {files}\n")
-	r.must(err)
-	marks, err := r.hgIn(dir, "bookmarks", "--template", "{bookmark} {node}\n")
-	r.must(err)
-	parent, err := r.hgIn(dir, "log", "--rev", ".", "--template", "{node}\n")
+		"{node} {phase} p1={p1.node} p2={p2.node} [{join(bookmarks, ',')}] {ifcontains(rev, revset('.'), '@')} {files}\n")
 	r.must(err)
 	var tree strings.Builder
 	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
@@ -321,7 +328,7 @@ func (r *rig) state(dir string) string {
 		return nil
 	})
 	r.must(err)
-	return "log:\n" + log + "bookmarks:\n" + marks + "parent: " + parent + "tree:\n" + tree.String()
+	return "log:\n" + log + "tree:\n" + tree.String()
 }
 
 // verify runs hg verify in a clone.
@@ -367,6 +374,7 @@ type tap struct {
 	responseBytes atomic.Int64
 	mu            sync.Mutex
 	requests      map[string][][]byte // command → request bodies
+	bytesBy       map[string]int64    // command → response bytes
 }
 
 func newTap(t testing.TB, upstream string) *tap {
@@ -374,11 +382,11 @@ func newTap(t testing.TB, upstream string) *tap {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tp := &tap{requests: map[string][][]byte{}}
+	tp := &tap{requests: map[string][][]byte{}, bytesBy: map[string]int64{}}
 	proxy := httputil.NewSingleHostReverseProxy(u)
 	proxy.FlushInterval = -1
 	proxy.ModifyResponse = func(resp *http.Response) error {
-		resp.Body = &countingBody{ReadCloser: resp.Body, n: &tp.responseBytes}
+		resp.Body = &countingBody{ReadCloser: resp.Body, n: &tp.responseBytes, tap: tp, command: commandOf(resp.Request)}
 		return nil
 	}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
@@ -408,15 +416,51 @@ func (tp *tap) Requests(cmd string) [][]byte {
 	return slices.Clone(tp.requests[cmd])
 }
 
+// BytesBy returns the response bytes counted so far by command.
+func (tp *tap) BytesBy() map[string]int64 {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	return maps.Clone(tp.bytesBy)
+}
+
+// commandOf names a request to a Mercurial server: its v2 command, its v1 `cmd`, or its method.
+func commandOf(req *http.Request) string {
+	if i := strings.Index(req.URL.Path, "/ro/"); i >= 0 {
+		return req.URL.Path[i+len("/ro/"):]
+	}
+	if c := req.URL.Query().Get("cmd"); c != "" {
+		return c
+	}
+	return req.Method
+}
+
 type countingBody struct {
 	io.ReadCloser
-	n *atomic.Int64
+	n       *atomic.Int64
+	tap     *tap
+	command string
 }
 
 func (c *countingBody) Read(p []byte) (int, error) {
 	n, err := c.ReadCloser.Read(p)
 	c.n.Add(int64(n))
+	if c.tap != nil && n > 0 {
+		c.tap.mu.Lock()
+		c.tap.bytesBy[c.command] += int64(n)
+		c.tap.mu.Unlock()
+	}
 	return n, err
+}
+
+// bytesSince is the response bytes by command counted since before.
+func bytesSince(before, after map[string]int64) map[string]int64 {
+	out := map[string]int64{}
+	for k, v := range after {
+		if d := v - before[k]; d != 0 {
+			out[k] = d
+		}
+	}
+	return out
 }
 
 func writeFile(name, content string) error { return os.WriteFile(name, []byte(content), 0o644) }

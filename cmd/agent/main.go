@@ -73,6 +73,8 @@ func main() {
 	flag.IntVar(&cfg.MaxFills, "max-fills", 32, "fills running at once; past it new fills are declined")
 	flag.Int64Var(&v2.MaxRequestBytes, "max-request-bytes", 0, "largest v2 command request body (default: the wire package's limit)")
 	flag.DurationVar(&v2.CommandBodyTimeout, "command-body-timeout", 30*time.Second, "time a client has to send a command request body")
+	flag.IntVar(&v2.BatchSize, "batch-size", 0, "recommendedbatchsize advertised for manifestdata and filesdata: 0 follows each repository's size (2^floor(log2(changesets/16)), 16 to 32768), a positive value fixes it, negative leaves the origin's")
+	flag.DurationVar(&v2.SizeProbeTimeout, "size-probe-timeout", 10*time.Second, "how long the first handshake for a repository of unknown size waits while the origin is asked for its size (past it: the origin's batch sizes)")
 	flag.Int64Var(&cfg.MaxBodyBytes, "max-body-bytes", 4<<30, "largest other request body relayed to the origin (a push)")
 	flag.IntVar(&cfg.MaxConcurrentRequests, "max-concurrent-requests", 1024, "requests answered at once; past it HTTP 503")
 	flag.IntVar(&cfg.MaxConnections, "max-connections", 4096, "open client connections; past it new ones wait")

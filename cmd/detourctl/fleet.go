@@ -35,9 +35,11 @@ func (c *cli) agents(sub string, args []string) error {
 
 func (c *cli) printAgents(resp *pb.ListAgentsResponse, now time.Time) {
 	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tNAME\tREGION\tVERSION\tAPPLIED REV\tLAST PLACE\tCACHED\tREFRESHED\tTARGET SET")
+	fmt.Fprintln(tw, "ID\tNAME\tREGION\tVERSION\tAPPLIED REV\tLAST PLACE\tCACHED\tREFRESHED\tTARGET SET\tOFFLOAD\tSTORE/ORIGIN")
 	lagging := 0
+	var store, origin uint64
 	for _, a := range resp.Agents {
+		store, origin = store+a.StoreBytes, origin+a.OriginBytes
 		state := "current"
 		if a.BehindFor != nil {
 			state = "behind " + a.BehindFor.AsDuration().Round(time.Second).String()
@@ -46,8 +48,9 @@ func (c *cli) printAgents(resp *pb.ListAgentsResponse, now time.Time) {
 			state = "LAGGING (" + state + ")"
 			lagging++
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%d\t%s\t%s\n", a.Id, a.Name, a.Region, a.Version, a.AppliedRevision,
-			ago(a.LastPlace, now), a.LocationCacheEntries, ago(a.Refreshed, now), state)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%d\t%s\t%s\t%s\t%s/%s\n", a.Id, a.Name, a.Region, a.Version, a.AppliedRevision,
+			ago(a.LastPlace, now), a.LocationCacheEntries, ago(a.Refreshed, now), state, offloadRatio(a.StoreBytes, a.OriginBytes),
+			byteSize(a.StoreBytes), byteSize(a.OriginBytes))
 	}
 	tw.Flush()
 	noun := "agents"
@@ -56,6 +59,31 @@ func (c *cli) printAgents(resp *pb.ListAgentsResponse, now time.Time) {
 	}
 	fmt.Fprintf(c.out, "%d %s, %d lagging (behind the control plane's target set, revision %d, for over %s)\n",
 		len(resp.Agents), noun, lagging, resp.TargetsRevision, resp.LagThreshold.AsDuration())
+	fmt.Fprintf(c.out, "offload %s: %s served by targets, %s by the origin (since each agent started)\n",
+		offloadRatio(store, origin), byteSize(store), byteSize(origin))
+}
+
+// offloadRatio is the share of answered bytes the targets served instead of the origin: store /
+// (store + origin), "-" before any.
+func offloadRatio(store, origin uint64) string {
+	if store+origin == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f%%", 100*float64(store)/float64(store+origin))
+}
+
+// byteSize formats n in decimal units.
+func byteSize(n uint64) string {
+	const unit = 1000
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %cB", float64(n)/float64(div), "kMGTPE"[exp])
 }
 
 func ago(ts *timestamppb.Timestamp, now time.Time) string {

@@ -103,14 +103,16 @@ func TestAgentsProbeAndExplainInTwoRegions(t *testing.T) {
 func TestAgentsTableFlagsLaggingAgents(t *testing.T) {
 	now := time.Date(2026, 12, 2, 5, 0, 0, 0, time.UTC)
 	resp := &pb.ListAgentsResponse{TargetsRevision: 40, LagThreshold: durationpb.New(30 * time.Second), Agents: []*pb.Agent{
-		{Id: "spiffe://detour/agent/a", Region: "us", AppliedRevision: 40, Refreshed: timestamppb.New(now.Add(-3 * time.Second))},
+		{Id: "spiffe://detour/agent/a", Region: "us", AppliedRevision: 40, Refreshed: timestamppb.New(now.Add(-3 * time.Second)),
+			StoreBytes: 19_600_000, OriginBytes: 400_000},
 		{Id: "spiffe://detour/agent/b", Region: "eu", AppliedRevision: 12, Refreshed: timestamppb.New(now),
 			BehindFor: durationpb.New(95 * time.Second), Lagging: true},
 	}}
 	var out bytes.Buffer
 	(&cli{out: &out}).printAgents(resp, now)
 	got := out.String()
-	for _, want := range []string{"LAGGING (behind 1m35s)", "current", "never", "3s ago", "2 agents, 1 lagging", "revision 40, for over 30s"} {
+	for _, want := range []string{"LAGGING (behind 1m35s)", "current", "never", "3s ago", "2 agents, 1 lagging", "revision 40, for over 30s",
+		"98.0%", "19.6 MB/400.0 kB", "  -  ", "offload 98.0%: 19.6 MB served by targets, 400.0 kB by the origin"} {
 		if !strings.Contains(got, want) {
 			t.Fatalf("want %q in\n%s", want, got)
 		}

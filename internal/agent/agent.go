@@ -421,10 +421,10 @@ func (a *Agent) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // Count counts one answered request by outcome (detour_agent_requests_total).
 func (a *Agent) Count(outcome string) { a.metrics.requests.WithLabelValues(outcome).Inc() }
 
-// Relay sends r to the origin and its answer back, unchanged, counting it under outcome.
+// Relay sends r to the origin and its answer back, unchanged, counting it under outcome (and its
+// bytes under OtherCommand; RelayAs names the command).
 func (a *Agent) Relay(w http.ResponseWriter, r *http.Request, outcome string) {
-	a.Count(outcome)
-	a.proxy.ServeHTTP(w, recordBodyErr(r))
+	a.RelayAs(w, r, outcome, OtherCommand)
 }
 
 // bodyErrKey carries a *bodyErrReader in a relayed request's context, so the proxy's error

@@ -35,6 +35,7 @@ func (e *storeError) Unwrap() error { return e.err }
 type FillWriter struct {
 	a         *Agent
 	key       string
+	command   string
 	mediaType string
 	grant     *pb.FillGrant
 	ctx       context.Context
@@ -73,7 +74,7 @@ func (a *Agent) startFill(q Query, grant *pb.FillGrant) *FillWriter {
 	if mediaType == "" {
 		mediaType = q.MediaType
 	}
-	return &FillWriter{a: a, key: q.Key, grant: grant, mediaType: mediaType, ctx: ctx, cancel: cancel}
+	return &FillWriter{a: a, key: q.Key, command: q.Command, grant: grant, mediaType: mediaType, ctx: ctx, cancel: cancel}
 }
 
 // declineFill releases a grant the agent does not run (granted although the agent said it cannot
@@ -246,6 +247,7 @@ func (a *Agent) endFill(f *FillWriter) {
 		return
 	}
 	a.metrics.fills.WithLabelValues("ready").Inc()
+	a.CountBytes(f.command, BytesFilled, int64(res.Size))
 	a.log.Debug("fill reported", "key", f.key, "target", f.grant.Target, "size", res.Size)
 }
 

@@ -32,6 +32,8 @@ func (a *Agent) registerOnce(ctx context.Context) {
 	req := &pb.RegisterAgentRequest{Name: a.cfg.AgentID, Region: a.cfg.Region, Version: a.cfg.Version,
 		AppliedRevision: a.appliedRevision.Load(), LocationCacheEntries: int64(a.cache.len()),
 		Ttl: durationpb.New(3 * a.cfg.RegisterInterval)}
+	store, origin, filled := a.OffloadBytes()
+	req.StoreBytes, req.OriginBytes, req.FilledBytes = uint64(store), uint64(origin), uint64(filled)
 	if ns := a.lastPlace.Load(); ns != 0 {
 		req.LastPlace = timestamppb.New(time.Unix(0, ns))
 	}

@@ -19,6 +19,7 @@ type Metrics struct {
 	cache           *prometheus.CounterVec
 	originChecks    *prometheus.CounterVec
 	originHits      *prometheus.CounterVec
+	offload         *offload
 	// Resolved once: the redirect answer path counts without a label lookup.
 	redirects, cacheHits, cacheMisses prometheus.Counter
 }
@@ -50,7 +51,8 @@ func newMetrics() *Metrics {
 	m.cpUp.Set(1)
 	m.cache = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_location_cache_total",
 		Help: "Location cache events: hit, miss, stored, invalidated (a record changed), flushed (target set changed or stream lost), evicted."}, []string{"result"})
-	m.Registry.MustRegister(m.cache)
+	m.offload = newOffload()
+	m.Registry.MustRegister(m.cache, m.offload.bytes)
 	m.redirects, m.cacheHits, m.cacheMisses = m.requests.WithLabelValues("redirect"), m.cache.WithLabelValues("hit"), m.cache.WithLabelValues("miss")
 	m.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), m.cpUp)
 	m.Registry.MustRegister(m.locationChecks, m.requests, m.placeFailures, m.placeLatency, m.fills, m.inlineBytes, m.targetsRevision, m.originChecks, m.originHits)

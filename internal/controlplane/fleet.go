@@ -52,7 +52,8 @@ func (s *Service) RegisterAgent(ctx context.Context, req *pb.RegisterAgentReques
 		return nil, invalidArg("ttl", "%s is not between %s and %s", ttl, minAgentTTL, maxAgentTTL)
 	}
 	a := &pb.Agent{Id: id, Name: req.Name, Region: req.Region, Version: req.Version, AppliedRevision: req.AppliedRevision,
-		LastPlace: req.LastPlace, LocationCacheEntries: req.LocationCacheEntries, Refreshed: timestamppb.New(s.cfg.Now())}
+		LastPlace: req.LastPlace, LocationCacheEntries: req.LocationCacheEntries, Refreshed: timestamppb.New(s.cfg.Now()),
+		StoreBytes: req.StoreBytes, OriginBytes: req.OriginBytes, FilledBytes: req.FilledBytes}
 	wctx, cancel := s.writeCtx(ctx)
 	defer cancel()
 	rev, err := s.reg.PutAgent(wctx, a, ttl)

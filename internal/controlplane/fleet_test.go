@@ -59,13 +59,15 @@ func TestAgentsRegisterOnlyAsThemselvesAndExpire(t *testing.T) {
 	}
 
 	resp, err := r.place.RegisterAgent(ctx, &pb.RegisterAgentRequest{Id: self, Name: "host-1", Region: "us", Version: "v1.2.3",
-		AppliedRevision: 7, LocationCacheEntries: 42, Ttl: durationpb.New(2 * time.Second)})
+		AppliedRevision: 7, LocationCacheEntries: 42, Ttl: durationpb.New(2 * time.Second),
+		StoreBytes: 900, OriginBytes: 100, FilledBytes: 300})
 	if err != nil || resp.Id != self {
 		t.Fatalf("register: %v %v", resp, err)
 	}
 	reader := pb.NewAdminServiceClient(testbed.Dial(t, r.addr(), dev.Reader))
 	a := agentIn(listAgents(t, reader), self)
-	if a == nil || a.Name != "host-1" || a.Region != "us" || a.Version != "v1.2.3" || a.LocationCacheEntries != 42 || a.Refreshed == nil {
+	if a == nil || a.Name != "host-1" || a.Region != "us" || a.Version != "v1.2.3" || a.LocationCacheEntries != 42 || a.Refreshed == nil ||
+		a.StoreBytes != 900 || a.OriginBytes != 100 || a.FilledBytes != 300 {
 		t.Fatalf("listed agent: %v", a)
 	}
 	if n := metric(t, r, "detour_agents_registered"); n != 1 {

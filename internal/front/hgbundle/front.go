@@ -176,7 +176,8 @@ func (f *Front) serveCapabilities(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(resp.StatusCode)
-	_, _ = w.Write(body)
+	n, _ := w.Write(body)
+	f.a.CountBytes("capabilities", agent.BytesOrigin, int64(n))
 }
 
 // serveManifest answers `clonebundles`: the READY bundles of the newest checkpoint that has
@@ -190,7 +191,7 @@ func (f *Front) serveManifest(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, errDenied):
 		// The client gets the origin's own refusal, and authenticates after it.
 		f.manifests.WithLabelValues("origin_denied").Inc()
-		f.a.Relay(w, r, "origin_denied")
+		f.a.RelayAs(w, r, "origin_denied", "clonebundles")
 		return
 	case err != nil:
 		f.manifests.WithLabelValues("origin_error").Inc()
@@ -203,13 +204,18 @@ func (f *Front) serveManifest(w http.ResponseWriter, r *http.Request) {
 		f.a.Once().Forget("bundle-state:" + repo)
 		f.manifests.WithLabelValues("bundles").Inc()
 	}
-	body, err := EncodeManifest(ForClient(entries, r.Header))
+	served := ForClient(entries, r.Header)
+	body, err := EncodeManifest(served)
 	if err != nil {
 		f.a.Once().Warn("bundle-manifest", "cannot encode a clone-bundle manifest; answering an empty one", "err", err)
 		body = nil
 	}
 	if len(entries) > 0 {
 		f.a.Count("redirect")
+		// The client applies the first bundle it can: those bytes come from the store.
+		if body != nil && len(served) > 0 {
+			f.a.CountBytes("clonebundles", agent.BytesStore, int64(served[0].size))
+		}
 	} else {
 		f.a.Count("inline")
 	}
@@ -259,7 +265,7 @@ func (f *Front) manifest(r *http.Request, repo string) ([]Entry, error) {
 				fills = append(fills, formatFill{c, d.Fill})
 				continue
 			case agent.Redirect:
-				e := Entry{URL: d.Location.URL, BundleSpec: spec, RequiresSNI: strings.HasPrefix(d.Location.URL, "https:")}
+				e := Entry{URL: d.Location.URL, BundleSpec: spec, RequiresSNI: strings.HasPrefix(d.Location.URL, "https:"), size: d.Location.Size}
 				all = append(all, found{e, cp, rank})
 			default:
 				continue

@@ -143,6 +143,21 @@ func sameContent(state string) string {
 	return strings.Join(lines, "\n")
 }
 
+// bundleSize is the length of the bundle at url.
+func bundleSize(t *testing.T, url string) int64 {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	n, err := io.Copy(io.Discard, resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: HTTP %d, %d bytes, %v", url, resp.StatusCode, n, err)
+	}
+	return n
+}
+
 // appliedBundle is the URL of the clone bundle a clone's verbose output says it applied.
 func appliedBundle(t *testing.T, out string) string {
 	t.Helper()
@@ -195,6 +210,13 @@ func TestStockClientsApplyDetourMadeBundles(t *testing.T) {
 		t.Fatalf("a warm clone cost the origin %d bytes, over 2%% of a direct clone's %d", originBytes, direct)
 	}
 	t.Logf("origin bytes: direct clone %d, warm clone through Detour %d (%.2f%%)", direct, originBytes, 100*float64(originBytes)/float64(direct))
+	// The offload counts: the bundle the client applied, from the store; the rest from the origin.
+	if got, want := s.metric(t, "detour_agent_response_bytes_total", "source", "store"), float64(bundleSize(t, appliedBundle(t, out))); got != want {
+		t.Fatalf("store bytes counted: %v, want the applied bundle's %v", got, want)
+	}
+	if got := s.metric(t, "detour_agent_response_bytes_total", "source", "origin"); got == 0 {
+		t.Fatal("no origin bytes counted for the clones' other commands")
+	}
 
 	// A new changeset: the clone applies the bundle it has and pulls the one changeset; the new
 	// checkpoint's bundle gets made.

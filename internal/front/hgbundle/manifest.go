@@ -35,6 +35,9 @@ type Entry struct {
 	RequiredRAM string
 	// Attrs are further attributes, written after the reserved ones, in order.
 	Attrs []Param
+
+	// size is the stored bundle's length, for the agent's byte counts (not part of the line).
+	size uint64
 }
 
 // Line encodes e as one manifest line, without the newline.

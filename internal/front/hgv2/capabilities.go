@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/wire"
@@ -42,9 +43,13 @@ func (f *Front) Section() *wire.RedirectSection {
 }
 
 // serveHandshake forwards `GET ?cmd=capabilities` and, when the origin answers with the v2 CBOR
-// handshake, replaces the redirect section with the live target set.
+// handshake, replaces the redirect section with the live target set and sets the batch sizes of
+// manifestdata and filesdata (see batch.go).
 func (f *Front) serveHandshake(w http.ResponseWriter, r *http.Request) {
 	f.a.Count("capabilities")
+	cw := agent.CountingWriter(w)
+	defer func() { f.a.CountBytes("capabilities", agent.BytesOrigin, cw.Written()) }()
+	w = cw
 	req, err := http.NewRequestWithContext(r.Context(), r.Method, f.a.OriginURL(r), nil)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
@@ -67,7 +72,8 @@ func (f *Front) serveHandshake(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "origin capabilities unreadable or too large", http.StatusBadGateway)
 		return
 	}
-	out, err := wire.RewriteHandshake(body, f.Section())
+	repo := strings.TrimSuffix(r.URL.Path, "/")
+	out, err := wire.RewriteHandshakeV2(body, func(v2 []byte) ([]byte, error) { return f.rewriteCapabilities(r, repo, v2) })
 	if err != nil {
 		// The origin's map is not what we understand: pass it on untouched.
 		f.a.Once().Warn("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
@@ -78,11 +84,33 @@ func (f *Front) serveHandshake(w http.ResponseWriter, r *http.Request) {
 	copyResponse(w, resp)
 }
 
-// serveCapabilitiesCommand answers the v2 `capabilities` command: the origin's answer with the
-// redirect section replaced.
-func (f *Front) serveCapabilitiesCommand(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest) {
+// rewriteCapabilities is what the front changes in the origin's v2 capabilities map of repo: the
+// redirect section, and the batch sizes.
+func (f *Front) rewriteCapabilities(r *http.Request, repo string, caps []byte) ([]byte, error) {
+	out, err := wire.RewriteRedirect(caps, f.Section())
+	if err != nil {
+		return nil, err
+	}
+	b := f.batchSize(r, repo)
+	if b == 0 {
+		return out, nil
+	}
+	sizes := make(map[string]uint64, len(batchedCommands))
+	for _, c := range batchedCommands {
+		sizes[c] = b
+	}
+	f.batchSizes.WithLabelValues("rewritten").Inc()
+	return wire.RewriteBatchSizes(out, sizes)
+}
+
+// serveCapabilitiesCommand answers the v2 `capabilities` command: the origin's answer rewritten
+// as in the handshake.
+func (f *Front) serveCapabilitiesCommand(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, encodings []string) {
 	f.a.Count("capabilities")
-	resp, err := f.forwardCommand(r, cmd)
+	cw := agent.CountingWriter(w)
+	defer func() { f.a.CountBytes("capabilities", agent.BytesOrigin, cw.Written()) }()
+	w = cw
+	resp, err := f.forwardCommand(r, cmd, wire.UpstreamEncodings(encodings))
 	if err != nil {
 		f.originFailed(w, cmd, err)
 		return
@@ -102,7 +130,7 @@ func (f *Front) serveCapabilitiesCommand(w http.ResponseWriter, r *http.Request,
 		protocolError(w, cmd.RequestID, "origin capabilities response unreadable")
 		return
 	}
-	out, err := wire.RewriteRedirect(caps, f.Section())
+	out, err := f.rewriteCapabilities(r, repoOf(r.URL.Path), caps)
 	if err != nil {
 		f.a.Once().Warn("handshake", "cannot rewrite the origin's capabilities; passing them through", "err", err)
 		out = caps

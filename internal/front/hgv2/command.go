@@ -23,19 +23,28 @@ func (f *Front) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		next.ServeHTTP(w, r)
 		return
 	}
-	body, cmd, ok := f.readCommand(w, r, name)
+	body, rs, ok := f.readCommand(w, r, name)
 	if !ok {
 		return
 	}
+	var cmd *wire.CommandRequest
+	var encodings []string
+	if rs != nil {
+		cmd, encodings = rs.Commands[0], rs.ContentEncodings
+	}
 	if cmd != nil && cmd.Name == name && name == "capabilities" {
-		f.serveCapabilitiesCommand(w, r, cmd)
+		f.serveCapabilitiesCommand(w, r, cmd, encodings)
 		return
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 	q, ok := f.query(r, name, cmd)
 	if !ok {
-		next.ServeHTTP(w, r)
+		if cmd != nil && cmd.Name == name && name == "changesetdata" && f.cfg.BatchSize == 0 && fullDAG(cmd) {
+			f.relayObservingSize(w, r, cmd, encodings)
+			return
+		}
+		f.a.RelayAs(w, r, "passthrough", commandLabel(name))
 		return
 	}
 	w.Header().Set(agent.HeaderContentKey, q.Key)
@@ -48,23 +57,38 @@ func (f *Front) serveCommand(w http.ResponseWriter, r *http.Request, name string
 		if err == nil {
 			writeRedirect(w, cmd.RequestID, answer)
 			f.a.Count(d.Label())
+			f.a.CountBytes(q.Command, agent.BytesStore, int64(d.Location.Size))
 			return
 		}
 		f.a.Once().Warn("redirect", "cannot encode a redirect; answering inline", "err", err)
-		f.a.Relay(w, r, "inline")
+		f.a.RelayAs(w, r, "inline", q.Command)
 		return
 	case agent.Fill:
 		f.a.Count(d.Label())
-		f.relayWithFill(w, r, cmd, d.Fill)
+		f.relayWithFill(w, r, cmd, encodings, d.Fill)
 		return
 	}
-	f.a.Relay(w, r, d.Label())
+	f.a.RelayAs(w, r, d.Label(), q.Command)
+}
+
+// v2Commands are the protocol's commands (Mercurial 4.8 to 5.9), which label metrics as they are;
+// any other name is "other" (a client chooses the path).
+var v2Commands = map[string]bool{"branchmap": true, "capabilities": true, "changesetdata": true, "filedata": true,
+	"filesdata": true, "heads": true, "known": true, "listkeys": true, "lookup": true, "manifestdata": true,
+	"pushkey": true, "rawstorefiledata": true}
+
+func commandLabel(name string) string {
+	if v2Commands[name] {
+		return name
+	}
+	return agent.OtherCommand
 }
 
 // readCommand reads and parses a command request body. It answers the client itself when the body
 // is unreadable or malformed (ok false); a request it cannot read but the origin may (an encoded
-// request stream, several commands) comes back with cmd nil, to be passed through.
-func (f *Front) readCommand(w http.ResponseWriter, r *http.Request, name string) (body []byte, cmd *wire.CommandRequest, ok bool) {
+// request stream, several commands) comes back with rs nil, to be passed through. A request
+// stream it returns holds exactly one command.
+func (f *Front) readCommand(w http.ResponseWriter, r *http.Request, name string) (body []byte, rs *wire.RequestStream, ok bool) {
 	// A command body is small: a client that trickles it is cut off, not waited for.
 	_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(f.cfg.CommandBodyTimeout))
 	body, err := io.ReadAll(io.LimitReader(r.Body, f.cfg.MaxRequestBytes+1))
@@ -79,7 +103,7 @@ func (f *Front) readCommand(w http.ResponseWriter, r *http.Request, name string)
 		protocolError(w, 0, fmt.Sprintf("request exceeds %d bytes", f.cfg.MaxRequestBytes))
 		return nil, nil, false
 	}
-	rs, err := wire.ReadRequest(bytes.NewReader(body), wire.ReaderOptions{MaxTotal: f.cfg.MaxRequestBytes})
+	rs, err = wire.ReadRequest(bytes.NewReader(body), wire.ReaderOptions{MaxTotal: f.cfg.MaxRequestBytes})
 	switch {
 	case errors.Is(err, wire.ErrUnsupportedEncoding):
 		// A request stream encoded in a way the front cannot read may still be one the origin
@@ -93,7 +117,7 @@ func (f *Front) readCommand(w http.ResponseWriter, r *http.Request, name string)
 	case len(rs.Commands) != 1:
 		return body, nil, true
 	}
-	return body, rs.Commands[0], true
+	return body, rs, true
 }
 
 // query says whether cmd's response may come from the core, and with what key. Only a cacheable
@@ -136,12 +160,12 @@ func (f *Front) originFailed(w http.ResponseWriter, cmd *wire.CommandRequest, er
 	_ = wire.NewResponseWriter(w, wire.DefaultMaxPayload).WriteErrorFrame(cmd.RequestID, "server", "origin unreachable")
 }
 
-// forwardCommand sends cmd to the origin re-encoded with identity as the only content encoding, so
-// that the front can read the response it relays.
-func (f *Front) forwardCommand(r *http.Request, cmd *wire.CommandRequest) (*http.Response, error) {
+// forwardCommand sends cmd to the origin, re-encoded with encodings as the content encodings the
+// client accepts (those the front can read the response in).
+func (f *Front) forwardCommand(r *http.Request, cmd *wire.CommandRequest, encodings []string) (*http.Response, error) {
 	var buf bytes.Buffer
 	rw := wire.NewRequestWriter(&buf)
-	if err := rw.WriteSettings(wire.EncodingIdentity); err != nil {
+	if err := rw.WriteSettings(encodings...); err != nil {
 		return nil, err
 	}
 	if err := rw.WriteCommand(cmd); err != nil {

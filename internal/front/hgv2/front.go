@@ -31,6 +31,14 @@ type Config struct {
 	// CommandBodyTimeout the time to read it (default 30s).
 	MaxRequestBytes    int64
 	CommandBodyTimeout time.Duration
+	// BatchSize is the recommendedbatchsize advertised for manifestdata and filesdata. 0 (the
+	// default): BatchSizeFor the repository's changesets, learned from the origin and from clones
+	// (batch.go); positive: that size for every repository; negative: the origin's own sizes.
+	BatchSize int
+	// SizeProbeTimeout bounds how long the first handshake for a repository whose size the front
+	// does not know waits while the origin is asked (default 10s). Past it that handshake carries
+	// the origin's sizes, and the answer, when it comes, serves the next.
+	SizeProbeTimeout time.Duration
 }
 
 // Front answers protocol-v2 requests on an agent core.
@@ -39,6 +47,8 @@ type Front struct {
 	cfg         Config
 	cacheable   map[string]bool
 	uncacheable *prometheus.CounterVec
+	batchSizes  *prometheus.CounterVec
+	sizes       sizer
 	// section is the redirect section advertised for the core's current target set.
 	section atomic.Pointer[advertisement]
 }
@@ -57,10 +67,16 @@ func New(a *agent.Agent, cfg Config) (*Front, error) {
 	if cfg.CommandBodyTimeout <= 0 {
 		cfg.CommandBodyTimeout = 30 * time.Second
 	}
+	if cfg.SizeProbeTimeout <= 0 {
+		cfg.SizeProbeTimeout = 10 * time.Second
+	}
 	f := &Front{a: a, cfg: cfg, cacheable: map[string]bool{},
 		uncacheable: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_uncacheable_total",
 			Help: "Requests for a cacheable command kept inline because they ask for repository state (e.g. changesetdata with bookmarks)."},
-			[]string{"command", "reason"})}
+			[]string{"command", "reason"}),
+		batchSizes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_agent_batch_size_advertisements_total",
+			Help: "Capabilities answers by what they advertise as manifestdata and filesdata batch sizes: rewritten (the front's), origin_unknown_size (the origin's: the repository's size is not known yet)."},
+			[]string{"result"})}
 	for _, c := range cfg.Cacheable {
 		c = strings.TrimSpace(c)
 		if _, ok := contentAddressed[c]; !ok {
@@ -68,8 +84,10 @@ func New(a *agent.Agent, cfg Config) (*Front, error) {
 		}
 		f.cacheable[c] = true
 	}
-	if err := a.Metrics().Registry.Register(f.uncacheable); err != nil {
-		return nil, fmt.Errorf("hgv2: metrics: %w", err)
+	for _, c := range []prometheus.Collector{f.uncacheable, f.batchSizes} {
+		if err := a.Metrics().Registry.Register(c); err != nil {
+			return nil, fmt.Errorf("hgv2: metrics: %w", err)
+		}
 	}
 	return f, nil
 }

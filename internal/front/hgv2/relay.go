@@ -16,29 +16,48 @@ const relayBufferSize = 64 << 10
 
 var errClientGone = errors.New("client went away")
 
-// relayWithFill streams the origin's response to the client frame by frame and, beside it, the
-// response's CBOR objects into the fill. The client never waits on the store. The fill ends here,
-// whatever happens: complete, or failed with the reason.
-func (f *Front) relayWithFill(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, fill *agent.FillWriter) {
+// relayWithFill relays the origin's answer to cmd and, beside it, stores the response's CBOR
+// objects in the fill: decoded when the origin encoded them, so that the object is exactly what a
+// redirect serves. The client never waits on the store, and a fill that fails (decoding included)
+// does not stop the relay. The fill ends here, whatever happens.
+func (f *Front) relayWithFill(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, encodings []string, fill *agent.FillWriter) {
 	defer fill.Finish()
-	resp, err := f.forwardCommand(r, cmd)
+	err := f.relayCommand(w, r, cmd, encodings, func(objects []byte) error {
+		fill.Offer(objects)
+		return fill.Failed()
+	})
 	if err != nil {
-		fill.Fail(fmt.Errorf("origin unreachable: %w", err))
-		f.originFailed(w, cmd, err)
-		return
+		fill.Fail(err)
+	}
+}
+
+// relayCommand asks the origin for cmd in the content encodings the client offered that the front
+// decodes (wire.UpstreamEncodings), and relays the origin's frames to the client as they come,
+// unchanged (compressed, if the origin compressed them): a miss costs the origin and the client
+// what the same request made directly costs. Beside the relay it passes the response's object
+// bytes, decoded, to objects (pieces valid only during the call) until objects returns an error,
+// which ends the decoding, not the relay. It returns why the response is not complete and ok, or
+// why its objects could not be followed to the end (nil: they were). The bytes relayed are
+// counted as the origin's.
+func (f *Front) relayCommand(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, encodings []string, objects func([]byte) error) error {
+	cw := agent.CountingWriter(w)
+	defer func() { f.a.CountBytes(commandLabel(cmd.Name), agent.BytesOrigin, cw.Written()) }()
+	resp, err := f.forwardCommand(r, cmd, wire.UpstreamEncodings(encodings))
+	if err != nil {
+		f.originFailed(cw, cmd, err)
+		return fmt.Errorf("origin unreachable: %w", err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		fill.Fail(fmt.Errorf("origin answered HTTP %d", resp.StatusCode))
-		copyResponse(w, resp)
-		return
+		copyResponse(cw, resp)
+		return fmt.Errorf("origin answered HTTP %d", resp.StatusCode)
 	}
 	for k, vs := range resp.Header {
 		if k != "Content-Length" {
-			w.Header()[k] = vs
+			cw.Header()[k] = vs
 		}
 	}
-	w.WriteHeader(http.StatusOK)
+	cw.WriteHeader(http.StatusOK)
 	flusher, _ := w.(http.Flusher)
 
 	// Frames are flushed to the client when no more of the origin's answer is already at hand:
@@ -46,33 +65,53 @@ func (f *Front) relayWithFill(w http.ResponseWriter, r *http.Request, cmd *wire.
 	body := bufio.NewReaderSize(resp.Body, relayBufferSize)
 	fr := wire.NewReader(body, wire.ReaderOptions{Side: wire.ClientSide, MaxPayload: wire.MaxPayloadLimit, MaxTotal: -1})
 	asm := wire.NewResponseAssembler(cmd.RequestID)
+	defer asm.Close()
+	var following error // why the objects are no longer followed
 	for {
 		frame, err := fr.Next()
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
-			fill.Fail(fmt.Errorf("origin response: %w", err))
-			return
+			return fmt.Errorf("origin response: %w", err)
 		}
-		if _, err := w.Write(fr.Raw()); err != nil {
-			fill.Fail(errClientGone)
-			return
+		if _, err := cw.Write(fr.Raw()); err != nil {
+			return errClientGone
 		}
 		if flusher != nil && body.Buffered() == 0 {
 			flusher.Flush()
 		}
-		data, err := asm.Add(frame)
-		if err != nil {
-			fill.Fail(fmt.Errorf("origin response: %w", err))
-			continue
+		if following == nil {
+			if err := asm.AddFunc(frame, objects); err != nil {
+				following = err
+				asm.Close()
+			}
 		}
-		fill.Offer(data)
 	}
 	switch {
+	case following != nil:
+		return fmt.Errorf("origin response: %w", following)
 	case !asm.Done():
-		fill.Fail(errors.New("origin response ended without end-of-stream"))
+		return errors.New("origin response ended without end-of-stream")
 	case asm.Status() == nil || asm.Status().Status != wire.StatusOK:
-		fill.Fail(errors.New("origin answered with a non-ok status"))
+		return errors.New("origin answered with a non-ok status")
+	}
+	return nil
+}
+
+// relayObservingSize relays a clone's changesetdata (the whole DAG) like any inline answer, and
+// learns the repository's size from the first object of the answer.
+func (f *Front) relayObservingSize(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, encodings []string) {
+	f.a.Count("passthrough")
+	var t totalItems
+	err := f.relayCommand(w, r, cmd, encodings, t.observe)
+	if errors.Is(err, errStopObserving) && t.n > 0 {
+		repo := repoOf(r.URL.Path)
+		before := f.sizes.known(repo)
+		f.sizes.learn(repo, t.n, "clone")
+		if b := BatchSizeFor(t.n); before > 0 && b != BatchSizeFor(before) {
+			f.a.Log().Info("repository size changes the batch size", "repo", repo, "changesets", t.n, "batch_size", b,
+				"was", BatchSizeFor(before))
+		}
 	}
 }

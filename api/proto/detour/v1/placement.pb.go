@@ -1193,7 +1193,13 @@ type RegisterAgentRequest struct {
 	// Redirects in the agent's location cache.
 	LocationCacheEntries int64 `protobuf:"varint,7,opt,name=location_cache_entries,json=locationCacheEntries,proto3" json:"location_cache_entries,omitempty"`
 	// How long the record lives without another call (default 30s; 2s to 10m).
-	Ttl           *durationpb.Duration `protobuf:"bytes,8,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	Ttl *durationpb.Duration `protobuf:"bytes,8,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Bytes of answers since the agent started, by source: redirected objects' sizes (served by a
+	// target instead of the origin), relayed from the origin (as it sent them), and stored by
+	// fills. The offload ratio is store / (store + origin).
+	StoreBytes    uint64 `protobuf:"varint,9,opt,name=store_bytes,json=storeBytes,proto3" json:"store_bytes,omitempty"`
+	OriginBytes   uint64 `protobuf:"varint,10,opt,name=origin_bytes,json=originBytes,proto3" json:"origin_bytes,omitempty"`
+	FilledBytes   uint64 `protobuf:"varint,11,opt,name=filled_bytes,json=filledBytes,proto3" json:"filled_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1284,6 +1290,27 @@ func (x *RegisterAgentRequest) GetTtl() *durationpb.Duration {
 	return nil
 }
 
+func (x *RegisterAgentRequest) GetStoreBytes() uint64 {
+	if x != nil {
+		return x.StoreBytes
+	}
+	return 0
+}
+
+func (x *RegisterAgentRequest) GetOriginBytes() uint64 {
+	if x != nil {
+		return x.OriginBytes
+	}
+	return 0
+}
+
+func (x *RegisterAgentRequest) GetFilledBytes() uint64 {
+	if x != nil {
+		return x.FilledBytes
+	}
+	return 0
+}
+
 type RegisterAgentResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The identity the agent is registered under.
@@ -1353,8 +1380,12 @@ type Agent struct {
 	// Computed by ListAgents, never stored: how long the agent's applied revision has been behind
 	// the control plane's target set (absent: it is current), and whether that is past the
 	// control plane's lag threshold.
-	BehindFor     *durationpb.Duration `protobuf:"bytes,9,opt,name=behind_for,json=behindFor,proto3" json:"behind_for,omitempty"`
-	Lagging       bool                 `protobuf:"varint,10,opt,name=lagging,proto3" json:"lagging,omitempty"`
+	BehindFor *durationpb.Duration `protobuf:"bytes,9,opt,name=behind_for,json=behindFor,proto3" json:"behind_for,omitempty"`
+	Lagging   bool                 `protobuf:"varint,10,opt,name=lagging,proto3" json:"lagging,omitempty"`
+	// As the agent last reported them (RegisterAgentRequest): bytes since it started by source.
+	StoreBytes    uint64 `protobuf:"varint,11,opt,name=store_bytes,json=storeBytes,proto3" json:"store_bytes,omitempty"`
+	OriginBytes   uint64 `protobuf:"varint,12,opt,name=origin_bytes,json=originBytes,proto3" json:"origin_bytes,omitempty"`
+	FilledBytes   uint64 `protobuf:"varint,13,opt,name=filled_bytes,json=filledBytes,proto3" json:"filled_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1459,6 +1490,27 @@ func (x *Agent) GetLagging() bool {
 	return false
 }
 
+func (x *Agent) GetStoreBytes() uint64 {
+	if x != nil {
+		return x.StoreBytes
+	}
+	return 0
+}
+
+func (x *Agent) GetOriginBytes() uint64 {
+	if x != nil {
+		return x.OriginBytes
+	}
+	return 0
+}
+
+func (x *Agent) GetFilledBytes() uint64 {
+	if x != nil {
+		return x.FilledBytes
+	}
+	return 0
+}
+
 var File_detour_v1_placement_proto protoreflect.FileDescriptor
 
 const file_detour_v1_placement_proto_rawDesc = "" +
@@ -1555,7 +1607,7 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"8\n" +
 	"\x1cReportBrokenLocationResponse\x12\x18\n" +
-	"\aremoved\x18\x01 \x01(\bR\aremoved\"\xb5\x02\n" +
+	"\aremoved\x18\x01 \x01(\bR\aremoved\"\x9c\x03\n" +
 	"\x14RegisterAgentRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
@@ -1565,10 +1617,15 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\n" +
 	"last_place\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tlastPlace\x124\n" +
 	"\x16location_cache_entries\x18\a \x01(\x03R\x14locationCacheEntries\x12+\n" +
-	"\x03ttl\x18\b \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"T\n" +
+	"\x03ttl\x18\b \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12\x1f\n" +
+	"\vstore_bytes\x18\t \x01(\x04R\n" +
+	"storeBytes\x12!\n" +
+	"\forigin_bytes\x18\n" +
+	" \x01(\x04R\voriginBytes\x12!\n" +
+	"\ffilled_bytes\x18\v \x01(\x04R\vfilledBytes\"T\n" +
 	"\x15RegisterAgentResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12+\n" +
-	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\x87\x03\n" +
+	"\x03ttl\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\"\xee\x03\n" +
 	"\x05Agent\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x16\n" +
@@ -1582,7 +1639,11 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\n" +
 	"behind_for\x18\t \x01(\v2\x19.google.protobuf.DurationR\tbehindFor\x12\x18\n" +
 	"\alagging\x18\n" +
-	" \x01(\bR\alagging*_\n" +
+	" \x01(\bR\alagging\x12\x1f\n" +
+	"\vstore_bytes\x18\v \x01(\x04R\n" +
+	"storeBytes\x12!\n" +
+	"\forigin_bytes\x18\f \x01(\x04R\voriginBytes\x12!\n" +
+	"\ffilled_bytes\x18\r \x01(\x04R\vfilledBytes*_\n" +
 	"\vPlaceResult\x12\x1c\n" +
 	"\x18PLACE_RESULT_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13PLACE_RESULT_INLINE\x10\x01\x12\x19\n" +
