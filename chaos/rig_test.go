@@ -74,6 +74,7 @@ type rigOptions struct {
 	controlPlanes int // default 1
 	cpFlags       []string
 	agentFlags    []string
+	etcdQuota     int64 // each member's space quota (0: etcd's default)
 }
 
 func newRig(t *testing.T, o rigOptions) *rig {
@@ -115,7 +116,7 @@ func newRig(t *testing.T, o rigOptions) *rig {
 	for i := range dirs {
 		dirs[i] = t.TempDir()
 	}
-	r.etcd, err = etcdembed.StartCluster(context.Background(), dirs)
+	r.etcd, err = etcdembed.StartClusterQuota(context.Background(), dirs, o.etcdQuota)
 	r.must(err)
 	var endpoints, addrs []string
 	for _, m := range r.etcd {
@@ -123,7 +124,9 @@ func newRig(t *testing.T, o rigOptions) *rig {
 		endpoints = append(endpoints, m.Endpoint())
 	}
 	for range o.controlPlanes {
+		etcdClient := r.etcd[0].PKI().Client // the members' CA admits only its own certificates
 		cp := testbed.StartControlPlane(t, append([]string{"--etcd-endpoints", strings.Join(endpoints, ","),
+			"--etcd-cacert", etcdClient.CA, "--etcd-cert", etcdClient.Cert, "--etcd-key", etcdClient.Key,
 			"--gcs-endpoint", r.storeEndpoint(), "--log-level", "info"}, o.cpFlags...)...)
 		r.cps = append(r.cps, cp)
 		addrs = append(addrs, cp.Addr)

@@ -92,7 +92,7 @@ func (b *bench) start(name string, o controlplane.Options) *node {
 	conn, err := grpc.NewClient(cp.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	check(err)
 	n := &node{cp: cp, place: pb.NewPlacementServiceClient(conn), admin: pb.NewAdminServiceClient(conn), dir: dir}
-	n.cli, err = clientv3.New(clientv3.Config{Endpoints: []string{cp.EtcdEndpoint()}})
+	n.cli, err = clientv3.New(cp.EmbeddedEtcd().ClientConfig())
 	check(err)
 	bucket := "bucket-" + name
 	b.gcs.CreateBucket(bucket)

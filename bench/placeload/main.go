@@ -185,7 +185,7 @@ func start(ctx context.Context, gcs *gcsemu.Server, nTargets, nObjects int, o co
 		check(err)
 		created[name] = resp.Target
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{cp.EtcdEndpoint()}})
+	cli, err := clientv3.New(cp.EmbeddedEtcd().ClientConfig())
 	check(err)
 	defer cli.Close()
 	reg := targets.NewRegistry(cli, "")

@@ -23,6 +23,7 @@ import (
 
 	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/envflag"
+	"github.com/detourhq/detour/internal/flagcheck"
 	"github.com/detourhq/detour/internal/front/hgbundle"
 	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/front/hgweb"
@@ -120,8 +121,9 @@ func main() {
 	} else {
 		cfg.Access = hgweb.AccessProbe(u, nil)
 	}
-	if cfg.CheckLocations < 0 || cfg.CheckLocations > 1 {
-		fail("--check-locations %v is not between 0 and 1", cfg.CheckLocations)
+	formats, err := checkBundleFlags(bundles.Step, bundleFormats)
+	if err = flagcheck.All(flagcheck.Fraction("check-locations", cfg.CheckLocations), err); err != nil {
+		fail("%v", err)
 	}
 	if cps != "" {
 		cfg.ControlPlanes = strings.Split(cps, ",")
@@ -164,13 +166,7 @@ func main() {
 			mounted = append(mounted, f)
 		case "hgbundle":
 			bundles.RepoID = v2.RepoID
-			for _, c := range strings.Split(bundleFormats, ",") {
-				comp, err := hgbundle.ParseCompression(strings.TrimSpace(c))
-				if err != nil {
-					fail("--bundle-formats: %v", err)
-				}
-				bundles.Formats = append(bundles.Formats, comp)
-			}
+			bundles.Formats = formats
 			f, err := hgbundle.New(a, bundles)
 			if err != nil {
 				fail("%v", err)

@@ -20,6 +20,8 @@ import (
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/controlplane"
 	"github.com/detourhq/detour/internal/envflag"
+	"github.com/detourhq/detour/internal/etcdembed"
+	"github.com/detourhq/detour/internal/flagcheck"
 	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/targets"
 )
@@ -41,7 +43,9 @@ func main() {
 	flag.StringVar(&endpoints, "etcd-endpoints", "", "comma-separated etcd client URLs; empty starts an embedded etcd in --data-dir")
 	flag.StringVar(&o.EtcdPrefix, "etcd-prefix", targets.DefaultPrefix, "etcd key prefix for Detour's state")
 	flag.StringVar(&o.DataDir, "data-dir", "detour-data", "directory of the embedded etcd")
-	flag.StringVar(&o.EmbeddedEtcdURL, "embedded-etcd-listen", "", "client URL of the embedded etcd (default: a free loopback port)")
+	flag.StringVar(&o.EmbeddedEtcdURL, "embedded-etcd-listen", "", "client URL of the embedded etcd, https:// (mutual TLS with its own CA in <data-dir>/etcd-pki; default: a free loopback port)")
+	flag.Int64Var(&o.EmbeddedEtcdQuota, "embedded-etcd-quota", etcdembed.DefaultQuotaBytes, "space quota of the embedded etcd's database, in bytes (16 MiB to 8 GiB)")
+	flag.DurationVar(&o.Etcd.CompactInterval, "compact-interval", 5*time.Minute, "how often the elected janitor compacts etcd's history to the revision it saw one interval earlier (negative: never, for an etcd that compacts itself)")
 	flag.StringVar(&o.Region, "region", "", "this replica's region (for logs)")
 	flag.StringVar(&signingKey, "signing-key", "", "service-account JSON key that signs V4 URLs for targets that want them")
 	flag.StringVar(&o.GCSEndpoint, "gcs-endpoint", "", "GCS API endpoint (an emulator); empty: Google Cloud Storage with the standard Google credentials. Fills are verified, targets probed and retired objects deleted through it")
@@ -100,7 +104,7 @@ func main() {
 		o.VerifyFullFraction = 1
 	default:
 		f, err := strconv.ParseFloat(verifyFills, 64)
-		if err != nil || f < 0 || f > 1 {
+		if err != nil || flagcheck.Fraction("verify-fills", f) != nil {
 			fmt.Fprintf(os.Stderr, "controlplane: --verify-fills: %q is not attrs, full or a fraction between 0 and 1\n", verifyFills)
 			os.Exit(2)
 		}
@@ -131,8 +135,8 @@ func main() {
 		fmt.Fprintf(os.Stderr, "controlplane: --store-events-*: %v\n", err)
 		os.Exit(2)
 	}
-	if o.Janitor.CopyRate <= 0 {
-		fmt.Fprintf(os.Stderr, "controlplane: --copy-rate: %v is not a positive rate\n", o.Janitor.CopyRate)
+	if err := checkOptions(&o); err != nil {
+		fmt.Fprintf(os.Stderr, "controlplane: %v\n", err)
 		os.Exit(2)
 	}
 	if signingKey != "" {

@@ -91,6 +91,10 @@ func main() {
 		fmt.Fprintf(os.Stderr, "detourctl: %v\n", err)
 		os.Exit(2)
 	}
+	if c.timeout <= 0 {
+		fmt.Fprintf(os.Stderr, "detourctl: --timeout: %s is not a positive duration\n", c.timeout)
+		os.Exit(2)
+	}
 	c.dial = func() (credentials.TransportCredentials, func(), error) {
 		if insecure {
 			return insecureCreds.NewCredentials(), func() {}, nil

@@ -4,7 +4,6 @@ import (
 	"encoding/hex"
 	"flag"
 	"fmt"
-	"math"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -12,6 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/flagcheck"
 )
 
 func (c *cli) policy(sub string, args []string) error {
@@ -33,10 +33,12 @@ func (c *cli) policy(sub string, args []string) error {
 		claim := fs.Duration("fill-claim-ttl", 0, "lifetime of a fill claim")
 		objTTL := fs.Duration("object-ttl", 0, "how long stored objects are redirected to (0: forever)")
 		forbid := fs.Bool("forbid-cross-region-fills", false, "keep every fill in the region of the agent that asked (data residency); also keeps drain migration within a region")
-		copyAfter := fs.Uint("cross-region-copy-threshold", 0, "copy a key into a region once it was redirected there from another region more than this many times within the window (0: default 10)")
+		var copyAfter, minOcc uint32 // refused, not clamped, past 32 bits
+		copyAfterFlag, minOccFlag := flagcheck.NewUint32(&copyAfter, 0), flagcheck.NewUint32(&minOcc, 0)
+		fs.Var(copyAfterFlag, "cross-region-copy-threshold", "copy a key into a region once it was redirected there from another region more than this many times within the window (0: default 10)")
 		copyWindow := fs.Duration("cross-region-copy-window", 0, "the window of --cross-region-copy-threshold (0: default 10m)")
 		copies := fs.Bool("cross-region-copies", true, "make cross-region copies of hot keys (false turns them off)")
-		minOcc := fs.Uint("min-occurrences", 0, "grant a fill only on a key's Nth miss within the admission window (0: default 2; 1: fill on the first miss)")
+		fs.Var(minOccFlag, "min-occurrences", "grant a fill only on a key's Nth miss within the admission window (0: default 2; 1: fill on the first miss)")
 		admWindow := fs.Duration("admission-window", 0, "the window of --min-occurrences (0: default 10m)")
 		if _, err := splitArgs(fs, args); err != nil {
 			return err
@@ -62,13 +64,13 @@ func (c *cli) policy(sub string, args []string) error {
 			case "forbid-cross-region-fills":
 				p.ForbidCrossRegionFills = *forbid
 			case "cross-region-copy-threshold":
-				p.CrossRegionCopyThreshold = uint32(min(*copyAfter, math.MaxUint32))
+				p.CrossRegionCopyThreshold = copyAfter
 			case "cross-region-copy-window":
 				p.CrossRegionCopyWindow = dur(*copyWindow)
 			case "cross-region-copies":
 				p.DisableCrossRegionCopies = !*copies
 			case "min-occurrences":
-				p.MinOccurrences = uint32(min(*minOcc, math.MaxUint32))
+				p.MinOccurrences = minOcc
 			case "admission-window":
 				p.AdmissionWindow = dur(*admWindow)
 			}
@@ -126,13 +128,14 @@ func (c *cli) objects(sub string, args []string) error {
 		fs := flag.NewFlagSet("objects ls", flag.ContinueOnError)
 		target := fs.String("target", "", "only objects at this target")
 		prefix := fs.String("prefix", "", "only keys with this prefix")
-		limit := fs.Int("limit", 100, "page size")
+		var limit int32 // refused, not truncated, past 32 bits
+		fs.Var(flagcheck.NewInt32(&limit, 100), "limit", "page size (at most 1000)")
 		token := fs.String("page-token", "", "continue after this key")
 		if _, err := splitArgs(fs, args); err != nil {
 			return err
 		}
 		resp, err := admin.ListObjects(ctx, &pb.ListObjectsRequest{Target: *target, KeyPrefix: *prefix,
-			PageSize: int32(*limit), PageToken: *token})
+			PageSize: limit, PageToken: *token})
 		if err != nil {
 			return err
 		}

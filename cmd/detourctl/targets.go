@@ -11,6 +11,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/flagcheck"
 )
 
 type stringList []string
@@ -24,7 +25,7 @@ type targetFlags struct {
 	protocol, region, bucket, prefix, tls, pub, cdn, sig string
 	signedID                                             string
 	uris                                                 stringList
-	weight                                               uint
+	weight                                               uint32
 	sni, heartbeat                                       bool
 	set                                                  map[string]bool
 }
@@ -34,7 +35,8 @@ func newTargetFlags(name string) *targetFlags {
 	f.fs.StringVar(&f.protocol, "protocol", "https", "http or https")
 	f.fs.Var(&f.uris, "uri", "URI advertised to clients (repeatable)")
 	f.fs.StringVar(&f.region, "region", "", "region")
-	f.fs.UintVar(&f.weight, "weight", 1, "relative share of fills")
+	weight := flagcheck.NewUint32(&f.weight, 1) // refused, not truncated, past 32 bits
+	f.fs.Var(weight, "weight", "relative share of fills (1-10000)")
 	f.fs.StringVar(&f.tls, "tls", "", "TLS versions, comma-separated (e.g. 1.2,1.3)")
 	f.fs.BoolVar(&f.sni, "sni", false, "clients must support SNI")
 	f.fs.StringVar(&f.bucket, "bucket", "", "GCS bucket")
@@ -67,7 +69,7 @@ func (f *targetFlags) apply(t *pb.Target, all bool) error {
 		t.Region = f.region
 	}
 	if on("weight") {
-		t.Weight = uint32(f.weight)
+		t.Weight = f.weight
 	}
 	if on("tls") {
 		t.TlsVersions = csv(f.tls)

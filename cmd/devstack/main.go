@@ -190,7 +190,7 @@ Detour is running (Ctrl-C stops it):
   agent (clients connect here)  %s
   demo origin                   %s
   control plane (gRPC, mTLS)    %s   metrics http://%s/metrics
-  embedded etcd                 %s   data in %s
+  embedded etcd (mutual TLS)    %s   data in %s
   certificates (throwaway CA)   %s   (detourctl uses operator.pem from here)
   GCS emulator                  http://%s   bucket %s, target %q   objects in %s
 
@@ -202,9 +202,10 @@ Try, in another terminal:
   go run ./cmd/detourctl objects ls
   go run ./cmd/detourctl targets drain local-gcs
   grpcurl -cacert %s/ca.pem -cert %s/operator.pem -key %s/operator-key.pem %s list
+  etcdctl --endpoints %s --cacert %[20]s/ca.pem --cert %[20]s/client.pem --key %[20]s/client-key.pem endpoint status -w table
 
 `, s.AgentURL, s.OriginURL, s.CP.Addr(), s.CP.MetricsAddr(), s.CP.EtcdEndpoint(), o.DataDir, s.PKI.Dir, s.GCS.Host(), "detour-demo",
-		s.Target().Name, storeWhere(o), s.AgentURL, s.AgentURL, s.AgentURL, s.PKI.Dir, s.PKI.Dir, s.PKI.Dir, s.CP.Addr())
+		s.Target().Name, storeWhere(o), s.AgentURL, s.AgentURL, s.AgentURL, s.PKI.Dir, s.PKI.Dir, s.PKI.Dir, s.CP.Addr(), s.CP.EtcdEndpoint(), etcdPKI(s))
 }
 
 func printRegionsBanner(s *devstack.Stack, o devstack.Options) {
@@ -243,4 +244,12 @@ func storeWhere(o devstack.Options) string {
 		return "memory"
 	}
 	return o.StoreDir
+}
+
+// etcdPKI is the directory of the embedded etcd's certificates (etcdctl needs them).
+func etcdPKI(s *devstack.Stack) string {
+	if e := s.CP.EmbeddedEtcd(); e != nil {
+		return e.PKI().Dir
+	}
+	return "(external etcd)"
 }

@@ -34,7 +34,8 @@ import (
 
 // Options configure the storage client.
 type Options struct {
-	// Endpoint of a GCS-compatible emulator (e.g. http://127.0.0.1:4443/storage/v1/). Empty: the
+	// Endpoint of a GCS-compatible emulator (e.g. http://127.0.0.1:4443/storage/v1/, or
+	// 127.0.0.1:4443 or http://127.0.0.1:4443: see NormalizeEndpoint). Empty: the
 	// STORAGE_EMULATOR_HOST environment variable if set, else Google Cloud Storage with the
 	// standard Google credentials.
 	Endpoint string
@@ -48,8 +49,12 @@ type Store struct {
 // NewStore builds a storage client.
 func NewStore(ctx context.Context, o Options) (*Store, error) {
 	var opts []option.ClientOption
-	if o.Endpoint != "" {
-		opts = append(opts, option.WithEndpoint(o.Endpoint), option.WithoutAuthentication())
+	ep, err := NormalizeEndpoint(o.Endpoint)
+	if err != nil {
+		return nil, fmt.Errorf("GCS endpoint: %w", err)
+	}
+	if ep != "" {
+		opts = append(opts, option.WithEndpoint(ep), option.WithoutAuthentication())
 	}
 	c, err := storage.NewClient(ctx, opts...)
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -75,7 +76,7 @@ func (r *replica) shutdown(t *testing.T) {
 // Others share the package's (sharedEtcd).
 func startEtcd(t *testing.T) *etcdembed.Server {
 	t.Helper()
-	srv, err := etcdembed.Start(context.Background(), etcdembed.Config{Dir: t.TempDir()})
+	srv, err := etcdembed.Start(context.Background(), etcdembed.Config{Dir: t.TempDir(), PKIDir: etcdPKI(t).Dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,6 +99,9 @@ func TestMain(m *testing.M) {
 		shared.srv.Close()
 		os.RemoveAll(shared.dir)
 	}
+	if etcdPKIDir.Dir != "" {
+		os.RemoveAll(etcdPKIDir.Dir)
+	}
 	os.Exit(code)
 }
 
@@ -108,12 +112,19 @@ func sharedEtcd(t *testing.T) string {
 		if shared.dir, shared.err = os.MkdirTemp("", "controlplane-etcd-"); shared.err != nil {
 			return
 		}
-		shared.srv, shared.err = etcdembed.Start(context.Background(), etcdembed.Config{Dir: shared.dir})
+		shared.srv, shared.err = etcdembed.Start(context.Background(), etcdembed.Config{Dir: shared.dir, PKIDir: etcdPKI(t).Dir})
 	})
 	if shared.err != nil {
 		t.Fatal(shared.err)
 	}
 	return shared.srv.Endpoint()
+}
+
+// sharedEtcdConfig is a client configuration for the package's etcd (its client certificate).
+func sharedEtcdConfig(t *testing.T) clientv3.Config {
+	t.Helper()
+	sharedEtcd(t)
+	return shared.srv.ClientConfig()
 }
 
 // testPrefix is the test's own etcd prefix (its replicas share it; its subtests too).
@@ -195,10 +206,16 @@ func serveReplica(t *testing.T, o Options) *replica {
 	if o.Janitor == (JanitorConfig{}) {
 		o.Janitor = fastJanitor
 	}
-	o.Listen, o.MetricsListen, o.Log = "127.0.0.1:0", "127.0.0.1:0", quiet
+	o.Listen, o.MetricsListen = "127.0.0.1:0", "127.0.0.1:0"
+	if o.Log == nil {
+		o.Log = quiet
+	}
 	dev := testbed.PKI(t)
 	if o.TLS == (pki.Files{}) && !o.Insecure {
 		o.TLS = pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}
+	}
+	if o.EtcdTLS == (pki.Files{}) {
+		o.EtcdTLS = etcdPKI(t).Client
 	}
 	srv, err := New(context.Background(), o)
 	if err != nil {
@@ -763,7 +780,7 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 		endpoints = append(endpoints, m.Endpoint())
 		t.Cleanup(m.Close)
 	}
-	r := startReplicaWith(t, Options{EtcdEndpoints: endpoints, WriteTimeout: 2 * time.Second})
+	r := startReplicaWith(t, Options{EtcdEndpoints: endpoints, EtcdTLS: members[0].PKI().Client, WriteTimeout: 2 * time.Second})
 	ctx := context.Background()
 	createTargets(t, r, target(t, "us-a", "us"))
 	k := key(9)

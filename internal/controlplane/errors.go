@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -31,6 +32,11 @@ func toStatus(err error) error {
 		return status.Errorf(codes.Unavailable, "etcd did not answer in time; the write may have committed, and retrying is safe: %v", err)
 	case errors.Is(err, context.Canceled):
 		return status.Error(codes.Canceled, err.Error())
+	case isNoSpace(err):
+		// etcd refuses every write once its NOSPACE alarm is raised; reads and Place go on.
+		return status.Error(codes.ResourceExhausted, "etcd is out of space (NOSPACE alarm: its database reached the "+
+			"space quota) and refuses writes until space is reclaimed and the alarm disarmed; see the etcd section "+
+			"of docs/deploy.md")
 	}
 	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
 		return status.Errorf(codes.Unavailable, "etcd: %s", s.Message())
@@ -40,4 +46,10 @@ func toStatus(err error) error {
 
 func invalidArg(field, format string, args ...any) error {
 	return status.Errorf(codes.InvalidArgument, "%s: %s", field, fmt.Sprintf(format, args...))
+}
+
+// isNoSpace reports whether err is etcd refusing a write for its space quota.
+func isNoSpace(err error) bool {
+	return errors.Is(err, rpctypes.ErrNoSpace) || errors.Is(err, rpctypes.ErrGRPCNoSpace) ||
+		rpctypes.ErrorDesc(err) == rpctypes.ErrorDesc(rpctypes.ErrGRPCNoSpace)
 }

@@ -255,7 +255,7 @@ func TestNewTargetsAreProbedAtOnce(t *testing.T) {
 		<-r.Context().Done()
 	}))
 	t.Cleanup(hang.Close)
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{sharedEtcd(t)}})
+	cli, err := clientv3.New(sharedEtcdConfig(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -468,8 +468,8 @@ func TestUsedObjectsAreExtendedUnusedExpire(t *testing.T) {
 // Serial: its claims must succeed within 30ms until the delay starts.
 func TestClaimsCommittedPastTheirDeadlineAreReleased(t *testing.T) {
 	var delay atomic.Int64
-	slow := delayAnswers(t, strings.TrimPrefix(sharedEtcd(t), "http://"), &delay)
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"http://" + slow}, WriteTimeout: 5 * time.Second,
+	slow := delayAnswers(t, strings.TrimPrefix(sharedEtcd(t), "https://"), &delay)
+	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"https://" + slow}, WriteTimeout: 5 * time.Second,
 		ClaimTimeout: 30 * time.Millisecond, Janitor: fastJanitor})
 	createTargets(t, r, target(t, "us-a", "us"))
 	waitHealth(t, r, "us-a", true)

@@ -161,7 +161,7 @@ func (j *Janitor) runTerm(ctx context.Context) error {
 	}
 	fence := targets.Fence{Key: e.Key(), Revision: e.Rev()}
 	j.once.Forget("janitor")
-	j.cfg.Log.Info("elected janitor: probing targets, sweeping, reconciling and copying", "id", j.id,
+	j.cfg.Log.Info("elected janitor: probing targets, sweeping, reconciling, copying and compacting etcd", "id", j.id,
 		"election_key", fence.Key, "election_revision", fence.Revision)
 	j.metrics.janitor.Set(1)
 	defer j.metrics.janitor.Set(0)
@@ -179,6 +179,7 @@ func (j *Janitor) runTerm(ctx context.Context) error {
 		return nil
 	})
 	g.Go(func() error { t.runCopier(tctx); return nil })
+	g.Go(func() error { t.runCompactor(tctx); return nil }) // compaction.go
 	err = g.Wait()
 
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)

@@ -14,6 +14,7 @@ const (
 	loopCopy         = "copy"
 	loopExtend       = "extend"
 	loopCopyRequests = "copy_requests"
+	loopEtcdStatus   = "etcd_status"
 )
 
 // every runs fn at once and then every interval until ctx ends, and once more for each request

@@ -217,6 +217,11 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	claim := &pb.FillClaim{Key: req.Key, Target: target, AgentId: req.AgentId, Holder: holder, Token: targets.NewToken(),
 		ObjectName: blob.ObjectName(t.GetStore().GetPrefix(), req.Key), Bucket: t.GetStore().GetBucket(),
 		MediaType: mediaType, TargetUid: t.GetUid(), Granted: timestamppb.New(now)}
+	if ctx.Err() != nil {
+		// The caller has gone: nobody would fill what this claims.
+		s.claimCancelled(resp, nil)
+		return
+	}
 	// With etcd unreachable a claim can only time out: after a failure, skip claims for a while
 	// so that Place keeps answering at snapshot speed.
 	if until := s.claimsBrokenUntil.Load(); until != 0 && now.UnixNano() < until {
@@ -232,6 +237,11 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	defer cancel()
 	granted, err := s.reg.Claim(cctx, claim, ttl)
 	switch {
+	case err != nil && ctx.Err() != nil:
+		// The caller cancelled (a client that hung up, an agent shutting down) or its own deadline
+		// passed: its claim failed because of it, not because of etcd, so other callers' claims
+		// go on (only etcd's failures open the breaker below).
+		s.claimCancelled(resp, claim)
 	case err != nil:
 		s.claimsBrokenUntil.Store(now.Add(time.Second).UnixNano())
 		s.once.Warn("claim", "cannot record fill claims; answering inline without fills", "err", err)
@@ -245,13 +255,26 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	case ctx.Err() != nil:
 		// The agent stopped waiting before the grant reached it: release the claim at once
 		// instead of blocking the key's fills for the claim's TTL.
-		resp.Reason = string(placement.ReasonClaimFailed)
-		s.releaseOrphan(claim)
+		s.claimCancelled(resp, claim)
 	default:
 		s.once.Recovered("claim", "fill claims recorded again")
 		resp.Target = target
 		resp.Fill = &pb.FillGrant{Target: target, Bucket: claim.Bucket, ObjectName: claim.ObjectName,
 			Token: claim.Token, Ttl: durationpb.New(ttl), MediaType: claim.MediaType}
+	}
+}
+
+// ReasonCancelled answers a Place whose caller went away before its fill claim was settled: the
+// claim, if written, is released at once, and the answer reaches nobody.
+const ReasonCancelled = "cancelled"
+
+// claimCancelled answers a Place whose caller has gone and releases its claim, which may have
+// been written (c nil: no claim was attempted). It is counted apart from etcd's failures.
+func (s *Service) claimCancelled(resp *pb.PlaceResponse, c *pb.FillClaim) {
+	s.metrics.fills.WithLabelValues("cancelled").Inc()
+	resp.Reason = ReasonCancelled
+	if c != nil {
+		s.releaseOrphan(c)
 	}
 }
 

@@ -48,9 +48,12 @@ type Options struct {
 	EtcdEndpoints   []string // empty: start an embedded etcd in DataDir
 	EtcdPrefix      string   // default targets.DefaultPrefix
 	DataDir         string   // embedded etcd data (default ./detour-data)
-	EmbeddedEtcdURL string   // embedded etcd client URL (default: a free loopback port)
-	Region          string
-	Signer          *blob.Signer
+	EmbeddedEtcdURL string   // embedded etcd client URL, https:// (default: a free loopback port)
+	// EmbeddedEtcdQuota is the embedded etcd's backend space quota (default
+	// etcdembed.DefaultQuotaBytes, 2 GiB).
+	EmbeddedEtcdQuota int64
+	Region            string
+	Signer            *blob.Signer
 	// GCSEndpoint is a GCS-API endpoint (an emulator); empty: Google Cloud Storage with the
 	// standard Google credentials. The control plane verifies fills, probes targets and deletes
 	// retired objects through it; without store access it grants no fills and redirects nothing.
@@ -70,6 +73,9 @@ type Options struct {
 	// AgentLagThreshold is how long an agent's applied target set may be behind before it is
 	// flagged lagging (default 30s).
 	AgentLagThreshold time.Duration
+	// Etcd configures compaction and the reading of etcd's alarms; with the embedded etcd the
+	// janitor also defragments it and recovers it from NOSPACE (Defrag is set).
+	Etcd EtcdMaintenance
 
 	// TLS is the server's certificate and key and the CA that client certificates must chain to
 	// (mutual TLS: every RPC but health checks needs a client certificate). Required unless
@@ -159,16 +165,19 @@ func (ls Listeners) Close() {
 // that read the snapshot answer Unavailable, and the log shows the load's progress. Ready is closed
 // when the snapshot is loaded.
 type Server struct {
-	o       Options
-	etcd    *etcdembed.Server // nil with external etcd
-	cli     *clientv3.Client
-	store   *blob.Store // nil without store access
-	w       *targets.Watcher
-	svc     *Service
-	janitor *Janitor
-	health  *health.Server
-	opts    []grpc.ServerOption
-	closers []func() // certificate and policy watchers
+	o    Options
+	etcd *etcdembed.Server // nil with external etcd
+	cli  *clientv3.Client
+	// etcdConfig is cli's configuration, from which the clients of single members are made
+	// (alarms.go).
+	etcdConfig clientv3.Config
+	store      *blob.Store // nil without store access
+	w          *targets.Watcher
+	svc        *Service
+	janitor    *Janitor
+	health     *health.Server
+	opts       []grpc.ServerOption
+	closers    []func() // certificate and policy watchers
 
 	mu       sync.Mutex
 	serving  bool
@@ -202,7 +211,10 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	}
 	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
 		RedirectCacheMaxAge: o.RedirectCacheMaxAge, AgentLagThreshold: o.AgentLagThreshold,
-		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor, StoreEvents: o.StoreEvents}
+		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor, StoreEvents: o.StoreEvents, Etcd: o.Etcd}
+	if s.etcd != nil {
+		cfg.Etcd.Defrag = true // one member, ours: defragmenting it is safe and nobody else will
+	}
 	if s.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
 		o.Log.Error("no access to the stores: no fills will be granted and no target becomes healthy (nothing is redirected)", "err", err)
 		s.store = nil
@@ -214,6 +226,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	s.w = targets.NewWatcher(s.cli, reg.Prefix(), o.Log)
 	d := newDeps(reg, s.w, cfg)
 	s.svc = newService(d)
+	d.etcd.members.reach(s.etcdConfig)
 	s.svc.claims = &claimLimiter{rate: rate.Limit(o.ClaimRate), burst: o.ClaimBurst}
 	s.janitor = newJanitor(d, s.cli, o.ID)
 	s.health = health.NewServer()
@@ -233,11 +246,14 @@ func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 	if len(endpoints) == 0 {
 		dir := filepath.Join(o.DataDir, "etcd")
 		var err error
-		if s.etcd, err = etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL}); err != nil {
+		if s.etcd, err = etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL, QuotaBytes: o.EmbeddedEtcdQuota}); err != nil {
 			return nil, err
 		}
 		endpoints = []string{s.etcd.Endpoint()}
-		o.Log.Info("embedded etcd started", "dir", dir, "endpoint", s.etcd.Endpoint())
+		// The embedded etcd accepts only its own CA's certificates (mutual TLS): this is ours.
+		o.EtcdTLS = s.etcd.PKI().Client
+		o.Log.Info("embedded etcd started (mutual TLS; etcdctl takes --cacert, --cert and --key from etcd_pki)", "dir", dir,
+			"endpoint", s.etcd.Endpoint(), "etcd_pki", s.etcd.PKI().Dir, "quota_bytes", s.etcd.QuotaBytes())
 	}
 	cfg := clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
 		DialKeepAliveTime: 10 * time.Second, DialKeepAliveTimeout: 5 * time.Second, AutoSyncInterval: time.Minute,
@@ -253,6 +269,7 @@ func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 		}
 		cfg.TLS = tc
 	}
+	s.etcdConfig = cfg
 	var err error
 	if s.cli, err = clientv3.New(cfg); err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", endpoints, err)
@@ -368,6 +385,7 @@ func (s *Server) Serve(ls Listeners) error {
 	g.Go(func() error { return s.w.Run(gctx) })
 	g.Go(func() error { s.reportLoad(gctx, ls); return nil })
 	g.Go(func() error { return s.svc.Run(gctx) })
+	g.Go(func() error { s.svc.runEtcdStatus(gctx, s.cli); return nil })
 	g.Go(func() error { return s.janitor.Run(gctx) })
 	g.Go(func() error { return serveGRPC("placement", placement, ls.Placement) })
 	if admin != placement {
@@ -534,6 +552,9 @@ func (s *Server) closeBackends() {
 	if s.store != nil {
 		s.store.Close()
 	}
+	if s.svc != nil {
+		s.svc.etcd.members.close()
+	}
 	if s.cli != nil {
 		s.cli.Close()
 	}
@@ -558,6 +579,10 @@ func (s *Server) EtcdEndpoint() string {
 	}
 	return s.etcd.Endpoint()
 }
+
+// EmbeddedEtcd is the embedded etcd member (nil when using external etcd): its ClientConfig
+// reaches it with the client certificate of its PKI.
+func (s *Server) EmbeddedEtcd() *etcdembed.Server { return s.etcd }
 
 // IndexedObjects is the number of object records in this replica's snapshot.
 func (s *Server) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }

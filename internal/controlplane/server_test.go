@@ -103,7 +103,7 @@ func TestServesWhileTheSnapshotLoads(t *testing.T) {
 		t.Fatalf("detour_snapshot_loading %v while loading", got)
 	}
 
-	etcd, err := etcdembed.Start(ctx, etcdembed.Config{Dir: t.TempDir(), ClientURL: url})
+	etcd, err := etcdembed.Start(ctx, etcdembed.Config{Dir: t.TempDir(), ClientURL: url, PKIDir: etcdPKI(t).Dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -235,7 +235,7 @@ func TestAFailedListenerStopsServe(t *testing.T) {
 func TestJanitorStandsDownWhenItsElectionIsLost(t *testing.T) {
 	t.Parallel()
 	r := startReplica(t)
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{sharedEtcd(t)}})
+	cli, err := clientv3.New(sharedEtcdConfig(t))
 	if err != nil {
 		t.Fatal(err)
 	}

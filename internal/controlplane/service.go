@@ -53,6 +53,8 @@ type Config struct {
 	// AgentLagThreshold is how long an agent's applied target set may be behind before ListAgents
 	// and detour_agents_lagging flag it (default DefaultAgentLagThreshold).
 	AgentLagThreshold time.Duration
+	// Etcd configures compaction, defragmentation and the reading of etcd's alarms (compaction.go).
+	Etcd EtcdMaintenance
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 	// StoreEvents is where bucket change notifications are pulled from (storeevents.go).
@@ -78,6 +80,9 @@ type deps struct {
 	metrics *Metrics
 	once    *logonce.Set // one warning per lasting fault
 	view    atomic.Pointer[view]
+	// etcd keeps etcd itself healthy: alarms and sizes read by every replica, compaction by the
+	// janitor (alarms.go, compaction.go).
+	etcd *etcdKeeper
 }
 
 // Service implements the PlacementService and AdminService servers: the handlers and the state
@@ -166,7 +171,9 @@ func newDeps(reg *targets.Registry, w *targets.Watcher, cfg Config) *deps {
 	if cfg.ProbeTransport == nil {
 		cfg.ProbeTransport = http.DefaultTransport.(*http.Transport).Clone()
 	}
-	return &deps{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log)}
+	d := &deps{reg: reg, w: w, cfg: cfg, metrics: newMetrics(w), once: logonce.New(cfg.Log)}
+	d.etcd = newEtcdKeeper(cfg.Etcd, d.metrics.Registry, d.once, cfg.Log)
+	return d
 }
 
 // maxOrphans bounds the orphaned claims waiting to be released; past it they expire with their

@@ -1,9 +1,12 @@
 // Package etcdembed runs an etcd member inside the process: the zero-config default of the control
-// plane and the real etcd of tests. It owns only the member's lifecycle.
+// plane and the real etcd of tests. It owns the member's lifecycle and its transport security:
+// client and peer URLs serve mutual TLS only, with a private CA (see PKI); nothing listens in
+// plaintext.
 package etcdembed
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -13,29 +16,45 @@ import (
 	"syscall"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+
+	"github.com/detourhq/detour/internal/pki"
 )
+
+// DefaultQuotaBytes is the member's backend space quota when Config sets none: etcd's own
+// default. Past it etcd raises the NOSPACE alarm and refuses writes until space is reclaimed
+// (compaction, defragmentation) and the alarm disarmed.
+const DefaultQuotaBytes = 2 << 30
 
 // Config says where the member keeps its data and listens. Empty URLs pick free loopback ports.
 type Config struct {
 	Dir       string
 	Name      string // default "detour"
-	ClientURL string // e.g. http://127.0.0.1:2379
-	PeerURL   string
+	ClientURL string // https://host:port (default: a free loopback port)
+	PeerURL   string // https://host:port (default: a free loopback port)
 	LogLevel  string // default "error"
 	// InitialCluster lists every member as name=peerURL,...; empty: this member alone.
 	InitialCluster string
+	// PKIDir holds the private CA and the certificates the member serves and accepts (default:
+	// Dir with "-pki" appended); made if absent (EnsurePKI). The members of one cluster share it.
+	PKIDir string
+	// QuotaBytes is the backend space quota (default DefaultQuotaBytes).
+	QuotaBytes int64
 }
 
 // Server is a running member.
 type Server struct {
-	etcd  *embed.Etcd
-	cfg   Config
-	close sync.Once
+	etcd      *embed.Etcd
+	cfg       Config
+	pki       PKI
+	clientTLS *tls.Config
+	close     sync.Once
 }
 
-// FreeURL returns an http URL on a loopback port that was free a moment ago.
+// FreeURL returns an https URL on a loopback port that was free a moment ago.
 func FreeURL() (string, error) { return freeURL() }
 
 // freeURL is FreeURL; a test replaces it to take a port between the pick and etcd's bind.
@@ -47,7 +66,7 @@ func freeLoopbackURL() (string, error) {
 		return "", err
 	}
 	defer l.Close()
-	return "http://" + l.Addr().String(), nil
+	return "https://" + l.Addr().String(), nil
 }
 
 // Start starts a single-member cluster and waits until it serves.
@@ -57,6 +76,17 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if cfg.LogLevel == "" {
 		cfg.LogLevel = "error"
+	}
+	if cfg.PKIDir == "" {
+		cfg.PKIDir = strings.TrimRight(cfg.Dir, "/") + "-pki"
+	}
+	if cfg.QuotaBytes <= 0 {
+		cfg.QuotaBytes = DefaultQuotaBytes
+	}
+	for _, u := range []struct{ name, url string }{{"client", cfg.ClientURL}, {"peer", cfg.PeerURL}} {
+		if u.url != "" && !strings.HasPrefix(u.url, "https://") {
+			return nil, fmt.Errorf("embedded etcd %s URL %q: the embedded etcd serves mutual TLS only; give an https:// URL", u.name, u.url)
+		}
 	}
 	// Ports this function picks were free a moment before etcd binds them; another process may
 	// take one in between, so a start that fails on a picked port is tried again with new ones.
@@ -90,8 +120,19 @@ func start(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("peer url: %w", err)
 	}
+	p, err := EnsurePKI(cfg.PKIDir, hostsOf(cfg)...)
+	if err != nil {
+		return nil, err
+	}
+	clientTLS, err := tlsInfo(p.Client, false).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("embedded etcd client TLS: %w", err)
+	}
 	ec := embed.NewConfig()
 	ec.Name = cfg.Name
+	// Mutual TLS on both URLs: a client or peer must present a certificate of the member's CA.
+	ec.ClientTLSInfo, ec.PeerTLSInfo = tlsInfo(p.Server, true), tlsInfo(p.Server, true)
+	ec.QuotaBackendBytes = cfg.QuotaBytes
 	ec.Dir = cfg.Dir
 	ec.ListenClientUrls, ec.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
 	ec.ListenPeerUrls, ec.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
@@ -118,11 +159,50 @@ func start(ctx context.Context, cfg Config) (*Server, error) {
 		e.Close()
 		return nil, ctx.Err()
 	}
-	return &Server{etcd: e, cfg: cfg}, nil
+	return &Server{etcd: e, cfg: cfg, pki: p, clientTLS: clientTLS}, nil
+}
+
+func tlsInfo(f pki.Files, server bool) transport.TLSInfo {
+	return transport.TLSInfo{CertFile: f.Cert, KeyFile: f.Key, TrustedCAFile: f.CA, ClientCertAuth: server}
+}
+
+// hostsOf are the hosts the member's certificate must name besides loopback.
+func hostsOf(cfg Config) []string {
+	var hosts []string
+	for _, u := range append([]string{cfg.ClientURL, cfg.PeerURL}, peerURLs(cfg.InitialCluster)...) {
+		if h := urlHost(u); h != "" {
+			hosts = append(hosts, h)
+		}
+	}
+	return hosts
+}
+
+func peerURLs(initialCluster string) []string {
+	var out []string
+	for _, m := range strings.Split(initialCluster, ",") {
+		if _, u, ok := strings.Cut(m, "="); ok {
+			out = append(out, u)
+		}
+	}
+	return out
 }
 
 // Endpoint is the client URL.
 func (s *Server) Endpoint() string { return s.cfg.ClientURL }
+
+// PKI is the member's CA and certificates; PKI().Client is what a client presents (etcdctl
+// --cacert, --cert, --key).
+func (s *Server) PKI() PKI { return s.pki }
+
+// ClientConfig is a client configuration that reaches this member: its endpoint and the client
+// certificate of its PKI.
+func (s *Server) ClientConfig() clientv3.Config {
+	return clientv3.Config{Endpoints: []string{s.Endpoint()}, TLS: s.clientTLS.Clone(), DialTimeout: 5 * time.Second,
+		Logger: zap.NewNop()}
+}
+
+// QuotaBytes is the member's backend space quota.
+func (s *Server) QuotaBytes() int64 { return s.cfg.QuotaBytes }
 
 // IsLeader reports whether this member is the cluster's raft leader now.
 func (s *Server) IsLeader() bool { return s.etcd.Server.Leader() == s.etcd.Server.MemberID() }
@@ -141,8 +221,21 @@ func (s *Server) Config() Config { return s.cfg }
 // Close stops the member. It may be called more than once.
 func (s *Server) Close() { s.close.Do(s.etcd.Close) }
 
-// StartCluster starts one member per directory on loopback ports and waits until all serve.
+// StartCluster starts one member per directory on loopback ports and waits until all serve. The
+// members share the PKI of the first (dirs[0] with "-pki" appended).
 func StartCluster(ctx context.Context, dirs []string) ([]*Server, error) {
+	return StartClusterQuota(ctx, dirs, 0)
+}
+
+// StartClusterQuota is StartCluster with a space quota for every member (0: DefaultQuotaBytes).
+func StartClusterQuota(ctx context.Context, dirs []string, quota int64) ([]*Server, error) {
+	if len(dirs) == 0 {
+		return nil, errors.New("a cluster needs at least one member")
+	}
+	pkiDir := strings.TrimRight(dirs[0], "/") + "-pki"
+	if _, err := EnsurePKI(pkiDir); err != nil {
+		return nil, err
+	}
 	cfgs := make([]Config, len(dirs))
 	var members []string
 	for i, d := range dirs {
@@ -154,7 +247,7 @@ func StartCluster(ctx context.Context, dirs []string) ([]*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		cfgs[i] = Config{Dir: d, Name: fmt.Sprintf("m%d", i), ClientURL: c, PeerURL: p}
+		cfgs[i] = Config{Dir: d, Name: fmt.Sprintf("m%d", i), ClientURL: c, PeerURL: p, PKIDir: pkiDir, QuotaBytes: quota}
 		members = append(members, cfgs[i].Name+"="+p)
 	}
 	servers := make([]*Server, len(dirs))

@@ -49,3 +49,27 @@ func (r *Registry) txn(ctx context.Context, cmps []clientv3.Cmp, then, els []cli
 	return (*clientv3.TxnResponse)(&etcdserverpb.TxnResponse{Header: resp.Header, Succeeded: inner.GetSucceeded(),
 		Responses: inner.GetResponses()}), nil
 }
+
+// Held returns etcd's current revision if the registry's fence still holds, and ErrNotElected if
+// it does not (an unfenced registry always holds). It is for the elected writer's work that is
+// not a write of the registry's and so cannot be compared in the same transaction (compacting
+// etcd's history, say): checked just before it, the work is done by a deposed writer only in the
+// moment between the check and the work.
+func (r *Registry) Held(ctx context.Context) (int64, error) {
+	if r.fence == nil {
+		// Any key does: the header carries the store's revision.
+		resp, err := r.cli.Get(ctx, r.prefix, clientv3.WithCountOnly())
+		if err != nil {
+			return 0, err
+		}
+		return resp.Header.Revision, nil
+	}
+	resp, err := r.cli.Txn(ctx).If(clientv3.Compare(clientv3.CreateRevision(r.fence.Key), "=", r.fence.Revision)).Commit()
+	if err != nil {
+		return 0, err
+	}
+	if !resp.Succeeded {
+		return 0, fmt.Errorf("%w (%s at revision %d)", ErrNotElected, r.fence.Key, r.fence.Revision)
+	}
+	return resp.Header.Revision, nil
+}

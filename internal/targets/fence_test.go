@@ -109,6 +109,13 @@ func TestDeposedJanitorsWritesAreRefused(t *testing.T) {
 			t.Errorf("%s by the deposed janitor: %v, want ErrNotElected", w.name, err)
 		}
 	}
+	// What is not a registry write (etcd's compaction) asks Held first.
+	if _, err := a.Held(ctx); !errors.Is(err, ErrNotElected) {
+		t.Errorf("Held by the deposed janitor: %v, want ErrNotElected", err)
+	}
+	if rev, err := b.Held(ctx); err != nil || rev != before.Header.Revision {
+		t.Errorf("Held by the elected janitor: revision %d, %v; want %d", rev, err, before.Header.Revision)
+	}
 	after, err := cli.Get(ctx, "any")
 	if err != nil {
 		t.Fatal(err)

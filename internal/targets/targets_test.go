@@ -27,7 +27,7 @@ func startEtcd(t testing.TB) (*etcdembed.Server, *clientv3.Client) {
 		t.Fatal(err)
 	}
 	t.Cleanup(srv.Close)
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{srv.Endpoint()}, DialTimeout: 5 * time.Second})
+	cli, err := clientv3.New(srv.ClientConfig())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,6 +52,7 @@ func TestMain(m *testing.M) {
 		shared.cli.Close()
 		shared.srv.Close()
 		os.RemoveAll(shared.dir)
+		os.RemoveAll(shared.dir + "-pki")
 	}
 	os.Exit(code)
 }
@@ -66,7 +67,7 @@ func sharedEtcd(t testing.TB) *clientv3.Client {
 		if shared.srv, shared.err = etcdembed.Start(context.Background(), etcdembed.Config{Dir: shared.dir}); shared.err != nil {
 			return
 		}
-		shared.cli, shared.err = clientv3.New(clientv3.Config{Endpoints: []string{shared.srv.Endpoint()}, DialTimeout: 5 * time.Second})
+		shared.cli, shared.err = clientv3.New(shared.srv.ClientConfig())
 	})
 	if shared.err != nil {
 		t.Fatal(shared.err)

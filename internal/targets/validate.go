@@ -44,6 +44,10 @@ const (
 	MaxCrossRegionCopyThreshold = 1000000
 	// MaxMinOccurrences bounds the policy's misses before a fill.
 	MaxMinOccurrences = 255 // the admission sketch counts to 255
+	// MaxMinRedirectBytes bounds the policy's min_redirect_bytes: past it hardly any response
+	// would be redirected, while misses would still be filled (agents send no size hint), so a
+	// larger value is a mistake that silently turns the product off.
+	MaxMinRedirectBytes = 1 << 30
 	// MaxKeyPrefixLength is the longest key prefix ListObjects accepts: a whole content key.
 	MaxKeyPrefixLength = 64
 	// DefaultPageSize is the page size of ListObjects when the request names none.
@@ -267,6 +271,26 @@ func checkURL(field, raw, scheme string, max int) error {
 	if scheme == "" && u.Scheme != "http" && u.Scheme != "https" {
 		return invalid(field, "%s is not an http or https URL", quote(raw))
 	}
+	if u.User != nil {
+		// Not echoed: the message would carry the password into logs and to the caller.
+		return invalid(field, "has credentials before the host %s: every client and reader of the target would see them", quote(u.Host))
+	}
+	return nil
+}
+
+// checkBaseURL checks a URL that object names are appended to: an absolute http or https URL
+// without credentials, query or fragment (a name appended after either would not be a path).
+func checkBaseURL(field, raw string) error {
+	if err := checkURL(field, raw, "", MaxBaseURLLength); err != nil {
+		return err
+	}
+	u, _ := url.Parse(raw) // checkURL parsed it
+	switch {
+	case u.RawQuery != "" || u.ForceQuery:
+		return invalid(field, "%s has a query: object names are appended to the path", quote(raw))
+	case u.Fragment != "" || strings.Contains(raw, "#"):
+		return invalid(field, "%s has a fragment: object names are appended to the path", quote(raw))
+	}
 	return nil
 }
 
@@ -330,9 +354,9 @@ func validateURLForm(f *pb.UrlForm) error {
 	}
 	switch form := f.Form.(type) {
 	case *pb.UrlForm_PublicBaseUrl:
-		return checkURL("target.url_form.public_base_url", form.PublicBaseUrl, "", MaxBaseURLLength)
+		return checkBaseURL("target.url_form.public_base_url", form.PublicBaseUrl)
 	case *pb.UrlForm_CdnBaseUrl:
-		return checkURL("target.url_form.cdn_base_url", form.CdnBaseUrl, "", MaxBaseURLLength)
+		return checkBaseURL("target.url_form.cdn_base_url", form.CdnBaseUrl)
 	case *pb.UrlForm_Signed:
 		if form.Signed == nil || form.Signed.Ttl == nil {
 			return invalid("target.url_form.signed.ttl", "is required")
@@ -370,6 +394,9 @@ func ValidatePolicy(p *pb.Policy) error {
 	}
 	if n := p.CrossRegionCopyThreshold; n > MaxCrossRegionCopyThreshold {
 		return invalid("policy.cross_region_copy_threshold", "%d is more than the limit of %d", n, MaxCrossRegionCopyThreshold)
+	}
+	if n := p.MinRedirectBytes; n > MaxMinRedirectBytes {
+		return invalid("policy.min_redirect_bytes", "%d is more than the limit of %d (1 GiB): almost nothing would be redirected", n, uint64(MaxMinRedirectBytes))
 	}
 	if n := p.MinOccurrences; n > MaxMinOccurrences {
 		return invalid("policy.min_occurrences", "%d is more than the limit of %d", n, MaxMinOccurrences)

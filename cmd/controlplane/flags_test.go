@@ -1,0 +1,40 @@
+package main
+
+import (
+	"errors"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/detourhq/detour/internal/testbed"
+)
+
+// Values the control plane cannot work with are refused at start, naming the flag, before
+// anything is started (exit status 2).
+func TestBadFlagsAreRefusedAtStart(t *testing.T) {
+	bin := filepath.Join(testbed.Binaries(t), "controlplane")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--verify-fills", "NaN"}, "--verify-fills"},
+		{[]string{"--copy-rate", "NaN"}, "--copy-rate: NaN"},
+		{[]string{"--claim-rate", "NaN"}, "--claim-rate: NaN"},
+		{[]string{"--claim-rate", "0.000001"}, "--claim-rate: 1e-06 per second is below 1"},
+		{[]string{"--probe-interval", "1ns"}, "--probe-interval: 1ns is not between 100ms"},
+		{[]string{"--hot-keys", "9999999999"}, "--hot-keys"},
+		{[]string{"--probe-failures", "99999999999999999999"}, "probe-failures"}, // past int64: the flag package
+		{[]string{"--embedded-etcd-quota", "1"}, "--embedded-etcd-quota: 1 is not between"},
+		{[]string{"--compact-interval", "1ms"}, "--compact-interval"},
+		{[]string{"--gcs-endpoint", "http://127.0.0.1:4443/bucket/"}, "--gcs-endpoint"},
+		{[]string{"--gcs-endpoint", "http://user:pw@127.0.0.1:4443/"}, "--gcs-endpoint: credentials"},
+	} {
+		cmd := exec.Command(bin, append([]string{"--data-dir", t.TempDir(), "--listen", "127.0.0.1:0", "--metrics-listen", ""}, c.args...)...)
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), c.want) {
+			t.Errorf("%v: %v, want exit 2 naming %q:\n%s", c.args, err, c.want, out)
+		}
+	}
+}
