@@ -104,6 +104,14 @@ func newRig(t *testing.T, o rigOptions) *rig {
 	t.Cleanup(r.api.Close)
 	r.gcs.CreateBucket(bucket)
 
+	// Every control plane follows the bucket's notifications (as `make run` does): the emulator
+	// publishes them to the Pub/Sub emulator in this process.
+	pubsubAddr, err := gcsemu.PubSub()
+	r.must(err)
+	events := strings.NewReplacer("/", "-", "_", "-").Replace(t.Name())
+	o.cpFlags = append([]string{"--store-events-topic", "projects/chaos/topics/" + events,
+		"--store-events-subscription", "projects/chaos/subscriptions/" + events, "--pubsub-endpoint", pubsubAddr}, o.cpFlags...)
+
 	dirs := make([]string, o.etcdMembers)
 	for i := range dirs {
 		dirs[i] = t.TempDir()
@@ -251,7 +259,8 @@ func (r *rig) client(conns int) (*hgclient.Client, *wire.RedirectRequest) {
 
 // record is one request as the client saw it; times are since the load started.
 type record struct {
-	client     int // which of the load's clients sent it
+	node       string // the request's node argument: which key
+	client     int    // which of the load's clients sent it
 	start, end time.Duration
 	fetch      time.Duration // of a redirect: the location's fetch from the store
 	redirected bool
@@ -326,6 +335,9 @@ func (l *load) one(q request, fresh bool) record {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	rec := record{start: time.Since(l.t0), fresh: fresh}
+	if nodes, ok := q.args["nodes"].([]any); ok && len(nodes) == 1 {
+		rec.node, _ = nodes[0].(string)
+	}
 	res, err := l.c.Command(ctx, command, q.args, l.rr)
 	rec.end = time.Since(l.t0)
 	switch {

@@ -49,6 +49,9 @@ func main() {
 	flag.StringVar(&o.Region, "region", "", "this replica's region (for logs)")
 	flag.StringVar(&signingKey, "signing-key", "", "service-account JSON key that signs V4 URLs for targets that want them")
 	flag.StringVar(&o.GCSEndpoint, "gcs-endpoint", "", "GCS API endpoint (an emulator); empty: Google Cloud Storage with the standard Google credentials. Fills are verified, targets probed and retired objects deleted through it")
+	flag.StringVar(&o.StoreEvents.Subscription, "store-events-subscription", "", "Pub/Sub subscription (projects/P/subscriptions/S) of the targets' bucket change notifications: a replaced or deleted object's record is retired within seconds (empty: only the reconcile and agents' checks find them)")
+	flag.StringVar(&o.StoreEvents.Topic, "store-events-topic", "", "Pub/Sub topic (projects/P/topics/T): make it, the subscription and each target bucket's notification to it when missing (empty: they are set up by the operator)")
+	flag.StringVar(&o.StoreEvents.Endpoint, "pubsub-endpoint", "", "host:port of a Pub/Sub emulator, plaintext (empty: PUBSUB_EMULATOR_HOST, else Pub/Sub with the standard Google credentials)")
 	flag.StringVar(&verifyFills, "verify-fills", "attrs", "how reported fills are verified before READY: attrs (size, CRC32C, generation and recorded hashes from the store), full (also re-read and re-hash the bytes), or a fraction 0..1 of fills to verify in full")
 	flag.DurationVar(&o.Janitor.SweepInterval, "sweep-interval", 30*time.Second, "how often expired and stale records are retired and their stored bytes deleted")
 	flag.DurationVar(&o.Janitor.ReconcileInterval, "reconcile-interval", 10*time.Minute, "how often each target's bucket is listed against the index (missing objects, orphans)")
@@ -127,6 +130,10 @@ func main() {
 		o.TLS = pki.Files{Cert: dev.ControlPlane.Cert, Key: dev.ControlPlane.Key, CA: dev.CA.CA}
 		o.Log.Warn("no --tls-cert: serving with a development CA; give your own certificates in production",
 			"dir", pkiDir, "generated", made, "operator_cert", dev.Operator.Cert, "agent_cert", dev.Agent.Cert)
+	}
+	if err := o.StoreEvents.Validate(); err != nil {
+		fmt.Fprintf(os.Stderr, "controlplane: --store-events-*: %v\n", err)
+		os.Exit(2)
 	}
 	if err := checkOptions(&o); err != nil {
 		fmt.Fprintf(os.Stderr, "controlplane: %v\n", err)

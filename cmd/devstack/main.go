@@ -32,6 +32,7 @@ func main() {
 	flag.StringVar(&o.AgentMetrics, "agent-metrics-listen", "127.0.0.1:8081", "agent /metrics address")
 	flag.StringVar(&o.Origin, "origin-listen", "127.0.0.1:8000", "demo origin HTTP address")
 	flag.IntVar(&o.GCSPort, "gcs-port", 4443, "port of the in-process GCS emulator")
+	flag.StringVar(&o.StoreDir, "gcs-dir", "", "where the GCS emulator keeps its objects, so that they outlive a restart (default <data-dir>/gcs; \"memory\": in memory)")
 	flag.IntVar(&o.ObjectSize, "object-size", 1<<20, "default response size of the demo origin")
 	flag.Uint64Var(&o.MinRedirect, "min-redirect-bytes", 0, "policy: smaller responses stay inline")
 	flag.Func("min-occurrences", "policy: fill a key on its Nth miss (default 1, so that a key's second request is a redirect)", func(v string) error {
@@ -60,6 +61,12 @@ func main() {
 		}
 		// Another run's single-region target would linger in the same etcd.
 		o.DataDir += "-regions"
+	}
+	switch o.StoreDir {
+	case "":
+		o.StoreDir = filepath.Join(o.DataDir, "gcs")
+	case "memory":
+		o.StoreDir = ""
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -185,7 +192,7 @@ Detour is running (Ctrl-C stops it):
   control plane (gRPC, mTLS)    %s   metrics http://%s/metrics
   embedded etcd (mutual TLS)    %s   data in %s
   certificates (throwaway CA)   %s   (detourctl uses operator.pem from here)
-  GCS emulator                  http://%s   bucket %s, target %q
+  GCS emulator                  http://%s   bucket %s, target %q   objects in %s
 
 Try, in another terminal:
   go run ./cmd/detourctl probe --agent %s      # first time: inline, and the agent fills the store
@@ -195,10 +202,10 @@ Try, in another terminal:
   go run ./cmd/detourctl objects ls
   go run ./cmd/detourctl targets drain local-gcs
   grpcurl -cacert %s/ca.pem -cert %s/operator.pem -key %s/operator-key.pem %s list
-  etcdctl --endpoints %s --cacert %[19]s/ca.pem --cert %[19]s/client.pem --key %[19]s/client-key.pem endpoint status -w table
+  etcdctl --endpoints %s --cacert %[20]s/ca.pem --cert %[20]s/client.pem --key %[20]s/client-key.pem endpoint status -w table
 
 `, s.AgentURL, s.OriginURL, s.CP.Addr(), s.CP.MetricsAddr(), s.CP.EtcdEndpoint(), o.DataDir, s.PKI.Dir, s.GCS.Host(), "detour-demo",
-		s.Target().Name, s.AgentURL, s.AgentURL, s.AgentURL, s.PKI.Dir, s.PKI.Dir, s.PKI.Dir, s.CP.Addr(), s.CP.EtcdEndpoint(), etcdPKI(s))
+		s.Target().Name, storeWhere(o), s.AgentURL, s.AgentURL, s.AgentURL, s.PKI.Dir, s.PKI.Dir, s.PKI.Dir, s.CP.Addr(), s.CP.EtcdEndpoint(), etcdPKI(s))
 }
 
 func printRegionsBanner(s *devstack.Stack, o devstack.Options) {
@@ -229,6 +236,14 @@ Drain the %s target: its copies are copied to the other region, which then serve
 		eu.AgentURL, eu.Name, eu.Name, eu.Target,
 		eu.AgentURL, eu.Name, eu.Target,
 		us.Name, us.Target, us.AgentURL, us.Name, eu.Target, us.Target)
+}
+
+// storeWhere says where the emulator keeps its objects.
+func storeWhere(o devstack.Options) string {
+	if o.StoreDir == "" {
+		return "memory"
+	}
+	return o.StoreDir
 }
 
 // etcdPKI is the directory of the embedded etcd's certificates (etcdctl needs them).

@@ -18,12 +18,17 @@ type Location struct {
 	Size      uint64
 	SHA256    []byte
 	SHA1      []byte
-	memo      atomic.Pointer[any]
+	// Generation and CRC32C are the store's, of the object the control plane verified (0: not
+	// told); location checks compare them with what the URL serves.
+	Generation int64
+	CRC32C     uint32
+	memo       atomic.Pointer[any]
 }
 
 func locationOf(resp *pb.PlaceResponse) *Location {
 	l := resp.Location
-	return &Location{Target: resp.Target, URL: l.Url, MediaType: l.MediaType, Size: l.Size, SHA256: l.Sha256, SHA1: l.Sha1}
+	return &Location{Target: resp.Target, URL: l.Url, MediaType: l.MediaType, Size: l.Size, SHA256: l.Sha256, SHA1: l.Sha1,
+		Generation: l.Generation, CRC32C: l.Crc32C}
 }
 
 // Memo returns what a front stored with SetMemo (nil if nothing): a location answered from the

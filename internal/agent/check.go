@@ -2,16 +2,15 @@ package agent
 
 import (
 	"context"
-	"fmt"
 	"math/rand/v2"
-	"net/http"
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/blob"
 )
 
 // maybeCheckLocation checks a sample of the locations the agent hands out, off the request path:
-// a HEAD of the URL must answer 200 with the object's size. A location that does not is reported
+// a HEAD of the URL must answer 200 with the object's size, generation and CRC32C. A location that does not is reported
 // to the control plane, which checks the store itself and removes the record if the object is
 // missing or different. At most a few checks run at once; the rest of the sample is skipped.
 func (a *Agent) maybeCheckLocation(key string, loc *Location) {
@@ -43,25 +42,16 @@ func (a *Agent) maybeCheckLocation(key string, loc *Location) {
 	}()
 }
 
-// checkLocation returns what is wrong with a location, or "".
+// checkLocation returns what is wrong with a location, or "": another status than 200, another
+// size, or, where the answer names them, another generation or CRC32C than the record's
+// (blob.CheckLocation).
 func (a *Agent) checkLocation(loc *Location) string {
 	ctx, cancel := context.WithTimeout(a.fillCtx, 5*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodHead, loc.URL, nil)
-	if err != nil {
-		return "bad URL: " + err.Error()
-	}
-	req.Header.Set("Accept", loc.MediaType)
-	resp, err := a.client.Do(req)
+	problem, err := blob.CheckLocation(ctx, a.client, loc.URL, blob.Expected{Size: loc.Size, MediaType: loc.MediaType,
+		Generation: loc.Generation, CRC32C: loc.CRC32C})
 	if err != nil {
 		return "" // unreachable from here is not proof of a broken object; the prober judges reachability
 	}
-	resp.Body.Close()
-	switch {
-	case resp.StatusCode != http.StatusOK:
-		return fmt.Sprintf("HEAD answered HTTP %d", resp.StatusCode)
-	case resp.ContentLength >= 0 && uint64(resp.ContentLength) != loc.Size:
-		return fmt.Sprintf("size %d, the location says %d", resp.ContentLength, loc.Size)
-	}
-	return ""
+	return problem
 }

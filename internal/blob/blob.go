@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -171,7 +172,9 @@ var ErrMismatch = errors.New("stored object does not match")
 
 // Commit finishes the upload, checks the store's size, CRC32C and MD5 of the committed object
 // against what was sent (deleting the object on a mismatch), and records the SHA-256 and SHA-1 as
-// the object's metadata, where the control plane reads them back.
+// the object's metadata, where the control plane reads them back. The same update puts a temporary
+// hold on the object (see Hold): from then on nobody replaces or deletes it without releasing the
+// hold first, and Detour releases it only when it deletes the object itself.
 func (u *Upload) Commit() (Result, error) {
 	defer u.cancel()
 	if u.err != nil {
@@ -196,14 +199,17 @@ func (u *Upload) Commit() (Result, error) {
 		_ = u.store.Delete(context.WithoutCancel(u.ctx), attrs.Bucket, attrs.Name, attrs.Generation)
 		return Result{}, fmt.Errorf("commit upload %s: %w", u.w.Name, err)
 	}
-	_, err := u.store.client.Bucket(attrs.Bucket).Object(attrs.Name).
+	updated, err := u.store.client.Bucket(attrs.Bucket).Object(attrs.Name).
 		If(storage.Conditions{GenerationMatch: attrs.Generation, MetagenerationMatch: attrs.Metageneration}).
-		Update(context.WithoutCancel(u.ctx), storage.ObjectAttrsToUpdate{Metadata: map[string]string{
+		Update(context.WithoutCancel(u.ctx), storage.ObjectAttrsToUpdate{TemporaryHold: true, Metadata: map[string]string{
 			MetaKey: attrs.Metadata[MetaKey], MetaSHA256: hex.EncodeToString(res.SHA256), MetaSHA1: hex.EncodeToString(res.SHA1)}})
 	if err != nil {
 		_ = u.store.Delete(context.WithoutCancel(u.ctx), attrs.Bucket, attrs.Name, attrs.Generation)
 		return Result{}, fmt.Errorf("commit upload %s: record hashes: %w", u.w.Name, err)
 	}
+	// GCS keeps the generation through a metadata update; an emulator that stores one generation
+	// per object may not, and the reported generation must be the one that is there.
+	res.Generation = updated.Generation
 	return res, nil
 }
 
@@ -319,6 +325,8 @@ type Attrs struct {
 	ContentType string
 	Created     time.Time
 	Metadata    map[string]string
+	// TemporaryHold and EventBasedHold are the object's holds (see Hold).
+	TemporaryHold, EventBasedHold bool
 }
 
 // Stat reads an object's attributes.
@@ -335,7 +343,8 @@ func (s *Store) Stat(ctx context.Context, bucket, name string) (Attrs, error) {
 
 func attrsOf(a *storage.ObjectAttrs) Attrs {
 	return Attrs{Size: uint64(a.Size), CRC32C: a.CRC32C, MD5: a.MD5, Generation: a.Generation,
-		ContentType: a.ContentType, Created: a.Created, Metadata: a.Metadata}
+		ContentType: a.ContentType, Created: a.Created, Metadata: a.Metadata,
+		TemporaryHold: a.TemporaryHold, EventBasedHold: a.EventBasedHold}
 }
 
 // Claim is what a fill report says of an object, to verify against the store.
@@ -392,9 +401,9 @@ func (s *Store) Verify(ctx context.Context, c Claim, full bool) error {
 // Copy makes dstBucket/dstName a server-side copy of generation srcGeneration of
 // srcBucket/srcName: the store moves the bytes (a rewrite, repeated until done), none pass through
 // Detour. The copy keeps the source's content type and metadata (key and recorded hashes), and is
-// made only if dstName does not exist (ErrExists otherwise). A source that is gone, or no longer at
-// that generation, is ErrNotFound. It returns the new object's attributes; the caller verifies them
-// like a fill's.
+// made only if dstName does not exist (ErrExists otherwise), and held like a committed upload. A
+// source that is gone, or no longer at that generation, is ErrNotFound. It returns the new object's
+// attributes; the caller verifies them like a fill's.
 func (s *Store) Copy(ctx context.Context, srcBucket, srcName string, srcGeneration int64, dstBucket, dstName string) (Attrs, error) {
 	src := s.client.Bucket(srcBucket).Object(srcName).Generation(srcGeneration)
 	dst := s.client.Bucket(dstBucket).Object(dstName).If(storage.Conditions{DoesNotExist: true})
@@ -408,12 +417,68 @@ func (s *Store) Copy(ctx context.Context, srcBucket, srcName string, srcGenerati
 	case err != nil:
 		return Attrs{}, fmt.Errorf("copy %s/%s#%d to %s/%s: %w", srcBucket, srcName, srcGeneration, dstBucket, dstName, err)
 	}
+	held, err := s.Hold(ctx, dstBucket, dstName, a.Generation, true)
+	if err != nil {
+		_ = s.Delete(context.WithoutCancel(ctx), dstBucket, dstName, a.Generation)
+		return Attrs{}, fmt.Errorf("copy to %s/%s: %w", dstBucket, dstName, err)
+	}
+	return held, nil
+}
+
+// Hold puts a temporary hold on one generation of an object (on), or releases the holds on it:
+// GCS refuses to delete or replace a held object (https://cloud.google.com/storage/docs/object-holds),
+// so that the bytes a READY record names cannot change under it by accident (a lifecycle rule, a
+// mistaken copy, another tool). Detour holds every object it stores and releases the hold only to
+// delete the object (Delete). It returns the object's attributes after the change: an emulator that
+// keeps one generation per object may give it a new one. A generation that is gone is ErrNotFound.
+func (s *Store) Hold(ctx context.Context, bucket, name string, generation int64, on bool) (Attrs, error) {
+	obj := s.client.Bucket(bucket).Object(name).If(storage.Conditions{GenerationMatch: generation})
+	update := storage.ObjectAttrsToUpdate{TemporaryHold: on}
+	if !on {
+		update.EventBasedHold = false
+	}
+	a, err := obj.Update(ctx, update)
+	var gerr *googleapi.Error
+	switch {
+	case errors.Is(err, storage.ErrObjectNotExist), errors.As(err, &gerr) && (gerr.Code == http.StatusNotFound || gerr.Code == http.StatusPreconditionFailed):
+		return Attrs{}, fmt.Errorf("hold %s/%s#%d: %w", bucket, name, generation, ErrNotFound)
+	case err != nil:
+		return Attrs{}, fmt.Errorf("hold %s/%s#%d: %w", bucket, name, generation, err)
+	}
 	return attrsOf(a), nil
 }
 
-// Delete removes one generation of an object (any generation when 0). A missing object is not an
-// error: deletion is idempotent.
+// Delete removes one generation of an object (any generation when 0), releasing its holds first
+// when the store refuses to delete it for them. A missing object is not an error: deletion is
+// idempotent.
 func (s *Store) Delete(ctx context.Context, bucket, name string, generation int64) error {
+	err := s.deleteOnce(ctx, bucket, name, generation)
+	var gerr *googleapi.Error
+	if !errors.As(err, &gerr) || gerr.Code != http.StatusForbidden {
+		return err
+	}
+	// Held (or not ours to delete, which the release then says).
+	if generation == 0 {
+		a, serr := s.Stat(ctx, bucket, name)
+		if errors.Is(serr, ErrNotFound) {
+			return nil
+		}
+		if serr != nil {
+			return serr
+		}
+		generation = a.Generation
+	}
+	a, herr := s.Hold(ctx, bucket, name, generation, false)
+	if errors.Is(herr, ErrNotFound) {
+		return nil
+	}
+	if herr != nil {
+		return fmt.Errorf("delete %s/%s: release its hold: %w", bucket, name, herr)
+	}
+	return s.deleteOnce(ctx, bucket, name, a.Generation)
+}
+
+func (s *Store) deleteOnce(ctx context.Context, bucket, name string, generation int64) error {
 	obj := s.client.Bucket(bucket).Object(name)
 	if generation != 0 {
 		// Only that generation: if another one is there now, it is not ours to delete (the store
@@ -432,6 +497,7 @@ type Listed struct {
 	Name       string
 	Size       uint64
 	Generation int64
+	CRC32C     uint32
 	Created    time.Time
 }
 
@@ -447,7 +513,7 @@ func (s *Store) List(ctx context.Context, bucket, prefix string, fn func(Listed)
 		if err != nil {
 			return fmt.Errorf("list %s/%s: %w", bucket, prefix, err)
 		}
-		if !fn(Listed{Name: a.Name, Size: uint64(a.Size), Generation: a.Generation, Created: a.Created}) {
+		if !fn(Listed{Name: a.Name, Size: uint64(a.Size), Generation: a.Generation, CRC32C: a.CRC32C, Created: a.Created}) {
 			return nil
 		}
 	}
@@ -501,12 +567,37 @@ func LoadServiceAccount(path string) (*Signer, error) {
 // ErrNoSigner means a target wants signed URLs and no signing key is configured.
 var ErrNoSigner = errors.New("target wants V4-signed URLs and no signing key is configured")
 
-// LocationURL is the URL a client GETs for bucket/objectName through target t's URL form. Public
-// and CDN base URLs serve t's current bucket: callers pass only objects stored there.
+// LocationURL is the URL a client GETs for bucket/objectName through target t's URL form, whatever
+// generation is current (LocationURLAt with generation 0).
 func LocationURL(t *pb.Target, bucket, objectName string, signer *Signer, now time.Time, defaultTTL time.Duration) (string, error) {
+	return LocationURLAt(t, bucket, objectName, 0, signer, now, defaultTTL)
+}
+
+// LocationURLAt is the URL a client GETs for generation generation of bucket/objectName through
+// target t's URL form. Public and CDN base URLs serve t's current bucket: callers pass only objects
+// stored there.
+//
+// Where the form allows it, the URL names the generation (generation > 0), so that it serves the
+// bytes that were verified or nothing: GCS's XML API, which public URLs
+// (https://storage.googleapis.com/bucket/object) and V4-signed URLs reach, serves
+// ?generation=N as that generation and answers 404 once it is no longer there (replaced or deleted;
+// a versioned bucket keeps it readable as a noncurrent version). The parameter is part of what a
+// signed URL signs. A CDN base URL is not pinned: a CDN caches by URL and may not pass the query
+// to GCS, so its URL names the object, and between a replacement and Detour's noticing it (the
+// bucket's change notification) a CDN that fetches from the bucket may serve the new bytes; after
+// that, no redirect names the object.
+func LocationURLAt(t *pb.Target, bucket, objectName string, generation int64, signer *Signer, now time.Time, defaultTTL time.Duration) (string, error) {
 	switch f := t.GetUrlForm().GetForm().(type) {
 	case *pb.UrlForm_PublicBaseUrl:
-		return joinURL(f.PublicBaseUrl, objectName)
+		u, err := joinURL(f.PublicBaseUrl, objectName)
+		if err != nil || generation <= 0 {
+			return u, err
+		}
+		sep := "?"
+		if strings.Contains(u, "?") {
+			sep = "&"
+		}
+		return u + sep + "generation=" + strconv.FormatInt(generation, 10), nil
 	case *pb.UrlForm_CdnBaseUrl:
 		return joinURL(f.CdnBaseUrl, objectName)
 	case *pb.UrlForm_Signed:
@@ -524,6 +615,9 @@ func LocationURL(t *pb.Target, bucket, objectName string, signer *Signer, now ti
 		opts := &storage.SignedURLOptions{GoogleAccessID: id, PrivateKey: signer.PrivateKey, Method: "GET",
 			Expires: now.Add(ttl), Scheme: storage.SigningSchemeV4, Hostname: signer.Hostname,
 			Insecure: signer.Insecure, Style: storage.PathStyle()}
+		if generation > 0 {
+			opts.QueryParameters = url.Values{"generation": {strconv.FormatInt(generation, 10)}}
+		}
 		return storage.SignedURL(bucket, objectName, opts)
 	}
 	return "", fmt.Errorf("target %q has no url form", t.GetName())

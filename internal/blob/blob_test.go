@@ -286,10 +286,14 @@ func TestCopyIsServerSideAndGenerationBound(t *testing.T) {
 		t.Fatalf("copied bytes differ: %v", err)
 	}
 	stat, err := st.Stat(ctx, "other", "eu/src")
-	if err != nil || stat.Generation != a.Generation || stat.CRC32C != a.CRC32C {
-		t.Fatalf("stat of the copy %+v %v, copy said %+v", stat, err, a)
+	if err != nil || stat.Generation != a.Generation || stat.CRC32C != a.CRC32C || !stat.TemporaryHold {
+		t.Fatalf("stat of the copy %+v %v, copy said %+v (held like a fill)", stat, err, a)
 	}
-	// The source replaced by other bytes: its old generation is gone, and so is the copy's source.
+	// The source replaced by other bytes (its hold released first): its old generation is gone,
+	// and so is the copy's source.
+	if _, err := st.Hold(ctx, "objects", "hg/src", res.Generation, false); err != nil {
+		t.Fatal(err)
+	}
 	if err := st.Put(ctx, "objects", "hg/src", "application/mercurial-cbor", []byte("other bytes")); err != nil {
 		t.Fatal(err)
 	}

@@ -148,6 +148,7 @@ func TestExplainShowsPlacesDecisionAndWhy(t *testing.T) {
 		t.Fatalf("explain wrote %d copies", n)
 	}
 	fill(t, r, k, []string{"us-a"}, "us")
+	waitRedirect(t, r, k, "us-a") // a report does not wait for this replica's snapshot
 	// Cross-region redirects count toward an in-region copy; Explain shows the count, and does
 	// not add to it.
 	for i := 0; i < 2; i++ {

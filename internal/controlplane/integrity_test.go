@@ -371,6 +371,15 @@ func TestStoredBytesFollowTheirRecords(t *testing.T) {
 	createTargets(t, r, target(t, "us-a", "us"))
 	purged, _ := fill(t, r, key(1), []string{"us-a"}, "us")
 	waitRedirect(t, r, key(1), "us-a")
+	// Every stored object is held (the emulator refuses to delete a held object, as GCS does):
+	// the deletions below succeed only because Detour releases the hold first.
+	held := func(g *pb.FillGrant) {
+		t.Helper()
+		if a, err := sharedEnv(t).store.Stat(ctx, g.Bucket, g.ObjectName); err != nil || !a.TemporaryHold {
+			t.Fatalf("%s: %+v %v, want held", g.ObjectName, a, err)
+		}
+	}
+	held(purged)
 	if resp, err := r.admin.DeleteObjects(ctx, &pb.DeleteObjectsRequest{Key: key(1)}); err != nil || resp.Deleted != 1 {
 		t.Fatalf("purge: %v %v", resp, err)
 	}
@@ -386,6 +395,7 @@ func TestStoredBytesFollowTheirRecords(t *testing.T) {
 	// An orphan: a fill that uploaded and died without reporting (its claim released).
 	orphan := grant(t, r, key(2), []string{"us-a"}, "us")
 	upload(t, orphan, key(2), []byte("bytes of a fill that never reported"))
+	held(orphan)
 	if _, err := r.place.AbortFill(ctx, &pb.AbortFillRequest{Key: key(2), Token: orphan.Token}); err != nil {
 		t.Fatal(err)
 	}

@@ -80,7 +80,7 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 	resp := &pb.PlaceResponse{Result: pb.PlaceResult_PLACE_RESULT_INLINE, Reason: string(d.Reason), SnapshotRevision: snap.Revision}
 	switch {
 	case d.Result == placement.Redirect:
-		s.redirect(resp, snap, key, objs, d, req.AgentRegion, now)
+		s.redirect(ctx, resp, snap, key, objs, d, req.AgentRegion, now)
 		if resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
 			s.countRedirect(v, key, req.AgentRegion, resp.Target, now)
 		}
@@ -120,7 +120,7 @@ func resultLabel(r pb.PlaceResult) string {
 	return "inline"
 }
 
-func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key targets.Key, objs []*targets.Object, d placement.Decision, region string, now time.Time) {
+func (s *Service) redirect(ctx context.Context, resp *pb.PlaceResponse, snap *targets.Snapshot, key targets.Key, objs []*targets.Object, d placement.Decision, region string, now time.Time) {
 	var obj *targets.Object
 	for _, o := range objs {
 		if o.Target() == d.Copy.Target {
@@ -132,8 +132,13 @@ func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key t
 		resp.Reason = "internal_inconsistency"
 		return
 	}
-	// Built from where the record says the bytes are, not from the target's current settings.
-	url, err := blob.LocationURL(t, obj.Home().Bucket, obj.ObjectName(key), s.cfg.Signer, now,
+	if !s.guard.admit(ctx, key, obj) {
+		resp.Reason = ReasonUnverified
+		return
+	}
+	// Built from where the record says the bytes are, not from the target's current settings, and
+	// naming the generation that was verified where the URL form allows.
+	url, err := blob.LocationURLAt(t, obj.Home().Bucket, obj.ObjectName(key), obj.Generation, s.cfg.Signer, now,
 		policyDuration(snap.Policy().SignedUrlTtl, targets.DefaultSignedURLTTL))
 	if err != nil {
 		s.once.Warn("location:"+t.Name, "cannot build location URLs for target; answering inline",
@@ -144,7 +149,8 @@ func (s *Service) redirect(resp *pb.PlaceResponse, snap *targets.Snapshot, key t
 	resp.Result = pb.PlaceResult_PLACE_RESULT_REDIRECT
 	resp.Target = t.Name
 	resp.Location = &pb.Location{Url: url, MediaType: obj.Home().MediaType, Size: obj.Size,
-		Sha256: append([]byte(nil), obj.SHA256[:]...), Sha1: append([]byte(nil), obj.SHA1[:]...)}
+		Sha256: append([]byte(nil), obj.SHA256[:]...), Sha1: append([]byte(nil), obj.SHA1[:]...),
+		Generation: obj.Generation, Crc32C: obj.CRC32C}
 	if d := s.cacheFor(snap, t, obj, region, now); d > 0 {
 		resp.CacheFor = durationpb.New(d)
 	}

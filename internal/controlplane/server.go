@@ -58,6 +58,8 @@ type Options struct {
 	// standard Google credentials. The control plane verifies fills, probes targets and deletes
 	// retired objects through it; without store access it grants no fills and redirects nothing.
 	GCSEndpoint string
+	// StoreEvents is where the targets' bucket change notifications are pulled from.
+	StoreEvents StoreEventsConfig
 	// VerifyFullFraction is the share of fills re-read and re-hashed before READY (0..1).
 	VerifyFullFraction float64
 	Janitor            JanitorConfig
@@ -194,6 +196,9 @@ type Server struct {
 // ctx bounds only the building. Call Serve to serve, Shutdown to release what New holds.
 func New(ctx context.Context, o Options) (srv *Server, err error) {
 	o.setDefaults()
+	if err := o.StoreEvents.Validate(); err != nil {
+		return nil, err
+	}
 	s := &Server{o: o, served: make(chan struct{}), shutdown: make(chan struct{}), ready: make(chan struct{})}
 	defer func() {
 		if err != nil {
@@ -206,7 +211,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	}
 	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
 		RedirectCacheMaxAge: o.RedirectCacheMaxAge, AgentLagThreshold: o.AgentLagThreshold,
-		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor, Etcd: o.Etcd}
+		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor, StoreEvents: o.StoreEvents, Etcd: o.Etcd}
 	if s.etcd != nil {
 		cfg.Etcd.Defrag = true // one member, ours: defragmenting it is safe and nobody else will
 	}
@@ -581,3 +586,7 @@ func (s *Server) EmbeddedEtcd() *etcdembed.Server { return s.etcd }
 
 // IndexedObjects is the number of object records in this replica's snapshot.
 func (s *Server) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }
+
+// UnverifiedTargets is the number of targets whose records no listing of their bucket has
+// confirmed since this replica started (benchmarks; detour_store_unverified_targets).
+func (s *Server) UnverifiedTargets() int { return s.svc.guard.unverifiedTargets() }

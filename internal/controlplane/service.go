@@ -57,6 +57,8 @@ type Config struct {
 	Etcd EtcdMaintenance
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// StoreEvents is where bucket change notifications are pulled from (storeevents.go).
+	StoreEvents StoreEventsConfig
 }
 
 // Store is what the control plane needs of the blob store (blob.Store implements it).
@@ -113,6 +115,8 @@ type Service struct {
 	// stopping is closed when the server shuts down: WatchTargets streams end at once (agents
 	// reconnect to another replica) instead of holding the graceful stop until its deadline.
 	stopping chan struct{}
+	// guard keeps redirects naming verified bytes (storeguard.go).
+	guard *storeGuard
 }
 
 // view is the placement form of a snapshot's targets and policy, rebuilt only when they change
@@ -181,12 +185,15 @@ func newService(d *deps) *Service {
 	s := &Service{deps: d, hot: newHotKeys(d.cfg.Janitor.HotKeys), misses: admission.New(d.cfg.Now()),
 		orphans: make(chan *pb.FillClaim, maxOrphans), stopping: make(chan struct{})}
 	s.registerFleetMetrics()
+	s.guard = newStoreGuard(s)
 	return s
 }
 
 // Run runs the loops every replica runs, until ctx ends: it writes the expiry extensions and the
 // cross-region copy requests its redirects call for, notes when the target set changes (the fleet
-// clock) and releases orphaned claims. It returns when all of them have stopped.
+// clock), releases orphaned claims and keeps redirects naming verified bytes (the store guard:
+// bucket notifications and the listings that confirm records after a start). It returns when all
+// of them have stopped.
 func (s *Service) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -199,6 +206,7 @@ func (s *Service) Run(ctx context.Context) error {
 	})
 	g.Go(func() error { s.runFleetClock(ctx); return nil })
 	g.Go(func() error { s.runOrphanReleases(ctx); return nil })
+	g.Go(func() error { s.guard.run(ctx); return nil })
 	return g.Wait()
 }
 

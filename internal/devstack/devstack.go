@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
@@ -44,8 +45,12 @@ type Options struct {
 	// started.
 	OriginURL string
 	// RepoID names the origin's repository in content keys (default: the origin URL).
-	RepoID     string
-	GCSPort    int
+	RepoID  string
+	GCSPort int
+	// StoreDir, if set, keeps the GCS emulator's buckets, objects and holds on disk there, so that
+	// a restarted stack redirects to what it stored before (`make run`: <data-dir>/gcs); empty: in
+	// memory.
+	StoreDir   string
 	Region     string // default "local"
 	Bucket     string // default "detour-demo"
 	TargetName string // default "local-gcs"
@@ -159,9 +164,18 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	for _, r := range o.Regions {
 		s.Regions = append(s.Regions, &Region{Name: r, Bucket: "detour-" + r, Target: r + "-gcs", AgentID: pki.AgentPrefix + r})
 	}
-	if s.GCS, err = gcsemu.Start(o.GCSPort); err != nil {
+	if s.GCS, err = gcsemu.StartWith(gcsemu.Options{Port: o.GCSPort, Dir: o.StoreDir}); err != nil {
 		return nil, err
 	}
+	// The emulator publishes its buckets' notifications to the process's Pub/Sub emulator; the
+	// control plane makes the topic, its subscription and the notifications, and follows them.
+	pubsubAddr, err := gcsemu.PubSub()
+	if err != nil {
+		return nil, err
+	}
+	events := controlplane.StoreEventsConfig{Endpoint: pubsubAddr,
+		Topic:        fmt.Sprintf("projects/detour-devstack/topics/store-%s", strings.ReplaceAll(s.GCS.Host(), ":", "-")),
+		Subscription: fmt.Sprintf("projects/detour-devstack/subscriptions/controlplane-%s", strings.ReplaceAll(s.GCS.Host(), ":", "-"))}
 	if o.FaultFront {
 		if s.Front, err = s.GCS.StartFront(); err != nil {
 			return nil, err
@@ -172,7 +186,8 @@ func Start(ctx context.Context, o Options) (s *Stack, err error) {
 	}
 	if s.CP, err = StartControlPlane(ctx, controlplane.Options{Listen: o.ControlPlane, MetricsListen: o.CPMetrics,
 		DataDir: o.DataDir, Region: s.Regions[0].Name, GCSEndpoint: s.GCS.Endpoint(), Log: o.Log.With("component", "controlplane"),
-		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}, ClaimRate: o.ClaimRate}); err != nil {
+		TLS: pki.Files{Cert: s.PKI.ControlPlane.Cert, Key: s.PKI.ControlPlane.Key, CA: s.PKI.CA.CA}, ClaimRate: o.ClaimRate,
+		StoreEvents: events}); err != nil {
 		return nil, err
 	}
 	if s.Conn, err = s.Dial(s.PKI.Operator); err != nil {

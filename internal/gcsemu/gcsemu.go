@@ -1,5 +1,13 @@
 // Package gcsemu runs a GCS-API-compatible store (fake-gcs-server) inside the process, on a
 // loopback port, for `make run` and tests. Clients reach it through the real storage client.
+//
+// Two things GCS does that fake-gcs-server (v1.56.1) does not are added here, in front of its
+// handler: object holds (fake-gcs-server neither stores nor enforces temporaryHold and
+// eventBasedHold; here they are kept, returned with the object's metadata, and enforced on the JSON
+// API paths the storage client uses, see holds.go), and publishing bucket change notifications to
+// a Pub/Sub emulator in the process (fake-gcs-server publishes the notification configs created
+// through the API, as GCS does, but only to the Pub/Sub endpoint in PUBSUB_EMULATOR_HOST; see
+// pubsub.go).
 package gcsemu
 
 import (
@@ -8,6 +16,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"path/filepath"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -17,41 +26,56 @@ import (
 
 // Server is a running emulator.
 type Server struct {
-	srv  *fakestorage.Server
-	host string
-	http *http.Server // serving srv on a listener of ours (port 0), else nil
+	srv   *fakestorage.Server
+	host  string
+	http  *http.Server
+	holds *holds
 }
 
-// Start listens on 127.0.0.1:port (a free port when 0) and serves objects from memory. With port
-// 0 the listener is opened here and kept: picking a free port and binding it later races every
-// other listener and outgoing connection of the machine for it.
-func Start(port int) (*Server, error) {
-	var lis net.Listener
-	if port == 0 {
-		var err error
-		if lis, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
-			return nil, err
-		}
-		port = lis.Addr().(*net.TCPAddr).Port
+// Options configure an emulator.
+type Options struct {
+	// Port to listen on at 127.0.0.1 (0: a free port).
+	Port int
+	// Dir, if set, keeps buckets, objects and holds on disk under it (fake-gcs-server's filesystem
+	// backend), so that they outlive the process; empty: in memory. The filesystem backend keeps
+	// one generation per object, and gives an object a new generation when its metadata changes.
+	Dir string
+}
+
+// Start listens on 127.0.0.1:port (a free port when 0) and serves objects from memory.
+func Start(port int) (*Server, error) { return StartWith(Options{Port: port}) }
+
+// StartWith starts an emulator. The listener is opened here and kept: picking a free port and
+// binding it later races every other listener and outgoing connection of the machine for it.
+func StartWith(o Options) (*Server, error) {
+	lis, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(o.Port))
+	if err != nil {
+		return nil, fmt.Errorf("start GCS emulator: %w", err)
 	}
+	port := lis.Addr().(*net.TCPAddr).Port
 	host := "127.0.0.1:" + strconv.Itoa(port)
-	srv, err := fakestorage.NewServerWithOptions(fakestorage.Options{
-		Scheme: "http", Host: "127.0.0.1", Port: uint16(port), NoListener: lis != nil,
+	fo := fakestorage.Options{
+		Scheme: "http", Host: "127.0.0.1", Port: uint16(port), NoListener: true,
 		ExternalURL: "http://" + host,
 		// Objects are also served at http://host/<bucket>/<object>, the form of public URLs.
 		PublicHost: host,
-	})
-	if err != nil {
-		if lis != nil {
+	}
+	h := newHolds("")
+	if o.Dir != "" {
+		fo.StorageRoot = filepath.Join(o.Dir, "objects")
+		if h, err = loadHolds(filepath.Join(o.Dir, "holds.json")); err != nil {
 			lis.Close()
+			return nil, err
 		}
+	}
+	srv, err := fakestorage.NewServerWithOptions(fo)
+	if err != nil {
+		lis.Close()
 		return nil, fmt.Errorf("start GCS emulator on %s: %w", host, err)
 	}
-	s := &Server{srv: srv, host: host}
-	if lis != nil {
-		s.http = &http.Server{Handler: srv.HTTPHandler(), ReadHeaderTimeout: 10 * time.Second}
-		go s.http.Serve(lis) //nolint:errcheck // ends with Stop
-	}
+	s := &Server{srv: srv, host: host, holds: h}
+	s.http = &http.Server{Handler: s.handler(srv.HTTPHandler()), ReadHeaderTimeout: 10 * time.Second}
+	go s.http.Serve(lis) //nolint:errcheck // ends with Stop
 	return s, nil
 }
 
@@ -96,9 +120,7 @@ func (s *Server) Object(bucket, name string) ([]byte, error) {
 
 // Stop shuts the emulator down.
 func (s *Server) Stop() {
-	if s.http != nil {
-		s.http.Close()
-	}
+	s.http.Close()
 	s.srv.Stop()
 }
 

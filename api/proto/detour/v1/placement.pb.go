@@ -216,12 +216,16 @@ func (x *PlaceRequest) GetMediaType() string {
 
 // Location is where a redirected client fetches the object.
 type Location struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Url           string                 `protobuf:"bytes,1,opt,name=url,proto3" json:"url,omitempty"`
-	MediaType     string                 `protobuf:"bytes,2,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
-	Size          uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
-	Sha256        []byte                 `protobuf:"bytes,4,opt,name=sha256,proto3" json:"sha256,omitempty"`
-	Sha1          []byte                 `protobuf:"bytes,5,opt,name=sha1,proto3" json:"sha1,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Url       string                 `protobuf:"bytes,1,opt,name=url,proto3" json:"url,omitempty"`
+	MediaType string                 `protobuf:"bytes,2,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	Size      uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"`
+	Sha256    []byte                 `protobuf:"bytes,4,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	Sha1      []byte                 `protobuf:"bytes,5,opt,name=sha1,proto3" json:"sha1,omitempty"`
+	// The store's generation and CRC32C (Castagnoli) of the object the control plane verified, for
+	// the agent's location checks (blob.CheckLocation); clients are not sent them. 0: unknown.
+	Generation    int64  `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
+	Crc32C        uint32 `protobuf:"varint,7,opt,name=crc32c,proto3" json:"crc32c,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -289,6 +293,20 @@ func (x *Location) GetSha1() []byte {
 		return x.Sha1
 	}
 	return nil
+}
+
+func (x *Location) GetGeneration() int64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *Location) GetCrc32C() uint32 {
+	if x != nil {
+		return x.Crc32C
+	}
+	return 0
 }
 
 // FillGrant lets one agent store the response at a target.
@@ -1512,14 +1530,18 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	" \x01(\bR\x19originRequiresCredentials\x12\x1d\n" +
 	"\n" +
 	"media_type\x18\v \x01(\tR\tmediaTypeB\v\n" +
-	"\t_can_fill\"{\n" +
+	"\t_can_fill\"\xb3\x01\n" +
 	"\bLocation\x12\x10\n" +
 	"\x03url\x18\x01 \x01(\tR\x03url\x12\x1d\n" +
 	"\n" +
 	"media_type\x18\x02 \x01(\tR\tmediaType\x12\x12\n" +
 	"\x04size\x18\x03 \x01(\x04R\x04size\x12\x16\n" +
 	"\x06sha256\x18\x04 \x01(\fR\x06sha256\x12\x12\n" +
-	"\x04sha1\x18\x05 \x01(\fR\x04sha1\"\xbe\x01\n" +
+	"\x04sha1\x18\x05 \x01(\fR\x04sha1\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x06 \x01(\x03R\n" +
+	"generation\x12\x16\n" +
+	"\x06crc32c\x18\a \x01(\rR\x06crc32c\"\xbe\x01\n" +
 	"\tFillGrant\x12\x16\n" +
 	"\x06target\x18\x01 \x01(\tR\x06target\x12\x16\n" +
 	"\x06bucket\x18\x02 \x01(\tR\x06bucket\x12\x1f\n" +
