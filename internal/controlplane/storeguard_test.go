@@ -207,7 +207,7 @@ func TestRestartedReplicaChecksRecordsBeforeRedirecting(t *testing.T) {
 	changeBehindDetour(t, recs[2], []byte(strings.ToUpper(string(data[2]))))
 	changeBehindDetour(t, recs[4], nil)
 	// The crashed replica's janitor lease is still held.
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{sharedEtcd(t)}, DialTimeout: 5 * time.Second})
+	cli, err := clientv3.New(sharedEtcdConfig(t))
 	if err != nil {
 		t.Fatal(err)
 	}
