@@ -41,7 +41,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
@@ -143,7 +142,8 @@ func prepare(ctx context.Context, gcs *gcsemu.Server, port int) *meta {
 	e, err := etcdembed.Start(ctx, etcdembed.Config{Dir: dir})
 	check(err)
 	defer e.Close()
-	cli := etcdClient(e.Endpoint())
+	cli, err := clientv3.New(e.ClientConfig())
+	check(err)
 	defer cli.Close()
 	reg := targets.NewRegistry(cli, "")
 	switch *encoding {
@@ -169,25 +169,12 @@ func prepare(ctx context.Context, gcs *gcsemu.Server, port int) *meta {
 		m.Targets, m.Buckets = append(m.Targets, name), append(m.Buckets, bucket)
 	}
 	start := time.Now()
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range *writers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1)) - 1
-				if i >= *records {
-					return
-				}
-				check(reg.PutObject(ctx, record(i, ts[i%len(ts)])))
-				if i%100_000 == 0 && i > 0 {
-					fmt.Printf("prepare: %d records in %s\n", i, time.Since(start).Round(time.Second))
-				}
-			}
-		}()
-	}
-	wg.Wait()
+	inParallel(*writers, *records, func(i int) {
+		check(reg.PutObject(ctx, record(i, ts[i%len(ts)])))
+		if i%100_000 == 0 && i > 0 {
+			fmt.Printf("prepare: %d records in %s\n", i, time.Since(start).Round(time.Second))
+		}
+	})
 	resp, err := cli.Get(ctx, "/")
 	check(err)
 	m.Revision = resp.Header.Revision
@@ -218,11 +205,17 @@ func record(i int, t *pb.Target) *pb.StoredObject {
 		Crc32C: binary.BigEndian.Uint32(s256[:4]), TargetUid: t.Uid}
 }
 
-func etcdClient(endpoint string) *clientv3.Client {
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+// etcdClient reaches the data set's etcd, embedded in the control plane or external, at
+// endpoint: both keep their data in data/etcd, hence their certificates in data/etcd-pki.
+func etcdClient(endpoint, data string) *clientv3.Client {
+	cfg, err := etcdembed.ClientConfigFor(endpoint, etcdPKI(data))
+	check(err)
+	cli, err := clientv3.New(cfg)
 	check(err)
 	return cli
 }
+
+func etcdPKI(data string) string { return filepath.Join(data, "etcd-pki") }
 
 func loadMeta(dir string) *meta {
 	b, err := os.ReadFile(filepath.Join(dir, "meta.json"))
@@ -308,7 +301,7 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 	}
 	data := filepath.Join(dir, "data")
 	// The page cache holds what was just copied; every binary starts on an equally warm copy.
-	listen, metrics, etcdListen := freeAddr(), freeAddr(), "http://"+freeAddr()
+	listen, metrics, etcdListen := freeAddr(), freeAddr(), "https://"+freeAddr()
 	args := []string{"--insecure", "--listen", listen, "--metrics-listen", metrics, "--data-dir", data,
 		"--gcs-endpoint", api, "--log-level", "info"}
 	var etcd *proc
@@ -318,11 +311,12 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 		etcd = startProc(filepath.Join(dir, "etcd.log"), self, "-serve-etcd", filepath.Join(data, "etcd"), "-etcd-url", etcdListen)
 		defer etcd.stop()
 		e0 := time.Now()
-		waitEtcd(ctx, etcdListen)
+		waitEtcd(ctx, etcdListen, data)
 		em := memOf(etcd.cmd.Process.Pid, "")
 		fmt.Printf("%-8s %-4d external etcd ready in %.2fs, CPU %.1fs, RSS %s (anon %s, file %s)\n", label, run,
 			time.Since(e0).Seconds(), em.cpu.Seconds(), mb(em.rss), mb(em.anon), mb(em.file))
-		args = append(args, "--etcd-endpoints", etcdListen)
+		c := etcdembed.PKIFiles(etcdPKI(data)).Client
+		args = append(args, "--etcd-endpoints", etcdListen, "--etcd-cacert", c.CA, "--etcd-cert", c.Cert, "--etcd-key", c.Key)
 	} else {
 		args = append(args, "--embedded-etcd-listen", etcdListen)
 	}
@@ -375,18 +369,18 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 	}
 	fmt.Println(line, " load", loadAvg())
 	if *burst > 0 {
-		burstOnce(ctx, m, etcdListen, place, req)
+		burstOnce(ctx, m, etcdListen, data, place, req)
 	}
 }
 
 // burstOnce measures Place on keys the index holds, idle and while a writer adds *burst records.
-func burstOnce(ctx context.Context, m *meta, etcdURL string, place pb.PlacementServiceClient, req func(string) *pb.PlaceRequest) {
+func burstOnce(ctx context.Context, m *meta, etcdURL, data string, place pb.PlacementServiceClient, req func(string) *pb.PlaceRequest) {
 	op := func(w, i int) (int64, error) {
 		_, err := place.Place(ctx, req(key((w*7919+i*104729)%m.Records)))
 		return 0, err
 	}
 	idle := loadstat.Run(*burstConc, *measure, 0, op)
-	cli := etcdClient(etcdURL)
+	cli := etcdClient(etcdURL, data)
 	defer cli.Close()
 	reg := targets.NewRegistry(cli, "")
 	if m.Encoding == "proto" {
@@ -398,26 +392,13 @@ func burstOnce(ctx context.Context, m *meta, etcdURL string, place pb.PlacementS
 		check(err)
 		ts = append(ts, t)
 	}
-	var next atomic.Int64
 	writeDone := make(chan time.Duration)
 	start := time.Now()
 	go func() {
-		var wg sync.WaitGroup
-		for range *writers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for {
-					i := int(next.Add(1)) - 1
-					if i >= *burst {
-						return
-					}
-					n := m.Records + i
-					check(reg.PutObject(ctx, record(n, ts[n%len(ts)])))
-				}
-			}()
-		}
-		wg.Wait()
+		inParallel(*writers, *burst, func(i int) {
+			n := m.Records + i
+			check(reg.PutObject(ctx, record(n, ts[n%len(ts)])))
+		})
 		writeDone <- time.Since(start)
 	}()
 	// Latency is measured for as long as the writes take.
@@ -509,8 +490,8 @@ func memOf(pid int, metrics string) mem {
 
 func mb(b int64) string { return fmt.Sprintf("%.0f MB", float64(b)/1e6) }
 
-func waitEtcd(ctx context.Context, url string) {
-	cli := etcdClient(url)
+func waitEtcd(ctx context.Context, url, data string) {
+	cli := etcdClient(url, data)
 	defer cli.Close()
 	deadline := time.Now().Add(10 * time.Minute)
 	for {
@@ -563,3 +544,20 @@ func check(err error) {
 }
 
 var _ = io.Discard
+
+// inParallel calls fn for 0 ≤ i < n from the given number of goroutines and returns when all are
+// done.
+func inParallel(goroutines, n int, fn func(i int)) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range goroutines {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1)) - 1; i < n; i = int(next.Add(1)) - 1 {
+				fn(i)
+			}
+		}()
+	}
+	wg.Wait()
+}

@@ -161,26 +161,7 @@ func (s *stack) get(t *testing.T, path string) (int, string, []byte) {
 // every series).
 func (s *stack) count(t *testing.T, metric, label, value string) float64 {
 	t.Helper()
-	families, err := s.Agent.Metrics().Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, f := range families {
-		if f.GetName() != metric {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			match := label == ""
-			for _, l := range m.GetLabel() {
-				match = match || (l.GetName() == label && l.GetValue() == value)
-			}
-			if match {
-				n += m.GetCounter().GetValue() + m.GetGauge().GetValue()
-			}
-		}
-	}
-	return n
+	return testbed.MetricSum(t, s.Agent.Metrics().Registry, metric, testbed.Label(label, value))
 }
 
 // The core alone, with a protocol it has never heard of: the first request is inline and fills,
@@ -276,21 +257,7 @@ func TestFillFallingBehindTheStoreIsAbortedNotWaitedFor(t *testing.T) {
 // cpCount sums the control plane's series of metric whose label has value.
 func cpCount(t *testing.T, s *stack, metric, label, value string) float64 {
 	t.Helper()
-	families, err := s.CP.Metrics().Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, f := range families {
-		for _, m := range f.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if f.GetName() == metric && l.GetName() == label && l.GetValue() == value {
-					n += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return n
+	return testbed.MetricSum(t, s.CP.Metrics().Registry, metric, testbed.Label(label, value))
 }
 
 func objectCount(t *testing.T, s *stack) int {

@@ -201,6 +201,17 @@ func (s *Server) ClientConfig() clientv3.Config {
 		Logger: zap.NewNop()}
 }
 
+// ClientConfigFor is a client configuration for an embedded etcd this process did not start
+// (another process's, on the same machine): its endpoint and the client certificate of the PKI
+// in pkiDir (the member's Config.PKIDir: by default its data directory with "-pki" appended).
+func ClientConfigFor(endpoint, pkiDir string) (clientv3.Config, error) {
+	tc, err := tlsInfo(PKIFiles(pkiDir).Client, false).ClientConfig()
+	if err != nil {
+		return clientv3.Config{}, fmt.Errorf("embedded etcd client TLS from %s: %w", pkiDir, err)
+	}
+	return clientv3.Config{Endpoints: []string{endpoint}, TLS: tc, DialTimeout: 5 * time.Second, Logger: zap.NewNop()}, nil
+}
+
 // QuotaBytes is the member's backend space quota.
 func (s *Server) QuotaBytes() int64 { return s.cfg.QuotaBytes }
 

@@ -62,26 +62,7 @@ func startBundleStack(t *testing.T) *bundleStack {
 // metric sums the agent's series of name whose label has value (label "": every series).
 func (s *bundleStack) metric(t *testing.T, name, label, value string) float64 {
 	t.Helper()
-	families, err := s.Agent.Metrics().Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, f := range families {
-		if f.GetName() != name {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			match := label == ""
-			for _, l := range m.GetLabel() {
-				match = match || (l.GetName() == label && l.GetValue() == value)
-			}
-			if match {
-				n += m.GetCounter().GetValue()
-			}
-		}
-	}
-	return n
+	return testbed.MetricSum(t, s.Agent.Metrics().Registry, name, testbed.Label(label, value))
 }
 
 // waitStored waits until the agent has stored n bundles of each format, and they are verified

@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -407,22 +406,9 @@ func TestStoreDownStillAnswersInlineAndRedirectsNothing(t *testing.T) {
 // agentCount sums the agent's counter metric over the series whose label has one of values.
 func agentCount(t *testing.T, s *devstack.Stack, metric, label string, values ...string) float64 {
 	t.Helper()
-	families, err := s.Agent.Metrics().Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
 	var n float64
-	for _, f := range families {
-		if f.GetName() != metric {
-			continue
-		}
-		for _, m := range f.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && slices.Contains(values, l.GetValue()) {
-					n += m.GetCounter().GetValue()
-				}
-			}
-		}
+	for _, v := range values {
+		n += testbed.MetricSum(t, s.Agent.Metrics().Registry, metric, testbed.Label(label, v))
 	}
 	return n
 }

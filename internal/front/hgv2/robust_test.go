@@ -18,6 +18,7 @@ import (
 	"github.com/detourhq/detour/internal/devstack"
 	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/hgclient"
+	"github.com/detourhq/detour/internal/testbed"
 	"github.com/detourhq/detour/internal/wire"
 )
 
@@ -44,30 +45,7 @@ func startStackOpts(t *testing.T, o devstack.Options) (*devstack.Stack, *hgclien
 // cpCount sums a control-plane counter's series whose labels include every one of labels.
 func cpCount(t *testing.T, s *devstack.Stack, metric string, labels map[string]string) float64 {
 	t.Helper()
-	families, err := s.CP.Metrics().Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, f := range families {
-		if f.GetName() != metric {
-			continue
-		}
-	series:
-		for _, m := range f.GetMetric() {
-			for k, v := range labels {
-				found := false
-				for _, l := range m.GetLabel() {
-					found = found || (l.GetName() == k && l.GetValue() == v)
-				}
-				if !found {
-					continue series
-				}
-			}
-			n += m.GetCounter().GetValue()
-		}
-	}
-	return n
+	return testbed.MetricSum(t, s.CP.Metrics().Registry, metric, labels)
 }
 
 // Clients that send a command's headers and then trickle its body are cut off after the command
