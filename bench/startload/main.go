@@ -7,6 +7,10 @@
 // With -burst it then measures Place latency idle and while a writer on the same machine writes
 // a burst of new records, and how long the watch takes to catch up after the last write.
 //
+// The control plane's GCS endpoint is a front (storeFront) that answers for every record's object
+// as a store holding them would (metadata and listings), so that the store guard's checks at start
+// find the records intact instead of retiring them, at no cost of storing the objects.
+//
 // With -etcd external the etcd runs in a process of its own (this command, re-executed with
 // -serve-etcd), so the control plane's figures are its own.
 package main
@@ -16,6 +20,7 @@ import (
 	"context"
 	"crypto/sha1"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -23,7 +28,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -109,7 +113,7 @@ func main() {
 	for _, b := range m.Buckets {
 		gcs.CreateBucket(b)
 	}
-	api := storeFront(m.GCSPort)
+	api := storeFront(m.GCSPort, m)
 	db, _ := os.Stat(filepath.Join(*dataset, "data", "etcd", "member", "snap", "db"))
 	fmt.Printf("startload: %d records (%s encoding), %d targets, etcd db %.0f MB, etcd %s; host %d CPUs, %s, load average %s\n",
 		m.Records, m.Encoding, len(m.Targets), float64(db.Size())/1e6, *etcdMode, runtime.NumCPU(),
@@ -160,7 +164,7 @@ func prepare(ctx context.Context, gcs *gcsemu.Server, port int) *meta {
 		gcs.CreateBucket(bucket)
 		t, err := reg.CreateTarget(ctx, &pb.Target{Name: name, Protocol: "http", Uris: []string{gcs.PublicURL(bucket)},
 			Region: []string{"us", "eu"}[i%2], Weight: 1, State: pb.TargetState_TARGET_STATE_ACTIVE,
-			Store:   &pb.GcsStore{Bucket: bucket, Prefix: "objects/"},
+			Store:   &pb.GcsStore{Bucket: bucket, Prefix: objectPrefix},
 			UrlForm: &pb.UrlForm{Form: &pb.UrlForm_PublicBaseUrl{PublicBaseUrl: gcs.PublicURL(bucket)}}})
 		check(err)
 		// The verdict a prober left before the restart being measured.
@@ -192,17 +196,31 @@ func key(i int) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// record is record i at target t, as a verified fill writes it.
+// record is record i at target t, as a verified fill writes it. Its object's size, generation and
+// CRC32C follow from its key (objectAttrs), so that the store front can answer for every object.
 func record(i int, t *pb.Target) *pb.StoredObject {
 	k := key(i)
 	body := []byte(k)
 	s256, s1 := sha256.Sum256(body), sha1.Sum(body)
+	size, gen, crc := objectAttrs(k)
 	created := time.Now()
 	return &pb.StoredObject{Key: k, Target: t.Name, State: pb.ObjectState_OBJECT_STATE_READY,
-		Size: uint64(4096 + rand.IntN(8<<20)), MediaType: "application/mercurial-cbor",
+		Size: size, MediaType: mediaType,
 		Sha256: s256[:], Sha1: s1[:], Created: timestamppb.New(created), Expires: timestamppb.New(created.Add(30 * 24 * time.Hour)),
-		ObjectName: t.Store.Prefix + k, Bucket: t.Store.Bucket, Generation: created.UnixMicro(),
-		Crc32C: binary.BigEndian.Uint32(s256[:4]), TargetUid: t.Uid}
+		ObjectName: t.Store.Prefix + k, Bucket: t.Store.Bucket, Generation: gen,
+		Crc32C: crc, TargetUid: t.Uid}
+}
+
+const (
+	mediaType    = "application/mercurial-cbor"
+	objectPrefix = "objects/"
+)
+
+// objectAttrs are the size, generation and CRC32C of the stored object of key k.
+func objectAttrs(k string) (size uint64, generation int64, crc32c uint32) {
+	h := sha256.Sum256([]byte("startload object " + k))
+	return 4096 + binary.BigEndian.Uint64(h[0:8])%(8<<20), int64(binary.BigEndian.Uint64(h[8:16])>>12) + 1,
+		binary.BigEndian.Uint32(h[16:20])
 }
 
 // etcdClient reaches the data set's etcd, embedded in the control plane or external, at
@@ -232,20 +250,76 @@ func loadMeta(dir string) *meta {
 // data set's records name objects the emulator does not hold (a million of them would not fit in
 // its memory): a listing would make the reconciler retire every record, as releases before the
 // reconciler's guard against mass retirement did, in the middle of the measurement.
-func storeFront(port int) string {
+// storeFront is the control plane's GCS endpoint: fake-gcs-server behind a front that answers, for
+// the data set's buckets, what a real store holding every record's object would answer — object
+// metadata (a record checked one by one before its first redirect) and listings (the check of a
+// whole target at start) — without storing millions of objects. Anything else (the prober's
+// canary) goes to fake-gcs-server.
+func storeFront(port int, m *meta) string {
 	target, err := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", port))
 	check(err)
 	proxy := httputil.NewSingleHostReverseProxy(target)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	check(err)
+	buckets := map[string]int{}
+	for i, b := range m.Buckets {
+		buckets[b] = i
+	}
 	go http.Serve(l, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { //nolint:errcheck // lives as long as the process
-		if r.Method == http.MethodGet && strings.HasSuffix(strings.TrimSuffix(r.URL.Path, "/"), "/o") {
-			http.Error(w, "startload: listings refused", http.StatusServiceUnavailable)
+		rest, ok := strings.CutPrefix(r.URL.Path, "/storage/v1/b/")
+		if r.Method != http.MethodGet || !ok {
+			proxy.ServeHTTP(w, r)
+			return
+		}
+		bucket, object, _ := strings.Cut(rest, "/o")
+		ti, ours := buckets[bucket]
+		switch object = strings.TrimPrefix(object, "/"); {
+		case !ours:
+		case object == "" && r.URL.Query().Get("prefix") == objectPrefix:
+			listPage(w, r, m, bucket, ti)
+			return
+		case strings.HasPrefix(object, objectPrefix) && len(object) == len(objectPrefix)+64:
+			writeJSON(w, objectJSON(bucket, object))
 			return
 		}
 		proxy.ServeHTTP(w, r)
 	}))
 	return "http://" + l.Addr().String() + "/storage/v1/"
+}
+
+// listPage answers one page of the listing of target ti's records, in record order.
+func listPage(w http.ResponseWriter, r *http.Request, m *meta, bucket string, ti int) {
+	from, _ := strconv.Atoi(r.URL.Query().Get("pageToken"))
+	max, _ := strconv.Atoi(r.URL.Query().Get("maxResults"))
+	if max <= 0 || max > 1000 {
+		max = 1000
+	}
+	n := len(m.Buckets)
+	i := from*n + ti
+	items := make([]map[string]any, 0, max)
+	for ; i < m.Records && len(items) < max; i += n {
+		items = append(items, objectJSON(bucket, objectPrefix+key(i)))
+	}
+	page := map[string]any{"kind": "storage#objects", "items": items}
+	if i < m.Records {
+		page["nextPageToken"] = strconv.Itoa(i / n)
+	}
+	writeJSON(w, page)
+}
+
+func objectJSON(bucket, name string) map[string]any {
+	size, gen, crc := objectAttrs(strings.TrimPrefix(name, objectPrefix))
+	var c [4]byte
+	binary.BigEndian.PutUint32(c[:], crc)
+	return map[string]any{"kind": "storage#object", "bucket": bucket, "name": name,
+		"generation": strconv.FormatInt(gen, 10), "metageneration": "1", "size": strconv.FormatUint(size, 10),
+		"crc32c": base64.StdEncoding.EncodeToString(c[:]), "contentType": mediaType,
+		"timeCreated": "2026-01-01T00:00:00Z", "updated": "2026-01-01T00:00:00Z", "storageClass": "STANDARD"}
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
 }
 
 // proc is a started process and how it is measured.
