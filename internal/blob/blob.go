@@ -502,9 +502,13 @@ type Listed struct {
 }
 
 // List calls fn for every object under prefix in bucket, a page at a time, until fn returns false
-// or the listing ends.
+// or the listing ends. nil means the store answered every page, the last one without a next page
+// token: a page that fails (after a few retries of a transient fault: the storage client alone
+// would retry a 503 for ever) or cannot be read ends the listing with an error, and the objects
+// given to fn until then are only part of it.
 func (s *Store) List(ctx context.Context, bucket, prefix string, fn func(Listed) bool) error {
-	it := s.client.Bucket(bucket).Objects(ctx, &storage.Query{Prefix: prefix, Projection: storage.ProjectionNoACL})
+	it := s.client.Bucket(bucket).Retryer(storage.WithMaxAttempts(5), storage.WithMaxRetryDuration(time.Minute)).
+		Objects(ctx, &storage.Query{Prefix: prefix, Projection: storage.ProjectionNoACL})
 	for {
 		a, err := it.Next()
 		if errors.Is(err, iterator.Done) {

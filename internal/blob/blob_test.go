@@ -11,10 +11,14 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -302,5 +306,92 @@ func TestCopyIsServerSideAndGenerationBound(t *testing.T) {
 	}
 	if _, err := st.Copy(ctx, "objects", "hg/missing", 1, "other", "eu/missing"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("copy of a missing object: %v", err)
+	}
+}
+
+// pagedFront is a proxy to emu whose object listings answer two objects a page (a store may
+// answer fewer than the client asks for) and whose later pages answer fault: an HTTP status, (0) a
+// body cut short, or (-1) what the emulator answers.
+func pagedFront(t *testing.T, emu *gcsemu.Server, fault int) (endpoint string, pages *atomic.Int64) {
+	t.Helper()
+	up, _ := url.Parse("http://" + emu.Host())
+	proxy := httputil.NewSingleHostReverseProxy(up)
+	pages = new(atomic.Int64)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/o") {
+			proxy.ServeHTTP(w, r)
+			return
+		}
+		pages.Add(1)
+		q := r.URL.Query()
+		if q.Get("pageToken") == "" || fault < 0 {
+			q.Set("maxResults", "2")
+			r.URL.RawQuery = q.Encode()
+			proxy.ServeHTTP(w, r)
+			return
+		}
+		if fault == 0 {
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"kind":"storage#objects","items":[{"name":"p/`)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(fault)
+		fmt.Fprintf(w, `{"error":{"code":%d,"message":"page refused by the test"}}`, fault)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL + "/storage/v1/", pages
+}
+
+// A listing whose later page fails or cannot be read returns an error after the objects of the
+// pages read, never nil as if the bucket held only those: a page refused outright, a page that
+// keeps answering 503 (retried a few times, not for ever), a page whose body is cut short.
+func TestListFailingMidWayIsAnError(t *testing.T) {
+	t.Parallel()
+	emu, st := startGCS(t)
+	ctx := context.Background()
+	for i := range 5 {
+		if err := st.Put(ctx, "objects", fmt.Sprintf("p/%d", i), "x", []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		name  string
+		fault int
+		pages int64 // requests of the listing
+	}{
+		{"refused", http.StatusForbidden, 2},
+		{"unavailable", http.StatusServiceUnavailable, 1 + 5},
+		{"cut short", 0, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			ep, pages := pagedFront(t, emu, c.fault)
+			front, err := NewStore(ctx, Options{Endpoint: ep})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer front.Close()
+			var names []string
+			err = front.List(ctx, "objects", "p/", func(l Listed) bool { names = append(names, l.Name); return true })
+			if err == nil || !strings.Contains(err.Error(), "list objects/p/") {
+				t.Fatalf("a listing cut short after %v: err %v", names, err)
+			}
+			if len(names) != 2 || pages.Load() != c.pages {
+				t.Fatalf("%d objects listed in %d requests, want 2 in %d", len(names), pages.Load(), c.pages)
+			}
+			t.Logf("%v", err)
+		})
+	}
+	// The same front failing nothing: every page read, nil.
+	ep, pages := pagedFront(t, emu, -1)
+	front, err := NewStore(ctx, Options{Endpoint: ep})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer front.Close()
+	n := 0
+	if err := front.List(ctx, "objects", "p/", func(Listed) bool { n++; return true }); err != nil || n != 5 || pages.Load() != 3 {
+		t.Fatalf("the whole listing: %d objects in %d requests, %v; want 5 in 3", n, pages.Load(), err)
 	}
 }
