@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"time"
 
@@ -31,6 +32,11 @@ type JanitorConfig struct {
 	// ReconcileInterval is how often each target's bucket prefix is listed against the index
 	// (default 10m).
 	ReconcileInterval time.Duration
+	// MaxRetireShare is the share of a target's records one reconcile round, or one replica's
+	// confirmation of the target after its start, may retire (default DefaultMaxRetireShare; at
+	// least 3 records whatever the share; 1: any number). A round whose listing misses more retires
+	// none (retireguard.go).
+	MaxRetireShare float64
 	// GarbageBatch is how many queued deletions one sweep takes (default 500).
 	GarbageBatch int
 	// GarbageGrace is how long the bytes of a retired record stay before they are deleted, so that
@@ -73,6 +79,9 @@ func (c *JanitorConfig) defaults() {
 	}
 	if c.ReconcileInterval <= 0 {
 		c.ReconcileInterval = 10 * time.Minute
+	}
+	if c.MaxRetireShare <= 0 || math.IsNaN(c.MaxRetireShare) {
+		c.MaxRetireShare = DefaultMaxRetireShare
 	}
 	if c.GarbageBatch <= 0 {
 		c.GarbageBatch = 500

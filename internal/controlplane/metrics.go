@@ -27,6 +27,7 @@ type Metrics struct {
 	probes        *prometheus.CounterVec
 	reconcile     *prometheus.CounterVec
 	missing       *prometheus.CounterVec
+	retireRefused *prometheus.CounterVec
 	broken        *prometheus.CounterVec
 	janitor       prometheus.Gauge
 	rejections    *prometheus.CounterVec
@@ -74,6 +75,9 @@ func newMetrics(w *targets.Watcher) *Metrics {
 		Help: "Objects the reconciler looked at, by target and outcome (checked, orphan_deleted)."}, []string{"target", "outcome"})
 	m.missing = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reconcile_missing_objects_total",
 		Help: "Index records whose stored object the reconciler found missing or replaced (removed)."}, []string{"target"})
+	m.retireRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reconcile_refused_total",
+		Help: "Rounds whose listing of a target's bucket missed more of its records than --reconcile-max-retire-share allows, which retired none, by target and path (reconcile: the janitor's; confirm: a replica's after its start)."},
+		[]string{"target", "path"})
 	m.broken = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_broken_location_reports_total",
 		Help: "Agents' reports of locations that did not serve their object, by outcome (removed, intact)."}, []string{"outcome"})
 	m.janitor = prometheus.NewGauge(prometheus.GaugeOpts{Name: "detour_janitor_elected",
@@ -120,7 +124,7 @@ func newMetrics(w *targets.Watcher) *Metrics {
 				}
 			}))
 	m.Registry.MustRegister(m.redirects, m.crossRegionFills, m.copyRequests, m.copies, m.copyDuration, m.soleCopies)
-	m.Registry.MustRegister(m.janitor, m.verify, m.extended, m.retired, m.garbage, m.probes, m.reconcile, m.missing, m.broken,
+	m.Registry.MustRegister(m.janitor, m.verify, m.extended, m.retired, m.garbage, m.probes, m.reconcile, m.missing, m.retireRefused, m.broken,
 		targetHealthCollector{w})
 	m.Registry.MustRegister(m.decisions, m.latency, m.fills, m.rpcs,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_revision", Help: "etcd revision of the current snapshot."},

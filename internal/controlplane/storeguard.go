@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -28,12 +29,12 @@ import (
 //   - Verification after a start. A replica that starts does not know what changed while it was
 //     not listening, so it redirects to a target's records only once a listing of the target's
 //     bucket, taken after its event stream was in place, has confirmed them (records missing or
-//     at another generation are retired). Until then each record is checked against the store
-//     (one Stat) before its first redirect, and redirected only if it is intact. Cost at millions of
-//     records: one listing per target per start (a thousand objects per list call) in the
-//     background, plus a Stat per record redirected to before the listing ends; Place waits for
-//     that Stat at most half of its deadline and answers inline meanwhile. Neither needs the
-//     janitor's lease.
+//     at another generation are retired, unless too many for one round: retireguard.go). Until
+//     then each record is checked against the store (one Stat) before its first redirect, and
+//     redirected only if it is intact. Cost at millions of records: one listing per target per
+//     start (a thousand objects per list call) in the background, plus a Stat per record
+//     redirected to before the listing ends; Place waits for that Stat at most half of its
+//     deadline and answers inline meanwhile. Neither needs the janitor's lease.
 //
 // Without an event stream, the listing at start still verifies records, and later changes are found
 // by the janitor's reconcile (every ReconcileInterval) and by agents' location checks.
@@ -54,6 +55,7 @@ type storeGuard struct {
 	mu      sync.Mutex
 	checked map[recordRef]bool // records found intact one by one, while their target is not trusted
 	flights map[recordRef]*recordCheck
+	refused map[string]time.Time // uid → when its confirmation was last refused (errRetirementRefused)
 	m       guardMetrics
 }
 
@@ -78,7 +80,7 @@ type guardMetrics struct {
 }
 
 func newStoreGuard(s *Service) *storeGuard {
-	g := &storeGuard{s: s, checked: map[recordRef]bool{}, flights: map[recordRef]*recordCheck{}}
+	g := &storeGuard{s: s, checked: map[recordRef]bool{}, flights: map[recordRef]*recordCheck{}, refused: map[string]time.Time{}}
 	g.trusted.Store(&map[string]bool{})
 	g.m = guardMetrics{
 		events: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_store_events_total",
@@ -408,7 +410,9 @@ func (g *storeGuard) confirmTargets(ctx context.Context, ev *storeEvents) {
 }
 
 // confirmRound makes sure of the notifications of snap's targets and lists those not trusted yet,
-// four at a time; it returns how many are still not trusted.
+// four at a time; it returns how many are still not trusted. A target whose listing missed too
+// many records (errRetirementRefused) is listed again a ReconcileInterval later, not at every
+// round: until then its records are checked one by one.
 func (g *storeGuard) confirmRound(ctx context.Context, ev *storeEvents, snap *targets.Snapshot, notified map[string]bool) int {
 	s := g.s
 	var todo []*pb.Target
@@ -421,9 +425,16 @@ func (g *storeGuard) confirmRound(ctx context.Context, ev *storeEvents, snap *ta
 			todo = append(todo, t)
 		}
 	}
+	untrusted := len(todo)
+	g.mu.Lock()
+	todo = slices.DeleteFunc(todo, func(t *pb.Target) bool {
+		at, ok := g.refused[t.Uid]
+		return ok && s.cfg.Now().Sub(at) < s.cfg.Janitor.ReconcileInterval
+	})
+	g.mu.Unlock()
 	var pending atomic.Int64
-	pending.Store(int64(len(todo)))
-	g.m.untrusted.Set(float64(len(todo)))
+	pending.Store(int64(untrusted))
+	g.m.untrusted.Set(float64(untrusted))
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 4)
 	for _, t := range todo {
@@ -432,7 +443,16 @@ func (g *storeGuard) confirmRound(ctx context.Context, ev *storeEvents, snap *ta
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			if err := g.confirm(ctx, t); err != nil {
+			err := g.confirm(ctx, t)
+			switch {
+			case errors.Is(err, errRetirementRefused):
+				// Logged by allowRetirement. A whole listing again is no use for a while: the
+				// bucket or the target's registration must change first.
+				g.mu.Lock()
+				g.refused[t.Uid] = s.cfg.Now()
+				g.mu.Unlock()
+				return
+			case err != nil:
 				s.once.Warn("confirm:"+t.Name, "cannot list a target's bucket to confirm its records; they are checked one by one meanwhile",
 					"target", t.Name, "err", err)
 				return
@@ -471,7 +491,8 @@ func (g *storeGuard) ensureNotification(ctx context.Context, ev *storeEvents, t 
 
 // confirm lists the prefixes t's records live under and retires the records whose object is
 // missing or at another generation; t is then trusted. Records made after the listing began were
-// verified when they were made.
+// verified when they were made. A listing that misses more records than a round may retire
+// (allowRetirement) retires none and leaves t untrusted: errRetirementRefused.
 func (g *storeGuard) confirm(ctx context.Context, t *pb.Target) error {
 	s := g.s
 	started := s.cfg.Now()
@@ -499,10 +520,12 @@ func (g *storeGuard) confirm(ctx context.Context, t *pb.Target) error {
 	snap = s.w.Snapshot()
 	var gone []targets.Retirement
 	var reasons []string
+	servable := 0
 	snap.EachObject(func(k targets.Key, o *targets.Object) bool {
 		if o.Home().TargetUID != t.Uid || !o.Servable(t) || o.Created >= started.UnixNano() {
 			return true
 		}
+		servable++
 		gen, ok := listed[k]
 		if ok && gen == o.Generation {
 			return true
@@ -516,6 +539,9 @@ func (g *storeGuard) confirm(ctx context.Context, t *pb.Target) error {
 		reasons = append(reasons, reason)
 		return true
 	})
+	if !s.allowRetirement(t, retirePathConfirm, len(gone), servable) {
+		return fmt.Errorf("%w: %d of %d", errRetirementRefused, len(gone), servable)
+	}
 	if len(gone) > 0 {
 		wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout*4)
 		n, err := s.reg.Retire(wctx, gone)

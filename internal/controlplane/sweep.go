@@ -107,7 +107,8 @@ func (j *term) reconcileAll(ctx context.Context) {
 
 // reconcile lists the target's bucket prefix. Records whose object is gone (or was replaced by
 // another generation) are retired; stored objects that no record or live claim accounts for and
-// that are older than twice the claim TTL (failed or abandoned fills) are deleted.
+// that are older than twice the claim TTL (failed or abandoned fills) are deleted. A listing that
+// misses more records than a round may retire (allowRetirement) changes nothing.
 func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 	snap := j.w.Snapshot()
 	prefix, bucket := t.GetStore().GetPrefix(), t.GetStore().GetBucket()
@@ -136,16 +137,23 @@ func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 		return err
 	}
 	var gone []targets.Retirement
+	servable := 0
 	snap.EachObject(func(k targets.Key, o *targets.Object) bool {
 		if o.Target() != t.Name || !o.Servable(t) || o.Created >= started.UnixNano() {
 			return true // another target's, stale (the sweep's), or stored after the listing began
 		}
+		servable++
 		if gen, ok := listed[k]; ok && gen == o.Generation {
 			return true
 		}
 		gone = append(gone, targets.Retirement{Key: k.String(), Target: t.Name, ModRevision: o.ModRevision})
 		return true
 	})
+	if !j.allowRetirement(t, retirePathReconcile, len(gone), servable) {
+		// A listing that misses this much is not trusted for anything this round, orphans
+		// included (retireguard.go).
+		return nil
+	}
 	if len(gone) > 0 {
 		wctx, cancel := context.WithTimeout(ctx, j.cfg.WriteTimeout*4)
 		n, err := j.reg.Retire(wctx, gone)
