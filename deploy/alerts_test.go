@@ -144,7 +144,7 @@ func TestAlertRulesParseAndUseExportedMetrics(t *testing.T) {
 	for _, m := range []string{
 		"detour_agent_place_failures_total", "detour_agent_requests_total", "detour_snapshot_age_seconds",
 		"detour_agent_fills_total", "detour_fill_reports_total", "detour_place_decisions_total",
-		"detour_target_healthy", "detour_reconcile_missing_objects_total",
+		"detour_target_healthy", "detour_reconcile_missing_objects_total", "detour_reconcile_refused_total",
 		"detour_etcd_alarm", "detour_etcd_db_size_bytes", "detour_etcd_compactions_total",
 	} {
 		if !slices.Contains(all, m) {

@@ -9,9 +9,10 @@ import (
 )
 
 // checkOptions refuses, naming the flag, the values the control plane cannot work with: floats
-// that are not numbers, intervals so short that probes time out or loops spin, rates so low that
-// nothing passes, sizes past what memory or etcd holds; and it normalises --gcs-endpoint as
-// STORAGE_EMULATOR_HOST is read (blob.NormalizeEndpoint). Zero keeps each default.
+// that are not numbers, shares outside their range, intervals so short that probes time out or
+// loops spin, rates so low that nothing passes, sizes past what memory or etcd holds; and it
+// normalises --gcs-endpoint as STORAGE_EMULATOR_HOST is read (blob.NormalizeEndpoint). Zero keeps
+// each default, except --reconcile-max-retire-share's (a share of 0 would be read as meant).
 func checkOptions(o *controlplane.Options) error {
 	j := o.Janitor
 	ep, epErr := blob.NormalizeEndpoint(o.GCSEndpoint)
@@ -19,6 +20,10 @@ func checkOptions(o *controlplane.Options) error {
 		epErr = &flagcheck.Error{Flag: "gcs-endpoint", Msg: epErr.Error()}
 	} else {
 		o.GCSEndpoint = ep
+	}
+	retireShare := flagcheck.Fraction("reconcile-max-retire-share", j.MaxRetireShare)
+	if retireShare == nil && j.MaxRetireShare == 0 {
+		retireShare = &flagcheck.Error{Flag: "reconcile-max-retire-share", Msg: "0 is not a share above 0 and at most 1 (1 turns the check off)"}
 	}
 	compact := error(nil)
 	if o.Etcd.CompactInterval > 0 {
@@ -35,6 +40,7 @@ func checkOptions(o *controlplane.Options) error {
 		flagcheck.Int("probe-recoveries", int64(j.ProbeRecoveries), 1, 100, true),
 		flagcheck.Duration("sweep-interval", j.SweepInterval, 100*time.Millisecond, 24*time.Hour, true),
 		flagcheck.Duration("reconcile-interval", j.ReconcileInterval, time.Second, 7*24*time.Hour, true),
+		retireShare,
 		flagcheck.Int("garbage-batch", int64(j.GarbageBatch), 1, 100000, true),
 		flagcheck.Duration("garbage-grace", j.GarbageGrace, time.Second, 24*time.Hour, true),
 		flagcheck.Duration("copy-interval", j.CopyInterval, 100*time.Millisecond, time.Hour, true),

@@ -27,6 +27,9 @@ func TestBadFlagsAreRefusedAtStart(t *testing.T) {
 		{[]string{"--probe-failures", "99999999999999999999"}, "probe-failures"}, // past int64: the flag package
 		{[]string{"--embedded-etcd-quota", "1"}, "--embedded-etcd-quota: 1 is not between"},
 		{[]string{"--compact-interval", "1ms"}, "--compact-interval"},
+		{[]string{"--reconcile-max-retire-share", "0"}, "--reconcile-max-retire-share: 0 is not a share above 0"},
+		{[]string{"--reconcile-max-retire-share", "1.5"}, "--reconcile-max-retire-share: 1.5 is not a fraction"},
+		{[]string{"--reconcile-max-retire-share", "NaN"}, "--reconcile-max-retire-share: NaN"},
 		{[]string{"--gcs-endpoint", "http://127.0.0.1:4443/bucket/"}, "--gcs-endpoint"},
 		{[]string{"--gcs-endpoint", "http://user:pw@127.0.0.1:4443/"}, "--gcs-endpoint: credentials"},
 	} {

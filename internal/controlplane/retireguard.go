@@ -53,12 +53,13 @@ func (d *deps) allowRetirement(t *pb.Target, path string, would, servable int) b
 	cause := "retire-refused:" + path + ":" + t.Name
 	share := d.cfg.Janitor.MaxRetireShare
 	allowed := retireAllowed(share, servable)
+	refused := d.metrics.retireRefused.WithLabelValues(t.Name, path) // at 0 from the first round: increase() sees the first refusal
 	if would <= allowed {
 		d.once.Recovered(cause, "a listing of the target's bucket retires its missing records again",
 			"target", t.Name, "path", path, "would_retire", would, "records", servable)
 		return true
 	}
-	d.metrics.retireRefused.WithLabelValues(t.Name, path).Inc()
+	refused.Inc()
 	d.once.Warn(cause, "a listing of the target's bucket misses more of its records than one round may retire; none retired. "+
 		"Check that the target's bucket and prefix are right and hold its objects; if they were deleted on purpose, "+
 		"raise --reconcile-max-retire-share (1 turns the check off) for one round",
