@@ -188,7 +188,8 @@ func TestEmptyListingAtStartRetiresNothing(t *testing.T) {
 	front.mode.Store(listingsEmpty)
 	jc := fastJanitor
 	jc.ReconcileInterval = time.Second
-	r := startReplicaWith(t, Options{WriteTimeout: time.Second, GCSEndpoint: front.endpoint, Janitor: jc})
+	var log logBuffer
+	r := startReplicaWith(t, Options{WriteTimeout: time.Second, GCSEndpoint: front.endpoint, Janitor: jc, Log: log.logger()})
 	eventually(t, 10*time.Second, "both paths refused", func() bool {
 		return metric(t, r, "detour_reconcile_refused_total", `path="confirm"`) >= 1 &&
 			metric(t, r, "detour_reconcile_refused_total", `path="reconcile"`) >= 1
@@ -218,9 +219,20 @@ func TestEmptyListingAtStartRetiresNothing(t *testing.T) {
 	eventually(t, 10*time.Second, "the confirmation tried again", func() bool {
 		return metric(t, r, "detour_reconcile_refused_total", `path="confirm"`) > refusals
 	})
+	if n := metric(t, r, "detour_reconcile_refused_total", `path="reconcile"`); n < 2 {
+		t.Fatalf("%v reconcile rounds refused, want every round's", n)
+	}
+	// One warning per path, however many rounds were refused, naming what the operator needs.
+	warned := regexp.MustCompile(`level=WARN msg="a listing of the target's bucket misses more of its records than one round may retire; none retired.*raise --reconcile-max-retire-share[^"]*" target=us-a bucket=bucket-us-a prefix=hg/ path=(\w+) would_retire=\d+ records=\d+ max_retire_share=0.1 allowed=3`)
+	if got := warned.FindAllStringSubmatch(log.String(), -1); len(got) != 2 || got[0][1] == got[1][1] {
+		t.Fatalf("refusal warnings %q, want one per path in:\n%s", got, log.String())
+	}
 	front.mode.Store(listingsPass)
 	eventually(t, 10*time.Second, "the target confirmed once its listing is right", func() bool {
 		return metric(t, r, "detour_store_unverified_targets") == 0
+	})
+	eventually(t, 5*time.Second, "the end of the refusals logged on both paths", func() bool {
+		return strings.Count(log.String(), "retires its missing records again") == 2
 	})
 	if got := recordsAt(t, r, "us-a", records+1); got != records {
 		t.Fatalf("%d records left, want %d", got, records)
