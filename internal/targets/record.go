@@ -69,7 +69,8 @@ const (
 	// flagTransient is StoredObject.transient. Only transient records set it, so every other
 	// record is byte for byte what releases before it wrote and read; a replica of such a release
 	// skips a transient record as malformed (it never redirects to it, and its reconciler may
-	// take the bytes for an orphan): run a mixed fleet with the proto encoding.
+	// take the bytes for an orphan). Control planes are upgraded before the agents that send
+	// transient requests; a fleet that cannot do that writes proto records (SetRecordEncoding).
 	flagTransient
 
 	knownFlags = flagCreated | flagExpires | flagNamePrefix | flagTransient
