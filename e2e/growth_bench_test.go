@@ -28,6 +28,10 @@ type growthFigure struct {
 	redirects                        int
 	objects                          int
 	stored                           uint64
+	// transient is the bytes of stored transient objects (batches that are not full); live the
+	// bytes of the stored objects the row's clone through the agent asked for: what a clone of
+	// the repository as it is now uses. The rest is superseded.
+	transient, live uint64
 }
 
 // clonebundles serves repo with Mercurial's own clone bundles: an `hg serve` (protocol v1, the
@@ -100,12 +104,12 @@ func BenchmarkGrowth(b *testing.B) {
 			figures := runGrowthFigures(b, shape)
 			fmt.Printf("\n%s: %d changesets at first (%d text files of %d lines, %d binary files of %d bytes; then %d files edited a changeset), batch size %d\n\n",
 				shape.name, shape.changesets, shape.files, shape.lines, shape.big, shape.bigSize, shape.edits, hgv2.BatchSizeFor(int64(shape.changesets)))
-			fmt.Println("| clone | changesets | origin bytes: direct | through the agent | (ratio to direct) | clonebundles (v1) | pull of the new changesets | time: direct | agent | clonebundles | redirects | objects stored | bytes stored |")
-			fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+			fmt.Println("| clone | changesets | origin bytes: direct | through the agent | (ratio to direct) | clonebundles (v1) | pull of the new changesets | time: direct | agent | clonebundles | redirects | objects stored | bytes stored | of which transient | live |")
+			fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 			for _, f := range figures {
-				fmt.Printf("| %s | %d | %d | %d | %.4f | %s | %s | %.1f s | %.1f s | %s | %d | %d | %d |\n", f.step, f.changesets, f.direct, f.agent,
+				fmt.Printf("| %s | %d | %d | %d | %.4f | %s | %s | %.1f s | %.1f s | %s | %d | %d | %d | %d | %d |\n", f.step, f.changesets, f.direct, f.agent,
 					float64(f.agent)/float64(f.direct), orDash(f.bundles), orDash(f.pull), f.directTime.Seconds(), f.agentTime.Seconds(),
-					secondsOrDash(f.bundlesTm), f.redirects, f.objects, f.stored)
+					secondsOrDash(f.bundlesTm), f.redirects, f.objects, f.stored, f.transient, f.live)
 			}
 		})
 	}
@@ -136,11 +140,26 @@ func runGrowthFigures(b *testing.B, shape growthShape) []growthFigure {
 	}
 	var figs []growthFigure
 	var ref, out string
+	// measure counts what the index holds after the row's clone through the agent, and of it
+	// what that clone asked for (by content key).
+	measure := func(row *growthFigure) {
+		asked := r.agentTap.TakeKeys()
+		for _, o := range r.storedObjects() {
+			row.objects++
+			row.stored += o.Size
+			if o.Transient {
+				row.transient += o.Size
+			}
+			if asked[o.Key] {
+				row.live += o.Size
+			}
+		}
+	}
 	row := growthFigure{step: "cold", changesets: n}
 	row.direct, row.directTime = timed(func() { ref, _ = r.clone(r.originTap.URL) })
 	row.agent, row.agentTime = timed(func() { _, out = r.clone(r.agentTap.URL) })
 	r.waitFills()
-	row.objects, row.stored = r.stored()
+	measure(&row)
 	figs = append(figs, row)
 
 	row = growthFigure{step: "warm, +0", changesets: n, direct: figs[0].direct, directTime: figs[0].directTime}
@@ -148,7 +167,7 @@ func runGrowthFigures(b *testing.B, shape growthShape) []growthFigure {
 	row.agent, row.agentTime = timed(func() { _, out = r.clone(r.agentTap.URL) })
 	row.redirects = redirectsFollowed(out)
 	row.bundles, row.bundlesTm = cb.clone()
-	row.objects, row.stored = r.stored()
+	measure(&row)
 	figs = append(figs, row)
 
 	for i, added := range growthSteps {
@@ -164,7 +183,7 @@ func runGrowthFigures(b *testing.B, shape growthShape) []growthFigure {
 		row.redirects = redirectsFollowed(out)
 		row.bundles, row.bundlesTm = cb.clone() // the bundle made when the cache was last warm
 		r.waitFills()
-		row.objects, row.stored = r.stored()
+		measure(&row)
 		cb.snapshot()
 		figs = append(figs, row)
 	}

@@ -68,19 +68,41 @@ func (r *rig) originBytes(fn func()) int64 {
 // stored returns the objects the index holds and their bytes.
 func (r *rig) stored() (objects int, bytes uint64) {
 	r.t.Helper()
+	for _, o := range r.storedObjects() {
+		objects++
+		bytes += o.Size
+	}
+	return objects, bytes
+}
+
+// storedObjects lists every object the index holds.
+func (r *rig) storedObjects() []*pb.StoredObject {
+	r.t.Helper()
+	var out []*pb.StoredObject
 	req := &pb.ListObjectsRequest{PageSize: 1000}
 	for {
 		list, err := r.admin.ListObjects(context.Background(), req)
 		r.must(err)
-		for _, o := range list.Objects {
-			objects++
-			bytes += o.Size
-		}
+		out = append(out, list.Objects...)
 		if list.NextPageToken == "" {
-			return objects, bytes
+			return out
 		}
 		req.PageToken = list.NextPageToken
 	}
+}
+
+// lifetimes counts the stored objects of each lifetime class: transient ones (the agent marked
+// them likely superseded soon: batches that are not full) and the others.
+func (r *rig) lifetimes() (transient, ordinary int) {
+	r.t.Helper()
+	for _, o := range r.storedObjects() {
+		if o.Transient {
+			transient++
+		} else {
+			ordinary++
+		}
+	}
+	return transient, ordinary
 }
 
 // batches is how many batches of size b a list of n items is cut into.
@@ -121,6 +143,20 @@ func TestRealMercurialClonesOfGrowingRepositories(t *testing.T) {
 			}
 			assertSame(t, "cold clone", want, r.state(cold))
 			r.waitFills()
+			// Each command's full batches are stored for the object TTL, its last, partial batch
+			// (which the next push re-keys) for the transient TTL.
+			checkLifetimes := func(n int) {
+				t.Helper()
+				partial := 0
+				if uint64(n)%b != 0 {
+					partial = 2
+				}
+				if tr, ord := r.lifetimes(); tr < partial || ord != 2*(n/int(b)) {
+					t.Errorf("%d changesets in batches of %d: %d transient and %d ordinary objects stored, want %d partial batches among the transient ones and %d full ones",
+						n, b, tr, ord, partial, 2*(n/int(b)))
+				}
+			}
+			checkLifetimes(n)
 
 			for i, added := range growthSteps {
 				r.grow(shape, added, 10+i)
@@ -151,6 +187,7 @@ func TestRealMercurialClonesOfGrowingRepositories(t *testing.T) {
 					r.verify(dir)
 				}
 				r.waitFills()
+				checkLifetimes(n)
 			}
 			// The clone made before the growth pulls it through the agent.
 			_, err := r.hgIn(cold, "pull", "--update", r.agentTap.URL)

@@ -24,6 +24,7 @@ import (
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/gcsemu"
 	"github.com/detourhq/detour/internal/hgclient"
 	"github.com/detourhq/detour/internal/hgserve"
@@ -375,6 +376,7 @@ type tap struct {
 	mu            sync.Mutex
 	requests      map[string][][]byte // command → request bodies
 	bytesBy       map[string]int64    // command → response bytes
+	keys          map[string]bool     // content keys the answers named (agent.HeaderContentKey)
 }
 
 func newTap(t testing.TB, upstream string) *tap {
@@ -382,11 +384,16 @@ func newTap(t testing.TB, upstream string) *tap {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tp := &tap{requests: map[string][][]byte{}, bytesBy: map[string]int64{}}
+	tp := &tap{requests: map[string][][]byte{}, bytesBy: map[string]int64{}, keys: map[string]bool{}}
 	proxy := httputil.NewSingleHostReverseProxy(u)
 	proxy.FlushInterval = -1
 	proxy.ModifyResponse = func(resp *http.Response) error {
 		resp.Body = &countingBody{ReadCloser: resp.Body, n: &tp.responseBytes, tap: tp, command: commandOf(resp.Request)}
+		if k := resp.Header.Get(agent.HeaderContentKey); k != "" {
+			tp.mu.Lock()
+			tp.keys[k] = true
+			tp.mu.Unlock()
+		}
 		return nil
 	}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
@@ -414,6 +421,15 @@ func (tp *tap) Requests(cmd string) [][]byte {
 	tp.mu.Lock()
 	defer tp.mu.Unlock()
 	return slices.Clone(tp.requests[cmd])
+}
+
+// TakeKeys returns the content keys the answers named since the last call.
+func (tp *tap) TakeKeys() map[string]bool {
+	tp.mu.Lock()
+	defer tp.mu.Unlock()
+	k := tp.keys
+	tp.keys = map[string]bool{}
+	return k
 }
 
 // BytesBy returns the response bytes counted so far by command.

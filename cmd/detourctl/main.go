@@ -46,6 +46,7 @@ Commands:
   targets rm NAME
   policy get
   policy set [--min-redirect-bytes N] [--region-preference a,b] [--signed-url-ttl D] [--fill-claim-ttl D] [--object-ttl D]
+             [--transient-object-ttl D]
              [--forbid-cross-region-fills[=false]] [--cross-region-copies=false] [--cross-region-copy-threshold N]
              [--cross-region-copy-window D]
   objects ls [--target T] [--prefix KEYPREFIX] [--limit N] [--page-token KEY]

@@ -93,6 +93,18 @@ func TestTargetsAndPolicyCommands(t *testing.T) {
 	if s, _ := status.FromError(err); s.Code() != codes.InvalidArgument || !strings.Contains(s.Message(), "policy.min_occurrences") {
 		t.Fatalf("min occurrences out of bounds: %v", err)
 	}
+	out, err = run("policy", "set", "--transient-object-ttl", "6h")
+	if err != nil || !strings.Contains(out, "transient_object_ttl         6h0m0s") || !strings.Contains(out, "object_ttl                   (default)") {
+		t.Fatalf("policy set of the transient object TTL: %v\n%s", err, out)
+	}
+	_, err = run("policy", "set", "--transient-object-ttl", "-1h")
+	if s, _ := status.FromError(err); s.Code() != codes.InvalidArgument || !strings.Contains(s.Message(), "policy.transient_object_ttl") {
+		t.Fatalf("negative transient object TTL: %v", err)
+	}
+	_, err = run("policy", "set", "--object-ttl", "1h")
+	if s, _ := status.FromError(err); s.Code() != codes.InvalidArgument || !strings.Contains(s.Message(), "policy.transient_object_ttl") {
+		t.Fatalf("an object TTL below the transient one: %v", err)
+	}
 	out, err = run("policy", "set", "--min-redirect-bytes", "65536", "--region-preference", "us-east1,europe-west1")
 	if err != nil || !strings.Contains(out, "65536") || !strings.Contains(out, "us-east1,europe-west1") {
 		t.Fatalf("policy set: %v\n%s", err, out)

@@ -31,7 +31,8 @@ func (c *cli) policy(sub string, args []string) error {
 		prefs := fs.String("region-preference", "", "regions in preference order after the agent's own, comma-separated")
 		signed := fs.Duration("signed-url-ttl", 0, "validity of V4-signed URLs")
 		claim := fs.Duration("fill-claim-ttl", 0, "lifetime of a fill claim")
-		objTTL := fs.Duration("object-ttl", 0, "how long stored objects are redirected to (0: forever)")
+		objTTL := fs.Duration("object-ttl", 0, "how long a stored object is kept after it was stored or last used (0: default 30 days)")
+		transientTTL := fs.Duration("transient-object-ttl", 0, "object-ttl of objects likely superseded soon, such as a growing repository's newest batch (0: default 24h; never more than object-ttl)")
 		forbid := fs.Bool("forbid-cross-region-fills", false, "keep every fill in the region of the agent that asked (data residency); also keeps drain migration within a region")
 		var copyAfter, minOcc uint32 // refused, not clamped, past 32 bits
 		copyAfterFlag, minOccFlag := flagcheck.NewUint32(&copyAfter, 0), flagcheck.NewUint32(&minOcc, 0)
@@ -61,6 +62,8 @@ func (c *cli) policy(sub string, args []string) error {
 				p.FillClaimTtl = dur(*claim)
 			case "object-ttl":
 				p.ObjectTtl = dur(*objTTL)
+			case "transient-object-ttl":
+				p.TransientObjectTtl = dur(*transientTTL)
 			case "forbid-cross-region-fills":
 				p.ForbidCrossRegionFills = *forbid
 			case "cross-region-copy-threshold":
@@ -94,6 +97,7 @@ func (c *cli) showPolicy(p *pb.Policy) error {
 	fmt.Fprintf(w, "signed_url_ttl\t%s\n", orDefault(p.SignedUrlTtl))
 	fmt.Fprintf(w, "fill_claim_ttl\t%s\n", orDefault(p.FillClaimTtl))
 	fmt.Fprintf(w, "object_ttl\t%s\n", orDefault(p.ObjectTtl))
+	fmt.Fprintf(w, "transient_object_ttl\t%s\n", orDefault(p.TransientObjectTtl))
 	fmt.Fprintf(w, "forbid_cross_region_fills\t%t\n", p.ForbidCrossRegionFills)
 	fmt.Fprintf(w, "cross_region_copies\t%t\n", !p.DisableCrossRegionCopies)
 	threshold := "(default)"

@@ -31,6 +31,10 @@ type Query struct {
 	// NoFill asks only where a READY copy is: a miss is answered Inline, never Fill (and
 	// costs no claim).
 	NoFill bool
+	// Transient marks a response the front expects to be superseded soon (its key replaced by
+	// the repository's next change): a fill of it is kept for the policy's transient_object_ttl
+	// instead of its object_ttl (PlaceRequest.transient).
+	Transient bool
 }
 
 // Outcome is what a decision tells the front to do.
@@ -136,7 +140,8 @@ func (a *Agent) place(ctx context.Context, q Query, originRequiresCredentials bo
 	canFill := !q.NoFill && a.canFill()
 	resp, err := a.placement.Place(ctx, &pb.PlaceRequest{Key: q.Key, Command: q.Command, MediaType: q.MediaType,
 		AcceptedTargets: q.Accepted, AgentRegion: a.cfg.Region, AgentId: a.cfg.AgentID, SizeHint: q.SizeHint,
-		CanFill: &canFill, UnfillableTargets: a.breakers.unfillable(now), OriginRequiresCredentials: originRequiresCredentials})
+		CanFill: &canFill, UnfillableTargets: a.breakers.unfillable(now), OriginRequiresCredentials: originRequiresCredentials,
+		Transient: q.Transient})
 	a.metrics.placeLatency.Observe(time.Since(now).Seconds())
 	if err != nil {
 		if client.Err() != nil {

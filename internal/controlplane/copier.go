@@ -226,7 +226,7 @@ func (j *term) copyObject(ctx context.Context, job copyJob) error {
 	ttl := policyDuration(snap.Policy().GetFillClaimTtl(), targets.DefaultFillClaimTTL)
 	claim := &pb.FillClaim{Key: k, Target: job.dst.Name, AgentId: "copier:" + j.id, Token: targets.NewToken(),
 		ObjectName: blob.ObjectName(job.dst.GetStore().GetPrefix(), k), Bucket: job.dst.GetStore().GetBucket(),
-		MediaType: job.src.Home().MediaType, TargetUid: job.dst.Uid, Granted: timestamppb.New(j.cfg.Now())}
+		MediaType: job.src.Home().MediaType, TargetUid: job.dst.Uid, Granted: timestamppb.New(j.cfg.Now()), Transient: job.src.Transient}
 	wctx, cancel := j.writeCtx(ctx)
 	granted, err := j.reg.Claim(wctx, claim, ttl)
 	cancel()
@@ -262,8 +262,8 @@ func (j *term) copyObject(ctx context.Context, job copyJob) error {
 	now := j.cfg.Now()
 	obj := &pb.StoredObject{Key: k, Target: job.dst.Name, State: pb.ObjectState_OBJECT_STATE_READY, Size: job.src.Size,
 		MediaType: claim.MediaType, Sha256: job.src.SHA256[:], Sha1: job.src.SHA1[:], Created: timestamppb.New(now),
-		Expires: timestamppb.New(now.Add(objectTTL(snap.Policy()))), ObjectName: claim.ObjectName, Bucket: claim.Bucket,
-		Generation: attrs.Generation, Crc32C: job.src.CRC32C, TargetUid: job.dst.Uid}
+		Expires: timestamppb.New(now.Add(ttlOf(snap.Policy(), job.src.Transient))), ObjectName: claim.ObjectName, Bucket: claim.Bucket,
+		Generation: attrs.Generation, Crc32C: job.src.CRC32C, TargetUid: job.dst.Uid, Transient: job.src.Transient}
 	wctx, cancel = j.writeCtx(ctx)
 	_, err = j.reg.CompleteFill(wctx, obj, claimRev)
 	cancel()

@@ -17,6 +17,24 @@ const DefaultObjectTTL = 30 * 24 * time.Hour
 
 func objectTTL(p *pb.Policy) time.Duration { return policyDuration(p.GetObjectTtl(), DefaultObjectTTL) }
 
+// DefaultTransientObjectTTL is the TTL of transient objects (StoredObject.transient: answers their
+// agent expects to be superseded soon, such as a growing repository's newest, partial batch) when
+// the policy sets no transient_object_ttl. Such an object is asked for by every clone until the
+// next push re-keys it, and then by nobody: a day keeps it for a repository cloned at least daily
+// (each use within the last three quarters of its TTL extends it by another day), and bounds what
+// superseded ones hold to about a day's pushes. Dropping one too early costs a re-fill of a batch,
+// a small share of a clone (bench/RESULTS.md, issue 17).
+const DefaultTransientObjectTTL = 24 * time.Hour
+
+// ttlOf is the TTL of an object of a lifetime class: transient_object_ttl for transient objects,
+// bounded by object_ttl, which is every other object's.
+func ttlOf(p *pb.Policy, transient bool) time.Duration {
+	if transient {
+		return min(policyDuration(p.GetTransientObjectTtl(), DefaultTransientObjectTTL), objectTTL(p))
+	}
+	return objectTTL(p)
+}
+
 // maxPendingExtensions bounds the extensions a replica keeps between flushes; past it, objects
 // wait for the next flush (they are still far from expiry: see extender.used).
 const maxPendingExtensions = 100000
@@ -24,7 +42,8 @@ const maxPendingExtensions = 100000
 // extender moves the expiry of objects that are being redirected to, without a write per
 // redirect: an object is queued only once less than three quarters of its TTL remain, and the
 // queue is written in batches. So an object is extended at most about once per quarter of its TTL
-// however hot it is, and an object nobody asks for expires.
+// however hot it is, and an object nobody asks for expires. An extension keeps the object's lifetime
+// class: a transient object is extended by the transient TTL, never promoted to the object TTL.
 type extender struct {
 	mu      sync.Mutex
 	pending map[extension]struct{}
@@ -70,11 +89,11 @@ func (s *Service) flushExtensions(ctx context.Context) {
 		return
 	}
 	now := s.cfg.Now()
-	expires := timestamppb.New(now.Add(objectTTL(s.w.Snapshot().Policy())))
+	policy := s.w.Snapshot().Policy()
 	xs := make([]targets.Extension, len(pending))
 	for i, p := range pending {
-		o := p.obj.Proto(p.key)
-		o.Expires = expires
+		o := p.obj.Proto(p.key) // with its lifetime class
+		o.Expires = timestamppb.New(now.Add(ttlOf(policy, p.obj.Transient)))
 		xs[i] = targets.Extension{Object: o, ModRevision: p.obj.ModRevision}
 	}
 	wctx, cancel := context.WithTimeout(ctx, s.cfg.WriteTimeout*4)

@@ -154,7 +154,7 @@ func (s *Service) redirect(ctx context.Context, resp *pb.PlaceResponse, snap *ta
 	if d := s.cacheFor(snap, t, obj, region, now); d > 0 {
 		resp.CacheFor = durationpb.New(d)
 	}
-	s.extender.used(key, obj, now, objectTTL(snap.Policy()))
+	s.extender.used(key, obj, now, ttlOf(snap.Policy(), obj.Transient))
 }
 
 // cacheFor is how long an agent may reuse a redirect to obj at t without asking: a READY object is
@@ -216,7 +216,7 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	}
 	claim := &pb.FillClaim{Key: req.Key, Target: target, AgentId: req.AgentId, Holder: holder, Token: targets.NewToken(),
 		ObjectName: blob.ObjectName(t.GetStore().GetPrefix(), req.Key), Bucket: t.GetStore().GetBucket(),
-		MediaType: mediaType, TargetUid: t.GetUid(), Granted: timestamppb.New(now)}
+		MediaType: mediaType, TargetUid: t.GetUid(), Granted: timestamppb.New(now), Transient: req.Transient}
 	if ctx.Err() != nil {
 		// The caller has gone: nobody would fill what this claims.
 		s.claimCancelled(resp, nil)
@@ -362,8 +362,8 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 	now := s.cfg.Now()
 	obj := &pb.StoredObject{Key: req.Key, Target: claim.Target, State: pb.ObjectState_OBJECT_STATE_READY, Size: req.Size,
 		MediaType: claim.MediaType, Sha256: req.Sha256, Sha1: req.Sha1, Created: timestamppb.New(now),
-		Expires: timestamppb.New(now.Add(objectTTL(snap.Policy()))), ObjectName: claim.ObjectName, Bucket: claim.Bucket,
-		Generation: req.Generation, Crc32C: req.Crc32C, TargetUid: claim.TargetUid}
+		Expires: timestamppb.New(now.Add(ttlOf(snap.Policy(), claim.Transient))), ObjectName: claim.ObjectName, Bucket: claim.Bucket,
+		Generation: req.Generation, Crc32C: req.Crc32C, TargetUid: claim.TargetUid, Transient: claim.Transient}
 	wctx, cancel := s.writeCtx(ctx)
 	defer cancel()
 	rev, err := s.reg.CompleteFill(wctx, obj, claimRev)
@@ -375,7 +375,8 @@ func (s *Service) ReportFill(ctx context.Context, req *pb.ReportFillRequest) (*p
 	// change the watch can lag the writes by seconds, and fills would stop completing meanwhile).
 	s.wrote(rev)
 	s.metrics.fills.WithLabelValues("ready").Inc()
-	s.cfg.Log.Info("object ready", "key", req.Key, "target", claim.Target, "size", req.Size, "generation", req.Generation, "full_verify", full)
+	s.cfg.Log.Info("object ready", "key", req.Key, "target", claim.Target, "size", req.Size, "generation", req.Generation, "full_verify", full,
+		"transient", claim.Transient)
 	return &pb.ReportFillResponse{Object: obj}, nil
 }
 

@@ -76,6 +76,9 @@ type Options struct {
 	// Etcd configures compaction and the reading of etcd's alarms; with the embedded etcd the
 	// janitor also defragments it and recovers it from NOSPACE (Defrag is set).
 	Etcd EtcdMaintenance
+	// Now is the clock of expiries, placement and the janitor (default time.Now): tests move it
+	// forward to see objects expire.
+	Now func() time.Time
 
 	// TLS is the server's certificate and key and the CA that client certificates must chain to
 	// (mutual TLS: every RPC but health checks needs a client certificate). Required unless
@@ -211,7 +214,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	}
 	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
 		RedirectCacheMaxAge: o.RedirectCacheMaxAge, AgentLagThreshold: o.AgentLagThreshold,
-		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor, StoreEvents: o.StoreEvents, Etcd: o.Etcd}
+		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor, StoreEvents: o.StoreEvents, Etcd: o.Etcd, Now: o.Now}
 	if s.etcd != nil {
 		cfg.Etcd.Defrag = true // one member, ours: defragmenting it is safe and nobody else will
 	}

@@ -383,7 +383,7 @@ func (w *Watcher) parseObject(rest, value []byte, modRev int64, cache *homeCache
 			Prefix: string(prefix), MediaType: string(r.mediaType)})
 	}
 	o := Object{home: h, Size: r.size, Created: r.created, Expires: r.expires, ModRevision: modRev,
-		Generation: r.generation, CRC32C: r.crc32c}
+		Generation: r.generation, CRC32C: r.crc32c, Transient: r.transient}
 	copy(o.SHA256[:], r.sha256)
 	copy(o.SHA1[:], r.sha1)
 	return k, o, objectReady

@@ -18,9 +18,12 @@ import (
 //
 //   - proto: a StoredObject message, what every release before the compact encoding wrote. Its
 //     first byte is a field tag, never 0.
-//   - compact: byte 0, a version (1), then the record's fields in a fixed order, without the
-//     content key and the target (the etcd key holds both) and with the object name cut to what
-//     precedes the key. Strings and digests are length-prefixed, integers varints.
+//   - compact: byte 0, a version (1), a flags byte, then the record's fields in a fixed order,
+//     without the content key and the target (the etcd key holds both) and with the object name
+//     cut to what precedes the key. Strings and digests are length-prefixed, integers varints;
+//     booleans are flags. A flag added later (flagTransient) is unset in every record written
+//     before it, so those read as they always did; a release that predates a flag refuses records
+//     that set it (see flagTransient).
 //
 // A record is what etcd stores a million times over, and what a replica decodes a million times
 // at start: the compact form is about half the size, and both forms are decoded here without
@@ -63,6 +66,14 @@ const (
 	flagCreated    = 1 << iota // created is present
 	flagExpires                // expires is present
 	flagNamePrefix             // the object name is the stored name followed by the key
+	// flagTransient is StoredObject.transient. Only transient records set it, so every other
+	// record is byte for byte what releases before it wrote and read; a replica of such a release
+	// skips a transient record as malformed (it never redirects to it, and its reconciler may
+	// take the bytes for an orphan). Control planes are upgraded before the agents that send
+	// transient requests; a fleet that cannot do that writes proto records (SetRecordEncoding).
+	flagTransient
+
+	knownFlags = flagCreated | flagExpires | flagNamePrefix | flagTransient
 )
 
 // record is a decoded object record. Its byte slices point into the stored value; key and target
@@ -77,6 +88,7 @@ type record struct {
 	hasCreated, hasExpires        bool
 	name                          []byte
 	namePrefix                    bool // name is the object name's part before the key
+	transient                     bool
 	generation                    int64
 	crc32c                        uint32
 	createdSec, expiresSec        int64 // proto only: the timestamps as stored, for a faithful copy
@@ -114,6 +126,9 @@ func compactRecord(o *pb.StoredObject) ([]byte, bool) {
 			return nil, false
 		}
 		flags |= flagExpires
+	}
+	if o.Transient {
+		flags |= flagTransient
 	}
 	name := o.ObjectName
 	if o.Key != "" && len(name) >= len(o.Key) && name[len(name)-len(o.Key):] == o.Key {
@@ -173,7 +188,8 @@ func (r *record) decodeCompact(v []byte) error {
 		return fmt.Errorf("%w: compact record truncated or too long", errRecord)
 	}
 	r.hasCreated, r.hasExpires, r.namePrefix = flags&flagCreated != 0, flags&flagExpires != 0, flags&flagNamePrefix != 0
-	if !r.hasCreated && r.created != 0 || !r.hasExpires && r.expires != 0 || flags&^(flagCreated|flagExpires|flagNamePrefix) != 0 {
+	r.transient = flags&flagTransient != 0
+	if !r.hasCreated && r.created != 0 || !r.hasExpires && r.expires != 0 || flags&^knownFlags != 0 {
 		return fmt.Errorf("%w: compact record with inconsistent flags", errRecord)
 	}
 	for _, s := range [][]byte{r.mediaType, r.bucket, r.name, r.targetUID} {
@@ -246,6 +262,7 @@ const (
 	fieldGeneration = 12
 	fieldCrc32C     = 13
 	fieldTargetUID  = 14
+	fieldTransient  = 15
 )
 
 // decodeProto parses a StoredObject message the way proto.Unmarshal does (the last value of a
@@ -323,6 +340,8 @@ func (r *record) decodeProto(v []byte) error {
 			r.crc32c = uint32(x)
 		case fieldTargetUID:
 			r.targetUID = b
+		case fieldTransient:
+			r.transient = x != 0 // as proto.Unmarshal reads a bool: any varint but 0 is true
 		}
 	}
 	// What the watcher has always computed: Timestamp.AsTime().UnixNano().
@@ -341,7 +360,7 @@ var fieldTypes = [...]protowire.Type{0: -1,
 	fieldSize: protowire.VarintType, fieldMediaType: protowire.BytesType, fieldSha256: protowire.BytesType,
 	fieldSha1: protowire.BytesType, fieldCreated: protowire.BytesType, fieldExpires: protowire.BytesType,
 	fieldObjectName: protowire.BytesType, fieldBucket: protowire.BytesType, fieldGeneration: protowire.VarintType,
-	fieldCrc32C: protowire.VarintType, fieldTargetUID: protowire.BytesType,
+	fieldCrc32C: protowire.VarintType, fieldTargetUID: protowire.BytesType, fieldTransient: protowire.VarintType,
 }
 
 var stringField = [len(fieldTypes)]bool{fieldKey: true, fieldTarget: true, fieldMediaType: true,
@@ -384,7 +403,7 @@ func mergeTimestamp(v []byte, sec *int64, nanos *int32) error {
 func (r *record) proto(key, target string) *pb.StoredObject {
 	o := &pb.StoredObject{Key: key, Target: target, State: r.state, Size: r.size, MediaType: string(r.mediaType),
 		Sha256: clone(r.sha256), Sha1: clone(r.sha1), ObjectName: string(r.name), Bucket: string(r.bucket),
-		Generation: r.generation, Crc32C: r.crc32c, TargetUid: string(r.targetUID)}
+		Generation: r.generation, Crc32C: r.crc32c, TargetUid: string(r.targetUID), Transient: r.transient}
 	if r.keyFromValue {
 		o.Key = string(r.key)
 	}

@@ -2,6 +2,7 @@ package targets
 
 import (
 	"bytes"
+	"encoding/hex"
 	"math"
 	"slices"
 	"strings"
@@ -56,6 +57,8 @@ func TestRecordsRoundTripInBothEncodings(t *testing.T) {
 		"largest size":         func(o *pb.StoredObject) { o.Size = math.MaxUint64 },
 		"non-ASCII bucket":     func(o *pb.StoredObject) { o.Bucket = "bücket" },
 		"zero everything else": func(o *pb.StoredObject) { *o = pb.StoredObject{Key: o.Key, Target: o.Target} },
+		"transient":            func(o *pb.StoredObject) { o.Transient = true },
+		"transient, no expiry": func(o *pb.StoredObject) { o.Transient, o.Expires = true, nil },
 	}
 	for name, edit := range edits {
 		t.Run(name, func(t *testing.T) {
@@ -96,6 +99,36 @@ func TestCompactRecordsAreSmallerAndProtoRecordsStillDecode(t *testing.T) {
 	}
 }
 
+// typicalCompact is typicalRecord as the compact encoding wrote it before records had a lifetime
+// class (StoredObject.transient).
+const typicalCompact = "0001070295fed201aab4feb0d39df1fa31aab48ea5f4f78b84328089d389e5c5b206efbeadde20ababababababababababababababababab" +
+	"ababababababababababababababab14cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd1a6170706c69636174696f6e2f6d657263757269" +
+	"616c2d63626f72176465746f75722d75732d65617374312d6f626a656374730b68672f6f626a656374732f20303132333435363738396162" +
+	"6364656630313233343536373839616263646566"
+
+// The lifetime class is a flag bit that only transient records set: a record written before it
+// decodes as not transient, and a record that is not transient is still written byte for byte as
+// before (a replica of an older release reads it).
+func TestRecordsWithoutALifetimeClassAreUnchanged(t *testing.T) {
+	old, err := hex.DecodeString(typicalCompact)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := DecodeObject(typicalRecord().Key, typicalRecord().Target, old)
+	if err != nil || got.Transient || !proto.Equal(got, typicalRecord()) {
+		t.Fatalf("a record written before the lifetime class: %v, %v", got, err)
+	}
+	if now := EncodeObject(typicalRecord(), EncodingCompact); !bytes.Equal(now, old) {
+		t.Fatalf("a record that is not transient is written differently:\n%x\nwas\n%x", now, old)
+	}
+	o := typicalRecord()
+	o.Transient = true
+	v := EncodeObject(o, EncodingCompact)
+	if len(v) != len(old) || v[2] != old[2]|flagTransient {
+		t.Fatalf("a transient record is not the same record with one more flag:\n%x\n%x", v, old)
+	}
+}
+
 func TestMalformedCompactRecordsAreRefused(t *testing.T) {
 	v := EncodeObject(typicalRecord(), EncodingCompact)
 	for n := 1; n < len(v); n++ { // (none at all is an empty proto record)
@@ -117,14 +150,20 @@ func TestMalformedCompactRecordsAreRefused(t *testing.T) {
 // The watcher decodes proto records without building the message; it must read exactly what
 // proto.Unmarshal reads, and refuse what it refuses.
 func FuzzProtoRecordsDecodeAsProtoUnmarshalDoes(f *testing.F) {
-	for _, o := range []*pb.StoredObject{typicalRecord(), {}, {Key: "k", Created: &timestamppb.Timestamp{Seconds: -1, Nanos: 1}}} {
+	transient := typicalRecord()
+	transient.Transient = true
+	for _, o := range []*pb.StoredObject{typicalRecord(), {}, {Key: "k", Created: &timestamppb.Timestamp{Seconds: -1, Nanos: 1}}, transient} {
 		b, _ := proto.Marshal(o)
 		f.Add(b)
 	}
-	f.Add([]byte{0x42, 0x02, 0x08, 0x01, 0x42, 0x02, 0x10, 0x05}) // created twice: the two merge
-	f.Add([]byte{0x18, 0x80, 0x80, 0x80, 0x80, 0x10})             // a state beyond int32
-	f.Add([]byte{0x0a, 0x01, 0xff})                               // a key that is not UTF-8
-	f.Add([]byte{0x25, 1, 2, 3, 4})                               // size as fixed32: unknown
+	f.Add([]byte{0x42, 0x02, 0x08, 0x01, 0x42, 0x02, 0x10, 0x05})                   // created twice: the two merge
+	f.Add([]byte{0x18, 0x80, 0x80, 0x80, 0x80, 0x10})                               // a state beyond int32
+	f.Add([]byte{0x0a, 0x01, 0xff})                                                 // a key that is not UTF-8
+	f.Add([]byte{0x25, 1, 2, 3, 4})                                                 // size as fixed32: unknown
+	f.Add([]byte{0x78, 0x02})                                                       // transient as 2: true
+	f.Add([]byte{0x78, 0x01, 0x78, 0x00})                                           // transient twice: the last wins
+	f.Add([]byte{0x78, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01}) // a 64-bit varint
+	f.Add([]byte{0x7a, 0x01, 0x01})                                                 // transient as bytes: unknown
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if len(b) > 0 && b[0] == 0 {
 			return // the compact encoding's marker

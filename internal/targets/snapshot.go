@@ -33,6 +33,9 @@ type Object struct {
 	SHA1        [20]byte
 	CRC32C      uint32
 	home        homeID
+	// Transient is the copy's lifetime class (StoredObject.transient): its expiry follows the
+	// policy's transient_object_ttl. (The field fits in the struct's padding.)
+	Transient bool
 }
 
 // Home is where the copy is.
@@ -57,7 +60,8 @@ func (o *Object) Proto(key Key) *pb.StoredObject {
 	h := o.Home()
 	out := &pb.StoredObject{Key: key.String(), Target: h.Target, State: pb.ObjectState_OBJECT_STATE_READY, Size: o.Size,
 		MediaType: h.MediaType, Sha256: append([]byte(nil), o.SHA256[:]...), Sha1: append([]byte(nil), o.SHA1[:]...),
-		ObjectName: o.ObjectName(key), Bucket: h.Bucket, Generation: o.Generation, Crc32C: o.CRC32C, TargetUid: h.TargetUID}
+		ObjectName: o.ObjectName(key), Bucket: h.Bucket, Generation: o.Generation, Crc32C: o.CRC32C, TargetUid: h.TargetUID,
+		Transient: o.Transient}
 	out.Created = tsOf(o.Created)
 	if o.Expires != 0 {
 		out.Expires = tsOf(o.Expires)

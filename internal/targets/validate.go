@@ -409,6 +409,7 @@ func ValidatePolicy(p *pb.Policy) error {
 		{"policy.signed_url_ttl", p.SignedUrlTtl, time.Second, MaxSignedURLTTL},
 		{"policy.fill_claim_ttl", p.FillClaimTtl, 5 * time.Second, time.Hour},
 		{"policy.object_ttl", p.ObjectTtl, 0, 10 * 365 * 24 * time.Hour},
+		{"policy.transient_object_ttl", p.TransientObjectTtl, time.Minute, 10 * 365 * 24 * time.Hour},
 		{"policy.cross_region_copy_window", p.CrossRegionCopyWindow, time.Second, 24 * time.Hour},
 		{"policy.admission_window", p.AdmissionWindow, time.Second, 24 * time.Hour},
 	} {
@@ -418,6 +419,9 @@ func ValidatePolicy(p *pb.Policy) error {
 		if x := d.v.AsDuration(); x != 0 && (x < d.min || x > d.max) {
 			return invalid(d.field, "%s is not between %s and %s", x, d.min, d.max)
 		}
+	}
+	if tr, o := p.TransientObjectTtl.AsDuration(), p.ObjectTtl.AsDuration(); tr != 0 && o != 0 && tr > o {
+		return invalid("policy.transient_object_ttl", "%s is longer than policy.object_ttl (%s): transient objects would outlive the others", tr, o)
 	}
 	return nil
 }

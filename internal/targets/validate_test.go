@@ -138,6 +138,15 @@ func TestOversizeAndOutOfRangeInputIsRejectedNamingFieldAndLimit(t *testing.T) {
 		{"policy.min_occurrences", "255", checkPolicy(func(p *pb.Policy) { p.MinOccurrences = MaxMinOccurrences + 1 })},
 		{"policy.admission_window", "24h0m0s", checkPolicy(func(p *pb.Policy) { p.AdmissionWindow = durationpb.New(25 * time.Hour) })},
 		{"policy.admission_window", "1s", checkPolicy(func(p *pb.Policy) { p.AdmissionWindow = durationpb.New(time.Millisecond) })},
+		{"policy.transient_object_ttl", "between 1m0s", checkPolicy(func(p *pb.Policy) { p.TransientObjectTtl = durationpb.New(-time.Hour) })},
+		{"policy.transient_object_ttl", "between 1m0s", checkPolicy(func(p *pb.Policy) { p.TransientObjectTtl = durationpb.New(time.Second) })},
+		{"policy.transient_object_ttl", "valid duration", checkPolicy(func(p *pb.Policy) {
+			p.TransientObjectTtl = &durationpb.Duration{Seconds: 1, Nanos: -1}
+		})},
+		{"policy.transient_object_ttl", "longer than policy.object_ttl", checkPolicy(func(p *pb.Policy) {
+			p.ObjectTtl, p.TransientObjectTtl = durationpb.New(time.Hour), durationpb.New(2*time.Hour)
+		})},
+		{"policy.object_ttl", "between", checkPolicy(func(p *pb.Policy) { p.ObjectTtl = durationpb.New(-time.Hour) })},
 		{"key", "64 lower-case hex digits", func() error { return ValidateKey("key", huge) }},
 		{"key", "64 lower-case hex digits", func() error { return ValidateKey("key", strings.Repeat("a", 65)) }},
 		{"page_token", "64 lower-case hex digits", func() error { return ValidateKey("page_token", huge) }},
@@ -188,6 +197,11 @@ func TestValuesAtTheLimitsAreAccepted(t *testing.T) {
 		{"admission bounds", checkPolicy(func(p *pb.Policy) {
 			p.MinOccurrences, p.AdmissionWindow = MaxMinOccurrences, durationpb.New(24*time.Hour)
 		})},
+		{"transient TTL of 1m", checkPolicy(func(p *pb.Policy) { p.TransientObjectTtl = durationpb.New(time.Minute) })},
+		{"transient TTL equal to the object TTL", checkPolicy(func(p *pb.Policy) {
+			p.ObjectTtl, p.TransientObjectTtl = durationpb.New(time.Hour), durationpb.New(time.Hour)
+		})},
+		{"transient TTL past the default object TTL", checkPolicy(func(p *pb.Policy) { p.TransientObjectTtl = durationpb.New(40 * 24 * time.Hour) })},
 		{"key prefix of 64", func() error { return ValidateKeyPrefix("key_prefix", strings.Repeat("f", MaxKeyPrefixLength)) }},
 		{"empty key prefix", func() error { return ValidateKeyPrefix("key_prefix", "") }},
 		{"page size 1000", pageSize(MaxPageSize)},

@@ -324,3 +324,65 @@ func (t *totalItems) observe(p []byte) error {
 	t.head = nil
 	return errStopObserving
 }
+
+// Superseded batches.
+//
+// A full batch of the advertised size keeps its key while the repository grows; any other batch
+// does not: the newest, partial batch is re-keyed by the next push (it gains the new changesets),
+// and a pull's batches start at the puller's own base. The front marks these transient
+// (agent.Query.Transient), so that their fills expire after the policy's transient_object_ttl
+// rather than its object_ttl: the store then holds a growing repository's full batches and its
+// current partial ones, not every partial batch a push superseded. A batch that is still asked
+// for is extended like any other object, so a partial batch of a repository that stops growing
+// lives on while clones use it.
+
+// advertisedBatchSize is the batch size the front advertises for repo now, or 0 when it does not
+// know it (the origin's sizes are advertised, or the repository's size is not known yet). It
+// never waits for a probe.
+func (f *Front) advertisedBatchSize(repo string) uint64 {
+	switch {
+	case f.cfg.BatchSize > 0:
+		return uint64(f.cfg.BatchSize)
+	case f.cfg.BatchSize < 0:
+		return 0
+	}
+	if n := f.sizes.known(repo); n > 0 {
+		return BatchSizeFor(n)
+	}
+	return 0
+}
+
+// TransientBatch reports whether cmd asks for a manifestdata or filesdata batch that is not a full
+// batch of size b (b 0: unknown, and nothing is marked): its answer's key is likely replaced by the
+// repository's next change. A request whose batch the front cannot count (a filesdata that names
+// its changesets otherwise than by one explicit list) is not marked.
+func TransientBatch(cmd *wire.CommandRequest, b uint64) bool {
+	if b == 0 {
+		return false
+	}
+	n, ok := batchLen(cmd)
+	return ok && uint64(n) != b
+}
+
+// batchLen is the number of items of a manifestdata or filesdata request's batch: the manifest
+// nodes, or the changesets of its one changesetexplicit revision specifier (what Mercurial's
+// client sends, mercurial/exchangev2.py).
+func batchLen(cmd *wire.CommandRequest) (int, bool) {
+	switch cmd.Name {
+	case "manifestdata":
+		nodes, ok := cmd.Args["nodes"].([]any)
+		return len(nodes), ok
+	case "filesdata":
+		revs, ok := cmd.Args["revisions"].([]any)
+		if !ok || len(revs) != 1 {
+			return 0, false
+		}
+		spec, ok := revs[0].(map[string]any)
+		if !ok || spec["type"] != "changesetexplicit" {
+			return 0, false
+		}
+		nodes, ok := spec["nodes"].([]any)
+		return len(nodes), ok
+	}
+	return 0, false
+}

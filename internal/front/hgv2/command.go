@@ -136,7 +136,8 @@ func (f *Front) query(r *http.Request, name string, cmd *wire.CommandRequest) (a
 	if err != nil {
 		return agent.Query{}, false
 	}
-	return agent.Query{Key: key, Command: cmd.Name, Repo: repo, Accepted: cmd.Redirect.Targets, MediaType: wire.MediaTypeCBOR}, true
+	return agent.Query{Key: key, Command: cmd.Name, Repo: repo, Accepted: cmd.Redirect.Targets, MediaType: wire.MediaTypeCBOR,
+		Transient: TransientBatch(cmd, f.advertisedBatchSize(repo))}, true
 }
 
 // firstRequestID reads the request id of the first frame, for answering a malformed request.

@@ -472,3 +472,88 @@ func agentBytes(t *testing.T, s *devstack.Stack) map[string]float64 {
 	}
 	return out
 }
+
+// A batch is transient when it is not a full batch of the advertised size: the newest, partial
+// batch of a clone, and a pull's batches. Only what the front can count is marked.
+func TestTransientBatchIsAnythingButAFullBatch(t *testing.T) {
+	nodes := func(n int) []any {
+		out := make([]any, n)
+		for i := range out {
+			out[i] = strings.Repeat(string(rune('a'+i%26)), 20)
+		}
+		return out
+	}
+	manifests := func(n int) *wire.CommandRequest {
+		return &wire.CommandRequest{Name: "manifestdata", Args: map[string]any{"tree": "", "nodes": nodes(n)}}
+	}
+	files := func(specs ...any) *wire.CommandRequest {
+		return &wire.CommandRequest{Name: "filesdata", Args: map[string]any{"revisions": specs}}
+	}
+	explicit := func(n int) map[string]any { return map[string]any{"type": "changesetexplicit", "nodes": nodes(n)} }
+	for _, c := range []struct {
+		what string
+		cmd  *wire.CommandRequest
+		b    uint64
+		want bool
+	}{
+		{"a full manifestdata batch", manifests(16), 16, false},
+		{"the partial manifestdata batch", manifests(8), 16, true},
+		{"a manifestdata of one node (a pull of one changeset)", manifests(1), 16, true},
+		{"more than a batch (the origin's sizes were advertised)", manifests(40), 16, true},
+		{"a full filesdata batch", files(explicit(64)), 64, false},
+		{"the partial filesdata batch", files(explicit(63)), 64, true},
+		{"batch size unknown", manifests(8), 0, false},
+		{"filesdata of a DAG range: not counted", files(map[string]any{"type": "changesetdagrange", "roots": []any{}, "heads": nodes(1)}), 16, false},
+		{"filesdata of two specifiers: not counted", files(explicit(8), explicit(8)), 16, false},
+		{"manifestdata without nodes: not counted", &wire.CommandRequest{Name: "manifestdata", Args: map[string]any{"tree": ""}}, 16, false},
+		{"another command", &wire.CommandRequest{Name: "filedata", Args: map[string]any{"nodes": nodes(3)}}, 16, false},
+	} {
+		if got := hgv2.TransientBatch(c.cmd, c.b); got != c.want {
+			t.Errorf("%s (batch size %d): transient %v, want %v", c.what, c.b, got, c.want)
+		}
+	}
+}
+
+// Through the real control plane: a fill of a partial manifestdata batch (of the size the front
+// advertised for the repository) is stored as a transient object, a fill of a full batch is not.
+func TestPartialBatchesAreStoredTransient(t *testing.T) {
+	_, origin := newLiveOrigin(t, 40) // batch size 16
+	s, c := startStackOpts(t, devstack.Options{OriginURL: origin})
+	rr := redirectReq(t, c) // the handshake: the front learns the repository's size
+	ctx := context.Background()
+	nodes := func(n int, first rune) []any {
+		out := make([]any, n)
+		for i := range out {
+			out[i] = strings.Repeat(string(first+rune(i)), 20)
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		what      string
+		nodes     []any
+		transient bool
+	}{
+		{"a full batch", nodes(16, 'A'), false},
+		{"the partial batch", nodes(8, 'a'), true},
+	} {
+		args := map[string]any{"tree": "", "nodes": tc.nodes}
+		_, key := rawCommand(t, s.AgentURL, "manifestdata", []string{"zlib", "identity"}, args, rr)
+		if key == "" {
+			t.Fatalf("%s: no content key on the answer", tc.what)
+		}
+		var obj *pb.StoredObject
+		eventually(t, 10*time.Second, tc.what+" stored", func() bool {
+			list, err := s.Admin.ListObjects(ctx, &pb.ListObjectsRequest{KeyPrefix: key})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(list.Objects) == 1 {
+				obj = list.Objects[0]
+			}
+			return obj != nil
+		})
+		if obj.Transient != tc.transient {
+			t.Errorf("%s of 16: stored transient=%v, want %v", tc.what, obj.Transient, tc.transient)
+		}
+	}
+}

@@ -102,7 +102,14 @@ type PlaceRequest struct {
 	// must repeat: type/subtype (RFC 6838 names, no parameters), at most 127 bytes. Empty means
 	// "application/mercurial-cbor" (agents before this field). A front that speaks another protocol
 	// names its own; the control plane stores what it is told and keeps no protocol of its own.
-	MediaType     string `protobuf:"bytes,11,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	MediaType string `protobuf:"bytes,11,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	// The answer is likely superseded soon: a front marks requests whose content key the next
+	// change of the repository replaces (for Mercurial's protocol v2, a manifestdata or filesdata
+	// batch that is not a full batch of the size the agent advertised: a growing repository's
+	// newest, partial batch, and pulls' ranges). A fill granted for it is stored as a transient
+	// object (StoredObject.transient), kept for the policy's transient_object_ttl instead of its
+	// object_ttl. Placement does not use it otherwise.
+	Transient     bool `protobuf:"varint,12,opt,name=transient,proto3" json:"transient,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -212,6 +219,13 @@ func (x *PlaceRequest) GetMediaType() string {
 		return x.MediaType
 	}
 	return ""
+}
+
+func (x *PlaceRequest) GetTransient() bool {
+	if x != nil {
+		return x.Transient
+	}
+	return false
 }
 
 // Location is where a redirected client fetches the object.
@@ -1515,7 +1529,7 @@ var File_detour_v1_placement_proto protoreflect.FileDescriptor
 
 const file_detour_v1_placement_proto_rawDesc = "" +
 	"\n" +
-	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x03\n" +
+	"\x19detour/v1/placement.proto\x12\tdetour.v1\x1a\x16detour/v1/target.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb1\x03\n" +
 	"\fPlaceRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\tR\acommand\x12)\n" +
@@ -1529,7 +1543,8 @@ const file_detour_v1_placement_proto_rawDesc = "" +
 	"\x1borigin_requires_credentials\x18\n" +
 	" \x01(\bR\x19originRequiresCredentials\x12\x1d\n" +
 	"\n" +
-	"media_type\x18\v \x01(\tR\tmediaTypeB\v\n" +
+	"media_type\x18\v \x01(\tR\tmediaType\x12\x1c\n" +
+	"\ttransient\x18\f \x01(\bR\ttransientB\v\n" +
 	"\t_can_fill\"\xb3\x01\n" +
 	"\bLocation\x12\x10\n" +
 	"\x03url\x18\x01 \x01(\tR\x03url\x12\x1d\n" +

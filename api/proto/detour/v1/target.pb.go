@@ -683,7 +683,11 @@ type StoredObject struct {
 	// CRC32C (Castagnoli) of the bytes, as the store reported it.
 	Crc32C uint32 `protobuf:"varint,13,opt,name=crc32c,proto3" json:"crc32c,omitempty"`
 	// uid of the target the object was stored at.
-	TargetUid     string `protobuf:"bytes,14,opt,name=target_uid,json=targetUid,proto3" json:"target_uid,omitempty"`
+	TargetUid string `protobuf:"bytes,14,opt,name=target_uid,json=targetUid,proto3" json:"target_uid,omitempty"`
+	// The object's lifetime class: set, it was filled for a request its agent marked as likely
+	// superseded soon (PlaceRequest.transient), and its expiry is set and extended with the
+	// policy's transient_object_ttl; unset, with object_ttl. Copies of it keep the class.
+	Transient     bool `protobuf:"varint,15,opt,name=transient,proto3" json:"transient,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -816,6 +820,13 @@ func (x *StoredObject) GetTargetUid() string {
 	return ""
 }
 
+func (x *StoredObject) GetTransient() bool {
+	if x != nil {
+		return x.Transient
+	}
+	return false
+}
+
 // GarbageObject is stored bytes whose record is gone (expired, purged, target deleted, store
 // moved, orphaned fill), queued for deletion from the store.
 type GarbageObject struct {
@@ -940,8 +951,13 @@ type Policy struct {
 	MinOccurrences uint32 `protobuf:"varint,11,opt,name=min_occurrences,json=minOccurrences,proto3" json:"min_occurrences,omitempty"`
 	// 0: the default, 10 minutes; between 1s and 24h. Misses are remembered for one to two windows.
 	AdmissionWindow *durationpb.Duration `protobuf:"bytes,12,opt,name=admission_window,json=admissionWindow,proto3" json:"admission_window,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// What object_ttl is for transient objects (StoredObject.transient: answers their agent expects
+	// to be superseded soon, such as a growing repository's newest batch), at READY and at every
+	// extension. Zero means the default, 24 hours; at least 1 minute, and never more than
+	// object_ttl (a shorter object_ttl bounds it).
+	TransientObjectTtl *durationpb.Duration `protobuf:"bytes,13,opt,name=transient_object_ttl,json=transientObjectTtl,proto3" json:"transient_object_ttl,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Policy) Reset() {
@@ -1058,6 +1074,13 @@ func (x *Policy) GetAdmissionWindow() *durationpb.Duration {
 	return nil
 }
 
+func (x *Policy) GetTransientObjectTtl() *durationpb.Duration {
+	if x != nil {
+		return x.TransientObjectTtl
+	}
+	return nil
+}
+
 // FillClaim is the record of one agent filling one key (stored in etcd under a lease).
 type FillClaim struct {
 	state      protoimpl.MessageState `protogen:"open.v1"`
@@ -1073,7 +1096,9 @@ type FillClaim struct {
 	TargetUid string `protobuf:"bytes,9,opt,name=target_uid,json=targetUid,proto3" json:"target_uid,omitempty"`
 	// The authenticated identity (certificate) of the agent the claim was granted to: only it may
 	// report or abort the fill. Empty when the control plane runs without TLS.
-	Holder        string `protobuf:"bytes,10,opt,name=holder,proto3" json:"holder,omitempty"`
+	Holder string `protobuf:"bytes,10,opt,name=holder,proto3" json:"holder,omitempty"`
+	// The Place request was marked transient: the READY object will be (StoredObject.transient).
+	Transient     bool `protobuf:"varint,11,opt,name=transient,proto3" json:"transient,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1176,6 +1201,13 @@ func (x *FillClaim) GetHolder() string {
 		return x.Holder
 	}
 	return ""
+}
+
+func (x *FillClaim) GetTransient() bool {
+	if x != nil {
+		return x.Transient
+	}
+	return false
 }
 
 // CopyRequest asks the elected janitor for a server-side copy of key into a target in region:
@@ -1298,7 +1330,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"target_uid\x18\x02 \x01(\tR\ttargetUid\x12\x18\n" +
 	"\ahealthy\x18\x03 \x01(\bR\ahealthy\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x120\n" +
-	"\x05since\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\xc1\x03\n" +
+	"\x05since\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\xdf\x03\n" +
 	"\fStoredObject\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12,\n" +
@@ -1319,7 +1351,8 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"generation\x12\x16\n" +
 	"\x06crc32c\x18\r \x01(\rR\x06crc32c\x12\x1d\n" +
 	"\n" +
-	"target_uid\x18\x0e \x01(\tR\ttargetUid\"\xcc\x01\n" +
+	"target_uid\x18\x0e \x01(\tR\ttargetUid\x12\x1c\n" +
+	"\ttransient\x18\x0f \x01(\bR\ttransient\"\xcc\x01\n" +
 	"\rGarbageObject\x12\x16\n" +
 	"\x06bucket\x18\x01 \x01(\tR\x06bucket\x12\x1f\n" +
 	"\vobject_name\x18\x02 \x01(\tR\n" +
@@ -1329,7 +1362,7 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"generation\x12\x16\n" +
 	"\x06target\x18\x04 \x01(\tR\x06target\x12\x16\n" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\x122\n" +
-	"\x06queued\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x06queued\"\xb7\x05\n" +
+	"\x06queued\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x06queued\"\x84\x06\n" +
 	"\x06Policy\x12,\n" +
 	"\x12min_redirect_bytes\x18\x01 \x01(\x04R\x10minRedirectBytes\x12+\n" +
 	"\x11region_preference\x18\x02 \x03(\tR\x10regionPreference\x12?\n" +
@@ -1344,7 +1377,8 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\x1bdisable_cross_region_copies\x18\n" +
 	" \x01(\bR\x18disableCrossRegionCopies\x12'\n" +
 	"\x0fmin_occurrences\x18\v \x01(\rR\x0eminOccurrences\x12D\n" +
-	"\x10admission_window\x18\f \x01(\v2\x19.google.protobuf.DurationR\x0fadmissionWindow\"\xab\x02\n" +
+	"\x10admission_window\x18\f \x01(\v2\x19.google.protobuf.DurationR\x0fadmissionWindow\x12K\n" +
+	"\x14transient_object_ttl\x18\r \x01(\v2\x19.google.protobuf.DurationR\x12transientObjectTtl\"\xc9\x02\n" +
 	"\tFillClaim\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x19\n" +
@@ -1359,7 +1393,8 @@ const file_detour_v1_target_proto_rawDesc = "" +
 	"\n" +
 	"target_uid\x18\t \x01(\tR\ttargetUid\x12\x16\n" +
 	"\x06holder\x18\n" +
-	" \x01(\tR\x06holder\"\x8f\x01\n" +
+	" \x01(\tR\x06holder\x12\x1c\n" +
+	"\ttransient\x18\v \x01(\bR\ttransient\"\x8f\x01\n" +
 	"\vCopyRequest\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
 	"\x06region\x18\x02 \x01(\tR\x06region\x12\x1c\n" +
@@ -1423,13 +1458,14 @@ var file_detour_v1_target_proto_depIdxs = []int32{
 	13, // 13: detour.v1.Policy.object_ttl:type_name -> google.protobuf.Duration
 	13, // 14: detour.v1.Policy.cross_region_copy_window:type_name -> google.protobuf.Duration
 	13, // 15: detour.v1.Policy.admission_window:type_name -> google.protobuf.Duration
-	14, // 16: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
-	14, // 17: detour.v1.CopyRequest.requested:type_name -> google.protobuf.Timestamp
-	18, // [18:18] is the sub-list for method output_type
-	18, // [18:18] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	13, // 16: detour.v1.Policy.transient_object_ttl:type_name -> google.protobuf.Duration
+	14, // 17: detour.v1.FillClaim.granted:type_name -> google.protobuf.Timestamp
+	14, // 18: detour.v1.CopyRequest.requested:type_name -> google.protobuf.Timestamp
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_detour_v1_target_proto_init() }
