@@ -75,17 +75,19 @@ func (f *Front) relayCommand(w http.ResponseWriter, r *http.Request, cmd *wire.C
 		if err != nil {
 			return fmt.Errorf("origin response: %w", err)
 		}
-		if _, err := cw.Write(fr.Raw()); err != nil {
-			return errClientGone
-		}
-		if flusher != nil && body.Buffered() == 0 {
-			flusher.Flush()
-		}
+		// The objects are followed before the frame goes on, so that what a caller learns from
+		// them is in place before the client can have the answer and ask again.
 		if following == nil {
 			if err := asm.AddFunc(frame, objects); err != nil {
 				following = err
 				asm.Close()
 			}
+		}
+		if _, err := cw.Write(fr.Raw()); err != nil {
+			return errClientGone
+		}
+		if flusher != nil && body.Buffered() == 0 {
+			flusher.Flush()
 		}
 	}
 	switch {
@@ -104,14 +106,19 @@ func (f *Front) relayCommand(w http.ResponseWriter, r *http.Request, cmd *wire.C
 func (f *Front) relayObservingSize(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, encodings []string) {
 	f.a.Count("passthrough")
 	var t totalItems
-	err := f.relayCommand(w, r, cmd, encodings, t.observe)
-	if errors.Is(err, errStopObserving) && t.n > 0 {
-		repo := repoOf(r.URL.Path)
-		before := f.sizes.known(repo)
-		f.sizes.learn(repo, t.n, "clone")
-		if b := BatchSizeFor(t.n); before > 0 && b != BatchSizeFor(before) {
-			f.a.Log().Info("repository size changes the batch size", "repo", repo, "changesets", t.n, "batch_size", b,
-				"was", BatchSizeFor(before))
+	_ = f.relayCommand(w, r, cmd, encodings, func(p []byte) error {
+		err := t.observe(p)
+		if errors.Is(err, errStopObserving) && t.n > 0 {
+			// Learned before the frame that told it reaches the client (relayCommand follows
+			// objects first), so the client's next handshake already advertises the new size.
+			repo := repoOf(r.URL.Path)
+			before := f.sizes.known(repo)
+			f.sizes.learn(repo, t.n, "clone")
+			if b := BatchSizeFor(t.n); before > 0 && b != BatchSizeFor(before) {
+				f.a.Log().Info("repository size changes the batch size", "repo", repo, "changesets", t.n, "batch_size", b,
+					"was", BatchSizeFor(before))
+			}
 		}
-	}
+		return err
+	})
 }
