@@ -451,6 +451,20 @@ func serveGRPC(name string, srv *grpc.Server, lis net.Listener) error {
 // loadReportInterval is how often the log shows the first load's progress.
 const loadReportInterval = 5 * time.Second
 
+// loadProgressArgs are the attributes of a load's progress line: n of the expected records read
+// in elapsed, the rate so far and, once there is one, when the load should end at that rate.
+func loadProgressArgs(n, expected int64, elapsed time.Duration) []any {
+	args := []any{"records", n, "expected", expected, "elapsed", elapsed.Round(time.Second).String()}
+	if n > 0 && elapsed > 0 {
+		rate := float64(n) / elapsed.Seconds()
+		args = append(args, "rate_per_second", int64(rate))
+		if expected > n {
+			args = append(args, "expected_end_in", time.Duration(float64(expected-n)/rate*float64(time.Second)).Round(time.Second).String())
+		}
+	}
+	return args
+}
+
 // reportLoad logs the first snapshot load's progress until it is done, then says the replica is
 // serving and turns health to SERVING.
 func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
@@ -462,15 +476,14 @@ func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			n := s.w.LoadProgress()
-			s.o.Log.Info("loading the snapshot; placement answers inline meanwhile", "records", n,
-				"rate_per_second", int64(float64(n)/time.Since(start).Seconds()), "elapsed", time.Since(start).Round(time.Second))
+			s.o.Log.Info("loading the snapshot; placement answers inline meanwhile",
+				loadProgressArgs(s.w.LoadProgress(), s.w.LoadExpected(), time.Since(start))...)
 		case <-s.w.Ready():
 			snap := s.w.Snapshot()
 			s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 			close(s.ready)
 			args := []any{"grpc", ls.Placement.Addr().String(), "region", s.o.Region, "revision", snap.Revision,
-				"objects", snap.ObjectCount(), "targets", len(snap.Targets()), "loaded_in", time.Since(start).Round(time.Millisecond)}
+				"objects", snap.ObjectCount(), "targets", len(snap.Targets()), "loaded_in", time.Since(start).Round(time.Millisecond).String()}
 			if ls.Admin != nil {
 				args = append(args, "admin", ls.Admin.Addr().String())
 			}

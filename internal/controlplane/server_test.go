@@ -3,6 +3,7 @@ package controlplane
 import (
 	"context"
 	"errors"
+	"fmt"
 	"runtime"
 	"strings"
 	"testing"
@@ -261,4 +262,21 @@ func TestJanitorStandsDownWhenItsElectionIsLost(t *testing.T) {
 	})
 	// The new term works: a target is probed and found healthy.
 	createTargets(t, r, target(t, "us-a", "us"))
+}
+
+// The load's progress line says how far it is and when it should end at its rate so far.
+func TestLoadProgressSaysWhenTheLoadEnds(t *testing.T) {
+	for _, c := range []struct {
+		n, expected int64
+		elapsed     time.Duration
+		want        string
+	}{
+		{0, 0, 5 * time.Second, "[records 0 expected 0 elapsed 5s]"},
+		{250_000, 1_000_000, 5 * time.Second, "[records 250000 expected 1000000 elapsed 5s rate_per_second 50000 expected_end_in 15s]"},
+		{1_000_000, 1_000_000, 20 * time.Second, "[records 1000000 expected 1000000 elapsed 20s rate_per_second 50000]"},
+	} {
+		if got := fmt.Sprint(loadProgressArgs(c.n, c.expected, c.elapsed)); got != c.want {
+			t.Errorf("loadProgressArgs(%d, %d, %s) = %s, want %s", c.n, c.expected, c.elapsed, got, c.want)
+		}
+	}
 }

@@ -159,6 +159,10 @@ func start(ctx context.Context, cfg Config) (*Server, error) {
 		e.Close()
 		return nil, ctx.Err()
 	}
+	if cu.Port() == "0" && len(e.Clients) > 0 {
+		// Port 0 asked for any free port: clients are given the one etcd bound, not :0.
+		cfg.ClientURL = "https://" + e.Clients[0].Addr().String()
+	}
 	return &Server{etcd: e, cfg: cfg, pki: p, clientTLS: clientTLS}, nil
 }
 

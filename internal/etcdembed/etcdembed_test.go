@@ -179,3 +179,26 @@ func TestRestartKeepsThePKIAndPlaintextURLsAreRefused(t *testing.T) {
 		t.Fatalf("a plaintext client URL: %v", err)
 	}
 }
+
+// A client URL on port 0 (any free port) gives clients the port etcd bound: a control plane
+// started with --embedded-etcd-listen https://127.0.0.1:0 once dialled :0 and waited for ever.
+func TestPortZeroGivesTheBoundPort(t *testing.T) {
+	s, err := Start(context.Background(), Config{Dir: t.TempDir(), ClientURL: "https://127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if strings.HasSuffix(s.Endpoint(), ":0") {
+		t.Fatalf("endpoint %s", s.Endpoint())
+	}
+	cli, err := clientv3.New(s.ClientConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := cli.Put(ctx, "k", "v"); err != nil {
+		t.Fatalf("put through %s: %v", s.Endpoint(), err)
+	}
+}
