@@ -227,6 +227,10 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	reg := targets.NewRegistry(s.cli, o.EtcdPrefix)
 	reg.GroupClaims(max(o.ClaimsInFlight, 0))
 	s.w = targets.NewWatcher(s.cli, reg.Prefix(), o.Log)
+	if s.etcd != nil {
+		// The embedded etcd is a single member in this process: loads read it in process.
+		s.w.ReadLocally(s.etcd.Range)
+	}
 	d := newDeps(reg, s.w, cfg)
 	s.svc = newService(d)
 	d.etcd.members.reach(s.etcdConfig)

@@ -16,9 +16,12 @@ import (
 	"syscall"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.etcd.io/etcd/server/v3/etcdserver/txn"
 	"go.uber.org/zap"
 
 	"github.com/detourhq/detour/internal/pki"
@@ -214,6 +217,19 @@ func ClientConfigFor(endpoint, pkiDir string) (clientv3.Config, error) {
 		return clientv3.Config{}, fmt.Errorf("embedded etcd client TLS from %s: %w", pkiDir, err)
 	}
 	return clientv3.Config{Endpoints: []string{endpoint}, TLS: tc, DialTimeout: 5 * time.Second, Logger: zap.NewNop()}, nil
+}
+
+// Range reads up to limit keys of [key, end) at revision rev from this member's store, in
+// process: what a serializable Range over gRPC would answer, without encoding it for the network
+// and encrypting it. more says whether keys of the range are left after the last one returned.
+// Keys left are not counted (a counted range walks every key left, for every call).
+func (s *Server) Range(ctx context.Context, key, end string, rev, limit int64) (kvs []*mvccpb.KeyValue, more bool, err error) {
+	resp, _, err := txn.Range(ctx, s.etcd.Server.Logger(), s.etcd.Server.KV(),
+		&etcdserverpb.RangeRequest{Key: []byte(key), RangeEnd: []byte(end), Revision: rev, Limit: limit, Serializable: true}, false)
+	if err != nil {
+		return nil, false, err
+	}
+	return resp.Kvs, resp.More, nil
 }
 
 // QuotaBytes is the member's backend space quota.

@@ -11,6 +11,8 @@ import (
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/detourhq/detour/internal/etcdembed"
 )
 
 // objectsAt reads the object records at rev with one plain range: what a load at rev must index.
@@ -49,10 +51,32 @@ func sameCopies(a, b map[Key][]string) bool {
 	return true
 }
 
-// A load, streamed or by pages, is the state at one revision, however many writes land while it
+// How a load reads etcd.
+type readMode int
+
+const (
+	streamed readMode = iota // RangeStreams over gRPC
+	paged                    // pages over gRPC (an etcd without RangeStream)
+	local                    // in process, from the embedded member
+)
+
+func (m readMode) String() string { return [...]string{"streamed", "paged", "local"}[m] }
+
+// watcherReading is a watcher that reads etcd as mode says, in small chunks.
+func watcherReading(srv *etcdembed.Server, cli *clientv3.Client, mode readMode, chunk int64) *Watcher {
+	w := NewWatcher(cli, "", nil)
+	w.pageSize, w.localChunk = chunk, chunk
+	w.noStream.Store(mode == paged)
+	if mode == local {
+		w.ReadLocally(srv.Range)
+	}
+	return w
+}
+
+// A load, streamed, by pages or in process, is the state at one revision, however many writes land while it
 // reads: every record written up to that revision, none after.
 func TestLoadIsTheStateAtOneRevisionWhileWritesContinue(t *testing.T) {
-	_, cli := startEtcd(t)
+	srv, cli := startEtcd(t)
 	ctx := context.Background()
 	protoReg, compactReg := NewRegistry(cli, ""), NewRegistry(cli, "")
 	protoReg.SetRecordEncoding(EncodingProto)
@@ -85,33 +109,31 @@ func TestLoadIsTheStateAtOneRevisionWhileWritesContinue(t *testing.T) {
 		}
 	}()
 	defer stop()
-	for _, pages := range []bool{false, true} {
-		w := NewWatcher(cli, "", nil)
-		w.pageSize = 100
-		w.noStream.Store(pages)
+	for _, mode := range []readMode{streamed, paged, local} {
+		w := watcherReading(srv, cli, mode, 100)
 		before := written.Load()
 		rev, err := w.load(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if written.Load() == before {
-			t.Fatalf("pages %v: no write landed during the load; the test proves nothing", pages)
+			t.Fatalf("%s: no write landed during the load; the test proves nothing", mode)
 		}
 		want := objectsAt(t, cli, rev)
 		if got := targetsOf(w.Snapshot()); !sameCopies(got, want) {
-			t.Fatalf("pages %v: the load at revision %d holds %d keys; etcd at that revision %d", pages, rev, len(got), len(want))
+			t.Fatalf("%s: the load at revision %d holds %d keys; etcd at that revision %d", mode, rev, len(got), len(want))
 		}
 		if w.Snapshot().Revision != rev || len(want) < base/2 {
-			t.Fatalf("pages %v: snapshot revision %d (load %d), %d keys", pages, w.Snapshot().Revision, rev, len(want))
+			t.Fatalf("%s: snapshot revision %d (load %d), %d keys", mode, w.Snapshot().Revision, rev, len(want))
 		}
 	}
 }
 
-// Parallel streams and pages (for an etcd without RangeStream) split the prefix into ranges at
+// Parallel streams, pages (for an etcd without RangeStream) and in-process reads split the prefix into ranges at
 // points of the object records' hex key space; together the ranges must hold every key under the
 // prefix, also those that sort between or around those points, once.
 func TestPagesReadEveryKeyTheStreamReads(t *testing.T) {
-	_, cli := startEtcd(t)
+	srv, cli := startEtcd(t)
 	ctx := context.Background()
 	for i := range 600 {
 		if _, err := cli.Put(ctx, DefaultPrefix+"objects/"+testKey(i*1_000_003)+"/t", "x"); err != nil {
@@ -132,10 +154,8 @@ func TestPagesReadEveryKeyTheStreamReads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	read := func(pages bool) []string {
-		w := NewWatcher(cli, "", nil)
-		w.pageSize = 7
-		w.noStream.Store(pages)
+	read := func(mode readMode) []string {
+		w := watcherReading(srv, cli, mode, 7)
 		var mu sync.Mutex
 		var keys []string
 		if err := w.read(ctx, resp.Header.Revision, func(kvs []*mvccpb.KeyValue) {
@@ -150,11 +170,16 @@ func TestPagesReadEveryKeyTheStreamReads(t *testing.T) {
 		slices.Sort(keys)
 		return keys
 	}
-	stream, pages := read(false), read(true)
+	stream := read(streamed)
 	if len(stream) != 600+len(odd) {
 		t.Fatalf("the stream read %d keys, want %d", len(stream), 600+len(odd))
 	}
-	if !slices.Equal(stream, pages) || len(slices.Compact(slices.Clone(stream))) != len(stream) {
-		t.Fatalf("pages read %d keys, the stream %d", len(pages), len(stream))
+	if len(slices.Compact(slices.Clone(stream))) != len(stream) {
+		t.Fatal("the stream read a key twice")
+	}
+	for _, mode := range []readMode{paged, local} {
+		if got := read(mode); !slices.Equal(stream, got) {
+			t.Fatalf("%s read %d keys, the stream %d", mode, len(got), len(stream))
+		}
 	}
 }

@@ -46,6 +46,10 @@ type Watcher struct {
 	noStream atomic.Bool
 	// streams is how many RangeStreams over sub-ranges a load reads at once.
 	streams int
+	// local, when set, reads from an etcd member in this process (ReadLocally), localChunk keys
+	// at a time.
+	local      LocalRange
+	localChunk int64
 }
 
 // NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
@@ -60,7 +64,7 @@ func NewWatcher(cli *clientv3.Client, prefix string, log *slog.Logger) *Watcher 
 		log = slog.Default()
 	}
 	w := &Watcher{cli: cli, prefix: prefix, log: log, pageSize: 5000, ready: make(chan struct{}), progressInterval: 5 * time.Second,
-		invalidations: newInvalidationLog(1 << 16), streams: 4}
+		invalidations: newInvalidationLog(1 << 16), streams: 4, localChunk: 4096}
 	w.cur.Store(emptySnapshot())
 	return w
 }
