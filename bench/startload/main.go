@@ -129,7 +129,7 @@ func main() {
 		}
 		bins = append(bins, [2]string{label, path})
 	}
-	fmt.Printf("%-8s %-4s %12s %9s %10s %10s %10s %10s %12s  %s\n", "binary", "run", "first redir", "CPU", "RSS", "anon", "file", "heap", "etcd RSS/CPU", "after settle (RSS/anon/heap)")
+	fmt.Printf("%-8s %-4s %12s %8s %8s %9s %10s %10s %10s %10s %12s  %s\n", "binary", "run", "first redir", "etcd up", "load", "CPU", "RSS", "anon", "file", "heap", "etcd RSS/CPU", "after settle (RSS/anon/heap)")
 	// Binaries alternate within each round, so a noisy stretch of the machine hits all of them.
 	for r := 1; r <= *runs; r++ {
 		for _, b := range bins {
@@ -434,8 +434,9 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 		em := memOf(etcd.cmd.Process.Pid, "")
 		etcdRSS = fmt.Sprintf("%s/%.0fs", mb(em.rss), em.cpu.Seconds())
 	}
-	line := fmt.Sprintf("%-8s %-4d %11.2fs %8.1fs %10s %10s %10s %10s %12s", label, run, first.Seconds(), at.cpu.Seconds(),
-		mb(at.rss), mb(at.anon), mb(at.file), mb(at.heap), etcdRSS)
+	etcdUp, loaded := phases(filepath.Join(dir, "controlplane.log"), t0)
+	line := fmt.Sprintf("%-8s %-4d %11.2fs %8s %8s %8.1fs %10s %10s %10s %10s %12s", label, run, first.Seconds(), etcdUp, loaded,
+		at.cpu.Seconds(), mb(at.rss), mb(at.anon), mb(at.file), mb(at.heap), etcdRSS)
 	if *settle > 0 {
 		time.Sleep(*settle)
 		s := memOf(cp.cmd.Process.Pid, metrics)
@@ -445,6 +446,38 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 	if *burst > 0 {
 		burstOnce(ctx, m, etcdListen, data, place, req)
 	}
+}
+
+// phases reads a control plane's log for when its embedded etcd was up (since t0) and how long
+// the snapshot load took by its own account; "-" for what the log does not say.
+func phases(logPath string, t0 time.Time) (etcdUp, loaded string) {
+	etcdUp, loaded = "-", "-"
+	f, err := os.Open(logPath)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var l struct {
+			Time time.Time `json:"time"`
+			Msg  string    `json:"msg"`
+			Took string    `json:"took"`
+		}
+		if json.Unmarshal(sc.Bytes(), &l) != nil {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(l.Msg, "embedded etcd started"):
+			etcdUp = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
+		case l.Msg == "snapshot loaded" && loaded == "-":
+			if d, err := time.ParseDuration(l.Took); err == nil {
+				loaded = fmt.Sprintf("%.2fs", d.Seconds())
+			}
+		}
+	}
+	return
 }
 
 // burstOnce measures Place on keys the index holds, idle and while a writer adds *burst records.
