@@ -27,6 +27,7 @@ import (
 	"github.com/detourhq/detour/internal/front/hgbundle"
 	"github.com/detourhq/detour/internal/front/hgv2"
 	"github.com/detourhq/detour/internal/front/hgweb"
+	"github.com/detourhq/detour/internal/memlimit"
 	"github.com/detourhq/detour/internal/pki"
 )
 
@@ -102,6 +103,7 @@ func main() {
 		fail("--log-level: %v", err)
 	}
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	memlimit.Set(log, memlimit.FromCgroup)
 	cfg.Log = log
 	if !envflag.Given(flag.CommandLine, "region") {
 		fail(`--region is required (--region "" for an agent that never fills)`)

@@ -22,6 +22,7 @@ import (
 	"github.com/detourhq/detour/internal/envflag"
 	"github.com/detourhq/detour/internal/etcdembed"
 	"github.com/detourhq/detour/internal/flagcheck"
+	"github.com/detourhq/detour/internal/memlimit"
 	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/targets"
 )
@@ -96,6 +97,7 @@ func main() {
 		os.Exit(2)
 	}
 	o.Log = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	memlimit.Set(o.Log, memlimit.FromCgroup)
 	if endpoints != "" {
 		o.EtcdEndpoints = strings.Split(endpoints, ",")
 	}
