@@ -5,7 +5,9 @@
 // with a redirect, with the process's RSS and Go heap at that moment and a little later.
 //
 // With -burst it then measures Place latency idle and while a writer on the same machine writes
-// a burst of new records, and how long the watch takes to catch up after the last write.
+// a burst of new records, and how long the watch takes to catch up after the last write; first
+// the same burst under a prefix the control plane does not watch, as the baseline (what the etcd
+// writes and the writer cost the shared machine without the control plane applying them).
 //
 // The control plane's GCS endpoint is a front (storeFront) that answers for every record's object
 // as a store holding them would (metadata and listings), so that the store guard's checks at start
@@ -499,27 +501,38 @@ func burstOnce(ctx context.Context, m *meta, etcdURL, data string, place pb.Plac
 		check(err)
 		ts = append(ts, t)
 	}
-	writeDone := make(chan time.Duration)
-	start := time.Now()
-	go func() {
-		inParallel(*writers, *burst, func(i int) {
-			n := m.Records + i
-			check(reg.PutObject(ctx, record(n, ts[n%len(ts)])))
-		})
-		writeDone <- time.Since(start)
-	}()
-	// Latency is measured for as long as the writes take.
-	var during loadstat.Result
-	var wrote time.Duration
-	var results []loadstat.Result
-	for wrote == 0 {
-		results = append(results, loadstat.Run(*burstConc, 500*time.Millisecond, 0, op))
-		select {
-		case wrote = <-writeDone:
-		default:
-		}
+	// The baseline: the same burst under a prefix the control plane does not watch, so etcd and
+	// the writer cost the machine what they cost in the burst proper, and the control plane
+	// applies nothing. What the burst proper adds to it is the control plane's own cost.
+	elsewhere := targets.NewRegistry(cli, "/startload-elsewhere/")
+	if m.Encoding == "proto" {
+		elsewhere.SetRecordEncoding(targets.EncodingProto)
 	}
-	during = merge(results)
+	writeBurst := func(reg *targets.Registry, from int) (loadstat.Result, time.Duration) {
+		writeDone := make(chan time.Duration)
+		start := time.Now()
+		go func() {
+			inParallel(*writers, *burst, func(i int) {
+				n := from + i
+				check(reg.PutObject(ctx, record(n, ts[n%len(ts)])))
+			})
+			writeDone <- time.Since(start)
+		}()
+		// Latency is measured for as long as the writes take.
+		var wrote time.Duration
+		var results []loadstat.Result
+		for wrote == 0 {
+			results = append(results, loadstat.Run(*burstConc, 500*time.Millisecond, 0, op))
+			select {
+			case wrote = <-writeDone:
+			default:
+			}
+		}
+		return merge(results), wrote
+	}
+	base, baseWrote := writeBurst(elsewhere, m.Records)
+	start := time.Now()
+	during, wrote := writeBurst(reg, m.Records)
 	last := key(m.Records + *burst - 1)
 	for {
 		resp, err := place.Place(ctx, req(last))
@@ -533,6 +546,9 @@ func burstOnce(ctx context.Context, m *meta, etcdURL, data string, place pb.Plac
 	fmt.Printf("  burst: %d records written in %s (%.0f/s) by %d writers; Place at concurrency %d: idle %s; during the burst %s; p99 ratio %.1f; the last record placeable %s after the last write\n",
 		*burst, wrote.Round(time.Millisecond), float64(*burst)/wrote.Seconds(), *writers, *burstConc, idle, during,
 		float64(during.P99)/float64(idle.P99), (caught - wrote).Round(time.Millisecond))
+	fmt.Printf("  baseline: the same burst outside Detour's prefix, written in %s (%.0f/s): Place %s; p99 ratio to idle %.1f; the burst proper's p99 to it %.1f\n",
+		baseWrote.Round(time.Millisecond), float64(*burst)/baseWrote.Seconds(), base, float64(base.P99)/float64(idle.P99),
+		float64(during.P99)/float64(base.P99))
 }
 
 // merge approximates the percentiles of consecutive runs by the worst of each (an upper bound).
