@@ -72,6 +72,31 @@ func freeLoopbackURL() (string, error) {
 	return "https://" + l.Addr().String(), nil
 }
 
+// pickOn says whether a port must be picked for u (empty, or on port 0) and on which host
+// ("" for loopback).
+func pickOn(u string) (string, bool) {
+	if u == "" {
+		return "", true
+	}
+	if p, err := url.Parse(u); err == nil && p.Port() == "0" {
+		return p.Hostname(), true
+	}
+	return "", false
+}
+
+// freeURLOn is FreeURL on host, or on loopback when host is "" or itself loopback.
+func freeURLOn(host string) (string, error) {
+	if host == "" || host == "127.0.0.1" || host == "localhost" {
+		return FreeURL()
+	}
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return "https://" + l.Addr().String(), nil
+}
+
 // Start starts a single-member cluster and waits until it serves.
 func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.Name == "" {
@@ -93,16 +118,20 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	// Ports this function picks were free a moment before etcd binds them; another process may
 	// take one in between, so a start that fails on a picked port is tried again with new ones.
-	pickClient, pickPeer := cfg.ClientURL == "", cfg.PeerURL == ""
+	// A URL on port 0 asks for a free port on its host: one is picked here too, since the member
+	// advertises the URL it was given and clients that sync their endpoints from the member list
+	// would otherwise dial port 0.
+	clientHost, pickClient := pickOn(cfg.ClientURL)
+	peerHost, pickPeer := pickOn(cfg.PeerURL)
 	for attempt := 1; ; attempt++ {
 		var err error
 		if pickClient {
-			if cfg.ClientURL, err = FreeURL(); err != nil {
+			if cfg.ClientURL, err = freeURLOn(clientHost); err != nil {
 				return nil, err
 			}
 		}
 		if pickPeer {
-			if cfg.PeerURL, err = FreeURL(); err != nil {
+			if cfg.PeerURL, err = freeURLOn(peerHost); err != nil {
 				return nil, err
 			}
 		}
@@ -161,10 +190,6 @@ func start(ctx context.Context, cfg Config) (*Server, error) {
 	case <-ctx.Done():
 		e.Close()
 		return nil, ctx.Err()
-	}
-	if cu.Port() == "0" && len(e.Clients) > 0 {
-		// Port 0 asked for any free port: clients are given the one etcd bound, not :0.
-		cfg.ClientURL = "https://" + e.Clients[0].Addr().String()
 	}
 	return &Server{etcd: e, cfg: cfg, pki: p, clientTLS: clientTLS}, nil
 }

@@ -180,7 +180,8 @@ func TestRestartKeepsThePKIAndPlaintextURLsAreRefused(t *testing.T) {
 	}
 }
 
-// A client URL on port 0 (any free port) gives clients the port etcd bound: a control plane
+// A client URL on port 0 (any free port) gives clients a real port, also through the member
+// list that clients sync their endpoints from (every minute in the control plane): a control plane
 // started with --embedded-etcd-listen https://127.0.0.1:0 once dialled :0 and waited for ever.
 func TestPortZeroGivesTheBoundPort(t *testing.T) {
 	s, err := Start(context.Background(), Config{Dir: t.TempDir(), ClientURL: "https://127.0.0.1:0"})
@@ -200,5 +201,16 @@ func TestPortZeroGivesTheBoundPort(t *testing.T) {
 	defer cancel()
 	if _, err := cli.Put(ctx, "k", "v"); err != nil {
 		t.Fatalf("put through %s: %v", s.Endpoint(), err)
+	}
+	if err := cli.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range cli.Endpoints() {
+		if strings.HasSuffix(e, ":0") {
+			t.Fatalf("after a sync the client's endpoints are %v", cli.Endpoints())
+		}
+	}
+	if _, err := cli.Put(ctx, "k", "v2"); err != nil {
+		t.Fatalf("put after a sync to %v: %v", cli.Endpoints(), err)
 	}
 }
