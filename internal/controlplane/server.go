@@ -456,7 +456,8 @@ func serveGRPC(name string, srv *grpc.Server, lis net.Listener) error {
 const loadReportInterval = 5 * time.Second
 
 // loadProgressArgs are the attributes of a load's progress line: n of the expected records read
-// in elapsed, the rate so far and, once there is one, when the load should end at that rate.
+// in the elapsed time of the current load, the rate so far and, once there is one, when the load
+// should end at that rate.
 func loadProgressArgs(n, expected int64, elapsed time.Duration) []any {
 	args := []any{"records", n, "expected", expected, "elapsed", elapsed.Round(time.Second).String()}
 	if n > 0 && elapsed > 0 {
@@ -480,8 +481,13 @@ func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			// The rate is the current load's: one that failed and began again counts from zero.
+			elapsed, began := time.Since(start), s.w.LoadBegan()
+			if !began.IsZero() {
+				elapsed = time.Since(began)
+			}
 			s.o.Log.Info("loading the snapshot; placement answers inline meanwhile",
-				loadProgressArgs(s.w.LoadProgress(), s.w.LoadExpected(), time.Since(start))...)
+				append(loadProgressArgs(s.w.LoadProgress(), s.w.LoadExpected(), elapsed), "since_start", time.Since(start).Round(time.Second).String())...)
 		case <-s.w.Ready():
 			snap := s.w.Snapshot()
 			s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)

@@ -38,8 +38,17 @@ func (w *Watcher) LoadProgress() int64 { return w.progress.records.Load() }
 // with LoadProgress, how far the load has come.
 func (w *Watcher) LoadExpected() int64 { return w.progress.expected.Load() }
 
+// LoadBegan is when the latest load began (zero before the first): rates are measured from it,
+// since a load that failed and began again counts its records from zero.
+func (w *Watcher) LoadBegan() time.Time {
+	if ns := w.progress.began.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
+}
+
 type loadProgress struct {
-	records, expected atomic.Int64
+	records, expected, began atomic.Int64
 }
 
 // load reads everything under the prefix at one revision and publishes it.
@@ -47,6 +56,7 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 	began := time.Now()
 	w.progress.records.Store(0)
 	w.progress.expected.Store(0)
+	w.progress.began.Store(began.UnixNano())
 
 	objPrefix := w.prefix + "objects/"
 	// The count fixes the revision: everything is read at it.
