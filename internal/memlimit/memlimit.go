@@ -23,10 +23,13 @@ import (
 func Set(log *slog.Logger, provider memlimit.Provider) int64 {
 	limit, err := memlimit.Set(memlimit.WithProvider(provider))
 	switch {
-	case err != nil:
-		log.Warn("no soft memory limit for the Go collector: the container's limit could not be read; set GOMEMLIMIT", "err", err)
 	case os.Getenv("GOMEMLIMIT") != "":
 		log.Info("soft memory limit for the Go collector from GOMEMLIMIT", "limit_bytes", limit)
+	case os.Getenv("AUTOMEMLIMIT") == "off":
+		log.Info("no soft memory limit for the Go collector from the container's limit: AUTOMEMLIMIT=off")
+	case err != nil:
+		log.Warn("no soft memory limit for the Go collector (AUTOMEMLIMIT must be a share in (0, 1], or off; set GOMEMLIMIT otherwise)",
+			"err", err, "AUTOMEMLIMIT", os.Getenv("AUTOMEMLIMIT"))
 	case limit == math.MaxInt64:
 		log.Info("no soft memory limit for the Go collector: no container limit found; set GOMEMLIMIT to bound the heap's headroom")
 	default:

@@ -29,6 +29,20 @@ func TestTheLimitIsAShareOfTheContainersUnlessGOMEMLIMITSaysOtherwise(t *testing
 	if got := Set(log, memlimit.Limit(1<<30)); got != 1<<29 {
 		t.Fatalf("limit %d with AUTOMEMLIMIT 0.5", got)
 	}
+	buf.Reset()
+	t.Setenv("AUTOMEMLIMIT", "off")
+	if got := Set(log, memlimit.Limit(1<<30)); got != 1<<29 {
+		t.Fatalf("limit %d with AUTOMEMLIMIT off: it must stay as it was", got)
+	}
+	if !strings.Contains(buf.String(), "AUTOMEMLIMIT=off") {
+		t.Fatalf("log: %s", buf.String())
+	}
+	buf.Reset()
+	t.Setenv("AUTOMEMLIMIT", "90%")
+	Set(log, memlimit.Limit(1<<30))
+	if !strings.Contains(buf.String(), "AUTOMEMLIMIT must be a share") {
+		t.Fatalf("log: %s", buf.String())
+	}
 	t.Setenv("AUTOMEMLIMIT", "0.9")
 
 	buf.Reset()
