@@ -57,7 +57,7 @@ func TestAgentsProbeAndExplainInTwoRegions(t *testing.T) {
 
 	for _, r := range s.Regions {
 		node := "--node=" + r.Name + "-demo"
-		testbed.Eventually(t, 10*time.Second, "a redirect from the "+r.Name+" agent", func() bool {
+		testbed.Eventually(t, 30*time.Second, "a redirect from the "+r.Name+" agent", func() bool {
 			out, err := run("probe", "--agent", r.AgentURL, node)
 			if err != nil {
 				t.Fatal(err)
