@@ -23,6 +23,9 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.etcd.io/etcd/server/v3/etcdserver/txn"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/detourhq/detour/internal/pki"
 )
@@ -55,6 +58,37 @@ type Server struct {
 	pki       PKI
 	clientTLS *tls.Config
 	close     sync.Once
+	status    *statusGuard
+}
+
+// statusGuard holds Maintenance.Status calls off a stopping member. etcd 3.7.3 answers Status
+// from its backend without waiting for the backend's close (etcd issue 22189, fix pending): a
+// Status in flight while the member stops dereferences a closed database and kills the process,
+// which, for an embedded etcd, is the control plane (whose replicas poll Status). Stopping waits
+// for Status calls in flight; later ones are refused as Unavailable.
+type statusGuard struct {
+	mu       sync.RWMutex
+	stopping bool
+}
+
+const statusMethod = "/etcdserverpb.Maintenance/Status"
+
+func (g *statusGuard) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if info.FullMethod != statusMethod {
+		return handler(ctx, req)
+	}
+	g.mu.RLock()
+	defer g.mu.RUnlock()
+	if g.stopping {
+		return nil, status.Error(codes.Unavailable, "etcd member is stopping")
+	}
+	return handler(ctx, req)
+}
+
+func (g *statusGuard) stop() {
+	g.mu.Lock()
+	g.stopping = true
+	g.mu.Unlock()
 }
 
 // FreeURL returns an https URL on a loopback port that was free a moment ago.
@@ -175,6 +209,8 @@ func start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	ec.LogLevel = cfg.LogLevel
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	guard := &statusGuard{}
+	ec.GRPCAdditionalServerOptions = append(ec.GRPCAdditionalServerOptions, grpc.ChainUnaryInterceptor(guard.intercept))
 	e, err := embed.StartEtcd(ec)
 	if err != nil {
 		return nil, fmt.Errorf("start embedded etcd in %s: %w", cfg.Dir, err)
@@ -191,7 +227,7 @@ func start(ctx context.Context, cfg Config) (*Server, error) {
 		e.Close()
 		return nil, ctx.Err()
 	}
-	return &Server{etcd: e, cfg: cfg, pki: p, clientTLS: clientTLS}, nil
+	return &Server{etcd: e, cfg: cfg, pki: p, clientTLS: clientTLS, status: guard}, nil
 }
 
 func tlsInfo(f pki.Files, server bool) transport.TLSInfo {
@@ -267,6 +303,7 @@ func (s *Server) IsLeader() bool { return s.etcd.Server.Leader() == s.etcd.Serve
 // to another member (Close does hand it over), and its listeners close in the background. Close
 // waits for that.
 func (s *Server) Crash() {
+	s.status.stop()
 	s.etcd.Server.HardStop()
 	go s.Close()
 }
@@ -275,7 +312,12 @@ func (s *Server) Crash() {
 func (s *Server) Config() Config { return s.cfg }
 
 // Close stops the member. It may be called more than once.
-func (s *Server) Close() { s.close.Do(s.etcd.Close) }
+func (s *Server) Close() {
+	s.close.Do(func() {
+		s.status.stop()
+		s.etcd.Close()
+	})
+}
 
 // StartCluster starts one member per directory on loopback ports and waits until all serve. The
 // members share the PKI of the first (dirs[0] with "-pki" appended).
