@@ -66,31 +66,27 @@ func (a *Agent) OffloadBytes() (store, origin, filled int64) {
 // RelayAs is Relay, counting the bytes of the origin's answer under command (BytesOrigin).
 func (a *Agent) RelayAs(w http.ResponseWriter, r *http.Request, outcome, command string) {
 	a.Count(outcome)
-	cw := &countingWriter{ResponseWriter: w}
-	a.proxy.ServeHTTP(cw, recordBodyErr(r))
-	a.CountBytes(command, BytesOrigin, cw.n)
+	a.proxy.ServeHTTP(a.OriginWriter(w, command), recordBodyErr(r))
 }
 
-// CountingWriter returns w counting the body bytes written through it; Written reports them.
-// Flushes and hijacks reach w (through Unwrap).
-func CountingWriter(w http.ResponseWriter) interface {
-	http.ResponseWriter
-	Written() int64
-} {
-	return &countingWriter{ResponseWriter: w}
+// OriginWriter returns w counting the body bytes written through it as command's bytes from the
+// origin (BytesOrigin), each write as it goes to the client rather than once the answer is done:
+// a client that has read an answer finds its bytes counted, and a long relay shows in the
+// counters while it runs. Flushes and hijacks reach w (through Unwrap).
+func (a *Agent) OriginWriter(w http.ResponseWriter, command string) http.ResponseWriter {
+	return &countingWriter{ResponseWriter: w, count: func(n int64) { a.CountBytes(command, BytesOrigin, n) }}
 }
 
 type countingWriter struct {
 	http.ResponseWriter
-	n int64
+	count func(int64)
 }
 
 func (c *countingWriter) Write(p []byte) (int, error) {
-	n, err := c.ResponseWriter.Write(p)
-	c.n += int64(n)
-	return n, err
+	// Counted before the write returns, so before the client can have read the bytes.
+	c.count(int64(len(p)))
+	return c.ResponseWriter.Write(p)
 }
 
-func (c *countingWriter) Written() int64              { return c.n }
 func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
 func (c *countingWriter) Flush()                      { _ = http.NewResponseController(c.ResponseWriter).Flush() }

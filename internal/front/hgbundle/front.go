@@ -176,8 +176,10 @@ func (f *Front) serveCapabilities(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(resp.StatusCode)
-	n, _ := w.Write(body)
-	f.a.CountBytes("capabilities", agent.BytesOrigin, int64(n))
+	// Counted before the client can have the answer (a client that then reads the metrics
+	// finds it).
+	f.a.CountBytes("capabilities", agent.BytesOrigin, int64(len(body)))
+	_, _ = w.Write(body)
 }
 
 // serveManifest answers `clonebundles`: the READY bundles of the newest checkpoint that has

@@ -47,9 +47,7 @@ func (f *Front) Section() *wire.RedirectSection {
 // manifestdata and filesdata (see batch.go).
 func (f *Front) serveHandshake(w http.ResponseWriter, r *http.Request) {
 	f.a.Count("capabilities")
-	cw := agent.CountingWriter(w)
-	defer func() { f.a.CountBytes("capabilities", agent.BytesOrigin, cw.Written()) }()
-	w = cw
+	w = f.a.OriginWriter(w, "capabilities")
 	req, err := http.NewRequestWithContext(r.Context(), r.Method, f.a.OriginURL(r), nil)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
@@ -107,9 +105,7 @@ func (f *Front) rewriteCapabilities(r *http.Request, repo string, caps []byte) (
 // as in the handshake.
 func (f *Front) serveCapabilitiesCommand(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, encodings []string) {
 	f.a.Count("capabilities")
-	cw := agent.CountingWriter(w)
-	defer func() { f.a.CountBytes("capabilities", agent.BytesOrigin, cw.Written()) }()
-	w = cw
+	w = f.a.OriginWriter(w, "capabilities")
 	resp, err := f.forwardCommand(r, cmd, wire.UpstreamEncodings(encodings))
 	if err != nil {
 		f.originFailed(w, cmd, err)

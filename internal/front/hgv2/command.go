@@ -55,9 +55,10 @@ func (f *Front) serveCommand(w http.ResponseWriter, r *http.Request, name string
 	case agent.Redirect:
 		answer, err := f.redirectAnswer(cmd.Redirect.Hashes, d.Location)
 		if err == nil {
-			writeRedirect(w, cmd.RequestID, answer)
+			// Counted before the answer goes out, so that a client that has it finds it counted.
 			f.a.Count(d.Label())
 			f.a.CountBytes(q.Command, agent.BytesStore, int64(d.Location.Size))
+			writeRedirect(w, cmd.RequestID, answer)
 			return
 		}
 		f.a.Once().Warn("redirect", "cannot encode a redirect; answering inline", "err", err)

@@ -40,8 +40,7 @@ func (f *Front) relayWithFill(w http.ResponseWriter, r *http.Request, cmd *wire.
 // why its objects could not be followed to the end (nil: they were). The bytes relayed are
 // counted as the origin's.
 func (f *Front) relayCommand(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, encodings []string, objects func([]byte) error) error {
-	cw := agent.CountingWriter(w)
-	defer func() { f.a.CountBytes(commandLabel(cmd.Name), agent.BytesOrigin, cw.Written()) }()
+	cw := f.a.OriginWriter(w, commandLabel(cmd.Name))
 	resp, err := f.forwardCommand(r, cmd, wire.UpstreamEncodings(encodings))
 	if err != nil {
 		f.originFailed(cw, cmd, err)
