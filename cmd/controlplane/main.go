@@ -56,7 +56,7 @@ func main() {
 	flag.StringVar(&verifyFills, "verify-fills", "attrs", "how reported fills are verified before READY: attrs (size, CRC32C, generation and recorded hashes from the store), full (also re-read and re-hash the bytes), or a fraction 0..1 of fills to verify in full")
 	flag.DurationVar(&o.Janitor.SweepInterval, "sweep-interval", 30*time.Second, "how often expired and stale records are retired and their stored bytes deleted")
 	flag.DurationVar(&o.Janitor.ReconcileInterval, "reconcile-interval", 10*time.Minute, "how often each target's bucket is listed against the index (missing objects, orphans)")
-	flag.Float64Var(&o.Janitor.MaxRetireShare, "reconcile-max-retire-share", controlplane.DefaultMaxRetireShare, "share of a target's records one reconcile round, or a replica's listing at start, may retire (at least 3 records): a listing that misses more retires none and says so (above 0, at most 1; 1 turns the check off)")
+	flag.Float64Var(&o.Janitor.MaxRetireShare, "reconcile-max-retire-share", controlplane.DefaultMaxRetireShare, "share of a target's records one reconcile round, or a replica's listing at start, may retire (at least 3 records): a listing that misses more retires none and says so; the same share of the listed objects bounds the orphans one reconcile deletes (above 0, at most 1; 1 turns the checks off)")
 	flag.DurationVar(&o.Janitor.ProbeInterval, "probe-interval", 2*time.Second, "how often each target's client-facing URL is probed")
 	flag.IntVar(&o.Janitor.ProbeFailures, "probe-failures", 3, "consecutive probe failures that make a target unhealthy")
 	flag.IntVar(&o.Janitor.ProbeRecoveries, "probe-recoveries", 2, "consecutive probe successes that make an unhealthy target healthy again")

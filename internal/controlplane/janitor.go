@@ -35,7 +35,8 @@ type JanitorConfig struct {
 	// MaxRetireShare is the share of a target's records one reconcile round, or one replica's
 	// confirmation of the target after its start, may retire (default DefaultMaxRetireShare; at
 	// least 3 records whatever the share; 1: any number). A round whose listing misses more retires
-	// none (retireguard.go).
+	// none; the same share of the objects a reconcile listed bounds the orphans it deletes
+	// (retireguard.go).
 	MaxRetireShare float64
 	// GarbageBatch is how many queued deletions one sweep takes (default 500).
 	GarbageBatch int

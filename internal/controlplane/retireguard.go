@@ -33,7 +33,37 @@ const retireFloor = 3
 const (
 	retirePathReconcile = "reconcile"
 	retirePathConfirm   = "confirm"
+	retirePathOrphans   = "orphans"
 )
+
+// The reconcile's other deletion has the mirror-image failure: stored objects that no record
+// accounts for are deleted as the bytes of failed fills, on the index's word. An index that lost
+// its records (an etcd restored from an old backup or started empty, a wrong --etcd-prefix, a
+// target pointed at another deployment's bucket) would make every object in the bucket such an
+// orphan. So a round that would delete more orphans than the same share of the objects it listed
+// deletes none, counted under path "orphans" and logged once, like a refused retirement.
+
+// allowOrphanDeletion says whether a reconcile of target t that would delete would of the listed
+// objects it saw as orphans may go ahead.
+func (d *deps) allowOrphanDeletion(t *pb.Target, would, listed int) bool {
+	cause := "orphans-refused:" + t.Name
+	share := d.cfg.Janitor.MaxRetireShare
+	allowed := retireAllowed(share, listed)
+	refused := d.metrics.retireRefused.WithLabelValues(t.Name, retirePathOrphans)
+	if would <= allowed {
+		d.once.Recovered(cause, "the reconcile deletes a target's orphaned objects again", "target", t.Name,
+			"would_delete", would, "listed", listed)
+		return true
+	}
+	refused.Inc()
+	d.once.Warn(cause, "a listing of the target's bucket shows more objects that no record accounts for than one round may delete; none deleted. "+
+		"Check that this control plane's etcd (and --etcd-prefix) holds the target's records: a restored or new etcd, or a target "+
+		"pointed at another deployment's bucket, looks like this. If the objects are garbage, raise --reconcile-max-retire-share "+
+		"(1 turns the check off) for one round",
+		"target", t.Name, "bucket", t.GetStore().GetBucket(), "prefix", t.GetStore().GetPrefix(),
+		"would_delete", would, "listed", listed, "max_retire_share", share, "allowed", allowed)
+	return false
+}
 
 // errRetirementRefused ends a round whose listing would retire too many records at once.
 var errRetirementRefused = errors.New("refused to retire more than the allowed share of the target's records in one round")

@@ -273,3 +273,54 @@ func TestListingFailingMidWayRetiresNothing(t *testing.T) {
 		t.Fatalf("%v records retired as missing", n)
 	}
 }
+
+// An index that lost its records (here: a control plane on another etcd prefix, the same target
+// and bucket) sees every object in the bucket as the bytes of a failed fill. Its reconcile deletes
+// none of them, counted under path "orphans", unless the share lets it.
+func TestReconcileDeletesOnlyAFewOrphansAtOnce(t *testing.T) {
+	t.Parallel()
+	const objects = 20
+	sharedEnv(t) // the subtests' emulator, stopped when they have all ended
+	for _, c := range []struct {
+		name        string
+		share       float64 // 0: the default
+		wantDeleted int
+	}{
+		{"the index lost every record", 0, 0},
+		{"the index lost every record, share 1", 1, objects},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			ctx := context.Background()
+			name := fmt.Sprintf("us-orphans-%03.0f", c.share*100)
+			first := startReplicaWith(t, Options{WriteTimeout: time.Second, EtcdPrefix: ownPrefix(t) + "first/", Janitor: fastJanitor})
+			createTargets(t, first, target(t, name, "us"))
+			gs := fillMany(t, first, name, objects)
+			first.shutdown(t)
+
+			jc := fastJanitor
+			jc.MaxRetireShare, jc.OrphanAge = c.share, time.Nanosecond
+			second := startReplicaWith(t, Options{WriteTimeout: time.Second, EtcdPrefix: ownPrefix(t) + "second/", Janitor: jc})
+			createTargets(t, second, target(t, name, "us"))
+			if err := second.srv.Janitor().Reconcile(ctx); err != nil {
+				t.Fatal(err)
+			}
+			left := 0
+			for _, g := range gs {
+				if _, there := storedBytes(t, g.Bucket, g.ObjectName); there {
+					left++
+				}
+			}
+			if left != objects-c.wantDeleted {
+				t.Fatalf("%d of %d objects left in the bucket, want %d", left, objects, objects-c.wantDeleted)
+			}
+			refused := 0.0
+			if c.wantDeleted == 0 {
+				refused = 1
+			}
+			if got := metric(t, second, "detour_reconcile_refused_total", `target="`+name+`"`, `path="orphans"`); got != refused {
+				t.Errorf("%v refusals counted, want %v", got, refused)
+			}
+		})
+	}
+}

@@ -108,7 +108,8 @@ func (j *term) reconcileAll(ctx context.Context) {
 // reconcile lists the target's bucket prefix. Records whose object is gone (or was replaced by
 // another generation) are retired; stored objects that no record or live claim accounts for and
 // that are older than twice the claim TTL (failed or abandoned fills) are deleted. A listing that
-// misses more records than a round may retire (allowRetirement) changes nothing.
+// misses more records than a round may retire (allowRetirement) changes nothing; more orphans
+// than a round may delete (allowOrphanDeletion) are all left.
 func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 	snap := j.w.Snapshot()
 	prefix, bucket := t.GetStore().GetPrefix(), t.GetStore().GetBucket()
@@ -166,6 +167,9 @@ func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 		if err != nil {
 			return err
 		}
+	}
+	if !j.allowOrphanDeletion(t, len(orphans), len(listed)) {
+		return nil
 	}
 	for _, name := range orphans {
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
