@@ -3,10 +3,7 @@ package controlplane
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/http"
-	"net/http/httputil"
-	"net/url"
 	"regexp"
 	"strings"
 	"sync/atomic"
@@ -34,23 +31,12 @@ type listingFront struct {
 func newListingFront(t *testing.T) *listingFront {
 	t.Helper()
 	f := &listingFront{}
-	up, _ := url.Parse("http://" + sharedEnv(t).gcs.Host())
-	proxy := httputil.NewSingleHostReverseProxy(up)
-	listing := regexp.MustCompile(`^/storage/v1/b/[^/]+/o/?$`)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet || !listing.MatchString(r.URL.EscapedPath()) {
-			proxy.ServeHTTP(w, r)
-			return
-		}
+	f.endpoint = listingProxy(t, func(w http.ResponseWriter, r *http.Request) bool {
 		switch f.mode.Load() {
 		case listingsEmpty:
 			w.Header().Set("Content-Type", "application/json")
 			fmt.Fprint(w, `{"kind":"storage#objects"}`)
-			return
+			return true
 		case listingsFailMidWay:
 			q := r.URL.Query()
 			if q.Get("pageToken") != "" {
@@ -58,16 +44,13 @@ func newListingFront(t *testing.T) *listingFront {
 				w.Header().Set("Content-Type", "application/json")
 				w.WriteHeader(http.StatusForbidden)
 				fmt.Fprint(w, `{"error":{"code":403,"message":"a later page refused by the test"}}`)
-				return
+				return true
 			}
 			q.Set("maxResults", "5")
 			r.URL.RawQuery = q.Encode()
 		}
-		proxy.ServeHTTP(w, r)
-	})}
-	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(func() { srv.Close() })
-	f.endpoint = "http://" + lis.Addr().String() + "/storage/v1/"
+		return false
+	})
 	return f
 }
 
@@ -314,12 +297,11 @@ func TestReconcileDeletesOnlyAFewOrphansAtOnce(t *testing.T) {
 			if left != objects-c.wantDeleted {
 				t.Fatalf("%d of %d objects left in the bucket, want %d", left, objects, objects-c.wantDeleted)
 			}
-			refused := 0.0
-			if c.wantDeleted == 0 {
-				refused = 1
-			}
-			if got := metric(t, second, "detour_reconcile_refused_total", `target="`+name+`"`, `path="orphans"`); got != refused {
-				t.Errorf("%v refusals counted, want %v", got, refused)
+			// The elected janitor may also have reconciled on its own since it started: every
+			// refused round counts, and none may count when the share lets the deletion through.
+			got := metric(t, second, "detour_reconcile_refused_total", `target="`+name+`"`, `path="orphans"`)
+			if c.wantDeleted == 0 && got < 1 || c.wantDeleted > 0 && got != 0 {
+				t.Errorf("%v refusals counted, want at least one only when none was deleted", got)
 			}
 		})
 	}

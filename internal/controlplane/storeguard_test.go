@@ -154,9 +154,10 @@ func httpStatus(t *testing.T, u string) int {
 	return resp.StatusCode
 }
 
-// gatedListings is a proxy to the test's emulator that holds every object listing until open is
-// closed: a bucket too large to list at once.
-func gatedListings(t *testing.T, open <-chan struct{}) string {
+// listingProxy is a proxy to the test's emulator, for a replica's GCS endpoint, that hands every
+// object listing to onListing first: it answers the listing itself and returns true, or returns
+// false (having held it, or changed its query) to let it pass. Everything else passes.
+func listingProxy(t *testing.T, onListing func(w http.ResponseWriter, r *http.Request) bool) string {
 	t.Helper()
 	up, _ := url.Parse("http://" + sharedEnv(t).gcs.Host())
 	proxy := httputil.NewSingleHostReverseProxy(up)
@@ -166,18 +167,28 @@ func gatedListings(t *testing.T, open <-chan struct{}) string {
 		t.Fatal(err)
 	}
 	srv := &http.Server{ReadHeaderTimeout: 5 * time.Second, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodGet && listing.MatchString(r.URL.EscapedPath()) {
-			select {
-			case <-open:
-			case <-r.Context().Done():
-				return
-			}
+		if r.Method == http.MethodGet && listing.MatchString(r.URL.EscapedPath()) && onListing(w, r) {
+			return
 		}
 		proxy.ServeHTTP(w, r)
 	})}
 	go func() { _ = srv.Serve(lis) }()
 	t.Cleanup(func() { srv.Close() })
 	return "http://" + lis.Addr().String() + "/storage/v1/"
+}
+
+// gatedListings is a proxy to the test's emulator that holds every object listing until open is
+// closed: a bucket too large to list at once.
+func gatedListings(t *testing.T, open <-chan struct{}) string {
+	t.Helper()
+	return listingProxy(t, func(w http.ResponseWriter, r *http.Request) bool {
+		select {
+		case <-open:
+			return false
+		case <-r.Context().Done():
+			return true
+		}
+	})
 }
 
 // A replica that starts (after a crash: another's janitor lease still held) redirects to a record
