@@ -74,7 +74,15 @@ func (a *Agent) RelayAs(w http.ResponseWriter, r *http.Request, outcome, command
 // a client that has read an answer finds its bytes counted, and a long relay shows in the
 // counters while it runs. Flushes and hijacks reach w (through Unwrap).
 func (a *Agent) OriginWriter(w http.ResponseWriter, command string) http.ResponseWriter {
-	return &countingWriter{ResponseWriter: w, count: func(n int64) { a.CountBytes(command, BytesOrigin, n) }}
+	// The labelled counter is looked up once per answer, not at every write of a relay.
+	o := a.metrics.offload
+	series := o.bytes.WithLabelValues(command, BytesOrigin)
+	return &countingWriter{ResponseWriter: w, count: func(n int64) {
+		if n > 0 {
+			o.origin.Add(n)
+			series.Add(float64(n))
+		}
+	}}
 }
 
 type countingWriter struct {

@@ -281,12 +281,13 @@ func ClientConfigFor(endpoint, pkiDir string) (clientv3.Config, error) {
 }
 
 // Range reads up to limit keys of [key, end) at revision rev from this member's store, in
-// process: what a serializable Range over gRPC would answer, without encoding it for the network
+// process (a local read: no agreement among members is asked for): what a serializable Range over
+// gRPC would answer, without encoding it for the network
 // and encrypting it. more says whether keys of the range are left after the last one returned.
 // Keys left are not counted (a counted range walks every key left, for every call).
 func (s *Server) Range(ctx context.Context, key, end string, rev, limit int64) (kvs []*mvccpb.KeyValue, more bool, err error) {
 	resp, _, err := txn.Range(ctx, s.etcd.Server.Logger(), s.etcd.Server.KV(),
-		&etcdserverpb.RangeRequest{Key: []byte(key), RangeEnd: []byte(end), Revision: rev, Limit: limit, Serializable: true}, false)
+		&etcdserverpb.RangeRequest{Key: []byte(key), RangeEnd: []byte(end), Revision: rev, Limit: limit}, false)
 	if err != nil {
 		return nil, false, err
 	}
