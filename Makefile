@@ -100,6 +100,8 @@ FUZZTIME ?= 60s
 fuzz:
 	for f in FuzzReadFrames FuzzDecodeCommandRequest FuzzRewriteRedirect FuzzReadResponse; do \
 	  $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./internal/wire || exit 1; done
+	for f in FuzzProtoRecordsDecodeAsProtoUnmarshalDoes FuzzDecodeCheckpoint; do \
+	  $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) ./internal/targets || exit 1; done
 
 clean:
 	rm -rf $(BIN)

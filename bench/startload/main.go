@@ -73,6 +73,7 @@ var (
 	burstConc = flag.Int("place-concurrency", 4, "concurrent Place calls while measuring latency")
 	measure   = flag.Duration("measure", 10*time.Second, "how long Place latency is measured idle")
 	keepRun   = flag.Bool("keep", false, "keep each run's copy of the data directory")
+	resume    = flag.Bool("resume", false, "measure starts from a checkpoint: each run first starts the binary once on its copy (not measured) and stops it, leaving its checkpoint there")
 	workDir   = flag.String("work", "", "where runs copy the data set (default: beside it)")
 	serveEtcd = flag.String("serve-etcd", "", "internal: serve an etcd on this data directory (-etcd-url) until killed")
 	etcdURL   = flag.String("etcd-url", "", "internal: client URL for -serve-etcd")
@@ -396,9 +397,6 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 	} else {
 		args = append(args, "--embedded-etcd-listen", etcdListen)
 	}
-	t0 := time.Now()
-	cp := startProc(filepath.Join(dir, "controlplane.log"), bin, args...)
-	defer cp.stop()
 	// Reconnects every 20 ms while nothing listens: the default backoff grows to two minutes and
 	// would hide when the server started answering.
 	conn, err := grpc.NewClient(listen, grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -411,24 +409,27 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 		return &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: m.Targets, Hashes: []string{"sha256"},
 			AgentRegion: "us", AgentId: "startload"}
 	}
-	probe := key(m.Records - 1)
-	var first time.Duration
-	for {
-		if cp.exited() {
-			fmt.Printf("%-8s %-4d exited before a redirect (log: %s)\n", label, run, filepath.Join(dir, "controlplane.log"))
+	if *resume {
+		// A start that is not measured, stopped as an operator stops a replica: it leaves its
+		// checkpoint in the data directory.
+		t0 := time.Now()
+		prep := startProc(filepath.Join(dir, "controlplane-prep.log"), bin, args...)
+		if _, ok := firstRedirect(ctx, place, req(key(m.Records-1)), prep, t0); !ok {
+			fmt.Printf("%-8s %-4d exited before a redirect (log: %s)\n", label, run, filepath.Join(dir, "controlplane-prep.log"))
 			return
 		}
-		pctx, cancel := context.WithTimeout(ctx, time.Second)
-		resp, err := place.Place(pctx, req(probe))
-		cancel()
-		if err == nil && resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
-			first = time.Since(t0)
-			break
+		prep.stop()
+		if _, err := os.Stat(filepath.Join(data, "index.checkpoint")); err != nil {
+			check(fmt.Errorf("%s: no checkpoint after a start and stop: %w", label, err))
 		}
-		if time.Since(t0) > 15*time.Minute {
-			check(fmt.Errorf("%s: no redirect within 15 minutes", label))
-		}
-		time.Sleep(10 * time.Millisecond)
+	}
+	t0 := time.Now()
+	cp := startProc(filepath.Join(dir, "controlplane.log"), bin, args...)
+	defer cp.stop()
+	first, ok := firstRedirect(ctx, place, req(key(m.Records-1)), cp, t0)
+	if !ok {
+		fmt.Printf("%-8s %-4d exited before a redirect (log: %s)\n", label, run, filepath.Join(dir, "controlplane.log"))
+		return
 	}
 	at := memOf(cp.cmd.Process.Pid, metrics)
 	etcdRSS := ""
@@ -447,6 +448,26 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 	fmt.Println(line, " load", loadAvg())
 	if *burst > 0 {
 		burstOnce(ctx, m, etcdListen, data, place, req)
+	}
+}
+
+// firstRedirect asks for probe until the control plane p answers with a redirect, and returns
+// how long after t0 that was; false if p exited first.
+func firstRedirect(ctx context.Context, place pb.PlacementServiceClient, probe *pb.PlaceRequest, p *proc, t0 time.Time) (time.Duration, bool) {
+	for {
+		if p.exited() {
+			return 0, false
+		}
+		pctx, cancel := context.WithTimeout(ctx, time.Second)
+		resp, err := place.Place(pctx, probe)
+		cancel()
+		if err == nil && resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
+			return time.Since(t0), true
+		}
+		if time.Since(t0) > 15*time.Minute {
+			check(fmt.Errorf("no redirect within 15 minutes"))
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -473,7 +494,7 @@ func phases(logPath string, t0 time.Time) (etcdUp, loaded string) {
 		switch {
 		case strings.HasPrefix(l.Msg, "embedded etcd started"):
 			etcdUp = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
-		case l.Msg == "snapshot loaded" && loaded == "-":
+		case (l.Msg == "snapshot loaded" || l.Msg == "snapshot resumed from the checkpoint") && loaded == "-":
 			if d, err := time.ParseDuration(l.Took); err == nil {
 				loaded = fmt.Sprintf("%.2fs", d.Seconds())
 			}

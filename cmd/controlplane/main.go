@@ -46,6 +46,8 @@ func main() {
 	flag.StringVar(&o.DataDir, "data-dir", "detour-data", "directory of the embedded etcd")
 	flag.StringVar(&o.EmbeddedEtcdURL, "embedded-etcd-listen", "", "client URL of the embedded etcd, https:// (mutual TLS with its own CA in <data-dir>/etcd-pki; default: a free loopback port)")
 	flag.Int64Var(&o.EmbeddedEtcdQuota, "embedded-etcd-quota", etcdembed.DefaultQuotaBytes, "space quota of the embedded etcd's database, in bytes (16 MiB to 8 GiB)")
+	flag.StringVar(&o.Checkpoint, "checkpoint", "", `file the replica writes its object index to and starts from, reading only etcd's history since it (default <data-dir>/index.checkpoint; "none": every start reads every record from etcd)`)
+	flag.DurationVar(&o.CheckpointInterval, "checkpoint-interval", controlplane.DefaultCheckpointInterval, "how often the checkpoint is rewritten while serving, besides when the replica stops (negative: only then); keep it under --compact-interval, or a crash leaves a checkpoint etcd's history no longer reaches")
 	flag.DurationVar(&o.Etcd.CompactInterval, "compact-interval", 5*time.Minute, "how often the elected janitor compacts etcd's history to the revision it saw one interval earlier (negative: never, for an etcd that compacts itself)")
 	flag.StringVar(&o.Region, "region", "", "this replica's region (for logs)")
 	flag.StringVar(&signingKey, "signing-key", "", "service-account JSON key that signs V4 URLs for targets that want them")
@@ -100,6 +102,12 @@ func main() {
 	memlimit.Set(o.Log, memlimit.FromCgroup)
 	if endpoints != "" {
 		o.EtcdEndpoints = strings.Split(endpoints, ",")
+	}
+	switch o.Checkpoint {
+	case "":
+		o.Checkpoint = filepath.Join(o.DataDir, "index.checkpoint")
+	case "none":
+		o.Checkpoint = ""
 	}
 	switch verifyFills {
 	case "attrs":

@@ -792,6 +792,12 @@ func TestThreeMemberEtcdSurvivesAMemberAndRidesOutQuorumLoss(t *testing.T) {
 		_, err := r.admin.CreateTarget(ctx, &pb.CreateTargetRequest{Target: target(t, "eu-a", "eu")})
 		return err == nil || code(err) == codes.AlreadyExists
 	})
+	// and the watch follows (it may have been on the crashed member): the read below, without
+	// quorum, is served from the snapshot as it is when quorum goes.
+	eventually(t, 10*time.Second, "the snapshot holds the write", func() bool {
+		list, err := r.admin.ListTargets(ctx, &pb.ListTargetsRequest{})
+		return err == nil && len(list.Targets) == 2
+	})
 	members[1].Close()
 	resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "m", AcceptedTargets: []string{"us-a"}, AgentRegion: "us"})
 	if err != nil || resp.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {

@@ -41,6 +41,9 @@ var ErrServerClosed = errors.New("controlplane: server closed")
 // loaded: readiness.
 const LivenessService = "liveness"
 
+// DefaultCheckpointInterval is how often a replica rewrites its checkpoint while serving.
+const DefaultCheckpointInterval = 2 * time.Minute
+
 // Options are everything a control-plane replica is built from. Zero fields take defaults.
 type Options struct {
 	Listen          string   // gRPC address Listen binds (default 127.0.0.1:7700)
@@ -52,8 +55,16 @@ type Options struct {
 	// EmbeddedEtcdQuota is the embedded etcd's backend space quota (default
 	// etcdembed.DefaultQuotaBytes, 2 GiB).
 	EmbeddedEtcdQuota int64
-	Region            string
-	Signer            *blob.Signer
+	// Checkpoint is a file the replica writes its object index to (every CheckpointInterval and
+	// when it stops) and starts from: the records are then read from it, not one by one from
+	// etcd, and only etcd's history since it is replayed (targets.Watcher.Checkpoint). Empty: none.
+	Checkpoint string
+	// CheckpointInterval is how often the checkpoint is rewritten while serving (default 2m,
+	// within the janitor's compaction interval so that a crash leaves one etcd can still follow
+	// from; negative: only when the replica stops).
+	CheckpointInterval time.Duration
+	Region             string
+	Signer             *blob.Signer
 	// GCSEndpoint is a GCS-API endpoint (an emulator); empty: Google Cloud Storage with the
 	// standard Google credentials. The control plane verifies fills, probes targets and deletes
 	// retired objects through it; without store access it grants no fills and redirects nothing.
@@ -118,6 +129,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.DataDir == "" {
 		o.DataDir = "detour-data"
+	}
+	if o.CheckpointInterval == 0 {
+		o.CheckpointInterval = DefaultCheckpointInterval
 	}
 	if o.ID == "" {
 		host, _ := os.Hostname()
@@ -230,6 +244,13 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	if s.etcd != nil {
 		// The embedded etcd is a single member in this process: loads read it in process.
 		s.w.ReadLocally(s.etcd.Range)
+	}
+	if o.Checkpoint != "" {
+		if err := os.MkdirAll(filepath.Dir(o.Checkpoint), 0o700); err != nil {
+			o.Log.Warn("no checkpoint: its directory cannot be made; every start reads every record from etcd", "path", o.Checkpoint, "err", err)
+		} else {
+			s.w.Checkpoint(o.Checkpoint)
+		}
 	}
 	d := newDeps(reg, s.w, cfg)
 	s.svc = newService(d)
@@ -394,6 +415,7 @@ func (s *Server) Serve(ls Listeners) error {
 	g.Go(func() error { return s.svc.Run(gctx) })
 	g.Go(func() error { s.svc.runEtcdStatus(gctx, s.cli); return nil })
 	g.Go(func() error { return s.janitor.Run(gctx) })
+	g.Go(func() error { s.w.RunCheckpoints(gctx, s.o.CheckpointInterval); return nil })
 	g.Go(func() error { return serveGRPC("placement", placement, ls.Placement) })
 	if admin != placement {
 		g.Go(func() error { return serveGRPC("admin", admin, ls.Admin) })
@@ -422,6 +444,15 @@ func (s *Server) Serve(ls Listeners) error {
 	s.mu.Lock()
 	closed := s.closed
 	s.mu.Unlock()
+	// The watcher has stopped: the last snapshot is the replica's last word on the index, and
+	// the next start resumes from it.
+	began := time.Now()
+	if rev, cerr := s.w.WriteCheckpoint(); cerr != nil {
+		s.o.Log.Warn("cannot write the checkpoint; the next start reads every record from etcd", "err", cerr)
+	} else if rev != 0 {
+		s.o.Log.Info("checkpoint written", "path", s.o.Checkpoint, "revision", rev, "objects", s.w.Snapshot().ObjectCount(),
+			"took", time.Since(began).Round(time.Millisecond).String())
+	}
 	if closed || err == nil {
 		return ErrServerClosed
 	}

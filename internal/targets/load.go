@@ -105,7 +105,7 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 		return 0, err
 	}
 	snap.objects = l.build()
-	snap.Revision, snap.TargetsRevision = rev, rev
+	snap.Revision, snap.TargetsRevision, snap.applied = rev, rev, rev
 	w.finish(snap)
 	w.invalidations.reset(rev)
 	w.publish(snap)
@@ -124,6 +124,7 @@ func (w *Watcher) count(ctx context.Context, prefix string) (int64, int64, error
 	if err != nil {
 		return 0, 0, fmt.Errorf("count %s: %w", prefix, err)
 	}
+	w.cp.clusterID.Store(resp.Header.ClusterId)
 	return resp.Count, resp.Header.Revision, nil
 }
 

@@ -100,7 +100,11 @@ type Snapshot struct {
 	// placement view, WatchTargets) can skip the snapshots that only indexed a fill.
 	TargetsRevision int64
 	// Built is when the snapshot was made current.
-	Built   time.Time
+	Built time.Time
+	// applied is the revision whose every event (and every earlier one) the snapshot holds.
+	// Revision may be ahead of it: a watch response's header revision is etcd's current one,
+	// also while the watch is still sending older events in batches.
+	applied int64
 	targets map[string]*pb.Target // Healthy, UnhealthyReason and Revision filled in
 	alive   map[string]bool
 	health  map[string]*pb.TargetHealth

@@ -50,6 +50,7 @@ type Watcher struct {
 	// at a time.
 	local      LocalRange
 	localChunk int64
+	cp         checkpoints
 }
 
 // NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
@@ -90,8 +91,20 @@ func (w *Watcher) Run(ctx context.Context) error {
 	retry := backoff.NewExponentialBackOff()
 	retry.InitialInterval, retry.MaxInterval = 100*time.Millisecond, 5*time.Second
 	failing := false
+	resume := w.cp.path != ""
 	for ctx.Err() == nil {
-		rev, err := w.load(ctx)
+		var rev int64
+		var err error
+		if resume {
+			rev, err = w.resume(ctx)
+			if u := (errUnusable{}); errors.As(err, &u) {
+				w.logUnusable(u.err)
+				resume = false
+			}
+		}
+		if !resume {
+			rev, err = w.load(ctx)
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				break
@@ -111,6 +124,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 			}
 			continue
 		}
+		resume = false
 		if failing {
 			w.log.Info("etcd reachable again; snapshot current", "revision", rev)
 			failing = false
@@ -205,9 +219,21 @@ const maxEventsPerSnapshot = 10000
 
 // applyEvents turns the events of one or more watch responses into the next snapshot.
 func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
-	old := w.Snapshot()
+	next, inval := w.next(w.Snapshot(), rev, events)
+	// Logged before the snapshot is published: a stream that sees the new snapshot finds them.
+	w.invalidations.add(inval)
+	w.publish(next)
+}
+
+// next is old with events (in revision order) applied, at revision rev, and the invalidations
+// they make.
+func (w *Watcher) next(old *Snapshot, rev int64, events []*clientv3.Event) (*Snapshot, []Invalidation) {
 	next := &Snapshot{Revision: rev, TargetsRevision: old.TargetsRevision, targets: old.targets, alive: old.alive,
-		health: old.health, policy: old.policy, claims: old.claims, agents: old.agents, superseded: make(chan struct{})}
+		health: old.health, policy: old.policy, claims: old.claims, agents: old.agents, superseded: make(chan struct{}),
+		applied: old.applied}
+	if n := len(events); n > 0 {
+		next.applied = events[n-1].Kv.ModRevision
+	}
 	copiedTargets, copiedAlive, copiedHealth, copiedClaims, copiedAgents := false, false, false, false, false
 	var b *indexBuilder
 	for _, ev := range events {
@@ -258,9 +284,7 @@ func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 		next.objects = b.build()
 	}
 	w.finish(next)
-	// Logged before the snapshot is published: a stream that sees the new snapshot finds them.
-	w.invalidations.add(inval)
-	w.publish(next)
+	return next, inval
 }
 
 // invalidation reports the event as an invalidation if it removed or replaced a copy that old had.

@@ -1,0 +1,212 @@
+package targets
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// checkpoints is a watcher's side of checkpoint files (checkpoint.go).
+type checkpoints struct {
+	path string
+	// clusterID is the etcd cluster's, from the latest count: a checkpoint names it.
+	clusterID atomic.Uint64
+	mu        sync.Mutex // one write at a time
+	written   int64      // revision of the last checkpoint written (under mu)
+}
+
+// Checkpoint makes the watcher resume its first load from the checkpoint at path when it can, and
+// WriteCheckpoint write there. Call before Run.
+func (w *Watcher) Checkpoint(path string) { w.cp.path = path }
+
+// errUnusable marks why a checkpoint cannot be resumed from (as opposed to etcd being unreachable,
+// which is retried).
+type errUnusable struct{ err error }
+
+func (e errUnusable) Error() string { return e.err.Error() }
+func (e errUnusable) Unwrap() error { return e.err }
+
+func unusable(format string, args ...any) error { return errUnusable{fmt.Errorf(format, args...)} }
+
+// resume loads the snapshot from the checkpoint, the rest of the state at its revision and etcd's
+// history since, and publishes it once it has caught up with the revision etcd was at when the
+// resume began. It returns the revision the snapshot holds every event up to.
+func (w *Watcher) resume(ctx context.Context) (int64, error) {
+	began := time.Now()
+	w.progress.records.Store(0)
+	w.progress.expected.Store(0)
+	w.progress.began.Store(began.UnixNano())
+	cp, err := readCheckpoint(w.cp.path)
+	if err != nil {
+		return 0, errUnusable{err}
+	}
+	if cp.prefix != w.prefix {
+		return 0, unusable("the checkpoint is of prefix %q, this watcher's is %q", cp.prefix, w.prefix)
+	}
+	objPrefix := w.prefix + "objects/"
+	expected, now, err := w.count(ctx, objPrefix)
+	if err != nil {
+		return 0, err
+	}
+	if id := w.cp.clusterID.Load(); id != cp.clusterID {
+		return 0, unusable("the checkpoint is of etcd cluster %x, this etcd is cluster %x", cp.clusterID, id)
+	}
+	if cp.revision > now {
+		return 0, unusable("the checkpoint is at revision %d, ahead of etcd's %d: etcd was restored or replaced", cp.revision, now)
+	}
+	w.progress.expected.Store(expected)
+	w.progress.records.Store(int64(cp.objects.count))
+	snap := emptySnapshot()
+	snap.objects = cp.objects
+	// Everything but object records, at the checkpoint's revision: before objects/ and after it.
+	for _, r := range [][2]string{{w.prefix, objPrefix}, {clientv3.GetPrefixRangeEnd(objPrefix), clientv3.GetPrefixRangeEnd(w.prefix)}} {
+		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		resp, err := w.cli.Get(rctx, r[0], clientv3.WithRange(r[1]), clientv3.WithRev(cp.revision))
+		cancel()
+		if errors.Is(err, rpctypes.ErrCompacted) {
+			return 0, unusable("etcd has compacted the checkpoint's revision %d", cp.revision)
+		}
+		if err != nil {
+			return 0, fmt.Errorf("read %s at revision %d: %w", w.prefix, cp.revision, err)
+		}
+		for _, kv := range resp.Kvs {
+			w.apply(snap, nil, mvccpb.PUT, kv)
+		}
+	}
+	snap.Revision, snap.TargetsRevision, snap.applied = cp.revision, cp.revision, cp.revision
+	w.finish(snap)
+	snap, events, err := w.catchUp(ctx, snap, now)
+	if errors.Is(err, rpctypes.ErrCompacted) {
+		return 0, unusable("etcd has compacted the history after the checkpoint's revision %d", cp.revision)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("follow etcd from the checkpoint's revision %d: %w", cp.revision, err)
+	}
+	w.cp.mu.Lock()
+	w.cp.written = max(w.cp.written, cp.revision)
+	w.cp.mu.Unlock()
+	w.invalidations.reset(snap.applied)
+	w.publish(snap)
+	w.log.Info("snapshot resumed from the checkpoint", "path", w.cp.path, "checkpoint_revision", cp.revision,
+		"revision", snap.applied, "events_replayed", events, "targets", len(snap.targets), "objects", snap.objects.count,
+		"claims", len(snap.claims), "took", time.Since(began).Round(time.Millisecond).String())
+	return snap.applied, nil
+}
+
+// catchUp applies etcd's history after snap.applied to snap, until etcd says every event up to
+// revision target (or later) has been sent: a progress notification, which etcd sends only to a
+// watch that has caught up. It returns the snapshot and how many events it applied.
+func (w *Watcher) catchUp(ctx context.Context, snap *Snapshot, target int64) (*Snapshot, int, error) {
+	if snap.applied >= target {
+		return snap, 0, nil
+	}
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	ch := w.cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(snap.applied+1))
+	// etcd ignores a progress request while the watch is behind: ask until one is answered.
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	n := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, n, ctx.Err()
+		case <-t.C:
+			_ = w.cli.RequestProgress(wctx)
+		case resp, ok := <-ch:
+			if !ok {
+				if err := ctx.Err(); err != nil {
+					return nil, n, err
+				}
+				return nil, n, errors.New("the watch ended")
+			}
+			if err := resp.Err(); err != nil {
+				return nil, n, err
+			}
+			if len(resp.Events) > 0 {
+				snap, _ = w.next(snap, resp.Header.Revision, resp.Events)
+				n += len(resp.Events)
+			}
+			if resp.IsProgressNotify() && resp.Header.Revision >= target {
+				snap.applied = max(snap.applied, resp.Header.Revision)
+				snap.Revision = max(snap.Revision, resp.Header.Revision)
+				return snap, n, nil
+			}
+		}
+	}
+}
+
+// WriteCheckpoint writes the current snapshot's object index to the checkpoint file, unless no
+// load has completed or the last checkpoint holds the same revision. It returns the revision
+// written (0: none).
+func (w *Watcher) WriteCheckpoint() (int64, error) {
+	if w.cp.path == "" {
+		return 0, nil
+	}
+	select {
+	case <-w.ready:
+	default:
+		return 0, nil
+	}
+	w.cp.mu.Lock()
+	defer w.cp.mu.Unlock()
+	snap := w.Snapshot()
+	rev := snap.applied
+	if rev <= w.cp.written {
+		return 0, nil
+	}
+	began := time.Now()
+	n, err := writeCheckpoint(w.cp.path, snap, rev, w.cp.clusterID.Load(), w.prefix)
+	if err != nil {
+		return 0, fmt.Errorf("write the checkpoint %s: %w", w.cp.path, err)
+	}
+	w.cp.written = rev
+	w.log.Debug("checkpoint written", "path", w.cp.path, "revision", rev, "objects", snap.objects.count, "bytes", n,
+		"took", time.Since(began).Round(time.Millisecond).String())
+	return rev, nil
+}
+
+// RunCheckpoints writes a checkpoint every interval until ctx ends. A failed write is logged (once
+// per run of failures) and tried again at the next interval.
+func (w *Watcher) RunCheckpoints(ctx context.Context, every time.Duration) {
+	if w.cp.path == "" || every <= 0 {
+		return
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	failing := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		_, err := w.WriteCheckpoint()
+		switch {
+		case err != nil && !failing:
+			w.log.Warn("cannot write the checkpoint; the next start reads every record from etcd", "err", err)
+		case err == nil && failing:
+			w.log.Info("checkpoint written again", "path", w.cp.path)
+		}
+		failing = err != nil
+	}
+}
+
+// logUnusable says why the first load reads every record rather than the checkpoint.
+func (w *Watcher) logUnusable(err error) {
+	if errors.Is(err, fs.ErrNotExist) {
+		w.log.Info("no checkpoint yet; reading every record from etcd", "path", w.cp.path)
+		return
+	}
+	w.log.Log(context.Background(), slog.LevelWarn, "checkpoint not used; reading every record from etcd",
+		"path", w.cp.path, "age", checkpointAge(w.cp.path).String(), "reason", err)
+}
