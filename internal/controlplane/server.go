@@ -222,6 +222,12 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 			s.closeBackends()
 		}
 	}()
+	// The checkpoint is decoded while an embedded etcd starts (its restart takes seconds at a
+	// million records).
+	var pre *targets.Preloaded
+	if o.Checkpoint != "" {
+		pre = targets.Preload(o.Checkpoint)
+	}
 	endpoints, err := s.connectEtcd(ctx)
 	if err != nil {
 		return nil, err
@@ -245,11 +251,11 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 		// The embedded etcd is a single member in this process: loads read it in process.
 		s.w.ReadLocally(s.etcd.Range)
 	}
-	if o.Checkpoint != "" {
+	if pre != nil {
 		if err := os.MkdirAll(filepath.Dir(o.Checkpoint), 0o700); err != nil {
 			o.Log.Warn("no checkpoint: its directory cannot be made; every start reads every record from etcd", "path", o.Checkpoint, "err", err)
 		} else {
-			s.w.Checkpoint(o.Checkpoint)
+			s.w.WithPreloaded(pre)
 		}
 	}
 	d := newDeps(reg, s.w, cfg)
@@ -532,6 +538,7 @@ func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
 				args = append(args, "metrics", ls.Metrics.Addr().String())
 			}
 			s.o.Log.Info("control plane serving", args...)
+			releaseMemory(s.o.Log, "first snapshot loaded")
 			return
 		}
 	}

@@ -389,9 +389,16 @@ func (g *storeGuard) confirmTargets(ctx context.Context, ev *storeEvents) {
 	notified := map[string]bool{} // bucket/prefix with a notification to the topic
 	retry := time.NewTicker(3 * time.Second)
 	defer retry.Stop()
+	released := false
 	for ctx.Err() == nil {
 		snap := g.s.w.Snapshot()
 		pending := g.confirmRound(ctx, ev, snap, notified)
+		if pending == 0 && !released {
+			// The listings decoded an object's worth of garbage per record: give it back now
+			// rather than over minutes.
+			releaseMemory(g.s.cfg.Log, "targets' records confirmed against their buckets")
+			released = true
+		}
 		var again <-chan time.Time
 		if pending > 0 {
 			again = retry.C

@@ -18,6 +18,7 @@ import (
 // checkpoints is a watcher's side of checkpoint files (checkpoint.go).
 type checkpoints struct {
 	path string
+	pre  *Preloaded // read ahead, for the first resume
 	// clusterID is the etcd cluster's, from the latest count: a checkpoint names it.
 	clusterID atomic.Uint64
 	mu        sync.Mutex // one write at a time
@@ -27,6 +28,45 @@ type checkpoints struct {
 // Checkpoint makes the watcher resume its first load from the checkpoint at path when it can, and
 // WriteCheckpoint write there. Call before Run.
 func (w *Watcher) Checkpoint(path string) { w.cp.path = path }
+
+// Preloaded is a checkpoint file being read ahead of the watcher that resumes from it.
+type Preloaded struct {
+	path string
+	done chan struct{}
+	cp   *checkpoint
+	err  error
+}
+
+// Preload starts reading the checkpoint at path in the background: a process can decode it while
+// its embedded etcd starts, before there is a watcher (WithPreloaded hands it over).
+func Preload(path string) *Preloaded {
+	p := &Preloaded{path: path, done: make(chan struct{})}
+	go func() {
+		defer close(p.done)
+		p.cp, p.err = readCheckpoint(path)
+	}()
+	return p
+}
+
+// WithPreloaded makes the watcher resume from p's checkpoint (and write its own there), using what
+// p has read for its first attempt. Call before Run.
+func (w *Watcher) WithPreloaded(p *Preloaded) {
+	w.cp.path, w.cp.pre = p.path, p
+}
+
+// read reads the checkpoint: the preloaded one the first time, the file after that.
+func (c *checkpoints) read(ctx context.Context) (*checkpoint, error) {
+	if p := c.pre; p != nil {
+		c.pre = nil
+		select {
+		case <-p.done:
+			return p.cp, p.err
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return readCheckpoint(c.path)
+}
 
 // errUnusable marks why a checkpoint cannot be resumed from (as opposed to etcd being unreachable,
 // which is retried).
@@ -45,8 +85,11 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 	w.progress.records.Store(0)
 	w.progress.expected.Store(0)
 	w.progress.began.Store(began.UnixNano())
-	cp, err := readCheckpoint(w.cp.path)
+	cp, err := w.cp.read(ctx)
 	if err != nil {
+		if ctx.Err() != nil {
+			return 0, err
+		}
 		return 0, errUnusable{err}
 	}
 	if cp.prefix != w.prefix {
