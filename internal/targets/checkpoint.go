@@ -44,6 +44,9 @@ const (
 	// Bounds a reader holds a file to before it allocates for what the file says.
 	maxCheckpointString = 4096
 	maxCheckpointHomes  = 1 << 20
+	// batchEntries bounds the entries read at once, and those a leaf is sized for before they
+	// are there: a file's counts are not trusted with memory.
+	batchEntries = 4096
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -225,7 +228,7 @@ func decodeCheckpoint(r io.Reader) (*checkpoint, error) {
 	}
 	var leaves []leaf
 	var total uint64
-	var entry [entrySize]byte
+	batch := make([]byte, batchEntries*entrySize)
 	last := -1
 	for {
 		s := d.u32()
@@ -245,16 +248,17 @@ func decodeCheckpoint(r io.Reader) (*checkpoint, error) {
 			return nil, damaged("leaf %d of %d copies, %d of %d left", s, n, count-total, count)
 		}
 		last, total = int(s), total+uint64(n)
-		// Sized from n only up to a bound: a file's counts are not trusted with memory before its
-		// entries are there.
-		c := min(int(n), 4096)
+		c := min(int(n), batchEntries)
 		sh := shard{keys: make([]Key, 0, c), objs: make([]Object, 0, c)}
 		for i := uint32(0); i < n; i++ {
-			d.read(entry[:])
-			if d.err != nil {
-				return nil, d.fail()
+			if i%batchEntries == 0 { // entries are read a batch at a time
+				batch = batch[:min(int(n-i), batchEntries)*entrySize]
+				d.read(batch)
+				if d.err != nil {
+					return nil, d.fail()
+				}
 			}
-			k, o, h := parseEntry(&entry)
+			k, o, h := parseEntry((*[entrySize]byte)(batch[(int(i)%batchEntries)*entrySize:]))
 			if int(h) >= len(fileHomes) {
 				return nil, damaged("leaf %d: copy of home %d of %d", s, h, len(fileHomes))
 			}
