@@ -23,10 +23,11 @@ import (
 
 func tsOf(ns int64) *timestamppb.Timestamp { return timestamppb.New(time.Unix(0, ns)) }
 
-// Watcher keeps the current Snapshot: a consistent paginated read at revision R, then a watch from
-// R+1 whose every response becomes a new snapshot, swapped in atomically. A compacted revision, a
-// closed watch or an unreachable etcd make it re-read, with backoff, while the last snapshot keeps
-// serving.
+// Watcher keeps the current Snapshot: a consistent read at revision R (or a checkpoint at R and the
+// history since: resume.go), then a watch from R+1 whose every response becomes a new snapshot,
+// swapped in atomically. A watch that ends is started again from the last revision applied; only
+// history compacted past it, or an unreachable etcd at start, makes it read everything, with
+// backoff, while the last snapshot keeps serving.
 type Watcher struct {
 	cli      *clientv3.Client
 	prefix   string
@@ -130,13 +131,47 @@ func (w *Watcher) Run(ctx context.Context) error {
 			failing = false
 		}
 		retry.Reset()
-		err = w.watch(ctx, rev)
+		err = w.follow(ctx, rev, retry)
 		if ctx.Err() != nil {
 			break
 		}
-		w.log.Warn("etcd watch ended; re-reading", "err", err, "revision", w.Snapshot().Revision)
+		w.log.Warn("etcd has compacted the history the snapshot needs; re-reading everything", "err", err,
+			"revision", w.Snapshot().applied)
 	}
 	return nil
+}
+
+// follow watches from rev and, when a watch ends for any reason but compaction (no leader, a
+// closed stream), watches again from the last revision the snapshot applied, after a backoff: the
+// snapshot holds every event up to it, so only what happened since is read, not every record
+// again. It returns when ctx ends or etcd has compacted the history the snapshot would need.
+func (w *Watcher) follow(ctx context.Context, rev int64, retry backoff.BackOff) error {
+	failing := false
+	for {
+		began := time.Now()
+		err := w.watch(ctx, rev)
+		if ctx.Err() != nil || errors.Is(err, rpctypes.ErrCompacted) {
+			return err
+		}
+		if time.Since(began) > time.Minute { // it ran: a new outage
+			retry.Reset()
+			failing = false
+		}
+		rev = w.Snapshot().applied
+		level := slog.LevelWarn
+		if failing {
+			level = slog.LevelDebug
+		}
+		failing = true
+		wait := retry.NextBackOff()
+		w.log.Log(ctx, level, "etcd watch ended; following on from the last revision applied", "err", err,
+			"revision", rev, "retry_in", wait)
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 func (w *Watcher) watch(ctx context.Context, rev int64) error {
