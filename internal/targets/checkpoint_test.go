@@ -360,3 +360,67 @@ func FuzzDecodeCheckpoint(f *testing.F) {
 		}
 	})
 }
+
+// A watch that starts behind is sent etcd's history in batches stamped with etcd's current
+// revision; no snapshot it publishes may claim a revision whose events it does not hold.
+func TestSnapshotsOfAWatchThatStartsBehindHoldTheirRevision(t *testing.T) {
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
+	ctx := context.Background()
+	w := NewWatcher(cli, prefix, nil)
+	rev, err := w.load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 2500 // more than the 1000 revisions etcd sends a behind watch at once
+	for i := range n {
+		if err := r.PutObject(ctx, testRecord(testKey(i), "t", "u", "b", 1, time.Now(), 0)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go w.watch(wctx, rev)
+	snap := w.Snapshot()
+	seen := 0
+	for snap.ObjectCount() < n {
+		select {
+		case <-snap.Superseded():
+		case <-time.After(10 * time.Second):
+			t.Fatalf("stuck at %d objects", snap.ObjectCount())
+		}
+		snap = w.Snapshot()
+		resp, err := cli.Get(ctx, prefix+"objects/", clientv3.WithPrefix(), clientv3.WithCountOnly(), clientv3.WithRev(snap.Revision))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if int64(snap.ObjectCount()) != resp.Count {
+			t.Fatalf("a snapshot at revision %d holds %d objects; etcd held %d at that revision", snap.Revision, snap.ObjectCount(), resp.Count)
+		}
+		seen++
+	}
+	t.Logf("%d snapshots checked", seen)
+}
+
+// Before a watch starts again from where the snapshot is, etcd must be the cluster it was read
+// from, not behind it.
+func TestFollowingOnNeedsTheSameEtcd(t *testing.T) {
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	w := NewWatcher(cli, prefix, nil)
+	rev, err := w.load(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.sameEtcd(context.Background(), rev); err != nil {
+		t.Fatalf("the same etcd: %v", err)
+	}
+	if err := w.sameEtcd(context.Background(), rev+1_000_000); !errors.Is(err, errNotFollowing) {
+		t.Fatalf("an etcd behind the snapshot: %v", err)
+	}
+	w.cp.clusterID.Add(1)
+	if err := w.sameEtcd(context.Background(), rev); !errors.Is(err, errNotFollowing) {
+		t.Fatalf("another cluster: %v", err)
+	}
+}

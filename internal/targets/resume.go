@@ -106,6 +106,8 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 	}
 	now := head.Header.Revision
 	w.cp.clusterID.Store(head.Header.ClusterId)
+	// From here etcd has answered: a failure is the checkpoint's path failing, and a full read
+	// (which has its own retries) is tried rather than this path again and again.
 	if id := w.cp.clusterID.Load(); id != cp.clusterID {
 		return 0, unusable("the checkpoint is of etcd cluster %x, this etcd is cluster %x", cp.clusterID, id)
 	}
@@ -125,7 +127,7 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 			return 0, unusable("etcd has compacted the checkpoint's revision %d", cp.revision)
 		}
 		if err != nil {
-			return 0, fmt.Errorf("read %s at revision %d: %w", w.prefix, cp.revision, err)
+			return 0, unusable("read %s at revision %d: %w", w.prefix, cp.revision, err)
 		}
 		for _, kv := range resp.Kvs {
 			w.apply(snap, nil, mvccpb.PUT, kv)
@@ -138,7 +140,10 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 		return 0, unusable("etcd has compacted the history after the checkpoint's revision %d", cp.revision)
 	}
 	if err != nil {
-		return 0, fmt.Errorf("follow etcd from the checkpoint's revision %d: %w", cp.revision, err)
+		if ctx.Err() != nil {
+			return 0, err
+		}
+		return 0, unusable("follow etcd from the checkpoint's revision %d: %w", cp.revision, err)
 	}
 	w.cp.mu.Lock()
 	w.cp.written = max(w.cp.written, cp.revision)
@@ -151,30 +156,36 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 	return snap.applied, nil
 }
 
-// catchUp applies etcd's history after snap.applied to snap, until etcd says every event up to
-// revision target (or later) has been sent: a progress notification, which etcd sends only to a
-// watch that has caught up. It returns the snapshot and how many events it applied.
+// catchUpLimit bounds a catch-up: past it the checkpoint is given up for a full read.
+const catchUpLimit = 2 * time.Minute
+
+// catchUp applies etcd's history after snap.applied to snap, until every event up to revision
+// target (or later) is in it: an event at or past target (events come in revision order, a
+// revision's all in one response), or a progress notification at or past it, which etcd sends
+// only to a watch that has caught up (etcd's gRPC proxy answers no progress requests: then only
+// the events, or catchUpLimit, end it). It returns the snapshot and how many events it applied.
 func (w *Watcher) catchUp(ctx context.Context, snap *Snapshot, target int64) (*Snapshot, int, error) {
 	if snap.applied >= target {
 		return snap, 0, nil
 	}
-	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	wctx, cancel := context.WithTimeoutCause(clientv3.WithRequireLeader(ctx), catchUpLimit,
+		fmt.Errorf("etcd's history up to revision %d not received within %s", target, catchUpLimit))
 	defer cancel()
-	ch := w.cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(snap.applied+1))
+	ch := w.cli.Watch(wctx, w.prefix, clientv3.WithPrefix(), clientv3.WithRev(snap.applied+1), clientv3.WithProgressNotify())
 	// etcd ignores a progress request while the watch is behind: ask until one is answered.
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	n := 0
 	for {
 		select {
-		case <-ctx.Done():
-			return nil, n, ctx.Err()
+		case <-wctx.Done():
+			return nil, n, context.Cause(wctx)
 		case <-t.C:
 			_ = w.cli.RequestProgress(wctx)
 		case resp, ok := <-ch:
 			if !ok {
-				if err := ctx.Err(); err != nil {
-					return nil, n, err
+				if wctx.Err() != nil {
+					return nil, n, context.Cause(wctx)
 				}
 				return nil, n, errors.New("the watch ended")
 			}
@@ -184,6 +195,9 @@ func (w *Watcher) catchUp(ctx context.Context, snap *Snapshot, target int64) (*S
 			if len(resp.Events) > 0 {
 				snap, _ = w.next(snap, resp.Header.Revision, resp.Events)
 				n += len(resp.Events)
+				if snap.applied >= target {
+					return snap, n, nil
+				}
 			}
 			if resp.IsProgressNotify() && resp.Header.Revision >= target {
 				snap.applied = max(snap.applied, resp.Header.Revision)

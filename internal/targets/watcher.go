@@ -135,7 +135,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			break
 		}
-		w.log.Warn("etcd has compacted the history the snapshot needs; re-reading everything", "err", err,
+		w.log.Warn("etcd's history no longer follows on from the snapshot; re-reading everything", "err", err,
 			"revision", w.Snapshot().applied)
 	}
 	return nil
@@ -158,6 +158,9 @@ func (w *Watcher) follow(ctx context.Context, rev int64, retry backoff.BackOff) 
 			failing = false
 		}
 		rev = w.Snapshot().applied
+		if err := w.sameEtcd(ctx, rev); err != nil {
+			return err
+		}
 		level := slog.LevelWarn
 		if failing {
 			level = slog.LevelDebug
@@ -249,6 +252,29 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 	return errors.New("watch channel closed")
 }
 
+// errNotFollowing is why a snapshot cannot follow etcd's history on from where it is.
+var errNotFollowing = errors.New("etcd's history does not follow on from the snapshot")
+
+// sameEtcd checks, before a watch is started again from rev, that etcd is still the cluster the
+// snapshot was read from and has not gone back past rev (an etcd restored from a backup or
+// replaced behind the same endpoints): errNotFollowing if not. An etcd that does not answer is
+// not an error here: the watch will wait for it.
+func (w *Watcher) sameEtcd(ctx context.Context, rev int64) error {
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	head, err := w.cli.Get(rctx, w.prefix+"policy", clientv3.WithCountOnly())
+	if err != nil {
+		return nil
+	}
+	if id := w.cp.clusterID.Load(); id != 0 && head.Header.ClusterId != id {
+		return fmt.Errorf("%w: etcd is now cluster %x, the snapshot was read from %x", errNotFollowing, head.Header.ClusterId, id)
+	}
+	if head.Header.Revision < rev {
+		return fmt.Errorf("%w: etcd is at revision %d, behind the snapshot's %d", errNotFollowing, head.Header.Revision, rev)
+	}
+	return nil
+}
+
 // maxEventsPerSnapshot bounds the watch responses taken into one snapshot by their events.
 const maxEventsPerSnapshot = 10000
 
@@ -260,15 +286,19 @@ func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
 	w.publish(next)
 }
 
-// next is old with events (in revision order) applied, at revision rev, and the invalidations
-// they make.
-func (w *Watcher) next(old *Snapshot, rev int64, events []*clientv3.Event) (*Snapshot, []Invalidation) {
+// next is old with events (in revision order) applied, and the invalidations they make. Its
+// revision is its last event's, not the watch response's header revision (rev, unused): a watch
+// that started behind is sent older events in batches, each stamped with etcd's current revision,
+// and a snapshot must not claim a revision whose events it does not hold yet (WatchTargets
+// streams resume from it, and would skip the invalidations still to come).
+func (w *Watcher) next(old *Snapshot, _ int64, events []*clientv3.Event) (*Snapshot, []Invalidation) {
+	rev := old.Revision
+	if n := len(events); n > 0 {
+		rev = max(rev, events[n-1].Kv.ModRevision)
+	}
 	next := &Snapshot{Revision: rev, TargetsRevision: old.TargetsRevision, targets: old.targets, alive: old.alive,
 		health: old.health, policy: old.policy, claims: old.claims, agents: old.agents, superseded: make(chan struct{}),
-		applied: old.applied}
-	if n := len(events); n > 0 {
-		next.applied = events[n-1].Kv.ModRevision
-	}
+		applied: max(old.applied, rev)}
 	copiedTargets, copiedAlive, copiedHealth, copiedClaims, copiedAgents := false, false, false, false, false
 	var b *indexBuilder
 	for _, ev := range events {
