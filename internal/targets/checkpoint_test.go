@@ -53,6 +53,16 @@ func sameState(t *testing.T, what string, a, b *Snapshot) {
 	}
 }
 
+// putRecords writes READY records of keys 0..n-1, key i at target(i), one write each.
+func putRecords(t *testing.T, r *Registry, n int, target func(int) string) {
+	t.Helper()
+	for i := range n {
+		if err := r.PutObject(context.Background(), testRecord(testKey(i), target(i), "u", "b", 1, time.Now(), 0)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // loaded is a watcher of prefix that has read everything once.
 func loaded(t *testing.T, cli *clientv3.Client, prefix, checkpoint string) *Watcher {
 	t.Helper()
@@ -150,11 +160,7 @@ func TestResumeWhileWritesContinueIsTheStateAtItsRevision(t *testing.T) {
 	_, cli := startEtcd(t)
 	ctx := context.Background()
 	r := NewRegistry(cli, "")
-	for i := range 500 {
-		if err := r.PutObject(ctx, testRecord(testKey(i), fmt.Sprint("t", i%3), "u", "b", 1, time.Now(), 0)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putRecords(t, r, 500, func(i int) string { return fmt.Sprint("t", i%3) })
 	path := filepath.Join(t.TempDir(), "cp")
 	w := loaded(t, cli, "", path)
 	if _, err := w.WriteCheckpoint(); err != nil {
@@ -205,11 +211,7 @@ func TestUnusableCheckpointsAreSetAsideForAFullRead(t *testing.T) {
 	_, cli := startEtcd(t)
 	ctx := context.Background()
 	r := NewRegistry(cli, "")
-	for i := range 50 {
-		if err := r.PutObject(ctx, testRecord(testKey(i), "t", "u", "b", 1, time.Now(), 0)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putRecords(t, r, 50, func(int) string { return "t" })
 	w := loaded(t, cli, "", "")
 	snap := w.Snapshot()
 	id := w.cp.clusterID.Load()
@@ -374,11 +376,7 @@ func TestSnapshotsOfAWatchThatStartsBehindHoldTheirRevision(t *testing.T) {
 		t.Fatal(err)
 	}
 	const n = 2500 // more than the 1000 revisions etcd sends a behind watch at once
-	for i := range n {
-		if err := r.PutObject(ctx, testRecord(testKey(i), "t", "u", "b", 1, time.Now(), 0)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	putRecords(t, r, n, func(int) string { return "t" })
 	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go w.watch(wctx, rev)

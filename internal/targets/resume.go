@@ -98,14 +98,11 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 	objPrefix := w.prefix + "objects/"
 	// etcd's revision now, and its cluster: a read of one key. (A count of the records, as a full
 	// read takes, walks etcd's whole key index: a second at 3e6 records.)
-	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	head, err := w.cli.Get(rctx, w.prefix+"policy", clientv3.WithCountOnly())
-	cancel()
+	now, cluster, err := w.head(ctx, 30*time.Second)
 	if err != nil {
-		return 0, fmt.Errorf("read etcd's revision: %w", err)
+		return 0, err
 	}
-	now := head.Header.Revision
-	w.cp.clusterID.Store(head.Header.ClusterId)
+	w.cp.clusterID.Store(cluster)
 	// From here etcd has answered: a failure is the checkpoint's path failing, and a full read
 	// (which has its own retries) is tried rather than this path again and again.
 	if id := w.cp.clusterID.Load(); id != cp.clusterID {
@@ -119,18 +116,18 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 	snap := emptySnapshot()
 	snap.objects = cp.objects
 	// Everything but object records, at the checkpoint's revision: before objects/ and after it.
+	// (In pages: the garbage queue and copy jobs are among them.)
 	for _, r := range [][2]string{{w.prefix, objPrefix}, {clientv3.GetPrefixRangeEnd(objPrefix), clientv3.GetPrefixRangeEnd(w.prefix)}} {
-		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		resp, err := w.cli.Get(rctx, r[0], clientv3.WithRange(r[1]), clientv3.WithRev(cp.revision))
-		cancel()
+		err := w.readRange(ctx, r[0], r[1], cp.revision, func(kvs []*mvccpb.KeyValue) {
+			for _, kv := range kvs {
+				w.apply(snap, nil, mvccpb.PUT, kv)
+			}
+		})
 		if errors.Is(err, rpctypes.ErrCompacted) {
 			return 0, unusable("etcd has compacted the checkpoint's revision %d", cp.revision)
 		}
 		if err != nil {
-			return 0, unusable("read %s at revision %d: %w", w.prefix, cp.revision, err)
-		}
-		for _, kv := range resp.Kvs {
-			w.apply(snap, nil, mvccpb.PUT, kv)
+			return 0, errUnusable{err}
 		}
 	}
 	snap.Revision, snap.TargetsRevision, snap.applied = cp.revision, cp.revision, cp.revision
@@ -193,7 +190,7 @@ func (w *Watcher) catchUp(ctx context.Context, snap *Snapshot, target int64) (*S
 				return nil, n, err
 			}
 			if len(resp.Events) > 0 {
-				snap, _ = w.next(snap, resp.Header.Revision, resp.Events)
+				snap, _ = w.next(snap, resp.Events)
 				n += len(resp.Events)
 				if snap.applied >= target {
 					return snap, n, nil

@@ -110,19 +110,8 @@ func (w *Watcher) Run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				break
 			}
-			// One warning per outage; the retries after it are debug lines.
-			level := slog.LevelWarn
-			if failing {
-				level = slog.LevelDebug
-			}
-			failing = true
-			wait := retry.NextBackOff()
-			w.log.Log(ctx, level, "etcd read failed; serving the last snapshot", "err", err,
-				"revision", w.Snapshot().Revision, "retry_in", wait)
-			select {
-			case <-time.After(wait):
-			case <-ctx.Done():
-			}
+			w.outage(ctx, &failing, retry, "etcd read failed; serving the last snapshot", "err", err,
+				"revision", w.Snapshot().Revision)
 			continue
 		}
 		resume = false
@@ -161,17 +150,8 @@ func (w *Watcher) follow(ctx context.Context, rev int64, retry backoff.BackOff) 
 		if err := w.sameEtcd(ctx, rev); err != nil {
 			return err
 		}
-		level := slog.LevelWarn
-		if failing {
-			level = slog.LevelDebug
-		}
-		failing = true
-		wait := retry.NextBackOff()
-		w.log.Log(ctx, level, "etcd watch ended; following on from the last revision applied", "err", err,
-			"revision", rev, "retry_in", wait)
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
+		if !w.outage(ctx, &failing, retry, "etcd watch ended; following on from the last revision applied", "err", err,
+			"revision", rev) {
 			return ctx.Err()
 		}
 	}
@@ -220,12 +200,11 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 			}
 		}
 		var events []*clientv3.Event
-		var last int64
 		progress := false
 		for _, r := range batch {
 			if err := r.Err(); err != nil {
 				if len(events) > 0 {
-					w.applyEvents(last, events)
+					w.applyEvents(events)
 				}
 				if errors.Is(err, rpctypes.ErrCompacted) {
 					return fmt.Errorf("revision %d compacted (now %d): %w", rev+1, r.CompactRevision, err)
@@ -237,14 +216,14 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 				evs = evs[1:]
 			}
 			if len(evs) > 0 {
-				events, last = append(events, evs...), r.Header.Revision
+				events = append(events, evs...)
 			} else if r.IsProgressNotify() {
 				progress = true
 			}
 		}
 		switch {
 		case len(events) > 0:
-			w.applyEvents(last, events)
+			w.applyEvents(events)
 		case progress:
 			w.confirmed.Store(time.Now().UnixNano())
 		}
@@ -260,38 +239,66 @@ var errNotFollowing = errors.New("etcd's history does not follow on from the sna
 // replaced behind the same endpoints): errNotFollowing if not. An etcd that does not answer is
 // not an error here: the watch will wait for it.
 func (w *Watcher) sameEtcd(ctx context.Context, rev int64) error {
-	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	head, err := w.cli.Get(rctx, w.prefix+"policy", clientv3.WithCountOnly())
+	now, cluster, err := w.head(ctx, 5*time.Second)
 	if err != nil {
 		return nil
 	}
-	if id := w.cp.clusterID.Load(); id != 0 && head.Header.ClusterId != id {
-		return fmt.Errorf("%w: etcd is now cluster %x, the snapshot was read from %x", errNotFollowing, head.Header.ClusterId, id)
+	if id := w.cp.clusterID.Load(); id != 0 && cluster != id {
+		return fmt.Errorf("%w: etcd is now cluster %x, the snapshot was read from %x", errNotFollowing, cluster, id)
 	}
-	if head.Header.Revision < rev {
-		return fmt.Errorf("%w: etcd is at revision %d, behind the snapshot's %d", errNotFollowing, head.Header.Revision, rev)
+	if now < rev {
+		return fmt.Errorf("%w: etcd is at revision %d, behind the snapshot's %d", errNotFollowing, now, rev)
 	}
 	return nil
+}
+
+// head is etcd's revision now and its cluster id, from a read of one key. (A count of the records,
+// as a full read takes, walks etcd's whole key index: a second at 3e6 records.)
+func (w *Watcher) head(ctx context.Context, timeout time.Duration) (rev int64, cluster uint64, err error) {
+	rctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	resp, err := w.cli.Get(rctx, w.prefix+"policy", clientv3.WithCountOnly())
+	if err != nil {
+		return 0, 0, fmt.Errorf("read etcd's revision: %w", err)
+	}
+	return resp.Header.Revision, resp.Header.ClusterId, nil
+}
+
+// outage logs a failure with its retry (a warning for the first of a run of failures, debug lines
+// after it) and waits the next backoff: false if ctx ended meanwhile.
+func (w *Watcher) outage(ctx context.Context, failing *bool, retry backoff.BackOff, msg string, args ...any) bool {
+	level := slog.LevelWarn
+	if *failing {
+		level = slog.LevelDebug
+	}
+	*failing = true
+	wait := retry.NextBackOff()
+	w.log.Log(ctx, level, msg, append(args, "retry_in", wait)...)
+	select {
+	case <-time.After(wait):
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // maxEventsPerSnapshot bounds the watch responses taken into one snapshot by their events.
 const maxEventsPerSnapshot = 10000
 
 // applyEvents turns the events of one or more watch responses into the next snapshot.
-func (w *Watcher) applyEvents(rev int64, events []*clientv3.Event) {
-	next, inval := w.next(w.Snapshot(), rev, events)
+func (w *Watcher) applyEvents(events []*clientv3.Event) {
+	next, inval := w.next(w.Snapshot(), events)
 	// Logged before the snapshot is published: a stream that sees the new snapshot finds them.
 	w.invalidations.add(inval)
 	w.publish(next)
 }
 
 // next is old with events (in revision order) applied, and the invalidations they make. Its
-// revision is its last event's, not the watch response's header revision (rev, unused): a watch
+// revision is its last event's, not the watch response's header revision: a watch
 // that started behind is sent older events in batches, each stamped with etcd's current revision,
 // and a snapshot must not claim a revision whose events it does not hold yet (WatchTargets
 // streams resume from it, and would skip the invalidations still to come).
-func (w *Watcher) next(old *Snapshot, _ int64, events []*clientv3.Event) (*Snapshot, []Invalidation) {
+func (w *Watcher) next(old *Snapshot, events []*clientv3.Event) (*Snapshot, []Invalidation) {
 	rev := old.Revision
 	if n := len(events); n > 0 {
 		rev = max(rev, events[n-1].Kv.ModRevision)
