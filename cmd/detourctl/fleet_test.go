@@ -5,8 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
-	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -44,7 +42,7 @@ func runner(addr string, files pki.Files) func(args ...string) (string, error) {
 // own identity, each region is redirected to its own target, and probe --explain shows why.
 func TestAgentsProbeAndExplainInTwoRegions(t *testing.T) {
 	s, err := devstack.Start(context.Background(), devstack.Options{DataDir: t.TempDir(), ObjectSize: 64 << 10,
-		Regions: []string{"us", "eu"}, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		Regions: []string{"us", "eu"}, Log: testbed.Log(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,10 @@ import (
 	"time"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/pki"
+	"github.com/detourhq/detour/internal/placement"
+	"github.com/detourhq/detour/internal/targets"
+	"github.com/detourhq/detour/internal/testbed"
 )
 
 // Callers that cancel their Place while its fill claim is being written (clients that hang up, as
@@ -113,4 +117,73 @@ func TestCancelledClaimIsReleased(t *testing.T) {
 		_, held := r.srv.w.Snapshot().Claim(key(1))
 		return !held && metric(t, r, "detour_fill_reports_total", `outcome="cancelled"`) == 1
 	})
+}
+
+// On an etcd that commits a claim more slowly than half an agent's Place deadline, fills are still
+// granted: the claim's write goes on after the Place is answered claim_pending, and the grant is
+// handed to the same agent's next Place of the key, without a second write. Another agent asking
+// meanwhile is told the fill is in progress; a late grant its agent never comes back for is
+// released after parkFor. (Before, the write was cut at half the caller's deadline: no claim was
+// ever written and every request went to the origin.)
+func TestClaimsSlowerThanThePlaceDeadlineAreHandedToTheNextPlace(t *testing.T) {
+	etcd := startEtcd(t)
+	var delay atomic.Int64
+	slow := delayAnswers(t, strings.TrimPrefix(etcd.Endpoint(), "https://"), &delay)
+	j := fastJanitor
+	j.ProbeTimeout, j.ProbeFailures = 5*time.Second, 1000
+	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"https://" + slow}, WriteTimeout: 5 * time.Second,
+		Janitor: j, ClaimRate: -1})
+	createTargets(t, r, target(t, "us-a", "us"))
+	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 })
+	grant(t, r, key(0), []string{"us-a"}, "us") // the claims' shared lease exists
+	other := pb.NewPlacementServiceClient(testbed.Dial(t, r.addr(), issue(t, pki.AgentPrefix+"other")))
+	place := func(c pb.PlacementServiceClient, k string) *pb.PlaceResponse {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Millisecond) // patience: 30ms
+		defer cancel()
+		resp, err := c.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: []string{"us-a"},
+			AgentRegion: "us", AgentId: "a1"})
+		if err != nil {
+			t.Fatalf("Place of %s: %v", k, err)
+		}
+		return resp
+	}
+	delay.Store(int64(200 * time.Millisecond))
+	for i, k := range []string{key(1), key(2)} {
+		if resp := place(r.place, k); resp.Fill != nil || resp.Reason != ReasonClaimPending {
+			t.Fatalf("Place %d during a slow claim: %v, want %s", i, resp, ReasonClaimPending)
+		}
+	}
+	if resp := place(r.place, key(1)); resp.Fill != nil || resp.Reason != ReasonClaimPending {
+		t.Fatalf("the same agent again while its claim is written: %v, want %s", resp, ReasonClaimPending)
+	}
+	if resp := place(other, key(1)); resp.Fill != nil || resp.Reason != string(placement.ReasonFillInProgress) {
+		t.Fatalf("another agent while the claim is written: %v, want fill_in_progress", resp)
+	}
+	eventually(t, 5*time.Second, "both late claims parked", func() bool {
+		return metric(t, r, "detour_fill_reports_total", `outcome="parked"`) == 2
+	})
+	if resp := place(other, key(1)); resp.Fill != nil {
+		t.Fatalf("another agent was handed a parked claim: %v", resp)
+	}
+	got := place(r.place, key(1))
+	if got.Fill == nil || got.Fill.Target != "us-a" || got.Fill.Ttl.AsDuration() <= 0 || got.Fill.Ttl.AsDuration() > targets.DefaultFillClaimTTL {
+		t.Fatalf("the agent's next Place after its claim was written: %v, want the parked grant", got)
+	}
+	eventually(t, 5*time.Second, "the claim in the snapshot", func() bool {
+		c, held := r.srv.w.Snapshot().Claim(key(1))
+		return held && c.Token == got.Fill.Token
+	})
+	if n := metric(t, r, "detour_fill_reports_total", `outcome="parked_handed"`); n != 1 {
+		t.Fatalf("parked claims handed: %v, want 1", n)
+	}
+	// key(2)'s agent never comes back: its claim is released after parkFor, and anyone may fill.
+	delay.Store(0)
+	eventually(t, parkFor+5*time.Second, "the unused parked claim released", func() bool {
+		_, held := r.srv.w.Snapshot().Claim(key(2))
+		return !held && metric(t, r, "detour_fill_reports_total", `outcome="parked_released"`) == 1
+	})
+	if resp := place(other, key(2)); resp.Fill == nil {
+		t.Fatalf("another agent after the parked claim was released: %v", resp)
+	}
 }

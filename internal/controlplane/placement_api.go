@@ -183,6 +183,23 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 		resp.Reason = "no_store_access"
 		return
 	}
+	holder := callerID(ctx)
+	who := holder
+	if who == "" {
+		who = req.AgentId
+	}
+	if c, ok := s.parked.take(req.Key, who); ok {
+		if c.Target == target {
+			s.metrics.fills.WithLabelValues("parked_handed").Inc()
+			s.grantOf(resp, c.claim, c.ttl)
+			return
+		}
+		// Placement now chooses another target (the claimed one is unhealthy, draining or
+		// refused by the agent): the claim is of no use.
+		s.releaseOrphan(c.claim)
+		resp.Reason = string(placement.ReasonFillInProgress)
+		return
+	}
 	if _, held := snap.Claim(req.Key); held {
 		resp.Reason = string(placement.ReasonFillInProgress)
 		return
@@ -194,12 +211,7 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 		resp.Reason = ReasonNotAdmitted
 		return
 	}
-	holder := callerID(ctx)
 	if s.claims != nil {
-		who := holder
-		if who == "" {
-			who = req.AgentId
-		}
 		if !s.claims.allow(who, now) {
 			s.metrics.fills.WithLabelValues("rate_limited").Inc()
 			s.once.Warn("claim-rate:"+who, "an agent takes fill claims faster than --claim-rate allows; its misses go inline without fills",
@@ -228,41 +240,65 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 		resp.Reason = string(placement.ReasonClaimFailed)
 		return
 	}
-	// Leave the caller at least half of its deadline to use the answer.
-	timeout := s.cfg.ClaimTimeout
+	// Leave the caller at least half of its deadline to use the answer. The write itself is not
+	// bound by the caller's deadline: an etcd that commits more slowly than an agent waits (50ms
+	// by default) would otherwise never grant a fill at all. A grant that comes after the caller
+	// was answered is kept for its next Place of the key (parked.go).
+	patience := s.cfg.ClaimTimeout
 	if dl, ok := ctx.Deadline(); ok {
-		timeout = min(timeout, time.Until(dl)/2)
+		patience = min(patience, time.Until(dl)/2)
 	}
-	cctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	granted, err := s.reg.Claim(cctx, claim, ttl)
-	switch {
-	case err != nil && ctx.Err() != nil:
-		// The caller cancelled (a client that hung up, an agent shutting down) or its own deadline
-		// passed: its claim failed because of it, not because of etcd, so other callers' claims
-		// go on (only etcd's failures open the breaker below).
-		s.claimCancelled(resp, claim)
-	case err != nil:
-		s.claimsBrokenUntil.Store(now.Add(time.Second).UnixNano())
-		s.once.Warn("claim", "cannot record fill claims; answering inline without fills", "err", err)
-		resp.Reason = string(placement.ReasonClaimFailed)
-		if errors.Is(err, targets.ErrOutcomeUnknown) {
-			// The claim may have been written although the call failed: nobody would fill it.
-			s.releaseOrphan(claim)
+	call, reason := s.startClaim(ctx, claim, ttl, who)
+	if call == nil {
+		resp.Reason = reason
+		return
+	}
+	wait := time.NewTimer(patience)
+	defer wait.Stop()
+	var (
+		res claimResult
+		ok  bool
+	)
+	select {
+	case res = <-call.result:
+	case <-ctx.Done():
+		if res, ok = call.leave(leftCancelled); !ok {
+			// The caller cancelled (a client that hung up, an agent shutting down) or its deadline
+			// passed: the claim, if written, is released when its write ends.
+			s.claimCancelled(resp, nil)
+			return
 		}
-	case !granted:
+	case <-wait.C:
+		if res, ok = call.leave(leftWaiting); !ok {
+			resp.Reason = ReasonClaimPending
+			return
+		}
+	}
+	switch {
+	case res.err != nil:
+		resp.Reason = string(placement.ReasonClaimFailed)
+	case !res.granted:
 		resp.Reason = string(placement.ReasonFillInProgress)
 	case ctx.Err() != nil:
 		// The agent stopped waiting before the grant reached it: release the claim at once
 		// instead of blocking the key's fills for the claim's TTL.
 		s.claimCancelled(resp, claim)
 	default:
-		s.once.Recovered("claim", "fill claims recorded again")
-		resp.Target = target
-		resp.Fill = &pb.FillGrant{Target: target, Bucket: claim.Bucket, ObjectName: claim.ObjectName,
-			Token: claim.Token, Ttl: durationpb.New(ttl), MediaType: claim.MediaType}
+		s.grantOf(resp, claim, ttl)
 	}
 }
+
+// grantOf makes resp the grant of claim.
+func (s *Service) grantOf(resp *pb.PlaceResponse, claim *pb.FillClaim, ttl time.Duration) {
+	resp.Target = claim.Target
+	resp.Fill = &pb.FillGrant{Target: claim.Target, Bucket: claim.Bucket, ObjectName: claim.ObjectName,
+		Token: claim.Token, Ttl: durationpb.New(ttl), MediaType: claim.MediaType}
+}
+
+// ReasonClaimPending answers a Place whose fill claim was still being written when the caller's
+// patience (half its deadline) ran out. If the claim is granted, the caller's next Place of the
+// key is handed it.
+const ReasonClaimPending = "claim_pending"
 
 // ReasonCancelled answers a Place whose caller went away before its fill claim was settled: the
 // claim, if written, is released at once, and the answer reaches nobody.

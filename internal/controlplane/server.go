@@ -77,7 +77,7 @@ type Options struct {
 	// ID names this replica in the janitor election (default host:pid:listen address).
 	ID           string
 	WriteTimeout time.Duration // bound on each etcd write an RPC makes (default 5s)
-	ClaimTimeout time.Duration // bound on the fill-claim write inside Place (default 1s)
+	ClaimTimeout time.Duration // bound on a fill claim's write (default 1s; see Config.ClaimTimeout)
 	// RedirectCacheMaxAge bounds how long agents reuse a redirect without asking (default 1m;
 	// negative: they do not cache redirects).
 	RedirectCacheMaxAge time.Duration

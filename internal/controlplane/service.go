@@ -44,8 +44,9 @@ type Config struct {
 	ProbeTransport http.RoundTripper
 	// WriteTimeout bounds each etcd write an RPC makes (default 5s).
 	WriteTimeout time.Duration
-	// ClaimTimeout bounds the fill-claim write inside Place (default 1s, and never past the caller's
-	// deadline). A failed claim makes the answer INLINE without a fill.
+	// ClaimTimeout bounds the fill-claim write a Place starts (default 1s). The Place waits for it
+	// at most half its caller's deadline; a claim written later is handed to the caller's next
+	// Place of the key (parked.go). A failed claim makes the answer INLINE without a fill.
 	ClaimTimeout time.Duration
 	// RedirectCacheMaxAge bounds how long agents may reuse a redirect without asking (default 1m;
 	// negative: agents do not cache redirects).
@@ -112,6 +113,10 @@ type Service struct {
 	misses *admission.Sketch
 	// orphans are claims no agent knows it holds, for runOrphanReleases to release.
 	orphans chan *pb.FillClaim
+	// claimSlots bounds the claim writes under way; parked holds the claims won after their Place
+	// was answered, for the holder's next Place of the key (parked.go).
+	claimSlots chan struct{}
+	parked     parkedClaims
 	// stopping is closed when the server shuts down: WatchTargets streams end at once (agents
 	// reconnect to another replica) instead of holding the graceful stop until its deadline.
 	stopping chan struct{}
@@ -183,7 +188,7 @@ const maxOrphans = 1024
 // newService returns the gRPC services over d.
 func newService(d *deps) *Service {
 	s := &Service{deps: d, hot: newHotKeys(d.cfg.Janitor.HotKeys), misses: admission.New(d.cfg.Now()),
-		orphans: make(chan *pb.FillClaim, maxOrphans), stopping: make(chan struct{})}
+		orphans: make(chan *pb.FillClaim, maxOrphans), claimSlots: make(chan struct{}, claimsInFlight), stopping: make(chan struct{})}
 	s.registerFleetMetrics()
 	s.guard = newStoreGuard(s)
 	return s

@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -381,4 +382,17 @@ func (b *syncBuffer) Tail(n int) string {
 		return s[len(s)-n:]
 	}
 	return s
+}
+
+// Log is a logger for an in-process stack (debug and up) whose output is kept and printed, its
+// last 64 KB, only if the test fails: a stack that logs to io.Discard leaves a CI failure without
+// its cause.
+func Log(t testing.TB) *slog.Logger {
+	var b syncBuffer
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the stack's log (last 64 KB):\n%s", b.Tail(64<<10))
+		}
+	})
+	return slog.New(slog.NewTextHandler(&b, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
