@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -393,5 +395,77 @@ func TestListFailingMidWayIsAnError(t *testing.T) {
 	n := 0
 	if err := front.List(ctx, "objects", "p/", func(Listed) bool { n++; return true }); err != nil || n != 5 || pages.Load() != 3 {
 		t.Fatalf("the whole listing: %d objects in %d requests, %v; want 5 in 3", n, pages.Load(), err)
+	}
+}
+
+// Listings ask the store only for the attributes List returns: on GCS every listed object is
+// otherwise a whole resource (selfLink, mediaLink, md5Hash, etag, metadata …) to send and decode,
+// and a control plane lists every record's object at each start. The emulator ignores the
+// selection; the front here applies it as GCS does, keeping only the selected attributes of each
+// item, and every field of Listed must still come through.
+func TestListAsksOnlyForWhatItReturns(t *testing.T) {
+	t.Parallel()
+	emu, st := startGCS(t)
+	ctx := context.Background()
+	u := st.Create(ctx, "objects", "p/a", "application/mercurial-cbor", "a")
+	if _, err := u.Write([]byte("some bytes")); err != nil {
+		t.Fatal(err)
+	}
+	res, err := u.Commit()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var asked atomic.Value
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		fields := q.Get("fields")
+		if r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/o") {
+			asked.Store(fields)
+		}
+		q.Del("fields")
+		resp, err := http.Get("http://" + emu.Host() + r.URL.Path + "?" + q.Encode())
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		defer resp.Body.Close()
+		var page map[string]any
+		if err := json.NewDecoder(resp.Body).Decode(&page); err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		if open, close := strings.Index(fields, "items("), strings.Index(fields, ")"); open >= 0 && close > open {
+			keep := strings.Split(fields[open+len("items("):close], ",")
+			items, _ := page["items"].([]any)
+			for _, it := range items {
+				obj := it.(map[string]any)
+				for k := range obj {
+					if !slices.Contains(keep, k) {
+						delete(obj, k)
+					}
+				}
+			}
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(page)
+	}))
+	t.Cleanup(srv.Close)
+	front, err := NewStore(ctx, Options{Endpoint: srv.URL + "/storage/v1/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer front.Close()
+	var got []Listed
+	if err := front.List(ctx, "objects", "p/", func(l Listed) bool { got = append(got, l); return true }); err != nil {
+		t.Fatal(err)
+	}
+	fields, _ := asked.Load().(string)
+	if !strings.Contains(fields, "items(") || strings.Contains(fields, "mediaLink") {
+		t.Fatalf("the listing asked for fields %q: want a selection of the items' attributes", fields)
+	}
+	if len(got) != 1 || got[0].Name != "p/a" || got[0].Size != 10 || got[0].Generation != res.Generation ||
+		got[0].CRC32C != res.CRC32C || got[0].Created.IsZero() {
+		t.Fatalf("listed %+v through a front applying %q; want p/a, 10 bytes, generation %d, CRC32C %d, a creation time",
+			got, fields, res.Generation, res.CRC32C)
 	}
 }
