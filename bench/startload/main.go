@@ -39,6 +39,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -249,15 +250,11 @@ func loadMeta(dir string) *meta {
 	return m
 }
 
-// storeFront serves the emulator's JSON API but refuses every listing of a bucket's objects. The
-// data set's records name objects the emulator does not hold (a million of them would not fit in
-// its memory): a listing would make the reconciler retire every record, as releases before the
-// reconciler's guard against mass retirement did, in the middle of the measurement.
 // storeFront is the control plane's GCS endpoint: fake-gcs-server behind a front that answers, for
 // the data set's buckets, what a real store holding every record's object would answer — object
 // metadata (a record checked one by one before its first redirect) and listings (the check of a
-// whole target at start) — without storing millions of objects. Anything else (the prober's
-// canary) goes to fake-gcs-server.
+// whole target at start, with only the attributes the listing selects, as GCS sends them) —
+// without storing millions of objects. Anything else (the prober's canary) goes to fake-gcs-server.
 func storeFront(port int, m *meta) string {
 	target, err := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", port))
 	check(err)
@@ -299,9 +296,25 @@ func listPage(w http.ResponseWriter, r *http.Request, m *meta, bucket string, ti
 	}
 	n := len(m.Buckets)
 	i := from*n + ti
+	// GCS sends only the attributes a listing selects (fields=items(name,size,…),nextPageToken).
+	var keep []string
+	if f := r.URL.Query().Get("fields"); strings.Contains(f, "items(") {
+		sel := f[strings.Index(f, "items(")+len("items("):]
+		if end := strings.IndexByte(sel, ')'); end >= 0 {
+			keep = strings.Split(sel[:end], ",")
+		}
+	}
 	items := make([]map[string]any, 0, max)
 	for ; i < m.Records && len(items) < max; i += n {
-		items = append(items, objectJSON(bucket, objectPrefix+key(i)))
+		o := objectJSON(bucket, objectPrefix+key(i))
+		if keep != nil {
+			for k := range o {
+				if !slices.Contains(keep, k) {
+					delete(o, k)
+				}
+			}
+		}
+		items = append(items, o)
 	}
 	page := map[string]any{"kind": "storage#objects", "items": items}
 	if i < m.Records {

@@ -50,5 +50,6 @@ func checkOptions(o *controlplane.Options) error {
 		flagcheck.Int("embedded-etcd-quota", o.EmbeddedEtcdQuota, 16<<20, 8<<30, true),
 		compact,
 		flagcheck.Duration("checkpoint-interval", max(o.CheckpointInterval, 0), 10*time.Second, 24*time.Hour, true),
+		flagcheck.Int("gc-percent", int64(o.GCPercent), 10, 1000, true),
 	)
 }

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/detourhq/detour/internal/testbed"
 )
@@ -27,6 +28,8 @@ func TestBadFlagsAreRefusedAtStart(t *testing.T) {
 		{[]string{"--probe-failures", "99999999999999999999"}, "probe-failures"}, // past int64: the flag package
 		{[]string{"--embedded-etcd-quota", "1"}, "--embedded-etcd-quota: 1 is not between"},
 		{[]string{"--compact-interval", "1ms"}, "--compact-interval"},
+		{[]string{"--gc-percent", "5"}, "--gc-percent: 5 is not between"},
+		{[]string{"--gc-percent", "-1"}, "--gc-percent"},
 		{[]string{"--reconcile-max-retire-share", "0"}, "--reconcile-max-retire-share: 0 is not a share above 0"},
 		{[]string{"--reconcile-max-retire-share", "1.5"}, "--reconcile-max-retire-share: 1.5 is not a fraction"},
 		{[]string{"--reconcile-max-retire-share", "NaN"}, "--reconcile-max-retire-share: NaN"},
@@ -39,5 +42,24 @@ func TestBadFlagsAreRefusedAtStart(t *testing.T) {
 		if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), c.want) {
 			t.Errorf("%v: %v, want exit 2 naming %q:\n%s", c.args, err, c.want, out)
 		}
+	}
+}
+
+// Once serving, the collector runs at --gc-percent (the process then grows to about 1.5 times its
+// live heap between collections, not twice); a GOGC variable wins over the flag.
+func TestTheCollectorTargetIsSetOnceServing(t *testing.T) {
+	gogc := func(cp *testbed.ControlPlane) float64 {
+		return testbed.Metric(t, "http://"+cp.MetricsAddr+"/metrics", "go_gc_gogc_percent")
+	}
+	cp := testbed.StartControlPlane(t, "--gc-percent", "40")
+	testbed.Eventually(t, 10*time.Second, "the collector at --gc-percent 40", func() bool { return gogc(cp) == 40 })
+	if def := testbed.StartControlPlane(t); gogc(def) != 50 {
+		testbed.Eventually(t, 10*time.Second, "the collector at the default 50", func() bool { return gogc(def) == 50 })
+	}
+	t.Setenv("GOGC", "80")
+	env := testbed.StartControlPlane(t, "--gc-percent", "40")
+	time.Sleep(time.Second) // past the switch it would make
+	if got := gogc(env); got != 80 || !strings.Contains(env.Output(), "GOGC is set") {
+		t.Fatalf("with GOGC=80 and --gc-percent 40 the collector runs at %v:\n%s", got, env.Output())
 	}
 }

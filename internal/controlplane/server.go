@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -63,8 +64,12 @@ type Options struct {
 	// within the janitor's compaction interval so that a crash leaves one etcd can still follow
 	// from; negative: only when the replica stops).
 	CheckpointInterval time.Duration
-	Region             string
-	Signer             *blob.Signer
+	// GCPercent is the collector's target (as GOGC) once the first snapshot is served; 0 leaves
+	// the runtime's (GOGC, or 100). The start runs at the runtime's: a lower target there slows
+	// the load, and the embedded etcd's own restart, which run in this process.
+	GCPercent int
+	Region    string
+	Signer    *blob.Signer
 	// GCSEndpoint is a GCS-API endpoint (an emulator); empty: Google Cloud Storage with the
 	// standard Google credentials. The control plane verifies fills, probes targets and deletes
 	// retired objects through it; without store access it grants no fills and redirects nothing.
@@ -539,6 +544,10 @@ func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
 			}
 			s.o.Log.Info("control plane serving", args...)
 			releaseMemory(s.o.Log, "first snapshot loaded")
+			if s.o.GCPercent > 0 {
+				was := debug.SetGCPercent(s.o.GCPercent)
+				s.o.Log.Info("collector target for serving set (--gc-percent)", "gc_percent", s.o.GCPercent, "was", was)
+			}
 			return
 		}
 	}
