@@ -67,3 +67,29 @@ func TestARestartResumesFromTheCheckpointAndItsHistory(t *testing.T) {
 	fill(t, b, key(3), acc, "us")
 	eventually(t, 5*time.Second, "a redirect to the new fill", func() bool { return place(b, key(3)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT })
 }
+
+// Checkpoints an operator cannot see fail are counted: a start that could not use the file (here a
+// directory where the file should be) and every write that failed, until one succeeds; then the
+// written checkpoint's revision and size.
+func TestCheckpointFailuresAreCounted(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "index.checkpoint")
+	if err := os.Mkdir(path, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	r := startReplicaWith(t, Options{WriteTimeout: time.Second, Checkpoint: path, CheckpointInterval: 50 * time.Millisecond})
+	createTargets(t, r, target(t, "us-a", "us"))
+	if got := metric(t, r, "detour_checkpoint_set_aside_total"); got != 1 {
+		t.Fatalf("checkpoints set aside: %v, want 1 (a directory where the file should be)", got)
+	}
+	eventually(t, 5*time.Second, "failed writes counted", func() bool {
+		return metric(t, r, "detour_checkpoint_write_failures_total") >= 2 && metric(t, r, "detour_checkpoint_revision") == 0
+	})
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "a checkpoint written", func() bool {
+		return metric(t, r, "detour_checkpoint_revision") >= float64(r.srv.w.Snapshot().Revision) &&
+			metric(t, r, "detour_checkpoint_bytes") > 0
+	})
+}

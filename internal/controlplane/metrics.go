@@ -136,6 +136,17 @@ func newMetrics(w *targets.Watcher) *Metrics {
 			func() float64 { return float64(w.Snapshot().ObjectCount()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_targets", Help: "Registered targets."},
 			func() float64 { return float64(len(w.Snapshot().Targets())) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_checkpoint_revision",
+			Help: "etcd revision of the last checkpoint this replica wrote (0: none yet); behind detour_snapshot_revision by at most --checkpoint-interval of writes."},
+			func() float64 { return float64(w.CheckpointStats().Revision) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_checkpoint_bytes", Help: "Size of the last checkpoint this replica wrote."},
+			func() float64 { return float64(w.CheckpointStats().Bytes) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "detour_checkpoint_write_failures_total",
+			Help: "Checkpoint writes that failed (the next start may read every record from etcd)."},
+			func() float64 { return float64(w.CheckpointStats().Failures) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "detour_checkpoint_set_aside_total",
+			Help: "Checkpoints a start could not use (damaged, of another etcd, compacted past …) and read every record from etcd instead."},
+			func() float64 { return float64(w.CheckpointStats().SetAside) }),
 	)
 	return m
 }

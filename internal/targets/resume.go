@@ -23,6 +23,24 @@ type checkpoints struct {
 	clusterID atomic.Uint64
 	mu        sync.Mutex // one write at a time
 	written   int64      // revision of the last checkpoint written (under mu)
+	stats     struct {
+		revision, bytes    atomic.Int64  // of the last checkpoint written
+		failures, setAside atomic.Uint64 // writes that failed; checkpoints a start could not use
+	}
+}
+
+// CheckpointStats is what a watcher's checkpoints have done since it was made.
+type CheckpointStats struct {
+	Revision int64  // etcd revision of the last checkpoint this process wrote (0: none yet)
+	Bytes    int64  // its size
+	Failures uint64 // writes that failed
+	SetAside uint64 // checkpoints a load found unusable (damaged, of another etcd, compacted past …) and read every record instead
+}
+
+// CheckpointStats reports what the checkpoints have done, for metrics.
+func (w *Watcher) CheckpointStats() CheckpointStats {
+	st := &w.cp.stats
+	return CheckpointStats{Revision: st.revision.Load(), Bytes: st.bytes.Load(), Failures: st.failures.Load(), SetAside: st.setAside.Load()}
 }
 
 // Checkpoint makes the watcher resume its first load from the checkpoint at path when it can, and
@@ -227,9 +245,12 @@ func (w *Watcher) WriteCheckpoint() (int64, error) {
 	began := time.Now()
 	n, err := writeCheckpoint(w.cp.path, snap, rev, w.cp.clusterID.Load(), w.prefix)
 	if err != nil {
+		w.cp.stats.failures.Add(1)
 		return 0, fmt.Errorf("write the checkpoint %s: %w", w.cp.path, err)
 	}
 	w.cp.written = rev
+	w.cp.stats.revision.Store(rev)
+	w.cp.stats.bytes.Store(n)
 	w.log.Debug("checkpoint written", "path", w.cp.path, "revision", rev, "objects", snap.objects.count, "bytes", n,
 		"took", time.Since(began).Round(time.Millisecond).String())
 	return rev, nil
@@ -267,6 +288,7 @@ func (w *Watcher) logUnusable(err error) {
 		w.log.Info("no checkpoint yet; reading every record from etcd", "path", w.cp.path)
 		return
 	}
+	w.cp.stats.setAside.Add(1)
 	w.log.Log(context.Background(), slog.LevelWarn, "checkpoint not used; reading every record from etcd",
 		"path", w.cp.path, "age", checkpointAge(w.cp.path).String(), "reason", err)
 }
