@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/placement"
@@ -132,7 +134,7 @@ func TestClaimsSlowerThanThePlaceDeadlineAreHandedToTheNextPlace(t *testing.T) {
 	j := fastJanitor
 	j.ProbeTimeout, j.ProbeFailures = 5*time.Second, 1000
 	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"https://" + slow}, WriteTimeout: 5 * time.Second,
-		Janitor: j, ClaimRate: -1})
+		ClaimTimeout: 5 * time.Second, Janitor: j, ClaimRate: -1})
 	createTargets(t, r, target(t, "us-a", "us"))
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 })
 	grant(t, r, key(0), []string{"us-a"}, "us") // the claims' shared lease exists
@@ -148,7 +150,7 @@ func TestClaimsSlowerThanThePlaceDeadlineAreHandedToTheNextPlace(t *testing.T) {
 		}
 		return resp
 	}
-	delay.Store(int64(200 * time.Millisecond))
+	delay.Store(int64(time.Second)) // the four Places below each take at most 30ms
 	for i, k := range []string{key(1), key(2)} {
 		if resp := place(r.place, k); resp.Fill != nil || resp.Reason != ReasonClaimPending {
 			t.Fatalf("Place %d during a slow claim: %v, want %s", i, resp, ReasonClaimPending)
@@ -185,5 +187,28 @@ func TestClaimsSlowerThanThePlaceDeadlineAreHandedToTheNextPlace(t *testing.T) {
 	})
 	if resp := place(other, key(2)); resp.Fill == nil {
 		t.Fatalf("another agent after the parked claim was released: %v", resp)
+	}
+
+	// A replica that stops releases the claims it had parked: left, each would hold its key's
+	// fills for the claim's TTL.
+	delay.Store(int64(500 * time.Millisecond))
+	if resp := place(r.place, key(3)); resp.Reason != ReasonClaimPending {
+		t.Fatalf("key 3: %v, want %s", resp, ReasonClaimPending)
+	}
+	eventually(t, 5*time.Second, "key 3's claim parked", func() bool {
+		return metric(t, r, "detour_fill_reports_total", `outcome="parked"`) == 3
+	})
+	delay.Store(0)
+	r.shutdown(t)
+	cli, err := clientv3.New(etcd.ClientConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	if got, err := cli.Get(context.Background(), testPrefix(t)+"fills/"+key(3)); err != nil || len(got.Kvs) != 0 {
+		t.Fatalf("key 3's parked claim outlived the replica that parked it: %v %v", got, err)
+	}
+	if got, err := cli.Get(context.Background(), testPrefix(t)+"fills/"+key(2)); err != nil || len(got.Kvs) != 1 {
+		t.Fatalf("key 2's claim, granted to the other agent, must stay: %v %v", got, err)
 	}
 }

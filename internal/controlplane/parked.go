@@ -17,16 +17,25 @@ import (
 // leader) no claim was ever written, no fill ever granted, and every request went to the origin.
 // Now the write goes on after the caller is answered (claim_pending), and a claim it wins is
 // parked for the same agent's next Place of the key, which is handed it without another write.
-// A parked claim nobody comes back for is released after parkFor.
+// A parked claim nobody comes back for is released after parkFor (a quarter of the claim's TTL
+// at most), and so are those a replica holds when it stops.
+//
+// Parked claims live in the replica that wrote them: with several replicas, an agent's next Place
+// reaches that one only some of the time (the others answer fill_in_progress, as for any held
+// claim), so on a slow etcd a fill may take a few requests, or a release and a new claim, to
+// start. Handing a claim over on any replica would need to know that its grant never reached the
+// agent, which only the replica that answered knows.
 
 const (
 	// claimsInFlight bounds the claim writes under way (those whose caller was answered
-	// included); past it a Place is answered claim_failed without writing.
-	claimsInFlight = 1024
+	// included); past it a Place is answered claim_failed without writing. It also bounds what a
+	// frozen etcd piles up before the first write times out and the breaker opens.
+	claimsInFlight = 256
 	// maxParked bounds the claims parked; past it a late grant is released at once.
 	maxParked = 4096
-	// parkFor is how long a late grant waits for its agent's next Place of the key. A key asked
-	// for once in a while is not worth holding every other agent's fill for.
+	// parkFor is how long a late grant waits for its agent's next Place of the key (at most a
+	// quarter of the claim's TTL). A key asked for once in a while is not worth holding every
+	// other agent's fill for.
 	parkFor = 5 * time.Second
 )
 
@@ -88,8 +97,10 @@ func (s *Service) startClaim(ctx context.Context, claim *pb.FillClaim, ttl time.
 		defer func() { <-s.claimSlots }()
 		defer cancel()
 		defer s.parked.done(claim.Key) // after the claim is parked: a Place in between would write again
+		// The claim's lease runs for at least ttl from before the write: what is left of it is
+		// counted from here.
+		began := time.Now()
 		granted, err := s.reg.Claim(wctx, claim, ttl)
-		written := time.Now()
 		if err != nil {
 			s.claimFailed(claim, err)
 		} else {
@@ -106,7 +117,7 @@ func (s *Service) startClaim(ctx context.Context, claim *pb.FillClaim, ttl time.
 		switch {
 		case err != nil || !granted || left == 0:
 		case left == leftWaiting:
-			s.parked.park(s, holder, claim, ttl, written)
+			s.parked.park(s, holder, claim, ttl, began)
 		default:
 			s.releaseOrphan(claim) // counted as cancelled by its Place
 		}
@@ -117,6 +128,7 @@ func (s *Service) startClaim(ctx context.Context, claim *pb.FillClaim, ttl time.
 // claimFailed handles a claim etcd did not record: claims are skipped for a second so that Place
 // keeps answering at snapshot speed, and a claim etcd may have committed is released.
 func (s *Service) claimFailed(claim *pb.FillClaim, err error) {
+	s.metrics.fills.WithLabelValues("claim_write_failed").Inc()
 	s.claimsBrokenUntil.Store(s.cfg.Now().Add(time.Second).UnixNano())
 	s.once.Warn("claim", "cannot record fill claims; answering inline without fills", "err", err)
 	if errors.Is(err, targets.ErrOutcomeUnknown) {
@@ -170,12 +182,12 @@ func (p *parkedClaims) park(s *Service, holder string, claim *pb.FillClaim, ttl 
 		p.m = map[string]*parkedClaim{}
 	}
 	if holder == "" || len(p.m) >= maxParked || p.m[claim.Key] != nil {
-		s.metrics.fills.WithLabelValues("parked_released").Inc()
+		s.metrics.fills.WithLabelValues("parked_refused").Inc()
 		s.releaseOrphan(claim)
 		return
 	}
 	c := &parkedClaim{claim: claim, holder: holder, ttl: ttl, written: written}
-	c.timer = time.AfterFunc(parkFor, func() {
+	c.timer = time.AfterFunc(min(parkFor, ttl/4), func() {
 		p.mu.Lock()
 		mine := p.m[claim.Key] == c
 		if mine {
@@ -209,4 +221,17 @@ func (p *parkedClaims) take(key, holder string) (parkedGrant, bool) {
 	c.timer.Stop()
 	delete(p.m, key)
 	return parkedGrant{claim: c.claim, Target: c.claim.Target, ttl: c.ttl - time.Since(c.written)}, true
+}
+
+// takeAll removes and returns every parked claim (at a stop, to release them).
+func (p *parkedClaims) takeAll() []*pb.FillClaim {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var all []*pb.FillClaim
+	for k, c := range p.m {
+		c.timer.Stop()
+		all = append(all, c.claim)
+		delete(p.m, k)
+	}
+	return all
 }

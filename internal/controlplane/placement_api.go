@@ -188,14 +188,21 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	if who == "" {
 		who = req.AgentId
 	}
+	if ctx.Err() != nil {
+		// The caller has gone: a parked claim stays for its next Place.
+		s.claimCancelled(resp, nil)
+		return
+	}
 	if c, ok := s.parked.take(req.Key, who); ok {
-		if c.Target == target {
+		if c.Target == target && c.ttl >= policyDuration(snap.Policy().FillClaimTtl, targets.DefaultFillClaimTTL)/2 {
 			s.metrics.fills.WithLabelValues("parked_handed").Inc()
 			s.grantOf(resp, c.claim, c.ttl)
 			return
 		}
 		// Placement now chooses another target (the claimed one is unhealthy, draining or
-		// refused by the agent): the claim is of no use.
+		// refused by the agent), or the claim has too little of its lease left for an upload:
+		// it is of no use.
+		s.metrics.fills.WithLabelValues("parked_released").Inc()
 		s.releaseOrphan(c.claim)
 		resp.Reason = string(placement.ReasonFillInProgress)
 		return
@@ -328,25 +335,45 @@ func (s *Service) releaseOrphan(c *pb.FillClaim) {
 // orphanReleasesInFlight bounds the orphaned claims released at once.
 const orphanReleasesInFlight = 4
 
-// runOrphanReleases releases queued orphaned claims until ctx ends; those still queued then
-// expire with their lease.
+// runOrphanReleases releases queued orphaned claims until ctx ends, and then those still queued
+// and the parked ones within a couple of seconds.
 func (s *Service) runOrphanReleases(ctx context.Context) {
 	var g errgroup.Group
 	g.SetLimit(orphanReleasesInFlight)
 	defer g.Wait()
+	release := func(ctx context.Context, c *pb.FillClaim) {
+		g.Go(func() error {
+			wctx, cancel := s.writeCtx(ctx)
+			defer cancel()
+			if err := s.reg.AbortFill(wctx, c.Key, c.Token); err != nil && !errors.Is(err, targets.ErrClaimNotHeld) {
+				s.cfg.Log.Debug("orphaned claim not released; it expires with its lease", "key", c.Key, "err", err)
+			}
+			return nil
+		})
+	}
 	for {
 		select {
 		case <-ctx.Done():
+			// At a stop (etcd is still open), the parked claims and those still queued are
+			// released within a couple of seconds: left, each would block its key's fills for
+			// the claim's TTL.
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			defer func() { g.Wait(); cancel() }() // before the cancel: the releases use sctx
+			left := s.parked.takeAll()
+			for drained := false; !drained; {
+				select {
+				case c := <-s.orphans:
+					left = append(left, c)
+				default:
+					drained = true
+				}
+			}
+			for _, c := range left {
+				release(sctx, c)
+			}
 			return
 		case c := <-s.orphans:
-			g.Go(func() error {
-				wctx, cancel := s.writeCtx(ctx)
-				defer cancel()
-				if err := s.reg.AbortFill(wctx, c.Key, c.Token); err != nil && !errors.Is(err, targets.ErrClaimNotHeld) {
-					s.cfg.Log.Debug("orphaned claim not released; it expires with its lease", "key", c.Key, "err", err)
-				}
-				return nil
-			})
+			release(ctx, c)
 		}
 	}
 }
