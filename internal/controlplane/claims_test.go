@@ -12,6 +12,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/etcdembed"
 	"github.com/detourhq/detour/internal/pki"
 	"github.com/detourhq/detour/internal/placement"
 	"github.com/detourhq/detour/internal/targets"
@@ -86,20 +87,28 @@ func TestCancelledPlacesDoNotFailHonestClaims(t *testing.T) {
 		cancellers*perCanceller, settled, cancelled, honest)
 }
 
-// A caller that cancels while its claim is being written (etcd answers slowly here, through a
-// proxy) is answered cancelled: the claim etcd committed is released at once instead of blocking
-// the key's fills for the claim TTL, and a Place right after it is granted its fill.
-func TestCancelledClaimIsReleased(t *testing.T) {
+// slowClaimReplica is a replica whose etcd answers after *delay (a proxy), with one target us-a,
+// every first miss claimed, and the claims' shared lease granted.
+func slowClaimReplica(t *testing.T) (*etcdembed.Server, *atomic.Int64, *replica) {
+	t.Helper()
 	etcd := startEtcd(t)
-	var delay atomic.Int64
-	slow := delayAnswers(t, strings.TrimPrefix(etcd.Endpoint(), "https://"), &delay)
+	delay := new(atomic.Int64)
+	slow := delayAnswers(t, strings.TrimPrefix(etcd.Endpoint(), "https://"), delay)
 	j := fastJanitor
-	j.ProbeTimeout, j.ProbeFailures = 5*time.Second, 1000
+	j.ProbeTimeout, j.ProbeFailures = 5*time.Second, 1000 // probing is not these tests' subject
 	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"https://" + slow}, WriteTimeout: 5 * time.Second,
 		ClaimTimeout: 5 * time.Second, Janitor: j, ClaimRate: -1})
 	createTargets(t, r, target(t, "us-a", "us"))
 	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 })
-	grant(t, r, key(0), []string{"us-a"}, "us") // the claims' shared lease exists
+	grant(t, r, key(0), []string{"us-a"}, "us")
+	return etcd, delay, r
+}
+
+// A caller that cancels while its claim is being written (etcd answers slowly here, through a
+// proxy) is answered cancelled: the claim etcd committed is released at once instead of blocking
+// the key's fills for the claim TTL, and a Place right after it is granted its fill.
+func TestCancelledClaimIsReleased(t *testing.T) {
+	_, delay, r := slowClaimReplica(t)
 	place := func(ctx context.Context, k string) (*pb.PlaceResponse, error) {
 		return r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: []string{"us-a"},
 			AgentRegion: "us", AgentId: "a1"})
@@ -128,16 +137,7 @@ func TestCancelledClaimIsReleased(t *testing.T) {
 // released after parkFor. (Before, the write was cut at half the caller's deadline: no claim was
 // ever written and every request went to the origin.)
 func TestClaimsSlowerThanThePlaceDeadlineAreHandedToTheNextPlace(t *testing.T) {
-	etcd := startEtcd(t)
-	var delay atomic.Int64
-	slow := delayAnswers(t, strings.TrimPrefix(etcd.Endpoint(), "https://"), &delay)
-	j := fastJanitor
-	j.ProbeTimeout, j.ProbeFailures = 5*time.Second, 1000
-	r := startReplicaWith(t, Options{EtcdEndpoints: []string{"https://" + slow}, WriteTimeout: 5 * time.Second,
-		ClaimTimeout: 5 * time.Second, Janitor: j, ClaimRate: -1})
-	createTargets(t, r, target(t, "us-a", "us"))
-	setPolicy(t, r, func(p *pb.Policy) { p.MinOccurrences = 1 })
-	grant(t, r, key(0), []string{"us-a"}, "us") // the claims' shared lease exists
+	etcd, delay, r := slowClaimReplica(t)
 	other := pb.NewPlacementServiceClient(testbed.Dial(t, r.addr(), issue(t, pki.AgentPrefix+"other")))
 	place := func(c pb.PlacementServiceClient, k string) *pb.PlaceResponse {
 		t.Helper()
