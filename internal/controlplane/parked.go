@@ -115,6 +115,10 @@ func (s *Service) startClaim(ctx context.Context, claim *pb.FillClaim, ttl time.
 		}
 		call.mu.Unlock()
 		switch {
+		case err != nil && left != 0:
+			// Its Place was answered claim_pending (or its caller left): counted here, as the
+			// Places answered claim_failed are by their decisions.
+			s.metrics.fills.WithLabelValues("claim_failed_late").Inc()
 		case err != nil || !granted || left == 0:
 		case left == leftWaiting:
 			s.parked.park(s, holder, claim, ttl, began)
@@ -128,7 +132,6 @@ func (s *Service) startClaim(ctx context.Context, claim *pb.FillClaim, ttl time.
 // claimFailed handles a claim etcd did not record: claims are skipped for a second so that Place
 // keeps answering at snapshot speed, and a claim etcd may have committed is released.
 func (s *Service) claimFailed(claim *pb.FillClaim, err error) {
-	s.metrics.fills.WithLabelValues("claim_write_failed").Inc()
 	s.claimsBrokenUntil.Store(s.cfg.Now().Add(time.Second).UnixNano())
 	s.once.Warn("claim", "cannot record fill claims; answering inline without fills", "err", err)
 	if errors.Is(err, targets.ErrOutcomeUnknown) {
