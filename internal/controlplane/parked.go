@@ -73,10 +73,10 @@ func (c *claimCall) leave(why int) (claimResult, bool) {
 }
 
 // startClaim starts writing claim for holder, bounded by the claim timeout and not by ctx (only
-// its values are kept). It is false when claimsInFlight writes are already under way.
-// A claim of a key whose write is already under way on this replica is not written again: its
-// reason is claim_pending for the same holder (whose grant will be parked), fill_in_progress for
-// another.
+// its values are kept). Without a write started (nil), it returns the Place's reason: a key whose
+// claim is already being written on this replica is not written again (claim_pending for the
+// same holder, whose grant will be parked; fill_in_progress for another), and past
+// claimsInFlight writes under way the claim fails.
 func (s *Service) startClaim(ctx context.Context, claim *pb.FillClaim, ttl time.Duration, holder string) (*claimCall, string) {
 	if other, writing := s.parked.writing(claim.Key, holder); writing {
 		if other {
@@ -208,9 +208,8 @@ func (p *parkedClaims) park(s *Service, holder string, claim *pb.FillClaim, ttl 
 
 // parkedGrant is a parked claim handed to its holder, with what is left of its TTL.
 type parkedGrant struct {
-	claim  *pb.FillClaim
-	Target string
-	ttl    time.Duration
+	claim *pb.FillClaim
+	ttl   time.Duration
 }
 
 // take removes and returns the claim parked for holder on key, if any.
@@ -223,7 +222,7 @@ func (p *parkedClaims) take(key, holder string) (parkedGrant, bool) {
 	}
 	c.timer.Stop()
 	delete(p.m, key)
-	return parkedGrant{claim: c.claim, Target: c.claim.Target, ttl: c.ttl - time.Since(c.written)}, true
+	return parkedGrant{claim: c.claim, ttl: c.ttl - time.Since(c.written)}, true
 }
 
 // takeAll removes and returns every parked claim (at a stop, to release them).

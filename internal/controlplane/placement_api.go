@@ -193,8 +193,9 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 		s.claimCancelled(resp, nil)
 		return
 	}
+	ttl := policyDuration(snap.Policy().FillClaimTtl, targets.DefaultFillClaimTTL)
 	if c, ok := s.parked.take(req.Key, who); ok {
-		if c.Target == target && c.ttl >= policyDuration(snap.Policy().FillClaimTtl, targets.DefaultFillClaimTTL)/2 {
+		if c.claim.Target == target && c.ttl >= ttl/2 {
 			s.metrics.fills.WithLabelValues("parked_handed").Inc()
 			s.grantOf(resp, c.claim, c.ttl)
 			return
@@ -228,7 +229,6 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 		}
 	}
 	t, _ := snap.Target(target)
-	ttl := policyDuration(snap.Policy().FillClaimTtl, targets.DefaultFillClaimTTL)
 	mediaType := req.MediaType
 	if mediaType == "" {
 		mediaType = MediaTypeCBOR
@@ -236,11 +236,6 @@ func (s *Service) grantFill(ctx context.Context, resp *pb.PlaceResponse, snap *t
 	claim := &pb.FillClaim{Key: req.Key, Target: target, AgentId: req.AgentId, Holder: holder, Token: targets.NewToken(),
 		ObjectName: blob.ObjectName(t.GetStore().GetPrefix(), req.Key), Bucket: t.GetStore().GetBucket(),
 		MediaType: mediaType, TargetUid: t.GetUid(), Granted: timestamppb.New(now), Transient: req.Transient}
-	if ctx.Err() != nil {
-		// The caller has gone: nobody would fill what this claims.
-		s.claimCancelled(resp, nil)
-		return
-	}
 	// With etcd unreachable a claim can only time out: after a failure, skip claims for a while
 	// so that Place keeps answering at snapshot speed.
 	if until := s.claimsBrokenUntil.Load(); until != 0 && now.UnixNano() < until {

@@ -373,11 +373,8 @@ func TestSnapshotsOfAWatchThatStartsBehindHoldTheirRevision(t *testing.T) {
 	cli, prefix := sharedEtcd(t), testPrefix(t)
 	r := NewRegistry(cli, prefix)
 	ctx := context.Background()
-	w := NewWatcher(cli, prefix, nil)
-	rev, err := w.load(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := loaded(t, cli, prefix, "")
+	rev := w.Snapshot().applied
 	const n = 2500 // more than the 1000 revisions etcd sends a behind watch at once
 	putRecords(t, r, n, func(int) string { return "t" })
 	wctx, cancel := context.WithCancel(ctx)
@@ -409,11 +406,8 @@ func TestSnapshotsOfAWatchThatStartsBehindHoldTheirRevision(t *testing.T) {
 func TestFollowingOnNeedsTheSameEtcd(t *testing.T) {
 	t.Parallel()
 	cli, prefix := sharedEtcd(t), testPrefix(t)
-	w := NewWatcher(cli, prefix, nil)
-	rev, err := w.load(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	w := loaded(t, cli, prefix, "")
+	rev := w.Snapshot().applied
 	if err := w.sameEtcd(context.Background(), rev); err != nil {
 		t.Fatalf("the same etcd: %v", err)
 	}

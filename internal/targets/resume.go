@@ -114,8 +114,6 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 		return 0, unusable("the checkpoint is of prefix %q, this watcher's is %q", cp.prefix, w.prefix)
 	}
 	objPrefix := w.prefix + "objects/"
-	// etcd's revision now, and its cluster: a read of one key. (A count of the records, as a full
-	// read takes, walks etcd's whole key index: a second at 3e6 records.)
 	now, cluster, err := w.head(ctx, 30*time.Second)
 	if err != nil {
 		return 0, err
@@ -123,8 +121,8 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 	w.cp.clusterID.Store(cluster)
 	// From here etcd has answered: a failure is the checkpoint's path failing, and a full read
 	// (which has its own retries) is tried rather than this path again and again.
-	if id := w.cp.clusterID.Load(); id != cp.clusterID {
-		return 0, unusable("the checkpoint is of etcd cluster %x, this etcd is cluster %x", cp.clusterID, id)
+	if cluster != cp.clusterID {
+		return 0, unusable("the checkpoint is of etcd cluster %x, this etcd is cluster %x", cp.clusterID, cluster)
 	}
 	if cp.revision > now {
 		return 0, unusable("the checkpoint is at revision %d, ahead of etcd's %d: etcd was restored or replaced", cp.revision, now)
