@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -30,6 +31,7 @@ type Server struct {
 	host  string
 	http  *http.Server
 	holds *holds
+	meta  sync.RWMutex // see handler
 }
 
 // Options configure an emulator.

@@ -170,6 +170,17 @@ func unescape(s string) string {
 // handler adds holds and notifications to the emulator's handler.
 func (s *Server) handler(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// fake-gcs-server patches an object's metadata map in place while a listing or a
+		// metadata read may be encoding the same map (a data race the race detector reports):
+		// metadata updates wait for those reads, and the reads for them.
+		switch {
+		case r.Method == http.MethodPatch || r.Method == http.MethodPut && !strings.Contains(r.URL.Path, "/upload/"):
+			s.meta.Lock()
+			defer s.meta.Unlock()
+		case r.Method == http.MethodGet && r.URL.Query().Get("alt") != "media":
+			s.meta.RLock()
+			defer s.meta.RUnlock()
+		}
 		rt := routeOf(r)
 		switch rt.kind {
 		case "notifications":
