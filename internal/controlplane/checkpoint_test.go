@@ -2,6 +2,8 @@ package controlplane
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +11,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/targets"
@@ -91,5 +95,92 @@ func TestCheckpointFailuresAreCounted(t *testing.T) {
 	eventually(t, 5*time.Second, "a checkpoint written", func() bool {
 		return metric(t, r, "detour_checkpoint_revision") >= float64(r.srv.w.Snapshot().Revision) &&
 			metric(t, r, "detour_checkpoint_bytes") > 0
+	})
+}
+
+// A replica on its embedded etcd that stops cleanly serves its redirects again at its next start
+// while that etcd restarts (held back here until the test lets it go): the clean-stop marker is
+// taken before etcd starts, a copy is redirected to, a miss is answered inline without a claim
+// (no etcd to write it to), admin calls and health still say loading. Once etcd is up the replica
+// serves as usual: fills are granted, and the copies are still redirected to.
+func TestACleanStopIsServedWhileTheEmbeddedEtcdRestarts(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "index.checkpoint")
+	var alog logBuffer
+	o := Options{WriteTimeout: time.Second, DataDir: dir, Checkpoint: path, Log: alog.logger()}
+	a := startReplicaWith(t, o)
+	ctx := context.Background()
+	createTargets(t, a, target(t, "us-a", "us"))
+	setPolicy(t, a, func(p *pb.Policy) { p.MinOccurrences = 1 })
+	acc := []string{"us-a"}
+	place := func(r *replica, k string) *pb.PlaceResponse {
+		t.Helper()
+		resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	for i := range 2 {
+		fill(t, a, key(i), acc, "us")
+		eventually(t, 5*time.Second, "a redirect", func() bool { return place(a, key(i)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT })
+	}
+	a.shutdown(t)
+	marker := targets.CleanStopPath(path)
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatalf("no clean-stop marker after a clean stop: %v\n%s", err, alog.String())
+	}
+
+	release := make(chan struct{})
+	released := false
+	o.etcdStarting = func() { <-release }
+	var log logBuffer
+	o.Log = log.logger()
+	b := serveReplica(t, o)
+	defer func() {
+		if !released {
+			close(release)
+		}
+	}()
+	if _, err := os.Stat(marker); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the marker is still there once the replica is built: %v", err)
+	}
+	eventually(t, 10*time.Second, "a redirect before etcd is up", func() bool {
+		return place(b, key(0)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
+	})
+	if got := place(b, key(1)); got.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
+		t.Fatalf("key 1 before etcd is up: %v", got)
+	}
+	if got := place(b, key(5)); got.Result != pb.PlaceResult_PLACE_RESULT_INLINE || got.Reason != ReasonLoading || got.Fill != nil {
+		t.Fatalf("a miss before etcd is up: %v", got)
+	}
+	if _, err := b.admin.ListTargets(ctx, &pb.ListTargetsRequest{}); code(err) != codes.Unavailable {
+		t.Fatalf("an admin read before etcd is up: %v", err)
+	}
+	if got := healthOf(t, b, ""); got != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("health %v before etcd is up", got)
+	}
+	select {
+	case <-b.srv.Ready():
+		t.Fatal("ready before etcd is up")
+	default:
+	}
+
+	close(release)
+	released = true
+	select {
+	case <-b.srv.Ready():
+	case err := <-b.served:
+		t.Fatalf("Serve: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("not ready within 30s of etcd starting:\n%s", log.String())
+	}
+	if got := place(b, key(0)); got.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
+		t.Fatalf("key 0 once etcd is up: %v", got)
+	}
+	fill(t, b, key(5), acc, "us")
+	eventually(t, 5*time.Second, "a redirect to a fill granted once etcd is up", func() bool {
+		return place(b, key(5)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
 }

@@ -175,7 +175,8 @@ func startReplica(t *testing.T) *replica {
 }
 
 // startReplicaWith starts a control plane on loopback ports with o, waits until it has loaded its
-// snapshot and connects to it. Without etcd endpoints in o it uses the package's etcd, without a
+// snapshot and connects to it. Without etcd endpoints or a data directory in o it uses the
+// package's etcd (with a data directory, an embedded one of its own there), without a
 // prefix the test's, and without a GCS endpoint the test's emulator.
 func startReplicaWith(t *testing.T, o Options) *replica {
 	t.Helper()
@@ -194,7 +195,7 @@ func startReplicaWith(t *testing.T, o Options) *replica {
 // its snapshot.
 func serveReplica(t *testing.T, o Options) *replica {
 	t.Helper()
-	if len(o.EtcdEndpoints) == 0 {
+	if len(o.EtcdEndpoints) == 0 && o.DataDir == "" {
 		o.EtcdEndpoints = []string{sharedEtcd(t)}
 	}
 	if o.EtcdPrefix == "" {

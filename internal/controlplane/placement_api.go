@@ -54,13 +54,16 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 			return nil, err
 		}
 	}
-	if s.loading() {
+	snap := s.w.Snapshot()
+	// While the snapshot loads, a clean stop's checkpoint may be served (targets.ServeCleanStop):
+	// redirects from it, nothing that writes.
+	provisional := snap.Provisional()
+	if s.loading() && !provisional {
 		// Agents stay fail-open: an answer at once, inline, rather than a deadline spent waiting.
 		s.metrics.decisions.WithLabelValues(resultLabel(pb.PlaceResult_PLACE_RESULT_INLINE), ReasonLoading).Inc()
 		return &pb.PlaceResponse{Result: pb.PlaceResult_PLACE_RESULT_INLINE, Reason: ReasonLoading}, nil
 	}
 	key, _ := targets.ParseKey(req.Key)
-	snap := s.w.Snapshot()
 	v := s.viewOf(snap)
 	objs := servable(snap, snap.Copies(key))
 	copies := make([]placement.Copy, len(objs))
@@ -84,6 +87,8 @@ func (s *Service) Place(ctx context.Context, req *pb.PlaceRequest) (*pb.PlaceRes
 		if resp.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
 			s.countRedirect(v, key, req.AgentRegion, resp.Target, now)
 		}
+	case d.Fill != "" && provisional:
+		resp.Reason = ReasonLoading // a claim needs etcd
 	case d.Fill != "" && req.CanFill != nil && !*req.CanFill:
 		resp.Reason = "agent_cannot_fill"
 	case d.Fill != "":

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -123,6 +124,10 @@ type Options struct {
 	EtcdUsername string
 	EtcdPassword string
 	Log          *slog.Logger
+
+	// etcdStarting, in tests, runs before an embedded etcd starts in the background (after a
+	// clean stop): it holds the start back to show what is served meanwhile.
+	etcdStarting func()
 }
 
 func (o *Options) setDefaults() {
@@ -210,6 +215,14 @@ type Server struct {
 	served   chan struct{}      // closed when Serve returns
 	shutdown chan struct{}      // closed when Shutdown has released everything
 	ready    chan struct{}      // closed once the snapshot is loaded and health says SERVING
+
+	// An embedded etcd started in the background (a start after a clean stop, which serves the
+	// stop's checkpoint meanwhile): etcdUp is closed once it serves or failed (etcdErr), and etcd
+	// is set before. Closed at New otherwise.
+	etcdUp     chan struct{}
+	etcdErr    error
+	etcdCancel context.CancelFunc
+	early      bool // the clean stop's checkpoint is served while the embedded etcd starts
 }
 
 // New builds a replica from o: it connects to etcd (starting an embedded one when o names no
@@ -221,7 +234,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	if err := o.StoreEvents.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{o: o, served: make(chan struct{}), shutdown: make(chan struct{}), ready: make(chan struct{})}
+	s := &Server{o: o, served: make(chan struct{}), shutdown: make(chan struct{}), ready: make(chan struct{}), etcdUp: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			s.closeBackends()
@@ -232,6 +245,12 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	var pre *targets.Preloaded
 	if o.Checkpoint != "" {
 		pre = targets.Preload(o.Checkpoint)
+		clean, err := pre.CleanStop()
+		if err != nil {
+			o.Log.Warn("clean-stop marker not used: placement answers inline until etcd is up", "path", targets.CleanStopPath(o.Checkpoint), "err", err)
+		}
+		// Only the replica's own embedded etcd is known unchanged since the stop.
+		s.early = clean && len(o.EtcdEndpoints) == 0
 	}
 	endpoints, err := s.connectEtcd(ctx)
 	if err != nil {
@@ -240,7 +259,8 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	cfg := Config{Log: o.Log, Signer: o.Signer, WriteTimeout: o.WriteTimeout, ClaimTimeout: o.ClaimTimeout,
 		RedirectCacheMaxAge: o.RedirectCacheMaxAge, AgentLagThreshold: o.AgentLagThreshold,
 		VerifyFullFraction: o.VerifyFullFraction, Janitor: o.Janitor, StoreEvents: o.StoreEvents, Etcd: o.Etcd, Now: o.Now}
-	if s.etcd != nil {
+	embedded := len(o.EtcdEndpoints) == 0
+	if embedded {
 		cfg.Etcd.Defrag = true // one member, ours: defragmenting it is safe and nobody else will
 	}
 	if s.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
@@ -252,9 +272,16 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	reg := targets.NewRegistry(s.cli, o.EtcdPrefix)
 	reg.GroupClaims(max(o.ClaimsInFlight, 0))
 	s.w = targets.NewWatcher(s.cli, reg.Prefix(), o.Log)
-	if s.etcd != nil {
-		// The embedded etcd is a single member in this process: loads read it in process.
-		s.w.ReadLocally(s.etcd.Range)
+	if embedded {
+		// The embedded etcd is a single member in this process: loads read it in process (once
+		// it is up: loads begin after that).
+		s.w.ReadLocally(func(ctx context.Context, key, end string, rev, limit int64) ([]*mvccpb.KeyValue, bool, error) {
+			e, err := s.embeddedEtcd(ctx)
+			if err != nil {
+				return nil, false, err
+			}
+			return e.Range(ctx, key, end, rev, limit)
+		})
 	}
 	if pre != nil {
 		if err := os.MkdirAll(filepath.Dir(o.Checkpoint), 0o700); err != nil {
@@ -278,21 +305,48 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	return s, nil
 }
 
-// connectEtcd builds the etcd client, starting an embedded etcd when no endpoints are given.
+// connectEtcd builds the etcd client, starting an embedded etcd when no endpoints are given: in
+// the background when the replica serves a clean stop's checkpoint meanwhile (s.early), else
+// before it returns.
 func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 	o := s.o
 	endpoints := o.EtcdEndpoints
 	if len(endpoints) == 0 {
 		dir := filepath.Join(o.DataDir, "etcd")
-		var err error
-		if s.etcd, err = etcdembed.Start(ctx, etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL, QuotaBytes: o.EmbeddedEtcdQuota}); err != nil {
+		ecfg, p, err := etcdembed.Prepare(etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL, QuotaBytes: o.EmbeddedEtcdQuota})
+		if err != nil {
 			return nil, err
 		}
-		endpoints = []string{s.etcd.Endpoint()}
 		// The embedded etcd accepts only its own CA's certificates (mutual TLS): this is ours.
-		o.EtcdTLS = s.etcd.PKI().Client
-		o.Log.Info("embedded etcd started (mutual TLS; etcdctl takes --cacert, --cert and --key from etcd_pki)", "dir", dir,
-			"endpoint", s.etcd.Endpoint(), "etcd_pki", s.etcd.PKI().Dir, "quota_bytes", s.etcd.QuotaBytes())
+		o.EtcdTLS = p.Client
+		endpoints = []string{ecfg.ClientURL}
+		started := func(began time.Time) {
+			o.Log.Info("embedded etcd started (mutual TLS; etcdctl takes --cacert, --cert and --key from etcd_pki)", "dir", dir,
+				"endpoint", ecfg.ClientURL, "etcd_pki", p.Dir, "quota_bytes", ecfg.QuotaBytes, "took", time.Since(began).Round(time.Millisecond).String())
+		}
+		began := time.Now()
+		if s.early {
+			o.Log.Info("embedded etcd starting in the background; serving the last clean stop's index meanwhile", "dir", dir)
+			var sctx context.Context
+			sctx, s.etcdCancel = context.WithCancel(context.Background())
+			go func() {
+				if o.etcdStarting != nil {
+					o.etcdStarting()
+				}
+				if s.etcd, s.etcdErr = etcdembed.Start(sctx, ecfg); s.etcdErr == nil {
+					started(began)
+				}
+				close(s.etcdUp)
+			}()
+		} else {
+			if s.etcd, err = etcdembed.Start(ctx, ecfg); err != nil {
+				return nil, err
+			}
+			close(s.etcdUp)
+			started(began)
+		}
+	} else {
+		close(s.etcdUp)
 	}
 	cfg := clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second,
 		DialKeepAliveTime: 10 * time.Second, DialKeepAliveTimeout: 5 * time.Second, AutoSyncInterval: time.Minute,
@@ -421,11 +475,18 @@ func (s *Server) Serve(ls Listeners) error {
 	s.mu.Unlock()
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return s.w.Run(gctx) })
+	g.Go(func() error {
+		if s.early {
+			s.w.ServeCleanStop(gctx)
+		}
+		return s.afterEtcd(gctx, s.w.Run)
+	})
 	g.Go(func() error { s.reportLoad(gctx, ls); return nil })
-	g.Go(func() error { return s.svc.Run(gctx) })
-	g.Go(func() error { s.svc.runEtcdStatus(gctx, s.cli); return nil })
-	g.Go(func() error { return s.janitor.Run(gctx) })
+	g.Go(func() error { return s.afterEtcd(gctx, s.svc.Run) })
+	g.Go(func() error {
+		return s.afterEtcd(gctx, func(ctx context.Context) error { s.svc.runEtcdStatus(ctx, s.cli); return nil })
+	})
+	g.Go(func() error { return s.afterEtcd(gctx, s.janitor.Run) })
 	g.Go(func() error { s.w.RunCheckpoints(gctx, s.o.CheckpointInterval); return nil })
 	g.Go(func() error { return serveGRPC("placement", placement, ls.Placement) })
 	if admin != placement {
@@ -460,15 +521,38 @@ func (s *Server) Serve(ls Listeners) error {
 	began := time.Now()
 	if rev, cerr := s.w.WriteCheckpoint(); cerr != nil {
 		s.o.Log.Warn("cannot write the checkpoint; the next start reads every record from etcd", "err", cerr)
-	} else if rev != 0 {
-		s.o.Log.Info("checkpoint written", "path", s.o.Checkpoint, "revision", rev, "objects", s.w.Snapshot().ObjectCount(),
-			"took", time.Since(began).Round(time.Millisecond).String())
+	} else {
+		if rev != 0 {
+			s.o.Log.Info("checkpoint written", "path", s.o.Checkpoint, "revision", rev, "objects", s.w.Snapshot().ObjectCount(),
+				"took", time.Since(began).Round(time.Millisecond).String())
+		}
+		s.markCleanStop()
 	}
 	if closed || err == nil {
 		return ErrServerClosed
 	}
 	s.o.Log.Error("control plane failed; stopping", "err", err)
 	return err
+}
+
+// markCleanStop marks the checkpoint just written as what the embedded etcd holds, so that the next
+// start serves it while that etcd restarts (targets.WriteCleanStop says when it refuses).
+func (s *Server) markCleanStop() {
+	if s.o.Checkpoint == "" || len(s.o.EtcdEndpoints) != 0 {
+		return
+	}
+	select {
+	case <-s.w.Ready(): // etcd was up, and s.etcd set
+	default:
+		return // stopped before the load was done: no checkpoint of this run
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.w.WriteCleanStop(ctx); err != nil {
+		s.o.Log.Info("stop not marked clean: the next start answers inline until its etcd is up", "reason", err)
+		return
+	}
+	s.o.Log.Info("stop marked clean: the next start serves this checkpoint while its etcd restarts", "path", targets.CleanStopPath(s.o.Checkpoint))
 }
 
 // grpcServers builds the gRPC servers: one for everything, or, with an admin listener of its
@@ -528,8 +612,11 @@ func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
 			if !began.IsZero() {
 				elapsed = time.Since(began)
 			}
-			s.o.Log.Info("loading the snapshot; placement answers inline meanwhile",
-				append(loadProgressArgs(s.w.LoadProgress(), s.w.LoadExpected(), elapsed), "since_start", time.Since(start).Round(time.Second).String())...)
+			msg := "loading the snapshot; placement answers inline meanwhile"
+			if s.w.Snapshot().Provisional() {
+				msg = "loading the snapshot; placement redirects from the last clean stop's meanwhile"
+			}
+			s.o.Log.Info(msg, append(loadProgressArgs(s.w.LoadProgress(), s.w.LoadExpected(), elapsed), "since_start", time.Since(start).Round(time.Second).String())...)
 		case <-s.w.Ready():
 			snap := s.w.Snapshot()
 			s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
@@ -631,9 +718,47 @@ func (s *Server) closeBackends() {
 	if s.cli != nil {
 		s.cli.Close()
 	}
+	if s.etcdCancel != nil {
+		s.etcdCancel()
+	}
+	if len(s.o.EtcdEndpoints) == 0 {
+		<-s.etcdUp
+	}
 	if s.etcd != nil {
 		s.etcd.Close()
 	}
+}
+
+// embeddedEtcd waits for the embedded etcd to be up (it starts in the background after a clean
+// stop) and returns it.
+func (s *Server) embeddedEtcd(ctx context.Context) (*etcdembed.Server, error) {
+	select {
+	case <-s.etcdUp:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if s.etcdErr != nil {
+		return nil, s.etcdErr
+	}
+	if s.etcd == nil {
+		return nil, errors.New("no embedded etcd")
+	}
+	return s.etcd, nil
+}
+
+// afterEtcd runs fn once etcd is up (at once with an external etcd, whose outages the loops
+// handle themselves): the loops that read or write etcd wait for an embedded one that starts in
+// the background. An embedded etcd that fails to start fails Serve.
+func (s *Server) afterEtcd(ctx context.Context, fn func(context.Context) error) error {
+	select {
+	case <-s.etcdUp:
+	case <-ctx.Done():
+		return nil
+	}
+	if s.etcdErr != nil {
+		return s.etcdErr
+	}
+	return fn(ctx)
 }
 
 // Ready is closed once the first snapshot is loaded (health SERVING from then on).
@@ -647,15 +772,19 @@ func (s *Server) Janitor() *Janitor { return s.janitor }
 
 // EtcdEndpoint is the embedded etcd's client URL ("" when using external etcd).
 func (s *Server) EtcdEndpoint() string {
-	if s.etcd == nil {
+	if len(s.o.EtcdEndpoints) != 0 {
 		return ""
 	}
-	return s.etcd.Endpoint()
+	return s.etcdConfig.Endpoints[0]
 }
 
-// EmbeddedEtcd is the embedded etcd member (nil when using external etcd): its ClientConfig
-// reaches it with the client certificate of its PKI.
-func (s *Server) EmbeddedEtcd() *etcdembed.Server { return s.etcd }
+// EmbeddedEtcd is the embedded etcd member (nil when using external etcd or when it failed to
+// start): its ClientConfig reaches it with the client certificate of its PKI. After a clean stop
+// it starts in the background: EmbeddedEtcd waits for it.
+func (s *Server) EmbeddedEtcd() *etcdembed.Server {
+	<-s.etcdUp
+	return s.etcd
+}
 
 // IndexedObjects is the number of object records in this replica's snapshot.
 func (s *Server) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }

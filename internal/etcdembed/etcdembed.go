@@ -131,8 +131,8 @@ func freeURLOn(host string) (string, error) {
 	return "https://" + l.Addr().String(), nil
 }
 
-// Start starts a single-member cluster and waits until it serves.
-func Start(ctx context.Context, cfg Config) (*Server, error) {
+// withDefaults is cfg with its defaults filled in, or why its URLs cannot be served.
+func withDefaults(cfg Config) (Config, error) {
 	if cfg.Name == "" {
 		cfg.Name = "detour"
 	}
@@ -147,8 +147,42 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	for _, u := range []struct{ name, url string }{{"client", cfg.ClientURL}, {"peer", cfg.PeerURL}} {
 		if u.url != "" && !strings.HasPrefix(u.url, "https://") {
-			return nil, fmt.Errorf("embedded etcd %s URL %q: the embedded etcd serves mutual TLS only; give an https:// URL", u.name, u.url)
+			return cfg, fmt.Errorf("embedded etcd %s URL %q: the embedded etcd serves mutual TLS only; give an https:// URL", u.name, u.url)
 		}
+	}
+	return cfg, nil
+}
+
+// Prepare is what a client of the member needs before it starts: cfg with its defaults and the
+// free ports it asks for picked (Start binds exactly those, with no second try on others), and
+// the member's PKI, made if absent. A process can then build its client and go on while Start
+// runs (a restart at millions of keys takes tens of seconds).
+func Prepare(cfg Config) (Config, PKI, error) {
+	cfg, err := withDefaults(cfg)
+	if err != nil {
+		return cfg, PKI{}, err
+	}
+	clientHost, pickClient := pickOn(cfg.ClientURL)
+	peerHost, pickPeer := pickOn(cfg.PeerURL)
+	if pickClient {
+		if cfg.ClientURL, err = freeURLOn(clientHost); err != nil {
+			return cfg, PKI{}, err
+		}
+	}
+	if pickPeer {
+		if cfg.PeerURL, err = freeURLOn(peerHost); err != nil {
+			return cfg, PKI{}, err
+		}
+	}
+	p, err := EnsurePKI(cfg.PKIDir, hostsOf(cfg)...)
+	return cfg, p, err
+}
+
+// Start starts a single-member cluster and waits until it serves.
+func Start(ctx context.Context, cfg Config) (*Server, error) {
+	cfg, err := withDefaults(cfg)
+	if err != nil {
+		return nil, err
 	}
 	// Ports this function picks were free a moment before etcd binds them; another process may
 	// take one in between, so a start that fails on a picked port is tried again with new ones.

@@ -91,10 +91,7 @@ func writeCheckpoint(path string, snap *Snapshot, rev int64, clusterID uint64, p
 	if err := os.Rename(tmp, path); err != nil {
 		return 0, err
 	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync() // the rename itself
-		d.Close()
-	}
+	syncDir(dir) // the rename itself
 	return n, nil
 }
 

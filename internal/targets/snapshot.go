@@ -114,12 +114,18 @@ type Snapshot struct {
 	agents  map[string]*pb.Agent // by id
 	// superseded is closed when a newer snapshot replaces this one.
 	superseded chan struct{}
+	// provisional: the snapshot is a clean stop's, served while etcd restarts (ServeCleanStop).
+	provisional bool
 }
 
 func emptySnapshot() *Snapshot {
 	return &Snapshot{targets: map[string]*pb.Target{}, alive: map[string]bool{}, health: map[string]*pb.TargetHealth{}, objects: &index{},
 		claims: map[string]*pb.FillClaim{}, agents: map[string]*pb.Agent{}, policy: &pb.Policy{}, superseded: make(chan struct{})}
 }
+
+// Provisional reports whether the snapshot is a clean stop's, served while etcd restarts: etcd has
+// not confirmed it yet, and nothing may be written on its word.
+func (s *Snapshot) Provisional() bool { return s.provisional }
 
 // Superseded is closed when a newer snapshot is current.
 func (s *Snapshot) Superseded() <-chan struct{} { return s.superseded }

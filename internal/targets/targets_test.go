@@ -88,12 +88,22 @@ func validTarget(name string) *pb.Target {
 func watch(t testing.TB, cli *clientv3.Client, prefix string) *Watcher {
 	t.Helper()
 	w := NewWatcher(cli, prefix, nil)
+	run(t, w)
+	return w
+}
+
+// run runs w until the test ends and waits for its first snapshot.
+func run(t testing.TB, w *Watcher) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { w.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	<-w.Ready()
-	return w
+	select {
+	case <-w.Ready():
+	case <-time.After(30 * time.Second):
+		t.Fatal("no snapshot within 30s")
+	}
 }
 
 var eventually = testbed.Eventually

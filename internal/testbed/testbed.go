@@ -137,7 +137,7 @@ type Proc struct {
 	Args []string
 	bin  string
 	t    testing.TB
-	log  *syncBuffer
+	log  *Buffer
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error
@@ -147,7 +147,7 @@ type Proc struct {
 // end of the test if still running.
 func Start(t testing.TB, name, bin string, args ...string) *Proc {
 	t.Helper()
-	p := &Proc{Name: name, Args: args, bin: bin, t: t, log: &syncBuffer{}}
+	p := &Proc{Name: name, Args: args, bin: bin, t: t, log: &Buffer{}}
 	p.start()
 	t.Cleanup(func() {
 		p.Kill()
@@ -359,24 +359,25 @@ func Eventually(t testing.TB, within time.Duration, what string, cond func() boo
 	}
 }
 
-type syncBuffer struct {
+// Buffer is a bytes.Buffer safe for concurrent writers, such as a logger's output read by a test.
+type Buffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *Buffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *Buffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
 
-func (b *syncBuffer) Tail(n int) string {
+func (b *Buffer) Tail(n int) string {
 	s := b.String()
 	if len(s) > n {
 		return s[len(s)-n:]
@@ -388,7 +389,7 @@ func (b *syncBuffer) Tail(n int) string {
 // last 64 KB, only if the test fails: a stack that logs to io.Discard leaves a CI failure without
 // its cause.
 func Log(t testing.TB) *slog.Logger {
-	var b syncBuffer
+	var b Buffer
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("the stack's log (last 64 KB):\n%s", b.Tail(64<<10))

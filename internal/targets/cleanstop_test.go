@@ -1,0 +1,171 @@
+package targets
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/detourhq/detour/internal/testbed"
+)
+
+// A clean stop is marked with a checkpoint of what etcd holds: a record written after the
+// watcher's last checkpoint is read from etcd's history and checkpointed with the others; etcd's
+// later revisions of another prefix change nothing. A start takes the marker (it is gone from disk before anything else), serves the checkpoint and
+// the other keys as a provisional snapshot (still loading), and the resume from etcd replaces it
+// with the same state, no longer provisional.
+func TestACleanStopIsWhatEtcdHolds(t *testing.T) {
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
+	ctx := context.Background()
+	if _, err := r.CreateTarget(ctx, validTarget("a")); err != nil {
+		t.Fatal(err)
+	}
+	putRecords(t, r, 40, func(int) string { return "a" })
+	path := filepath.Join(t.TempDir(), "index.checkpoint")
+	marker := CleanStopPath(path)
+
+	w := loaded(t, cli, prefix, path)
+	if _, err := w.WriteCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.PutObject(ctx, testRecord(testKey(99), "a", "u", "b", 1, time.Now(), 0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Put(ctx, strings.TrimSuffix(prefix, "/")+"-other/x", "1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.WriteCleanStop(ctx); err != nil {
+		t.Fatalf("a clean stop after another prefix's write: %v", err)
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatal(err)
+	}
+	want := watch(t, cli, prefix).Snapshot()
+
+	p := Preload(path)
+	if clean, err := p.CleanStop(); !clean || err != nil {
+		t.Fatalf("the start found no clean stop: %v %v", clean, err)
+	}
+	if _, err := os.Stat(marker); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the start left the marker on disk: %v", err)
+	}
+	w2 := NewWatcher(cli, prefix, nil)
+	w2.WithPreloaded(p)
+	if !w2.ServeCleanStop(ctx) {
+		t.Fatal("the clean stop is not served")
+	}
+	prov := w2.Snapshot()
+	if !prov.Provisional() {
+		t.Fatal("the clean stop's snapshot is not marked provisional")
+	}
+	sameState(t, "the clean stop", prov, want)
+	if len(prov.Targets()) != 1 || prov.ObjectCount() != 41 {
+		t.Fatalf("the clean stop holds %d targets and %d copies, want 1 and 41", len(prov.Targets()), prov.ObjectCount())
+	}
+	select {
+	case <-w2.Ready():
+		t.Fatal("the watcher says it is loaded before etcd was read")
+	default:
+	}
+	run(t, w2)
+	if w2.Snapshot().Provisional() {
+		t.Fatal("the resumed snapshot is still provisional")
+	}
+	sameState(t, "resumed after the clean stop", w2.Snapshot(), want)
+}
+
+// A marker that does not match what etcd is found to be (here: a marker of another cluster's
+// checkpoint, read against a fresh etcd) stops being served as soon as the resume finds out: the
+// watcher says so and loads etcd instead. A damaged marker is not served, and is removed too.
+func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
+	t.Parallel()
+	cli, prefix := sharedEtcd(t), testPrefix(t)
+	r := NewRegistry(cli, prefix)
+	ctx := context.Background()
+	if _, err := r.CreateTarget(ctx, validTarget("a")); err != nil {
+		t.Fatal(err)
+	}
+	putRecords(t, r, 10, func(int) string { return "a" })
+	path := filepath.Join(t.TempDir(), "index.checkpoint")
+	w := loaded(t, cli, prefix, path)
+	if _, err := w.WriteCheckpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.WriteCleanStop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	good, err := os.ReadFile(CleanStopPath(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	_, other := startEtcd(t)
+	var log testbed.Buffer
+	w2 := NewWatcher(other, prefix, slog.New(slog.NewTextHandler(&log, nil)))
+	w2.WithPreloaded(Preload(path))
+	if !w2.ServeCleanStop(ctx) {
+		t.Fatal("the clean stop is not served")
+	}
+	prov := w2.Snapshot()
+	run(t, w2)
+	select {
+	case <-prov.Superseded():
+	default:
+		t.Fatal("the clean stop's snapshot is still current")
+	}
+	if got := w2.Snapshot(); got.Provisional() || got.ObjectCount() != 0 {
+		t.Fatalf("after the resume failed: provisional %v, %d copies (the other etcd has none)", got.Provisional(), got.ObjectCount())
+	}
+	if !strings.Contains(log.String(), "no longer serving it") {
+		t.Fatalf("the watcher did not say it dropped the clean stop:\n%s", log.String())
+	}
+
+	bad := bytes.Clone(good)
+	bad[len(bad)/2] ^= 1
+	if err := os.WriteFile(CleanStopPath(path), bad, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := Preload(path)
+	if clean, err := p.CleanStop(); clean || !errors.Is(err, ErrCheckpointDamaged) {
+		t.Fatalf("a damaged marker: clean %v, %v", clean, err)
+	}
+	if _, err := os.Stat(CleanStopPath(path)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a damaged marker is left on disk: %v", err)
+	}
+	w3 := NewWatcher(cli, prefix, nil)
+	w3.WithPreloaded(p)
+	if w3.ServeCleanStop(ctx) || w3.Snapshot().Provisional() {
+		t.Fatal("a damaged marker is served")
+	}
+}
+
+// FuzzDecodeCleanStop: a marker is read from disk at every start; no content may panic or be
+// taken for a marker whose keys are not a clean stop's.
+func FuzzDecodeCleanStop(f *testing.F) {
+	cs := &cleanStop{revision: 7, clusterID: 3, prefix: "/detour/v1/"}
+	b, err := encodeCleanStop(cs)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(b)
+	f.Add([]byte(cleanStopMagic))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		cs, err := decodeCleanStop(b)
+		if err != nil {
+			return
+		}
+		for _, kv := range cs.kvs {
+			if kv.ModRevision > cs.revision || !strings.HasPrefix(string(kv.Key), cs.prefix) {
+				t.Fatalf("accepted %q at %d in a marker at %d of %q", kv.Key, kv.ModRevision, cs.revision, cs.prefix)
+			}
+		}
+	})
+}
