@@ -39,7 +39,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -296,26 +295,12 @@ func listPage(w http.ResponseWriter, r *http.Request, m *meta, bucket string, ti
 	}
 	n := len(m.Buckets)
 	i := from*n + ti
-	// GCS sends only the attributes a listing selects (fields=items(name,size,…),nextPageToken).
-	var keep []string
-	if f := r.URL.Query().Get("fields"); strings.Contains(f, "items(") {
-		sel := f[strings.Index(f, "items(")+len("items("):]
-		if end := strings.IndexByte(sel, ')'); end >= 0 {
-			keep = strings.Split(sel[:end], ",")
-		}
-	}
 	items := make([]map[string]any, 0, max)
 	for ; i < m.Records && len(items) < max; i += n {
-		o := objectJSON(bucket, objectPrefix+key(i))
-		if keep != nil {
-			for k := range o {
-				if !slices.Contains(keep, k) {
-					delete(o, k)
-				}
-			}
-		}
-		items = append(items, o)
+		items = append(items, objectJSON(bucket, objectPrefix+key(i)))
 	}
+	// GCS sends only the attributes a listing selects (fields=items(name,size,…),nextPageToken).
+	gcsemu.SelectListed(r.URL.Query().Get("fields"), items)
 	page := map[string]any{"kind": "storage#objects", "items": items}
 	if i < m.Records {
 		page["nextPageToken"] = strconv.Itoa(i / n)

@@ -18,7 +18,6 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -434,18 +433,13 @@ func TestListAsksOnlyForWhatItReturns(t *testing.T) {
 			http.Error(w, err.Error(), http.StatusBadGateway)
 			return
 		}
-		if open, close := strings.Index(fields, "items("), strings.Index(fields, ")"); open >= 0 && close > open {
-			keep := strings.Split(fields[open+len("items("):close], ",")
-			items, _ := page["items"].([]any)
-			for _, it := range items {
-				obj := it.(map[string]any)
-				for k := range obj {
-					if !slices.Contains(keep, k) {
-						delete(obj, k)
-					}
-				}
+		var items []map[string]any
+		if raw, ok := page["items"].([]any); ok {
+			for _, it := range raw {
+				items = append(items, it.(map[string]any))
 			}
 		}
+		gcsemu.SelectListed(fields, items)
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(page)
 	}))
