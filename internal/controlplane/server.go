@@ -719,9 +719,8 @@ func (s *Server) closeBackends() {
 		s.cli.Close()
 	}
 	if s.etcdCancel != nil {
+		// Started in the background: stop the start, or wait for it to be up before closing it.
 		s.etcdCancel()
-	}
-	if len(s.o.EtcdEndpoints) == 0 {
 		<-s.etcdUp
 	}
 	if s.etcd != nil {

@@ -128,6 +128,7 @@ type Service struct {
 // (not at every fill the index records).
 type view struct {
 	targetsRevision int64
+	provisional     bool // of a clean stop's snapshot: the one etcd confirms replaces it even at the same revision
 	targets         map[string]placement.Target
 	policy          placement.Policy
 	// fleet is targets and policy indexed for placement decisions.
@@ -219,10 +220,10 @@ func (s *Service) Run(ctx context.Context) error {
 func (d *deps) Metrics() *Metrics { return d.metrics }
 
 func (d *deps) viewOf(snap *targets.Snapshot) *view {
-	if v := d.view.Load(); v != nil && v.targetsRevision == snap.TargetsRevision {
+	if v := d.view.Load(); v != nil && v.targetsRevision == snap.TargetsRevision && v.provisional == snap.Provisional() {
 		return v
 	}
-	v := &view{targetsRevision: snap.TargetsRevision, targets: make(map[string]placement.Target, len(snap.Targets())),
+	v := &view{targetsRevision: snap.TargetsRevision, provisional: snap.Provisional(), targets: make(map[string]placement.Target, len(snap.Targets())),
 		stored: map[string]bool{}}
 	for _, t := range snap.Targets() {
 		v.targets[t.Name] = placement.Target{Name: t.Name, Region: t.Region, Weight: t.Weight,
