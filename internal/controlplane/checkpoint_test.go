@@ -161,6 +161,9 @@ func TestACleanStopIsServedWhileTheEmbeddedEtcdRestarts(t *testing.T) {
 	if got := healthOf(t, b, ""); got != healthpb.HealthCheckResponse_NOT_SERVING {
 		t.Fatalf("health %v before etcd is up", got)
 	}
+	if got := metric(t, b, "detour_snapshot_provisional"); got != 1 {
+		t.Fatalf("detour_snapshot_provisional %v before etcd is up", got)
+	}
 	select {
 	case <-b.srv.Ready():
 		t.Fatal("ready before etcd is up")
@@ -178,6 +181,9 @@ func TestACleanStopIsServedWhileTheEmbeddedEtcdRestarts(t *testing.T) {
 	}
 	if got := place(b, key(0)); got.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
 		t.Fatalf("key 0 once etcd is up: %v", got)
+	}
+	if got := metric(t, b, "detour_snapshot_provisional"); got != 0 {
+		t.Fatalf("detour_snapshot_provisional %v once etcd is up", got)
 	}
 	fill(t, b, key(5), acc, "us")
 	eventually(t, 5*time.Second, "a redirect to a fill granted once etcd is up", func() bool {

@@ -122,6 +122,14 @@ func newMetrics(w *targets.Watcher) *Metrics {
 				default:
 					return 1
 				}
+			}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "detour_snapshot_provisional",
+			Help: "1 while this replica serves the index of its last clean stop as its embedded etcd restarts (redirects only: no fills, the Admin API is unavailable), else 0."},
+			func() float64 {
+				if w.Snapshot().Provisional() {
+					return 1
+				}
+				return 0
 			}))
 	m.Registry.MustRegister(m.redirects, m.crossRegionFills, m.copyRequests, m.copies, m.copyDuration, m.soleCopies)
 	m.Registry.MustRegister(m.janitor, m.verify, m.extended, m.retired, m.garbage, m.probes, m.reconcile, m.missing, m.retireRefused, m.broken,
