@@ -25,22 +25,7 @@ func TestARestartResumesFromTheCheckpointAndItsHistory(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "index.checkpoint")
 	a := startReplicaWith(t, Options{WriteTimeout: time.Second, Checkpoint: path})
 	ctx := context.Background()
-	createTargets(t, a, target(t, "us-a", "us"))
-	setPolicy(t, a, func(p *pb.Policy) { p.MinOccurrences = 1 })
-	acc := []string{"us-a"}
-	place := func(r *replica, k string) *pb.PlaceResponse {
-		t.Helper()
-		resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp
-	}
-	for i := range 3 {
-		fill(t, a, key(i), acc, "us")
-		eventually(t, 5*time.Second, "a redirect", func() bool { return place(a, key(i)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT })
-	}
-	a.shutdown(t)
+	place, acc := stopWithCopies(t, a, 3)
 	if _, err := os.Stat(path); err != nil {
 		t.Fatalf("no checkpoint after the replica stopped: %v", err)
 	}
@@ -70,6 +55,30 @@ func TestARestartResumesFromTheCheckpointAndItsHistory(t *testing.T) {
 	}
 	fill(t, b, key(3), acc, "us")
 	eventually(t, 5*time.Second, "a redirect to the new fill", func() bool { return place(b, key(3)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT })
+}
+
+// stopWithCopies fills keys 0..n-1 at one target through a, waits until each is redirected to and
+// stops a: what the next start must serve. It returns how the tests ask Place, and the targets
+// they accept.
+func stopWithCopies(t *testing.T, a *replica, n int) (place func(*replica, string) *pb.PlaceResponse, acc []string) {
+	t.Helper()
+	createTargets(t, a, target(t, "us-a", "us"))
+	setPolicy(t, a, func(p *pb.Policy) { p.MinOccurrences = 1 })
+	acc = []string{"us-a"}
+	place = func(r *replica, k string) *pb.PlaceResponse {
+		t.Helper()
+		resp, err := r.place.Place(context.Background(), &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	for i := range n {
+		fill(t, a, key(i), acc, "us")
+		eventually(t, 5*time.Second, "a redirect", func() bool { return place(a, key(i)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT })
+	}
+	a.shutdown(t)
+	return place, acc
 }
 
 // Checkpoints an operator cannot see fail are counted: a start that could not use the file (here a
@@ -111,22 +120,7 @@ func TestACleanStopIsServedWhileTheEmbeddedEtcdRestarts(t *testing.T) {
 	o := Options{WriteTimeout: time.Second, DataDir: dir, Checkpoint: path, Log: alog.logger()}
 	a := startReplicaWith(t, o)
 	ctx := context.Background()
-	createTargets(t, a, target(t, "us-a", "us"))
-	setPolicy(t, a, func(p *pb.Policy) { p.MinOccurrences = 1 })
-	acc := []string{"us-a"}
-	place := func(r *replica, k string) *pb.PlaceResponse {
-		t.Helper()
-		resp, err := r.place.Place(ctx, &pb.PlaceRequest{Key: k, Command: "manifestdata", AcceptedTargets: acc, AgentRegion: "us"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp
-	}
-	for i := range 2 {
-		fill(t, a, key(i), acc, "us")
-		eventually(t, 5*time.Second, "a redirect", func() bool { return place(a, key(i)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT })
-	}
-	a.shutdown(t)
+	place, acc := stopWithCopies(t, a, 2)
 	marker := targets.CleanStopPath(path)
 	if _, err := os.Stat(marker); err != nil {
 		t.Fatalf("no clean-stop marker after a clean stop: %v\n%s", err, alog.String())

@@ -12,23 +12,21 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
+
 	"github.com/detourhq/detour/internal/testbed"
 )
 
 // A clean stop is marked with a checkpoint of what etcd holds: a record written after the
 // watcher's last checkpoint is read from etcd's history and checkpointed with the others; etcd's
-// later revisions of another prefix change nothing. A start takes the marker (it is gone from disk before anything else), serves the checkpoint and
-// the other keys as a provisional snapshot (still loading), and the resume from etcd replaces it
-// with the same state, no longer provisional.
+// later revisions of another prefix change nothing. A start takes the marker (it is gone from disk
+// before anything else), serves the checkpoint and the other keys as a provisional snapshot (still
+// loading), and the resume from etcd replaces it with the same state, no longer provisional.
 func TestACleanStopIsWhatEtcdHolds(t *testing.T) {
 	t.Parallel()
 	cli, prefix := sharedEtcd(t), testPrefix(t)
-	r := NewRegistry(cli, prefix)
+	r := withRecords(t, cli, prefix, 40)
 	ctx := context.Background()
-	if _, err := r.CreateTarget(ctx, validTarget("a")); err != nil {
-		t.Fatal(err)
-	}
-	putRecords(t, r, 40, func(int) string { return "a" })
 	path := filepath.Join(t.TempDir(), "index.checkpoint")
 	marker := CleanStopPath(path)
 
@@ -88,12 +86,8 @@ func TestACleanStopIsWhatEtcdHolds(t *testing.T) {
 func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
 	t.Parallel()
 	cli, prefix := sharedEtcd(t), testPrefix(t)
-	r := NewRegistry(cli, prefix)
+	withRecords(t, cli, prefix, 10)
 	ctx := context.Background()
-	if _, err := r.CreateTarget(ctx, validTarget("a")); err != nil {
-		t.Fatal(err)
-	}
-	putRecords(t, r, 10, func(int) string { return "a" })
 	path := filepath.Join(t.TempDir(), "index.checkpoint")
 	w := loaded(t, cli, prefix, path)
 	if _, err := w.WriteCheckpoint(); err != nil {
@@ -145,6 +139,17 @@ func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
 	if w3.ServeCleanStop(ctx) || w3.Snapshot().Provisional() {
 		t.Fatal("a damaged marker is served")
 	}
+}
+
+// withRecords registers target "a" under prefix and n READY records at it.
+func withRecords(t *testing.T, cli *clientv3.Client, prefix string, n int) *Registry {
+	t.Helper()
+	r := NewRegistry(cli, prefix)
+	if _, err := r.CreateTarget(context.Background(), validTarget("a")); err != nil {
+		t.Fatal(err)
+	}
+	putRecords(t, r, n, func(int) string { return "a" })
+	return r
 }
 
 // FuzzDecodeCleanStop: a marker is read from disk at every start; no content may panic or be
