@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/detourhq/detour/internal/testbed"
@@ -155,12 +156,15 @@ func withRecords(t *testing.T, cli *clientv3.Client, prefix string, n int) *Regi
 // FuzzDecodeCleanStop: a marker is read from disk at every start; no content may panic or be
 // taken for a marker whose keys are not a clean stop's.
 func FuzzDecodeCleanStop(f *testing.F) {
-	cs := &cleanStop{revision: 7, clusterID: 3, prefix: "/detour/v1/"}
-	b, err := encodeCleanStop(cs)
-	if err != nil {
-		f.Fatal(err)
+	for _, cs := range []*cleanStop{{revision: 7, clusterID: 3, prefix: "/detour/v1/"},
+		{revision: 9, clusterID: 3, prefix: "/detour/v1/", kvs: []*mvccpb.KeyValue{
+			{Key: []byte("/detour/v1/targets/a"), Value: []byte("x"), CreateRevision: 2, ModRevision: 8, Version: 3}}}} {
+		b, err := encodeCleanStop(cs)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
 	}
-	f.Add(b)
 	f.Add([]byte(cleanStopMagic))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		cs, err := decodeCleanStop(b)
