@@ -17,7 +17,7 @@ import (
 // killed leaves no marker, and the start after it waits for etcd as before.
 func TestASignalledStopIsCleanAndAKilledOneIsNot(t *testing.T) {
 	cp := testbed.StartControlPlane(t)
-	marker := filepath.Join(cp.DataDir, "index.checkpoint.clean")
+	marker := filepath.Join(cp.DataDir, "etcd.clean-stop")
 	const served = "serving the index of the last clean stop"
 	if err := cp.Stop(30 * time.Second); err != nil {
 		t.Fatalf("stop: %v\n%s", err, cp.Output())

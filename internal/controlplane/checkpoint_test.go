@@ -121,7 +121,7 @@ func TestACleanStopIsServedWhileTheEmbeddedEtcdRestarts(t *testing.T) {
 	a := startReplicaWith(t, o)
 	ctx := context.Background()
 	place, acc := stopWithCopies(t, a, 2)
-	marker := targets.CleanStopPath(path)
+	marker := filepath.Join(dir, "etcd.clean-stop")
 	if _, err := os.Stat(marker); err != nil {
 		t.Fatalf("no clean-stop marker after a clean stop: %v\n%s", err, alog.String())
 	}
@@ -151,6 +151,10 @@ func TestACleanStopIsServedWhileTheEmbeddedEtcdRestarts(t *testing.T) {
 	}
 	if _, err := b.admin.ListTargets(ctx, &pb.ListTargetsRequest{}); code(err) != codes.Unavailable {
 		t.Fatalf("an admin read before etcd is up: %v", err)
+	}
+	began := time.Now()
+	if _, err := b.place.AbortFill(ctx, &pb.AbortFillRequest{Key: key(5)}); code(err) != codes.Unavailable || time.Since(began) > 500*time.Millisecond {
+		t.Fatalf("a call that writes to etcd, before etcd is up: %v after %s", err, time.Since(began))
 	}
 	if got := healthOf(t, b, ""); got != healthpb.HealthCheckResponse_NOT_SERVING {
 		t.Fatalf("health %v before etcd is up", got)
@@ -183,4 +187,24 @@ func TestACleanStopIsServedWhileTheEmbeddedEtcdRestarts(t *testing.T) {
 	eventually(t, 5*time.Second, "a redirect to a fill granted once etcd is up", func() bool {
 		return place(b, key(5)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
 	})
+
+	// A start without a checkpoint takes the marker too: a later start with the checkpoint must
+	// not serve a stop that the run in between has made untrue.
+	b.shutdown(t)
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatalf("no marker after the second clean stop: %v", err)
+	}
+	noCheckpoint := o
+	noCheckpoint.Checkpoint, noCheckpoint.etcdStarting = "", nil
+	c := startReplicaWith(t, noCheckpoint)
+	if _, err := os.Stat(marker); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a start without a checkpoint left the marker: %v", err)
+	}
+	c.shutdown(t)
+	var dlog logBuffer
+	o.etcdStarting, o.Log = nil, dlog.logger()
+	startReplicaWith(t, o)
+	if strings.Contains(dlog.String(), "serving the index of the last clean stop") {
+		t.Fatalf("a start after a run without the checkpoint served the stop before it:\n%s", dlog.String())
+	}
 }

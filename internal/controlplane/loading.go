@@ -37,9 +37,18 @@ func needsSnapshot(method string) bool {
 	return strings.HasPrefix(method, "/"+pb.AdminService_ServiceDesc.ServiceName+"/")
 }
 
-// loadingErr is the Unavailable answer to method while the snapshot loads, or nil.
+// loadingErr is the Unavailable answer to method while the snapshot loads, or nil. While a clean
+// stop's index is served (etcd still starting), the calls that write to etcd are refused at once
+// too, rather than after their write timeout.
 func (d *deps) loadingErr(method string) error {
-	if !needsSnapshot(method) || !d.loading() {
+	if !d.loading() {
+		return nil
+	}
+	if d.w.Snapshot().Provisional() && method != pb.PlacementService_Place_FullMethodName &&
+		strings.HasPrefix(method, "/"+pb.PlacementService_ServiceDesc.ServiceName+"/") {
+		return status.Error(codes.Unavailable, "etcd is starting (this replica serves redirects from its last clean stop meanwhile); try again shortly or ask another replica")
+	}
+	if !needsSnapshot(method) {
 		return nil
 	}
 	return status.Errorf(codes.Unavailable, "loading the snapshot (%d records so far); try again shortly or ask another replica",

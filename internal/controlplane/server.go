@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -223,6 +224,12 @@ type Server struct {
 	etcdErr    error
 	etcdCancel context.CancelFunc
 	early      bool // the clean stop's checkpoint is served while the embedded etcd starts
+	// cleanEtcdRev is etcd's revision the clean stop recorded; etcdMoved says the embedded etcd
+	// came back at another (set before etcdUp is closed).
+	cleanEtcdRev int64
+	etcdMoved    bool
+	// markedRev is etcd's revision the marker written at this stop holds (0: none written).
+	markedRev int64
 }
 
 // New builds a replica from o: it connects to etcd (starting an embedded one when o names no
@@ -237,7 +244,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	s := &Server{o: o, served: make(chan struct{}), shutdown: make(chan struct{}), ready: make(chan struct{}), etcdUp: make(chan struct{})}
 	defer func() {
 		if err != nil {
-			s.closeBackends()
+			s.closeBackends(context.Background())
 		}
 	}()
 	// The checkpoint is decoded while an embedded etcd starts (its restart takes seconds at a
@@ -245,12 +252,21 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	var pre *targets.Preloaded
 	if o.Checkpoint != "" {
 		pre = targets.Preload(o.Checkpoint)
-		clean, err := pre.CleanStop()
-		if err != nil {
-			o.Log.Warn("clean-stop marker not used: placement answers inline until etcd is up", "path", targets.CleanStopPath(o.Checkpoint), "err", err)
+	}
+	if len(o.EtcdEndpoints) == 0 {
+		// Every start with the embedded etcd takes its clean-stop marker before that etcd starts,
+		// whatever it does with it: once etcd runs, a marker would no longer be true.
+		clean, err := targets.TakeCleanStop(s.cleanStopPath())
+		switch {
+		case errors.Is(err, targets.ErrCheckpointDamaged):
+			o.Log.Warn("clean-stop marker damaged, removed: placement answers inline until etcd is up", "path", s.cleanStopPath(), "err", err)
+		case err != nil:
+			return nil, fmt.Errorf("clean-stop marker %s: %w; the embedded etcd does not start while it may be there (remove it by hand)", s.cleanStopPath(), err)
+		case clean != nil && pre != nil:
+			// Only the replica's own embedded etcd is known unchanged since the stop.
+			pre.UseCleanStop(clean)
+			s.early, s.cleanEtcdRev = true, clean.EtcdRevision()
 		}
-		// Only the replica's own embedded etcd is known unchanged since the stop.
-		s.early = clean && len(o.EtcdEndpoints) == 0
 	}
 	endpoints, err := s.connectEtcd(ctx)
 	if err != nil {
@@ -313,37 +329,48 @@ func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 	endpoints := o.EtcdEndpoints
 	if len(endpoints) == 0 {
 		dir := filepath.Join(o.DataDir, "etcd")
-		ecfg, p, err := etcdembed.Prepare(etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL, QuotaBytes: o.EmbeddedEtcdQuota})
-		if err != nil {
-			return nil, err
-		}
-		// The embedded etcd accepts only its own CA's certificates (mutual TLS): this is ours.
-		o.EtcdTLS = p.Client
-		endpoints = []string{ecfg.ClientURL}
-		started := func(began time.Time) {
+		ecfg := etcdembed.Config{Dir: dir, ClientURL: o.EmbeddedEtcdURL, QuotaBytes: o.EmbeddedEtcdQuota}
+		started := func(e *etcdembed.Server, began time.Time) {
 			o.Log.Info("embedded etcd started (mutual TLS; etcdctl takes --cacert, --cert and --key from etcd_pki)", "dir", dir,
-				"endpoint", ecfg.ClientURL, "etcd_pki", p.Dir, "quota_bytes", ecfg.QuotaBytes, "took", time.Since(began).Round(time.Millisecond).String())
+				"endpoint", e.Endpoint(), "etcd_pki", e.PKI().Dir, "quota_bytes", e.QuotaBytes(), "took", time.Since(began).Round(time.Millisecond).String())
 		}
 		began := time.Now()
-		if s.early {
-			o.Log.Info("embedded etcd starting in the background; serving the last clean stop's index meanwhile", "dir", dir)
-			var sctx context.Context
-			sctx, s.etcdCancel = context.WithCancel(context.Background())
-			go func() {
-				if o.etcdStarting != nil {
-					o.etcdStarting()
-				}
-				if s.etcd, s.etcdErr = etcdembed.Start(sctx, ecfg); s.etcdErr == nil {
-					started(began)
-				}
-				close(s.etcdUp)
-			}()
-		} else {
+		if !s.early {
+			var err error
 			if s.etcd, err = etcdembed.Start(ctx, ecfg); err != nil {
 				return nil, err
 			}
 			close(s.etcdUp)
-			started(began)
+			started(s.etcd, began)
+			endpoints = []string{s.etcd.Endpoint()}
+			// The embedded etcd accepts only its own CA's certificates (mutual TLS): this is ours.
+			o.EtcdTLS = s.etcd.PKI().Client
+		} else {
+			// The ports are picked before the start (no second try on others), for the client.
+			var p etcdembed.PKI
+			var err error
+			if ecfg, p, err = etcdembed.Prepare(ecfg); err != nil {
+				return nil, err
+			}
+			endpoints, o.EtcdTLS = []string{ecfg.ClientURL}, p.Client
+			o.Log.Info("embedded etcd starting in the background; serving the last clean stop's index meanwhile", "dir", dir)
+			var sctx context.Context
+			sctx, s.etcdCancel = context.WithCancel(context.Background())
+			go func() {
+				defer close(s.etcdUp)
+				if o.etcdStarting != nil {
+					o.etcdStarting()
+				}
+				if s.etcd, s.etcdErr = etcdembed.Start(sctx, ecfg); s.etcdErr != nil {
+					return
+				}
+				started(s.etcd, began)
+				// Before anything of this process can write to it: is it what the stop left?
+				if rev := s.etcd.Revision(); rev != s.cleanEtcdRev {
+					s.etcdMoved = true
+					o.Log.Warn("the embedded etcd is not at the revision of the clean stop", "revision", rev, "clean_stop_revision", s.cleanEtcdRev)
+				}
+			}()
 		}
 	} else {
 		close(s.etcdUp)
@@ -479,7 +506,12 @@ func (s *Server) Serve(ls Listeners) error {
 		if s.early {
 			s.w.ServeCleanStop(gctx)
 		}
-		return s.afterEtcd(gctx, s.w.Run)
+		return s.afterEtcd(gctx, func(ctx context.Context) error {
+			if s.etcdMoved {
+				s.w.DropProvisional("the embedded etcd came back at another revision than the clean stop's")
+			}
+			return s.w.Run(ctx)
+		})
 	})
 	g.Go(func() error { s.reportLoad(gctx, ls); return nil })
 	g.Go(func() error { return s.afterEtcd(gctx, s.svc.Run) })
@@ -548,12 +580,18 @@ func (s *Server) markCleanStop() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := s.w.WriteCleanStop(ctx); err != nil {
+	rev, err := s.w.WriteCleanStop(ctx, s.cleanStopPath())
+	if err != nil {
 		s.o.Log.Info("stop not marked clean: the next start answers inline until its etcd is up", "reason", err)
 		return
 	}
-	s.o.Log.Info("stop marked clean: the next start serves this checkpoint while its etcd restarts", "path", targets.CleanStopPath(s.o.Checkpoint))
+	s.markedRev = rev
+	s.o.Log.Info("stop marked clean: the next start serves this checkpoint while its etcd restarts", "path", s.cleanStopPath(), "etcd_revision", rev)
 }
+
+// cleanStopPath is where the embedded etcd's clean-stop marker is: with its data, so that every
+// start with that etcd finds it, whatever its checkpoint settings.
+func (s *Server) cleanStopPath() string { return filepath.Join(s.o.DataDir, "etcd.clean-stop") }
 
 // grpcServers builds the gRPC servers: one for everything, or, with an admin listener of its
 // own, one for PlacementService and one for AdminService and reflection (both serve health).
@@ -696,7 +734,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			<-s.served
 		}
 	}
-	s.closeBackends()
+	if !s.closeBackends(ctx) {
+		cut = true
+	}
 	s.o.Log.Info("control plane stopped", "cut_short", cut)
 	if cut {
 		return ctx.Err()
@@ -704,7 +744,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-func (s *Server) closeBackends() {
+// closeBackends releases what New made. An embedded etcd still starting in the background (its
+// restore takes no context) is waited for until ctx ends, then closed by a goroutine once it is up;
+// false then.
+func (s *Server) closeBackends(ctx context.Context) bool {
 	for _, c := range s.closers {
 		c()
 	}
@@ -719,13 +762,36 @@ func (s *Server) closeBackends() {
 		s.cli.Close()
 	}
 	if s.etcdCancel != nil {
-		// Started in the background: stop the start, or wait for it to be up before closing it.
 		s.etcdCancel()
-		<-s.etcdUp
+		select {
+		case <-s.etcdUp:
+		case <-ctx.Done():
+			go func() {
+				<-s.etcdUp
+				if s.etcd != nil {
+					s.etcd.Close()
+				}
+			}()
+			return false
+		}
 	}
 	if s.etcd != nil {
+		// Nothing of this process writes any more: a marker written at this stop holds only if
+		// etcd is still where the stop was checked (another client, a lease expiring, a write that
+		// was under way may have moved it since).
+		if s.markedRev != 0 {
+			if rev := s.etcd.Revision(); rev != s.markedRev {
+				if err := os.Remove(s.cleanStopPath()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					s.o.Log.Error("etcd changed after the stop was marked clean and the marker cannot be removed: remove it before the next start",
+						"path", s.cleanStopPath(), "err", err)
+				} else {
+					s.o.Log.Info("etcd changed after the stop was marked clean: marker removed", "revision", rev, "marked", s.markedRev)
+				}
+			}
+		}
 		s.etcd.Close()
 	}
+	return true
 }
 
 // embeddedEtcd waits for the embedded etcd to be up (it starts in the background after a clean

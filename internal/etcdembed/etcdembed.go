@@ -328,6 +328,9 @@ func (s *Server) Range(ctx context.Context, key, end string, rev, limit int64) (
 	return resp.Kvs, resp.More, nil
 }
 
+// Revision is the member's current revision, read in process.
+func (s *Server) Revision() int64 { return s.etcd.Server.KV().Rev() }
+
 // QuotaBytes is the member's backend space quota.
 func (s *Server) QuotaBytes() int64 { return s.cfg.QuotaBytes }
 

@@ -91,7 +91,7 @@ func writeCheckpoint(path string, snap *Snapshot, rev int64, clusterID uint64, p
 	if err := os.Rename(tmp, path); err != nil {
 		return 0, err
 	}
-	syncDir(dir) // the rename itself
+	syncDir(dir) // the rename itself (best effort: the file is whole either way)
 	return n, nil
 }
 

@@ -24,14 +24,16 @@ import (
 // start it holds exactly that state again, and the replica can serve redirects from the checkpoint
 // while etcd restarts (tens of seconds at millions of records) instead of answering inline.
 //
-// The marker is a file beside the checkpoint (its path + ".clean") holding the checkpoint's
-// revision, cluster and prefix and every key under the prefix but the object records, at that
-// revision (targets, policy, health, claims, agents: what a snapshot needs besides its index).
-// A start takes it — reads it and removes it — before etcd starts, so that once etcd may change
-// again no marker says otherwise, whatever happens next.
+// The marker is a file the caller keeps with etcd's data (not with the checkpoint: a run with no
+// checkpoint, or another one, must still take it) holding the checkpoint's revision, etcd's
+// revision when the stop was checked, the cluster and prefix, and every key under the prefix but
+// the object records at the checkpoint's revision (targets, policy, health, claims, agents: what a
+// snapshot needs besides its index). Every start with that etcd takes it — reads it and removes
+// it — before etcd starts, so that once etcd may change again no marker says otherwise; a marker
+// that cannot be removed must stop the start (TakeCleanStop's error).
 //
-// Layout (integers little-endian): magic "DETOURCS", version u32 (1), revision i64, cluster id
-// u64, prefix (u32 length, bytes), keys u32, each key (u32 length, a marshalled
+// Layout (integers little-endian): magic "DETOURCS", version u32 (1), revision i64, etcd revision
+// i64, cluster id u64, prefix (u32 length, bytes), keys u32, each key (u32 length, a marshalled
 // mvccpb.KeyValue), CRC-32C (Castagnoli) of everything before it, u32.
 
 const (
@@ -42,16 +44,18 @@ const (
 	maxCleanStopBytes = 64 << 20
 )
 
-// cleanStop is what a clean-stop marker holds.
-type cleanStop struct {
-	revision  int64
+// CleanStop is what a clean-stop marker holds.
+type CleanStop struct {
+	revision  int64 // the checkpoint's
+	etcdRev   int64 // etcd's, when the stop was checked: what it is at the next start
 	clusterID uint64
 	prefix    string
 	kvs       []*mvccpb.KeyValue
 }
 
-// CleanStopPath is where the clean-stop marker of the checkpoint at path is.
-func CleanStopPath(checkpoint string) string { return checkpoint + ".clean" }
+// EtcdRevision is etcd's revision when the stop was found clean: the revision the same etcd is
+// at when it is back, if nothing changed it in between.
+func (cs *CleanStop) EtcdRevision() int64 { return cs.etcdRev }
 
 // WriteCleanStop makes the checkpoint what etcd holds and marks it so, for the next start to
 // serve while etcd restarts. Call it when the replica stops, after its watcher and everything that
@@ -60,14 +64,15 @@ func CleanStopPath(checkpoint string) string { return checkpoint + ".clean" }
 // not applied when it stopped (the janitor's resignation, a claim released at the stop) are read
 // from etcd's history and the checkpoint written again with them. It refuses (with the reason)
 // when etcd has more than one member, is another cluster, or keeps changing.
-func (w *Watcher) WriteCleanStop(ctx context.Context) error {
+// It writes the marker to marker and returns etcd's revision it holds (CleanStop.EtcdRevision).
+func (w *Watcher) WriteCleanStop(ctx context.Context, marker string) (int64, error) {
 	if w.cp.path == "" {
-		return errors.New("no checkpoint file")
+		return 0, errors.New("no checkpoint file")
 	}
 	select {
 	case <-w.ready:
 	default:
-		return errors.New("no snapshot was loaded")
+		return 0, errors.New("no snapshot was loaded")
 	}
 	w.cp.mu.Lock()
 	defer w.cp.mu.Unlock()
@@ -75,33 +80,35 @@ func (w *Watcher) WriteCleanStop(ctx context.Context) error {
 	defer cancel()
 	ml, err := w.cli.MemberList(ctx)
 	if err != nil {
-		return fmt.Errorf("list etcd's members: %w", err)
+		return 0, fmt.Errorf("list etcd's members: %w", err)
 	}
 	if n := len(ml.Members); n != 1 {
-		return fmt.Errorf("etcd has %d members: the others may change it while this replica is down", n)
+		return 0, fmt.Errorf("etcd has %d members: the others may change it while this replica is down", n)
 	}
 	// A copy: catching up moves its revision, and the current snapshot may still be read.
 	cur := *w.Snapshot()
 	snap := &cur
 	var cluster uint64
+	var head int64
 	for try := 1; ; try++ {
 		now, id, err := w.head(ctx, 5*time.Second)
+		head = now
 		if err != nil {
-			return err
+			return 0, err
 		}
 		if cluster = id; cluster != w.cp.clusterID.Load() {
-			return fmt.Errorf("etcd is cluster %x, the checkpoint's is %x", cluster, w.cp.clusterID.Load())
+			return 0, fmt.Errorf("etcd is cluster %x, the checkpoint's is %x", cluster, w.cp.clusterID.Load())
 		}
 		if now <= snap.applied {
 			break
 		}
 		if try > 3 {
-			return fmt.Errorf("etcd keeps changing: at revision %d, the snapshot caught up to %d", now, snap.applied)
+			return 0, fmt.Errorf("etcd keeps changing: at revision %d, the snapshot caught up to %d", now, snap.applied)
 		}
 		// Revisions past the snapshot's: another prefix's writes, or this one's that the watcher
 		// did not see before it stopped. Only the history tells which.
 		if snap, _, err = w.catchUp(ctx, snap, now); err != nil {
-			return fmt.Errorf("read etcd's history after revision %d: %w", cur.applied, err)
+			return 0, fmt.Errorf("read etcd's history after revision %d: %w", cur.applied, err)
 		}
 	}
 	rev := snap.applied
@@ -109,31 +116,32 @@ func (w *Watcher) WriteCleanStop(ctx context.Context) error {
 		n, err := writeCheckpoint(w.cp.path, snap, rev, cluster, w.prefix)
 		if err != nil {
 			w.cp.stats.failures.Add(1)
-			return fmt.Errorf("write the checkpoint %s: %w", w.cp.path, err)
+			return 0, fmt.Errorf("write the checkpoint %s: %w", w.cp.path, err)
 		}
 		w.cp.written = rev
 		w.cp.stats.revision.Store(rev)
 		w.cp.stats.bytes.Store(n)
 	}
-	cs := &cleanStop{revision: rev, clusterID: cluster, prefix: w.prefix}
+	cs := &CleanStop{revision: rev, etcdRev: head, clusterID: cluster, prefix: w.prefix}
 	objPrefix := w.prefix + "objects/"
 	for _, r := range [][2]string{{w.prefix, objPrefix}, {clientv3.GetPrefixRangeEnd(objPrefix), clientv3.GetPrefixRangeEnd(w.prefix)}} {
 		err := w.readRange(ctx, r[0], r[1], rev, func(kvs []*mvccpb.KeyValue) { cs.kvs = append(cs.kvs, kvs...) })
 		if err != nil {
-			return err
+			return 0, err
 		}
 	}
 	b, err := encodeCleanStop(cs)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	return writeFileAtomic(CleanStopPath(w.cp.path), b)
+	return head, writeFileAtomic(marker, b)
 }
 
-func encodeCleanStop(cs *cleanStop) ([]byte, error) {
+func encodeCleanStop(cs *CleanStop) ([]byte, error) {
 	b := append([]byte(cleanStopMagic), 0, 0, 0, 0)
 	binary.LittleEndian.PutUint32(b[len(cleanStopMagic):], cleanStopVersion)
 	b = binary.LittleEndian.AppendUint64(b, uint64(cs.revision))
+	b = binary.LittleEndian.AppendUint64(b, uint64(cs.etcdRev))
 	b = binary.LittleEndian.AppendUint64(b, cs.clusterID)
 	b = appendString(b, cs.prefix)
 	b = binary.LittleEndian.AppendUint32(b, uint32(len(cs.kvs)))
@@ -151,8 +159,8 @@ func encodeCleanStop(cs *cleanStop) ([]byte, error) {
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli)), nil
 }
 
-func decodeCleanStop(b []byte) (*cleanStop, error) {
-	if len(b) < len(cleanStopMagic)+4+8+8+4+4+4 || string(b[:len(cleanStopMagic)]) != cleanStopMagic {
+func decodeCleanStop(b []byte) (*CleanStop, error) {
+	if len(b) < len(cleanStopMagic)+4+8+8+8+4+4+4 || string(b[:len(cleanStopMagic)]) != cleanStopMagic {
 		return nil, damaged("not a clean-stop marker (no %s header)", cleanStopMagic)
 	}
 	body, sum := b[:len(b)-4], binary.LittleEndian.Uint32(b[len(b)-4:])
@@ -163,6 +171,7 @@ func decodeCleanStop(b []byte) (*cleanStop, error) {
 	var hdr struct {
 		Version   uint32
 		Revision  int64
+		EtcdRev   int64
 		ClusterID uint64
 		PrefixLen uint32
 	}
@@ -172,15 +181,20 @@ func decodeCleanStop(b []byte) (*cleanStop, error) {
 	if hdr.Version != cleanStopVersion {
 		return nil, damaged("clean-stop marker version %d, this release reads %d", hdr.Version, cleanStopVersion)
 	}
-	if hdr.Revision <= 0 || int64(hdr.PrefixLen) > int64(r.Len()) || hdr.PrefixLen > maxCheckpointString {
-		return nil, damaged("clean-stop marker: revision %d, prefix of %d bytes", hdr.Revision, hdr.PrefixLen)
+	if hdr.Revision <= 0 || hdr.EtcdRev < hdr.Revision || hdr.PrefixLen == 0 || int64(hdr.PrefixLen) > int64(r.Len()) || hdr.PrefixLen > maxCheckpointString {
+		return nil, damaged("clean-stop marker: revision %d, etcd's %d, prefix of %d bytes", hdr.Revision, hdr.EtcdRev, hdr.PrefixLen)
 	}
 	prefix := make([]byte, hdr.PrefixLen)
 	r.Read(prefix)
-	cs := &cleanStop{revision: hdr.Revision, clusterID: hdr.ClusterID, prefix: string(prefix)}
+	cs := &CleanStop{revision: hdr.Revision, etcdRev: hdr.EtcdRev, clusterID: hdr.ClusterID, prefix: string(prefix)}
 	var n uint32
 	if err := binary.Read(r, binary.LittleEndian, &n); err != nil {
 		return nil, damaged("clean-stop marker: key count: %v", err)
+	}
+	// Each key takes its length and a marshalled key longer than the prefix: a count the bytes
+	// cannot hold is refused before anything is allocated for it.
+	if int64(n) > int64(r.Len())/(4+2+int64(len(prefix))) {
+		return nil, damaged("clean-stop marker: %d keys in %d bytes", n, r.Len())
 	}
 	for i := uint32(0); i < n; i++ {
 		var l uint32
@@ -193,7 +207,7 @@ func decodeCleanStop(b []byte) (*cleanStop, error) {
 		if err := proto.Unmarshal(m, kv); err != nil {
 			return nil, damaged("clean-stop marker: key %d: %v", i, err)
 		}
-		if !bytes.HasPrefix(kv.Key, prefix) || bytes.HasPrefix(kv.Key, []byte(cs.prefix+"objects/")) || kv.ModRevision > cs.revision {
+		if len(kv.Key) <= len(prefix) || !bytes.HasPrefix(kv.Key, prefix) || bytes.HasPrefix(kv.Key, []byte(cs.prefix+"objects/")) || kv.ModRevision > cs.revision {
 			return nil, damaged("clean-stop marker: key %q (revision %d) is not one a clean stop at %d holds", kv.Key, kv.ModRevision, cs.revision)
 		}
 		cs.kvs = append(cs.kvs, kv)
@@ -204,10 +218,11 @@ func decodeCleanStop(b []byte) (*cleanStop, error) {
 	return cs, nil
 }
 
-// takeCleanStop reads the clean-stop marker of the checkpoint at path and removes it, durably.
-// (nil, nil): there is none. A marker that cannot be removed is not used.
-func takeCleanStop(path string) (*cleanStop, error) {
-	p := CleanStopPath(path)
+// TakeCleanStop reads the clean-stop marker at p and removes it, durably, before the etcd it
+// describes starts. (nil, nil): there is none. A damaged marker is removed and its error wraps
+// ErrCheckpointDamaged; any other error means a marker may still be there, and the etcd must not
+// start until someone removes it.
+func TakeCleanStop(p string) (*CleanStop, error) {
 	f, err := os.Open(p)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -218,9 +233,11 @@ func takeCleanStop(path string) (*cleanStop, error) {
 	b, rerr := readAtMost(f, maxCleanStopBytes+4)
 	f.Close()
 	if err := os.Remove(p); err != nil {
-		return nil, fmt.Errorf("remove the clean-stop marker (not used): %w", err)
+		return nil, fmt.Errorf("remove the clean-stop marker: %w", err)
 	}
-	syncDir(filepath.Dir(p))
+	if err := syncDir(filepath.Dir(p)); err != nil {
+		return nil, fmt.Errorf("make the clean-stop marker's removal durable: %w", err)
+	}
 	if rerr != nil {
 		return nil, rerr
 	}
@@ -260,15 +277,17 @@ func writeFileAtomic(path string, b []byte) error {
 	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
-	syncDir(dir)
-	return nil
+	return syncDir(dir)
 }
 
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
+// syncDir makes a rename or removal in dir durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
 	}
+	defer d.Close()
+	return d.Sync()
 }
 
 // ServeCleanStop makes the checkpoint current as a provisional snapshot when the start took a
@@ -280,10 +299,6 @@ func syncDir(dir string) {
 func (w *Watcher) ServeCleanStop(ctx context.Context) bool {
 	p := w.cp.pre
 	if p == nil {
-		return false
-	}
-	if p.cleanErr != nil {
-		w.log.Warn("clean-stop marker not used; serving once etcd is up", "path", CleanStopPath(p.path), "err", p.cleanErr)
 		return false
 	}
 	cs := p.clean
@@ -305,7 +320,7 @@ func (w *Watcher) ServeCleanStop(ctx context.Context) bool {
 		reason = fmt.Sprintf("the marker is of prefix %q, this watcher's is %q", cs.prefix, w.prefix)
 	}
 	if reason != "" {
-		w.log.Warn("clean-stop marker not used; serving once etcd is up", "path", CleanStopPath(p.path), "reason", reason)
+		w.log.Warn("clean-stop marker not used; serving once etcd is up", "checkpoint", p.path, "reason", reason)
 		return false
 	}
 	snap := emptySnapshot()
@@ -324,13 +339,13 @@ func (w *Watcher) ServeCleanStop(ctx context.Context) bool {
 	return true
 }
 
-// dropProvisional stops serving a provisional snapshot: etcd disagrees with the clean stop it
-// came from (resume found the checkpoint unusable), so Place answers inline until a load is done.
-func (w *Watcher) dropProvisional() {
+// DropProvisional stops serving a provisional snapshot: etcd disagrees with the clean stop it came
+// from (why says how), so Place answers inline until a load is done.
+func (w *Watcher) DropProvisional(why string) {
 	if cur := w.Snapshot(); cur.provisional {
 		if w.cur.CompareAndSwap(cur, emptySnapshot()) {
 			close(cur.superseded)
-			w.log.Warn("etcd is not what the clean stop recorded: no longer serving it; placement answers inline until the load is done")
+			w.log.Warn("etcd is not what the clean stop recorded: no longer serving it; placement answers inline until the load is done", "reason", why)
 		}
 	}
 }

@@ -29,7 +29,7 @@ func TestACleanStopIsWhatEtcdHolds(t *testing.T) {
 	r := withRecords(t, cli, prefix, 40)
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "index.checkpoint")
-	marker := CleanStopPath(path)
+	marker := filepath.Join(t.TempDir(), "clean-stop")
 
 	w := loaded(t, cli, prefix, path)
 	if _, err := w.WriteCheckpoint(); err != nil {
@@ -41,7 +41,8 @@ func TestACleanStopIsWhatEtcdHolds(t *testing.T) {
 	if _, err := cli.Put(ctx, strings.TrimSuffix(prefix, "/")+"-other/x", "1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.WriteCleanStop(ctx); err != nil {
+	head, err := w.WriteCleanStop(ctx, marker)
+	if err != nil {
 		t.Fatalf("a clean stop after another prefix's write: %v", err)
 	}
 	if _, err := os.Stat(marker); err != nil {
@@ -49,13 +50,18 @@ func TestACleanStopIsWhatEtcdHolds(t *testing.T) {
 	}
 	want := watch(t, cli, prefix).Snapshot()
 
-	p := Preload(path)
-	if clean, err := p.CleanStop(); !clean || err != nil {
-		t.Fatalf("the start found no clean stop: %v %v", clean, err)
+	cs, err := TakeCleanStop(marker)
+	if cs == nil || err != nil {
+		t.Fatalf("the start found no clean stop: %v %v", cs, err)
+	}
+	if got := cs.EtcdRevision(); got != head {
+		t.Fatalf("the marker holds etcd's revision %d, the stop was checked at %d", got, head)
 	}
 	if _, err := os.Stat(marker); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("the start left the marker on disk: %v", err)
 	}
+	p := Preload(path)
+	p.UseCleanStop(cs)
 	w2 := NewWatcher(cli, prefix, nil)
 	w2.WithPreloaded(p)
 	if !w2.ServeCleanStop(ctx) {
@@ -94,10 +100,11 @@ func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
 	if _, err := w.WriteCheckpoint(); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.WriteCleanStop(ctx); err != nil {
+	marker := filepath.Join(t.TempDir(), "clean-stop")
+	if _, err := w.WriteCleanStop(ctx, marker); err != nil {
 		t.Fatal(err)
 	}
-	good, err := os.ReadFile(CleanStopPath(path))
+	good, err := os.ReadFile(marker)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +112,13 @@ func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
 	_, other := startEtcd(t)
 	var log testbed.Buffer
 	w2 := NewWatcher(other, prefix, slog.New(slog.NewTextHandler(&log, nil)))
-	w2.WithPreloaded(Preload(path))
+	cs, err := TakeCleanStop(marker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := Preload(path)
+	p.UseCleanStop(cs)
+	w2.WithPreloaded(p)
 	if !w2.ServeCleanStop(ctx) {
 		t.Fatal("the clean stop is not served")
 	}
@@ -125,20 +138,14 @@ func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
 
 	bad := bytes.Clone(good)
 	bad[len(bad)/2] ^= 1
-	if err := os.WriteFile(CleanStopPath(path), bad, 0o600); err != nil {
+	if err := os.WriteFile(marker, bad, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p := Preload(path)
-	if clean, err := p.CleanStop(); clean || !errors.Is(err, ErrCheckpointDamaged) {
-		t.Fatalf("a damaged marker: clean %v, %v", clean, err)
+	if cs, err := TakeCleanStop(marker); cs != nil || !errors.Is(err, ErrCheckpointDamaged) {
+		t.Fatalf("a damaged marker: %v, %v", cs, err)
 	}
-	if _, err := os.Stat(CleanStopPath(path)); !errors.Is(err, fs.ErrNotExist) {
+	if _, err := os.Stat(marker); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("a damaged marker is left on disk: %v", err)
-	}
-	w3 := NewWatcher(cli, prefix, nil)
-	w3.WithPreloaded(p)
-	if w3.ServeCleanStop(ctx) || w3.Snapshot().Provisional() {
-		t.Fatal("a damaged marker is served")
 	}
 }
 
@@ -156,8 +163,8 @@ func withRecords(t *testing.T, cli *clientv3.Client, prefix string, n int) *Regi
 // FuzzDecodeCleanStop: a marker is read from disk at every start; no content may panic or be
 // taken for a marker whose keys are not a clean stop's.
 func FuzzDecodeCleanStop(f *testing.F) {
-	for _, cs := range []*cleanStop{{revision: 7, clusterID: 3, prefix: "/detour/v1/"},
-		{revision: 9, clusterID: 3, prefix: "/detour/v1/", kvs: []*mvccpb.KeyValue{
+	for _, cs := range []*CleanStop{{revision: 7, etcdRev: 7, clusterID: 3, prefix: "/detour/v1/"},
+		{revision: 9, etcdRev: 12, clusterID: 3, prefix: "/detour/v1/", kvs: []*mvccpb.KeyValue{
 			{Key: []byte("/detour/v1/targets/a"), Value: []byte("x"), CreateRevision: 2, ModRevision: 8, Version: 3}}}} {
 		b, err := encodeCleanStop(cs)
 		if err != nil {
@@ -171,8 +178,11 @@ func FuzzDecodeCleanStop(f *testing.F) {
 		if err != nil {
 			return
 		}
+		if cs.prefix == "" || cs.etcdRev < cs.revision {
+			t.Fatalf("accepted a marker of prefix %q at revision %d, etcd's %d", cs.prefix, cs.revision, cs.etcdRev)
+		}
 		for _, kv := range cs.kvs {
-			if kv.ModRevision > cs.revision || !strings.HasPrefix(string(kv.Key), cs.prefix) {
+			if kv.ModRevision > cs.revision || len(kv.Key) <= len(cs.prefix) || !strings.HasPrefix(string(kv.Key), cs.prefix) {
 				t.Fatalf("accepted %q at %d in a marker at %d of %q", kv.Key, kv.ModRevision, cs.revision, cs.prefix)
 			}
 		}

@@ -53,20 +53,14 @@ type Preloaded struct {
 	done chan struct{}
 	cp   *checkpoint
 	err  error
-	// clean is the clean-stop marker the start took (cleanstop.go), nil if none; cleanErr why
-	// one found could not be used.
-	clean    *cleanStop
-	cleanErr error
+	// clean is the clean-stop marker the start took (UseCleanStop), nil if none.
+	clean *CleanStop
 }
 
 // Preload starts reading the checkpoint at path in the background: a process can decode it while
 // its embedded etcd starts, before there is a watcher (WithPreloaded hands it over).
-//
-// It first takes the checkpoint's clean-stop marker (cleanstop.go): reads and removes it, before
-// the caller starts anything that may change etcd.
 func Preload(path string) *Preloaded {
 	p := &Preloaded{path: path, done: make(chan struct{})}
-	p.clean, p.cleanErr = takeCleanStop(path)
 	go func() {
 		defer close(p.done)
 		p.cp, p.err = readCheckpoint(path)
@@ -74,9 +68,9 @@ func Preload(path string) *Preloaded {
 	return p
 }
 
-// CleanStop reports whether the checkpoint was written at a clean stop (WriteCleanStop), and if a
-// marker was found but cannot be used, why.
-func (p *Preloaded) CleanStop() (bool, error) { return p.clean != nil, p.cleanErr }
+// UseCleanStop gives the watcher the clean-stop marker the start took (TakeCleanStop), for
+// ServeCleanStop: it is served if it matches the checkpoint. Call before WithPreloaded.
+func (p *Preloaded) UseCleanStop(cs *CleanStop) { p.clean = cs }
 
 // WithPreloaded makes the watcher resume from p's checkpoint (and write its own there), using what
 // p has read for its first attempt. Call before Run.

@@ -100,7 +100,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 			rev, err = w.resume(ctx)
 			if u := (errUnusable{}); errors.As(err, &u) {
 				w.logUnusable(u.err)
-				w.dropProvisional()
+				w.DropProvisional(u.err.Error())
 				resume = false
 			}
 		}
