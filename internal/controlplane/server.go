@@ -127,8 +127,9 @@ type Options struct {
 	Log          *slog.Logger
 
 	// etcdStarting, in tests, runs before an embedded etcd starts in the background (after a
-	// clean stop): it holds the start back to show what is served meanwhile.
-	etcdStarting func()
+	// clean stop): it holds the start back to show what is served meanwhile, until ctx (the
+	// start's) ends.
+	etcdStarting func(ctx context.Context)
 }
 
 func (o *Options) setDefaults() {
@@ -359,7 +360,7 @@ func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 			go func() {
 				defer close(s.etcdUp)
 				if o.etcdStarting != nil {
-					o.etcdStarting()
+					o.etcdStarting(sctx)
 				}
 				if s.etcd, s.etcdErr = etcdembed.Start(sctx, ecfg); s.etcdErr != nil {
 					return

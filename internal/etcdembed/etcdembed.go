@@ -212,6 +212,9 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 }
 
 func start(ctx context.Context, cfg Config) (*Server, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err // etcd's own start cannot be cut once begun
+	}
 	cu, err := url.Parse(cfg.ClientURL)
 	if err != nil {
 		return nil, fmt.Errorf("client url: %w", err)
