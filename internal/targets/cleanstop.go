@@ -113,14 +113,9 @@ func (w *Watcher) WriteCleanStop(ctx context.Context, marker string) (int64, err
 	}
 	rev := snap.applied
 	if rev != w.cp.written {
-		n, err := writeCheckpoint(w.cp.path, snap, rev, cluster, w.prefix)
-		if err != nil {
-			w.cp.stats.failures.Add(1)
-			return 0, fmt.Errorf("write the checkpoint %s: %w", w.cp.path, err)
+		if _, err := w.writeCheckpointLocked(snap, cluster); err != nil {
+			return 0, err
 		}
-		w.cp.written = rev
-		w.cp.stats.revision.Store(rev)
-		w.cp.stats.bytes.Store(n)
 	}
 	cs := &CleanStop{revision: rev, etcdRev: head, clusterID: cluster, prefix: w.prefix}
 	objPrefix := w.prefix + "objects/"

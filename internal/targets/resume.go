@@ -247,7 +247,20 @@ func (w *Watcher) WriteCheckpoint() (int64, error) {
 		return 0, nil
 	}
 	began := time.Now()
-	n, err := writeCheckpoint(w.cp.path, snap, rev, w.cp.clusterID.Load(), w.prefix)
+	n, err := w.writeCheckpointLocked(snap, w.cp.clusterID.Load())
+	if err != nil {
+		return 0, err
+	}
+	w.log.Debug("checkpoint written", "path", w.cp.path, "revision", rev, "objects", snap.objects.count, "bytes", n,
+		"took", time.Since(began).Round(time.Millisecond).String())
+	return rev, nil
+}
+
+// writeCheckpointLocked writes snap's index, exact at its applied revision, as the checkpoint and
+// counts it. w.cp.mu is held.
+func (w *Watcher) writeCheckpointLocked(snap *Snapshot, clusterID uint64) (int64, error) {
+	rev := snap.applied
+	n, err := writeCheckpoint(w.cp.path, snap, rev, clusterID, w.prefix)
 	if err != nil {
 		w.cp.stats.failures.Add(1)
 		return 0, fmt.Errorf("write the checkpoint %s: %w", w.cp.path, err)
@@ -255,9 +268,7 @@ func (w *Watcher) WriteCheckpoint() (int64, error) {
 	w.cp.written = rev
 	w.cp.stats.revision.Store(rev)
 	w.cp.stats.bytes.Store(n)
-	w.log.Debug("checkpoint written", "path", w.cp.path, "revision", rev, "objects", snap.objects.count, "bytes", n,
-		"took", time.Since(began).Round(time.Millisecond).String())
-	return rev, nil
+	return n, nil
 }
 
 // RunCheckpoints writes a checkpoint every interval until ctx ends. A failed write is logged (once
