@@ -61,20 +61,27 @@ type Server struct {
 	status    *statusGuard
 }
 
-// statusGuard holds Maintenance.Status calls off a stopping member. etcd 3.7.3 answers Status
-// from its backend without waiting for the backend's close (etcd issue 22189, fix pending): a
-// Status in flight while the member stops dereferences a closed database and kills the process,
-// which, for an embedded etcd, is the control plane (whose replicas poll Status). Stopping waits
-// for Status calls in flight; later ones are refused as Unavailable.
+// statusGuard holds the calls that reach the backend outside raft's apply off a stopping member.
+// etcd 3.7.3 answers Status from its backend without waiting for the backend's close (etcd issue
+// 22189, fix pending), and Compact commits the backend (ForceCommit) after its raft request the
+// same way: such a call in flight while the member stops dereferences a closed database and kills
+// the process, which, for an embedded etcd, is the control plane (whose replicas poll Status, and
+// whose janitor compacts: CI at 16fe782 crashed in Compact). Defragment rewrites the backend
+// likewise. Stopping waits for these calls in flight; later ones are refused as Unavailable.
 type statusGuard struct {
 	mu       sync.RWMutex
 	stopping bool
 }
 
-const statusMethod = "/etcdserverpb.Maintenance/Status"
+// guardedMethods are the calls statusGuard holds off a stopping member.
+var guardedMethods = map[string]bool{
+	"/etcdserverpb.Maintenance/Status":     true,
+	"/etcdserverpb.Maintenance/Defragment": true,
+	"/etcdserverpb.KV/Compact":             true,
+}
 
 func (g *statusGuard) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if info.FullMethod != statusMethod {
+	if !guardedMethods[info.FullMethod] {
 		return handler(ctx, req)
 	}
 	g.mu.RLock()

@@ -9,9 +9,10 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// Status calls in flight while a member crashes or closes get an error, never a crash of the
-// process: etcd 3.7.3 answers Status from its backend without holding off the backend's close
-// (etcd issue 22189), which killed a test binary whose replicas poll every member's Status.
+// Status and Compact calls in flight while a member crashes or closes get an error, never a crash
+// of the process: etcd 3.7.3 answers Status from its backend, and commits it after a Compact,
+// without holding off the backend's close (etcd issue 22189), which killed test binaries whose
+// replicas poll every member's Status, and one whose janitor compacted as its etcd closed.
 func TestStatusWhileTheMemberStopsIsAnError(t *testing.T) {
 	for round := range 6 {
 		s, err := Start(context.Background(), Config{Dir: t.TempDir()})
@@ -31,6 +32,19 @@ func TestStatusWhileTheMemberStopsIsAnError(t *testing.T) {
 				for ctx.Err() == nil {
 					sctx, c := context.WithTimeout(ctx, 200*time.Millisecond)
 					_, _ = cli.Status(sctx, s.Endpoint())
+					c()
+				}
+			}()
+		}
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for ctx.Err() == nil {
+					cctx, c := context.WithTimeout(ctx, 200*time.Millisecond)
+					if r, err := cli.Put(cctx, "k", "v"); err == nil {
+						_, _ = cli.Compact(cctx, r.Header.Revision)
+					}
 					c()
 				}
 			}()
