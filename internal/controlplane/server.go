@@ -575,7 +575,7 @@ func (s *Server) markCleanStop() {
 		return
 	}
 	select {
-	case <-s.w.Ready(): // etcd was up, and s.etcd set
+	case <-s.w.Ready(): // etcd was up: the snapshot was read from it
 	default:
 		return // stopped before the load was done: no checkpoint of this run
 	}
@@ -795,16 +795,22 @@ func (s *Server) closeBackends(ctx context.Context) bool {
 	return true
 }
 
-// embeddedEtcd waits for the embedded etcd to be up (it starts in the background after a clean
-// stop) and returns it.
-func (s *Server) embeddedEtcd(ctx context.Context) (*etcdembed.Server, error) {
+// waitEtcd waits until etcd can be used: at once with an external etcd (whose outages the loops
+// handle themselves), once an embedded one starting in the background is up. false: ctx ended
+// first; an error: the embedded etcd failed to start.
+func (s *Server) waitEtcd(ctx context.Context) (bool, error) {
 	select {
 	case <-s.etcdUp:
+		return true, s.etcdErr
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return false, ctx.Err()
 	}
-	if s.etcdErr != nil {
-		return nil, s.etcdErr
+}
+
+// embeddedEtcd waits for the embedded etcd to be up and returns it.
+func (s *Server) embeddedEtcd(ctx context.Context) (*etcdembed.Server, error) {
+	if _, err := s.waitEtcd(ctx); err != nil {
+		return nil, err
 	}
 	if s.etcd == nil {
 		return nil, errors.New("no embedded etcd")
@@ -812,17 +818,15 @@ func (s *Server) embeddedEtcd(ctx context.Context) (*etcdembed.Server, error) {
 	return s.etcd, nil
 }
 
-// afterEtcd runs fn once etcd is up (at once with an external etcd, whose outages the loops
-// handle themselves): the loops that read or write etcd wait for an embedded one that starts in
-// the background. An embedded etcd that fails to start fails Serve.
+// afterEtcd runs fn once etcd can be used (waitEtcd): the loops that read or write etcd wait for
+// an embedded one that starts in the background. An embedded etcd that fails to start fails Serve.
 func (s *Server) afterEtcd(ctx context.Context, fn func(context.Context) error) error {
-	select {
-	case <-s.etcdUp:
-	case <-ctx.Done():
+	up, err := s.waitEtcd(ctx)
+	if !up {
 		return nil
 	}
-	if s.etcdErr != nil {
-		return s.etcdErr
+	if err != nil {
+		return err
 	}
 	return fn(ctx)
 }

@@ -169,20 +169,30 @@ func Prepare(cfg Config) (Config, PKI, error) {
 	if err != nil {
 		return cfg, PKI{}, err
 	}
+	if _, err := pickPorts(&cfg); err != nil {
+		return cfg, PKI{}, err
+	}
+	p, err := EnsurePKI(cfg.PKIDir, hostsOf(cfg)...)
+	return cfg, p, err
+}
+
+// pickPorts replaces cfg's URLs that ask for a port (empty, or port 0) with free ones; it
+// reports whether it picked any.
+func pickPorts(cfg *Config) (bool, error) {
 	clientHost, pickClient := pickOn(cfg.ClientURL)
 	peerHost, pickPeer := pickOn(cfg.PeerURL)
+	var err error
 	if pickClient {
 		if cfg.ClientURL, err = freeURLOn(clientHost); err != nil {
-			return cfg, PKI{}, err
+			return false, err
 		}
 	}
 	if pickPeer {
 		if cfg.PeerURL, err = freeURLOn(peerHost); err != nil {
-			return cfg, PKI{}, err
+			return false, err
 		}
 	}
-	p, err := EnsurePKI(cfg.PKIDir, hostsOf(cfg)...)
-	return cfg, p, err
+	return pickClient || pickPeer, nil
 }
 
 // Start starts a single-member cluster and waits until it serves.
@@ -196,22 +206,15 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	// A URL on port 0 asks for a free port on its host: one is picked here too, since the member
 	// advertises the URL it was given and clients that sync their endpoints from the member list
 	// would otherwise dial port 0.
-	clientHost, pickClient := pickOn(cfg.ClientURL)
-	peerHost, pickPeer := pickOn(cfg.PeerURL)
+	asked := cfg
 	for attempt := 1; ; attempt++ {
-		var err error
-		if pickClient {
-			if cfg.ClientURL, err = freeURLOn(clientHost); err != nil {
-				return nil, err
-			}
-		}
-		if pickPeer {
-			if cfg.PeerURL, err = freeURLOn(peerHost); err != nil {
-				return nil, err
-			}
+		cfg.ClientURL, cfg.PeerURL = asked.ClientURL, asked.PeerURL
+		picked, err := pickPorts(&cfg)
+		if err != nil {
+			return nil, err
 		}
 		s, err := start(ctx, cfg)
-		if err != nil && (pickClient || pickPeer) && addrInUse(err) && attempt < 5 {
+		if err != nil && picked && addrInUse(err) && attempt < 5 {
 			continue
 		}
 		return s, err
