@@ -65,6 +65,9 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 		return 0, err
 	}
 	w.progress.expected.Store(expected)
+	if rev, ok, err := w.tryCopy(ctx); ok || err != nil {
+		return rev, err
+	}
 	snap := emptySnapshot()
 	l := newLoader(w, expected)
 	chunks := make(chan []*mvccpb.KeyValue, 4)
@@ -271,6 +274,10 @@ type loader struct {
 	prefix []byte // of object records
 	mu     [leafCount]sync.Mutex
 	leaves [leafCount]shard
+	// history is set when records come from a copy of etcd's database (dbcopy.go): a key's copy
+	// at a target may come several times, and gone holds revisions that ended one.
+	history bool
+	gone    [][]goneCopy
 }
 
 func newLoader(w *Watcher, expected int64) *loader {
@@ -325,7 +332,12 @@ func (l *loader) build() *index {
 				if len(sh.keys) == 0 {
 					continue
 				}
-				sortLeaf(&sh)
+				if l.history {
+					settleLeaf(&sh, l.gone[s])
+					l.gone[s] = nil
+				} else {
+					sortLeaf(&sh)
+				}
 				if c, n := cap(sh.keys), len(sh.keys); c > n+n/8+1 {
 					sh = shard{keys: slices.Clone(sh.keys), objs: slices.Clone(sh.objs)}
 				}

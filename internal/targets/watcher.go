@@ -52,6 +52,7 @@ type Watcher struct {
 	local      LocalRange
 	localChunk int64
 	cp         checkpoints
+	dbcopy     dbCopies
 }
 
 // NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
