@@ -63,7 +63,7 @@ type Options struct {
 	// etcdembed.DefaultQuotaBytes, 2 GiB).
 	EmbeddedEtcdQuota int64
 	// EtcdCopyMaxBytes bounds the etcd database a load reads as a copy (Maintenance.Snapshot,
-	// written in DataDir and removed once read) rather than by range: a sequential read for etcd
+	// written beside the checkpoint, else in DataDir, and removed once read) rather than by range: a sequential read for etcd
 	// instead of a random lookup per record. 0: loads read by range. External etcd only: the
 	// embedded member is read in process.
 	EtcdCopyMaxBytes int64
@@ -310,11 +310,16 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 		})
 	}
 	if o.EtcdCopyMaxBytes > 0 && !embedded {
-		// (The embedded member is read in process, which measured faster than a copy at 1e6.)
-		if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
-			o.Log.Warn("no loads from copies of etcd's database: the data directory cannot be made; loads read by range", "path", o.DataDir, "err", err)
+		// (The embedded member is read in process, which measured faster than a copy at 1e6.) The
+		// copy goes beside the checkpoint, the replica's writable state, else in the data directory.
+		dir := o.DataDir
+		if o.Checkpoint != "" {
+			dir = filepath.Dir(o.Checkpoint)
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			o.Log.Warn("no loads from copies of etcd's database: their directory cannot be made; loads read by range", "path", dir, "err", err)
 		} else {
-			s.w.LoadFromDatabaseCopies(o.DataDir, o.EtcdCopyMaxBytes)
+			s.w.LoadFromDatabaseCopies(dir, o.EtcdCopyMaxBytes)
 		}
 	}
 	if pre != nil {
