@@ -10,7 +10,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -283,21 +282,10 @@ func (w *Watcher) walkCopy(ctx context.Context, db *bolt.DB, snap *Snapshot, l *
 				}
 			}
 		}
-		chunks := make(chan []copyEntry, 4)
-		var wg sync.WaitGroup
-		for range runtime.GOMAXPROCS(0) {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				cache := &homeCache{}
-				for c := range chunks {
-					l.addHistory(c, cache)
-				}
-			}()
-		}
+		chunks, decoded := decoders(l.addHistory)
 		walked, err := w.walkKeys(ctx, keys, snap, chunks)
 		close(chunks)
-		wg.Wait()
+		decoded()
 		rev = max(rev, walked)
 		return err
 	})

@@ -70,18 +70,7 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 	}
 	snap := emptySnapshot()
 	l := newLoader(w, expected)
-	chunks := make(chan []*mvccpb.KeyValue, 4)
-	var wg sync.WaitGroup
-	for range runtime.GOMAXPROCS(0) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cache := &homeCache{}
-			for kvs := range chunks {
-				l.add(kvs, cache)
-			}
-		}()
-	}
+	chunks, decoded := decoders(l.add)
 	// Everything but object records (targets, health, claims, agents, policy) is applied here,
 	// one stream at a time; object records go to the decoders.
 	var applyMu sync.Mutex
@@ -103,7 +92,7 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 		}
 	})
 	close(chunks)
-	wg.Wait()
+	decoded()
 	if err != nil {
 		return 0, err
 	}
@@ -117,6 +106,22 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 		"claims", len(snap.claims), "took", took.Round(time.Millisecond).String(),
 		"records_per_second", int64(float64(w.progress.records.Load())/max(took.Seconds(), 1e-3)))
 	return rev, nil
+}
+
+// decoders starts a decoder per core, each calling add with the chunks sent to it and a home cache
+// of its own. Close the channel, then call wait.
+func decoders[T any](add func(T, *homeCache)) (chunks chan T, wait func()) {
+	chunks = make(chan T, 4)
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Go(func() {
+			cache := &homeCache{}
+			for c := range chunks {
+				add(c, cache)
+			}
+		})
+	}
+	return chunks, wg.Wait
 }
 
 // count is how many keys are under prefix now, and the revision now.
