@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -47,8 +46,7 @@ type dbCopies struct {
 	// idle is how long the copy's stream may send nothing before the load gives up on it.
 	idle time.Duration
 	// refused is set once etcd refused a copy for good (no permission, not implemented).
-	refused bool
-	mu      sync.Mutex
+	refused atomic.Bool
 	// loaded and declined count loads from a copy and loads that read by range instead.
 	loaded, declined atomic.Uint64
 }
@@ -83,10 +81,7 @@ func (e errNoCopy) Unwrap() error { return e.err }
 // tryCopy loads from a copy when configured. ok is false when the load is to read by range: not
 // configured, refused (logged), or the copy could not be used (logged).
 func (w *Watcher) tryCopy(ctx context.Context) (int64, bool, error) {
-	w.dbcopy.mu.Lock()
-	off := w.dbcopy.dir == "" || w.dbcopy.refused
-	w.dbcopy.mu.Unlock()
-	if off {
+	if w.dbcopy.dir == "" || w.dbcopy.refused.Load() {
 		return 0, false, nil
 	}
 	rev, err := w.loadCopy(ctx)
@@ -99,9 +94,7 @@ func (w *Watcher) tryCopy(ctx context.Context) (int64, bool, error) {
 	w.dbcopy.declined.Add(1)
 	var nc errNoCopy
 	if errors.As(err, &nc) && nc.final {
-		w.dbcopy.mu.Lock()
-		w.dbcopy.refused = true
-		w.dbcopy.mu.Unlock()
+		w.dbcopy.refused.Store(true)
 		w.log.Warn("etcd refuses copies of its database; this and later loads read the records by range", "err", err)
 	} else {
 		w.log.Warn("no load from a copy of etcd's database; reading the records by range", "err", err)
@@ -121,7 +114,8 @@ func (w *Watcher) loadCopy(ctx context.Context) (int64, error) {
 	}
 	downloaded := time.Since(began)
 	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
-	// The open file stays readable once unlinked: nothing is left behind, even by a crash.
+	// The open file stays readable once unlinked: from here on, not even a crash leaves it behind
+	// (one during the download does; the next load replaces it).
 	_ = os.Remove(path)
 	if err != nil {
 		return 0, errNoCopy{err: fmt.Errorf("open the copy of etcd's database: %w", err)}
@@ -134,17 +128,9 @@ func (w *Watcher) loadCopy(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	snap.objects = l.build()
-	snap.Revision, snap.TargetsRevision, snap.applied = rev, rev, rev
-	w.finish(snap)
-	w.invalidations.reset(rev)
-	w.dbcopy.loaded.Add(1)
-	w.publish(snap)
-	took := time.Since(began)
-	w.log.Info("snapshot loaded from a copy of etcd's database", "revision", rev, "targets", len(snap.targets),
-		"objects", snap.objects.count, "claims", len(snap.claims), "copy_bytes", size,
-		"copied_in", downloaded.Round(time.Millisecond).String(), "took", took.Round(time.Millisecond).String(),
-		"records_per_second", int64(float64(w.progress.records.Load())/max(took.Seconds(), 1e-3)))
+	w.dbcopy.loaded.Add(1) // before it is published: whoever sees the snapshot sees it counted
+	w.publishLoad(snap, l, rev, began, "snapshot loaded from a copy of etcd's database", "copy_bytes", size,
+		"copied_in", downloaded.Round(time.Millisecond).String())
 	return rev, nil
 }
 

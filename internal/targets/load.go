@@ -96,16 +96,22 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
+	w.publishLoad(snap, l, rev, began, "snapshot loaded")
+	return rev, nil
+}
+
+// publishLoad completes a full read at rev, by range or from a copy: the index built from l, the
+// snapshot published and logged with how the load went.
+func (w *Watcher) publishLoad(snap *Snapshot, l *loader, rev int64, began time.Time, msg string, attrs ...any) {
 	snap.objects = l.build()
 	snap.Revision, snap.TargetsRevision, snap.applied = rev, rev, rev
 	w.finish(snap)
 	w.invalidations.reset(rev)
 	w.publish(snap)
 	took := time.Since(began)
-	w.log.Info("snapshot loaded", "revision", rev, "targets", len(snap.targets), "objects", snap.objects.count,
+	w.log.Info(msg, append([]any{"revision", rev, "targets", len(snap.targets), "objects", snap.objects.count,
 		"claims", len(snap.claims), "took", took.Round(time.Millisecond).String(),
-		"records_per_second", int64(float64(w.progress.records.Load())/max(took.Seconds(), 1e-3)))
-	return rev, nil
+		"records_per_second", int64(float64(w.progress.records.Load()) / max(took.Seconds(), 1e-3))}, attrs...)...)
 }
 
 // decoders starts a decoder per core, each calling add with the chunks sent to it and a home cache
