@@ -109,6 +109,13 @@ func main() {
 	if endpoints != "" {
 		o.EtcdEndpoints = strings.Split(endpoints, ",")
 	}
+	switch {
+	case o.EtcdCopyMaxBytes < 0:
+		fmt.Fprintf(os.Stderr, "controlplane: --etcd-copy-max-bytes: %d is negative (0 turns copies off)\n", o.EtcdCopyMaxBytes)
+		os.Exit(2)
+	case o.EtcdCopyMaxBytes == 0:
+		o.EtcdCopyMaxBytes = -1 // Options' zero is the default; the flag's is off
+	}
 	switch o.Checkpoint {
 	case "":
 		o.Checkpoint = filepath.Join(o.DataDir, "index.checkpoint")

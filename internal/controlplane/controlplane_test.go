@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -197,6 +198,9 @@ func serveReplica(t *testing.T, o Options) *replica {
 	t.Helper()
 	if len(o.EtcdEndpoints) == 0 && o.DataDir == "" {
 		o.EtcdEndpoints = []string{sharedEtcd(t)}
+	}
+	if o.DataDir == "" {
+		o.DataDir = t.TempDir() // where a copy of the external etcd's database is written
 	}
 	if o.EtcdPrefix == "" {
 		o.EtcdPrefix = testPrefix(t)
@@ -633,6 +637,18 @@ func TestReplicasShareStateAndSurviveRestart(t *testing.T) {
 	}
 	if fromC.Result != fromA.Result || fromC.Location.Url != fromA.Location.Url || fromC.Target != fromA.Target {
 		t.Fatalf("restarted replica answers %v, before %v", fromC, fromA)
+	}
+	// With an external etcd and Options' defaults, c read its records from a copy of etcd's
+	// database (written in its data directory and removed), not by range.
+	metrics := "http://" + c.metricsAddr() + "/metrics"
+	if got := testbed.Metric(t, metrics, "detour_etcd_database_copies_loaded_total"); got != 1 {
+		t.Errorf("detour_etcd_database_copies_loaded_total = %v, want 1", got)
+	}
+	if got := testbed.Metric(t, metrics, "detour_etcd_database_copies_declined_total"); got != 0 {
+		t.Errorf("detour_etcd_database_copies_declined_total = %v, want 0", got)
+	}
+	if left, _ := filepath.Glob(filepath.Join(c.srv.o.DataDir, "etcd-db.copy*")); len(left) != 0 {
+		t.Errorf("the copy is left behind: %v", left)
 	}
 }
 

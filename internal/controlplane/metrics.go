@@ -155,6 +155,12 @@ func newMetrics(w *targets.Watcher) *Metrics {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "detour_checkpoint_set_aside_total",
 			Help: "Checkpoints a start could not use (damaged, of another etcd, compacted past …) and read every record from etcd instead."},
 			func() float64 { return float64(w.CheckpointStats().SetAside) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "detour_etcd_database_copies_loaded_total",
+			Help: "Loads of every record (a first start, a checkpoint set aside, a watch that lost its history) that read a copy of the external etcd's database (--etcd-copy-max-bytes)."},
+			func() float64 { n, _ := w.DatabaseCopies(); return float64(n) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "detour_etcd_database_copies_declined_total",
+			Help: "Loads that were to read a copy of etcd's database and read by range instead (too large, no room, refused, damaged, stalled: the log says which)."},
+			func() float64 { _, n := w.DatabaseCopies(); return float64(n) }),
 	)
 	return m
 }

@@ -63,9 +63,9 @@ type Options struct {
 	// etcdembed.DefaultQuotaBytes, 2 GiB).
 	EmbeddedEtcdQuota int64
 	// EtcdCopyMaxBytes bounds the etcd database a load reads as a copy (Maintenance.Snapshot,
-	// written beside the checkpoint, else in DataDir, and removed once read) rather than by range: a sequential read for etcd
-	// instead of a random lookup per record. 0: loads read by range. External etcd only: the
-	// embedded member is read in process.
+	// written beside the checkpoint, else in DataDir, and removed once read) rather than by range:
+	// a sequential read for etcd instead of a random lookup per record. 0: DefaultEtcdCopyMaxBytes;
+	// negative: loads read by range. External etcd only: the embedded member is read in process.
 	EtcdCopyMaxBytes int64
 	// Checkpoint is a file the replica writes its object index to (every CheckpointInterval and
 	// when it stops) and starts from: the records are then read from it, not one by one from
@@ -153,6 +153,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.CheckpointInterval == 0 {
 		o.CheckpointInterval = DefaultCheckpointInterval
+	}
+	if o.EtcdCopyMaxBytes == 0 {
+		o.EtcdCopyMaxBytes = DefaultEtcdCopyMaxBytes
 	}
 	if o.ID == "" {
 		host, _ := os.Hostname()
