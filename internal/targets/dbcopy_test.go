@@ -15,6 +15,7 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
@@ -314,4 +315,116 @@ func FuzzParseKeyValue(f *testing.F) {
 			t.Fatalf("decoded %+v (%v), the protobuf library %v", got, ok, &want)
 		}
 	})
+}
+
+// A copy whose stream goes quiet is abandoned after the idle bound: the load reads by range, says
+// why, and leaves nothing behind.
+func TestACopyThatStallsIsAbandonedForARangedRead(t *testing.T) {
+	srv, cli := startEtcd(t)
+	ctx := context.Background()
+	churn(t, cli, 0)
+	want := NewWatcher(cli, "", nil)
+	if _, err := want.load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cfg := srv.ClientConfig()
+	cfg.DialOptions = append(cfg.DialOptions, grpc.WithStreamInterceptor(stallAfterFirst))
+	quiet, err := clientv3.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer quiet.Close()
+	dir := t.TempDir()
+	var logs testbed.Buffer
+	w := copyLoader(quiet, "", dir, slog.New(slog.NewTextHandler(&logs, nil)))
+	w.dbcopy.idle = 300 * time.Millisecond
+	began := time.Now()
+	if _, err := w.load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(began); d > 10*time.Second {
+		t.Errorf("the load took %s: the stall was not cut at its bound", d)
+	}
+	sameState(t, "after a stalled copy", w.Snapshot(), want.Snapshot())
+	if n, declined := w.DatabaseCopies(); n != 0 || declined != 1 || !strings.Contains(logs.String(), "stalled for 300ms") {
+		t.Fatalf("a stalled copy: %d loads from a copy, %d declined; log:\n%s", n, declined, logs.String())
+	}
+	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
+		t.Fatalf("the copies' directory holds %d files (%v)", len(entries), err)
+	}
+}
+
+// stallAfterFirst passes the first part of a database copy, then sends nothing more until the
+// stream is cancelled.
+func stallAfterFirst(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	s, err := streamer(ctx, desc, cc, method, opts...)
+	if err != nil || method != "/etcdserverpb.Maintenance/Snapshot" {
+		return s, err
+	}
+	return &stalling{ClientStream: s, ctx: ctx}, nil
+}
+
+type stalling struct {
+	grpc.ClientStream
+	ctx  context.Context
+	sent bool
+}
+
+func (s *stalling) RecvMsg(m any) error {
+	if s.sent {
+		<-s.ctx.Done()
+		return status.FromContextError(s.ctx.Err()).Err()
+	}
+	s.sent = true
+	return s.ClientStream.RecvMsg(m)
+}
+
+// With authentication on, etcd gives a copy of its database only to the root role. A replica
+// whose user may read Detour's prefix and no more is refused: its load reads by range, it says
+// that etcd refuses copies, and its later loads do not ask again.
+func TestEtcdThatRefusesCopiesIsNotAskedAgain(t *testing.T) {
+	srv, cli := startEtcd(t)
+	ctx := context.Background()
+	churn(t, cli, 0)
+	want := NewWatcher(cli, "", nil)
+	if _, err := want.load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	must := func(_ any, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(cli.RoleAdd(ctx, "root"))
+	must(cli.UserAdd(ctx, "root", "root-password"))
+	must(cli.UserGrantRole(ctx, "root", "root"))
+	must(cli.RoleAdd(ctx, "detour"))
+	must(cli.RoleGrantPermission(ctx, "detour", DefaultPrefix, clientv3.GetPrefixRangeEnd(DefaultPrefix), clientv3.PermissionType(clientv3.PermReadWrite)))
+	must(cli.UserAdd(ctx, "detour", "detour-password"))
+	must(cli.UserGrantRole(ctx, "detour", "detour"))
+	must(cli.AuthEnable(ctx))
+
+	cfg := srv.ClientConfig()
+	cfg.Username, cfg.Password = "detour", "detour-password"
+	user, err := clientv3.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer user.Close()
+	dir := t.TempDir()
+	var logs testbed.Buffer
+	w := copyLoader(user, "", dir, slog.New(slog.NewTextHandler(&logs, nil)))
+	for i := range 2 {
+		if _, err := w.load(ctx); err != nil {
+			t.Fatalf("load %d: %v", i+1, err)
+		}
+		sameState(t, fmt.Sprintf("load %d by a user without the root role", i+1), w.Snapshot(), want.Snapshot())
+	}
+	if n, declined := w.DatabaseCopies(); n != 0 || declined != 1 || strings.Count(logs.String(), "etcd refuses copies of its database") != 1 {
+		t.Fatalf("two loads by a user etcd refuses copies to: %d from a copy, %d declined (want 0, 1: the second does not ask); log:\n%s", n, declined, logs.String())
+	}
+	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
+		t.Fatalf("the copies' directory holds %d files (%v)", len(entries), err)
+	}
 }
