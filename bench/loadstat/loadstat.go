@@ -32,6 +32,24 @@ func (r Result) String() string {
 // Run calls op from concurrency goroutines until d has passed (or maxOps operations, if > 0).
 // op gets the worker's index and its own counter and returns the bytes it moved.
 func Run(concurrency int, d time.Duration, maxOps int64, op func(worker, i int) (int64, error)) Result {
+	deadline := time.Now().Add(d)
+	return run(concurrency, func() bool { return time.Now().Before(deadline) }, maxOps, op)
+}
+
+// RunUntil calls op from concurrency goroutines until stop is closed: one run, whose percentiles
+// are over every operation of it, however long it lasts.
+func RunUntil(concurrency int, stop <-chan struct{}, op func(worker, i int) (int64, error)) Result {
+	return run(concurrency, func() bool {
+		select {
+		case <-stop:
+			return false
+		default:
+			return true
+		}
+	}, 0, op)
+}
+
+func run(concurrency int, more func() bool, maxOps int64, op func(worker, i int) (int64, error)) Result {
 	var (
 		wg      sync.WaitGroup
 		mu      sync.Mutex
@@ -40,14 +58,13 @@ func Run(concurrency int, d time.Duration, maxOps int64, op func(worker, i int) 
 		bytes   atomic.Int64
 		started atomic.Int64
 	)
-	deadline := time.Now().Add(d)
 	start := time.Now()
 	for w := range concurrency {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			local := make([]time.Duration, 0, 4096)
-			for i := 0; time.Now().Before(deadline); i++ {
+			for i := 0; more(); i++ {
 				if maxOps > 0 && started.Add(1) > maxOps {
 					break
 				}

@@ -19,6 +19,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha1"
 	"crypto/sha256"
@@ -76,7 +77,12 @@ var (
 	resume    = flag.Bool("resume", false, "measure starts from a checkpoint: each run first starts the binary once on its copy (not measured) and stops it, leaving its checkpoint there")
 	workDir   = flag.String("work", "", "where runs copy the data set (default: beside it)")
 	serveEtcd = flag.String("serve-etcd", "", "internal: serve an etcd on this data directory (-etcd-url) until killed")
-	etcdURL   = flag.String("etcd-url", "", "internal: client URL for -serve-etcd")
+	etcdURL   = flag.String("etcd-url", "", "internal: client URL for -serve-etcd and -write-prefix")
+	// A burst's writer is a process of its own, as a fleet's writers are, so that the Place
+	// client measuring latency does not share its Go runtime with the writer's goroutines.
+	writePrefix = flag.String("write-prefix", "", "internal: write -burst records, numbered from -write-from, under this prefix of the etcd at -etcd-url (data directory -write-data), then exit")
+	writeFrom   = flag.Int("write-from", 0, "internal: see -write-prefix")
+	writeData   = flag.String("write-data", "", "internal: see -write-prefix")
 )
 
 // meta describes a prepared data set.
@@ -93,6 +99,10 @@ func main() {
 	flag.Parse()
 	if *serveEtcd != "" {
 		runEtcd(*serveEtcd, *etcdURL)
+		return
+	}
+	if *writePrefix != "" {
+		writeRecords()
 		return
 	}
 	if *dataset == "" {
@@ -492,7 +502,7 @@ func phases(logPath string, t0 time.Time) (etcdUp, loaded string) {
 		switch {
 		case strings.HasPrefix(l.Msg, "embedded etcd started"):
 			etcdUp = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
-		case (l.Msg == "snapshot loaded" || l.Msg == "snapshot resumed from the checkpoint") && loaded == "-":
+		case (strings.HasPrefix(l.Msg, "snapshot loaded") || l.Msg == "snapshot resumed from the checkpoint") && loaded == "-":
 			if d, err := time.ParseDuration(l.Took); err == nil {
 				loaded = fmt.Sprintf("%.2fs", d.Seconds())
 			}
@@ -501,57 +511,48 @@ func phases(logPath string, t0 time.Time) (etcdUp, loaded string) {
 	return
 }
 
-// burstOnce measures Place on keys the index holds, idle and while a writer adds *burst records.
+// burstOnce measures Place on keys the index holds, idle and while a writer process adds *burst
+// records. Each phase is one run: its percentiles are over every call it made.
 func burstOnce(ctx context.Context, m *meta, etcdURL, data string, place pb.PlacementServiceClient, req func(string) *pb.PlaceRequest) {
 	op := func(w, i int) (int64, error) {
 		_, err := place.Place(ctx, req(key((w*7919+i*104729)%m.Records)))
 		return 0, err
 	}
 	idle := loadstat.Run(*burstConc, *measure, 0, op)
-	cli := etcdClient(etcdURL, data)
-	defer cli.Close()
-	reg := targets.NewRegistry(cli, "")
-	if m.Encoding == "proto" {
-		reg.SetRecordEncoding(targets.EncodingProto)
-	}
-	var ts []*pb.Target
-	for _, name := range m.Targets {
-		t, err := reg.GetTarget(ctx, name)
-		check(err)
-		ts = append(ts, t)
+	self, err := os.Executable()
+	check(err)
+	writeBurst := func(prefix string, from int) (loadstat.Result, time.Duration, time.Time) {
+		cmd := exec.Command(self, "-write-prefix", prefix, "-write-from", strconv.Itoa(from), "-etcd-url", etcdURL,
+			"-write-data", data, "-dataset", *dataset, "-burst", strconv.Itoa(*burst), "-writers", strconv.Itoa(*writers))
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		check(cmd.Start())
+		done := make(chan struct{})
+		var werr error
+		go func() { werr = cmd.Wait(); close(done) }()
+		// Latency is measured for as long as the writer runs.
+		res := loadstat.RunUntil(*burstConc, done, op)
+		ended := time.Now()
+		if werr != nil {
+			check(fmt.Errorf("the burst's writer: %v: %s", werr, out.String()))
+		}
+		var wrote time.Duration
+		for _, line := range strings.Split(out.String(), "\n") {
+			if rest, ok := strings.CutPrefix(line, "wrote in "); ok {
+				wrote, err = time.ParseDuration(rest)
+				check(err)
+			}
+		}
+		if wrote == 0 {
+			check(fmt.Errorf("the burst's writer did not say how long it took: %s", out.String()))
+		}
+		return res, wrote, ended
 	}
 	// The baseline: the same burst under a prefix the control plane does not watch, so etcd and
 	// the writer cost the machine what they cost in the burst proper, and the control plane
 	// applies nothing. What the burst proper adds to it is the control plane's own cost.
-	elsewhere := targets.NewRegistry(cli, "/startload-elsewhere/")
-	if m.Encoding == "proto" {
-		elsewhere.SetRecordEncoding(targets.EncodingProto)
-	}
-	writeBurst := func(reg *targets.Registry, from int) (loadstat.Result, time.Duration) {
-		writeDone := make(chan time.Duration)
-		start := time.Now()
-		go func() {
-			inParallel(*writers, *burst, func(i int) {
-				n := from + i
-				check(reg.PutObject(ctx, record(n, ts[n%len(ts)])))
-			})
-			writeDone <- time.Since(start)
-		}()
-		// Latency is measured for as long as the writes take.
-		var wrote time.Duration
-		var results []loadstat.Result
-		for wrote == 0 {
-			results = append(results, loadstat.Run(*burstConc, 500*time.Millisecond, 0, op))
-			select {
-			case wrote = <-writeDone:
-			default:
-			}
-		}
-		return merge(results), wrote
-	}
-	base, baseWrote := writeBurst(elsewhere, m.Records)
-	start := time.Now()
-	during, wrote := writeBurst(reg, m.Records)
+	base, baseWrote, _ := writeBurst("/startload-elsewhere/", m.Records)
+	during, wrote, ended := writeBurst(targets.DefaultPrefix, m.Records)
 	last := key(m.Records + *burst - 1)
 	for {
 		resp, err := place.Place(ctx, req(last))
@@ -561,26 +562,41 @@ func burstOnce(ctx context.Context, m *meta, etcdURL, data string, place pb.Plac
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	caught := time.Since(start)
-	fmt.Printf("  burst: %d records written in %s (%.0f/s) by %d writers; Place at concurrency %d: idle %s; during the burst %s; p99 ratio %.1f; the last record placeable %s after the last write\n",
+	caught := time.Since(ended)
+	fmt.Printf("  burst: %d records written in %s (%.0f/s) by %d writers in a process of their own; Place at concurrency %d: idle %s; during the burst %s; p99 ratio %.1f; the last record placeable %s after the writer ended\n",
 		*burst, wrote.Round(time.Millisecond), float64(*burst)/wrote.Seconds(), *writers, *burstConc, idle, during,
-		float64(during.P99)/float64(idle.P99), (caught - wrote).Round(time.Millisecond))
+		float64(during.P99)/float64(idle.P99), caught.Round(time.Millisecond))
 	fmt.Printf("  baseline: the same burst outside Detour's prefix, written in %s (%.0f/s): Place %s; p99 ratio to idle %.1f; the burst proper's p99 to it %.1f\n",
 		baseWrote.Round(time.Millisecond), float64(*burst)/baseWrote.Seconds(), base, float64(base.P99)/float64(idle.P99),
 		float64(during.P99)/float64(base.P99))
 }
 
-// merge approximates the percentiles of consecutive runs by the worst of each (an upper bound).
-func merge(rs []loadstat.Result) loadstat.Result {
-	var out loadstat.Result
-	for _, r := range rs {
-		out.Ops += r.Ops
-		out.Errors += r.Errors
-		out.Elapsed += r.Elapsed
-		out.P50 = max(out.P50, r.P50)
-		out.P99 = max(out.P99, r.P99)
+// writeRecords is a burst's writer (-write-prefix): *burst records in the real encoding, one per
+// etcd write from *writers goroutines, for the data set's targets.
+func writeRecords() {
+	ctx := context.Background()
+	m := loadMeta(*dataset)
+	if m == nil {
+		check(fmt.Errorf("-write-prefix: no data set in %s", *dataset))
 	}
-	return out
+	cli := etcdClient(*etcdURL, *writeData)
+	defer cli.Close()
+	var ts []*pb.Target
+	for _, name := range m.Targets {
+		t, err := targets.NewRegistry(cli, "").GetTarget(ctx, name)
+		check(err)
+		ts = append(ts, t)
+	}
+	reg := targets.NewRegistry(cli, *writePrefix)
+	if m.Encoding == "proto" {
+		reg.SetRecordEncoding(targets.EncodingProto)
+	}
+	start := time.Now()
+	inParallel(*writers, *burst, func(i int) {
+		n := *writeFrom + i
+		check(reg.PutObject(ctx, record(n, ts[n%len(ts)])))
+	})
+	fmt.Printf("wrote in %s\n", time.Since(start))
 }
 
 type mem struct {
