@@ -71,6 +71,7 @@ var (
 	etcdMode  = flag.String("etcd", "embedded", "embedded (the control plane's own) or external (a process of its own)")
 	settle    = flag.Duration("settle", 20*time.Second, "after the first redirect, measure memory again this much later (0: not)")
 	burst     = flag.Int("burst", 0, "after the start, measure Place idle and while this many new records are written")
+	burstRate = flag.Float64("burst-rate", 0, "records per second a burst writes at most (0: as fast as -writers go)")
 	burstConc = flag.Int("place-concurrency", 4, "concurrent Place calls while measuring latency")
 	measure   = flag.Duration("measure", 10*time.Second, "how long Place latency is measured idle")
 	keepRun   = flag.Bool("keep", false, "keep each run's copy of the data directory")
@@ -344,6 +345,9 @@ func startProc(log string, name string, args ...string) *proc {
 	check(err)
 	cmd := exec.Command(name, args...)
 	cmd.Stdout, cmd.Stderr = f, f
+	// A driver that fails (check exits) leaves no control plane or etcd running on the machine
+	// to disturb the next measurement.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	check(cmd.Start())
 	p := &proc{cmd: cmd, done: make(chan struct{})}
 	go func() { _ = cmd.Wait(); f.Close(); close(p.done) }()
@@ -523,9 +527,11 @@ func burstOnce(ctx context.Context, m *meta, etcdURL, data string, place pb.Plac
 	check(err)
 	writeBurst := func(prefix string, from int) (loadstat.Result, time.Duration, time.Time) {
 		cmd := exec.Command(self, "-write-prefix", prefix, "-write-from", strconv.Itoa(from), "-etcd-url", etcdURL,
-			"-write-data", data, "-dataset", *dataset, "-burst", strconv.Itoa(*burst), "-writers", strconv.Itoa(*writers))
+			"-write-data", data, "-dataset", *dataset, "-burst", strconv.Itoa(*burst), "-writers", strconv.Itoa(*writers),
+			"-burst-rate", strconv.FormatFloat(*burstRate, 'f', -1, 64))
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		check(cmd.Start())
 		done := make(chan struct{})
 		var werr error
@@ -563,8 +569,8 @@ func burstOnce(ctx context.Context, m *meta, etcdURL, data string, place pb.Plac
 		time.Sleep(5 * time.Millisecond)
 	}
 	caught := time.Since(ended)
-	fmt.Printf("  burst: %d records written in %s (%.0f/s) by %d writers in a process of their own; Place at concurrency %d: idle %s; during the burst %s; p99 ratio %.1f; the last record placeable %s after the writer ended\n",
-		*burst, wrote.Round(time.Millisecond), float64(*burst)/wrote.Seconds(), *writers, *burstConc, idle, during,
+	fmt.Printf("  burst: %d records written in %s (%.0f/s, at most %g/s) by %d writers in a process of their own; Place at concurrency %d: idle %s; during the burst %s; p99 ratio %.1f; the last record placeable %s after the writer ended\n",
+		*burst, wrote.Round(time.Millisecond), float64(*burst)/wrote.Seconds(), *burstRate, *writers, *burstConc, idle, during,
 		float64(during.P99)/float64(idle.P99), caught.Round(time.Millisecond))
 	fmt.Printf("  baseline: the same burst outside Detour's prefix, written in %s (%.0f/s): Place %s; p99 ratio to idle %.1f; the burst proper's p99 to it %.1f\n",
 		baseWrote.Round(time.Millisecond), float64(*burst)/baseWrote.Seconds(), base, float64(base.P99)/float64(idle.P99),
@@ -593,6 +599,9 @@ func writeRecords() {
 	}
 	start := time.Now()
 	inParallel(*writers, *burst, func(i int) {
+		if *burstRate > 0 {
+			time.Sleep(time.Until(start.Add(time.Duration(float64(i) / *burstRate * float64(time.Second)))))
+		}
 		n := *writeFrom + i
 		check(reg.PutObject(ctx, record(n, ts[n%len(ts)])))
 	})
