@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/etcdembed"
 	"github.com/detourhq/detour/internal/testbed"
 )
 
@@ -208,17 +209,45 @@ func mustKey(t *testing.T, s string) Key {
 	return k
 }
 
+// churnedEtcd is an etcd after one round of churn, and a watcher that read it by range.
+func churnedEtcd(t *testing.T) (*etcdembed.Server, *clientv3.Client, *Watcher) {
+	t.Helper()
+	srv, cli := startEtcd(t)
+	churn(t, cli, 0)
+	want := NewWatcher(cli, "", nil)
+	if _, err := want.load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return srv, cli, want
+}
+
+// interceptedClient is a client of srv whose streams pass through interceptor.
+func interceptedClient(t *testing.T, srv *etcdembed.Server, interceptor grpc.StreamClientInterceptor) *clientv3.Client {
+	t.Helper()
+	cfg := srv.ClientConfig()
+	cfg.DialOptions = append(cfg.DialOptions, grpc.WithStreamInterceptor(interceptor))
+	cli, err := clientv3.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+// noCopyLeft fails the test if the copies' directory holds anything.
+func noCopyLeft(t *testing.T, dir string) {
+	t.Helper()
+	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
+		t.Fatalf("the copies' directory holds %d files (%v)", len(entries), err)
+	}
+}
+
 // A copy that cannot be used is not used: too large for the configured bound, or not what etcd's
 // digest says (here a byte changed on its way). The load reads by range instead, says why, and
 // leaves nothing behind.
 func TestACopyThatCannotBeUsedFallsBackToARangedRead(t *testing.T) {
-	srv, cli := startEtcd(t)
+	srv, cli, want := churnedEtcd(t)
 	ctx := context.Background()
-	churn(t, cli, 0)
-	want := NewWatcher(cli, "", nil)
-	if _, err := want.load(ctx); err != nil {
-		t.Fatal(err)
-	}
 
 	dir := t.TempDir()
 	var logs testbed.Buffer
@@ -233,13 +262,7 @@ func TestACopyThatCannotBeUsedFallsBackToARangedRead(t *testing.T) {
 	}
 
 	// A client whose connection changes one byte of the copy in transit.
-	cfg := srv.ClientConfig()
-	cfg.DialOptions = append(cfg.DialOptions, grpc.WithStreamInterceptor(flipOneByte))
-	bent, err := clientv3.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bent.Close()
+	bent := interceptedClient(t, srv, flipOneByte)
 	var logs2 testbed.Buffer
 	damaged := copyLoader(bent, "", dir, slog.New(slog.NewTextHandler(&logs2, nil)))
 	if _, err := damaged.load(ctx); err != nil {
@@ -249,9 +272,7 @@ func TestACopyThatCannotBeUsedFallsBackToARangedRead(t *testing.T) {
 	if n, declined := damaged.DatabaseCopies(); n != 0 || declined != 1 || !strings.Contains(logs2.String(), "does not match its SHA-256") {
 		t.Fatalf("a damaged copy: %d loads from a copy, %d declined; log:\n%s", n, declined, logs2.String())
 	}
-	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
-		t.Fatalf("the copies' directory holds %d files (%v)", len(entries), err)
-	}
+	noCopyLeft(t, dir)
 	// A copy an earlier process left behind is replaced, not trusted.
 	if err := os.WriteFile(filepath.Join(dir, "etcd-db.copy"), []byte("stale"), 0o600); err != nil {
 		t.Fatal(err)
@@ -320,20 +341,9 @@ func FuzzParseKeyValue(f *testing.F) {
 // A copy whose stream goes quiet is abandoned after the idle bound: the load reads by range, says
 // why, and leaves nothing behind.
 func TestACopyThatStallsIsAbandonedForARangedRead(t *testing.T) {
-	srv, cli := startEtcd(t)
+	srv, _, want := churnedEtcd(t)
 	ctx := context.Background()
-	churn(t, cli, 0)
-	want := NewWatcher(cli, "", nil)
-	if _, err := want.load(ctx); err != nil {
-		t.Fatal(err)
-	}
-	cfg := srv.ClientConfig()
-	cfg.DialOptions = append(cfg.DialOptions, grpc.WithStreamInterceptor(stallAfterFirst))
-	quiet, err := clientv3.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer quiet.Close()
+	quiet := interceptedClient(t, srv, stallAfterFirst)
 	dir := t.TempDir()
 	var logs testbed.Buffer
 	w := copyLoader(quiet, "", dir, slog.New(slog.NewTextHandler(&logs, nil)))
@@ -349,9 +359,7 @@ func TestACopyThatStallsIsAbandonedForARangedRead(t *testing.T) {
 	if n, declined := w.DatabaseCopies(); n != 0 || declined != 1 || !strings.Contains(logs.String(), "stalled for 300ms") {
 		t.Fatalf("a stalled copy: %d loads from a copy, %d declined; log:\n%s", n, declined, logs.String())
 	}
-	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
-		t.Fatalf("the copies' directory holds %d files (%v)", len(entries), err)
-	}
+	noCopyLeft(t, dir)
 }
 
 // stallAfterFirst passes the first part of a database copy, then sends nothing more until the
@@ -383,13 +391,8 @@ func (s *stalling) RecvMsg(m any) error {
 // whose user may read Detour's prefix and no more is refused: its load reads by range, it says
 // that etcd refuses copies, and its later loads do not ask again.
 func TestEtcdThatRefusesCopiesIsNotAskedAgain(t *testing.T) {
-	srv, cli := startEtcd(t)
+	srv, cli, want := churnedEtcd(t)
 	ctx := context.Background()
-	churn(t, cli, 0)
-	want := NewWatcher(cli, "", nil)
-	if _, err := want.load(ctx); err != nil {
-		t.Fatal(err)
-	}
 	must := func(_ any, err error) {
 		t.Helper()
 		if err != nil {
@@ -424,7 +427,5 @@ func TestEtcdThatRefusesCopiesIsNotAskedAgain(t *testing.T) {
 	if n, declined := w.DatabaseCopies(); n != 0 || declined != 1 || strings.Count(logs.String(), "etcd refuses copies of its database") != 1 {
 		t.Fatalf("two loads by a user etcd refuses copies to: %d from a copy, %d declined (want 0, 1: the second does not ask); log:\n%s", n, declined, logs.String())
 	}
-	if entries, err := os.ReadDir(dir); err != nil || len(entries) != 0 {
-		t.Fatalf("the copies' directory holds %d files (%v)", len(entries), err)
-	}
+	noCopyLeft(t, dir)
 }
