@@ -294,7 +294,7 @@ type loader struct {
 func newLoader(w *Watcher, expected int64) *loader {
 	l := &loader{w: w, prefix: []byte(w.prefix + "objects/")}
 	// Leaves fill evenly (shardOf folds the whole key): room for the expected share, so that most
-	// leaves are allocated once; build trims the ones with much room left.
+	// leaves grow without copying while records come in; build copies each to its size.
 	if per := int(expected / leafCount); per > 0 {
 		per += per / 4
 		for i := range l.leaves {
@@ -349,9 +349,11 @@ func (l *loader) build() *index {
 				} else {
 					sortLeaf(&sh)
 				}
-				if c, n := cap(sh.keys), len(sh.keys); c > n+n/8+1 {
-					sh = shard{keys: slices.Clone(sh.keys), objs: slices.Clone(sh.objs)}
-				}
+				// Every leaf is copied to its size, also one that the room made for it fits
+				// nearly: the load's arrays then all die together, instead of some staying
+				// scattered among the load's garbage in spans the collector cannot give back (43 MB
+				// of heap in use at 1e6 records, bench/RESULTS.md).
+				sh = shard{keys: slices.Clone(sh.keys), objs: slices.Clone(sh.objs)}
 				ix.nodes[s/fanout].leaves[s%fanout] = &sh
 				count.Add(int64(len(sh.keys)))
 			}

@@ -183,3 +183,34 @@ func TestPagesReadEveryKeyTheStreamReads(t *testing.T) {
 		}
 	}
 }
+
+// A built index holds none of the arrays the load filled (they had room for the expected share):
+// each leaf is a copy at its size, so that the load's arrays die with its other garbage rather
+// than keep the spans they share with it alive.
+func TestALoadedIndexKeepsNoneOfTheLoadsArrays(t *testing.T) {
+	l := newLoader(NewWatcher(nil, "", nil), 0)
+	filled := map[*Key]bool{}
+	for s := range 64 {
+		n := 1 + s%12
+		sh := shard{keys: make([]Key, 0, n+s%3), objs: make([]Object, 0, n+s%3)}
+		for i := range n {
+			var k Key
+			k[0], k[1] = byte(s), byte(i)
+			sh.keys, sh.objs = append(sh.keys, k), append(sh.objs, Object{Size: uint64(i)})
+		}
+		filled[&sh.keys[0]] = true
+		l.leaves[s*997%leafCount] = sh
+	}
+	ix := l.build()
+	leaves := 0
+	ix.each(func(s *shard) bool {
+		leaves++
+		if filled[&s.keys[0]] {
+			t.Errorf("a leaf of %d copies (room for %d) is the array the load filled", len(s.keys), cap(s.keys))
+		}
+		return true
+	})
+	if leaves != 64 || ix.count != 400 {
+		t.Fatalf("built %d leaves holding %d copies, want 64 and 400", leaves, ix.count)
+	}
+}
