@@ -492,6 +492,7 @@ func runHG(ctx context.Context, hg, dir string, args ...string) (string, error) 
 type authProxy struct {
 	URL     string
 	refused atomic.Int64
+	proxy   *httputil.ReverseProxy
 }
 
 func newAuthProxy(t testing.TB, upstream string, users map[string]string) *authProxy {
@@ -499,9 +500,8 @@ func newAuthProxy(t testing.TB, upstream string, users map[string]string) *authP
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &authProxy{}
-	proxy := httputil.NewSingleHostReverseProxy(u)
-	proxy.FlushInterval = -1
+	p := &authProxy{proxy: httputil.NewSingleHostReverseProxy(u)}
+	p.proxy.FlushInterval = -1
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		user, pass, ok := req.BasicAuth()
 		if want, known := users[user]; !ok || !known || pass != want {
@@ -510,7 +510,14 @@ func newAuthProxy(t testing.TB, upstream string, users map[string]string) *authP
 			http.Error(w, "authorization required", http.StatusUnauthorized)
 			return
 		}
-		proxy.ServeHTTP(w, req)
+		// The proxy's transport reads the request body (the agent's command) once more after
+		// sending all of it, to check that there is no more; on a busy machine that read can
+		// come after the upstream has answered. By default the server drains and closes the
+		// body when the answer's header goes out, that late read then fails, and the transport
+		// closes the upstream connection mid-answer (golang.org/issue/40747): the agent relays a
+		// cut answer, and Mercurial 5.6's client waits for the rest of it forever.
+		_ = http.NewResponseController(w).EnableFullDuplex()
+		p.proxy.ServeHTTP(w, req)
 	}))
 	t.Cleanup(srv.Close)
 	p.URL = srv.URL + "/"
