@@ -16,6 +16,18 @@ const relayBufferSize = 64 << 10
 
 var errClientGone = errors.New("client went away")
 
+// errCut is an origin answer that broke off after the client was sent part of it.
+var errCut = errors.New("the origin's answer broke off")
+
+// cutIfBroken ends the client's connection when its answer broke off: a relayed answer ended
+// cleanly would tell an HTTP client it was complete. Call it after the relay's error is handled
+// (a fill failed with it): it does not return then.
+func cutIfBroken(err error) {
+	if errors.Is(err, errCut) {
+		panic(http.ErrAbortHandler)
+	}
+}
+
 // relayWithFill relays the origin's answer to cmd and, beside it, stores the response's CBOR
 // objects in the fill: decoded when the origin encoded them, so that the object is exactly what a
 // redirect serves. The client never waits on the store, and a fill that fails (decoding included)
@@ -29,6 +41,7 @@ func (f *Front) relayWithFill(w http.ResponseWriter, r *http.Request, cmd *wire.
 	if err != nil {
 		fill.Fail(err)
 	}
+	cutIfBroken(err) // (fill.Finish runs first, and finds the fill failed)
 }
 
 // relayCommand asks the origin for cmd in the content encodings the client offered that the front
@@ -72,7 +85,7 @@ func (f *Front) relayCommand(w http.ResponseWriter, r *http.Request, cmd *wire.C
 			break
 		}
 		if err != nil {
-			return fmt.Errorf("origin response: %w", err)
+			return fmt.Errorf("origin response: %w: %w", errCut, err)
 		}
 		// The objects are followed before the frame goes on, so that what a caller learns from
 		// them is in place before the client can have the answer and ask again.
@@ -105,7 +118,7 @@ func (f *Front) relayCommand(w http.ResponseWriter, r *http.Request, cmd *wire.C
 func (f *Front) relayObservingSize(w http.ResponseWriter, r *http.Request, cmd *wire.CommandRequest, encodings []string) {
 	f.a.Count("passthrough")
 	var t totalItems
-	_ = f.relayCommand(w, r, cmd, encodings, func(p []byte) error {
+	err := f.relayCommand(w, r, cmd, encodings, func(p []byte) error {
 		err := t.observe(p)
 		if errors.Is(err, errStopObserving) && t.n > 0 {
 			// Learned before the frame that told it reaches the client (relayCommand follows
@@ -120,4 +133,5 @@ func (f *Front) relayObservingSize(w http.ResponseWriter, r *http.Request, cmd *
 		}
 		return err
 	})
+	cutIfBroken(err)
 }

@@ -2,17 +2,23 @@ package hgv2_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
-	"google.golang.org/grpc/codes"
 	"io"
+	"log"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc/codes"
 
 	"github.com/detourhq/detour/internal/agent"
 	"github.com/detourhq/detour/internal/devstack"
@@ -251,4 +257,83 @@ func TestOpsEndpoints(t *testing.T) {
 	if _, metrics := get("/metrics"); !strings.Contains(metrics, "detour_agent_controlplane_up 0") {
 		t.Fatal("the control plane's absence is not in the metrics")
 	}
+}
+
+// An origin whose answer breaks off midway: the agent cuts the client's connection rather than
+// end the answer as if it were complete, which an HTTP client would take it for.
+func TestAnAnswerTheOriginBreaksOffIsCutNotEnded(t *testing.T) {
+	var origin atomic.Pointer[url.URL]
+	proxy := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) { pr.SetURL(origin.Load()) },
+		ModifyResponse: func(resp *http.Response) error {
+			if strings.HasSuffix(resp.Request.URL.Path, "/manifestdata") {
+				resp.Body = &breaksOff{ReadCloser: resp.Body, left: 4096}
+			}
+			return nil
+		},
+		ErrorLog: log.New(io.Discard, "", 0),
+	}
+	breaking := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if origin.Load() == nil {
+			http.Error(w, "not yet", http.StatusServiceUnavailable)
+			return
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	defer breaking.Close()
+	s, c := startStackCfg(t, func(cfg *agent.Config) {
+		u, err := url.Parse(breaking.URL + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.Origin = u
+	})
+	u, err := url.Parse(s.OriginURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	origin.Store(u)
+
+	var body bytes.Buffer
+	rw := wire.NewRequestWriter(&body)
+	if err := rw.WriteSettings(wire.EncodingIdentity); err != nil {
+		t.Fatal(err)
+	}
+	if err := rw.WriteCommand(&wire.CommandRequest{RequestID: 1, Name: "manifestdata", Args: args("c", 64<<10), Redirect: redirectReq(t, c)}); err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest(http.MethodPost, s.AgentURL+"api/"+wire.APIVersion+"/ro/manifestdata", &body)
+	req.Header.Set("Content-Type", wire.MediaTypeFraming)
+	req.Header.Set("Accept", wire.MediaTypeFraming)
+	// The client must not be handed a complete HTTP answer: the request fails (nothing was sent
+	// before the cut) or its body does (part of it was).
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		got, rerr := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if rerr == nil {
+			t.Fatalf("HTTP %d: a complete answer of %d bytes (%q) for one the origin broke off", resp.StatusCode, len(got), got)
+		}
+	}
+	// The agent goes on serving: a whole answer through the same origin.
+	if _, err := c.Command(context.Background(), "heads", nil, nil); err != nil {
+		t.Fatalf("after a broken answer: %v", err)
+	}
+}
+
+// breaksOff passes left bytes of a body, then fails as a connection that dropped would.
+type breaksOff struct {
+	io.ReadCloser
+	left int
+}
+
+func (b *breaksOff) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		return 0, io.ErrUnexpectedEOF
+	}
+	if len(p) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.ReadCloser.Read(p)
+	b.left -= n
+	return n, err
 }
