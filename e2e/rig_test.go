@@ -122,6 +122,7 @@ func newRigWith(t testing.TB, shape repoShape, opts rigOptions) *rig {
 			if req.Header.Get("Authorization") != "" {
 				r.locationAuth.Add(1)
 			}
+			_ = http.NewResponseController(w).EnableFullDuplex() // see authProxy
 			proxy.ServeHTTP(w, req)
 		}))
 		t.Cleanup(locations.Close)
@@ -423,6 +424,7 @@ func newTap(t testing.TB, upstream string) *tap {
 			tp.mu.Unlock()
 			req.Body = io.NopCloser(bytes.NewReader(body))
 		}
+		_ = http.NewResponseController(w).EnableFullDuplex() // see authProxy
 		proxy.ServeHTTP(w, req)
 	}))
 	t.Cleanup(srv.Close)

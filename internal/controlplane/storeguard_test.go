@@ -170,6 +170,7 @@ func listingProxy(t *testing.T, onListing func(w http.ResponseWriter, r *http.Re
 		if r.Method == http.MethodGet && listing.MatchString(r.URL.EscapedPath()) && onListing(w, r) {
 			return
 		}
+		_ = http.NewResponseController(w).EnableFullDuplex() // see e2e's authProxy
 		proxy.ServeHTTP(w, r)
 	})}
 	go func() { _ = srv.Serve(lis) }()

@@ -250,6 +250,7 @@ func newProxy(t *testing.T, originURL string) *proxy {
 			w.Write(m)
 			return
 		}
+		_ = http.NewResponseController(w).EnableFullDuplex() // see e2e's authProxy
 		rp.ServeHTTP(w, r)
 	}))
 	t.Cleanup(p.Close)
