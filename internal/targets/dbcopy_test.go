@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -428,4 +429,63 @@ func TestEtcdThatRefusesCopiesIsNotAskedAgain(t *testing.T) {
 		t.Fatalf("two loads by a user etcd refuses copies to: %d from a copy, %d declined (want 0, 1: the second does not ask); log:\n%s", n, declined, logs.String())
 	}
 	noCopyLeft(t, dir)
+}
+
+// etcd may compact past a copy's revision before the watch that follows the copy starts (the
+// janitor compacts on its own schedule): the watch then finds its history gone, and the watcher
+// reads everything again, from a new copy, rather than serve a snapshot that misses what was
+// written in between.
+func TestACopyWhoseHistoryIsCompactedBeforeTheWatchIsReadAgain(t *testing.T) {
+	srv, cli, _ := churnedEtcd(t)
+	ctx := context.Background()
+	gate, held := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	// The first watch waits at the gate; the test writes and compacts meanwhile.
+	holdFirstWatch := func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		if method == "/etcdserverpb.Watch/Watch" {
+			first := false
+			once.Do(func() { first = true })
+			if first {
+				close(held)
+				select {
+				case <-gate:
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				}
+			}
+		}
+		return streamer(ctx, desc, cc, method, opts...)
+	}
+	var logs testbed.Buffer
+	w := copyLoader(interceptedClient(t, srv, holdFirstWatch), "", t.TempDir(), slog.New(slog.NewTextHandler(&logs, nil)))
+	run(t, w)
+	select {
+	case <-held:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the watch after the copy never started")
+	}
+	late := testRecord(testKey(7000), "a", "u", "b1", 1, time.Now(), 0)
+	if err := NewRegistry(cli, "").PutObject(ctx, late); err != nil {
+		t.Fatal(err)
+	}
+	head, err := cli.Get(ctx, "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Compact(ctx, head.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+		t.Fatal(err)
+	}
+	if len(w.Snapshot().Copies(mustKey(t, testKey(7000)))) != 0 {
+		t.Fatal("the record written after the copy is in its snapshot before any watch")
+	}
+	close(gate)
+	eventually(t, 20*time.Second, "the record written after the copy, by a second read", func() bool {
+		return len(w.Snapshot().Copies(mustKey(t, testKey(7000)))) == 1
+	})
+	if n, declined := w.DatabaseCopies(); n != 2 || declined != 0 {
+		t.Fatalf("%d loads from a copy, %d declined: want the first and the read after the compaction", n, declined)
+	}
+	if !strings.Contains(logs.String(), "re-reading everything") {
+		t.Fatalf("the log does not say why everything was read again:\n%s", logs.String())
+	}
 }
