@@ -173,7 +173,7 @@ func TestRealMercurialClonesThroughAgent(t *testing.T) {
 	// Protocol v1 passes through the agent untouched.
 	t.Run("protocol v1 client", func(t *testing.T) {
 		dir := filepath.Join(r.work, "v1-clone")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), hgTimeout(t))
 		defer cancel()
 		before := r.originCounts()
 		out, err := runHG(ctx, r.hg, r.work, "clone", "--debug", r.agentTap.URL, dir)

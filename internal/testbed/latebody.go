@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -24,6 +25,7 @@ type LateBodyRead struct {
 	first, rest   []byte
 	release, tail chan struct{}
 	once          sync.Once
+	held          atomic.Bool // a late read waited for the client's first bytes
 }
 
 // NewLateBodyRead starts an upstream that reads the body, answers 4 KiB, and sends the rest
@@ -67,6 +69,9 @@ func (l *LateBodyRead) Check(t testing.TB, req *http.Request) {
 	if err != nil || !bytes.Equal(tail, l.rest) {
 		t.Fatalf("the answer was cut after %d of %d bytes: %v", len(got)+len(tail), len(l.first)+len(l.rest), err)
 	}
+	if !l.held.Load() {
+		t.Fatal("the transport never read past the body once the answer had begun: nothing was tested")
+	}
 }
 
 // lateTransport holds the read past a request body's declared length until the client has the
@@ -98,6 +103,7 @@ func (b *lateBody) Read(p []byte) (int, error) {
 	}
 	select {
 	case <-b.l.release:
+		b.l.held.Store(true)
 	case <-time.After(5 * time.Second):
 	}
 	defer b.l.once.Do(func() { close(b.l.tail) })

@@ -16,7 +16,8 @@ const relayBufferSize = 64 << 10
 
 var errClientGone = errors.New("client went away")
 
-// errCut is an origin answer that broke off after the client was sent part of it.
+// errCut is an origin answer that broke off after its relay had begun (the client may have been
+// sent none of it yet: frames are flushed when no more are at hand).
 var errCut = errors.New("the origin's answer broke off")
 
 // cutIfBroken ends the client's connection when its answer broke off: a relayed answer ended
@@ -106,7 +107,8 @@ func (f *Front) relayCommand(w http.ResponseWriter, r *http.Request, cmd *wire.C
 	case following != nil:
 		return fmt.Errorf("origin response: %w", following)
 	case !asm.Done():
-		return errors.New("origin response ended without end-of-stream")
+		// (A close-delimited answer that dropped between frames ends so too.)
+		return fmt.Errorf("origin response ended without end-of-stream: %w", errCut)
 	case asm.Status() == nil || asm.Status().Status != wire.StatusOK:
 		return errors.New("origin answered with a non-ok status")
 	}

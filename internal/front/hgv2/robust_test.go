@@ -314,6 +314,13 @@ func TestAnAnswerTheOriginBreaksOffIsCutNotEnded(t *testing.T) {
 			t.Fatalf("HTTP %d: a complete answer of %d bytes (%q) for one the origin broke off", resp.StatusCode, len(got), got)
 		}
 	}
+	// The fill of the broken answer failed (before the cut: nothing partial is stored or placed).
+	eventually(t, 10*time.Second, "the broken answer's fill aborted", func() bool {
+		return agentCount(t, s, "detour_agent_fills_total", "outcome", "aborted") == 1
+	})
+	if n := agentCount(t, s, "detour_agent_fills_total", "outcome", "ready"); n != 0 {
+		t.Fatalf("%v fills of a broken answer made ready", n)
+	}
 	// The agent goes on serving: a whole answer through the same origin.
 	if _, err := c.Command(context.Background(), "heads", nil, nil); err != nil {
 		t.Fatalf("after a broken answer: %v", err)
