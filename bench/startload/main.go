@@ -529,14 +529,31 @@ func burstOnce(ctx context.Context, m *meta, etcdURL, data string, place pb.Plac
 		cmd := exec.Command(self, "-write-prefix", prefix, "-write-from", strconv.Itoa(from), "-etcd-url", etcdURL,
 			"-write-data", data, "-dataset", *dataset, "-burst", strconv.Itoa(*burst), "-writers", strconv.Itoa(*writers),
 			"-burst-rate", strconv.FormatFloat(*burstRate, 'f', -1, 64))
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
+		var out, errOut bytes.Buffer
+		stdout, err := cmd.StdoutPipe()
+		check(err)
+		cmd.Stderr = &errOut
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 		check(cmd.Start())
-		done := make(chan struct{})
+		begun, done := make(chan struct{}), make(chan struct{})
 		var werr error
-		go func() { werr = cmd.Wait(); close(done) }()
-		// Latency is measured for as long as the writer runs.
+		go func() {
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() {
+				if sc.Text() == "writing" {
+					close(begun)
+				}
+				out.WriteString(sc.Text() + "\n")
+			}
+			werr = cmd.Wait()
+			out.Write(errOut.Bytes())
+			close(done)
+		}()
+		// Latency is measured from the writer's first write (not its start-up) until it exits.
+		select {
+		case <-begun:
+		case <-done:
+		}
 		res := loadstat.RunUntil(*burstConc, done, op)
 		ended := time.Now()
 		if werr != nil {
@@ -597,6 +614,7 @@ func writeRecords() {
 	if m.Encoding == "proto" {
 		reg.SetRecordEncoding(targets.EncodingProto)
 	}
+	fmt.Println("writing")
 	start := time.Now()
 	inParallel(*writers, *burst, func(i int) {
 		if *burstRate > 0 {
