@@ -122,8 +122,7 @@ func newRigWith(t testing.TB, shape repoShape, opts rigOptions) *rig {
 			if req.Header.Get("Authorization") != "" {
 				r.locationAuth.Add(1)
 			}
-			_ = http.NewResponseController(w).EnableFullDuplex() // see authProxy
-			proxy.ServeHTTP(w, req)
+			testbed.ServeProxy(w, req, proxy)
 		}))
 		t.Cleanup(locations.Close)
 		r.locations = locations.URL + "/"
@@ -424,8 +423,7 @@ func newTap(t testing.TB, upstream string) *tap {
 			tp.mu.Unlock()
 			req.Body = io.NopCloser(bytes.NewReader(body))
 		}
-		_ = http.NewResponseController(w).EnableFullDuplex() // see authProxy
-		proxy.ServeHTTP(w, req)
+		testbed.ServeProxy(w, req, proxy)
 	}))
 	t.Cleanup(srv.Close)
 	tp.URL = srv.URL + "/"
@@ -526,14 +524,8 @@ func newAuthProxy(t testing.TB, upstream string, users map[string]string) *authP
 			http.Error(w, "authorization required", http.StatusUnauthorized)
 			return
 		}
-		// The proxy's transport reads the request body (the agent's command) once more after
-		// sending all of it, to check that there is no more; on a busy machine that read can
-		// come after the upstream has answered. By default the server drains and closes the
-		// body when the answer's header goes out, that late read then fails, and the transport
-		// closes the upstream connection mid-answer (golang.org/issue/40747): the agent relays a
-		// cut answer, and Mercurial 5.6's client waits for the rest of it forever.
-		_ = http.NewResponseController(w).EnableFullDuplex()
-		p.proxy.ServeHTTP(w, req)
+		// Full duplex: a cut command answer leaves Mercurial 5.6's client waiting forever.
+		testbed.ServeProxy(w, req, p.proxy)
 	}))
 	t.Cleanup(srv.Close)
 	p.URL = srv.URL + "/"

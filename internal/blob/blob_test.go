@@ -320,8 +320,7 @@ func pagedFront(t *testing.T, emu *gcsemu.Server, fault int) (endpoint string, p
 	pages = new(atomic.Int64)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/o") {
-			_ = http.NewResponseController(w).EnableFullDuplex() // see e2e's authProxy
-			proxy.ServeHTTP(w, r)
+			testbed.ServeProxy(w, r, proxy)
 			return
 		}
 		pages.Add(1)

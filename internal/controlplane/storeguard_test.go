@@ -20,6 +20,7 @@ import (
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
 	"github.com/detourhq/detour/internal/blob"
 	"github.com/detourhq/detour/internal/gcsemu"
+	"github.com/detourhq/detour/internal/testbed"
 )
 
 // storeEventsFor is a topic and subscription of the test's own on the process's Pub/Sub emulator,
@@ -170,8 +171,7 @@ func listingProxy(t *testing.T, onListing func(w http.ResponseWriter, r *http.Re
 		if r.Method == http.MethodGet && listing.MatchString(r.URL.EscapedPath()) && onListing(w, r) {
 			return
 		}
-		_ = http.NewResponseController(w).EnableFullDuplex() // see e2e's authProxy
-		proxy.ServeHTTP(w, r)
+		testbed.ServeProxy(w, r, proxy)
 	})}
 	go func() { _ = srv.Serve(lis) }()
 	t.Cleanup(func() { srv.Close() })

@@ -11,6 +11,17 @@ import (
 	"time"
 )
 
+// ServeProxy serves r through proxy with the request body left to the proxy's transport (full
+// duplex). By default an HTTP/1 server drains and closes a request's body once the answer's
+// header goes out; a proxy's transport that reads the body once more after sending all of it (to
+// check there is no more) then fails, and cuts the upstream answer mid-stream
+// (golang.org/issue/40747). On a busy machine that read comes late often enough to make tests
+// flaky; every test proxy that forwards bodies serves through this.
+func ServeProxy(w http.ResponseWriter, r *http.Request, proxy http.Handler) {
+	_ = http.NewResponseController(w).EnableFullDuplex()
+	proxy.ServeHTTP(w, r)
+}
+
 // LateBodyRead reproduces, for a proxy under test, what a busy machine does to a proxied request
 // with a body (golang.org/issue/40747): the proxy's transport, having sent the whole body, reads
 // it once more to check that there is no more, and that read comes after the upstream has

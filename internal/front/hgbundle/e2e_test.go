@@ -28,6 +28,7 @@ import (
 
 	"github.com/detourhq/detour/internal/front/hgbundle"
 	"github.com/detourhq/detour/internal/hgserve"
+	"github.com/detourhq/detour/internal/testbed"
 )
 
 // hg6 returns Mercurial 6 or 7 ($DETOUR_HG6, else /usr/bin/hg), skipping outside CI when there
@@ -250,8 +251,7 @@ func newProxy(t *testing.T, originURL string) *proxy {
 			w.Write(m)
 			return
 		}
-		_ = http.NewResponseController(w).EnableFullDuplex() // see e2e's authProxy
-		rp.ServeHTTP(w, r)
+		testbed.ServeProxy(w, r, rp)
 	}))
 	t.Cleanup(p.Close)
 	return p
