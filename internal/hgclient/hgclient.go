@@ -134,8 +134,9 @@ func (c *Client) CommandNoFollow(ctx context.Context, name string, args map[stri
 	return c.command(ctx, name, args, redirect, false)
 }
 
-func (c *Client) command(ctx context.Context, name string, args map[string]any, redirect *wire.RedirectRequest, follow bool) (*Result, error) {
-	start := time.Now()
+// CommandRequest is the HTTP request Command sends for one command (request ID 1), for a caller
+// that reads the answer itself.
+func (c *Client) CommandRequest(ctx context.Context, name string, args map[string]any, redirect *wire.RedirectRequest) (*http.Request, error) {
 	var buf bytes.Buffer
 	rw := wire.NewRequestWriter(&buf)
 	if err := rw.WriteSettings(wire.EncodingIdentity); err != nil {
@@ -151,6 +152,15 @@ func (c *Client) command(ctx context.Context, name string, args map[string]any, 
 	c.addHeader(req)
 	req.Header.Set("Content-Type", wire.MediaTypeFraming)
 	req.Header.Set("Accept", wire.MediaTypeFraming)
+	return req, nil
+}
+
+func (c *Client) command(ctx context.Context, name string, args map[string]any, redirect *wire.RedirectRequest, follow bool) (*Result, error) {
+	start := time.Now()
+	req, err := c.CommandRequest(ctx, name, args, redirect)
+	if err != nil {
+		return nil, err
+	}
 	resp, err := c.http().Do(req)
 	if err != nil {
 		return nil, err

@@ -2,7 +2,6 @@ package hgv2_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -294,17 +293,10 @@ func TestAnAnswerTheOriginBreaksOffIsCutNotEnded(t *testing.T) {
 	}
 	origin.Store(u)
 
-	var body bytes.Buffer
-	rw := wire.NewRequestWriter(&body)
-	if err := rw.WriteSettings(wire.EncodingIdentity); err != nil {
+	req, err := c.CommandRequest(context.Background(), "manifestdata", args("c", 64<<10), redirectReq(t, c))
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := rw.WriteCommand(&wire.CommandRequest{RequestID: 1, Name: "manifestdata", Args: args("c", 64<<10), Redirect: redirectReq(t, c)}); err != nil {
-		t.Fatal(err)
-	}
-	req, _ := http.NewRequest(http.MethodPost, s.AgentURL+"api/"+wire.APIVersion+"/ro/manifestdata", &body)
-	req.Header.Set("Content-Type", wire.MediaTypeFraming)
-	req.Header.Set("Accept", wire.MediaTypeFraming)
 	// The client must not be handed a complete HTTP answer: the request fails (nothing was sent
 	// before the cut) or its body does (part of it was).
 	if resp, err := http.DefaultClient.Do(req); err == nil {
