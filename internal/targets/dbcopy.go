@@ -123,7 +123,7 @@ func (w *Watcher) loadCopy(ctx context.Context) (int64, error) {
 	defer db.Close()
 	snap := emptySnapshot()
 	l := newLoader(w, w.progress.expected.Load())
-	l.history, l.gone = true, make([][]goneCopy, leafCount)
+	l.gone = make([][]goneCopy, leafCount)
 	rev, err := w.walkCopy(ctx, db, snap, l)
 	if err != nil {
 		return 0, err
@@ -413,15 +413,12 @@ func (l *loader) addHistory(entries []copyEntry, cache *homeCache) {
 		} else {
 			k, o, st = l.w.parseObject(e.rest, e.value, e.rev, cache)
 		}
-		s := shardOf(k)
 		switch st {
 		case objectReady:
-			l.mu[s].Lock()
-			l.leaves[s].keys = append(l.leaves[s].keys, k)
-			l.leaves[s].objs = append(l.leaves[s].objs, o)
-			l.mu[s].Unlock()
+			l.file(k, o)
 		case objectNot:
 			target := string(e.rest[bytes.IndexByte(e.rest, '/')+1:])
+			s := shardOf(k)
 			l.mu[s].Lock()
 			l.gone[s] = append(l.gone[s], goneCopy{key: k, target: target, rev: e.rev})
 			l.mu[s].Unlock()

@@ -285,10 +285,9 @@ type loader struct {
 	prefix []byte // of object records
 	mu     [leafCount]sync.Mutex
 	leaves [leafCount]shard
-	// history is set when records come from a copy of etcd's database (dbcopy.go): a key's copy
-	// at a target may come several times, and gone holds revisions that ended one.
-	history bool
-	gone    [][]goneCopy
+	// gone is set, by leaf, when records come from a copy of etcd's database (dbcopy.go): a key's
+	// copy at a target may come several times, and gone holds the revisions that ended one.
+	gone [][]goneCopy
 }
 
 func newLoader(w *Watcher, expected int64) *loader {
@@ -311,12 +310,17 @@ func (l *loader) add(kvs []*mvccpb.KeyValue, cache *homeCache) {
 		if !ok {
 			continue
 		}
-		s := shardOf(k)
-		l.mu[s].Lock()
-		l.leaves[s].keys = append(l.leaves[s].keys, k)
-		l.leaves[s].objs = append(l.leaves[s].objs, o)
-		l.mu[s].Unlock()
+		l.file(k, o)
 	}
+}
+
+// file adds k's copy o to its leaf.
+func (l *loader) file(k Key, o Object) {
+	s := shardOf(k)
+	l.mu[s].Lock()
+	l.leaves[s].keys = append(l.leaves[s].keys, k)
+	l.leaves[s].objs = append(l.leaves[s].objs, o)
+	l.mu[s].Unlock()
 }
 
 // build sorts each leaf, on every core, and makes the index of them. etcd streams the records in
@@ -343,7 +347,7 @@ func (l *loader) build() *index {
 				if len(sh.keys) == 0 {
 					continue
 				}
-				if l.history {
+				if l.gone != nil {
 					settleLeaf(&sh, l.gone[s])
 					l.gone[s] = nil
 				} else {
