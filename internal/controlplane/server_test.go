@@ -21,10 +21,8 @@ import (
 // serverGoroutines lists the goroutines running code of this package or of the registry, other
 // than tests' own (a replica's handlers, loops and watchers: none may outlive its Shutdown).
 func serverGoroutines() []string {
-	buf := make([]byte, 8<<20)
-	buf = buf[:runtime.Stack(buf, true)]
 	var out []string
-	for _, g := range strings.Split(string(buf), "\n\n") {
+	for _, g := range strings.Split(allStacks(), "\n\n") {
 		if strings.Contains(g, "testing.tRunner") || strings.Contains(g, "delayAnswers") {
 			continue
 		}
@@ -33,6 +31,16 @@ func serverGoroutines() []string {
 		}
 	}
 	return out
+}
+
+// allStacks is every goroutine's stack, however many there are (a fixed buffer cuts the dump, and
+// what it cut would look absent).
+func allStacks() string {
+	for buf := make([]byte, 8<<20); ; buf = make([]byte, 2*len(buf)) {
+		if n := runtime.Stack(buf, true); n < len(buf) {
+			return string(buf[:n])
+		}
+	}
 }
 
 // noServerGoroutines fails the test if a goroutine of a replica is still running. Tests that call
@@ -193,8 +201,12 @@ func TestShutdownCutShortReturnsTheContextsError(t *testing.T) {
 		done <- err
 	}()
 	eventually(t, 10*time.Second, "the write in flight", func() bool {
-		buf := make([]byte, 8<<20)
-		return strings.Contains(string(buf[:runtime.Stack(buf, true)]), "(*Service).CreateTarget")
+		select {
+		case err := <-done:
+			t.Fatalf("the write to a crashed etcd returned before the shutdown: %v", err)
+		default:
+		}
+		return strings.Contains(allStacks(), "(*Service).CreateTarget")
 	})
 	sctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
 	defer cancel()
