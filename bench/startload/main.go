@@ -63,7 +63,7 @@ import (
 var (
 	records   = flag.Int("records", 100_000, "READY object records in the data set")
 	dataset   = flag.String("dataset", "", "directory of the data set (prepared when absent): meta.json and data/, the control plane's --data-dir")
-	encoding  = flag.String("encoding", "compact", "record encoding when preparing: compact, or proto (what releases before the compact encoding wrote)")
+	encoding  = flag.String("encoding", "home-ref", "record encoding when preparing: home-ref (records name shared home records), compact (each holds its home), or proto (what releases before the compact encoding wrote)")
 	nTargets  = flag.Int("targets", 10, "targets the records are spread over, when preparing")
 	writers   = flag.Int("writers", 64, "concurrent writes when preparing and in a burst")
 	binaries  = flag.String("binaries", "", "comma-separated label=path of control-plane binaries to start, in turn, on copies of the data set")
@@ -164,13 +164,9 @@ func prepare(ctx context.Context, gcs *gcsemu.Server, port int) *meta {
 	check(err)
 	defer cli.Close()
 	reg := targets.NewRegistry(cli, "")
-	switch *encoding {
-	case "compact":
-	case "proto":
-		reg.SetRecordEncoding(targets.EncodingProto)
-	default:
-		check(fmt.Errorf("-encoding: %q is neither compact nor proto", *encoding))
-	}
+	enc, err := targets.ParseRecordEncoding(*encoding)
+	check(err)
+	reg.SetRecordEncoding(enc)
 	var ts []*pb.Target
 	for i := range *nTargets {
 		name := fmt.Sprintf("target-%02d", i)
@@ -611,9 +607,12 @@ func writeRecords() {
 		ts = append(ts, t)
 	}
 	reg := targets.NewRegistry(cli, *writePrefix)
-	if m.Encoding == "proto" {
-		reg.SetRecordEncoding(targets.EncodingProto)
+	if m.Encoding == "" {
+		m.Encoding = "compact" // a data set prepared before -encoding knew home-ref
 	}
+	enc, err := targets.ParseRecordEncoding(m.Encoding)
+	check(err)
+	reg.SetRecordEncoding(enc)
 	fmt.Println("writing")
 	start := time.Now()
 	inParallel(*writers, *burst, func(i int) {

@@ -67,6 +67,10 @@ type Options struct {
 	// a sequential read for etcd instead of a random lookup per record. 0: DefaultEtcdCopyMaxBytes;
 	// negative: loads read by range. External etcd only: the embedded member is read in process.
 	EtcdCopyMaxBytes int64
+	// RecordEncoding is how object records are written (default targets.EncodingHomeRef, records
+	// that name a shared home record; EncodingCompact while replicas of a release that cannot read
+	// those share the etcd prefix, see docs/deploy.md).
+	RecordEncoding targets.RecordEncoding
 	// Checkpoint is a file the replica writes its object index to (every CheckpointInterval and
 	// when it stops) and starts from: the records are then read from it, not one by one from
 	// etcd, and only etcd's history since it is replayed (targets.Watcher.Checkpoint). Empty: none.
@@ -299,6 +303,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 		cfg.Store = s.store
 	}
 	reg := targets.NewRegistry(s.cli, o.EtcdPrefix)
+	reg.SetRecordEncoding(o.RecordEncoding)
 	reg.GroupClaims(max(o.ClaimsInFlight, 0))
 	s.w = targets.NewWatcher(s.cli, reg.Prefix(), o.Log)
 	if embedded {

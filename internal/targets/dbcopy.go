@@ -238,6 +238,12 @@ var (
 	compactionMarks = [][]byte{[]byte("scheduledCompactRev"), []byte("finishedCompactRev")}
 )
 
+// copyChunk is object records of a copy, with the home records they are decoded with.
+type copyChunk struct {
+	entries []copyEntry
+	homes   map[homeRef]*sharedHome
+}
+
 // copyEntry is an object record's revision in a copy, its bytes in the copy's memory map.
 type copyEntry struct {
 	rest, value []byte // the etcd key after objects/, the record
@@ -279,8 +285,8 @@ func (w *Watcher) walkCopy(ctx context.Context, db *bolt.DB, snap *Snapshot, l *
 }
 
 // walkKeys walks the key bucket, sending object records to chunks; it returns the last revision.
-func (w *Watcher) walkKeys(ctx context.Context, keys *bolt.Bucket, snap *Snapshot, chunks chan<- []copyEntry) (int64, error) {
-	prefix, objPrefix := []byte(w.prefix), []byte(w.prefix+"objects/")
+func (w *Watcher) walkKeys(ctx context.Context, keys *bolt.Bucket, snap *Snapshot, chunks chan<- copyChunk) (int64, error) {
+	prefix, objPrefix, homesPrefix := []byte(w.prefix), []byte(w.prefix+"objects/"), []byte(w.prefix+"homes/")
 	const chunkLen = 1024
 	chunk := make([]copyEntry, 0, chunkLen)
 	var last int64
@@ -305,10 +311,15 @@ func (w *Watcher) walkKeys(ctx context.Context, keys *bolt.Bucket, snap *Snapsho
 					return 0, err
 				}
 				w.progress.records.Add(int64(len(chunk)))
-				chunks <- chunk
+				chunks <- copyChunk{entries: chunk, homes: snap.homes}
 				chunk = make([]copyEntry, 0, chunkLen)
 			}
 			continue
+		}
+		if bytes.HasPrefix(kv.key, homesPrefix) {
+			// A chunk is decoded with the home records as they were when it was sent (a home is
+			// written before every record that names it), so a change makes a new map.
+			snap.homes = cloneMap(snap.homes)
 		}
 		// Targets, health, claims, agents and policy: few, applied in revision order, and copied
 		// out of the memory map (apply may keep what it is given).
@@ -321,7 +332,7 @@ func (w *Watcher) walkKeys(ctx context.Context, keys *bolt.Bucket, snap *Snapsho
 	}
 	if len(chunk) > 0 {
 		w.progress.records.Add(int64(len(chunk)))
-		chunks <- chunk
+		chunks <- copyChunk{entries: chunk, homes: snap.homes}
 	}
 	return last, nil
 }
@@ -400,8 +411,9 @@ type goneCopy struct {
 }
 
 // addHistory files a copy's object records, revisions of one key possibly several times over.
-func (l *loader) addHistory(entries []copyEntry, cache *homeCache) {
-	for _, e := range entries {
+func (l *loader) addHistory(c copyChunk, cache *homeCache) {
+	cache.shared = c.homes
+	for _, e := range c.entries {
 		var k Key
 		var o Object
 		st := objectNot

@@ -69,10 +69,22 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 		return rev, err
 	}
 	snap := emptySnapshot()
+	// The home records first: the decoders resolve the records that name one, whichever stream
+	// brings them.
+	homesPrefix := w.prefix + "homes/"
+	err = w.readRange(ctx, homesPrefix, clientv3.GetPrefixRangeEnd(homesPrefix), rev, func(kvs []*mvccpb.KeyValue) {
+		for _, kv := range kvs {
+			w.apply(snap, nil, mvccpb.PUT, kv)
+		}
+	})
+	if err != nil {
+		return 0, err
+	}
 	l := newLoader(w, expected)
+	l.shared = snap.homes
 	chunks, decoded := decoders(l.add)
-	// Everything but object records (targets, health, claims, agents, policy) is applied here,
-	// one stream at a time; object records go to the decoders.
+	// Everything but object and home records (targets, health, claims, agents, policy) is applied
+	// here, one stream at a time; object records go to the decoders.
 	var applyMu sync.Mutex
 	err = w.read(ctx, rev, func(kvs []*mvccpb.KeyValue) {
 		i := 0
@@ -81,6 +93,9 @@ func (w *Watcher) load(ctx context.Context) (int64, error) {
 				kvs[i] = kv
 				i++
 				continue
+			}
+			if bytes.HasPrefix(kv.Key, []byte(homesPrefix)) {
+				continue // read above, and shared with the decoders: not to be modified
 			}
 			applyMu.Lock()
 			w.apply(snap, nil, mvccpb.PUT, kv)
@@ -288,6 +303,8 @@ type loader struct {
 	// gone is set, by leaf, when records come from a copy of etcd's database (dbcopy.go): a key's
 	// copy at a target may come several times, and gone holds the revisions that ended one.
 	gone [][]goneCopy
+	// shared are the home records of a ranged load, read before its object records.
+	shared map[homeRef]*sharedHome
 }
 
 func newLoader(w *Watcher, expected int64) *loader {
@@ -305,6 +322,7 @@ func newLoader(w *Watcher, expected int64) *loader {
 
 // add decodes object records and files them into their leaves.
 func (l *loader) add(kvs []*mvccpb.KeyValue, cache *homeCache) {
+	cache.shared = l.shared
 	for _, kv := range kvs {
 		k, o, ok := l.w.decodeObject(kv.Key[len(l.prefix):], kv.Value, kv.ModRevision, cache)
 		if !ok {
@@ -391,10 +409,12 @@ func sortLeaf(s *shard) {
 }
 
 // homeCache remembers the last homes one decoder interned, so that a record of a known home costs
-// no allocation and no lock.
+// no allocation and no lock. shared are the home records that records may name (not modified
+// while the cache is in use).
 type homeCache struct {
-	homes [8]cachedHome
-	next  int
+	homes  [8]cachedHome
+	next   int
+	shared map[homeRef]*sharedHome
 }
 
 type cachedHome struct {
@@ -406,6 +426,18 @@ func (c *homeCache) find(target []byte, r *record, prefix []byte) (homeID, bool)
 	for _, e := range c.homes {
 		if h := e.h; h != nil && h.Target == string(target) && h.TargetUID == string(r.targetUID) && h.Bucket == string(r.bucket) &&
 			h.Prefix == string(prefix) && h.MediaType == string(r.mediaType) {
+			return e.id, true
+		}
+	}
+	return 0, false
+}
+
+// findShared finds a home record's home at target (compared by value: a snapshot's home records
+// are new pointers after every load).
+func (c *homeCache) findShared(target []byte, sh *sharedHome) (homeID, bool) {
+	for _, e := range c.homes {
+		if h := e.h; h != nil && h.Target == string(target) && h.TargetUID == sh.targetUID && h.Bucket == sh.bucket &&
+			h.Prefix == sh.prefix && h.MediaType == sh.mediaType {
 			return e.id, true
 		}
 	}
@@ -448,6 +480,14 @@ func (w *Watcher) parseObject(rest, value []byte, modRev int64, cache *homeCache
 	if r.state != pb.ObjectState_OBJECT_STATE_READY {
 		return k, Object{}, objectNot
 	}
+	var shared *sharedHome
+	if r.hasRef {
+		if shared = cache.shared[r.ref]; shared == nil {
+			w.log.Error("skipping object record whose home is not stored", "key", w.prefix+"objects/"+string(rest),
+				"home", r.ref.String())
+			return k, Object{}, objectNot
+		}
+	}
 	prefix, named := r.name, r.namePrefix
 	if !named {
 		prefix, named = bytes.CutSuffix(r.name, ks)
@@ -459,8 +499,14 @@ func (w *Watcher) parseObject(rest, value []byte, modRev int64, cache *homeCache
 			"object_name", string(r.name))
 		return k, Object{}, objectNot
 	}
-	h, ok := cache.find(target, &r, prefix)
-	if !ok {
+	var h homeID
+	var ok bool
+	if shared != nil {
+		if h, ok = cache.findShared(target, shared); !ok {
+			h = cache.intern(Home{Target: string(target), TargetUID: shared.targetUID, Bucket: shared.bucket,
+				Prefix: shared.prefix, MediaType: shared.mediaType})
+		}
+	} else if h, ok = cache.find(target, &r, prefix); !ok {
 		h = cache.intern(Home{Target: string(target), TargetUID: string(r.targetUID), Bucket: string(r.bucket),
 			Prefix: string(prefix), MediaType: string(r.mediaType)})
 	}

@@ -22,10 +22,23 @@ func objectsAt(t *testing.T, cli *clientv3.Client, rev int64) map[Key][]string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	homes, err := cli.Get(context.Background(), DefaultPrefix+"homes/", clientv3.WithPrefix(), clientv3.WithRev(rev))
+	if err != nil {
+		t.Fatal(err)
+	}
+	shared := map[homeRef]*sharedHome{}
+	for _, kv := range homes.Kvs {
+		ref, ok := parseHomeRef(kv.Key[len(DefaultPrefix+"homes/"):])
+		h, err := decodeHome(ref, kv.Value)
+		if !ok || err != nil {
+			t.Fatalf("home record %s: %v", kv.Key, err)
+		}
+		shared[ref] = &h
+	}
 	w := NewWatcher(nil, "", nil)
 	want := map[Key][]string{}
 	for _, kv := range resp.Kvs {
-		k, o, ok := w.decodeObject(kv.Key[len(DefaultPrefix+"objects/"):], kv.Value, kv.ModRevision, &homeCache{})
+		k, o, ok := w.decodeObject(kv.Key[len(DefaultPrefix+"objects/"):], kv.Value, kv.ModRevision, &homeCache{shared: shared})
 		if ok {
 			want[k] = append(want[k], o.Target())
 		}
@@ -78,8 +91,9 @@ func watcherReading(srv *etcdembed.Server, cli *clientv3.Client, mode readMode, 
 func TestLoadIsTheStateAtOneRevisionWhileWritesContinue(t *testing.T) {
 	srv, cli := startEtcd(t)
 	ctx := context.Background()
-	protoReg, compactReg := NewRegistry(cli, ""), NewRegistry(cli, "")
+	protoReg, compactReg, reg := NewRegistry(cli, ""), NewRegistry(cli, ""), NewRegistry(cli, "")
 	protoReg.SetRecordEncoding(EncodingProto)
+	compactReg.SetRecordEncoding(EncodingCompact)
 	const base = 3000
 	var wg sync.WaitGroup
 	for w := range 8 {
@@ -87,7 +101,7 @@ func TestLoadIsTheStateAtOneRevisionWhileWritesContinue(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := w; i < base; i += 8 {
-				reg := []*Registry{protoReg, compactReg}[i%2] // both encodings, as after an upgrade
+				reg := []*Registry{protoReg, compactReg, reg}[i%3] // every encoding, as after upgrades
 				if err := reg.PutObject(ctx, testRecord(testKey(i), fmt.Sprint("t", i%3), "u", "b", 1, time.Now(), 0)); err != nil {
 					t.Error(err)
 					return
@@ -100,11 +114,11 @@ func TestLoadIsTheStateAtOneRevisionWhileWritesContinue(t *testing.T) {
 	var written atomic.Int64
 	go func() {
 		for i := base; wctx.Err() == nil; i++ {
-			if compactReg.PutObject(wctx, testRecord(testKey(i), "t9", "u", "b", 1, time.Now(), 0)) == nil {
+			if reg.PutObject(wctx, testRecord(testKey(i), "t9", "u", "b", 1, time.Now(), 0)) == nil {
 				written.Add(1)
 			}
 			if i%7 == 0 { // and deletions of loaded records
-				_, _, _ = compactReg.DeleteObjects(wctx, testKey(i-base), "test", time.Now())
+				_, _, _ = reg.DeleteObjects(wctx, testKey(i-base), "test", time.Now())
 			}
 		}
 	}()

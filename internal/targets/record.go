@@ -25,6 +25,11 @@ import (
 //     before it, so those read as they always did; a release that predates a flag refuses records
 //     that set it (see flagTransient).
 //
+// A compact record may name its home instead of holding it (flagHomeRef): the target's UID, the
+// bucket, the object name's prefix and the media type, which every copy a target stores in one
+// place repeats, are then a home record of their own (homes/<ref>, homes.go), and the record holds
+// its 8-byte reference. That is about half of a compact record.
+//
 // A record is what etcd stores a million times over, and what a replica decodes a million times
 // at start: the compact form is about half the size, and both forms are decoded here without
 // allocating.
@@ -33,30 +38,39 @@ import (
 type RecordEncoding int
 
 const (
-	// EncodingCompact is the default: smaller, and read only by releases that have this file.
-	EncodingCompact RecordEncoding = iota
+	// EncodingHomeRef is the default: compact records that name a shared home record where they
+	// can (a fill's always can), read only by releases that know homes (flagHomeRef).
+	EncodingHomeRef RecordEncoding = iota
+	// EncodingCompact holds each record's home in the record, for a fleet that still runs replicas
+	// of a release that reads compact records but not shared homes.
+	EncodingCompact
 	// EncodingProto is the StoredObject message, for a fleet that still runs replicas of a release
 	// that reads nothing else (they would skip compact records, and their reconciler would take
 	// the stored bytes of those records for orphans).
 	EncodingProto
 )
 
-// ParseRecordEncoding parses "compact" or "proto".
+// ParseRecordEncoding parses "home-ref", "compact" or "proto".
 func ParseRecordEncoding(s string) (RecordEncoding, error) {
 	switch s {
+	case "home-ref":
+		return EncodingHomeRef, nil
 	case "compact":
 		return EncodingCompact, nil
 	case "proto":
 		return EncodingProto, nil
 	}
-	return 0, invalid("record encoding", "%s is neither compact nor proto", quote(s))
+	return 0, invalid("record encoding", "%s is none of home-ref, compact and proto", quote(s))
 }
 
 func (e RecordEncoding) String() string {
-	if e == EncodingProto {
+	switch e {
+	case EncodingProto:
 		return "proto"
+	case EncodingCompact:
+		return "compact"
 	}
-	return "compact"
+	return "home-ref"
 }
 
 const compactVersion = 1
@@ -72,8 +86,12 @@ const (
 	// take the bytes for an orphan). Control planes are upgraded before the agents that send
 	// transient requests; a fleet that cannot do that writes proto records (SetRecordEncoding).
 	flagTransient
+	// flagHomeRef: the record holds an 8-byte home reference where the media type, bucket, name
+	// prefix and target UID would be (flagNamePrefix is set with it). A release that predates it
+	// refuses the record, as for flagTransient: EncodingCompact is for a fleet that has one.
+	flagHomeRef
 
-	knownFlags = flagCreated | flagExpires | flagNamePrefix | flagTransient
+	knownFlags = flagCreated | flagExpires | flagNamePrefix | flagTransient | flagHomeRef
 )
 
 // record is a decoded object record. Its byte slices point into the stored value; key and target
@@ -95,35 +113,40 @@ type record struct {
 	createdNanos, expiresNanos    int32
 	protoEncoded                  bool
 	keyFromValue, targetFromValue bool
+	// hasRef: the record names its home (ref) and holds none of mediaType, bucket, name and
+	// targetUID until resolve fills them in.
+	hasRef bool
+	ref    homeRef
 }
 
 var errRecord = errors.New("malformed object record")
 
-// encodeRecord encodes o, whose Key and Target the etcd key holds. A record the compact form
-// cannot hold exactly (a timestamp beyond the years 1678–2262, in nanoseconds) is written as
-// proto.
-func encodeRecord(o *pb.StoredObject, enc RecordEncoding) []byte {
-	if enc == EncodingCompact {
-		if b, ok := compactRecord(o); ok {
-			return b
+// encodeRecord encodes o, whose Key and Target the etcd key holds, and the home record it names,
+// if it names one (nil otherwise). A record the compact form cannot hold exactly (a timestamp
+// beyond the years 1678–2262, in nanoseconds) is written as proto; one whose object name is not
+// a prefix followed by the key holds its home.
+func encodeRecord(o *pb.StoredObject, enc RecordEncoding) ([]byte, *homeRecord) {
+	if enc != EncodingProto {
+		if b, h, ok := compactRecord(o, enc == EncodingHomeRef); ok {
+			return b, h
 		}
 	}
-	return []byte(marshal(o))
+	return []byte(marshal(o)), nil
 }
 
-func compactRecord(o *pb.StoredObject) ([]byte, bool) {
+func compactRecord(o *pb.StoredObject, shareHome bool) ([]byte, *homeRecord, bool) {
 	var flags byte
 	var created, expires int64
 	var ok bool
 	if o.Created != nil {
 		if created, ok = nanos(o.Created); !ok {
-			return nil, false
+			return nil, nil, false
 		}
 		flags |= flagCreated
 	}
 	if o.Expires != nil {
 		if expires, ok = nanos(o.Expires); !ok {
-			return nil, false
+			return nil, nil, false
 		}
 		flags |= flagExpires
 	}
@@ -133,6 +156,10 @@ func compactRecord(o *pb.StoredObject) ([]byte, bool) {
 	name := o.ObjectName
 	if o.Key != "" && len(name) >= len(o.Key) && name[len(name)-len(o.Key):] == o.Key {
 		name, flags = name[:len(name)-len(o.Key)], flags|flagNamePrefix
+	}
+	var home *homeRecord
+	if shareHome && flags&flagNamePrefix != 0 {
+		home, flags = newHomeRecord(o.TargetUid, o.Bucket, name, o.MediaType), flags|flagHomeRef
 	}
 	b := make([]byte, 0, 64+len(o.MediaType)+len(o.Sha256)+len(o.Sha1)+len(name)+len(o.Bucket)+len(o.TargetUid))
 	b = append(b, 0, compactVersion, flags)
@@ -146,11 +173,14 @@ func compactRecord(o *pb.StoredObject) ([]byte, bool) {
 		b = binary.AppendUvarint(b, uint64(len(s)))
 		b = append(b, s...)
 	}
+	if home != nil {
+		return append(b, home.ref[:]...), home, true
+	}
 	for _, s := range []string{o.MediaType, o.Bucket, name, o.TargetUid} {
 		b = binary.AppendUvarint(b, uint64(len(s)))
 		b = append(b, s...)
 	}
-	return b, true
+	return b, nil, true
 }
 
 // nanos is t in unix nanoseconds, if that holds it exactly.
@@ -183,13 +213,18 @@ func (r *record) decodeCompact(v []byte) error {
 	r.created, r.expires, r.generation = d.varint(), d.varint(), d.varint()
 	r.crc32c = d.uint32()
 	r.sha256, r.sha1 = d.bytes(), d.bytes()
-	r.mediaType, r.bucket, r.name, r.targetUID = d.bytes(), d.bytes(), d.bytes(), d.bytes()
+	r.hasRef = flags&flagHomeRef != 0
+	if r.hasRef {
+		copy(r.ref[:], d.fixed(len(r.ref)))
+	} else {
+		r.mediaType, r.bucket, r.name, r.targetUID = d.bytes(), d.bytes(), d.bytes(), d.bytes()
+	}
 	if d.bad || len(d.b) != 0 {
 		return fmt.Errorf("%w: compact record truncated or too long", errRecord)
 	}
 	r.hasCreated, r.hasExpires, r.namePrefix = flags&flagCreated != 0, flags&flagExpires != 0, flags&flagNamePrefix != 0
 	r.transient = flags&flagTransient != 0
-	if !r.hasCreated && r.created != 0 || !r.hasExpires && r.expires != 0 || flags&^knownFlags != 0 {
+	if !r.hasCreated && r.created != 0 || !r.hasExpires && r.expires != 0 || flags&^knownFlags != 0 || r.hasRef && !r.namePrefix {
 		return fmt.Errorf("%w: compact record with inconsistent flags", errRecord)
 	}
 	for _, s := range [][]byte{r.mediaType, r.bucket, r.name, r.targetUID} {
@@ -233,6 +268,16 @@ func (d *decoder) uint32() uint32 {
 	x := binary.LittleEndian.Uint32(d.b)
 	d.b = d.b[4:]
 	return x
+}
+
+func (d *decoder) fixed(n int) []byte {
+	if len(d.b) < n {
+		d.bad, d.b = true, nil
+		return nil
+	}
+	s := d.b[:n:n]
+	d.b = d.b[n:]
+	return s
 }
 
 func (d *decoder) bytes() []byte {
@@ -435,15 +480,29 @@ func clone(b []byte) []byte {
 	return append([]byte(nil), b...)
 }
 
-// DecodeObject decodes a stored object record (either encoding) of key at target, as the etcd key
-// names them.
-func DecodeObject(key, target string, value []byte) (*pb.StoredObject, error) {
+// resolve fills in the home a record names.
+func (r *record) resolve(h *sharedHome) {
+	r.targetUID, r.bucket, r.name, r.mediaType = []byte(h.targetUID), []byte(h.bucket), []byte(h.prefix), []byte(h.mediaType)
+}
+
+// decodeStored decodes a stored object record (any encoding) of key at target, as the etcd key
+// names them. home looks up the home a record names (nil: none are known); a record that names one
+// it does not find is an error.
+func decodeStored(key, target string, value []byte, home func(homeRef) (*sharedHome, bool)) (*pb.StoredObject, error) {
 	var r record
 	if err := r.decode(value); err != nil {
 		return nil, err
 	}
+	if r.hasRef {
+		var h *sharedHome
+		ok := home != nil
+		if ok {
+			h, ok = home(r.ref)
+		}
+		if !ok {
+			return nil, fmt.Errorf("%w: it names home %s, which is not stored", errRecord, r.ref)
+		}
+		r.resolve(h)
+	}
 	return r.proto(key, target), nil
 }
-
-// EncodeObject encodes o as Registry writes it with enc.
-func EncodeObject(o *pb.StoredObject, enc RecordEncoding) []byte { return encodeRecord(o, enc) }

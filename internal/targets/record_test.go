@@ -64,9 +64,9 @@ func TestRecordsRoundTripInBothEncodings(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			o := typicalRecord()
 			edit(o)
-			for _, enc := range []RecordEncoding{EncodingCompact, EncodingProto} {
-				v := EncodeObject(o, enc)
-				got, err := DecodeObject(o.Key, o.Target, v)
+			for _, enc := range []RecordEncoding{EncodingHomeRef, EncodingCompact, EncodingProto} {
+				v, home := encodeRecord(o, enc)
+				got, err := decodeStored(o.Key, o.Target, v, homeLookup(t, home))
 				if err != nil {
 					t.Fatalf("%s: %v", enc, err)
 				}
@@ -75,6 +75,92 @@ func TestRecordsRoundTripInBothEncodings(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// homeLookup finds the one home record h (none if nil), as etcd would hold it.
+func homeLookup(t *testing.T, h *homeRecord) func(homeRef) (*sharedHome, bool) {
+	return func(ref homeRef) (*sharedHome, bool) {
+		if h == nil || ref != h.ref {
+			return nil, false
+		}
+		sh, err := decodeHome(ref, h.value)
+		if err != nil {
+			t.Fatalf("home %s: %v", ref, err)
+		}
+		return &sh, true
+	}
+}
+
+// DecodeObject decodes a record that holds its home.
+func DecodeObject(key, target string, v []byte) (*pb.StoredObject, error) {
+	return decodeStored(key, target, v, nil)
+}
+
+// EncodeObject encodes a record as enc writes it, without the home record it may name.
+func EncodeObject(o *pb.StoredObject, enc RecordEncoding) []byte {
+	v, _ := encodeRecord(o, enc)
+	return v
+}
+
+// A fill's record names a shared home, and is about half the compact record that holds it; one
+// whose object name is not a prefix followed by its key holds its home; a record that names a home
+// nobody stored does not decode.
+func TestRecordsNameASharedHome(t *testing.T) {
+	o := typicalRecord()
+	v, home := encodeRecord(o, EncodingHomeRef)
+	c := EncodeObject(o, EncodingCompact)
+	t.Logf("typical record: %d bytes naming a %d-byte home, %d holding it", len(v), len(home.value), len(c))
+	if home == nil || v[2]&flagHomeRef == 0 || len(v)*10 > len(c)*6 {
+		t.Fatalf("record %d bytes (flags %#x), home %v; %d holding it", len(v), v[2], home, len(c))
+	}
+	other := typicalRecord()
+	other.Key, other.ObjectName, other.Size = strings.Repeat("77", 32), "hg/objects/"+strings.Repeat("77", 32), 1
+	if _, h2 := encodeRecord(other, EncodingHomeRef); h2 == nil || h2.ref != home.ref || !bytes.Equal(h2.value, home.value) {
+		t.Fatalf("another copy in the same home names %v, not %v", h2, home)
+	}
+	elsewhere := typicalRecord()
+	elsewhere.Bucket = "another-bucket"
+	if _, h3 := encodeRecord(elsewhere, EncodingHomeRef); h3 == nil || h3.ref == home.ref {
+		t.Fatalf("a copy in another bucket names %v, the first's %v", h3, home)
+	}
+	o.ObjectName = "elsewhere/x"
+	if v, h := encodeRecord(o, EncodingHomeRef); h != nil || v[2]&flagHomeRef != 0 {
+		t.Fatalf("a record whose name is not prefix+key named home %v", h)
+	}
+	if _, err := DecodeObject(o.Key, o.Target, v); err == nil || !strings.Contains(err.Error(), home.ref.String()) {
+		t.Fatalf("a record whose home is not stored: %v", err)
+	}
+}
+
+// A home record is checked against the reference its key holds: a value edited behind Detour's
+// back, or stored under another reference, is refused.
+func TestHomeRecordsAreTheOnesTheirKeyNames(t *testing.T) {
+	h := newHomeRecord("uid", "bucket", "hg/objects/", "application/mercurial-cbor")
+	if got, err := decodeHome(h.ref, h.value); err != nil || got != (sharedHome{"uid", "bucket", "hg/objects/", "application/mercurial-cbor"}) {
+		t.Fatalf("decoded %+v, %v", got, err)
+	}
+	edited := slices.Clone(h.value)
+	edited[len(edited)-1] ^= 1
+	if _, err := decodeHome(h.ref, edited); err == nil {
+		t.Fatal("an edited home decoded")
+	}
+	other := newHomeRecord("uid", "other-bucket", "hg/objects/", "application/mercurial-cbor")
+	if _, err := decodeHome(h.ref, other.value); err == nil {
+		t.Fatal("another home decoded under this one's reference")
+	}
+	for _, bad := range [][]byte{nil, {2}, {1, 3, 'a'}, append(slices.Clone(h.value), 0), {1, 1, 0xff, 0, 0, 0}} {
+		if _, err := decodeHome(refOf(bad), bad); err == nil {
+			t.Errorf("%x decoded", bad)
+		}
+	}
+	if r, ok := parseHomeRef([]byte(h.ref.String())); !ok || r != h.ref {
+		t.Fatalf("parse %s: %v, %v", h.ref, r, ok)
+	}
+	for _, bad := range []string{"", h.ref.String()[1:], strings.ToUpper(h.ref.String()), h.ref.String() + "0"} {
+		if _, ok := parseHomeRef([]byte(bad)); ok {
+			t.Errorf("%q parsed", bad)
+		}
 	}
 }
 
@@ -131,15 +217,22 @@ func TestRecordsWithoutALifetimeClassAreUnchanged(t *testing.T) {
 
 func TestMalformedCompactRecordsAreRefused(t *testing.T) {
 	v := EncodeObject(typicalRecord(), EncodingCompact)
-	for n := 1; n < len(v); n++ { // (none at all is an empty proto record)
-		if _, err := DecodeObject("k", "t", v[:n]); err == nil {
-			t.Fatalf("a record cut to %d of %d bytes decoded", n, len(v))
+	named, home := encodeRecord(typicalRecord(), EncodingHomeRef)
+	for _, v := range [][]byte{v, named} {
+		for n := 1; n < len(v); n++ { // (none at all is an empty proto record)
+			if _, err := decodeStored("k", "t", v[:n], homeLookup(t, home)); err == nil {
+				t.Fatalf("a record cut to %d of %d bytes decoded", n, len(v))
+			}
 		}
 	}
 	for name, bad := range map[string][]byte{
 		"trailing byte":   append(slices.Clone(v), 0),
 		"unknown version": append([]byte{0, 2}, v[2:]...),
 		"unknown flag":    append([]byte{0, 1, v[2] | 0x80}, v[3:]...),
+		"home without prefix flag": func() []byte {
+			r, _ := encodeRecord(typicalRecord(), EncodingHomeRef)
+			return append([]byte{0, 1, r[2] &^ flagNamePrefix}, r[3:]...)
+		}(),
 	} {
 		if _, err := DecodeObject("k", "t", bad); err == nil {
 			t.Errorf("%s: decoded", name)
@@ -183,6 +276,53 @@ func FuzzProtoRecordsDecodeAsProtoUnmarshalDoes(f *testing.F) {
 		}
 		if err == nil && !proto.Equal(got, want) {
 			t.Fatalf("decoded\n%v\nproto.Unmarshal\n%v", got, want)
+		}
+	})
+}
+
+// Compact records and home records come from etcd: whatever their bytes, decoding them never
+// panics, and what decodes encodes back to a record or home that decodes the same.
+func FuzzCompactRecordsAndHomes(f *testing.F) {
+	named, home := encodeRecord(typicalRecord(), EncodingHomeRef)
+	f.Add(named, home.value)
+	f.Add(EncodeObject(typicalRecord(), EncodingCompact), []byte{homeVersion, 0, 0, 0, 0})
+	f.Add([]byte{0, 1, flagHomeRef}, []byte{homeVersion, 0x80})
+	f.Fuzz(func(t *testing.T, v, hv []byte) {
+		ref := refOf(hv)
+		h, herr := decodeHome(ref, hv)
+		if herr == nil {
+			if again := newHomeRecord(h.targetUID, h.bucket, h.prefix, h.mediaType); again.ref != ref {
+				// Non-minimal varints decode but encode differently: the same home, another ref.
+				if got, err := decodeHome(again.ref, again.value); err != nil || got != h {
+					t.Fatalf("home %+v re-encoded decodes as %+v, %v", h, got, err)
+				}
+			}
+		}
+		if len(v) == 0 || v[0] != 0 {
+			return // proto: FuzzProtoRecordsDecodeAsProtoUnmarshalDoes
+		}
+		var r record
+		if r.decode(v) != nil {
+			return
+		}
+		if r.hasRef && !r.namePrefix {
+			t.Fatal("a record that names its home without a name prefix decoded")
+		}
+		lookup := func(got homeRef) (*sharedHome, bool) { return &h, herr == nil && got == r.ref }
+		key := strings.Repeat("ab", 32)
+		o, err := decodeStored(key, "t", v, lookup)
+		if err != nil {
+			if r.hasRef && herr == nil && r.ref == ref {
+				t.Fatalf("a record naming a stored home: %v", err)
+			}
+			return
+		}
+		for _, enc := range []RecordEncoding{EncodingHomeRef, EncodingCompact} {
+			again, h2 := encodeRecord(o, enc)
+			got, err := decodeStored(key, "t", again, homeLookup(t, h2))
+			if err != nil || !proto.Equal(got, o) {
+				t.Fatalf("%s: %v decoded, re-encoded and decoded: %v, %v", enc, o, got, err)
+			}
 		}
 	})
 }

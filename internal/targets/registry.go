@@ -81,11 +81,33 @@ func NewRegistry(cli *clientv3.Client, prefix string) *Registry {
 	return &Registry{cli: cli, prefix: prefix, leases: &leasePool{m: map[time.Duration]sharedLease{}}}
 }
 
-// SetRecordEncoding sets how object records are written (default EncodingCompact). Call it before
+// SetRecordEncoding sets how object records are written (default EncodingHomeRef). Call it before
 // the registry is used.
 func (r *Registry) SetRecordEncoding(enc RecordEncoding) { r.enc = enc }
 
-func (r *Registry) objectValue(o *pb.StoredObject) string { return string(encodeRecord(o, r.enc)) }
+// objectPut is the write of o's record, and the home record it names (nil if none), which must be
+// written in the same transaction, before it (homeOp).
+func (r *Registry) objectPut(o *pb.StoredObject) (clientv3.Op, *homeRecord) {
+	v, h := encodeRecord(o, r.enc)
+	return clientv3.OpPut(r.objectKey(o.Key, o.Target), string(v)), h
+}
+
+// homeOp writes h unless etcd holds it as it is: a home deleted or changed behind Detour's back
+// is put back by the next record that names it. A transaction holds it at most once (etcd refuses
+// two puts of one key in one transaction).
+func (r *Registry) homeOp(h *homeRecord) clientv3.Op {
+	k, v := r.homeKey(h.ref), string(h.value)
+	return clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.Value(k), "=", v)}, nil, []clientv3.Op{clientv3.OpPut(k, v)})
+}
+
+// objectOps are the operations that write o's record, its home first.
+func (r *Registry) objectOps(o *pb.StoredObject) []clientv3.Op {
+	put, h := r.objectPut(o)
+	if h == nil {
+		return []clientv3.Op{put}
+	}
+	return []clientv3.Op{r.homeOp(h), put}
+}
 
 // Prefix is the registry's etcd prefix.
 func (r *Registry) Prefix() string { return r.prefix }
@@ -97,6 +119,7 @@ func (r *Registry) fillKey(key string) string    { return r.prefix + "fills/" + 
 func (r *Registry) policyKey() string            { return r.prefix + "policy" }
 func (r *Registry) garbageKey(id string) string  { return r.prefix + "garbage/" + id }
 func (r *Registry) copyKey(id string) string     { return r.prefix + "copies/" + id }
+func (r *Registry) homeKey(ref homeRef) string   { return r.prefix + "homes/" + ref.String() }
 func (r *Registry) objectKey(key, target string) string {
 	return r.prefix + "objects/" + key + "/" + target
 }
@@ -352,7 +375,7 @@ func (r *Registry) CompleteFill(ctx context.Context, obj *pb.StoredObject, claim
 	obj.State = pb.ObjectState_OBJECT_STATE_READY
 	fk := r.fillKey(obj.Key)
 	resp, err := r.txn(ctx, []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(fk), "=", claimRev)},
-		[]clientv3.Op{clientv3.OpPut(r.objectKey(obj.Key, obj.Target), r.objectValue(obj)), clientv3.OpDelete(fk)}, nil)
+		append(r.objectOps(obj), clientv3.OpDelete(fk)), nil)
 	if err != nil {
 		return 0, fmt.Errorf("report fill %s: %w", obj.Key, outcomeUnknown(err))
 	}
@@ -406,6 +429,8 @@ type guarded struct {
 	key string
 	rev int64
 	ops []clientv3.Op
+	// home, if set, is written before ops, once per transaction.
+	home *homeRecord
 }
 
 // writeEach applies guarded writes in batches of one transaction each; a batch in which some key
@@ -439,11 +464,20 @@ func (r *Registry) writeEach(ctx context.Context, what string, ws []guarded) (in
 
 func (r *Registry) writeBatch(ctx context.Context, what string, batch []guarded) (bool, int64, error) {
 	var cmps []clientv3.Cmp
-	var ops []clientv3.Op
+	var ops, homeOps []clientv3.Op
+	var homes map[homeRef]bool
 	for _, w := range batch {
 		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(w.key), "=", w.rev))
 		ops = append(ops, w.ops...)
+		if h := w.home; h != nil && !homes[h.ref] {
+			if homes == nil {
+				homes = map[homeRef]bool{}
+			}
+			homes[h.ref] = true
+			homeOps = append(homeOps, r.homeOp(h))
+		}
 	}
+	ops = append(homeOps, ops...)
 	resp, err := r.txn(ctx, cmps, ops, nil)
 	if err != nil {
 		return false, 0, fmt.Errorf("%s (%d records): %w", what, len(batch), outcomeUnknown(err))
@@ -479,15 +513,57 @@ func (r *Registry) ReadObjects(ctx context.Context, key string) ([]*pb.StoredObj
 	}
 	var objs []*pb.StoredObject
 	var revs []int64
+	homes := map[homeRef]*sharedHome{}
+	var homeErr error
+	home := func(ref homeRef) (*sharedHome, bool) {
+		if h, ok := homes[ref]; ok {
+			return h, h != nil
+		}
+		h, err := r.readHome(ctx, ref, resp.Header.Revision)
+		if err != nil {
+			homeErr = err
+		}
+		homes[ref] = h
+		return h, h != nil
+	}
 	for _, kv := range resp.Kvs {
 		target := strings.TrimPrefix(string(kv.Key), r.prefix+"objects/"+key+"/")
-		o, err := DecodeObject(key, target, kv.Value)
+		o, err := decodeStored(key, target, kv.Value, home)
+		if homeErr != nil {
+			return nil, nil, fmt.Errorf("object %s: %w", kv.Key, homeErr)
+		}
 		if err != nil {
 			return nil, nil, fmt.Errorf("object %s: stored value: %w", kv.Key, err)
 		}
 		objs, revs = append(objs, o), append(revs, kv.ModRevision)
 	}
 	return objs, revs, nil
+}
+
+// HoldsRecord reports whether etcd holds a record of key at target, whether this release can read
+// it or not (a newer one's format), now.
+func (r *Registry) HoldsRecord(ctx context.Context, key, target string) (bool, error) {
+	resp, err := r.cli.Get(ctx, r.objectKey(key, target), clientv3.WithCountOnly())
+	if err != nil {
+		return false, fmt.Errorf("read object %s at %s: %w", key, target, err)
+	}
+	return resp.Count > 0, nil
+}
+
+// readHome reads the home record ref at rev: nil if etcd holds none, or none that is ref's.
+func (r *Registry) readHome(ctx context.Context, ref homeRef, rev int64) (*sharedHome, error) {
+	resp, err := r.cli.Get(ctx, r.homeKey(ref), clientv3.WithRev(rev))
+	if err != nil {
+		return nil, fmt.Errorf("read home %s: %w", ref, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, nil
+	}
+	h, err := decodeHome(ref, resp.Kvs[0].Value)
+	if err != nil {
+		return nil, nil
+	}
+	return &h, nil
 }
 
 // DeleteObjects removes every copy of key from the index and queues the stored bytes for deletion.
@@ -525,7 +601,7 @@ func (r *Registry) PutObject(ctx context.Context, obj *pb.StoredObject) error {
 	if err := ValidateKey("key", obj.Key); err != nil {
 		return err
 	}
-	if _, err := r.cli.Put(ctx, r.objectKey(obj.Key, obj.Target), r.objectValue(obj)); err != nil {
+	if _, err := r.txn(ctx, nil, r.objectOps(obj), nil); err != nil {
 		return fmt.Errorf("put object %s: %w", obj.Key, err)
 	}
 	return nil
@@ -600,8 +676,8 @@ type Extension struct {
 func (r *Registry) Extend(ctx context.Context, xs []Extension) (int, error) {
 	ws := make([]guarded, len(xs))
 	for i, x := range xs {
-		k := r.objectKey(x.Object.Key, x.Object.Target)
-		ws[i] = guarded{key: k, rev: x.ModRevision, ops: []clientv3.Op{clientv3.OpPut(k, r.objectValue(x.Object))}}
+		put, h := r.objectPut(x.Object)
+		ws[i] = guarded{key: r.objectKey(x.Object.Key, x.Object.Target), rev: x.ModRevision, ops: []clientv3.Op{put}, home: h}
 	}
 	n, _, err := r.writeEach(ctx, "extend objects", ws)
 	return n, err

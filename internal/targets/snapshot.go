@@ -112,6 +112,8 @@ type Snapshot struct {
 	objects *index
 	claims  map[string]*pb.FillClaim
 	agents  map[string]*pb.Agent // by id
+	// homes are the shared home records (homes.go), which records name and are decoded with.
+	homes map[homeRef]*sharedHome
 	// superseded is closed when a newer snapshot replaces this one.
 	superseded chan struct{}
 	// provisional: the snapshot is a clean stop's, served while etcd restarts (ServeCleanStop).
@@ -120,7 +122,8 @@ type Snapshot struct {
 
 func emptySnapshot() *Snapshot {
 	return &Snapshot{targets: map[string]*pb.Target{}, alive: map[string]bool{}, health: map[string]*pb.TargetHealth{}, objects: &index{},
-		claims: map[string]*pb.FillClaim{}, agents: map[string]*pb.Agent{}, policy: &pb.Policy{}, superseded: make(chan struct{})}
+		claims: map[string]*pb.FillClaim{}, agents: map[string]*pb.Agent{}, homes: map[homeRef]*sharedHome{}, policy: &pb.Policy{},
+		superseded: make(chan struct{})}
 }
 
 // Provisional reports whether the snapshot is a clean stop's, served while etcd restarts: etcd has

@@ -306,9 +306,9 @@ func (w *Watcher) next(old *Snapshot, events []*clientv3.Event) (*Snapshot, []In
 		rev = max(rev, events[n-1].Kv.ModRevision)
 	}
 	next := &Snapshot{Revision: rev, TargetsRevision: old.TargetsRevision, targets: old.targets, alive: old.alive,
-		health: old.health, policy: old.policy, claims: old.claims, agents: old.agents, superseded: make(chan struct{}),
+		health: old.health, policy: old.policy, claims: old.claims, agents: old.agents, homes: old.homes, superseded: make(chan struct{}),
 		applied: max(old.applied, rev)}
-	copiedTargets, copiedAlive, copiedHealth, copiedClaims, copiedAgents := false, false, false, false, false
+	copiedTargets, copiedAlive, copiedHealth, copiedClaims, copiedAgents, copiedHomes := false, false, false, false, false, false
 	var b *indexBuilder
 	for _, ev := range events {
 		rest := strings.TrimPrefix(string(ev.Kv.Key), w.prefix)
@@ -337,6 +337,10 @@ func (w *Watcher) next(old *Snapshot, events []*clientv3.Event) (*Snapshot, []In
 		case isAgentKey(rest):
 			if !copiedAgents {
 				next.agents, copiedAgents = cloneMap(old.agents), true
+			}
+		case strings.HasPrefix(rest, "homes/"):
+			if !copiedHomes {
+				next.homes, copiedHomes = cloneMap(old.homes), true
 			}
 		case strings.HasPrefix(rest, "objects/"):
 			if b == nil {
@@ -441,13 +445,31 @@ func (w *Watcher) apply(snap *Snapshot, b *indexBuilder, typ mvccpb.Event_EventT
 			b.remove(k, string(obj[i+1:]))
 			return
 		}
-		k, o, st := w.parseObject(obj, kv.Value, kv.ModRevision, &homeCache{})
+		k, o, st := w.parseObject(obj, kv.Value, kv.ModRevision, &homeCache{shared: snap.homes})
 		switch st {
 		case objectReady:
 			b.put(k, o)
 		case objectNot:
 			b.remove(k, string(obj[bytes.IndexByte(obj, '/')+1:]))
 		}
+	case strings.HasPrefix(rest, "homes/"):
+		ref, ok := parseHomeRef([]byte(rest[len("homes/"):]))
+		if !ok {
+			w.log.Error("skipping home record with a malformed key", "key", string(kv.Key))
+			return
+		}
+		if del {
+			delete(snap.homes, ref)
+			return
+		}
+		h, err := decodeHome(ref, kv.Value)
+		if err != nil {
+			// The records that name it are not served until a write puts it back.
+			delete(snap.homes, ref)
+			w.log.Error("skipping undecodable home record", "key", string(kv.Key), "err", err)
+			return
+		}
+		snap.homes[ref] = &h
 	case isAgentKey(rest):
 		w.applyAgent(snap, del, rest, kv.Value)
 	case rest == "policy":
