@@ -399,6 +399,22 @@ func TestStoredBytesFollowTheirRecords(t *testing.T) {
 	if _, err := r.place.AbortFill(ctx, &pb.AbortFillRequest{Key: key(2), Token: orphan.Token}); err != nil {
 		t.Fatal(err)
 	}
+	// Bytes whose record this release cannot read (a later release's format, during an upgrade):
+	// not in the index, but not an orphan either.
+	unread := grant(t, r, key(4), []string{"us-a"}, "us")
+	upload(t, unread, key(4), []byte("bytes a newer release recorded"))
+	if _, err := r.place.AbortFill(ctx, &pb.AbortFillRequest{Key: key(4), Token: unread.Token}); err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(sharedEtcdConfig(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	// A compact record with a flag no release knows yet (0x80).
+	if _, err := cli.Put(ctx, testPrefix(t)+"objects/"+key(4)+"/us-a", "\x00\x01\x80"); err != nil {
+		t.Fatal(err)
+	}
 	// A fill in progress: claimed, uploaded, not reported yet.
 	live := grant(t, r, key(3), []string{"us-a"}, "us")
 	liveRes := upload(t, live, key(3), []byte("bytes of a fill about to report"))
@@ -411,6 +427,12 @@ func TestStoredBytesFollowTheirRecords(t *testing.T) {
 	}
 	if _, there := storedBytes(t, live.Bucket, live.ObjectName); !there {
 		t.Fatal("the reconciler deleted a claimed fill's bytes")
+	}
+	if _, there := storedBytes(t, unread.Bucket, unread.ObjectName); !there {
+		t.Fatal("the reconciler deleted bytes whose record it could not read")
+	}
+	if got := testbed.Metric(t, "http://"+r.metricsAddr()+"/metrics", "detour_reconcile_objects_total", `outcome="orphan_kept_recorded"`); got != 1 {
+		t.Fatalf("%v objects kept for their record, want 1", got)
 	}
 	if _, err := r.place.ReportFill(ctx, report(key(3), live, liveRes)); err != nil {
 		t.Fatalf("the live fill's report: %v", err)

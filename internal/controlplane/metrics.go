@@ -72,7 +72,7 @@ func newMetrics(w *targets.Watcher) *Metrics {
 	m.probes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_target_probes_total",
 		Help: "Probes of targets' client-facing URLs, by target and result (ok, failed)."}, []string{"target", "result"})
 	m.reconcile = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reconcile_objects_total",
-		Help: "Objects the reconciler looked at, by target and outcome (checked, orphan_deleted)."}, []string{"target", "outcome"})
+		Help: "Objects the reconciler looked at, by target and outcome (checked, orphan_deleted, orphan_kept_recorded: not in the index but recorded in etcd, in a format this release cannot read or since the snapshot)."}, []string{"target", "outcome"})
 	m.missing = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reconcile_missing_objects_total",
 		Help: "Index records whose stored object the reconciler found missing or replaced (removed)."}, []string{"target"})
 	m.retireRefused = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "detour_reconcile_refused_total",

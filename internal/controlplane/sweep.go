@@ -171,17 +171,36 @@ func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 	if !j.allowOrphanDeletion(t, len(orphans), len(listed)) {
 		return nil
 	}
+	deleted, unread := 0, 0
 	for _, name := range orphans {
+		k := mustKey(name[len(prefix):])
+		// No copy in this replica's index is not no record in etcd: one this release cannot read
+		// (a newer release's format, during an upgrade) or one written since the snapshot. Only
+		// bytes that no record names at all are an abandoned fill's.
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := j.cfg.Store.Delete(dctx, bucket, name, listed[mustKey(name[len(prefix):])])
+		recorded, err := j.reg.HoldsRecord(dctx, k.String(), t.Name)
+		if err == nil && recorded {
+			cancel()
+			unread++
+			j.metrics.reconcile.WithLabelValues(t.Name, "orphan_kept_recorded").Inc()
+			continue
+		}
+		if err == nil {
+			err = j.cfg.Store.Delete(dctx, bucket, name, listed[k])
+		}
 		cancel()
 		if err != nil {
 			return err
 		}
+		deleted++
 		j.metrics.reconcile.WithLabelValues(t.Name, "orphan_deleted").Inc()
 	}
-	if len(orphans) > 0 {
-		j.cfg.Log.Info("orphaned objects deleted", "target", t.Name, "count", len(orphans))
+	if deleted > 0 {
+		j.cfg.Log.Info("orphaned objects deleted", "target", t.Name, "count", deleted)
+	}
+	if unread > 0 {
+		j.cfg.Log.Warn("stored objects that etcd holds a record of, but the index does not, were kept (a record this release cannot read, or one written since the snapshot)",
+			"target", t.Name, "count", unread)
 	}
 	return nil
 }
