@@ -1,6 +1,7 @@
 package targets
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -71,5 +72,27 @@ func BenchmarkApplyEvent(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		w.applyEvents([]*clientv3.Event{{Type: mvccpb.PUT, Kv: ev}})
+	}
+}
+
+// BenchmarkWriteRecord is one record written as a fill's report writes it (a transaction; with
+// home-ref, one that also puts the home unless etcd holds it as it is), on the embedded etcd, by
+// encoding: what naming the home costs a write.
+func BenchmarkWriteRecord(b *testing.B) {
+	_, cli := startEtcd(b)
+	for _, enc := range []RecordEncoding{EncodingCompact, EncodingHomeRef} {
+		b.Run(enc.String(), func(b *testing.B) {
+			r := NewRegistry(cli, fmt.Sprintf("/bench-%s/", enc))
+			r.SetRecordEncoding(enc)
+			i := 0
+			for b.Loop() {
+				sum := sha256.Sum256([]byte(fmt.Sprint(i)))
+				o := testRecord(hex.EncodeToString(sum[:]), "us-a", "uid-us-a", "bucket-us-a", 1<<20, time.Now(), 24*time.Hour)
+				if err := r.PutObject(context.Background(), o); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+		})
 	}
 }
