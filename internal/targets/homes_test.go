@@ -177,6 +177,23 @@ func TestAHomeChangedBehindDetoursBackIsNotServedAndComesBack(t *testing.T) {
 	}
 	// The replica that resolved them before keeps serving them where they are.
 	servesExactly(t, "the watching replica", watching.Snapshot(), want)
+	// A purge removes a record whose home is gone (queueing no bytes it cannot locate), and the
+	// copies at other targets with it.
+	for k, o := range want {
+		if _, h := encodeRecord(o, EncodingHomeRef); DefaultPrefix+"homes/"+h.ref.String() != deleted {
+			continue
+		}
+		if n, _, err := r.DeleteObjects(ctx, o.Key, "test", time.Now()); err != nil || n != 1 {
+			t.Fatalf("purge of %s, whose home is gone: %d removed, %v", k, n, err)
+		}
+		if held, err := r.HoldsRecord(ctx, o.Key, o.Target); err != nil || held {
+			t.Fatalf("after the purge etcd still holds %s: %v", k, err)
+		}
+		if garbage, err := r.ListGarbage(ctx, 100); err != nil || len(garbage) != 0 {
+			t.Fatalf("a purge of a record whose home is gone queued %d bytes to delete: %v", len(garbage), err)
+		}
+		break
+	}
 
 	// Writing the copies again (a fill of each, say) puts every home back.
 	want = writeInHomes(t, r, 0, 60, "b1")

@@ -28,7 +28,7 @@ import (
 // A compact record may name its home instead of holding it (flagHomeRef): the target's UID, the
 // bucket, the object name's prefix and the media type, which every copy a target stores in one
 // place repeats, are then a home record of their own (homes/<ref>, homes.go), and the record holds
-// its 8-byte reference. That is about half of a compact record.
+// its 16-byte reference. That is about half of a compact record.
 //
 // A record is what etcd stores a million times over, and what a replica decodes a million times
 // at start: the compact form is about half the size, and both forms are decoded here without
@@ -86,7 +86,7 @@ const (
 	// take the bytes for an orphan). Control planes are upgraded before the agents that send
 	// transient requests; a fleet that cannot do that writes proto records (SetRecordEncoding).
 	flagTransient
-	// flagHomeRef: the record holds an 8-byte home reference where the media type, bucket, name
+	// flagHomeRef: the record holds a 16-byte home reference where the media type, bucket, name
 	// prefix and target UID would be (flagNamePrefix is set with it). A release that predates it
 	// refuses the record, as for flagTransient: EncodingCompact is for a fleet that has one.
 	flagHomeRef

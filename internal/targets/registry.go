@@ -550,6 +550,34 @@ func (r *Registry) HoldsRecord(ctx context.Context, key, target string) (bool, e
 	return resp.Count > 0, nil
 }
 
+// purgeable are the retirements of every record of key, with the garbage of those it can read.
+func (r *Registry) purgeable(ctx context.Context, key, reason string, now time.Time) ([]Retirement, error) {
+	objPrefix := r.prefix + "objects/" + key + "/"
+	resp, err := r.cli.Get(ctx, objPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("read objects %s: %w", key, err)
+	}
+	rs := make([]Retirement, len(resp.Kvs))
+	for i, kv := range resp.Kvs {
+		target := strings.TrimPrefix(string(kv.Key), objPrefix)
+		rs[i] = Retirement{Key: key, Target: target, ModRevision: kv.ModRevision}
+		var homeErr error
+		home := func(ref homeRef) (*sharedHome, bool) {
+			h, err := r.readHome(ctx, ref, resp.Header.Revision)
+			homeErr = err
+			return h, h != nil
+		}
+		o, err := decodeStored(key, target, kv.Value, home)
+		if homeErr != nil {
+			return nil, homeErr
+		}
+		if err == nil {
+			rs[i].Garbage = GarbageOf(o, reason, now)
+		}
+	}
+	return rs, nil
+}
+
 // readHome reads the home record ref at rev: nil if etcd holds none, or none that is ref's.
 func (r *Registry) readHome(ctx context.Context, ref homeRef, rev int64) (*sharedHome, error) {
 	resp, err := r.cli.Get(ctx, r.homeKey(ref), clientv3.WithRev(rev))
@@ -567,19 +595,17 @@ func (r *Registry) readHome(ctx context.Context, ref homeRef, rev int64) (*share
 }
 
 // DeleteObjects removes every copy of key from the index and queues the stored bytes for deletion.
-// It returns how many copies were removed.
+// It returns how many copies were removed. A record it cannot read (malformed, another release's
+// format, a home that is not stored) is removed too, without queueing bytes it cannot locate: the
+// reconciler deletes those as orphans once no record names them.
 func (r *Registry) DeleteObjects(ctx context.Context, key, reason string, now time.Time) (int64, int64, error) {
 	for attempt := 0; ; attempt++ {
-		objs, revs, err := r.ReadObjects(ctx, key)
+		rs, err := r.purgeable(ctx, key, reason, now)
 		if err != nil {
 			return 0, 0, err
 		}
-		if len(objs) == 0 {
+		if len(rs) == 0 {
 			return 0, 0, nil
-		}
-		rs := make([]Retirement, len(objs))
-		for i, o := range objs {
-			rs[i] = Retirement{Key: key, Target: o.Target, ModRevision: revs[i], Garbage: GarbageOf(o, reason, now)}
 		}
 		// All copies in one transaction: a purge removes every copy or, if one moved, retries.
 		ok, rev, err := r.writeBatch(ctx, "delete objects", r.retirements(rs))
