@@ -38,7 +38,6 @@ func main() {
 		pkiDir      string
 		etcdPwFile  string
 		pprofListen string
-		recordEnc   string
 	)
 	flag.StringVar(&o.Listen, "listen", "127.0.0.1:7700", "gRPC listen address")
 	flag.StringVar(&o.MetricsListen, "metrics-listen", "127.0.0.1:7701", "Prometheus /metrics listen address (empty: none)")
@@ -49,7 +48,7 @@ func main() {
 	flag.Int64Var(&o.EmbeddedEtcdQuota, "embedded-etcd-quota", etcdembed.DefaultQuotaBytes, "space quota of the embedded etcd's database, in bytes (16 MiB to 8 GiB)")
 	flag.StringVar(&o.Checkpoint, "checkpoint", "", `file the replica writes its object index to and starts from, reading only etcd's history since it (default <data-dir>/index.checkpoint; "none": every start reads every record from etcd)`)
 	flag.Int64Var(&o.EtcdCopyMaxBytes, "etcd-copy-max-bytes", controlplane.DefaultEtcdCopyMaxBytes, "with --etcd-endpoints, a replica that reads every record (its first start, or a checkpoint it cannot use) reads a copy of etcd's database, written beside --checkpoint (else in --data-dir) and removed once read, when that database is at most this size (0: it reads by range; the copy holds every prefix of a shared etcd, and needs the root role when etcd has authentication on)")
-	flag.StringVar(&recordEnc, "record-encoding", "home-ref", "how object records are written: home-ref (each names a shared home record: about half the bytes of compact), compact (each holds its home: while replicas of a release before home records still share the etcd prefix, as they would skip home-ref records), or proto (for releases before compact records); every replica reads all three")
+	flag.StringVar(&o.RecordEncoding, "record-encoding", "", "how object records are written: home-ref (each names a shared home record: about half the bytes of compact), compact (each holds its home), or proto (for releases before compact records); every replica of this release reads all three, releases before it skip home-ref records. Empty: home-ref with the embedded etcd, compact with --etcd-endpoints (set home-ref once no replica of an older release shares the prefix)")
 	flag.DurationVar(&o.CheckpointInterval, "checkpoint-interval", controlplane.DefaultCheckpointInterval, "how often the checkpoint is rewritten while serving, besides when the replica stops (negative: only then); keep it under --compact-interval, or a crash leaves a checkpoint etcd's history no longer reaches")
 	flag.DurationVar(&o.Etcd.CompactInterval, "compact-interval", 5*time.Minute, "how often the elected janitor compacts etcd's history to the revision it saw one interval earlier (negative: never, for an etcd that compacts itself)")
 	flag.StringVar(&o.Region, "region", "", "this replica's region (for logs)")
@@ -118,12 +117,12 @@ func main() {
 	case o.EtcdCopyMaxBytes == 0:
 		o.EtcdCopyMaxBytes = -1 // Options' zero is the default; the flag's is off
 	}
-	enc, err := targets.ParseRecordEncoding(recordEnc)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "controlplane: --record-encoding: %v\n", err)
-		os.Exit(2)
+	if o.RecordEncoding != "" {
+		if _, err := targets.ParseRecordEncoding(o.RecordEncoding); err != nil {
+			fmt.Fprintf(os.Stderr, "controlplane: --record-encoding: %v\n", err)
+			os.Exit(2)
+		}
 	}
-	o.RecordEncoding = enc
 	switch o.Checkpoint {
 	case "":
 		o.Checkpoint = filepath.Join(o.DataDir, "index.checkpoint")

@@ -27,6 +27,7 @@ import (
 	"github.com/detourhq/detour/internal/etcdembed"
 	"github.com/detourhq/detour/internal/gcsemu"
 	"github.com/detourhq/detour/internal/pki"
+	"github.com/detourhq/detour/internal/targets"
 	"github.com/detourhq/detour/internal/testbed"
 )
 
@@ -210,6 +211,11 @@ func serveReplica(t *testing.T, o Options) *replica {
 	}
 	if o.Janitor == (JanitorConfig{}) {
 		o.Janitor = fastJanitor
+	}
+	if o.RecordEncoding == "" {
+		// The format this release reads and the embedded etcd writes; on an external etcd the
+		// default is compact for mixed fleets (TestRecordEncodingDefaults).
+		o.RecordEncoding = "home-ref"
 	}
 	o.Listen, o.MetricsListen = "127.0.0.1:0", "127.0.0.1:0"
 	if o.Log == nil {
@@ -910,4 +916,29 @@ func TestExpiredObjectsAreSweptAndListsPage(t *testing.T) {
 		_, err := sharedEnv(t).gcs.Object(g.Bucket, g.ObjectName)
 		return err != nil
 	})
+}
+
+// Records name their home by default only where no older replica can share the prefix: with the
+// embedded etcd. With an external one the default is compact until an operator says otherwise,
+// since a replica of a release before home records would skip those records and delete their
+// bytes as orphans.
+func TestRecordEncodingDefaults(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		embedded bool
+		want     targets.RecordEncoding
+	}{
+		{"", true, targets.EncodingHomeRef},
+		{"", false, targets.EncodingCompact},
+		{"home-ref", false, targets.EncodingHomeRef},
+		{"compact", true, targets.EncodingCompact},
+		{"proto", false, targets.EncodingProto},
+	} {
+		if got, err := recordEncoding(c.name, c.embedded); err != nil || got != c.want {
+			t.Errorf("%q (embedded %v): %v, %v; want %v", c.name, c.embedded, got, err, c.want)
+		}
+	}
+	if _, err := recordEncoding("cbor", false); err == nil || !strings.Contains(err.Error(), "cbor") {
+		t.Errorf("an unknown encoding: %v", err)
+	}
 }

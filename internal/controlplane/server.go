@@ -67,10 +67,12 @@ type Options struct {
 	// a sequential read for etcd instead of a random lookup per record. 0: DefaultEtcdCopyMaxBytes;
 	// negative: loads read by range. External etcd only: the embedded member is read in process.
 	EtcdCopyMaxBytes int64
-	// RecordEncoding is how object records are written (default targets.EncodingHomeRef, records
-	// that name a shared home record; EncodingCompact while replicas of a release that cannot read
-	// those share the etcd prefix, see docs/deploy.md).
-	RecordEncoding targets.RecordEncoding
+	// RecordEncoding is how object records are written: "home-ref" (records name a shared home
+	// record), "compact" or "proto" (targets.ParseRecordEncoding). Empty: home-ref with the
+	// embedded etcd, which no other replica shares, and compact with an external one, where
+	// replicas of a release that cannot read home records may still run (docs/deploy.md, "Upgrade
+	// order"): a release reads a format before any release writes it by default.
+	RecordEncoding string
 	// Checkpoint is a file the replica writes its object index to (every CheckpointInterval and
 	// when it stops) and starts from: the records are then read from it, not one by one from
 	// etcd, and only etcd's history since it is replayed (targets.Watcher.Checkpoint). Empty: none.
@@ -302,8 +304,13 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	} else {
 		cfg.Store = s.store
 	}
+	enc, err := recordEncoding(o.RecordEncoding, embedded)
+	if err != nil {
+		return nil, err
+	}
 	reg := targets.NewRegistry(s.cli, o.EtcdPrefix)
-	reg.SetRecordEncoding(o.RecordEncoding)
+	reg.SetRecordEncoding(enc)
+	o.Log.Info("object records written in the "+enc.String()+" encoding", "record_encoding", enc.String())
 	reg.GroupClaims(max(o.ClaimsInFlight, 0))
 	s.w = targets.NewWatcher(s.cli, reg.Prefix(), o.Log)
 	if embedded {
@@ -892,3 +899,14 @@ func (s *Server) IndexedObjects() int { return s.w.Snapshot().ObjectCount() }
 // UnverifiedTargets is the number of targets whose records no listing of their bucket has
 // confirmed since this replica started (benchmarks; detour_store_unverified_targets).
 func (s *Server) UnverifiedTargets() int { return s.svc.guard.unverifiedTargets() }
+
+// recordEncoding is the encoding Options.RecordEncoding names, or the default for the kind of etcd.
+func recordEncoding(name string, embedded bool) (targets.RecordEncoding, error) {
+	switch {
+	case name != "":
+		return targets.ParseRecordEncoding(name)
+	case embedded:
+		return targets.EncodingHomeRef, nil
+	}
+	return targets.EncodingCompact, nil
+}
