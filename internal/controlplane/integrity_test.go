@@ -604,3 +604,22 @@ func TestRedirectCacheLifetimes(t *testing.T) {
 		}
 	}
 }
+
+// Every replica's start lists its targets' buckets (the store guard); the janitor elected with it
+// does not list them all a second time at once: its first reconcile comes an interval into its
+// term (an hour here), or when asked.
+func TestAJanitorsFirstReconcileWaitsAnInterval(t *testing.T) {
+	r := startReplica(t)
+	eventually(t, 10*time.Second, "elected, and a few sweeps done", func() bool {
+		return metric(t, r, "detour_janitor_elected") == 1 && metric(t, r, "detour_loop_rounds_total", `loop="sweep"`) >= 3
+	})
+	if n := metric(t, r, "detour_loop_rounds_total", `loop="reconcile"`); n != 0 {
+		t.Fatalf("%v reconcile rounds at the janitor's term start, want 0", n)
+	}
+	if err := r.srv.Janitor().Reconcile(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := metric(t, r, "detour_loop_rounds_total", `loop="reconcile"`); n != 1 {
+		t.Fatalf("%v reconcile rounds after one was asked for, want 1", n)
+	}
+}
