@@ -21,15 +21,15 @@ const (
 // received on now, which is answered when that round ends (nil, or ctx's error if it was cut
 // short). Each completed round is counted in detour_loop_rounds_total{loop}.
 func (d *deps) every(ctx context.Context, loop string, interval time.Duration, now <-chan chan error, fn func(context.Context)) {
-	d.rounds(ctx, loop, interval, now, fn, false)
+	d.loop(ctx, loop, interval, now, fn, false)
 }
 
 // everyLater is every, except that the first round waits an interval (or a request on now).
 func (d *deps) everyLater(ctx context.Context, loop string, interval time.Duration, now <-chan chan error, fn func(context.Context)) {
-	d.rounds(ctx, loop, interval, now, fn, true)
+	d.loop(ctx, loop, interval, now, fn, true)
 }
 
-func (d *deps) rounds(ctx context.Context, loop string, interval time.Duration, now <-chan chan error, fn func(context.Context), later bool) {
+func (d *deps) loop(ctx context.Context, loop string, interval time.Duration, now <-chan chan error, fn func(context.Context), later bool) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	rounds := d.metrics.rounds.WithLabelValues(loop)

@@ -72,18 +72,8 @@ func (r homeRef) String() string { return hex.EncodeToString(r[:]) }
 // parseHomeRef parses 32 lower-case hex digits.
 func parseHomeRef(s []byte) (homeRef, bool) {
 	var r homeRef
-	if len(s) != 2*len(r) {
-		return r, false
-	}
-	for i := range r {
-		hi, ok1 := unhex(s[2*i])
-		lo, ok2 := unhex(s[2*i+1])
-		if !ok1 || !ok2 {
-			return r, false
-		}
-		r[i] = hi<<4 | lo
-	}
-	return r, true
+	ok := unhexInto(r[:], s)
+	return r, ok
 }
 
 // sharedHome is a decoded home record: a Home without its target, which the object record's key

@@ -518,17 +518,20 @@ func (w *Watcher) parseObject(rest, value []byte, modRev int64, cache *homeCache
 }
 
 // parseKeyBytes parses 64 lower-case hex digits into k.
-func parseKeyBytes(k *Key, s []byte) bool {
-	if len(s) != 64 {
+func parseKeyBytes(k *Key, s []byte) bool { return unhexInto(k[:], s) }
+
+// unhexInto parses exactly 2·len(dst) lower-case hex digits into dst, without allocating.
+func unhexInto(dst, s []byte) bool {
+	if len(s) != 2*len(dst) {
 		return false
 	}
-	for i := range k {
+	for i := range dst {
 		hi, ok1 := unhex(s[2*i])
 		lo, ok2 := unhex(s[2*i+1])
 		if !ok1 || !ok2 {
 			return false
 		}
-		k[i] = hi<<4 | lo
+		dst[i] = hi<<4 | lo
 	}
 	return true
 }

@@ -26,19 +26,14 @@ func objectsAt(t *testing.T, cli *clientv3.Client, rev int64) map[Key][]string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	shared := map[homeRef]*sharedHome{}
-	for _, kv := range homes.Kvs {
-		ref, ok := parseHomeRef(kv.Key[len(DefaultPrefix+"homes/"):])
-		h, err := decodeHome(ref, kv.Value)
-		if !ok || err != nil {
-			t.Fatalf("home record %s: %v", kv.Key, err)
-		}
-		shared[ref] = &h
-	}
 	w := NewWatcher(nil, "", nil)
+	snap := emptySnapshot()
+	for _, kv := range homes.Kvs {
+		w.apply(snap, nil, mvccpb.PUT, kv)
+	}
 	want := map[Key][]string{}
 	for _, kv := range resp.Kvs {
-		k, o, ok := w.decodeObject(kv.Key[len(DefaultPrefix+"objects/"):], kv.Value, kv.ModRevision, &homeCache{shared: shared})
+		k, o, ok := w.decodeObject(kv.Key[len(DefaultPrefix+"objects/"):], kv.Value, kv.ModRevision, &homeCache{shared: snap.homes})
 		if ok {
 			want[k] = append(want[k], o.Target())
 		}

@@ -507,37 +507,57 @@ func (r *Registry) retirements(rs []Retirement) []guarded {
 
 // ReadObjects reads every stored copy of key (linearizably).
 func (r *Registry) ReadObjects(ctx context.Context, key string) ([]*pb.StoredObject, []int64, error) {
-	resp, err := r.cli.Get(ctx, r.prefix+"objects/"+key+"/", clientv3.WithPrefix())
+	recs, err := r.readRecords(ctx, key)
 	if err != nil {
-		return nil, nil, fmt.Errorf("read objects %s: %w", key, err)
+		return nil, nil, err
 	}
-	var objs []*pb.StoredObject
-	var revs []int64
+	objs, revs := make([]*pb.StoredObject, len(recs)), make([]int64, len(recs))
+	for i, rec := range recs {
+		if rec.err != nil {
+			return nil, nil, fmt.Errorf("object %s at %s: stored value: %w", key, rec.target, rec.err)
+		}
+		objs[i], revs[i] = rec.obj, rec.rev
+	}
+	return objs, revs, nil
+}
+
+// storedRecord is one record of a key as readRecords found it: decoded, or why it is not.
+type storedRecord struct {
+	target string
+	rev    int64
+	obj    *pb.StoredObject
+	err    error
+}
+
+// readRecords reads every record of key and decodes each, reading each home they name once, at
+// the same revision. Only a failure to read etcd is an error; a record that does not decode says
+// why in its err.
+func (r *Registry) readRecords(ctx context.Context, key string) ([]storedRecord, error) {
+	objPrefix := r.prefix + "objects/" + key + "/"
+	resp, err := r.cli.Get(ctx, objPrefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("read objects %s: %w", key, err)
+	}
 	homes := map[homeRef]*sharedHome{}
 	var homeErr error
 	home := func(ref homeRef) (*sharedHome, bool) {
-		if h, ok := homes[ref]; ok {
-			return h, h != nil
+		h, seen := homes[ref]
+		if !seen {
+			h, homeErr = r.readHome(ctx, ref, resp.Header.Revision)
+			homes[ref] = h
 		}
-		h, err := r.readHome(ctx, ref, resp.Header.Revision)
-		if err != nil {
-			homeErr = err
-		}
-		homes[ref] = h
 		return h, h != nil
 	}
-	for _, kv := range resp.Kvs {
-		target := strings.TrimPrefix(string(kv.Key), r.prefix+"objects/"+key+"/")
+	recs := make([]storedRecord, len(resp.Kvs))
+	for i, kv := range resp.Kvs {
+		target := strings.TrimPrefix(string(kv.Key), objPrefix)
 		o, err := decodeStored(key, target, kv.Value, home)
 		if homeErr != nil {
-			return nil, nil, fmt.Errorf("object %s: %w", kv.Key, homeErr)
+			return nil, homeErr
 		}
-		if err != nil {
-			return nil, nil, fmt.Errorf("object %s: stored value: %w", kv.Key, err)
-		}
-		objs, revs = append(objs, o), append(revs, kv.ModRevision)
+		recs[i] = storedRecord{target: target, rev: kv.ModRevision, obj: o, err: err}
 	}
-	return objs, revs, nil
+	return recs, nil
 }
 
 // HoldsRecord reports whether etcd holds a record of key at target, whether this release can read
@@ -552,27 +572,15 @@ func (r *Registry) HoldsRecord(ctx context.Context, key, target string) (bool, e
 
 // purgeable are the retirements of every record of key, with the garbage of those it can read.
 func (r *Registry) purgeable(ctx context.Context, key, reason string, now time.Time) ([]Retirement, error) {
-	objPrefix := r.prefix + "objects/" + key + "/"
-	resp, err := r.cli.Get(ctx, objPrefix, clientv3.WithPrefix())
+	recs, err := r.readRecords(ctx, key)
 	if err != nil {
-		return nil, fmt.Errorf("read objects %s: %w", key, err)
+		return nil, err
 	}
-	rs := make([]Retirement, len(resp.Kvs))
-	for i, kv := range resp.Kvs {
-		target := strings.TrimPrefix(string(kv.Key), objPrefix)
-		rs[i] = Retirement{Key: key, Target: target, ModRevision: kv.ModRevision}
-		var homeErr error
-		home := func(ref homeRef) (*sharedHome, bool) {
-			h, err := r.readHome(ctx, ref, resp.Header.Revision)
-			homeErr = err
-			return h, h != nil
-		}
-		o, err := decodeStored(key, target, kv.Value, home)
-		if homeErr != nil {
-			return nil, homeErr
-		}
-		if err == nil {
-			rs[i].Garbage = GarbageOf(o, reason, now)
+	rs := make([]Retirement, len(recs))
+	for i, rec := range recs {
+		rs[i] = Retirement{Key: key, Target: rec.target, ModRevision: rec.rev}
+		if rec.err == nil {
+			rs[i].Garbage = GarbageOf(rec.obj, reason, now)
 		}
 	}
 	return rs, nil
