@@ -143,7 +143,7 @@ func main() {
 		}
 		bins = append(bins, [2]string{label, path})
 	}
-	fmt.Printf("%-8s %-4s %12s %8s %8s %9s %10s %10s %10s %10s %12s  %s\n", "binary", "run", "first redir", "etcd up", "load", "CPU", "RSS", "anon", "file", "heap", "etcd RSS/CPU", "after settle (RSS/anon/heap)")
+	fmt.Printf("%-8s %-4s %12s %8s %8s %8s %8s %9s %10s %10s %10s %10s %12s  %s\n", "binary", "run", "first redir", "walk", "etcd up", "load", "current", "CPU", "RSS", "anon", "file", "heap", "etcd RSS/CPU", "after settle (RSS/anon/heap)")
 	// Binaries alternate within each round, so a noisy stretch of the machine hits all of them.
 	for r := 1; r <= *runs; r++ {
 		for _, b := range bins {
@@ -445,14 +445,16 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 		em := memOf(etcd.cmd.Process.Pid, "")
 		etcdRSS = fmt.Sprintf("%s/%.0fs", mb(em.rss), em.cpu.Seconds())
 	}
-	etcdUp, loaded := phases(filepath.Join(dir, "controlplane.log"), t0)
-	line := fmt.Sprintf("%-8s %-4d %11.2fs %8s %8s %8.1fs %10s %10s %10s %10s %12s", label, run, first.Seconds(), etcdUp, loaded,
-		at.cpu.Seconds(), mb(at.rss), mb(at.anon), mb(at.file), mb(at.heap), etcdRSS)
+	line := fmt.Sprintf("%-8s %-4d %11.2fs", label, run, first.Seconds())
+	rest := fmt.Sprintf("%8.1fs %10s %10s %10s %10s %12s", at.cpu.Seconds(), mb(at.rss), mb(at.anon), mb(at.file), mb(at.heap), etcdRSS)
 	if *settle > 0 {
 		time.Sleep(*settle)
 		s := memOf(cp.cmd.Process.Pid, metrics)
-		line += fmt.Sprintf("  %s/%s/%s", mb(s.rss), mb(s.anon), mb(s.heap))
+		rest += fmt.Sprintf("  %s/%s/%s", mb(s.rss), mb(s.anon), mb(s.heap))
 	}
+	// Read after the settle: a start that served early logs etcd's start and its resume later.
+	ph := phases(filepath.Join(dir, "controlplane.log"), t0)
+	line += fmt.Sprintf(" %8s %8s %8s %8s ", ph.walked, ph.etcdUp, ph.loaded, ph.ready) + rest
 	fmt.Println(line, " load", loadAvg())
 	if *burst > 0 {
 		burstOnce(ctx, m, etcdListen, data, place, req)
@@ -479,17 +481,29 @@ func firstRedirect(ctx context.Context, place pb.PlacementServiceClient, probe *
 	}
 }
 
-// phases reads a control plane's log for when its embedded etcd was up (since t0) and how long
-// the snapshot load took by its own account; "-" for what the log does not say.
-func phases(logPath string, t0 time.Time) (etcdUp, loaded string) {
-	etcdUp, loaded = "-", "-"
+// startPhases are what a control plane's log says of its start: how long its walk of the embedded
+// etcd's database file took (a start without a clean stop to serve), when its embedded etcd was up
+// and its snapshot current (since the process started), and how long its load or resume took by
+// its own account; "-" for what the log does not say.
+type startPhases struct {
+	walked, etcdUp, loaded, ready string
+}
+
+func phases(logPath string, t0 time.Time) startPhases {
+	ph := startPhases{"-", "-", "-", "-"}
 	f, err := os.Open(logPath)
 	if err != nil {
-		return
+		return ph
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	took := func(s string) string {
+		if d, err := time.ParseDuration(s); err == nil {
+			return fmt.Sprintf("%.2fs", d.Seconds())
+		}
+		return "-"
+	}
 	for sc.Scan() {
 		var l struct {
 			Time time.Time `json:"time"`
@@ -501,14 +515,15 @@ func phases(logPath string, t0 time.Time) (etcdUp, loaded string) {
 		}
 		switch {
 		case strings.HasPrefix(l.Msg, "embedded etcd started"):
-			etcdUp = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
-		case (strings.HasPrefix(l.Msg, "snapshot loaded") || l.Msg == "snapshot resumed from the checkpoint") && loaded == "-":
-			if d, err := time.ParseDuration(l.Took); err == nil {
-				loaded = fmt.Sprintf("%.2fs", d.Seconds())
-			}
+			ph.etcdUp = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
+		case strings.HasPrefix(l.Msg, "serving the index in the embedded etcd's database file"):
+			ph.walked = took(l.Took)
+		case (strings.HasPrefix(l.Msg, "snapshot loaded") || strings.HasPrefix(l.Msg, "snapshot resumed from")) && ph.loaded == "-":
+			ph.loaded = took(l.Took)
+			ph.ready = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
 		}
 	}
-	return
+	return ph
 }
 
 // burstOnce measures Place on keys the index holds, idle and while a writer process adds *burst

@@ -81,6 +81,12 @@ type Options struct {
 	// within the janitor's compaction interval so that a crash leaves one etcd can still follow
 	// from; negative: only when the replica stops).
 	CheckpointInterval time.Duration
+	// NoEarlyWalk turns off, with the embedded etcd, the walk of its database file at a start that
+	// has no clean stop to serve: such a start copies the file before etcd opens it, walks the copy
+	// while etcd restarts (seconds at a million records) and serves redirects from it meanwhile,
+	// then replays etcd's history since (targets.Watcher.ServeMemberCopy). With NoEarlyWalk, Place
+	// answers inline until etcd is up.
+	NoEarlyWalk bool
 	// GCPercent is the collector's target (as GOGC) once the first snapshot is served; 0 leaves
 	// the runtime's (GOGC, or 100). The start runs at the runtime's: a lower target there slows
 	// the load, and the embedded etcd's own restart, which run in this process.
@@ -242,7 +248,10 @@ type Server struct {
 	etcdUp     chan struct{}
 	etcdErr    error
 	etcdCancel context.CancelFunc
-	early      bool // the clean stop's checkpoint is served while the embedded etcd starts
+	early      bool // the clean stop's checkpoint, or memberCopy, is served while the embedded etcd starts
+	// memberCopy is a copy of the embedded etcd's database file, taken before it started, that is
+	// walked and served while it restarts (no clean stop to serve): see copyMemberDatabase.
+	memberCopy string
 	// cleanEtcdRev is etcd's revision the clean stop recorded; etcdMoved says the embedded etcd
 	// came back at another (set before etcdUp is closed).
 	cleanEtcdRev int64
@@ -266,26 +275,30 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 			s.closeBackends(context.Background())
 		}
 	}()
-	// The checkpoint is decoded while an embedded etcd starts (its restart takes seconds at a
-	// million records).
 	var pre *targets.Preloaded
-	if o.Checkpoint != "" {
-		pre = targets.Preload(o.Checkpoint)
-	}
 	if len(o.EtcdEndpoints) == 0 {
 		// Every start with the embedded etcd takes its clean-stop marker before that etcd starts,
 		// whatever it does with it: once etcd runs, a marker would no longer be true.
 		clean, err := targets.TakeCleanStop(s.cleanStopPath())
 		switch {
 		case errors.Is(err, targets.ErrCheckpointDamaged):
-			o.Log.Warn("clean-stop marker damaged, removed: placement answers inline until etcd is up", "path", s.cleanStopPath(), "err", err)
+			o.Log.Warn("clean-stop marker damaged, removed", "path", s.cleanStopPath(), "err", err)
 		case err != nil:
 			return nil, fmt.Errorf("clean-stop marker %s: %w; the embedded etcd does not start while it may be there (remove it by hand)", s.cleanStopPath(), err)
-		case clean != nil && pre != nil:
+		case clean != nil && o.Checkpoint != "":
 			// Only the replica's own embedded etcd is known unchanged since the stop.
+			pre = targets.Preload(o.Checkpoint)
 			pre.UseCleanStop(clean)
 			s.early, s.cleanEtcdRev = true, clean.EtcdRevision()
 		}
+		if !s.early && !o.NoEarlyWalk {
+			s.copyMemberDatabase()
+		}
+	}
+	if pre == nil && o.Checkpoint != "" && s.memberCopy == "" {
+		// The checkpoint is decoded while an embedded etcd starts (its restart takes seconds at a
+		// million records).
+		pre = targets.Preload(o.Checkpoint)
 	}
 	endpoints, err := s.connectEtcd(ctx)
 	if err != nil {
@@ -337,11 +350,13 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 			s.w.LoadFromDatabaseCopies(dir, o.EtcdCopyMaxBytes)
 		}
 	}
-	if pre != nil {
+	if o.Checkpoint != "" {
 		if err := os.MkdirAll(filepath.Dir(o.Checkpoint), 0o700); err != nil {
 			o.Log.Warn("no checkpoint: its directory cannot be made; every start reads every record from etcd", "path", o.Checkpoint, "err", err)
-		} else {
+		} else if pre != nil {
 			s.w.WithPreloaded(pre)
+		} else {
+			s.w.Checkpoint(o.Checkpoint)
 		}
 	}
 	d := newDeps(reg, s.w, cfg)
@@ -391,7 +406,11 @@ func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 				return nil, err
 			}
 			endpoints, o.EtcdTLS = []string{ecfg.ClientURL}, p.Client
-			o.Log.Info("embedded etcd starting in the background; serving the last clean stop's index meanwhile", "dir", dir)
+			if s.memberCopy != "" {
+				o.Log.Info("embedded etcd starting in the background; serving the index in its database file meanwhile", "dir", dir)
+			} else {
+				o.Log.Info("embedded etcd starting in the background; serving the last clean stop's index meanwhile", "dir", dir)
+			}
 			var sctx context.Context
 			sctx, s.etcdCancel = context.WithCancel(context.Background())
 			go func() {
@@ -403,8 +422,9 @@ func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 					return
 				}
 				started(s.etcd, began)
-				// Before anything of this process can write to it: is it what the stop left?
-				if rev := s.etcd.Revision(); rev != s.cleanEtcdRev {
+				// Before anything of this process can write to it: is it what the stop left? (A
+				// copy of its file is checked by the watcher's resume from it.)
+				if rev := s.etcd.Revision(); s.memberCopy == "" && rev != s.cleanEtcdRev {
 					s.etcdMoved = true
 					o.Log.Warn("the embedded etcd is not at the revision of the clean stop", "revision", rev, "clean_stop_revision", s.cleanEtcdRev)
 				}
@@ -541,7 +561,10 @@ func (s *Server) Serve(ls Listeners) error {
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
-		if s.early {
+		switch {
+		case s.memberCopy != "":
+			s.w.ServeMemberCopy(gctx, s.memberCopy)
+		case s.early:
 			s.w.ServeCleanStop(gctx)
 		}
 		return s.afterEtcd(gctx, func(ctx context.Context) error {
@@ -625,6 +648,27 @@ func (s *Server) markCleanStop() {
 	}
 	s.markedRev = rev
 	s.o.Log.Info("stop marked clean: the next start serves this checkpoint while its etcd restarts", "path", s.cleanStopPath(), "etcd_revision", rev)
+}
+
+// copyMemberDatabase copies the embedded etcd's database file before that etcd starts, for Serve to
+// walk and serve while it restarts (targets.Watcher.ServeMemberCopy): a start that has no clean
+// stop to serve then redirects seconds before its etcd is up. Nothing to copy (a first start) or a
+// copy that fails (logged) leaves Place answering inline until etcd is up.
+func (s *Server) copyMemberDatabase() {
+	src := filepath.Join(s.o.DataDir, "etcd", "member", "snap", "db")
+	dst := filepath.Join(s.o.DataDir, "etcd-db.start-copy")
+	began := time.Now()
+	n, err := targets.CopyMemberDatabase(src, dst)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return
+	case err != nil:
+		s.o.Log.Warn("no copy of the embedded etcd's database at start: placement answers inline until etcd is up", "err", err)
+		return
+	}
+	s.memberCopy, s.early = dst, true
+	s.o.Log.Info("copied the embedded etcd's database before it starts, to serve from while it restarts", "path", dst, "bytes", n,
+		"took", time.Since(began).Round(time.Millisecond).String())
 }
 
 // cleanStopPath is where the embedded etcd's clean-stop marker is: with its data, so that every
@@ -786,6 +830,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // restore takes no context) is waited for until ctx ends, then closed by a goroutine once it is up;
 // false then.
 func (s *Server) closeBackends(ctx context.Context) bool {
+	if s.memberCopy != "" {
+		_ = os.Remove(s.memberCopy) // Serve did not walk it (walking removes it)
+	}
 	for _, c := range s.closers {
 		c()
 	}

@@ -52,6 +52,13 @@ func (j *term) collectGarbage(ctx context.Context) {
 	if j.cfg.Store == nil {
 		return
 	}
+	// A start that served the embedded etcd's database file before etcd was up, where that file
+	// lacked events etcd had committed, may have redirected to a record one of them retired, with
+	// the record's queue entry already past its grace: the queue waits a grace from when that
+	// snapshot was replaced, so that agents have received the invalidations first.
+	if b := j.w.MemberCopyBehind(); !b.IsZero() && time.Since(b) < j.cfg.Janitor.GarbageGrace {
+		return
+	}
 	rctx, cancel := context.WithTimeout(ctx, j.cfg.WriteTimeout)
 	entries, err := j.reg.ListGarbage(rctx, int64(j.cfg.Janitor.GarbageBatch))
 	cancel()

@@ -334,13 +334,13 @@ func (w *Watcher) ServeCleanStop(ctx context.Context) bool {
 	return true
 }
 
-// DropProvisional stops serving a provisional snapshot: etcd disagrees with the clean stop it came
-// from (why says how), so Place answers inline until a load is done.
+// DropProvisional stops serving a provisional snapshot: etcd disagrees with the clean stop or the
+// database file it came from (why says how), so Place answers inline until a load is done.
 func (w *Watcher) DropProvisional(why string) {
 	if cur := w.Snapshot(); cur.provisional {
 		if w.cur.CompareAndSwap(cur, emptySnapshot()) {
 			close(cur.superseded)
-			w.log.Warn("etcd is not what the clean stop recorded: no longer serving it; placement answers inline until the load is done", "reason", why)
+			w.log.Warn("etcd is not what the provisional snapshot was read from: no longer serving it; placement answers inline until the load is done", "reason", why)
 		}
 	}
 }

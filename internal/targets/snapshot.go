@@ -116,7 +116,8 @@ type Snapshot struct {
 	homes map[homeRef]*sharedHome
 	// superseded is closed when a newer snapshot replaces this one.
 	superseded chan struct{}
-	// provisional: the snapshot is a clean stop's, served while etcd restarts (ServeCleanStop).
+	// provisional: the snapshot is a clean stop's or the embedded etcd's database file's, served
+	// while etcd restarts (ServeCleanStop, ServeMemberCopy).
 	provisional bool
 }
 
@@ -126,8 +127,9 @@ func emptySnapshot() *Snapshot {
 		superseded: make(chan struct{})}
 }
 
-// Provisional reports whether the snapshot is a clean stop's, served while etcd restarts: etcd has
-// not confirmed it yet, and nothing may be written on its word.
+// Provisional reports whether the snapshot is a clean stop's or the embedded etcd's database
+// file's, served while etcd restarts: etcd has not confirmed it yet, and nothing may be written on
+// its word.
 func (s *Snapshot) Provisional() bool { return s.provisional }
 
 // Superseded is closed when a newer snapshot is current.

@@ -53,6 +53,10 @@ type Watcher struct {
 	localChunk int64
 	cp         checkpoints
 	dbcopy     dbCopies
+	// walked is the snapshot ServeMemberCopy served, for Run's first load; behind (unix ns) is
+	// when one that lacked events etcd had committed was replaced (memberdb.go).
+	walked *Snapshot
+	behind atomic.Int64
 }
 
 // NewWatcher returns a watcher of the registry's prefix. Run must be called to start it.
@@ -93,19 +97,30 @@ func (w *Watcher) Run(ctx context.Context) error {
 	retry := backoff.NewExponentialBackOff()
 	retry.InitialInterval, retry.MaxInterval = 100*time.Millisecond, 5*time.Second
 	failing := false
-	resume := w.cp.path != ""
+	walked := w.walked
+	w.walked = nil
+	resume := w.cp.path != "" && walked == nil
 	for ctx.Err() == nil {
 		var rev int64
 		var err error
-		if resume {
+		switch {
+		case walked != nil:
+			rev, err = w.resumeWalked(ctx, walked)
+			if u := (errUnusable{}); errors.As(err, &u) {
+				w.log.Warn("the index from the embedded etcd's database file cannot be followed on; reading every record", "err", u.err)
+				w.DropProvisional(u.err.Error())
+				walked = nil
+				rev, err = w.load(ctx)
+			}
+		case resume:
 			rev, err = w.resume(ctx)
 			if u := (errUnusable{}); errors.As(err, &u) {
 				w.logUnusable(u.err)
 				w.DropProvisional(u.err.Error())
 				resume = false
+				rev, err = w.load(ctx)
 			}
-		}
-		if !resume {
+		default:
 			rev, err = w.load(ctx)
 		}
 		if err != nil {
@@ -116,6 +131,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 				"revision", w.Snapshot().Revision)
 			continue
 		}
+		walked = nil
 		resume = false
 		if failing {
 			w.log.Info("etcd reachable again; snapshot current", "revision", rev)

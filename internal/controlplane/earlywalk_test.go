@@ -1,0 +1,127 @@
+package controlplane
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	pb "github.com/detourhq/detour/api/proto/detour/v1"
+)
+
+// A start with the embedded etcd and no clean stop to serve (its marker gone, as after a crash,
+// and a checkpoint older than etcd's state) serves redirects from a walk of etcd's database file
+// while etcd restarts (held back here): what etcd holds, including a copy filled after the
+// checkpoint, and no fill is granted meanwhile. Once etcd is up the replica is ready and no longer
+// provisional. With --early-walk=false the same start waits for etcd and resumes from the checkpoint.
+func TestAStartWithoutACleanStopServesEtcdsFileWhileEtcdRestarts(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	cp := filepath.Join(dir, "index.checkpoint")
+	o := Options{WriteTimeout: time.Second, DataDir: dir, Checkpoint: cp, CheckpointInterval: -1}
+	a := startReplicaWith(t, o)
+	place, acc := stopWithCopies(t, a, 2)
+	old, err := os.ReadFile(cp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another run fills key 2, and dies: its checkpoint and marker are not left (the first run's
+	// checkpoint is put back).
+	b := startReplicaWith(t, o)
+	fill(t, b, key(2), acc, "us")
+	eventually(t, 5*time.Second, "a redirect to key 2", func() bool { return place(b, key(2)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT })
+	b.shutdown(t)
+	if err := os.Remove(filepath.Join(dir, "etcd.clean-stop")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cp, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	release := make(chan struct{})
+	released := false
+	defer func() {
+		if !released {
+			close(release)
+		}
+	}()
+	o.etcdStarting = func(ctx context.Context) {
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+	}
+	var log logBuffer
+	o.Log = log.logger()
+	c := serveReplica(t, o)
+	eventually(t, 10*time.Second, "a redirect before etcd is up", func() bool {
+		return place(c, key(0)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
+	})
+	for i := 1; i < 3; i++ {
+		if got := place(c, key(i)); got.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
+			t.Fatalf("key %d before etcd is up: %v", i, got)
+		}
+	}
+	if got := place(c, key(5)); got.Result != pb.PlaceResult_PLACE_RESULT_INLINE || got.Reason != ReasonLoading || got.Fill != nil {
+		t.Fatalf("a miss before etcd is up: %v", got)
+	}
+	if _, err := c.admin.ListTargets(context.Background(), &pb.ListTargetsRequest{}); code(err) != codes.Unavailable {
+		t.Fatalf("an admin read before etcd is up: %v", err)
+	}
+	if got := healthOf(t, c, ""); got != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("health %v before etcd is up", got)
+	}
+	if got := metric(t, c, "detour_snapshot_provisional"); got != 1 {
+		t.Fatalf("detour_snapshot_provisional %v before etcd is up", got)
+	}
+	if !strings.Contains(log.String(), "serving the index in the embedded etcd's database file") {
+		t.Fatalf("the start did not say it serves etcd's file:\n%s", log.String())
+	}
+	if _, err := os.Stat(filepath.Join(dir, "etcd-db.start-copy")); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the walked copy is left in the data directory: %v", err)
+	}
+
+	close(release)
+	released = true
+	select {
+	case <-c.srv.Ready():
+	case err := <-c.served:
+		t.Fatalf("Serve: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("not ready within 30s of etcd starting:\n%s", log.String())
+	}
+	if got := metric(t, c, "detour_snapshot_provisional"); got != 0 {
+		t.Fatalf("detour_snapshot_provisional %v once etcd is up", got)
+	}
+	if !strings.Contains(log.String(), "snapshot resumed from the embedded etcd's database file") {
+		t.Fatalf("the first load did not resume from the walk:\n%s", log.String())
+	}
+	fill(t, c, key(5), acc, "us")
+	eventually(t, 5*time.Second, "a redirect to a fill granted once etcd is up", func() bool {
+		return place(c, key(5)).Result == pb.PlaceResult_PLACE_RESULT_REDIRECT
+	})
+	c.shutdown(t)
+
+	// Turned off: the start waits for etcd (the replica is built once etcd is up) and resumes
+	// from the checkpoint; nothing is copied.
+	if err := os.Remove(filepath.Join(dir, "etcd.clean-stop")); err != nil {
+		t.Fatal(err)
+	}
+	o.NoEarlyWalk, o.etcdStarting = true, nil
+	var offLog logBuffer
+	o.Log = offLog.logger()
+	d := startReplicaWith(t, o)
+	if got := place(d, key(2)); got.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
+		t.Fatalf("key 2 with the walk turned off: %v", got)
+	}
+	if l := offLog.String(); strings.Contains(l, "database file") || !strings.Contains(l, "snapshot resumed from the checkpoint") {
+		t.Fatalf("with the walk turned off the start read etcd's file, or did not resume from the checkpoint:\n%s", l)
+	}
+}
