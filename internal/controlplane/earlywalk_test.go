@@ -10,10 +10,12 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
+	"github.com/detourhq/detour/internal/targets"
 )
 
 // A start with the embedded etcd and no clean stop to serve (its marker gone, as after a crash,
@@ -124,4 +126,69 @@ func TestAStartWithoutACleanStopServesEtcdsFileWhileEtcdRestarts(t *testing.T) {
 	if l := offLog.String(); strings.Contains(l, "database file") || !strings.Contains(l, "snapshot resumed from the checkpoint") {
 		t.Fatalf("with the walk turned off the start read etcd's file, or did not resume from the checkpoint:\n%s", l)
 	}
+}
+
+// A walk of etcd's file that lacked events etcd had committed (here: the file of an earlier stop
+// put in place of the copy, with a copy retired since, its bytes queued for deletion an hour ago)
+// may have redirected to the retired copy before etcd was up. Its bytes are not deleted at once
+// once the replica is ready, as the queue entry's age alone would allow, but a grace later.
+func TestGarbageWaitsAGraceAfterAWalkThatWasBehind(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	janitor := fastJanitor
+	janitor.GarbageGrace = 2 * time.Second
+	o := Options{WriteTimeout: time.Second, DataDir: dir, Janitor: janitor}
+	a := startReplicaWith(t, o)
+	_, acc := stopWithCopies(t, a, 1)
+	old := filepath.Join(t.TempDir(), "old.db")
+	if _, err := targets.CopyMemberDatabase(filepath.Join(dir, "etcd", "member", "snap", "db"), old); err != nil {
+		t.Fatal(err)
+	}
+
+	// A run without store access (it deletes nothing) retires key 0, queued an hour ago.
+	noStore := o
+	noStore.GCSEndpoint = "http://127.0.0.1:1"
+	b := startReplicaWith(t, noStore)
+	obj := listed(t, b, key(0))
+	if obj == nil {
+		t.Fatal("key 0 is not listed")
+	}
+	cli, err := clientv3.New(b.srv.EmbeddedEtcd().ClientConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _, err := targets.NewRegistry(cli, testPrefix(t)).DeleteObjects(context.Background(), key(0), "test", time.Now().Add(-time.Hour))
+	cli.Close()
+	if err != nil || n != 1 {
+		t.Fatalf("retire key 0: %d, %v", n, err)
+	}
+	b.shutdown(t)
+	_ = os.Remove(filepath.Join(dir, "etcd.clean-stop"))
+
+	o.memberCopied = func(path string) {
+		if err := os.Rename(old, path); err != nil {
+			t.Error(err)
+		}
+	}
+	var log logBuffer
+	o.Log = log.logger()
+	c := startReplicaWith(t, o)
+	ready := time.Now()
+	if !strings.Contains(log.String(), "lacked events") {
+		t.Fatalf("the resume did not find the walk behind etcd:\n%s", log.String())
+	}
+	if got := placeKey(t, c, key(0), acc...); got.Result == pb.PlaceResult_PLACE_RESULT_REDIRECT {
+		t.Fatalf("key 0, retired, is redirected to once etcd is up: %v", got)
+	}
+	exists := func() bool {
+		_, err := sharedEnv(t).gcs.Object(obj.Bucket, obj.ObjectName)
+		return err == nil
+	}
+	for time.Since(ready) < time.Second {
+		if !exists() {
+			t.Fatalf("the retired copy's bytes were deleted %s after the replica was ready, within the grace", time.Since(ready))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	eventually(t, 10*time.Second, "the retired copy's bytes deleted after the grace", func() bool { return !exists() })
 }

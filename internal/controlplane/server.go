@@ -148,9 +148,12 @@ type Options struct {
 	Log          *slog.Logger
 
 	// etcdStarting, in tests, runs before an embedded etcd starts in the background (after a
-	// clean stop): it holds the start back to show what is served meanwhile, until ctx (the
+	// clean stop, or with a copy of its file to serve): it holds the start back to show what is served meanwhile, until ctx (the
 	// start's) ends.
 	etcdStarting func(ctx context.Context)
+	// memberCopied, in tests, runs once a start has copied the embedded etcd's database file (the
+	// copy's path), before anything reads the copy.
+	memberCopied func(path string)
 }
 
 func (o *Options) setDefaults() {
@@ -667,6 +670,9 @@ func (s *Server) copyMemberDatabase() {
 		return
 	}
 	s.memberCopy, s.early = dst, true
+	if s.o.memberCopied != nil {
+		s.o.memberCopied(dst)
+	}
 	s.o.Log.Info("copied the embedded etcd's database before it starts, to serve from while it restarts", "path", dst, "bytes", n,
 		"took", time.Since(began).Round(time.Millisecond).String())
 }
