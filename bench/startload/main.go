@@ -2,7 +2,10 @@
 // data directory holding N READY records in the registry's real key layout and encoding (written
 // through targets.Registry, one record per etcd write as fills write them), then starts control-
 // plane binaries on copies of it and times each from process start to the first Place answered
-// with a redirect, with the process's RSS and Go heap at that moment and a little later.
+// with a redirect, with the process's RSS and Go heap at that moment and a little later. From the
+// control plane's log it also reports how long a walk of the embedded etcd's database file took
+// (served while etcd restarts), when that etcd was up, how long the load or resume took by its own
+// account, and when the snapshot was current (since process start).
 //
 // With -burst it then measures Place latency idle and while a writer on the same machine writes
 // a burst of new records, and how long the watch takes to catch up after the last write; first

@@ -14,7 +14,8 @@ import (
 
 // A control plane on its embedded etcd that is stopped with SIGTERM marks its checkpoint as what
 // that etcd holds, and its next start serves it while the etcd restarts (taking the marker); one
-// killed leaves no marker, and the start after it waits for etcd as before.
+// killed leaves no marker, and the start after it serves a walk of etcd's database file instead,
+// then resumes from it.
 func TestASignalledStopIsCleanAndAKilledOneIsNot(t *testing.T) {
 	cp := testbed.StartControlPlane(t)
 	marker := filepath.Join(cp.DataDir, "etcd.clean-stop")
@@ -41,5 +42,10 @@ func TestASignalledStopIsCleanAndAKilledOneIsNot(t *testing.T) {
 	cp.WaitServing(t, 60*time.Second)
 	if n := strings.Count(cp.Output(), served); n != 1 {
 		t.Fatalf("the start after a kill served a clean stop (%d in all):\n%s", n, cp.Output())
+	}
+	for _, said := range []string{"serving the index in the embedded etcd's database file", "snapshot resumed from the embedded etcd's database file"} {
+		if n := strings.Count(cp.Output(), said); n != 1 {
+			t.Fatalf("the start after a kill said %q %d times, want once:\n%s", said, n, cp.Output())
+		}
 	}
 }
