@@ -84,8 +84,8 @@ type Options struct {
 	// NoEarlyWalk turns off, with the embedded etcd, the walk of its database file at a start that
 	// has no clean stop to serve: such a start copies the file before etcd opens it, walks the copy
 	// while etcd restarts (seconds at a million records) and serves redirects from it meanwhile,
-	// then replays etcd's history since (targets.Watcher.ServeMemberCopy). With NoEarlyWalk, Place
-	// answers inline until etcd is up.
+	// then replays etcd's history since (targets.Watcher.ServeMemberCopy). With NoEarlyWalk such a
+	// start serves nothing until etcd is up.
 	NoEarlyWalk bool
 	// GCPercent is the collector's target (as GOGC) once the first snapshot is served; 0 leaves
 	// the runtime's (GOGC, or 100). The start runs at the runtime's: a lower target there slows
@@ -148,8 +148,8 @@ type Options struct {
 	Log          *slog.Logger
 
 	// etcdStarting, in tests, runs before an embedded etcd starts in the background (after a
-	// clean stop, or with a copy of its file to serve): it holds the start back to show what is served meanwhile, until ctx (the
-	// start's) ends.
+	// clean stop, or with a copy of its file to serve): it holds the start back to show what is
+	// served meanwhile, until ctx (the start's) ends.
 	etcdStarting func(ctx context.Context)
 	// memberCopied, in tests, runs once a start has copied the embedded etcd's database file (the
 	// copy's path), before anything reads the copy.
@@ -656,7 +656,7 @@ func (s *Server) markCleanStop() {
 // copyMemberDatabase copies the embedded etcd's database file before that etcd starts, for Serve to
 // walk and serve while it restarts (targets.Watcher.ServeMemberCopy): a start that has no clean
 // stop to serve then redirects seconds before its etcd is up. Nothing to copy (a first start) or a
-// copy that fails (logged) leaves Place answering inline until etcd is up.
+// copy that fails (logged) leaves the start serving nothing until etcd is up, as without the walk.
 func (s *Server) copyMemberDatabase() {
 	src := filepath.Join(s.o.DataDir, "etcd", "member", "snap", "db")
 	dst := filepath.Join(s.o.DataDir, "etcd-db.start-copy")
@@ -666,7 +666,7 @@ func (s *Server) copyMemberDatabase() {
 	case errors.Is(err, fs.ErrNotExist):
 		return
 	case err != nil:
-		s.o.Log.Warn("no copy of the embedded etcd's database at start: placement answers inline until etcd is up", "err", err)
+		s.o.Log.Warn("no copy of the embedded etcd's database at start: nothing is served until etcd is up", "err", err)
 		return
 	}
 	s.memberCopy, s.early = dst, true
