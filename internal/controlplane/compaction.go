@@ -34,6 +34,10 @@ type EtcdMaintenance struct {
 	// (docs/deploy.md).
 	Defrag        bool
 	DefragMinFree int64
+	// InProcess says the member runs in this process (the embedded etcd): its compaction's
+	// garbage (a map of every key's kept revision, and the tree it walks) is this process's, and
+	// is given back to the system after each compaction.
+	InProcess bool
 }
 
 func (c *EtcdMaintenance) defaults() {
@@ -94,8 +98,13 @@ func (t *term) runCompactor(ctx context.Context) {
 				k.once.Warn("compact", "cannot read etcd's revision to compact its history; retrying", "err", err)
 				continue
 			}
-			if seen > 0 && k.compact(ctx, cli, seen) && k.cfg.Defrag {
-				k.defragFragmented(ctx, cli)
+			if seen > 0 && k.compact(ctx, cli, seen) {
+				if k.cfg.Defrag {
+					k.defragFragmented(ctx, cli)
+				}
+				if k.cfg.InProcess {
+					releaseMemory(k.log, "etcd history compacted")
+				}
 			}
 			seen = rev
 		}

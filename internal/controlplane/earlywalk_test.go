@@ -116,10 +116,18 @@ func TestAStartWithoutACleanStopServesEtcdsFileWhileEtcdRestarts(t *testing.T) {
 	if err := os.Remove(filepath.Join(dir, "etcd.clean-stop")); err != nil {
 		t.Fatal(err)
 	}
+	// (A copy an earlier start left, killed before it walked it, is removed by any start.)
+	stale := filepath.Join(dir, "etcd-db.start-copy")
+	if err := os.WriteFile(stale, []byte("left by a killed start"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	o.NoEarlyWalk, o.etcdStarting = true, nil
 	var offLog logBuffer
 	o.Log = offLog.logger()
 	d := startReplicaWith(t, o)
+	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a start left an earlier start's copy: %v", err)
+	}
 	if got := place(d, key(2)); got.Result != pb.PlaceResult_PLACE_RESULT_REDIRECT {
 		t.Fatalf("key 2 with the walk turned off: %v", got)
 	}
@@ -191,4 +199,32 @@ func TestGarbageWaitsAGraceAfterAWalkThatWasBehind(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	eventually(t, 10*time.Second, "the retired copy's bytes deleted after the grace", func() bool { return !exists() })
+}
+
+// A replica built and shut down without serving (a failed listen, a signal during the build)
+// leaves no copy of etcd's file behind: it is as large as etcd's database.
+func TestAReplicaNeverServedLeavesNoCopy(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	stopWithCopies(t, startReplicaWith(t, Options{WriteTimeout: time.Second, DataDir: dir}), 1)
+	_ = os.Remove(filepath.Join(dir, "etcd.clean-stop"))
+	o := Options{WriteTimeout: time.Second, DataDir: dir, GCSEndpoint: sharedEnv(t).gcs.Endpoint(), Insecure: true,
+		EtcdPrefix: testPrefix(t), Log: quiet}
+	copied := ""
+	o.memberCopied = func(path string) { copied = path }
+	srv, err := New(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(copied); copied == "" || err != nil {
+		t.Fatalf("no copy of etcd's file after New (%q): %v", copied, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(copied); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("a replica shut down before it served left its copy: %v", err)
+	}
 }

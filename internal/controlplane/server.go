@@ -245,8 +245,8 @@ type Server struct {
 	shutdown chan struct{}      // closed when Shutdown has released everything
 	ready    chan struct{}      // closed once the snapshot is loaded and health says SERVING
 
-	// An embedded etcd started in the background (a start after a clean stop, which serves the
-	// stop's checkpoint meanwhile): etcdUp is closed once it serves or failed (etcdErr), and etcd
+	// An embedded etcd started in the background (a start that serves a clean stop's checkpoint,
+	// or a walk of etcd's database file, meanwhile): etcdUp is closed once it serves or failed (etcdErr), and etcd
 	// is set before. Closed at New otherwise.
 	etcdUp     chan struct{}
 	etcdErr    error
@@ -296,6 +296,8 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 		}
 		if !s.early && !o.NoEarlyWalk {
 			s.copyMemberDatabase()
+		} else {
+			_ = os.Remove(s.memberCopyPath()) // an earlier start's, killed before it walked it
 		}
 	}
 	if pre == nil && o.Checkpoint != "" && s.memberCopy == "" {
@@ -313,6 +315,7 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 	embedded := len(o.EtcdEndpoints) == 0
 	if embedded {
 		cfg.Etcd.Defrag = true // one member, ours: defragmenting it is safe and nobody else will
+		cfg.Etcd.InProcess = true
 	}
 	if s.store, err = blob.NewStore(ctx, blob.Options{Endpoint: o.GCSEndpoint}); err != nil {
 		o.Log.Error("no access to the stores: no fills will be granted and no target becomes healthy (nothing is redirected)", "err", err)
@@ -378,8 +381,8 @@ func New(ctx context.Context, o Options) (srv *Server, err error) {
 }
 
 // connectEtcd builds the etcd client, starting an embedded etcd when no endpoints are given: in
-// the background when the replica serves a clean stop's checkpoint meanwhile (s.early), else
-// before it returns.
+// the background when the replica serves a clean stop's checkpoint or a walk of etcd's database
+// file meanwhile (s.early), else before it returns.
 func (s *Server) connectEtcd(ctx context.Context) ([]string, error) {
 	o := s.o
 	endpoints := o.EtcdEndpoints
@@ -646,7 +649,11 @@ func (s *Server) markCleanStop() {
 	defer cancel()
 	rev, err := s.w.WriteCleanStop(ctx, s.cleanStopPath())
 	if err != nil {
-		s.o.Log.Info("stop not marked clean: the next start answers inline until its etcd is up", "reason", err)
+		next := "the next start serves a walk of its etcd's database file while that etcd restarts"
+		if s.o.NoEarlyWalk {
+			next = "the next start serves nothing until its etcd is up"
+		}
+		s.o.Log.Info("stop not marked clean: "+next, "reason", err)
 		return
 	}
 	s.markedRev = rev
@@ -658,8 +665,7 @@ func (s *Server) markCleanStop() {
 // stop to serve then redirects seconds before its etcd is up. Nothing to copy (a first start) or a
 // copy that fails (logged) leaves the start serving nothing until etcd is up, as without the walk.
 func (s *Server) copyMemberDatabase() {
-	src := filepath.Join(s.o.DataDir, "etcd", "member", "snap", "db")
-	dst := filepath.Join(s.o.DataDir, "etcd-db.start-copy")
+	src, dst := filepath.Join(s.o.DataDir, "etcd", "member", "snap", "db"), s.memberCopyPath()
 	began := time.Now()
 	n, err := targets.CopyMemberDatabase(src, dst)
 	switch {
@@ -676,6 +682,9 @@ func (s *Server) copyMemberDatabase() {
 	s.o.Log.Info("copied the embedded etcd's database before it starts, to serve from while it restarts", "path", dst, "bytes", n,
 		"took", time.Since(began).Round(time.Millisecond).String())
 }
+
+// memberCopyPath is where a start copies the embedded etcd's database file to walk it.
+func (s *Server) memberCopyPath() string { return filepath.Join(s.o.DataDir, "etcd-db.start-copy") }
 
 // cleanStopPath is where the embedded etcd's clean-stop marker is: with its data, so that every
 // start with that etcd finds it, whatever its checkpoint settings.
@@ -740,7 +749,7 @@ func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
 			}
 			msg := "loading the snapshot; placement answers inline meanwhile"
 			if s.w.Snapshot().Provisional() {
-				msg = "loading the snapshot; placement redirects from the last clean stop's meanwhile"
+				msg = "loading the snapshot; placement redirects from the provisional index (a clean stop's, or etcd's database file's) meanwhile"
 			}
 			s.o.Log.Info(msg, append(loadProgressArgs(s.w.LoadProgress(), s.w.LoadExpected(), elapsed), "since_start", time.Since(start).Round(time.Second).String())...)
 		case <-s.w.Ready():
@@ -939,8 +948,8 @@ func (s *Server) EtcdEndpoint() string {
 }
 
 // EmbeddedEtcd is the embedded etcd member (nil when using external etcd or when it failed to
-// start): its ClientConfig reaches it with the client certificate of its PKI. After a clean stop
-// it starts in the background: EmbeddedEtcd waits for it.
+// start): its ClientConfig reaches it with the client certificate of its PKI. At a start that
+// serves a clean stop or a walk of its file it starts in the background: EmbeddedEtcd waits for it.
 func (s *Server) EmbeddedEtcd() *etcdembed.Server {
 	<-s.etcdUp
 	return s.etcd

@@ -110,6 +110,9 @@ func (j *term) reconcileAll(ctx context.Context) {
 		}
 		j.once.Forget("reconcile:" + t.Name)
 	}
+	// A round lists every object of every bucket: at a million objects, hundreds of megabytes
+	// the collector frees but the runtime would keep for minutes.
+	releaseMemory(j.cfg.Log, "reconcile round")
 }
 
 // reconcile lists the target's bucket prefix. Records whose object is gone (or was replaced by

@@ -30,16 +30,22 @@ import (
 // that a replayed event retired; MemberCopyBehind says when such a snapshot was replaced, so that
 // the bytes of what it retired are kept a grace period longer.
 
+// memberCopyMargin is the room a copy of the member's file leaves free beyond roomFor's margin.
+const memberCopyMargin = 128 << 20
+
 // CopyMemberDatabase copies the database file of an etcd member that is not running (src, its
 // member/snap/db) to dst, and returns its size. The file is opened read-only first, which waits
 // at most a second for its lock: a running member holds it, and a copy of a file being written is
 // no snapshot of anything. dst is replaced; it is removed again on failure.
 func CopyMemberDatabase(src, dst string) (int64, error) {
+	_ = os.Remove(dst) // one an earlier start left (killed before it walked it) holds room
 	st, err := os.Stat(src)
 	if err != nil {
 		return 0, err
 	}
-	if err := roomFor(filepath.Dir(dst), st.Size()); err != nil {
+	// The copy holds its room until the walk ends, while etcd restarts beside it: room for etcd's
+	// first WAL file (64 MiB preallocated) and more is kept besides roomFor's margin.
+	if err := roomFor(filepath.Dir(dst), st.Size()+memberCopyMargin); err != nil {
 		return 0, err
 	}
 	db, err := bolt.Open(src, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
@@ -54,7 +60,6 @@ func CopyMemberDatabase(src, dst string) (int64, error) {
 		return 0, err
 	}
 	defer in.Close()
-	_ = os.Remove(dst)
 	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return 0, fmt.Errorf("copy etcd's database: %w", err)
@@ -113,8 +118,9 @@ func (w *Watcher) ServeMemberCopy(ctx context.Context, path string) bool {
 }
 
 // MemberCopyBehind is when a provisional snapshot walked from the embedded member's database was
-// replaced by one that replayed events it lacked (zero: none was). Until then it may have answered
-// with a record one of those events retired.
+// replaced by one that replayed events it lacked, or by a full read after etcd was found not to
+// follow on from it (zero: neither happened; far in the future while that full read runs). It may
+// have answered with a record one of those events retired.
 func (w *Watcher) MemberCopyBehind() time.Time {
 	if ns := w.behind.Load(); ns != 0 {
 		return time.Unix(0, ns)
@@ -146,10 +152,13 @@ func (w *Watcher) resumeWalked(ctx context.Context, walked *Snapshot) (int64, er
 		}
 		return 0, unusable("follow etcd from the database file's revision %d: %w", walked.applied, err)
 	}
+	if events > 0 {
+		// Before the publish that lets the janitor start.
+		w.behind.Store(time.Now().UnixNano())
+	}
 	w.invalidations.reset(resumed.applied)
 	w.publish(resumed)
 	if events > 0 {
-		w.behind.Store(time.Now().UnixNano())
 		w.log.Warn("the index served from the embedded etcd's database file lacked events etcd had committed; they are applied now",
 			"events_replayed", events, "file_revision", walked.applied, "revision", resumed.applied)
 	}

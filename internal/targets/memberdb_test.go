@@ -131,9 +131,11 @@ func TestAWalkOfTheMembersFileIsServedUntilEtcdIsUp(t *testing.T) {
 	}
 }
 
-// A walk is not served from what is not a database file, and one that etcd is behind (a file of
-// another etcd, or an etcd restored from an older backup) stops being served as soon as the resume
-// finds out: the watcher says so and reads every record instead.
+// A walk is not served from what is not a database file, and one that etcd is behind (here a
+// fresh etcd; in life an etcd restored from an older backup) stops being served as soon as the
+// resume finds out: the watcher says so, reads every record instead, and counts what was served as
+// behind etcd from when that read was published. (Nothing compares a file's cluster: the control
+// plane walks only its own member's file, taken before that member starts.)
 func TestAWalkEtcdDisagreesWithIsDropped(t *testing.T) {
 	t.Parallel()
 	dir, prefix, ctx := t.TempDir(), testPrefix(t), context.Background()
@@ -163,6 +165,9 @@ func TestAWalkEtcdDisagreesWithIsDropped(t *testing.T) {
 	}
 	if !strings.Contains(log.String(), "no longer serving it") {
 		t.Fatalf("the watcher did not say it dropped the walk:\n%s", log.String())
+	}
+	if b := w.MemberCopyBehind(); b.IsZero() || b.After(time.Now()) {
+		t.Fatalf("after a walk etcd did not follow on from, the watcher says it was behind at %v", b)
 	}
 
 	junk := filepath.Join(dir, "junk.copy")

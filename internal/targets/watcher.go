@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -108,6 +109,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 			rev, err = w.resumeWalked(ctx, walked)
 			if u := (errUnusable{}); errors.As(err, &u) {
 				w.log.Warn("the index from the embedded etcd's database file cannot be followed on; reading every record", "err", u.err)
+				// What was served is not known to be etcd's: held as behind until the read is
+				// published (MemberCopyBehind), then from then.
+				w.behind.Store(math.MaxInt64)
 				w.DropProvisional(u.err.Error())
 				walked = nil
 				rev, err = w.load(ctx)
@@ -133,6 +137,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 		}
 		walked = nil
 		resume = false
+		if w.behind.Load() == math.MaxInt64 {
+			w.behind.Store(time.Now().UnixNano())
+		}
 		if failing {
 			w.log.Info("etcd reachable again; snapshot current", "revision", rev)
 			failing = false
