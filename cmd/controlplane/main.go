@@ -87,7 +87,7 @@ func main() {
 	flag.Float64Var(&o.Janitor.CopyRate, "copy-rate", 5, "server-side copies the elected janitor starts per second at most: draining targets' sole copies and cross-region copies together")
 	flag.DurationVar(&o.Janitor.CopyInterval, "copy-interval", 2*time.Second, "how often each replica queues the cross-region copies its redirect counts call for, and the janitor works through copies")
 	flag.IntVar(&o.Janitor.HotKeys, "hot-keys", 100000, "(key, region) pairs each replica counts cross-region redirects for (about 120 bytes each)")
-	flag.IntVar(&o.GCPercent, "gc-percent", 50, "the Go collector's target (as GOGC) once the index is loaded: the process grows to about 1+N/100 times its live heap between collections (0: the runtime's; a GOGC variable wins)")
+	flag.IntVar(&o.GCPercent, "gc-percent", 50, "the Go collector's target (as GOGC) once an index is first served (a provisional one included): the process grows to about 1+N/100 times its live heap between collections (0: the runtime's; a GOGC variable wins)")
 	earlyWalk := flag.Bool("early-walk", true, "with the embedded etcd: at a start with no clean stop to serve, copy etcd's database file before etcd opens it and serve redirects from a walk of the copy while etcd restarts (false: such a start serves nothing until etcd is up)")
 	flag.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	flag.DurationVar(&drain, "shutdown-timeout", 10*time.Second, "how long in-flight RPCs may run after SIGTERM")

@@ -87,9 +87,10 @@ type Options struct {
 	// then replays etcd's history since (targets.Watcher.ServeMemberCopy). With NoEarlyWalk such a
 	// start serves nothing until etcd is up.
 	NoEarlyWalk bool
-	// GCPercent is the collector's target (as GOGC) once the first snapshot is served; 0 leaves
-	// the runtime's (GOGC, or 100). The start runs at the runtime's: a lower target there slows
-	// the load, and the embedded etcd's own restart, which run in this process.
+	// GCPercent is the collector's target (as GOGC) once a snapshot is first served (a
+	// provisional one included: a clean stop's, or a walk of the embedded etcd's file); 0 leaves
+	// the runtime's (GOGC, or 100). A load before that runs at the runtime's: a lower target there
+	// slows it. (The embedded etcd's own restart measured the same at GOGC 100, 200, 400 and off.)
 	GCPercent int
 	Region    string
 	Signer    *blob.Signer
@@ -255,6 +256,7 @@ type Server struct {
 	// memberCopy is a copy of the embedded etcd's database file, taken before it started, that is
 	// walked and served while it restarts (no clean stop to serve): see copyMemberDatabase.
 	memberCopy string
+	gcOnce     sync.Once // servingGC
 	// cleanEtcdRev is etcd's revision the clean stop recorded; etcdMoved says the embedded etcd
 	// came back at another (set before etcdUp is closed).
 	cleanEtcdRev int64
@@ -569,9 +571,17 @@ func (s *Server) Serve(ls Listeners) error {
 	g.Go(func() error {
 		switch {
 		case s.memberCopy != "":
-			s.w.ServeMemberCopy(gctx, s.memberCopy)
+			if s.w.ServeMemberCopy(gctx, s.memberCopy) {
+				// The walk's garbage goes back now, and the collector runs at its serving target
+				// from here: etcd's restore beside it and the store guard's listings after it
+				// would otherwise grow the heap to twice what is live.
+				releaseMemory(s.o.Log, "etcd's database file walked")
+				s.servingGC()
+			}
 		case s.early:
-			s.w.ServeCleanStop(gctx)
+			if s.w.ServeCleanStop(gctx) {
+				s.servingGC()
+			}
 		}
 		return s.afterEtcd(gctx, func(ctx context.Context) error {
 			if s.etcdMoved {
@@ -658,6 +668,17 @@ func (s *Server) markCleanStop() {
 	}
 	s.markedRev = rev
 	s.o.Log.Info("stop marked clean: the next start serves this checkpoint while its etcd restarts", "path", s.cleanStopPath(), "etcd_revision", rev)
+}
+
+// servingGC sets the collector's target for serving (--gc-percent), once: when a snapshot is first
+// served, provisional or not.
+func (s *Server) servingGC() {
+	s.gcOnce.Do(func() {
+		if s.o.GCPercent > 0 {
+			was := debug.SetGCPercent(s.o.GCPercent)
+			s.o.Log.Info("collector target for serving set (--gc-percent)", "gc_percent", s.o.GCPercent, "was", was)
+		}
+	})
 }
 
 // copyMemberDatabase copies the embedded etcd's database file before that etcd starts, for Serve to
@@ -766,10 +787,7 @@ func (s *Server) reportLoad(ctx context.Context, ls Listeners) {
 			}
 			s.o.Log.Info("control plane serving", args...)
 			releaseMemory(s.o.Log, "first snapshot loaded")
-			if s.o.GCPercent > 0 {
-				was := debug.SetGCPercent(s.o.GCPercent)
-				s.o.Log.Info("collector target for serving set (--gc-percent)", "gc_percent", s.o.GCPercent, "was", was)
-			}
+			s.servingGC()
 			return
 		}
 	}
