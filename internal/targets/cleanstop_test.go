@@ -25,7 +25,10 @@ import (
 // loading), and the resume from etcd replaces it with the same state, no longer provisional.
 func TestACleanStopIsWhatEtcdHolds(t *testing.T) {
 	t.Parallel()
-	cli, prefix := sharedEtcd(t), testPrefix(t)
+	// An etcd of its own: a stop is marked clean only while etcd does not change, and the shared
+	// one changes with every parallel test's writes.
+	_, cli := startEtcd(t)
+	prefix := testPrefix(t)
 	r := withRecords(t, cli, prefix, 40)
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "index.checkpoint")
@@ -92,7 +95,8 @@ func TestACleanStopIsWhatEtcdHolds(t *testing.T) {
 // watcher says so and loads etcd instead. A damaged marker is not served, and is removed too.
 func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
 	t.Parallel()
-	cli, prefix := sharedEtcd(t), testPrefix(t)
+	_, cli := startEtcd(t) // as above: the shared etcd changes while the stop is marked
+	prefix := testPrefix(t)
 	withRecords(t, cli, prefix, 10)
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "index.checkpoint")
