@@ -392,7 +392,8 @@ func (g *storeGuard) confirmTargets(ctx context.Context, ev *storeEvents) {
 	released := false
 	for ctx.Err() == nil {
 		snap := g.s.w.Snapshot()
-		pending := g.confirmRound(ctx, ev, snap, notified)
+		var pending int
+		boundedListing(func() { pending = g.confirmRound(ctx, ev, snap, notified) })
 		if pending == 0 && !released {
 			// The listings decoded an object's worth of garbage per record: give it back now
 			// rather than over minutes.

@@ -100,15 +100,20 @@ func (j *term) reconcileAll(ctx context.Context) {
 	if j.cfg.Store == nil {
 		return
 	}
-	for _, t := range j.w.Snapshot().Targets() {
-		if ctx.Err() != nil {
-			return
+	boundedListing(func() {
+		for _, t := range j.w.Snapshot().Targets() {
+			if ctx.Err() != nil {
+				return
+			}
+			if err := j.reconcile(ctx, t); err != nil {
+				j.once.Warn("reconcile:"+t.Name, "cannot reconcile target with its bucket", "target", t.Name, "err", err)
+				continue
+			}
+			j.once.Forget("reconcile:" + t.Name)
 		}
-		if err := j.reconcile(ctx, t); err != nil {
-			j.once.Warn("reconcile:"+t.Name, "cannot reconcile target with its bucket", "target", t.Name, "err", err)
-			continue
-		}
-		j.once.Forget("reconcile:" + t.Name)
+	})
+	if ctx.Err() != nil {
+		return
 	}
 	// A round lists every object of every bucket: at a million objects, hundreds of megabytes
 	// the collector frees but the runtime would keep for minutes.
