@@ -22,11 +22,14 @@ func releaseMemory(log *slog.Logger, after string) {
 }
 
 // listingHeadroom is how far the Go runtime's memory may grow, while a listing of buckets runs,
-// above what it held when the listing began. A listing decodes an object's worth of garbage per
-// stored object (a million at a time for a start's confirmation or a reconcile round), and the
-// collector's own target would let the heap grow by half its live size meanwhile: 1.13–1.26 KB
-// per record of RSS at 1e6 for seconds, against 0.85 KB between listings.
-const listingHeadroom = 128 << 20
+// above what it held when the listing began: a quarter of that, and at least 128 MiB. A listing
+// decodes an object's worth of garbage per stored object (a million at a time for a start's
+// confirmation or a reconcile round), and the collector's own target would let the heap grow by
+// half its live size meanwhile: 1.13–1.26 KB per record of RSS at 1e6 for seconds, against
+// 0.85 KB between listings. A listing also keeps what it lists of a target (about 64 bytes per
+// object) until it is compared: a quarter of a process's memory at about 0.5 KB per record covers
+// a target holding every record, so that the bound does not keep the collector running.
+func listingHeadroom(held int64) int64 { return max(128<<20, held/4) }
 
 // listings bounds memory while any listing runs (they may overlap: the store guard's and the
 // janitor's).
@@ -37,7 +40,7 @@ var listings struct {
 }
 
 // boundedListing runs fn, a listing of buckets, with Go's soft memory limit lowered to what the
-// runtime held when the first running listing began plus listingHeadroom (unless the limit set
+// runtime held when the first running listing began plus its listingHeadroom (unless the limit set
 // already is lower), and restores the limit once the last running listing ends. The collector
 // then runs more often during the listing instead of letting its garbage grow the process; its
 // share of the CPU is capped by the runtime (half), so a listing slows down rather than stalls.
@@ -47,7 +50,8 @@ func boundedListing(fn func()) {
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
 		listings.prev = debug.SetMemoryLimit(-1)
-		if limit := int64(ms.Sys-ms.HeapReleased) + listingHeadroom; limit < listings.prev {
+		held := int64(ms.Sys - ms.HeapReleased)
+		if limit := held + listingHeadroom(held); limit < listings.prev {
 			debug.SetMemoryLimit(limit)
 		}
 	}

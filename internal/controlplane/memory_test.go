@@ -21,7 +21,7 @@ func TestListingsBoundMemoryAndRestoreTheLimit(t *testing.T) {
 			t.Errorf("the limit after an overlapping listing ended: %d, want %d while the first runs", got, during)
 		}
 	})
-	if during == math.MaxInt64 || during < listingHeadroom || nested != during {
+	if during == math.MaxInt64 || during < listingHeadroom(0) || nested != during {
 		t.Fatalf("limit during a listing %d, during an overlapping one %d", during, nested)
 	}
 	if got := debug.SetMemoryLimit(-1); got != math.MaxInt64 {
