@@ -324,14 +324,20 @@ func (w *Watcher) ServeCleanStop(ctx context.Context) bool {
 		w.apply(snap, nil, mvccpb.PUT, kv)
 	}
 	snap.Revision, snap.TargetsRevision, snap.applied = cs.revision, cs.revision, cs.revision
+	w.publishProvisional(snap)
+	w.log.Info("serving the index of the last clean stop until etcd is back (redirects only: no fill is granted, admin calls wait)",
+		"revision", cs.revision, "objects", snap.objects.count, "targets", len(snap.targets))
+	return true
+}
+
+// publishProvisional makes snap current as a provisional snapshot: served, but not the load that
+// makes the watcher ready (Ready stays open until Run publishes one from etcd).
+func (w *Watcher) publishProvisional(snap *Snapshot) {
 	snap.provisional = true
 	w.finish(snap)
 	snap.Built = time.Now()
 	old := w.cur.Swap(snap)
 	close(old.superseded)
-	w.log.Info("serving the index of the last clean stop until etcd is back (redirects only: no fill is granted, admin calls wait)",
-		"revision", cs.revision, "objects", snap.objects.count, "targets", len(snap.targets))
-	return true
 }
 
 // DropProvisional stops serving a provisional snapshot: etcd disagrees with the clean stop or the

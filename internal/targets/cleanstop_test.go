@@ -126,19 +126,7 @@ func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
 	if !w2.ServeCleanStop(ctx) {
 		t.Fatal("the clean stop is not served")
 	}
-	prov := w2.Snapshot()
-	run(t, w2)
-	select {
-	case <-prov.Superseded():
-	default:
-		t.Fatal("the clean stop's snapshot is still current")
-	}
-	if got := w2.Snapshot(); got.Provisional() || got.ObjectCount() != 0 {
-		t.Fatalf("after the resume failed: provisional %v, %d copies (the other etcd has none)", got.Provisional(), got.ObjectCount())
-	}
-	if !strings.Contains(log.String(), "no longer serving it") {
-		t.Fatalf("the watcher did not say it dropped the clean stop:\n%s", log.String())
-	}
+	runAndSeeDropped(t, w2, &log, "the clean stop")
 
 	bad := bytes.Clone(good)
 	bad[len(bad)/2] ^= 1
@@ -150,6 +138,26 @@ func TestACleanStopEtcdDisagreesWithIsDropped(t *testing.T) {
 	}
 	if _, err := os.Stat(marker); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("a damaged marker is left on disk: %v", err)
+	}
+}
+
+// runAndSeeDropped runs w, which serves a provisional snapshot (what) of records another etcd does
+// not hold, and checks that the resume dropped it for a full read of that etcd (no copies), and
+// said so in log.
+func runAndSeeDropped(t *testing.T, w *Watcher, log *testbed.Buffer, what string) {
+	t.Helper()
+	prov := w.Snapshot()
+	run(t, w)
+	select {
+	case <-prov.Superseded():
+	default:
+		t.Fatalf("%s's snapshot is still current", what)
+	}
+	if got := w.Snapshot(); got.Provisional() || got.ObjectCount() != 0 {
+		t.Fatalf("after the resume from %s failed: provisional %v, %d copies (the other etcd has none)", what, got.Provisional(), got.ObjectCount())
+	}
+	if !strings.Contains(log.String(), "no longer serving it") {
+		t.Fatalf("the watcher did not say it dropped %s:\n%s", what, log.String())
 	}
 }
 

@@ -113,18 +113,7 @@ func (w *Watcher) loadCopy(ctx context.Context) (int64, error) {
 		return 0, err
 	}
 	downloaded := time.Since(began)
-	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
-	// The open file stays readable once unlinked: from here on, not even a crash leaves it behind
-	// (one during the download does; the next load replaces it).
-	_ = os.Remove(path)
-	if err != nil {
-		return 0, errNoCopy{err: fmt.Errorf("open the copy of etcd's database: %w", err)}
-	}
-	defer db.Close()
-	snap := emptySnapshot()
-	l := newLoader(w, w.progress.expected.Load())
-	l.gone = make([][]goneCopy, leafCount)
-	rev, err := w.walkCopy(ctx, db, snap, l)
+	snap, l, rev, err := w.walkFile(ctx, path, w.progress.expected.Load())
 	if err != nil {
 		return 0, err
 	}
@@ -132,6 +121,27 @@ func (w *Watcher) loadCopy(ctx context.Context) (int64, error) {
 	w.publishLoad(snap, l, rev, began, "snapshot loaded from a copy of etcd's database", "copy_bytes", size,
 		"copied_in", downloaded.Round(time.Millisecond).String())
 	return rev, nil
+}
+
+// walkFile opens the copy of an etcd database at path read-only, removes it (the open file stays
+// readable once unlinked: from here on, not even a crash leaves it behind) and walks it into a
+// snapshot of everything but the object index, whose records are filed in l (l.build makes it).
+// It returns the revision the copy holds everything up to. expected sizes the loader (0: unknown).
+func (w *Watcher) walkFile(ctx context.Context, path string, expected int64) (*Snapshot, *loader, int64, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
+	_ = os.Remove(path)
+	if err != nil {
+		return nil, nil, 0, errNoCopy{err: fmt.Errorf("open the copy of etcd's database: %w", err)}
+	}
+	defer db.Close()
+	snap := emptySnapshot()
+	l := newLoader(w, expected)
+	l.gone = make([][]goneCopy, leafCount)
+	rev, err := w.walkCopy(ctx, db, snap, l)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	return snap, l, rev, nil
 }
 
 // download writes a copy of etcd's database to path and checks it against etcd's digest. It
@@ -157,10 +167,10 @@ func (w *Watcher) download(ctx context.Context, path string) (int64, error) {
 	if w.dbcopy.maxBytes > 0 && total > w.dbcopy.maxBytes {
 		return 0, errNoCopy{err: fmt.Errorf("etcd's database is %d bytes, more than the %d a copy may take", total, w.dbcopy.maxBytes)}
 	}
+	_ = os.Remove(path) // a copy an earlier process left: it would count against the room
 	if err := roomFor(filepath.Dir(path), total); err != nil {
 		return 0, errNoCopy{err: err}
 	}
-	_ = os.Remove(path) // a copy an earlier process left
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return 0, errNoCopy{err: fmt.Errorf("write the copy of etcd's database: %w", err)}

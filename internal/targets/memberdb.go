@@ -2,7 +2,6 @@ package targets
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -10,7 +9,6 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 )
 
 // A start from the embedded member's own database file.
@@ -86,31 +84,17 @@ func (w *Watcher) ServeMemberCopy(ctx context.Context, path string) bool {
 	w.progress.records.Store(0)
 	w.progress.expected.Store(0)
 	w.progress.began.Store(began.UnixNano())
-	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: time.Second})
-	_ = os.Remove(path) // readable while open; nothing to leave behind
-	if err != nil {
-		w.log.Warn("cannot read the copy of the embedded etcd's database; serving once etcd is up", "path", path, "err", err)
-		return false
-	}
-	defer db.Close()
-	snap := emptySnapshot()
-	l := newLoader(w, 0)
-	l.gone = make([][]goneCopy, leafCount)
-	rev, err := w.walkCopy(ctx, db, snap, l)
+	snap, l, rev, err := w.walkFile(ctx, path, 0)
 	if err != nil {
 		if ctx.Err() == nil {
-			w.log.Warn("cannot walk the copy of the embedded etcd's database; serving once etcd is up", "err", err)
+			w.log.Warn("cannot walk the copy of the embedded etcd's database; serving once etcd is up", "path", path, "err", err)
 		}
 		return false
 	}
 	snap.objects = l.build()
 	snap.Revision, snap.TargetsRevision, snap.applied = rev, rev, rev
-	snap.provisional = true
-	w.finish(snap)
-	snap.Built = time.Now()
 	w.walked = snap
-	old := w.cur.Swap(snap)
-	close(old.superseded)
+	w.publishProvisional(snap)
 	w.log.Info("serving the index in the embedded etcd's database file until etcd is back (redirects only: no fill is granted, admin calls wait)",
 		"revision", rev, "objects", snap.objects.count, "targets", len(snap.targets),
 		"took", time.Since(began).Round(time.Millisecond).String())
@@ -142,15 +126,9 @@ func (w *Watcher) resumeWalked(ctx context.Context, walked *Snapshot) (int64, er
 	}
 	snap := *walked
 	snap.provisional, snap.superseded = false, make(chan struct{})
-	resumed, events, err := w.catchUp(ctx, &snap, now)
-	if errors.Is(err, rpctypes.ErrCompacted) {
-		return 0, unusable("etcd has compacted the history after the database file's revision %d", walked.applied)
-	}
+	resumed, events, err := w.followFrom(ctx, &snap, now, "the database file")
 	if err != nil {
-		if ctx.Err() != nil {
-			return 0, err
-		}
-		return 0, unusable("follow etcd from the database file's revision %d: %w", walked.applied, err)
+		return 0, err
 	}
 	if events > 0 {
 		// Before the publish that lets the janitor start.

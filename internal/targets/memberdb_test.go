@@ -153,19 +153,7 @@ func TestAWalkEtcdDisagreesWithIsDropped(t *testing.T) {
 	if !w.ServeMemberCopy(ctx, path) {
 		t.Fatal("the walk is not served")
 	}
-	prov := w.Snapshot()
-	run(t, w)
-	select {
-	case <-prov.Superseded():
-	default:
-		t.Fatal("the walk's snapshot is still current")
-	}
-	if got := w.Snapshot(); got.Provisional() || got.ObjectCount() != 0 {
-		t.Fatalf("after the resume failed: provisional %v, %d copies (the other etcd has none)", got.Provisional(), got.ObjectCount())
-	}
-	if !strings.Contains(log.String(), "no longer serving it") {
-		t.Fatalf("the watcher did not say it dropped the walk:\n%s", log.String())
-	}
+	runAndSeeDropped(t, w, &log, "the walk")
 	if b := w.MemberCopyBehind(); b.IsZero() || b.After(time.Now()) {
 		t.Fatalf("after a walk etcd did not follow on from, the watcher says it was behind at %v", b)
 	}

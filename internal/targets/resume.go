@@ -154,15 +154,9 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 	}
 	snap.Revision, snap.TargetsRevision, snap.applied = cp.revision, cp.revision, cp.revision
 	w.finish(snap)
-	snap, events, err := w.catchUp(ctx, snap, now)
-	if errors.Is(err, rpctypes.ErrCompacted) {
-		return 0, unusable("etcd has compacted the history after the checkpoint's revision %d", cp.revision)
-	}
+	snap, events, err := w.followFrom(ctx, snap, now, "the checkpoint")
 	if err != nil {
-		if ctx.Err() != nil {
-			return 0, err
-		}
-		return 0, unusable("follow etcd from the checkpoint's revision %d: %w", cp.revision, err)
+		return 0, err
 	}
 	w.cp.mu.Lock()
 	w.cp.written = max(w.cp.written, cp.revision)
@@ -173,6 +167,23 @@ func (w *Watcher) resume(ctx context.Context) (int64, error) {
 		"revision", snap.applied, "events_replayed", events, "targets", len(snap.targets), "objects", snap.objects.count,
 		"claims", len(snap.claims), "took", time.Since(began).Round(time.Millisecond).String())
 	return snap.applied, nil
+}
+
+// followFrom is catchUp from snap, read from what (a checkpoint, a database file), with its
+// failures to follow on made unusable (a full read is tried instead), and the context's left as
+// they are.
+func (w *Watcher) followFrom(ctx context.Context, snap *Snapshot, target int64, what string) (*Snapshot, int, error) {
+	from := snap.applied
+	next, events, err := w.catchUp(ctx, snap, target)
+	switch {
+	case errors.Is(err, rpctypes.ErrCompacted):
+		return nil, 0, unusable("etcd has compacted the history after %s's revision %d", what, from)
+	case err != nil && ctx.Err() != nil:
+		return nil, 0, err
+	case err != nil:
+		return nil, 0, unusable("follow etcd from %s's revision %d: %w", what, from, err)
+	}
+	return next, events, nil
 }
 
 // catchUpLimit bounds a catch-up: past it the checkpoint is given up for a full read.

@@ -109,8 +109,8 @@ func (w *Watcher) Run(ctx context.Context) error {
 			rev, err = w.resumeWalked(ctx, walked)
 			if u := (errUnusable{}); errors.As(err, &u) {
 				w.log.Warn("the index from the embedded etcd's database file cannot be followed on; reading every record", "err", u.err)
-				// What was served is not known to be etcd's: held as behind until the read is
-				// published (MemberCopyBehind), then from then.
+				// What was served is not known to be etcd's: behind until the full read is
+				// published, and from then (publish; MemberCopyBehind).
 				w.behind.Store(math.MaxInt64)
 				w.DropProvisional(u.err.Error())
 				walked = nil
@@ -137,9 +137,6 @@ func (w *Watcher) Run(ctx context.Context) error {
 		}
 		walked = nil
 		resume = false
-		if w.behind.Load() == math.MaxInt64 {
-			w.behind.Store(time.Now().UnixNano())
-		}
 		if failing {
 			w.log.Info("etcd reachable again; snapshot current", "revision", rev)
 			failing = false
@@ -540,6 +537,9 @@ func (w *Watcher) finish(snap *Snapshot) {
 
 func (w *Watcher) publish(snap *Snapshot) {
 	snap.Built = time.Now()
+	// A walk etcd did not follow on from is being replaced (Run): it was behind until now. Before
+	// the swap, which may make the watcher ready and start the janitor.
+	w.behind.CompareAndSwap(math.MaxInt64, snap.Built.UnixNano())
 	w.confirmed.Store(snap.Built.UnixNano())
 	old := w.cur.Swap(snap)
 	close(old.superseded)
