@@ -219,7 +219,7 @@ func serveReplica(t *testing.T, o Options) *replica {
 	}
 	o.Listen, o.MetricsListen = "127.0.0.1:0", "127.0.0.1:0"
 	if o.Log == nil {
-		o.Log = quiet
+		o.Log = testbed.Log(t) // printed if the test fails
 	}
 	dev := testbed.PKI(t)
 	if o.TLS == (pki.Files{}) && !o.Insecure {

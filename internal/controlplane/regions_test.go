@@ -356,11 +356,21 @@ func TestCopyRequestsReachTheJanitorFromAnyReplica(t *testing.T) {
 // record's, and deleted otherwise.
 func TestCopiesRecordOnlyTheSourceRecordsBytes(t *testing.T) {
 	t.Parallel()
-	r := startReplica(t)
+	// Each case below asks for one copy, once: a request whose destination region has no healthy
+	// target when the copier reads it is dropped (it would be asked for again in the key's next
+	// window). So a slow probe on a loaded machine must not fail eu-gcs here.
+	j := fastJanitor
+	j.ProbeFailures = 1000
+	r := startReplicaWith(t, Options{WriteTimeout: time.Second, Janitor: j})
 	ctx := context.Background()
 	env := sharedEnv(t)
 	createTargets(t, r, target(t, "us-gcs", "us"), target(t, "eu-gcs", "eu"))
 	setPolicy(t, r, func(p *pb.Policy) { p.CrossRegionCopyThreshold = 1 })
+	// And the store guard's listing at start must be behind us: one that began after the source
+	// was replaced below would retire the source's record, and the copy request with it.
+	eventually(t, 5*time.Second, "both targets' records confirmed", func() bool {
+		return r.srv.svc.guard.unverifiedTargets() == 0
+	})
 	makeHot := func(k string) {
 		for range 2 {
 			if got := placeIn(t, r, "eu", k, bothRegions...); got.Target != "us-gcs" {
