@@ -5,7 +5,8 @@
 // with a redirect, with the process's RSS and Go heap at that moment and a little later. From the
 // control plane's log it also reports how long a walk of the embedded etcd's database file took
 // (served while etcd restarts), when that etcd was up, how long the load or resume took by its own
-// account, and when the snapshot was current (since process start).
+// account, when the snapshot was current, and when every target's records were confirmed against
+// its bucket (the store guard's listings; since process start).
 //
 // With -burst it then measures Place latency idle and while a writer on the same machine writes
 // a burst of new records, and how long the watch takes to catch up after the last write; first
@@ -146,7 +147,7 @@ func main() {
 		}
 		bins = append(bins, [2]string{label, path})
 	}
-	fmt.Printf("%-8s %-4s %12s %8s %8s %8s %8s %9s %10s %10s %10s %10s %12s  %s\n", "binary", "run", "first redir", "walk", "etcd up", "load", "current", "CPU", "RSS", "anon", "file", "heap", "etcd RSS/CPU", "after settle (RSS/anon/heap)")
+	fmt.Printf("%-8s %-4s %12s %8s %8s %8s %8s %9s %9s %10s %10s %10s %10s %12s  %s\n", "binary", "run", "first redir", "walk", "etcd up", "load", "current", "confirmed", "CPU", "RSS", "anon", "file", "heap", "etcd RSS/CPU", "after settle (RSS/anon/heap)")
 	// Binaries alternate within each round, so a noisy stretch of the machine hits all of them.
 	for r := 1; r <= *runs; r++ {
 		for _, b := range bins {
@@ -457,7 +458,7 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 	}
 	// Read after the settle: a start that served early logs etcd's start and its resume later.
 	ph := phases(filepath.Join(dir, "controlplane.log"), t0)
-	line += fmt.Sprintf(" %8s %8s %8s %8s ", ph.walked, ph.etcdUp, ph.loaded, ph.ready) + rest
+	line += fmt.Sprintf(" %8s %8s %8s %8s %9s ", ph.walked, ph.etcdUp, ph.loaded, ph.ready, ph.confirmed) + rest
 	fmt.Println(line, " load", loadAvg())
 	if *burst > 0 {
 		burstOnce(ctx, m, etcdListen, data, place, req)
@@ -489,11 +490,11 @@ func firstRedirect(ctx context.Context, place pb.PlacementServiceClient, probe *
 // and its snapshot current (since the process started), and how long its load or resume took by
 // its own account; "-" for what the log does not say.
 type startPhases struct {
-	walked, etcdUp, loaded, ready string
+	walked, etcdUp, loaded, ready, confirmed string
 }
 
 func phases(logPath string, t0 time.Time) startPhases {
-	ph := startPhases{"-", "-", "-", "-"}
+	ph := startPhases{"-", "-", "-", "-", "-"}
 	f, err := os.Open(logPath)
 	if err != nil {
 		return ph
@@ -524,6 +525,8 @@ func phases(logPath string, t0 time.Time) startPhases {
 		case (strings.HasPrefix(l.Msg, "snapshot loaded") || strings.HasPrefix(l.Msg, "snapshot resumed from")) && ph.loaded == "-":
 			ph.loaded = took(l.Took)
 			ph.ready = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
+		case strings.HasPrefix(l.Msg, "every target's records confirmed") && ph.confirmed == "-":
+			ph.confirmed = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
 		}
 	}
 	return ph

@@ -390,11 +390,15 @@ func (g *storeGuard) confirmTargets(ctx context.Context, ev *storeEvents) {
 	retry := time.NewTicker(3 * time.Second)
 	defer retry.Stop()
 	released := false
+	began := time.Now()
 	for ctx.Err() == nil {
 		snap := g.s.w.Snapshot()
 		var pending int
 		boundedListing(func() { pending = g.confirmRound(ctx, ev, snap, notified) })
 		if pending == 0 && !released {
+			// From here on redirects need no Stat each: the operator's mark of a start done.
+			g.s.cfg.Log.Info("every target's records confirmed against its bucket", "targets", len(snap.Targets()),
+				"took", time.Since(began).Round(time.Millisecond).String())
 			// The listings decoded an object's worth of garbage per record: give it back now
 			// rather than over minutes.
 			releaseMemory(g.s.cfg.Log, "targets' records confirmed against their buckets")
