@@ -26,7 +26,6 @@ import (
 
 	"cloud.google.com/go/storage"
 	"google.golang.org/api/googleapi"
-	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
 
 	pb "github.com/detourhq/detour/api/proto/detour/v1"
@@ -44,6 +43,7 @@ type Options struct {
 // Store uploads objects.
 type Store struct {
 	client *storage.Client
+	lister lister
 }
 
 // NewStore builds a storage client.
@@ -60,7 +60,7 @@ func NewStore(ctx context.Context, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage client: %w", err)
 	}
-	return &Store{client: c}, nil
+	return &Store{client: c, lister: lister{endpoint: ep}}, nil
 }
 
 // Close releases the client.
@@ -500,37 +500,6 @@ type Listed struct {
 	CRC32C     uint32
 	Created    time.Time
 }
-
-// List calls fn for every object under prefix in bucket, a page at a time, until fn returns false
-// or the listing ends. nil means the store answered every page, the last one without a next page
-// token: a page that fails (after a few retries of a transient fault: the storage client alone
-// would retry a 503 for ever) or cannot be read ends the listing with an error, and the objects
-// given to fn until then are only part of it.
-func (s *Store) List(ctx context.Context, bucket, prefix string, fn func(Listed) bool) error {
-	q := &storage.Query{Prefix: prefix, Projection: storage.ProjectionNoACL}
-	// Only what Listed holds: GCS otherwise sends each object's whole resource, about 2 KB of
-	// JSON to decode per object, and a control plane lists every record's object at each start.
-	if err := q.SetAttrSelection(listedAttrs); err != nil {
-		return fmt.Errorf("list %s/%s: %w", bucket, prefix, err)
-	}
-	it := s.client.Bucket(bucket).Retryer(storage.WithMaxAttempts(5), storage.WithMaxRetryDuration(time.Minute)).
-		Objects(ctx, q)
-	for {
-		a, err := it.Next()
-		if errors.Is(err, iterator.Done) {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("list %s/%s: %w", bucket, prefix, err)
-		}
-		if !fn(Listed{Name: a.Name, Size: uint64(a.Size), Generation: a.Generation, CRC32C: a.CRC32C, Created: a.Created}) {
-			return nil
-		}
-	}
-}
-
-// listedAttrs are the storage.ObjectAttrs fields List reads.
-var listedAttrs = []string{"Name", "Size", "Generation", "CRC32C", "Created"}
 
 // Put writes a small object whole, replacing what is there (the prober's canary).
 func (s *Store) Put(ctx context.Context, bucket, name, mediaType string, data []byte) error {

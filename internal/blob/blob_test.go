@@ -312,7 +312,7 @@ func TestCopyIsServerSideAndGenerationBound(t *testing.T) {
 
 // pagedFront is a proxy to emu whose object listings answer two objects a page (a store may
 // answer fewer than the client asks for) and whose later pages answer fault: an HTTP status, (0) a
-// body cut short, or (-1) what the emulator answers.
+// body cut short, (-2) a connection dropped mid-body, or (-1) what the emulator answers.
 func pagedFront(t *testing.T, emu *gcsemu.Server, fault int) (endpoint string, pages *atomic.Int64) {
 	t.Helper()
 	up, _ := url.Parse("http://" + emu.Host())
@@ -325,7 +325,7 @@ func pagedFront(t *testing.T, emu *gcsemu.Server, fault int) (endpoint string, p
 		}
 		pages.Add(1)
 		q := r.URL.Query()
-		if q.Get("pageToken") == "" || fault < 0 {
+		if q.Get("pageToken") == "" || fault == -1 {
 			q.Set("maxResults", "2")
 			r.URL.RawQuery = q.Encode()
 			proxy.ServeHTTP(w, r)
@@ -335,6 +335,14 @@ func pagedFront(t *testing.T, emu *gcsemu.Server, fault int) (endpoint string, p
 			w.Header().Set("Content-Type", "application/json")
 			io.WriteString(w, `{"kind":"storage#objects","items":[{"name":"p/`)
 			return
+		}
+		if fault == -2 {
+			// The connection dropped mid-body: fewer bytes than the length announced.
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Content-Length", "100")
+			io.WriteString(w, `{"kind":"storage#objects","items":[{"name":"p/`)
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(fault)
@@ -364,6 +372,7 @@ func TestListFailingMidWayIsAnError(t *testing.T) {
 		{"refused", http.StatusForbidden, 2},
 		{"unavailable", http.StatusServiceUnavailable, 1 + 5},
 		{"cut short", 0, 2},
+		{"connection dropped mid-page", -2, 1 + 5}, // retried: nothing of the page was given to fn
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
