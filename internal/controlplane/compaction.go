@@ -98,7 +98,18 @@ func (t *term) runCompactor(ctx context.Context) {
 				k.once.Warn("compact", "cannot read etcd's revision to compact its history; retrying", "err", err)
 				continue
 			}
-			if seen > 0 && k.compact(ctx, cli, seen) {
+			compacted := false
+			if seen > 0 {
+				compact := func() { compacted = k.compact(ctx, cli, seen) }
+				if k.cfg.InProcess {
+					// The member walks every key in this process: its garbage is collected
+					// as it goes rather than growing the process by half its heap.
+					boundedWork(compact)
+				} else {
+					compact()
+				}
+			}
+			if compacted {
 				if k.cfg.Defrag {
 					k.defragFragmented(ctx, cli)
 				}

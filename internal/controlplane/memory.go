@@ -4,6 +4,7 @@ import (
 	"log/slog"
 	"runtime"
 	"runtime/debug"
+	"runtime/metrics"
 	"sync"
 	"time"
 )
@@ -21,48 +22,62 @@ func releaseMemory(log *slog.Logger, after string) {
 		"took", time.Since(began).Round(time.Millisecond).String())
 }
 
-// listingHeadroom is how far the Go runtime's memory may grow, while a listing of buckets runs,
-// above what it held when the listing began: a quarter of that, and at least 128 MiB. A listing
-// decodes an object's worth of garbage per stored object (a million at a time for a start's
-// confirmation or a reconcile round), and the collector's own target would let the heap grow by
-// half its live size meanwhile: 1.13–1.26 KB per record of RSS at 1e6 for seconds, against
-// 0.85 KB between listings. A listing also keeps what it lists of a target (about 64 bytes per
-// object) until it is compared: a quarter of a process's memory at about 0.5 KB per record covers
-// a target holding every record, so that the bound does not keep the collector running.
-func listingHeadroom(held int64) int64 { return max(128<<20, held/4) }
+// workHeadroom is how far the Go runtime's memory may grow, while work that makes a heap's worth of
+// garbage runs (boundedWork), above what it would hold with its heap at the live size: an eighth
+// of the live heap, and at least 64 MiB. A listing of buckets keeps what it lists of a target until
+// it compares it (about 64 bytes per object, four targets at a time) and makes about 120 bytes of
+// garbage per object listed (BenchmarkList); an etcd compaction in this process walks every key.
+// Without a bound the collector's own target lets the heap grow by half its live size meanwhile.
+// The base is the live heap as of the last collection, not what the runtime holds: at a start the
+// listing begins right after etcd's restart, whose garbage was still held, and a bound on top of
+// that let the start's peak reach 1.06 KB of RSS per record at 1e6 (bench/RESULTS.md, "The
+// start's listings, and etcd's first compaction").
+func workHeadroom(live int64) int64 { return max(64<<20, live/8) }
 
-// listings bounds memory while any listing runs (they may overlap: the store guard's and the
-// janitor's).
-var listings struct {
+// memoryHeld is what the Go runtime would hold with its heap at its live size as of the last
+// collection (what the memory limit counts, less the heap's garbage and free room), and that live
+// size.
+func memoryHeld() (held, live int64) {
+	s := []metrics.Sample{{Name: "/memory/classes/total:bytes"}, {Name: "/memory/classes/heap/released:bytes"},
+		{Name: "/memory/classes/heap/free:bytes"}, {Name: "/memory/classes/heap/objects:bytes"},
+		{Name: "/memory/classes/heap/unused:bytes"}, {Name: "/gc/heap/live:bytes"}}
+	metrics.Read(s)
+	v := func(i int) int64 { return int64(s[i].Value.Uint64()) }
+	live = v(5)
+	return v(0) - v(1) - v(2) - v(3) - v(4) + live, live
+}
+
+// bounded counts the boundedWork running (they may overlap: the store guard's listings, the
+// janitor's reconcile and compaction).
+var bounded struct {
 	mu   sync.Mutex
 	n    int
 	prev int64 // the soft limit before the first of them
 }
 
-// boundedListing runs fn, a listing of buckets, with Go's soft memory limit lowered to what the
-// runtime held when the first running listing began plus its listingHeadroom (unless the limit set
-// already is lower), and restores the limit once the last running listing ends. The collector
-// then runs more often during the listing instead of letting its garbage grow the process; its
-// share of the CPU is capped by the runtime (half), so a listing slows down rather than stalls.
-func boundedListing(fn func()) {
-	listings.mu.Lock()
-	if listings.n == 0 {
-		var ms runtime.MemStats
-		runtime.ReadMemStats(&ms)
-		listings.prev = debug.SetMemoryLimit(-1)
-		held := int64(ms.Sys - ms.HeapReleased)
-		if limit := held + listingHeadroom(held); limit < listings.prev {
+// boundedWork runs fn, work that makes a heap's worth of garbage once (a listing of buckets, a
+// compaction of the etcd member in this process), with Go's soft memory limit lowered to what the
+// runtime would hold at its live heap when the first running work began plus workHeadroom (unless
+// the limit set already is lower), and restores the limit once the last running work ends. The
+// collector then runs more often meanwhile instead of letting the garbage grow the process; its
+// share of the CPU is capped by the runtime (half), so the work slows down rather than stalls.
+func boundedWork(fn func()) {
+	bounded.mu.Lock()
+	if bounded.n == 0 {
+		bounded.prev = debug.SetMemoryLimit(-1)
+		held, live := memoryHeld()
+		if limit := held + workHeadroom(live); limit < bounded.prev {
 			debug.SetMemoryLimit(limit)
 		}
 	}
-	listings.n++
-	listings.mu.Unlock()
+	bounded.n++
+	bounded.mu.Unlock()
 	defer func() {
-		listings.mu.Lock()
-		if listings.n--; listings.n == 0 {
-			debug.SetMemoryLimit(listings.prev)
+		bounded.mu.Lock()
+		if bounded.n--; bounded.n == 0 {
+			debug.SetMemoryLimit(bounded.prev)
 		}
-		listings.mu.Unlock()
+		bounded.mu.Unlock()
 	}()
 	fn()
 }

@@ -2,6 +2,7 @@ package controlplane
 
 import (
 	"math"
+	"runtime"
 	"runtime/debug"
 	"testing"
 )
@@ -9,19 +10,19 @@ import (
 // A listing lowers the soft memory limit to what the runtime holds plus the headroom, overlapping
 // listings share it, and the limit set before comes back when the last one ends; a lower limit
 // already set (a container's) is kept. Not parallel: the limit is the process's.
-func TestListingsBoundMemoryAndRestoreTheLimit(t *testing.T) {
+func TestBoundedWorkLowersTheLimitAndRestoresIt(t *testing.T) {
 	before := debug.SetMemoryLimit(-1)
 	defer debug.SetMemoryLimit(before)
 	debug.SetMemoryLimit(math.MaxInt64)
 	var during, nested int64
-	boundedListing(func() {
+	boundedWork(func() {
 		during = debug.SetMemoryLimit(-1)
-		boundedListing(func() { nested = debug.SetMemoryLimit(-1) })
+		boundedWork(func() { nested = debug.SetMemoryLimit(-1) })
 		if got := debug.SetMemoryLimit(-1); got != during {
 			t.Errorf("the limit after an overlapping listing ended: %d, want %d while the first runs", got, during)
 		}
 	})
-	if during == math.MaxInt64 || during < listingHeadroom(0) || nested != during {
+	if during == math.MaxInt64 || during < workHeadroom(0) || nested != during {
 		t.Fatalf("limit during a listing %d, during an overlapping one %d", during, nested)
 	}
 	if got := debug.SetMemoryLimit(-1); got != math.MaxInt64 {
@@ -30,7 +31,7 @@ func TestListingsBoundMemoryAndRestoreTheLimit(t *testing.T) {
 
 	const low = 64 << 20 // below what any process holds plus the headroom
 	debug.SetMemoryLimit(low)
-	boundedListing(func() {
+	boundedWork(func() {
 		if got := debug.SetMemoryLimit(-1); got != low {
 			t.Errorf("a listing raised a lower limit to %d", got)
 		}
@@ -39,3 +40,30 @@ func TestListingsBoundMemoryAndRestoreTheLimit(t *testing.T) {
 		t.Fatalf("the limit after a listing under a lower one: %d", got)
 	}
 }
+
+// The bound is taken from the live heap, not from what the runtime holds: garbage not collected
+// yet when a listing begins (a start's listing follows etcd's restart) does not raise it.
+func TestWorkBoundIgnoresGarbageNotCollectedYet(t *testing.T) {
+	before := debug.SetMemoryLimit(math.MaxInt64)
+	defer debug.SetMemoryLimit(before)
+	defer debug.SetGCPercent(debug.SetGCPercent(-1)) // no collection while the garbage is made
+	runtime.GC()
+	_, live := memoryHeld()
+	const garbage = 512 << 20
+	for range garbage >> 20 {
+		sink = make([]byte, 1<<20)
+	}
+	sink = nil
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	if held := int64(ms.Sys - ms.HeapReleased); held < garbage {
+		t.Fatalf("the runtime holds %d bytes: the garbage was collected, the test proves nothing", held)
+	}
+	var during int64
+	boundedWork(func() { during = debug.SetMemoryLimit(-1) })
+	if during > live+workHeadroom(live)+garbage/2 {
+		t.Fatalf("limit during a listing %d MiB with %d MiB live: the garbage counted", during>>20, live>>20)
+	}
+}
+
+var sink []byte

@@ -394,7 +394,7 @@ func (g *storeGuard) confirmTargets(ctx context.Context, ev *storeEvents) {
 	for ctx.Err() == nil {
 		snap := g.s.w.Snapshot()
 		var pending int
-		boundedListing(func() { pending = g.confirmRound(ctx, ev, snap, notified) })
+		boundedWork(func() { pending = g.confirmRound(ctx, ev, snap, notified) })
 		if pending == 0 && !released {
 			// From here on redirects need no Stat each: the operator's mark of a start done.
 			g.s.cfg.Log.Info("every target's records confirmed against its bucket", "targets", len(snap.Targets()),

@@ -100,7 +100,7 @@ func (j *term) reconcileAll(ctx context.Context) {
 	if j.cfg.Store == nil {
 		return
 	}
-	boundedListing(func() {
+	boundedWork(func() {
 		for _, t := range j.w.Snapshot().Targets() {
 			if ctx.Err() != nil {
 				return
