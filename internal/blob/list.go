@@ -73,7 +73,9 @@ func (l *lister) client(ctx context.Context) (*http.Client, string, error) {
 		l.hc, l.base = &http.Client{}, ep
 		return l.hc, l.base, nil
 	}
-	hc, base, err := htransport.NewClient(ctx, option.WithScopes(storage.ScopeReadOnly), option.WithEndpoint(defaultJSONAPI))
+	// The client outlives this listing: its token source must not end with the listing's context.
+	hc, base, err := htransport.NewClient(context.WithoutCancel(ctx), option.WithScopes(storage.ScopeReadOnly),
+		option.WithEndpoint(defaultJSONAPI))
 	if err != nil {
 		return nil, "", fmt.Errorf("credentials for listing: %w", err)
 	}
