@@ -18,6 +18,7 @@ import (
 	"github.com/googleapis/gax-go/v2"
 	"google.golang.org/api/googleapi"
 	"google.golang.org/api/option"
+	"google.golang.org/api/option/internaloption"
 	htransport "google.golang.org/api/transport/http"
 )
 
@@ -31,9 +32,6 @@ import (
 // than each object's name. Authentication is the Google API transport's (the same default
 // credentials the storage client finds, read-only scope); an endpoint (an emulator) is used
 // without it, as the storage client does.
-
-// defaultJSONAPI is GCS's JSON API.
-const defaultJSONAPI = "https://storage.googleapis.com/storage/v1/"
 
 // listFields are the attributes asked for each listed object: what Listed holds.
 const listFields = "items(name,size,generation,crc32c,timeCreated),nextPageToken"
@@ -73,9 +71,13 @@ func (l *lister) client(ctx context.Context) (*http.Client, string, error) {
 		l.hc, l.base = &http.Client{}, ep
 		return l.hc, l.base, nil
 	}
-	// The client outlives this listing: its token source must not end with the listing's context.
+	// The storage client's defaults: the JSON API of the credentials' universe, or its mTLS
+	// endpoint where the environment asks for client certificates. The client outlives this
+	// listing: its token source must not end with the listing's context.
 	hc, base, err := htransport.NewClient(context.WithoutCancel(ctx), option.WithScopes(storage.ScopeReadOnly),
-		option.WithEndpoint(defaultJSONAPI))
+		internaloption.WithDefaultEndpointTemplate("https://storage.UNIVERSE_DOMAIN/storage/v1/"),
+		internaloption.WithDefaultMTLSEndpoint("https://storage.mtls.googleapis.com/storage/v1/"),
+		internaloption.WithDefaultUniverseDomain("googleapis.com"))
 	if err != nil {
 		return nil, "", fmt.Errorf("credentials for listing: %w", err)
 	}
@@ -170,7 +172,8 @@ func (s *Store) list(ctx context.Context, bucket, prefix string, fn func(Listed)
 	)
 	token := ""
 	for {
-		q := url.Values{"prefix": {prefix}, "projection": {"noAcl"}, "fields": {listFields}, "maxResults": {"1000"}}
+		q := url.Values{"prefix": {prefix}, "projection": {"noAcl"}, "fields": {listFields}, "maxResults": {"1000"},
+			"prettyPrint": {"false"}}
 		if token != "" {
 			q.Set("pageToken", token)
 		}
@@ -178,7 +181,9 @@ func (s *Store) list(ctx context.Context, bucket, prefix string, fn func(Listed)
 		if err := readPage(ctx, hc, u, &body); err != nil {
 			return err
 		}
-		page.NextPageToken = ""
+		// A page may hold no objects and leave "items" out (GCS says so of pages after a token):
+		// nothing of the page before must be given again.
+		page.Items, page.NextPageToken = page.Items[:0], ""
 		if err := json.Unmarshal(body.Bytes(), &page); err != nil {
 			return fmt.Errorf("a page of the listing: %w", err)
 		}
