@@ -25,8 +25,10 @@ func releaseMemory(log *slog.Logger, after string) {
 // workHeadroom is how far the Go runtime's memory may grow, while work that makes a heap's worth of
 // garbage runs (boundedWork), above what it would hold with its heap at the live size: an eighth
 // of the live heap, and at least 64 MiB. A listing of buckets keeps what it lists of a target until
-// it compares it (about 64 bytes per object, four targets at a time) and makes about 120 bytes of
-// garbage per object listed (BenchmarkList); an etcd compaction in this process walks every key.
+// it compares it (listedObjects: 40 bytes per object, four targets at a time; a target holding all
+// of a 1e6 replica's records keeps 40 MB, within an eighth of its live heap) and makes about 120
+// bytes of garbage per object listed (BenchmarkList); an etcd compaction in this process walks
+// every key.
 // Without a bound the collector's own target lets the heap grow by half its live size meanwhile.
 // The base is the live heap as of the last collection, not what the runtime holds: at a start the
 // listing begins right after etcd's restart, whose garbage was still held, and a bound on top of

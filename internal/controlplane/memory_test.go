@@ -4,7 +4,10 @@ import (
 	"math"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"testing"
+
+	"github.com/detourhq/detour/internal/targets"
 )
 
 // A listing lowers the soft memory limit to what the runtime holds plus the headroom, overlapping
@@ -67,3 +70,26 @@ func TestWorkBoundIgnoresGarbageNotCollectedYet(t *testing.T) {
 }
 
 var sink []byte
+
+// A listing's objects are found by key whether the store listed them in key order or not, and a
+// key not listed is not found.
+func TestListedObjectsFindEachKey(t *testing.T) {
+	key := func(i int) targets.Key {
+		var k targets.Key
+		k[0], k[31] = byte(i), byte(i*7)
+		return k
+	}
+	for _, order := range [][]int{{1, 2, 3, 5, 8}, {8, 3, 5, 1, 2}} {
+		l := newListedObjects(2) // fewer than listed: it grows
+		for _, i := range order {
+			l.add(key(i), int64(100+i))
+		}
+		for i := range 10 {
+			gen, ok := l.generation(key(i))
+			want := slices.Contains(order, i)
+			if ok != want || (ok && gen != int64(100+i)) {
+				t.Fatalf("order %v: key %d: generation %d, listed %v", order, i, gen, ok)
+			}
+		}
+	}
+}

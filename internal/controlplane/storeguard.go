@@ -508,37 +508,40 @@ func (g *storeGuard) ensureNotification(ctx context.Context, ev *storeEvents, t 
 func (g *storeGuard) confirm(ctx context.Context, t *pb.Target) error {
 	s := g.s
 	started := s.cfg.Now()
-	prefixes := map[string]bool{t.GetStore().GetPrefix(): true}
+	records := map[string]int{t.GetStore().GetPrefix(): 0} // prefix → records under it
 	snap := s.w.Snapshot()
 	snap.EachObject(func(_ targets.Key, o *targets.Object) bool {
 		if o.Home().TargetUID == t.Uid {
-			prefixes[o.Home().Prefix] = true
+			records[o.Home().Prefix]++
 		}
 		return true
 	})
 	bucket := t.GetStore().GetBucket()
-	listed := map[targets.Key]int64{}
-	for prefix := range prefixes {
+	listed := map[string]*listedObjects{}
+	for prefix, n := range records {
+		objs := newListedObjects(n)
 		err := s.cfg.Store.List(ctx, bucket, prefix, func(l blob.Listed) bool {
 			if k, ok := targets.ParseKey(l.Name[len(prefix):]); ok {
-				listed[k] = l.Generation
+				objs.add(k, l.Generation)
 			}
 			return true
 		})
 		if err != nil {
 			return err
 		}
+		listed[prefix] = objs
 	}
 	snap = s.w.Snapshot()
 	var gone []targets.Retirement
 	var reasons []string
 	servable := 0
 	snap.EachObject(func(k targets.Key, o *targets.Object) bool {
-		if o.Home().TargetUID != t.Uid || !o.Servable(t) || o.Created >= started.UnixNano() {
-			return true
+		objs := listed[o.Home().Prefix]
+		if o.Home().TargetUID != t.Uid || !o.Servable(t) || o.Created >= started.UnixNano() || objs == nil {
+			return true // (nil: under a prefix no listing covered, so nothing is known of it)
 		}
 		servable++
-		gen, ok := listed[k]
+		gen, ok := objs.generation(k)
 		if ok && gen == o.Generation {
 			return true
 		}

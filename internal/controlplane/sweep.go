@@ -133,7 +133,14 @@ func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 	if orphanAge <= 0 {
 		orphanAge = 2 * policyDuration(snap.Policy().GetFillClaimTtl(), targets.DefaultFillClaimTTL)
 	}
-	listed := map[targets.Key]int64{} // key → generation
+	n := 0
+	snap.EachObject(func(_ targets.Key, o *targets.Object) bool {
+		if o.Target() == t.Name {
+			n++
+		}
+		return true
+	})
+	listed := newListedObjects(n)
 	var orphans []string
 	err := j.cfg.Store.List(ctx, bucket, prefix, func(l blob.Listed) bool {
 		k, ok := targets.ParseKey(l.Name[len(prefix):])
@@ -141,7 +148,7 @@ func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 			return true // the canary, or not Detour's
 		}
 		j.metrics.reconcile.WithLabelValues(t.Name, "checked").Inc()
-		listed[k] = l.Generation
+		listed.add(k, l.Generation)
 		if copyAt(snap, k, t) == nil {
 			if _, claimed := snap.Claim(k.String()); !claimed && started.Sub(l.Created) > orphanAge {
 				orphans = append(orphans, l.Name)
@@ -159,7 +166,7 @@ func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 			return true // another target's, stale (the sweep's), or stored after the listing began
 		}
 		servable++
-		if gen, ok := listed[k]; ok && gen == o.Generation {
+		if gen, ok := listed.generation(k); ok && gen == o.Generation {
 			return true
 		}
 		gone = append(gone, targets.Retirement{Key: k.String(), Target: t.Name, ModRevision: o.ModRevision})
@@ -183,7 +190,7 @@ func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 			return err
 		}
 	}
-	if !j.allowOrphanDeletion(t, len(orphans), len(listed)) {
+	if !j.allowOrphanDeletion(t, len(orphans), len(listed.objs)) {
 		return nil
 	}
 	deleted, unread := 0, 0
@@ -201,7 +208,8 @@ func (j *term) reconcile(ctx context.Context, t *pb.Target) error {
 			continue
 		}
 		if err == nil {
-			err = j.cfg.Store.Delete(dctx, bucket, name, listed[k])
+			gen, _ := listed.generation(k) // listed: it is the listing's orphan
+			err = j.cfg.Store.Delete(dctx, bucket, name, gen)
 		}
 		cancel()
 		if err != nil {
