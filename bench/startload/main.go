@@ -44,6 +44,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -78,6 +79,7 @@ var (
 	burstRate = flag.Float64("burst-rate", 0, "records per second a burst writes at most (0: as fast as -writers go)")
 	burstConc = flag.Int("place-concurrency", 4, "concurrent Place calls while measuring latency")
 	measure   = flag.Duration("measure", 10*time.Second, "how long Place latency is measured idle")
+	windows   = flag.Duration("place-windows", 0, "after the first redirect, call Place throughout the settle and report its latency in windows this long, marked when a reconcile round ran (0: not)")
 	keepRun   = flag.Bool("keep", false, "keep each run's copy of the data directory")
 	resume    = flag.Bool("resume", false, "measure starts from a checkpoint: each run first starts the binary once on its copy (not measured) and stops it, leaving its checkpoint there")
 	workDir   = flag.String("work", "", "where runs copy the data set (default: beside it)")
@@ -451,8 +453,13 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 	}
 	line := fmt.Sprintf("%-8s %-4d %11.2fs", label, run, first.Seconds())
 	rest := fmt.Sprintf("%8.1fs %10s %10s %10s %10s %12s", at.cpu.Seconds(), mb(at.rss), mb(at.anon), mb(at.file), mb(at.heap), etcdRSS)
+	var wins []placeWindow
 	if *settle > 0 {
-		time.Sleep(*settle)
+		if *windows > 0 {
+			wins = placeWindows(place, req, m, *settle, *windows, t0)
+		} else {
+			time.Sleep(*settle)
+		}
 		s := memOf(cp.cmd.Process.Pid, metrics)
 		rest += fmt.Sprintf("  %s/%s/%s", mb(s.rss), mb(s.anon), mb(s.heap))
 	}
@@ -460,6 +467,9 @@ func startOnce(ctx context.Context, m *meta, api, label, bin string, run int) {
 	ph := phases(filepath.Join(dir, "controlplane.log"), t0)
 	line += fmt.Sprintf(" %8s %8s %8s %8s %9s ", ph.walked, ph.etcdUp, ph.loaded, ph.ready, ph.confirmed) + rest
 	fmt.Println(line, " load", loadAvg())
+	if len(wins) > 0 {
+		printWindows(wins, reconcileRounds(filepath.Join(dir, "controlplane.log"), t0))
+	}
 	if *burst > 0 {
 		burstOnce(ctx, m, etcdListen, data, place, req)
 	}
@@ -530,6 +540,83 @@ func phases(logPath string, t0 time.Time) startPhases {
 		}
 	}
 	return ph
+}
+
+// placeWindow is Place's latency over one window, from..to since process start.
+type placeWindow struct {
+	from, to time.Duration
+	res      loadstat.Result
+}
+
+// placeWindows calls Place on keys the index holds for d, and returns its latency window by window.
+func placeWindows(place pb.PlacementServiceClient, req func(string) *pb.PlaceRequest, m *meta, d, window time.Duration, t0 time.Time) []placeWindow {
+	op := func(w, i int) (int64, error) {
+		_, err := place.Place(context.Background(), req(key((w*7919+i*104729)%m.Records)))
+		return 0, err
+	}
+	var out []placeWindow
+	for end := time.Now().Add(d); time.Now().Before(end); {
+		from := time.Since(t0)
+		res := loadstat.Run(*burstConc, window, 0, op)
+		out = append(out, placeWindow{from: from, to: time.Since(t0), res: res})
+	}
+	return out
+}
+
+// reconcileRounds are the janitor's reconcile rounds the log tells of, from..to since t0.
+func reconcileRounds(logPath string, t0 time.Time) [][2]time.Duration {
+	f, err := os.Open(logPath)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	var rounds [][2]time.Duration
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var l struct {
+			Time time.Time `json:"time"`
+			Msg  string    `json:"msg"`
+			Took string    `json:"took"`
+		}
+		if json.Unmarshal(sc.Bytes(), &l) != nil || l.Msg != "reconcile round done" {
+			continue
+		}
+		if d, err := time.ParseDuration(l.Took); err == nil {
+			end := l.Time.Sub(t0)
+			rounds = append(rounds, [2]time.Duration{end - d, end})
+		}
+	}
+	return rounds
+}
+
+// printWindows prints each window's Place latency, marked R when a reconcile round overlapped it,
+// and the p99s' medians of both kinds of window.
+func printWindows(wins []placeWindow, rounds [][2]time.Duration) {
+	var in, out []time.Duration
+	for _, w := range wins {
+		mark := " "
+		for _, r := range rounds {
+			if w.from < r[1] && r[0] < w.to {
+				mark = "R"
+			}
+		}
+		if mark == "R" {
+			in = append(in, w.res.P99)
+		} else {
+			out = append(out, w.res.P99)
+		}
+		fmt.Printf("  place %6.1f–%6.1fs %s %s\n", w.from.Seconds(), w.to.Seconds(), mark, w.res)
+	}
+	median := func(d []time.Duration) time.Duration {
+		if len(d) == 0 {
+			return 0
+		}
+		slices.Sort(d)
+		return d[len(d)/2]
+	}
+	fmt.Printf("  reconcile rounds %v; median window p99: %s during a round (%d windows), %s otherwise (%d)\n",
+		rounds, median(in), len(in), median(out), len(out))
 }
 
 // burstOnce measures Place on keys the index holds, idle and while a writer process adds *burst

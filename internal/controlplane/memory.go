@@ -27,9 +27,8 @@ func releaseMemory(log *slog.Logger, after string) {
 // of the live heap, and at least 64 MiB. A listing of buckets keeps what it lists of a target until
 // it compares it (listedObjects: 40 bytes per object, four targets at a time; a target holding all
 // of a 1e6 replica's records keeps 40 MB, within an eighth of its live heap) and makes about 120
-// bytes of garbage per object listed (BenchmarkList); an etcd compaction in this process walks
-// every key.
-// Without a bound the collector's own target lets the heap grow by half its live size meanwhile.
+// bytes of garbage per object listed (BenchmarkList). Without a bound the collector's own target
+// lets the heap grow by half its live size meanwhile.
 // The base is the live heap as of the last collection, not what the runtime holds: at a start the
 // listing begins right after etcd's restart, whose garbage was still held, and a bound on top of
 // that let the start's peak reach 1.06 KB of RSS per record at 1e6 (bench/RESULTS.md, "The
@@ -49,20 +48,23 @@ func memoryHeld() (held, live int64) {
 	return v(0) - v(1) - v(2) - v(3) - v(4) + live, live
 }
 
-// bounded counts the boundedWork running (they may overlap: the store guard's listings, the
-// janitor's reconcile and compaction).
+// bounded counts the boundedWork running (the store guard's listing rounds).
 var bounded struct {
 	mu   sync.Mutex
 	n    int
 	prev int64 // the soft limit before the first of them
 }
 
-// boundedWork runs fn, work that makes a heap's worth of garbage once (a listing of buckets, a
-// compaction of the etcd member in this process), with Go's soft memory limit lowered to what the
+// boundedWork runs fn, work that makes a heap's worth of garbage once (the listings of a start's
+// confirmation, which follow etcd's restart), with Go's soft memory limit lowered to what the
 // runtime would hold at its live heap when the first running work began plus workHeadroom (unless
 // the limit set already is lower), and restores the limit once the last running work ends. The
 // collector then runs more often meanwhile instead of letting the garbage grow the process; its
 // share of the CPU is capped by the runtime (half), so the work slows down rather than stalls.
+// Everything else slows down too: under Place traffic the collector then runs almost without a
+// break, and Place's p99 tripled during reconcile rounds run this way (bench/RESULTS.md, "Place
+// while a listing runs"). So it is kept for the start's confirmation, once per process, and not
+// used for the janitor's recurring reconcile rounds and compactions.
 func boundedWork(fn func()) {
 	bounded.mu.Lock()
 	if bounded.n == 0 {
