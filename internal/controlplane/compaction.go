@@ -98,12 +98,21 @@ func (t *term) runCompactor(ctx context.Context) {
 				k.once.Warn("compact", "cannot read etcd's revision to compact its history; retrying", "err", err)
 				continue
 			}
-			// Not under boundedWork, though the first compaction in a process walks every key
-			// and its garbage grows an idle replica by 160 MB at 1e6 records for about 12 s:
-			// under Place traffic the bound kept the collector running through the compaction,
-			// and Place's p99 went from 2–4 ms to 10–22 ms (bench/RESULTS.md, "Place while a
-			// listing runs").
-			if seen > 0 && k.compact(ctx, cli, seen) {
+			// The first compaction in a process walks every key, and its garbage grew an idle
+			// replica by 160 MB at 1e6 records for about 12 s: in process, collected every few
+			// seconds as it runs. Not under boundedWork: under Place traffic that kept the
+			// collector running through the compaction, and Place's p99 went from 2–4 ms to
+			// 10–22 ms (bench/RESULTS.md, "Place while a listing runs").
+			compacted := false
+			if seen > 0 {
+				compact := func() { compacted = k.compact(ctx, cli, seen) }
+				if k.cfg.InProcess {
+					collectingWhile(compact)
+				} else {
+					compact()
+				}
+			}
+			if compacted {
 				if k.cfg.Defrag {
 					k.defragFragmented(ctx, cli)
 				}

@@ -6,6 +6,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/detourhq/detour/internal/targets"
 )
@@ -91,5 +92,23 @@ func TestListedObjectsFindEachKey(t *testing.T) {
 				t.Fatalf("order %v: key %d: generation %d, listed %v", order, i, gen, ok)
 			}
 		}
+	}
+}
+
+// collectingWhile collects every collectEvery while its work runs, and not after it returns.
+func TestCollectingWhileCollectsAsTheWorkRuns(t *testing.T) {
+	defer func(d time.Duration) { collectEvery = d }(collectEvery)
+	collectEvery = 20 * time.Millisecond
+	var before, during, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	collectingWhile(func() { time.Sleep(300 * time.Millisecond) })
+	runtime.ReadMemStats(&during)
+	if n := during.NumForcedGC - before.NumForcedGC; n < 3 {
+		t.Fatalf("%d collections during 300 ms of work, collecting every 20 ms", n)
+	}
+	time.Sleep(100 * time.Millisecond)
+	runtime.ReadMemStats(&after)
+	if n := after.NumForcedGC - during.NumForcedGC; n != 0 {
+		t.Fatalf("%d collections after the work ended", n)
 	}
 }
