@@ -503,30 +503,40 @@ type startPhases struct {
 	walked, etcdUp, loaded, ready, confirmed string
 }
 
-func phases(logPath string, t0 time.Time) startPhases {
-	ph := startPhases{"-", "-", "-", "-", "-"}
+// logLine is what startload reads of a line of the control plane's JSON log.
+type logLine struct {
+	Time time.Time `json:"time"`
+	Msg  string    `json:"msg"`
+	Took string    `json:"took"`
+}
+
+// eachLogLine calls fn for every line of the control plane's log at logPath that is JSON; a log
+// that cannot be opened has none.
+func eachLogLine(logPath string, fn func(logLine)) {
 	f, err := os.Open(logPath)
 	if err != nil {
-		return ph
+		return
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var l logLine
+		if json.Unmarshal(sc.Bytes(), &l) == nil {
+			fn(l)
+		}
+	}
+}
+
+func phases(logPath string, t0 time.Time) startPhases {
+	ph := startPhases{"-", "-", "-", "-", "-"}
 	took := func(s string) string {
 		if d, err := time.ParseDuration(s); err == nil {
 			return fmt.Sprintf("%.2fs", d.Seconds())
 		}
 		return "-"
 	}
-	for sc.Scan() {
-		var l struct {
-			Time time.Time `json:"time"`
-			Msg  string    `json:"msg"`
-			Took string    `json:"took"`
-		}
-		if json.Unmarshal(sc.Bytes(), &l) != nil {
-			continue
-		}
+	eachLogLine(logPath, func(l logLine) {
 		switch {
 		case strings.HasPrefix(l.Msg, "embedded etcd started"):
 			ph.etcdUp = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
@@ -538,7 +548,7 @@ func phases(logPath string, t0 time.Time) startPhases {
 		case strings.HasPrefix(l.Msg, "every target's records confirmed") && ph.confirmed == "-":
 			ph.confirmed = fmt.Sprintf("%.2fs", l.Time.Sub(t0).Seconds())
 		}
-	}
+	})
 	return ph
 }
 
@@ -565,28 +575,13 @@ func placeWindows(place pb.PlacementServiceClient, req func(string) *pb.PlaceReq
 
 // reconcileRounds are the janitor's reconcile rounds the log tells of, from..to since t0.
 func reconcileRounds(logPath string, t0 time.Time) [][2]time.Duration {
-	f, err := os.Open(logPath)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
 	var rounds [][2]time.Duration
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var l struct {
-			Time time.Time `json:"time"`
-			Msg  string    `json:"msg"`
-			Took string    `json:"took"`
-		}
-		if json.Unmarshal(sc.Bytes(), &l) != nil || l.Msg != "reconcile round done" {
-			continue
-		}
-		if d, err := time.ParseDuration(l.Took); err == nil {
+	eachLogLine(logPath, func(l logLine) {
+		if d, err := time.ParseDuration(l.Took); err == nil && l.Msg == "reconcile round done" {
 			end := l.Time.Sub(t0)
 			rounds = append(rounds, [2]time.Duration{end - d, end})
 		}
-	}
+	})
 	return rounds
 }
 

@@ -170,13 +170,9 @@ func (s *Store) list(ctx context.Context, bucket, prefix string, fn func(Listed)
 		body bytes.Buffer
 		page listPage
 	)
-	token := ""
+	q := url.Values{"prefix": {prefix}, "projection": {"noAcl"}, "fields": {listFields}, "maxResults": {"1000"},
+		"prettyPrint": {"false"}}
 	for {
-		q := url.Values{"prefix": {prefix}, "projection": {"noAcl"}, "fields": {listFields}, "maxResults": {"1000"},
-			"prettyPrint": {"false"}}
-		if token != "" {
-			q.Set("pageToken", token)
-		}
 		u := base + "b/" + url.PathEscape(bucket) + "/o?" + q.Encode()
 		if err := readPage(ctx, hc, u, &body); err != nil {
 			return err
@@ -197,7 +193,7 @@ func (s *Store) list(ctx context.Context, bucket, prefix string, fn func(Listed)
 		if page.NextPageToken == "" {
 			return nil
 		}
-		token = page.NextPageToken
+		q.Set("pageToken", page.NextPageToken)
 	}
 }
 

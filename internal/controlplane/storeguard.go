@@ -394,7 +394,14 @@ func (g *storeGuard) confirmTargets(ctx context.Context, ev *storeEvents) {
 	for ctx.Err() == nil {
 		snap := g.s.w.Snapshot()
 		var pending int
-		boundedWork(func() { pending = g.confirmRound(ctx, ev, snap, notified) })
+		round := func() { pending = g.confirmRound(ctx, ev, snap, notified) }
+		if released {
+			// A target that appears later, or a retry: no bound (boundedWork is for the
+			// start's listings, which follow etcd's restart; under traffic it slows Place).
+			round()
+		} else {
+			boundedWork(round)
+		}
 		if pending == 0 && !released {
 			// From here on redirects need no Stat each: the operator's mark of a start done.
 			g.s.cfg.Log.Info("every target's records confirmed against its bucket", "targets", len(snap.Targets()),
